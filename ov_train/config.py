@@ -1,0 +1,78 @@
+"""Checks on the composed config, run before any work; every problem is reported at once, by key."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ov_train.data.recipe import RecipeError, recipe_path
+from ov_train.model.parts import PARTS
+from ov_train.text.template import TEMPLATES
+
+LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _stage_problems(stage) -> list[str]:
+    problems = []
+    for part, lr in (stage.get("parts") or {}).items():
+        if part not in PARTS:
+            problems.append(f"stage.parts.{part}: no such part; allowed: {sorted(PARTS)}")
+        elif not isinstance(lr, (int, float)) or lr < 0:
+            problems.append(f"stage.parts.{part}={lr!r}: learning rate must be a number >= 0 (0 freezes the part)")
+    if not any(isinstance(v, (int, float)) and v > 0 for v in (stage.get("parts") or {}).values()):
+        problems.append("stage.parts: no part has a learning rate > 0, so nothing would train")
+    if stage.get("template") not in TEMPLATES:
+        problems.append(f"stage.template={stage.get('template')!r}; allowed: {list(TEMPLATES)}")
+    strategy = str(stage.get("image_strategy"))
+    if strategy != "single_crop" and not re.fullmatch(r"anyres_max_\d+", strategy):
+        problems.append(f"stage.image_strategy={strategy!r}; allowed: single_crop, anyres_max_N (e.g. anyres_max_9)")
+    for key in ("max_length", "max_frames"):
+        if not isinstance(stage.get(key), int) or stage.get(key) < 1:
+            problems.append(f"stage.{key}={stage.get(key)!r} must be a positive integer")
+    if not 0 <= float(stage.get("warmup_ratio", 0)) < 1:
+        problems.append(f"stage.warmup_ratio={stage.get('warmup_ratio')!r} must be in [0, 1)")
+    return problems
+
+
+def _model_problems(model) -> list[str]:
+    problems = []
+    for key in ("pretrained", "vision_tower", "llm", "init_from", "tokenizer"):
+        value = model.get(key)
+        if value and not Path(value).exists():
+            problems.append(f"model.{key}={value!r}: path does not exist")
+    if bool(model.get("vision_tower")) != bool(model.get("llm")):
+        problems.append("model.vision_tower and model.llm: give both (SigLIP + Qwen2 route) or neither")
+    has_weights = any(model.get(k) for k in ("pretrained", "vision_tower", "init_from"))
+    if not has_weights and not model.get("random_init"):
+        problems.append(
+            f"model={model.get('name')}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
+            " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
+        )
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    problems = _stage_problems(cfg.stage) + _model_problems(cfg.model)
+    try:
+        recipe_path(str(cfg.data.recipe))
+    except RecipeError as err:
+        problems.append(str(err))
+    if not isinstance(cfg.data.batch_size, int) or cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size={cfg.data.batch_size!r} must be a positive integer")
+    if cfg.logger.name not in LOGGERS:
+        problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
+    if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in WANDB_MODES:
+        problems.append(f"logger.mode={cfg.logger.get('mode')!r}; allowed: {list(WANDB_MODES)}")
+    steps = cfg.trainer.get("max_steps")
+    if not isinstance(steps, int) or steps < 1:
+        problems.append(f"trainer.max_steps={steps!r} must be a positive integer (training streams have no epochs)")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
+        problems.append(f"ckpt_path={cfg.ckpt_path!r}: checkpoint does not exist")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,116 @@
+"""One raw shard sample (LLaVA json + media bytes) -> one model-ready example: pixels, ids, labels."""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from ov_train.data.video import decode_video
+from ov_train.text.template import IGNORE_INDEX, encode_conversation
+from ov_train.vision.preprocess import preprocess_frames, preprocess_image
+from ov_train.vision.tokens import video_tokens
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; `reason` is the counter it is skipped under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SampleProcessor:
+    tokenizer: object
+    geometry: object
+    template: str
+    image_strategy: str  # anyres_max_N: single images get anyres crops; single_crop: one crop per image
+    max_frames: int
+    max_length: int
+
+    def __call__(self, raw: dict) -> dict:
+        key = raw.get("__key__", "?")
+        try:
+            meta = json.loads(raw["json"])
+        except (KeyError, ValueError) as err:
+            raise SampleError("malformed_json", f"sample {key}: bad or missing json ({err})") from err
+        image_fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
+        anyres = self.image_strategy.startswith("anyres") and len(image_fields) == 1
+        images = []
+        for field in image_fields:
+            try:
+                with Image.open(io.BytesIO(raw[field])) as im:
+                    images.append(preprocess_image(im, self.geometry, anyres=anyres))
+            except Exception as err:  # PIL raises many types for broken files
+                raise SampleError("corrupt_image", f"sample {key}: cannot decode {field} ({err})") from err
+        frames = None
+        visual = [img.num_tokens for img in images]
+        if "mp4" in raw:
+            try:
+                array, _ = decode_video(raw["mp4"], self.max_frames, name=f"{key}.mp4")
+            except ValueError as err:
+                raise SampleError("corrupt_video", str(err)) from err
+            frames = preprocess_frames(array, self.geometry)
+            visual.append(video_tokens(frames.shape[0], self.geometry))
+        try:
+            enc = encode_conversation(self.tokenizer, meta["conversations"], self.template, visual)
+        except (KeyError, ValueError) as err:
+            raise SampleError("bad_conversation", f"sample {key}: {err}") from err
+        ids, labels = self._truncate(key, enc.input_ids, enc.labels)
+        options = meta.get("options") or []
+        return {
+            "key": key,
+            "modality": meta.get("modality", "text"),
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "images": images,
+            "frames": frames,
+            "chance": 1.0 / len(options) if options else 0.0,
+        }
+
+    def _truncate(self, key, ids, labels):
+        if len(ids) <= self.max_length:
+            return ids, labels
+        media = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")}
+        if any(t in media for t in ids[self.max_length :]):
+            # Cutting through visual tokens would orphan features, so such samples are dropped.
+            raise SampleError("too_long", f"sample {key}: {len(ids)} tokens, visual tokens beyond max_length {self.max_length}")
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(t == IGNORE_INDEX for t in labels):
+            raise SampleError("no_supervised_tokens", f"sample {key}: truncation to {self.max_length} removed every answer token")
+        return ids, labels
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad ids/labels; concatenate all crops and frames in sample order."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch_size = len(examples)
+    input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((batch_size, length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention[i, :n] = e["input_ids"], e["labels"], 1
+    images = [img for e in examples for img in e["images"]]
+    videos = [e["frames"] for e in examples if e["frames"] is not None]
+    skipped: dict[str, int] = {}
+    for e in examples:
+        for reason, n in e.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "pixel_values": torch.cat([img.pixel_values for img in images]) if images else None,
+        "crops_per_image": [img.pixel_values.shape[0] for img in images],
+        "image_sizes": torch.tensor([img.size for img in images], dtype=torch.long).view(-1, 2),
+        "image_anyres": [img.anyres for img in images],
+        "video_frames": torch.cat(videos) if videos else None,
+        "frames_per_video": [v.shape[0] for v in videos],
+        "modality": [e["modality"] for e in examples],
+        "chance": torch.tensor([e["chance"] for e in examples]),
+        "skipped": skipped,
+    }

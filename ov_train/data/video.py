@@ -1,0 +1,97 @@
+"""MP4 encoding (PyAV) for the synthetic data and frame-sampled decoding (decord) for training."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from fractions import Fraction
+
+import av
+import decord
+import numpy as np
+
+from ov_train.vision.tokens import video_frame_indices
+
+
+class VideoDecodeError(ValueError):
+    """A video payload could not be decoded; the message names the sample and the reason."""
+
+
+def _pick_codec() -> str:
+    # libx264 compresses far better, but not every ffmpeg build ships it; mpeg4 always exists.
+    try:
+        av.codec.Codec("libx264", "w")
+        return "libx264"
+    except av.codec.codec.UnknownCodecError:
+        return "mpeg4"
+
+
+_CODEC = _pick_codec()
+
+
+def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
+    """Encode uint8 RGB frames [F, H, W, 3] as an in-memory MP4 (yuv420p)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames [F,H,W,3], got {frames.dtype} {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError("cannot encode a video with no frames")
+    # yuv420p subsamples chroma 2x2, so the encoder needs even dimensions: crop the odd row/column.
+    height, width = frames.shape[1] & ~1, frames.shape[2] & ~1
+    frames = np.ascontiguousarray(frames[:, :height, :width])
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(_CODEC, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.thread_count = 1  # short clips: spinning up encoder threads costs more than it saves
+        if _CODEC == "libx264":
+            # Near-lossless: the clips are tiny and their pixels carry the labels.
+            stream.options = {"crf": "10", "preset": "ultrafast"}
+        else:
+            stream.bit_rate = 4_000_000
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush delayed packets
+    return buf.getvalue()
+
+
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    # decord 0.6 keeps the decoder's row padding for narrow videos and exposes it as extra
+    # "channels" (its get_batch then fails outright, dmlc/decord#336): keep each row's RGB bytes.
+    if frame.shape[-1] == 3:
+        return frame
+    height, width = frame.shape[:2]
+    return frame.reshape(height, -1)[:, : width * 3].reshape(height, width, 3)
+
+
+def _reason(error: Exception) -> str:
+    # decord messages start with "[hh:mm:ss] /src/file.cc:line: " and may carry a stack trace.
+    lines = str(error).strip().splitlines()
+    return re.sub(r"^\[[\d:]+\] \S+: ", "", lines[0]) if lines else type(error).__name__
+
+
+def decode_video(data: bytes, max_frames: int, name: str = "video") -> tuple[np.ndarray, float]:
+    """Decode MP4 bytes, sampling ~1 frame/s capped at `max_frames`.
+
+    Returns (uint8 frames [F, H, W, 3], duration in seconds).
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if not data:
+        raise VideoDecodeError(f"{name}: empty video data")
+    try:
+        reader = decord.VideoReader(io.BytesIO(data))
+        total = len(reader)
+        fps = float(reader.get_avg_fps())
+        if total <= 0:
+            raise VideoDecodeError(f"{name}: video has no frames")
+        if not math.isfinite(fps) or fps <= 0:
+            raise VideoDecodeError(f"{name}: invalid frame rate {fps}")
+        indices = video_frame_indices(total, fps, max_frames)
+        frames = np.stack([_rgb(reader[i].asnumpy()) for i in indices])
+    except VideoDecodeError:
+        raise
+    except Exception as e:  # decord raises DECORDError or RuntimeError depending on where it fails
+        raise VideoDecodeError(f"{name}: corrupt or truncated video ({_reason(e)})") from e
+    return frames, total / fps

@@ -1,0 +1,84 @@
+"""train(cfg): validate -> data -> model -> fit -> export -> summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ov_train.config import validate
+from ov_train.data.synthetic import ensure_synthetic
+from ov_train.model.build import build_model
+from ov_train.tools.export import export_pretrained
+from ov_train.training.datamodule import OneVisionData
+from ov_train.training.loggers import build_logger
+from ov_train.training.module import OneVisionModule
+from ov_train.utils.logging import get_logger
+from ov_train.vision.geometry import VisionGeometry
+
+log = get_logger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OV_TRAIN_CACHE", Path.home() / ".cache" / "ov_train"))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kwargs.get("precision") is None:
+        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    if kwargs.get("val_check_interval") is None:
+        kwargs["val_check_interval"] = kwargs["max_steps"]
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    return L.Trainer(
+        default_root_dir=run_dir,
+        logger=build_logger(cfg, run_dir),
+        callbacks=[checkpoint],
+        check_val_every_n_epoch=None,
+        **kwargs,
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)
+    start = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.data.name == "synthetic":
+        ensure_synthetic(cfg.data.root, **cfg.data.synthetic, seed=cfg.seed)
+    model, tokenizer = build_model(cfg.model, cache_dir())
+    geometry = VisionGeometry.from_model_config(model.config)
+    data = OneVisionData(cfg.data, cfg.stage, tokenizer, geometry, cfg.seed)
+    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if not trainer.is_global_zero:
+        return {}
+    if cfg.export:
+        export_pretrained(model, tokenizer, run_dir / "export")
+    metrics = getattr(module, "val_metrics", {})
+    summary = {
+        "stage": cfg.stage.name,
+        "model": cfg.model.name,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - start, 1),
+        "val_accuracy": metrics.get("val/accuracy"),
+        "chance_accuracy": metrics.get("val/chance_accuracy"),
+        "val_loss": metrics.get("val/loss"),
+        "val_samples": metrics.get("val/samples"),
+        "val_by_modality": {k[len("val/"):]: v for k, v in metrics.items() if k.startswith(("val/accuracy_", "val/loss_"))},
+        "skipped_samples": dict(module.skipped),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
+        summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
+        summary["val_loss"] or 0, run_dir,
+    )
+    return summary

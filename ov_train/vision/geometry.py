@@ -1,0 +1,42 @@
+"""Vision-tower geometry: crop size, patch size, anyres grid and normalisation constants."""
+
+from dataclasses import dataclass
+
+_ANYRES_PREFIX = "anyres_max_"
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    image_size: int  # crop side in pixels
+    patch_size: int
+    grid_pinpoints: tuple[tuple[int, int], ...]  # candidate anyres canvases, (height, width)
+    max_crops: int = 9  # the N of anyres_max_N
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def side(self) -> int:
+        """Patches per crop side, i.e. a crop becomes side * side tokens."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_model_config(cls, config) -> "VisionGeometry":
+        """Read the geometry the model itself uses from a LlavaOnevisionConfig."""
+        aspect = config.vision_aspect_ratio
+        if not aspect.startswith(_ANYRES_PREFIX):
+            raise ValueError(f"unsupported vision_aspect_ratio {aspect!r}; expected 'anyres_max_N'")
+        return cls(
+            image_size=config.vision_config.image_size,
+            patch_size=config.vision_config.patch_size,
+            grid_pinpoints=tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints),
+            max_crops=int(aspect[len(_ANYRES_PREFIX):]),
+        )
+
+
+def default_pinpoints(image_size: int, max_grid: int = 6) -> tuple[tuple[int, int], ...]:
+    """(i*size, j*size) for i, j in 1..max_grid, height-major like transformers' default list.
+
+    The order matters: best-resolution selection keeps the first candidate on ties.
+    """
+    steps = range(1, max_grid + 1)
+    return tuple((i * image_size, j * image_size) for i in steps for j in steps)
