@@ -55,7 +55,9 @@ def train(cfg: DictConfig) -> dict:
     model, tokenizer = build_model(cfg.model, cache_dir())
     geometry = VisionGeometry.from_model_config(model.config)
     data = OneVisionData(cfg.data, cfg.stage, tokenizer, geometry, cfg.seed)
-    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps)
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir))
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     if not trainer.is_global_zero:

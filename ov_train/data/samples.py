@@ -105,6 +105,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "labels": labels,
         "attention_mask": attention,
         "pixel_values": torch.cat([img.pixel_values for img in images]) if images else None,
+        "images_per_sample": [len(e["images"]) for e in examples],
         "crops_per_image": [img.pixel_values.shape[0] for img in images],
         "image_sizes": torch.tensor([img.size for img in images], dtype=torch.long).view(-1, 2),
         "image_anyres": [img.anyres for img in images],

@@ -48,6 +48,24 @@ def _random(cfg, tokenizer) -> LlavaOnevisionForConditionalGeneration:
     return LlavaOnevisionForConditionalGeneration(onevision_config(vision, text, tokenizer, cfg.vision_aspect_ratio))
 
 
+def _tower_state_dict(siglip: SiglipVisionModel, tower: torch.nn.Module, kept: int) -> dict[str, torch.Tensor]:
+    """The checkpoint tower's weights for `tower`: no pooling head, no encoder layers from `kept` on.
+
+    Keys are matched relative to the vision transformer: older transformers nest it as
+    `vision_model.*` inside SiglipVisionModel, newer ones do not.
+    """
+    prefix = "vision_model." if hasattr(tower, "vision_model") else ""
+    out = {}
+    for key, value in siglip.state_dict().items():
+        key = key.removeprefix("vision_model.")
+        if key.startswith("head."):
+            continue
+        if key.startswith("encoder.layers.") and int(key.split(".")[2]) >= kept:
+            continue
+        out[prefix + key] = value
+    return out
+
+
 def _compose(cfg, tokenizer) -> LlavaOnevisionForConditionalGeneration:
     siglip = SiglipVisionModel.from_pretrained(cfg.vision_tower, dtype=torch.float32)
     qwen = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=torch.float32)
@@ -56,12 +74,8 @@ def _compose(cfg, tokenizer) -> LlavaOnevisionForConditionalGeneration:
     vision_cfg = SiglipVisionConfig(**{**vision.to_dict(), "num_hidden_layers": kept, "vision_use_head": False})
     config = onevision_config(vision_cfg, qwen.config, tokenizer, cfg.vision_aspect_ratio)
     model = LlavaOnevisionForConditionalGeneration(config)
-    tower_sd = {
-        k: v
-        for k, v in siglip.state_dict().items()
-        if not k.startswith("vision_model.head.") and not k.startswith(f"vision_model.encoder.layers.{kept}.")
-    }
-    model.model.vision_tower.load_state_dict(tower_sd, strict=True)
+    tower = model.model.vision_tower
+    tower.load_state_dict(_tower_state_dict(siglip, tower, kept), strict=True)
     model.model.language_model.load_state_dict(qwen.model.state_dict(), strict=True)
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(qwen.lm_head.state_dict(), strict=True)

@@ -52,3 +52,43 @@ def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
     return out
+
+
+def model_from_checkpoint(ckpt_path: str | Path):
+    """Rebuild the trained model from a Lightning checkpoint written by ov_train; returns (model, tokenizer_dir)."""
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    meta = ckpt.get("ov_train")
+    if meta is None:
+        raise ValueError(f"{ckpt_path}: not an ov_train checkpoint (no 'ov_train' metadata)")
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_dict(meta["model_config"]))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(state, strict=True)
+    return model, meta.get("tokenizer_dir")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ov_train.model.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="ov-export", description=__doc__)
+    parser.add_argument("ckpt", help="a Lightning checkpoint written by ov_train (e.g. RUN/checkpoints/last.ckpt)")
+    parser.add_argument("out", help="output directory for the Hugging Face export")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
+    args = parser.parse_args(argv)
+    if not Path(args.ckpt).is_file():
+        parser.error(f"checkpoint not found: {args.ckpt}")
+    model, tokenizer_dir = model_from_checkpoint(args.ckpt)
+    tokenizer_dir = args.tokenizer or tokenizer_dir
+    if not tokenizer_dir or not Path(tokenizer_dir).exists():
+        parser.error(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
+    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out)
+    print(f"exported {args.ckpt} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,9 +17,10 @@ log = get_logger(__name__)
 
 
 class OneVisionModule(L.LightningModule):
-    def __init__(self, model, stage, lr_scale: float, total_steps: int):
+    def __init__(self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None):
         super().__init__()
-        self.model = model
+        self.tokenizer_dir = tokenizer_dir
+        self.model = model.train()  # from_pretrained hands models back in eval mode
         self.stage = stage
         self.total_steps = total_steps
         # Freezing happens here, once, before any strategy wraps the model.
@@ -80,6 +81,10 @@ class OneVisionModule(L.LightningModule):
                 self.val_metrics[f"val/loss_{m}"] = float(s[0] / s[1].clamp_min(1))
                 self.val_metrics[f"val/accuracy_{m}"] = float(s[2] / s[4])
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, rank_zero_only=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        # Enough to rebuild the model without the run's config: ov-export reads it.
+        checkpoint["ov_train"] = {"model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir}
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.groups, betas=(0.9, 0.999), eps=1e-8)

@@ -57,7 +57,7 @@ def test_forward_matches_stock_model(mixed_batch):
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
             image_sizes=batch["image_sizes"],
-            batch_num_images=torch.tensor([len(e["images"]) for e in examples]),
+            batch_num_images=torch.tensor(batch["images_per_sample"]),
             pixel_values_videos=batch["video_frames"][None],
             labels=batch["labels"],
         )
@@ -79,7 +79,7 @@ def test_gradients_match_stock_model(mixed_batch):
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
         image_sizes=batch["image_sizes"],
-        batch_num_images=torch.tensor([len(e["images"]) for e in examples]),
+        batch_num_images=torch.tensor(batch["images_per_sample"]),
         pixel_values_videos=batch["video_frames"][None],
         labels=batch["labels"],
     ).loss.backward()

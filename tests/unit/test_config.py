@@ -1,0 +1,125 @@
+"""Every shipped config composes; bad configs fail before any work with a message naming the key."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import open_dict
+
+from ov_train.config import ConfigError, validate
+from ov_train.data.recipe import RecipeError, load_recipe
+from tests.conftest import CONF, compose_config
+
+STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+LOGGERS = sorted(p.stem for p in (CONF / "logger").glob("*.yaml"))
+
+EXPECTED_PARTS = {
+    "pretrain": {"projector": 1e-3},
+    "mid": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
+    "final_image": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
+    "onevision": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
+}
+
+
+def test_the_four_stages_ship():
+    assert STAGES == ["final_image", "mid", "onevision", "pretrain"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_composes_with_recipe_values(stage):
+    cfg = compose_config([f"stage={stage}"], run_dir=Path("/tmp/x"))
+    validate(cfg)
+    assert dict(cfg.stage.parts) == EXPECTED_PARTS[stage]
+    assert cfg.stage.template == ("plain" if stage == "pretrain" else "qwen_1_5")
+    assert cfg.stage.image_strategy == ("single_crop" if stage == "pretrain" else "anyres_max_9")
+    assert cfg.stage.max_length == (8192 if stage == "pretrain" else 32768)
+    assert cfg.data.recipe == f"synthetic_{stage}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("logger", LOGGERS)
+def test_model_and_logger_options_compose(model, logger):
+    cfg = compose_config([f"model={model}", f"logger={logger}", "model.random_init=true"], run_dir=Path("/tmp/x"))
+    validate(cfg)
+    assert cfg.model.name == model and cfg.logger.name == logger
+
+
+def test_default_mix_is_the_onevision_ratio(small_data_root):
+    sources = load_recipe("synthetic_onevision", small_data_root)
+    weights = {s.modality: s.weight for s in sources}
+    total = sum(weights.values())
+    assert {k: round(100 * v / total, 1) for k, v in weights.items()} == {
+        "single_image": 31.2,
+        "multi_image": 43.0,
+        "video": 25.9,
+    }
+
+
+def test_unknown_stage_is_named():
+    with pytest.raises(MissingConfigException, match="stage/warmup"):
+        compose_config(["stage=warmup"])
+
+
+def _invalid(overrides, *fragments):
+    cfg = compose_config(overrides, run_dir=Path("/tmp/x"))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_learning_rate_for_a_missing_part():
+    _invalid(["+stage.parts.audio_tower=1e-5"], "stage.parts.audio_tower", "allowed", "projector")
+
+
+def test_missing_checkpoint_paths():
+    _invalid(["model.pretrained=/nonexistent/ov"], "model.pretrained", "/nonexistent/ov", "does not exist")
+    _invalid(["model.init_from=/nonexistent/export"], "model.init_from")
+    _invalid(["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path")
+
+
+def test_half_a_checkpoint_pair():
+    _invalid(["model.vision_tower=/tmp"], "model.vision_tower and model.llm")
+
+
+def test_real_geometry_without_weights():
+    _invalid(["model=ov_qwen2_7b"], "model=ov_qwen2_7b", "model.pretrained=DIR")
+
+
+def test_several_problems_reported_together():
+    _invalid(
+        ["stage.template=chatml", "stage.image_strategy=tiles", "data.batch_size=0", "trainer.max_steps=-1"],
+        "stage.template='chatml'",
+        "stage.image_strategy='tiles'",
+        "data.batch_size=0",
+        "trainer.max_steps=-1",
+    )
+
+
+def test_nothing_trainable():
+    _invalid(["stage=pretrain", "stage.parts.projector=0"], "nothing would train")
+
+
+def test_unknown_recipe():
+    _invalid(["data.recipe=nope"], "data.recipe='nope'", "known recipes")
+
+
+def test_recipe_errors_name_the_source(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources:\n  - {name: a, path: a, modality: audio, weight: -1, colour: red}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(bad), tmp_path)
+    message = str(err.value)
+    for fragment in ("sources[0]", "modality='audio'", "weight=-1", "colour", "no train-*.tar shards"):
+        assert fragment in message
+
+
+def test_train_fails_before_any_work(tmp_path):
+    from ov_train.run import train
+
+    cfg = compose_config(["model.pretrained=/nonexistent"], run_dir=tmp_path / "run")
+    with open_dict(cfg):
+        cfg.data.root = str(tmp_path / "never_created")
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        train(cfg)
+    assert not (tmp_path / "never_created").exists() and not (tmp_path / "run").exists()
