@@ -8,13 +8,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config import validate
 from ov_train.data.synthetic import ensure_synthetic
 from ov_train.model.build import build_model
+from ov_train.strategies import build_strategy
 from ov_train.tools.export import export_pretrained
+from ov_train.training.callbacks import build_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
@@ -34,11 +35,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     if kwargs.get("val_check_interval") is None:
         kwargs["val_check_interval"] = kwargs["max_steps"]
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
     return L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(cfg, run_dir),
-        callbacks=[checkpoint],
+        strategy=build_strategy(cfg),
+        callbacks=build_callbacks(cfg, run_dir),
         check_val_every_n_epoch=None,
         **kwargs,
     )

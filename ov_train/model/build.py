@@ -106,6 +106,14 @@ def build_model(cfg, cache_dir: str | Path):
     elif cfg.vision_tower and cfg.llm:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm)
         model = _compose(cfg, tokenizer)
+    elif cfg.vision_tower or cfg.llm:
+        # Never fall back to random weights when half of the SigLIP + Qwen2 route was given.
+        raise ValueError("model.vision_tower and model.llm: give both (SigLIP + Qwen2 route) or neither")
+    elif not cfg.get("random_init"):
+        raise ValueError(
+            f"model={cfg.name}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
+            " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
+        )
     else:
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tiny_tokenizer(Path(cache_dir) / "tokenizer")
         model = _random(cfg, tokenizer)
