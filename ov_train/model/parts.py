@@ -14,6 +14,14 @@ PARTS: dict[str, tuple[str, ...]] = {
     "llm": (r"^model\.language_model\.", r"^lm_head\."),
 }
 
+# Tensors LLaVA-OneVision never runs: image features are the tower's last kept layer *before* SigLIP's
+# post_layernorm, and the pooling head is not used. They stay frozen in every stage: they would get no
+# gradient, so an optimizer would only carry them, and DDP (find_unused_parameters=False) fails on them.
+UNUSED: tuple[str, ...] = (
+    r"^model\.vision_tower\.(vision_model\.)?post_layernorm\.",
+    r"^model\.vision_tower\.(vision_model\.)?head\.",
+)
+
 
 def part_of(name: str) -> str:
     for part, patterns in PARTS.items():
@@ -29,26 +37,35 @@ class PartRow:
     lr: float
     params: int
     tensors: int
+    trainable_params: int | None = None  # params that train: all but the UNUSED ones (None: all of them)
 
 
 def apply_stage(model: nn.Module, part_lrs: dict[str, float], lr_scale: float = 1.0, weight_decay: float = 0.0):
     """Freeze every part without a positive learning rate and return (optimizer groups, table rows).
 
     Frozen tensors get requires_grad=False and appear in no group, so they get neither gradients
-    nor optimizer state. Every trainable tensor lands in exactly one group (asserted).
+    nor optimizer state. Every trainable tensor lands in exactly one group (asserted). Tensors the
+    model never runs (UNUSED) stay frozen even when their part trains.
     """
     unknown = sorted(set(part_lrs) - set(PARTS))
     if unknown:
         raise KeyError(f"stage.parts has unknown part(s) {unknown}; allowed: {sorted(PARTS)}")
+    negative = {p: lr for p, lr in part_lrs.items() if lr is not None and float(lr) < 0}
+    if negative:
+        raise ValueError(f"stage.parts {negative}: learning rates must be >= 0 (0 freezes the part)")
+    if not lr_scale > 0:
+        raise ValueError(f"lr_scale={lr_scale!r} must be > 0")
     grouped: dict[str, list[nn.Parameter]] = {p: [] for p in PARTS}
-    counts = {p: [0, 0] for p in PARTS}
+    counts = {p: [0, 0, 0] for p in PARTS}  # params, tensors, trainable params
     for name, param in model.named_parameters():  # tied weights are listed once
         part = part_of(name)
         lr = float(part_lrs.get(part) or 0.0)
-        param.requires_grad_(lr > 0)
+        train = lr > 0 and not any(re.search(p, name) for p in UNUSED)
+        param.requires_grad_(train)
         counts[part][0] += param.numel()
         counts[part][1] += 1
-        if lr > 0:
+        if train:
+            counts[part][2] += param.numel()
             grouped[part].append(param)
     groups, rows = [], []
     for part in PARTS:
@@ -71,6 +88,6 @@ def format_table(rows: list[PartRow]) -> str:
         lr = f"{r.lr:.2e}" if r.trainable else "-"
         lines.append(f"{r.part:<14}{state:<11}{lr:>10}{r.params:>16,}{r.tensors:>9}")
     total = sum(r.params for r in rows)
-    train = sum(r.params for r in rows if r.trainable)
+    train = sum(r.params if r.trainable_params is None else r.trainable_params for r in rows if r.trainable)
     lines.append(f"{'total':<14}{'':<11}{'':>10}{total:>16,}   trainable {train:,} ({100 * train / max(total, 1):.1f}%)")
     return "\n".join(lines)
