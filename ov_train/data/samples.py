@@ -14,6 +14,10 @@ from ov_train.vision.preprocess import preprocess_frames, preprocess_image
 from ov_train.vision.tokens import video_tokens
 
 
+# Containers decord reads; converted shards keep a video's bytes under its own extension.
+VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")
+
+
 class SampleError(ValueError):
     """A sample that cannot be used; `reason` is the counter it is skipped under."""
 
@@ -48,9 +52,10 @@ class SampleProcessor:
                 raise SampleError("corrupt_image", f"sample {key}: cannot decode {field} ({err})") from err
         frames = None
         visual = [img.num_tokens for img in images]
-        if "mp4" in raw:
+        video_field = next((f for f in VIDEO_FIELDS if f in raw), None)
+        if video_field:
             try:
-                array, _ = decode_video(raw["mp4"], self.max_frames, name=f"{key}.mp4")
+                array, _ = decode_video(raw[video_field], self.max_frames, name=f"{key}.{video_field}")
             except ValueError as err:
                 raise SampleError("corrupt_video", str(err)) from err
             frames = preprocess_frames(array, self.geometry)

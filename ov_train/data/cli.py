@@ -1,0 +1,79 @@
+"""The `ov-data` command: `convert` LLaVA data into ov_train training shards, `inspect` the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ov_train.data.convert import convert
+from ov_train.data.formats import FORMATS, InputError
+from ov_train.data.inspect import format_report, inspect_dir
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        totals = convert(args.input, args.out, args.media_root, args.format, args.samples_per_shard,
+                         args.max_shard_bytes, args.workers, args.seed, args.tokenizer)
+    except InputError as err:
+        print(f"ov-data convert: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ov-data convert: interrupted; finished shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(f"{args.out}: {totals['chunks']} chunk(s), {totals['resumed_chunks']} already done by an earlier run; "
+          "wrote index.json and rejects.jsonl")
+    print(format_report(totals))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        stats = inspect_dir(args.dir)
+    except (OSError, ValueError) as err:
+        print(f"ov-data inspect: error: {err}", file=sys.stderr)
+        return 1
+    except KeyError as err:
+        print(f"ov-data inspect: error: {args.dir}: index.json or rejects.jsonl lacks {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats) if args.json else f"{stats['dir']}: " + format_report(stats))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ov-data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    summary = "LLaVA data (JSON, JSONL, data YAML, parquet) -> WebDataset shards, index.json, rejects.jsonl"
+    cmd = commands.add_parser("convert", help=summary, description=summary)
+    cmd.add_argument("input", help="LLaVA .json / .jsonl, LLaVA-NeXT data .yaml, or .parquet with image bytes")
+    cmd.add_argument("--out", required=True, help="output folder for shards, index.json and rejects.jsonl")
+    cmd.add_argument("--media-root", help="folder the image/video paths are relative to (default: INPUT's folder)")
+    cmd.add_argument("--format", choices=sorted(set(FORMATS.values())), help="override the format the extension implies")
+    cmd.add_argument("--samples-per-shard", type=_positive, default=1000)
+    cmd.add_argument("--max-shard-bytes", type=_positive, default=1 << 30)
+    cmd.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of random:N%% sampling in a data YAML")
+    cmd.add_argument("--tokenizer", help="tokenizer folder for text token counts (default: the tiny built-in one)")
+    cmd.set_defaults(run=_convert)
+
+    summary = "samples per modality, token totals and percentiles, rejects by reason of a converted folder"
+    cmd = commands.add_parser("inspect", help=summary, description=summary)
+    cmd.add_argument("dir", help="an `ov-data convert` output folder")
+    cmd.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    cmd.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

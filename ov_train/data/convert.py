@@ -1,0 +1,403 @@
+"""`ov-data convert`: LLaVA data (JSON, JSONL, data YAML, parquet) -> WebDataset shards, index.json, rejects.jsonl.
+
+Shards are planned from the input order: chunk k holds input items [k*S, (k+1)*S) (S =
+--samples-per-shard) and becomes `train-{k:06d}-000000.tar` (more pieces only when
+--max-shard-bytes splits it) plus an index part `parts/part-{k:06d}.json`, written last. A chunk
+whose part and shards all exist is finished, so a rerun converts only what is missing. Every
+file appears under its final name only when complete (temp + rename).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import decord
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from ov_train.data.formats import InputError, Item, detect_format, open_input
+from ov_train.data.inspect import summarise
+from ov_train.data.shard_writer import ShardWriter
+from ov_train.data.video import VideoDecodeError, decode_video
+from ov_train.text.template import MEDIA_TOKENS
+from ov_train.utils.paths import cache_dir
+from ov_train.vision.geometry import VisionGeometry, default_pinpoints
+from ov_train.vision.tokens import anyres_tokens, single_crop_tokens, video_frame_indices, video_tokens
+
+# Token counts in the index are for the real OneVision geometry (SigLIP-384/14, anyres_max_9).
+OV_GEOMETRY = VisionGeometry(384, 14, default_pinpoints(384), 9)
+MAX_FRAMES = 32
+SHARD_PREFIX = "train"  # the name data recipes look for (`train-*.tar`)
+PARTS_DIR = "parts"
+_IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+_MEDIA = re.compile("|".join(re.escape(t) for t in MEDIA_TOKENS))
+_HUMAN, _GPT = {"human", "user"}, {"gpt", "assistant"}
+
+
+class Reject(Exception):
+    """A record that is skipped; `reason` is the counter it goes under in rejects.jsonl."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------- one record -> one shard sample
+
+
+def build_sample(item: Item, key: str, media_root: Path) -> tuple[dict, dict]:
+    """Validate a record and load its media; returns (shard sample, index entry) or raises Reject."""
+    if item.error:
+        raise Reject("malformed_line", item.error)
+    record = item.record
+    if not isinstance(record, dict):
+        raise Reject("malformed_line", f"expected a JSON object, got {type(record).__name__}")
+    conversations = _conversation(record.get("conversations"))
+    image_refs, video_ref = _media_refs(record)
+    if image_refs and video_ref:
+        raise Reject("mixed_media", "a record with both images and a video is not supported")
+    n_images = len(item.image_bytes) if item.image_bytes is not None else len(image_refs)
+    conversations = _check_placeholders(conversations, n_images, video_ref is not None)
+
+    sample = {"__key__": key}
+    entry = {"key": key, "id": item_id(item), "source": item.source}
+    if video_ref:
+        entry.update(_add_video(sample, _read(media_root, video_ref, "missing_video"), video_ref))
+    elif n_images:
+        if item.image_bytes is not None:
+            payloads = [(data, f"{item.where} image {i}") for i, data in enumerate(item.image_bytes)]
+        else:
+            payloads = [(_read(media_root, ref, "missing_image"), ref) for ref in image_refs]
+        entry.update(_add_images(sample, payloads))
+    else:
+        entry.update(modality="text", visual_tokens=0)
+
+    meta = {"id": entry["id"], "modality": entry["modality"], "conversations": conversations, "source": item.source}
+    meta.update({k: record[k] for k in ("task", "options", "answer") if k in record})
+    sample["json"] = meta
+    return sample, entry
+
+
+def _add_images(sample: dict, payloads: list[tuple[bytes, str]]) -> dict:
+    """Store images under img<i>.<ext> with their original bytes; index fields for them."""
+    sizes = []
+    for i, (data, name) in enumerate(payloads):
+        ext, height, width = _image_info(data, name)
+        sample[f"img{i}.{ext}"] = data
+        sizes.append([height, width])
+    if len(sizes) == 1:
+        return {"modality": "single_image", "images": sizes, "visual_tokens": anyres_tokens(*sizes[0], OV_GEOMETRY)}
+    return {"modality": "multi_image", "images": sizes, "visual_tokens": len(sizes) * single_crop_tokens(OV_GEOMETRY)}
+
+
+def _add_video(sample: dict, data: bytes, name: str) -> dict:
+    """Store the video under its container's extension (mp4, webm, mkv...); index fields for it."""
+    total, fps, duration = _video_info(data, name)
+    sample[Path(name).suffix.lower().lstrip(".") or "mp4"] = data
+    sampled = len(video_frame_indices(total, fps, MAX_FRAMES))
+    video = {"frames": total, "fps": round(fps, 3), "duration": round(duration, 3), "sampled_frames": sampled}
+    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, OV_GEOMETRY)}
+
+
+def item_id(item: Item) -> str:
+    record = item.record
+    if isinstance(record, dict) and record.get("id") is not None:
+        return str(record["id"])
+    return item.where
+
+
+def _conversation(turns) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise Reject("empty_conversation", "no conversation turns")
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise Reject("malformed_conversation", "every turn needs 'from' and a string 'value'")
+    speakers = {t.get("from") for t in turns}
+    for side, names in (("human", _HUMAN), ("gpt", _GPT)):
+        if not speakers & names:
+            raise Reject("one_sided_conversation", f"no {side} turn (speakers: {sorted(map(str, speakers))})")
+    return turns
+
+
+def _media_refs(record: dict) -> tuple[list[str], str | None]:
+    images = record.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    video = record.get("video")
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise Reject("malformed_record", f"'image' must be a path or a list of paths, got {record.get('image')!r}")
+    if video is not None and not (isinstance(video, str) and video):
+        raise Reject("malformed_record", f"'video' must be a path, got {video!r}")
+    return images, video
+
+
+def _check_placeholders(turns: list[dict], n_images: int, has_video: bool) -> list[dict]:
+    texts = [t["value"] for t in turns]
+    n_image_ph = sum(t.count("<image>") for t in texts)
+    n_video_ph = sum(t.count("<video>") for t in texts)
+    if has_video and n_video_ph == 0 and n_image_ph == 1:
+        # LLaVA-Video style data marks the video with <image>; training expects <video>.
+        turns = [{**t, "value": t["value"].replace("<image>", "<video>")} for t in turns]
+        n_image_ph, n_video_ph = 0, 1
+    expected = (0, 1) if has_video else (n_images, 0)
+    if (n_image_ph, n_video_ph) != expected:
+        raise Reject("placeholder_mismatch", f"{n_image_ph} <image> and {n_video_ph} <video> placeholder(s) "
+                                             f"for {n_images} image(s) and {int(has_video)} video(s)")
+    return turns
+
+
+def _read(media_root: Path, ref: str, reason: str) -> bytes:
+    path = media_root / ref
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise Reject(reason, f"{path}: {err.strerror or err}") from err
+
+
+def _image_info(data: bytes, name: str) -> tuple[str, int, int]:
+    """(extension, height, width) of an image that fully decodes; corrupt_image otherwise."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()
+        # verify() checks structure only and leaves the image unusable: decode for real from a fresh handle.
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            height, width = im.height, im.width
+    except UnidentifiedImageError as err:
+        raise Reject("corrupt_image", f"{name}: not an image file PIL recognises") from err
+    except Exception as err:  # PIL raises many types for broken files
+        raise Reject("corrupt_image", f"{name}: {err}") from err
+    return _IMAGE_EXTENSIONS.get(fmt, str(fmt).lower()), height, width
+
+
+def _video_info(data: bytes, name: str) -> tuple[int, float, float]:
+    """(frames, fps, duration) of a video whose sampled frames all decode; corrupt_video otherwise."""
+    try:
+        _, duration = decode_video(data, MAX_FRAMES, name=name)
+        reader = decord.VideoReader(io.BytesIO(data))
+        return len(reader), float(reader.get_avg_fps()), duration
+    except VideoDecodeError as err:
+        raise Reject("corrupt_video", str(err)) from err
+
+
+# ---------------------------------------------------------------- chunks: one per planned shard
+
+
+@dataclass(frozen=True)
+class Plan:
+    out_dir: str
+    media_root: str
+    samples_per_shard: int
+    max_shard_bytes: int
+
+
+@dataclass
+class Chunk:
+    index: int
+    first: int  # input position of its first item; keys are input positions
+    items: list[Item]
+    text_tokens: list[int]
+
+
+def part_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / PARTS_DIR / f"part-{index:06d}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_chunk(plan: Plan, chunk: Chunk) -> int:
+    """Write one chunk's shard(s), then its index part; returns the number of input items handled."""
+    out = Path(plan.out_dir)
+    entries, pieces, rejects = [], [], []
+    prefix = f"{SHARD_PREFIX}-{chunk.index:06d}"
+    with ShardWriter(out, prefix, plan.samples_per_shard, plan.max_shard_bytes) as writer:
+        for offset, (item, text_tokens) in enumerate(zip(chunk.items, chunk.text_tokens)):
+            try:
+                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", Path(plan.media_root))
+            except Reject as rej:
+                rejects.append({"id": item_id(item), "reason": rej.reason, "detail": rej.detail, "where": item.where})
+                continue
+            writer.write(sample)
+            entry["text_tokens"] = text_tokens
+            entries.append(entry)
+            pieces.append(len(writer.shards))  # the shard being written is the next one to finish
+    for entry, piece in zip(entries, pieces):
+        entry["shard"] = writer.shards[piece]
+    part = {"chunk": chunk.index, "shards": writer.shards, "samples": entries, "rejects": rejects}
+    write_atomic(part_path(out, chunk.index), json.dumps(part, ensure_ascii=False))
+    return len(chunk.items)
+
+
+def _finished(out: Path, index: int) -> bool:
+    try:
+        part = json.loads(part_path(out, index).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all((out / shard).is_file() for shard in part["shards"])
+
+
+def text_token_counts(tokenizer, items: list[Item]) -> list[int]:
+    """Tokens of each record's turn texts with the media placeholders removed (0 for malformed records)."""
+    owners, texts = [], []
+    for i, item in enumerate(items):
+        turns = item.record.get("conversations") if isinstance(item.record, dict) else None
+        for turn in turns if isinstance(turns, list) else []:
+            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                owners.append(i)
+                texts.append(_MEDIA.sub("", turn["value"]))
+    counts = [0] * len(items)
+    if texts:
+        # split_special_tokens: like the training template, data text never becomes special tokens.
+        for i, ids in zip(owners, tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]):
+            counts[i] += len(ids)
+    return counts
+
+
+def _chunks(items: Iterator[Item], plan: Plan, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
+    """The chunks still to write, in input order; finished ones are counted and skipped."""
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == plan.samples_per_shard:
+            yield from _pending(batch, plan, tokenizer, stats, bar)
+            batch = []
+    if batch:
+        yield from _pending(batch, plan, tokenizer, stats, bar)
+
+
+def _pending(batch: list[Item], plan: Plan, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
+    index = stats["chunks"]
+    stats["chunks"] += 1
+    if _finished(Path(plan.out_dir), index):
+        stats["resumed"] += 1
+        bar.update(len(batch))
+        return
+    yield Chunk(index, index * plan.samples_per_shard, batch, text_token_counts(tokenizer, batch))
+
+
+def _run(plan: Plan, chunks: Iterator[Chunk], workers: int) -> Iterator[int]:
+    if workers <= 1:
+        for chunk in chunks:
+            yield write_chunk(plan, chunk)
+        return
+    # spawn: workers start clean instead of forking the tokenizer's threads.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: set = set()
+        try:
+            for chunk in chunks:
+                pending.add(pool.submit(write_chunk, plan, chunk))
+                # Only a few chunks in flight: parquet chunks carry their image bytes.
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+# ---------------------------------------------------------------- the whole conversion
+
+
+def _load_tokenizer(path: str | None):
+    # transformers is slow to import and only the main process counts text tokens.
+    from ov_train.model.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    if path:
+        if not Path(path).is_dir():
+            raise InputError(f"--tokenizer {path} is not a folder")
+        try:
+            return load_tokenizer(path)
+        except (OSError, ValueError) as err:
+            raise InputError(f"--tokenizer {path}: cannot load a tokenizer there ({err})") from err
+    return build_tiny_tokenizer(cache_dir() / "tokenizer")
+
+
+def _claim(out: Path, settings: dict) -> None:
+    """Record the settings of this output folder; a rerun must use the same ones to resume."""
+    try:
+        (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot create ({err.strerror or err})") from err
+    path = out / PARTS_DIR / "settings.json"
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise InputError(f"--out {out} holds a conversion with other settings ({', '.join(changed)}); "
+                             "use a fresh --out or the same settings")
+    else:
+        write_atomic(path, json.dumps(settings, indent=2))
+    # Temp files of a killed run are never finished files: drop them.
+    for folder in (out, out / PARTS_DIR):
+        for tmp in folder.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _merge(out: Path, settings: dict, chunks: int) -> dict:
+    parts = [json.loads(part_path(out, k).read_text(encoding="utf-8")) for k in range(chunks)]
+    samples = [entry for part in parts for entry in part["samples"]]
+    rejects = [rej for part in parts for rej in part["rejects"]]
+    totals = summarise(samples, rejects)
+    index = {
+        "settings": settings,
+        "geometry": {"image_size": OV_GEOMETRY.image_size, "patch_size": OV_GEOMETRY.patch_size,
+                     "max_crops": OV_GEOMETRY.max_crops, "max_frames": MAX_FRAMES},
+        "totals": totals,
+        "shards": [shard for part in parts for shard in part["shards"]],
+        "samples": samples,
+    }
+    write_atomic(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    write_atomic(out / "index.json", json.dumps(index, ensure_ascii=False))
+    return totals
+
+
+def _readable(path: Path, what: str, is_dir: bool) -> Path:
+    kind_ok = path.is_dir() if is_dir else path.is_file()
+    if not kind_ok or not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        state = "does not exist" if not path.exists() else "is not a readable " + ("folder" if is_dir else "file")
+        raise InputError(f"{what} {path} {state}")
+    return path
+
+
+def convert(input_path, out_dir, media_root=None, fmt: str | None = None, samples_per_shard: int = 1000,
+            max_shard_bytes: int = 1 << 30, workers: int = 1, seed: int = 0, tokenizer: str | None = None) -> dict:
+    """Convert INPUT into shards + index under out_dir; returns the totals plus chunk counts."""
+    input_path = _readable(Path(input_path).resolve(), "INPUT", is_dir=False)
+    media_root = _readable(Path(media_root or input_path.parent).resolve(), "--media-root", is_dir=True)
+    fmt = detect_format(input_path, fmt)
+    source = open_input(input_path, fmt, seed)
+    out = Path(out_dir)
+    settings = {"input": str(input_path), "format": fmt, "media_root": str(media_root), "seed": seed,
+                "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
+                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
+    _claim(out, settings)
+    plan = Plan(str(out), str(media_root), samples_per_shard, max_shard_bytes)
+    stats = {"chunks": 0, "resumed": 0}
+    with tqdm(total=source.total, unit="sample", desc="ov-data convert", disable=None) as bar:
+        chunks = _chunks(source.items, plan, _load_tokenizer(tokenizer), stats, bar)
+        for handled in _run(plan, chunks, workers):
+            bar.update(handled)
+    totals = _merge(out, settings, stats["chunks"])
+    return {**totals, "chunks": stats["chunks"], "resumed_chunks": stats["resumed"]}
+
+
+if __name__ == "__main__":
+    # Go through the package module so worker processes unpickle ov_train.data.convert.*, not __main__.*.
+    from ov_train.data.cli import main
+
+    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -1,0 +1,191 @@
+"""Readers of the input formats people hold LLaVA data in: LLaVA JSON / JSONL, LLaVA-NeXT data YAML, parquet.
+
+Every reader yields `Item`s in a fixed order (the conversion plans its shards from that order)
+and never judges a record beyond parsing it: validation belongs to the conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+FORMATS = {".json": "json", ".jsonl": "jsonl", ".yaml": "yaml", ".yml": "yaml", ".parquet": "parquet"}
+PARQUET_BATCH_ROWS = 256
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be read (missing file, unparsable JSON, bad YAML entry)."""
+
+
+@dataclass
+class Item:
+    source: str  # recorded with the sample: input file name or parquet data_source
+    where: str  # "file:line" or "file#row": names the record in messages and stands in for a missing id
+    record: object  # the parsed value; a LLaVA dict when well-formed
+    error: str | None = None  # why the line did not parse
+    image_bytes: list[bytes] | None = field(default=None, repr=False)  # parquet: embedded images
+
+
+@dataclass
+class Input:
+    total: int  # number of items `items` yields (for the progress bar)
+    items: Iterator[Item]
+
+
+def detect_format(path: Path, forced: str | None) -> str:
+    if forced:
+        return forced
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: cannot tell the format from the extension {path.suffix!r}; pass --format")
+    return fmt
+
+
+def open_input(path: str | Path, fmt: str | None = None, seed: int = 0) -> Input:
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    if fmt == "parquet":
+        return _parquet(path)
+    if fmt == "yaml":
+        items = _data_yaml(path, seed)
+    else:
+        items = _llava_file(path, fmt)
+    return Input(len(items), iter(items))
+
+
+def _llava_file(path: Path, fmt: str) -> list[Item]:
+    return _json_list(path) if fmt == "json" else list(_jsonl(path))
+
+
+def _json_list(path: Path) -> list[Item]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not readable as JSON ({err})") from err
+    if not isinstance(records, list):
+        raise InputError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return [Item(path.name, f"{path.name}#{i}", record) for i, record in enumerate(records)]
+
+
+def _jsonl(path: Path) -> Iterator[Item]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path.name}:{number}"
+                try:
+                    yield Item(path.name, where, json.loads(line))
+                except ValueError as err:
+                    yield Item(path.name, where, None, error=f"invalid JSON ({err})")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not readable as JSON lines ({err})") from err
+
+
+# ---------------------------------------------------------------- LLaVA-NeXT data YAML
+
+
+def _data_yaml(path: Path, seed: int) -> list[Item]:
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"{path}: not readable as YAML ({err})") from err
+    datasets = spec.get("datasets") if isinstance(spec, dict) else None
+    if not isinstance(datasets, list) or not datasets:
+        raise InputError(f"{path}: needs a non-empty 'datasets' list")
+    items = []
+    for i, entry in enumerate(datasets):
+        where = f"{path.name}: datasets[{i}]"
+        if not isinstance(entry, dict) or not entry.get("json_path"):
+            raise InputError(f"{where}: needs a 'json_path'")
+        json_path = Path(entry["json_path"])
+        if not json_path.is_absolute():
+            json_path = path.parent / json_path
+        if not json_path.is_file():
+            raise InputError(f"{where}: json_path {str(json_path)!r} not found")
+        fmt = detect_format(json_path, None)
+        if fmt not in ("json", "jsonl"):
+            raise InputError(f"{where}: json_path must be a .json or .jsonl file, got {json_path.name!r}")
+        records = _llava_file(json_path, fmt)
+        strategy = str(entry.get("sampling_strategy", "all"))
+        # A seed per dataset entry, so equal-sized datasets do not get the same selection.
+        rng = random.Random(f"{seed}/{i}")
+        try:
+            chosen = select(len(records), strategy, rng)
+        except ValueError as err:
+            raise InputError(f"{where}: {err}") from err
+        items += [records[k] for k in chosen]
+    return items
+
+
+def select(n: int, strategy: str, rng: random.Random) -> list[int]:
+    """Indices (ascending) that a LLaVA-NeXT sampling_strategy keeps out of n records.
+
+    `first:N%` / `end:N%` / `random:N%` keep ceil(N% of n) records, like LLaVA-NeXT;
+    `first:N` etc. (no %) keep N records; `all` keeps everything.
+    """
+    if strategy == "all":
+        return list(range(n))
+    how, _, amount = strategy.partition(":")
+    if how not in ("first", "end", "random") or not amount:
+        raise ValueError(f"sampling_strategy {strategy!r}; expected all, first:N%, end:N% or random:N%")
+    try:
+        count = math.ceil(float(amount[:-1]) * n / 100) if amount.endswith("%") else int(amount)
+    except ValueError:
+        raise ValueError(f"sampling_strategy {strategy!r}: {amount!r} is not a number or percentage") from None
+    count = max(0, min(count, n))
+    if how == "first":
+        return list(range(count))
+    if how == "end":
+        return list(range(n - count, n))
+    return sorted(rng.sample(range(n), count))
+
+
+# ---------------------------------------------------------------- parquet (LLaVA-OneVision-Data style)
+
+
+def _parquet(path: Path) -> Input:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for files it cannot read
+        raise InputError(f"{path}: not readable as parquet ({err})") from err
+    missing = {"conversations"} - set(parquet.schema_arrow.names)
+    if missing:
+        raise InputError(f"{path}: parquet lacks column(s) {sorted(missing)}")
+    return Input(parquet.metadata.num_rows, _parquet_rows(path, parquet))
+
+
+def _parquet_rows(path: Path, parquet) -> Iterator[Item]:
+    columns = [c for c in ("id", "conversations", "data_source", "image") if c in parquet.schema_arrow.names]
+    row = 0
+    # Row batches keep memory bounded: image bytes of a whole release do not fit in RAM.
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+        for values in batch.to_pylist():
+            record = {"id": values.get("id"), "conversations": values.get("conversations")}
+            images = _parquet_images(values.get("image"))
+            embedded = [img["bytes"] for img in images if img.get("bytes")]
+            if len(embedded) == len(images):
+                image_bytes = embedded
+            else:
+                # Datasets' Image feature may keep only a path: read those from the media root.
+                image_bytes = None
+                record["image"] = [img.get("path") for img in images]
+            source = values.get("data_source") or path.name
+            yield Item(str(source), f"{path.name}#{row}", record, image_bytes=image_bytes)
+            row += 1
+
+
+def _parquet_images(value) -> list[dict]:
+    if value is None:
+        return []
+    images = value if isinstance(value, list) else [value]
+    return [img for img in images if img and (img.get("bytes") or img.get("path"))]
