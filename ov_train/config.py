@@ -4,10 +4,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from ov_train.data.recipe import RecipeError, recipe_path
 from ov_train.model.parts import PARTS
+from ov_train.strategies import STRATEGIES
 from ov_train.text.template import TEMPLATES
 
 LOGGERS = ("wandb", "csv", "none")
@@ -57,8 +59,35 @@ def _model_problems(model) -> list[str]:
     return problems
 
 
+def _strategy_problems(strategy, trainer) -> list[str]:
+    name = strategy.get("name")
+    if name not in STRATEGIES:
+        configs = "auto, ddp, deepspeed_zero2[_offload], deepspeed_zero3[_offload], fsdp2"
+        return [f"strategy.name={name!r}; allowed: {list(STRATEGIES)} (strategy={configs})"]
+    problems = []
+    if name == "deepspeed":
+        if strategy.stage not in (1, 2, 3):
+            problems.append(f"strategy.stage={strategy.stage!r}; allowed: 1, 2, 3 (ZeRO stages)")
+        if strategy.offload_parameters and strategy.stage != 3:
+            problems.append(
+                f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{strategy.stage} does not shard weights)"
+            )
+        if trainer.accelerator == "cpu" or not torch.cuda.is_available():
+            problems.append(
+                "strategy=deepspeed needs CUDA GPUs: Lightning's DeepSpeedStrategy refuses other accelerators;"
+                " use ddp or fsdp2 on CPU"
+            )
+    devices = trainer.devices
+    counted = isinstance(devices, int) and devices > 0 or OmegaConf.is_list(devices) and len(devices) > 0
+    if name == "fsdp2" and not counted:
+        problems.append(f"trainer.devices={devices!r}: strategy=fsdp2 needs a device count (or list) to size its mesh")
+    if name != "auto" and strategy.get("process_group_backend") == "nccl" and trainer.accelerator == "cpu":
+        problems.append("strategy.process_group_backend=nccl needs GPUs; with trainer.accelerator=cpu use gloo (or null)")
+    return problems
+
+
 def validate(cfg: DictConfig) -> None:
-    problems = _stage_problems(cfg.stage) + _model_problems(cfg.model)
+    problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
     try:
         recipe_path(str(cfg.data.recipe))
     except RecipeError as err:

@@ -2,31 +2,46 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from ov_train.config import validate
+from ov_train.config import ConfigError, validate
 from ov_train.data.synthetic import ensure_synthetic
 from ov_train.model.build import build_model
 from ov_train.strategies import build_strategy
-from ov_train.tools.export import export_pretrained
+from ov_train.tools.export import export_pretrained, model_from_checkpoint
 from ov_train.training.callbacks import build_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
 from ov_train.utils.logging import get_logger
+from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
 log = get_logger(__name__)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("OV_TRAIN_CACHE", Path.home() / ".cache" / "ov_train"))
+def resolve_ckpt_path(cfg: DictConfig) -> None:
+    """`ckpt_path=last`: this run directory's checkpoints/last.ckpt (resume with the same hydra.run.dir)."""
+    if cfg.ckpt_path != "last":
+        return
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
+    cfg.ckpt_path = str(last)
+
+
+def prepare_synthetic(cfg: DictConfig) -> None:
+    """Generate the synthetic shards once: concurrently started ranks queue on a file lock and find them complete."""
+    root = Path(cfg.data.root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):
+        ensure_synthetic(root, **cfg.data.synthetic, seed=cfg.seed)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -46,13 +61,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 def train(cfg: DictConfig) -> dict:
+    resolve_ckpt_path(cfg)
     validate(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.data.name == "synthetic":
-        ensure_synthetic(cfg.data.root, **cfg.data.synthetic, seed=cfg.seed)
+        prepare_synthetic(cfg)
     model, tokenizer = build_model(cfg.model, cache_dir())
     geometry = VisionGeometry.from_model_config(model.config)
     data = OneVisionData(cfg.data, cfg.stage, tokenizer, geometry, cfg.seed)
@@ -61,10 +77,14 @@ def train(cfg: DictConfig) -> dict:
     module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir))
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    # A final checkpoint, written by every rank in the strategy's own format; under ZeRO-3 / FSDP2 no rank holds
+    # the full model, so the export is consolidated from it, as ov-export does.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
     if not trainer.is_global_zero:
         return {}
     if cfg.export:
-        export_pretrained(model, tokenizer, run_dir / "export")
+        export_pretrained(model_from_checkpoint(last)[0], tokenizer, run_dir / "export")
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": cfg.stage.name,

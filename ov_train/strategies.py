@@ -1,6 +1,103 @@
-"""The `strategy` group -> a Lightning strategy: the one place parallelism is chosen."""
+"""The `strategy` group -> a Lightning strategy: the one place parallelism is chosen.
+
+- `auto`: Lightning picks (one device, or DDP for several).
+- `ddp`: Lightning's DDPStrategy.
+- `deepspeed`: Lightning's DeepSpeedStrategy, ZeRO stage 2 or 3, optionally offloaded to CPU. DeepSpeed wraps the
+  optimizer from `configure_optimizers`, so the per-part groups and learning rates are the ones it steps.
+  ZeRO-3 gathers each submodule's weights around its calls and insists that every rank makes the same calls.
+- `fsdp2`: Lightning's ModelParallelStrategy, data parallel only; `FSDP2Strategy.parallelize` applies FSDP2's
+  `fully_shard` from the module's `configure_model` hook (once the process group exists, before the optimizer).
+
+Both sharded engines meet the same property of the training forward: it reaches the tower, projector,
+image_newline and lm_head directly rather than through the model's `forward`, and runs the tower once per
+media type in the batch (not at all for a text-only batch), so the number of tower calls differs between
+ranks. FSDP2 therefore shards each Qwen2 decoder layer (run once per step on every rank) and keeps the rest in
+the root unit, gathered once per step; per-layer SigLIP units would hang on mismatched collectives. ZeRO-3
+offers no such choice: with several ranks it stops ("disagreement ... between rank0 and rank1") unless every
+rank's batch holds the same kinds of media, as `pretrain` and `mid` batches do, until the forward runs the
+tower once per step on every rank.
+"""
 from __future__ import annotations
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+
+STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """ModelParallelStrategy with every process in one data-parallel (FSDP2) mesh dimension, no tensor parallelism."""
+
+    def __init__(self, world_size: int, reshard_after_forward: bool, **kwargs):
+        super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+
+    def parallelize(self, module: torch.nn.Module) -> None:
+        """fully_shard each decoder layer, then the LightningModule as the root, whose steps gather it."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+        # Under bf16-mixed: compute and all-gather in bf16; weights, optimizer and gradient reduction stay fp32.
+        policy = MixedPrecisionPolicy()
+        if self.precision_plugin.precision == "bf16-mixed":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mesh = self.device_mesh["data_parallel"]
+        for layer in [m for m in module.modules() if isinstance(m, Qwen2DecoderLayer)]:
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+        for method in ("training_step", "validation_step"):
+            register_fsdp_forward_method(module, method)
+
+
+def deepspeed_config(s, batch_size: int) -> dict:
+    """DeepSpeed's config for a `strategy` node; Lightning adds precision and gradient accumulation."""
+    zero = {
+        "stage": int(s.stage),
+        "overlap_comm": bool(s.overlap_comm),
+        "contiguous_gradients": bool(s.contiguous_gradients),
+        "allgather_bucket_size": int(s.allgather_bucket_size),
+        "reduce_bucket_size": int(s.reduce_bucket_size),
+        "stage3_param_persistence_threshold": int(s.param_persistence_threshold),
+    }
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(s.pin_memory)}
+    if s.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(s.pin_memory)}
+    return {
+        # DeepSpeed only reports with it; Lightning cannot read it off our loaders (they batch inside the dataset).
+        "train_micro_batch_size_per_gpu": batch_size,
+        "zero_optimization": zero,
+        # DeepSpeed wraps our AdamW (per-part groups) instead of building one from its config; under offload it
+        # steps it on the CPU copies rather than insisting on its JIT-compiled DeepSpeedCPUAdam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def world_size(trainer_cfg) -> int:
+    devices = trainer_cfg.devices
+    return (devices if isinstance(devices, int) else len(devices)) * int(trainer_cfg.num_nodes)
 
 
 def build_strategy(cfg):
-    return cfg.strategy.name
+    """The Lightning strategy (or the string `auto`) for `cfg.strategy`; config.validate has checked its settings."""
+    s = cfg.strategy
+    if s.name == "auto":
+        return "auto"
+    if s.name == "ddp":
+        return DDPStrategy(
+            process_group_backend=s.process_group_backend,
+            find_unused_parameters=bool(s.find_unused_parameters),
+            bucket_cap_mb=s.bucket_cap_mb,
+        )
+    if s.name == "deepspeed":
+        config = deepspeed_config(s, cfg.data.get("batch_size") or 1)
+        return DeepSpeedStrategy(config=config, process_group_backend=s.process_group_backend)
+    if s.name == "fsdp2":
+        return FSDP2Strategy(
+            world_size=world_size(cfg.trainer),
+            reshard_after_forward=bool(s.reshard_after_forward),
+            save_distributed_checkpoint=bool(s.save_distributed_checkpoint),
+            process_group_backend=s.process_group_backend,
+        )
+    raise ValueError(f"strategy.name={s.name!r}; allowed: {list(STRATEGIES)}")

@@ -1,12 +1,19 @@
-"""Streams of processed samples from WebDataset shards: weighted mixing for training, one pass for validation."""
+"""Streams of processed samples from WebDataset shards: weighted mixing for training, one pass for validation.
+
+A training stream belongs to one logical reader (one per rank x loader worker) and is a pure
+function of (seed, reader id, state): every random choice comes from a generator seeded by counters
+that the state holds, so a stream rebuilt from `state()` continues with exactly the same samples.
+"""
 from __future__ import annotations
 
 import logging
-import random
 import tarfile
+import zlib
 from collections import Counter
-from typing import Iterator
+from functools import partial
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -15,79 +22,155 @@ from ov_train.data.samples import SampleError
 
 log = logging.getLogger(__name__)
 
+# Mixing draws come in shuffled decks of about this many: each deck holds every source in its share
+# (rounding carried from deck to deck), so the realized mix tracks the recipe within a deck.
+DECK = 1000
+# Leading tags keep the seed sequences of shard orders, blocks and decks apart.
+_SHARDS, _BLOCK, _DECK = 0, 1, 2
 
-def read_tar(path: str) -> Iterator[dict]:
-    """Samples of one WebDataset shard: members `key.field` grouped by key, in file order."""
-    sample: dict = {}
+
+def _load(tar: tarfile.TarFile, key: str, members: list) -> dict:
+    return {"__key__": key, **{field: tar.extractfile(m).read() for field, m in members}}
+
+
+def tar_entries(path: str) -> Iterator[tuple[str, Callable[[], dict]]]:
+    """(key, load) per sample of a shard, in file order; load() reads the sample's fields.
+    Samples passed over without load() cost only their tar headers."""
     with tarfile.open(path) as tar:
+        key, members = None, []
         for member in tar:
             if not member.isfile():
                 continue
-            key, _, field = member.name.partition(".")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[field] = tar.extractfile(member).read()
-    if sample:
-        yield sample
+            name, _, field = member.name.partition(".")
+            if members and name != key:
+                yield key, partial(_load, tar, key, members)
+                members = []
+            key = name
+            members.append((field, member))
+        if members:
+            yield key, partial(_load, tar, key, members)
 
 
-def _reader_slot() -> tuple[int, int]:
-    """This reader's index among all ranks x loader workers, and their count."""
+def read_tar(path: str) -> Iterator[dict]:
+    """Samples of one WebDataset shard: members `key.field` grouped by key, in file order."""
+    for _, load in tar_entries(path):
+        yield load()
+
+
+def reader_slot(offset: int = 0) -> tuple[int, int]:
+    """This process's logical reader id among all ranks x loader workers, and their count.
+
+    Loader worker w serves the logical reader (w + offset) % workers of its rank: after `offset`
+    batches were consumed the next batch comes from worker 0, and must continue reader offset % workers.
+    """
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return rank * workers + worker, world * workers
+    return rank * workers + (worker + offset) % workers, world * workers
 
 
-def _my_samples(shards: tuple[str, ...], order: list[int]) -> Iterator[dict]:
-    """Disjoint share of the samples for this reader: whole shards when there are enough, else every k-th sample."""
-    slot, slots = _reader_slot()
-    if len(shards) >= slots:
-        for i in order[slot::slots]:
-            yield from read_tar(shards[i])
-    else:
-        index = 0
-        for i in order:
-            for sample in read_tar(shards[i]):
-                if index % slots == slot:
-                    yield sample
-                index += 1
+def _rng(seed: int, *counters: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *counters])
 
 
-class MixedStream(IterableDataset):
-    """Endless training stream: each next sample comes from a source drawn by recipe weight."""
+def _share(shards: tuple[str, ...], order: np.ndarray, reader: int, readers: int, start: tuple[int, int]):
+    """This reader's disjoint share of one epoch, from `start` = (shard position, entry in that shard):
+    yields ((position, entry), load). Whole shards when there are enough, else every readers-th sample."""
+    striding = len(shards) < readers
+    mine = order if striding else order[reader::readers]
+    for position in range(start[0], len(mine)):
+        first = start[1] if position == start[0] else 0
+        for entry, (_, load) in enumerate(tar_entries(shards[mine[position]])):
+            if entry >= first and (not striding or (position + entry) % readers == reader):
+                yield (position, entry), load
 
-    def __init__(self, sources: list[Source], process, seed: int = 0, shuffle_buffer: int = 256):
-        self.sources, self.process, self.seed, self.shuffle_buffer = sources, process, seed, shuffle_buffer
 
-    def _endless(self, source: Source, rng: random.Random) -> Iterator[dict]:
-        buffer: list[dict] = []
+class _SourceCursor:
+    """One source's raw samples for one reader, epoch after epoch, shuffled in blocks.
+
+    Per epoch the shard order is a permutation seeded by (seed, source, epoch); the reader reads its
+    share sequentially in blocks of `block` raw samples and emits each block in an order seeded by
+    (seed, source, epoch, reader, block index). `position` = [epoch, block index, offset in block,
+    shard position and entry where the block starts]: enough to reopen the block without reading
+    anything before it.
+    """
+
+    def __init__(self, source: Source, seed: int, reader: int, readers: int, block: int, position=None):
+        self.source, self.seed, self.reader, self.readers, self.block = source, seed, reader, readers, block
+        self.tag = zlib.crc32(source.name.encode())
+        self.position = list(position or [0, 0, 0, 0, 0])
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, index, offset, *start = self.position
         while True:
-            order = list(range(len(source.train_shards)))
-            rng.shuffle(order)
-            for sample in _my_samples(source.train_shards, order):
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-            rng.shuffle(buffer)
-            yield from buffer
-            buffer.clear()
+            order = _rng(self.seed, _SHARDS, self.tag, epoch).permutation(len(self.source.train_shards))
+            entries = _share(self.source.train_shards, order, self.reader, self.readers, tuple(start))
+            while True:
+                raws, after = [], start
+                for (shard, entry), load in entries:
+                    raws.append(load())
+                    after = [shard, entry + 1]
+                    if len(raws) == self.block:
+                        break
+                if not raws:
+                    break
+                perm = _rng(self.seed, _BLOCK, self.tag, epoch, self.reader, index).permutation(len(raws))
+                for j in range(offset, len(raws)):
+                    self.position = [epoch, index, j + 1, *start]
+                    yield raws[perm[j]]
+                index, offset, start = index + 1, 0, after
+                self.position = [epoch, index, 0, *start]
+            if index == 0:
+                raise RuntimeError(
+                    f"source {self.source.name!r} has no training samples for reader {self.reader} of {self.readers}"
+                    " (fewer samples than loader workers x ranks?)"
+                )
+            epoch, index, offset, start = epoch + 1, 0, 0, [0, 0]
+            self.position = [epoch, index, offset, *start]
 
-    def __iter__(self):
-        slot, _ = _reader_slot()
-        rng = random.Random(self.seed * 100_003 + slot)
-        streams = [self._endless(s, random.Random(rng.random())) for s in self.sources]
-        weights = [s.weight for s in self.sources]
+
+class MixedStream:
+    """One logical reader's endless training samples: each next sample comes from a source drawn by
+    recipe weight (shuffled decks). `state()` after any sample restores the stream right after it."""
+
+    def __init__(self, sources: list[Source], process, seed: int = 0, shuffle_buffer: int = 256,
+                 reader: int = 0, readers: int = 1, state: dict | None = None):
+        state = state or {}
+        positions = state.get("sources", {})
+        self.sources, self.process, self.seed, self.reader = list(sources), process, seed, reader
+        self.cursors = [
+            _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name)) for s in self.sources
+        ]
+        total = sum(s.weight for s in self.sources)
+        self.shares = [s.weight / total for s in self.sources]
+        self.deck, self.dealt = state.get("deck", [0, 0])
+        self._hand = self._cards(self.deck)
+
+    def state(self) -> dict:
+        return {"deck": [self.deck, self.dealt], "sources": {c.source.name: list(c.position) for c in self.cursors}}
+
+    def _cards(self, deck: int) -> np.ndarray:
+        """Source indices of one deck, shuffled: floor((d + 1) * DECK * share) - floor(d * DECK * share) of each."""
+        counts = [int(np.floor((deck + 1) * DECK * p)) - int(np.floor(deck * DECK * p)) for p in self.shares]
+        cards = np.repeat(np.arange(len(counts)), counts)
+        return cards[_rng(self.seed, _DECK, self.reader, deck).permutation(len(cards))]
+
+    def _next_source(self) -> int:
+        while self.dealt >= len(self._hand):
+            self.deck, self.dealt = self.deck + 1, 0
+            self._hand = self._cards(self.deck)
+        self.dealt += 1
+        return int(self._hand[self.dealt - 1])
+
+    def __iter__(self) -> Iterator[dict]:
+        streams = [iter(c) for c in self.cursors]
         skipped: Counter = Counter()
         while True:
-            i = rng.choices(range(len(streams)), weights)[0]
-            raw = next(streams[i])
+            i = self._next_source()
             try:
-                example = self.process(raw)
+                example = self.process(next(streams[i]))
             except SampleError as err:
                 skipped[err.reason] += 1
                 log.warning("skipping sample from %s: %s", self.sources[i].name, err)
@@ -104,14 +187,14 @@ class ValStream(IterableDataset):
         self.sources, self.process, self.limit = sources, process, limit
 
     def __iter__(self):
+        reader, readers = reader_slot()
         for source in self.sources:
-            seen = 0
-            for raw in _my_samples(source.val_shards, list(range(len(source.val_shards)))):
+            order = np.arange(len(source.val_shards))
+            for seen, (_, load) in enumerate(_share(source.val_shards, order, reader, readers, (0, 0))):
                 if self.limit is not None and seen >= self.limit:
                     break
-                seen += 1
                 try:
-                    example = self.process(raw)
+                    example = self.process(load())
                 except SampleError as err:
                     log.warning("skipping held-out sample from %s: %s", source.name, err)
                     continue

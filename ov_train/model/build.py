@@ -95,10 +95,18 @@ def _fit_vocab(model, tokenizer) -> None:
 
 def build_model(cfg, cache_dir: str | Path):
     """Return (model, tokenizer) for a `model` config node; weights in fp32 (precision is the trainer's job)."""
-    if cfg.init_from:
+    if cfg.init_from and (Path(cfg.init_from) / "config.json").is_file():
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
         log.info("initialised from earlier stage export %s", cfg.init_from)
+    elif cfg.init_from:
+        from ov_train.tools.export import model_from_checkpoint  # checkpoint reading lives with ov-export
+
+        model, tokenizer_dir = model_from_checkpoint(cfg.init_from)
+        if not cfg.tokenizer and not (tokenizer_dir and Path(tokenizer_dir).exists()):
+            raise ValueError(f"model.init_from={cfg.init_from}: its tokenizer {tokenizer_dir!r} is gone; set model.tokenizer")
+        tokenizer = load_tokenizer(cfg.tokenizer or tokenizer_dir)
+        log.info("initialised from checkpoint %s", cfg.init_from)
     elif cfg.pretrained:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.pretrained, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.pretrained)

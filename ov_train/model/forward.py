@@ -4,20 +4,46 @@ It runs the stock modules of LlavaOnevisionForConditionalGeneration (tower, proj
 video pooling, Qwen2) but takes images one by one, so a batch can mix anyres single images,
 single-crop images and videos of different lengths. tests/unit/test_forward.py proves it equal to
 the stock forward wherever the stock forward accepts the same batch.
+
+`sample_losses` is the training entry point: per-sample loss sums, optionally on a packed batch
+(ov_train.model.packing) and with a linear cross-entropy that never holds full logits
+(ov_train.model.loss), as `ForwardOptions` (the model config's performance keys) say.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ov_train.model.checkpointing import CHECKPOINTABLE, apply_activation_checkpointing
+from ov_train.model.loss import chunked_cross_entropy, fused_available, fused_cross_entropy_sums
+from ov_train.model.packing import VARLEN, PackedBatch, language_model_hidden, pack, set_attention, varlen_attn
+
 IGNORE_INDEX = -100
+LOSSES = ("full", "chunked")
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention", VARLEN)
+
+
+def tower_hidden(tower, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """The tower's hidden_states[layer], running only the layers up to it.
+
+    The stock call runs every layer and the post-layernorm, keeps all hidden states and returns the
+    one asked for; whatever comes after `layer` is thrown away, so it is not computed here.
+    """
+    tower = getattr(tower, "vision_model", tower)  # older transformers nest the transformer
+    blocks = tower.encoder.layers
+    needed = layer % (len(blocks) + 1)  # hidden_states[0] is the embedding output
+    hidden = tower.embeddings(pixel_values)
+    for block in blocks[:needed]:
+        hidden = block(hidden, None)
+    return hidden
 
 
 def _tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected patch features [n, side*side, d] of crops or frames [n, 3, S, S]."""
     inner = model.model
-    layer = model.config.vision_feature_layer
-    hidden = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    hidden = tower_hidden(inner.vision_tower, pixel_values, model.config.vision_feature_layer)
     if model.config.vision_feature_select_strategy == "default":
         hidden = hidden[:, 1:]
     return inner.multi_modal_projector(hidden)
@@ -49,25 +75,32 @@ def video_features(model, frames, frames_per_video) -> list[torch.Tensor]:
     ]
 
 
-def _scatter(embeds: torch.Tensor, mask: torch.Tensor, feats: list[torch.Tensor], what: str) -> torch.Tensor:
+def _scatter(embeds, batch: dict, packed: PackedBatch | None, token_id: int, feats: list[torch.Tensor], what: str):
     if not feats:
         return embeds
     values = torch.cat(feats).to(embeds.dtype)
+    mask = batch["input_ids"] == token_id
     slots = int(mask.sum())
     if slots != values.shape[0]:
         raise ValueError(f"{what}: {slots} placeholder tokens in the batch but {values.shape[0]} visual features")
+    if packed is not None:
+        # Features come in padded-batch order: the k-th placeholder there takes row k. Reorder them
+        # to the packed placeholders' order, which is the order masked_scatter fills.
+        rank = mask.flatten().cumsum(0) - 1
+        mask = packed.gather(mask, False)
+        values = values[rank[packed.source[mask]]]
     return embeds.masked_scatter(mask[..., None], values)
 
 
-def embed_inputs(model, batch: dict) -> torch.Tensor:
-    ids = batch["input_ids"]
-    embeds = model.get_input_embeddings()(ids)
+def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch.Tensor:
+    """Token embeddings with the visual features in place, in the padded or (given `packed`) packed layout."""
+    embeds = model.get_input_embeddings()(batch["input_ids"] if packed is None else packed.input_ids)
     if batch.get("pixel_values") is not None:
         feats = image_features(model, batch["pixel_values"], batch["crops_per_image"], batch["image_sizes"], batch["image_anyres"])
-        embeds = _scatter(embeds, ids == model.config.image_token_id, feats, "images")
+        embeds = _scatter(embeds, batch, packed, model.config.image_token_id, feats, "images")
     if batch.get("video_frames") is not None:
         feats = video_features(model, batch["video_frames"], batch["frames_per_video"])
-        embeds = _scatter(embeds, ids == model.config.video_token_id, feats, "videos")
+        embeds = _scatter(embeds, batch, packed, model.config.video_token_id, feats, "videos")
     return embeds
 
 
@@ -86,3 +119,111 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         logits[:, :-1].flatten(0, 1).float(), target.clamp_min(0).flatten(), reduction="none"
     ).view_as(target)
     return loss * mask, mask
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """The model config's performance keys (conf/model/*.yaml); see docs/PERFORMANCE.md."""
+
+    packing: bool = False
+    max_tokens: int = 16384  # per packed row
+    loss: str = "full"  # full: one logits tensor; chunked: chunked (CPU) or Liger fused (CUDA) linear CE
+    loss_chunk: int = 1024
+    attn_implementation: str = "auto"  # auto: ov_varlen when packing on CUDA, else sdpa
+    activation_checkpointing: tuple[str, ...] = ()
+    checkpoint_every: int = 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "ForwardOptions":
+        names = cls.__dataclass_fields__
+        values = {k: cfg[k] for k in names if cfg.get(k) is not None}
+        if "activation_checkpointing" in values:
+            values["activation_checkpointing"] = tuple(values["activation_checkpointing"])
+        options = cls(**values)
+        problems = options.problems()
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        return options
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.loss not in LOSSES:
+            out.append(f"model.loss={self.loss!r}; allowed: {list(LOSSES)}")
+        if self.attn_implementation not in ATTENTION:
+            out.append(f"model.attn_implementation={self.attn_implementation!r}; allowed: {list(ATTENTION)}")
+        if self.attn_implementation == VARLEN and not self.packing:
+            out.append(f"model.attn_implementation={VARLEN} needs model.packing=true")
+        if self.attn_implementation == VARLEN and varlen_attn is None:
+            out.append(f"model.attn_implementation={VARLEN}: this torch has no torch.nn.attention.varlen")
+        unknown = sorted(set(self.activation_checkpointing) - set(CHECKPOINTABLE))
+        if unknown:
+            out.append(f"model.activation_checkpointing has {unknown}; allowed: {list(CHECKPOINTABLE)}")
+        for key in ("max_tokens", "loss_chunk", "checkpoint_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                out.append(f"model.{key}={getattr(self, key)!r} must be a positive integer")
+        return out
+
+    def attention(self) -> str:
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        usable = self.packing and torch.cuda.is_available() and varlen_attn is not None
+        return VARLEN if usable else "sdpa"
+
+    def prepare(self, model) -> None:
+        """Set the model up once, before training: attention implementation, activation checkpointing."""
+        set_attention(model, self.attention())
+        apply_activation_checkpointing(model, self.activation_checkpointing, self.checkpoint_every)
+
+
+def _supervised_hidden(model, batch: dict, options: ForwardOptions):
+    """Final hidden states [N, d] of the supervised positions, their targets [N] and sample ids [N],
+    grouped by sample in batch order."""
+    if options.packing:
+        packed = pack(batch, options.max_tokens)
+        hidden = language_model_hidden(model, embed_inputs(model, batch, packed), packed)
+        targets, sample = packed.targets, packed.sample
+    else:
+        hidden = model.model.language_model(
+            inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        sample = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+    targets, sample = targets.flatten(), sample.flatten()
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = rows[torch.argsort(sample[rows], stable=True)]  # packed rows hold samples out of batch order
+    return hidden.flatten(0, 1)[rows], targets[rows], sample[rows]
+
+
+def _through_head(model, fn, *args):
+    """fn(head weight, *args), run as the LM head's forward: sharding wrappers (ZeRO-3, FSDP) gather the
+    weight around a module's forward (and its backward), not around a bare read of the parameter."""
+    head = model.lm_head
+    head.forward = lambda *a: fn(head.weight, *a)
+    try:
+        return head(*args)
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def sample_losses(model, batch: dict, options: ForwardOptions, predict: bool = False):
+    """Per sample: loss sum [B], supervised tokens [B] and, with `predict`, whether greedy decoding
+    reproduces every supervised token [B] (else None)."""
+    size = batch["input_ids"].shape[0]
+    if not options.packing and options.loss == "full":
+        logits = forward_logits(model, batch)
+        losses, mask = token_losses(logits, batch["labels"])
+        correct = ((logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) | ~mask).all(1) if predict else None
+        return losses.sum(1), mask.sum(1), correct
+    hidden, targets, sample = _supervised_hidden(model, batch, options)
+    counts = torch.bincount(sample, minlength=size)
+    if options.loss == "chunked" and not predict and fused_available(hidden.device):
+        sums = _through_head(model, lambda w, h, t: fused_cross_entropy_sums(h, w, t, counts.tolist()), hidden, targets)
+        return sums, counts, None
+    chunk = options.loss_chunk if options.loss == "chunked" else None
+    losses, preds = _through_head(model, lambda w, h, t: chunked_cross_entropy(h, w, t, chunk, predict), hidden, targets)
+    sums = losses.new_zeros(size).index_add(0, sample, losses)
+    correct = None
+    if predict:
+        wrong = counts.new_zeros(size).index_add(0, sample, (preds != targets).long())
+        correct = wrong == 0
+    return sums, counts, correct

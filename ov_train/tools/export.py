@@ -54,18 +54,80 @@ def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def model_from_checkpoint(ckpt_path: str | Path):
-    """Rebuild the trained model from a Lightning checkpoint written by ov_train; returns (model, tokenizer_dir)."""
+def checkpoint_format(path: str | Path) -> str:
+    """`file` (a Lightning checkpoint), `deepspeed` (a ZeRO checkpoint directory) or `fsdp2` (a distributed one)."""
+    path = Path(path)
+    if path.is_file():
+        return "file"
+    if (path / "latest").is_file():
+        return "deepspeed"
+    if (path / ".metadata").is_file():
+        return "fsdp2"
+    raise ValueError(
+        f"{path}: not a checkpoint (neither a file, nor a DeepSpeed directory with 'latest',"
+        " nor a torch.distributed.checkpoint directory with '.metadata')"
+    )
+
+
+def _deepspeed_model_states(path: Path) -> Path:
+    """Rank 0's model-states file: it holds the client state (the Lightning checkpoint minus weights and optimizer)."""
+    tag = (path / "latest").read_text().strip()
+    return sorted((path / tag).glob("*model_states.pt"))[0]
+
+
+def checkpoint_metadata(path: str | Path) -> dict:
+    """The Lightning checkpoint's entries other than weights and optimizer state (global_step, ov_train, ...)."""
     import torch
+
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "deepspeed":
+        path = _deepspeed_model_states(path)
+    elif kind == "fsdp2":
+        path = path / "meta.pt"  # Lightning's name for it (lightning.fabric.utilities.load._METADATA_FILENAME)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _load_weights(path: Path, kind: str, model) -> None:
+    """Fill `model` with the checkpoint's full fp32 weights; every tensor must be there, and nothing else."""
+    import torch
+
+    if kind == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+
+        # Read in place into full tensors, without a process group: no_dist reassembles every shard here.
+        target = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+        stored = {k for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
+        wanted = {f"state_dict.{k}" for k in target["state_dict"]}
+        if stored != wanted:
+            missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
+            raise ValueError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        dcp.load(target, checkpoint_id=path, no_dist=True)
+        return
+    if kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # The fp32 master weights, gathered from every rank's optimizer partition (ZeRO-2 and ZeRO-3 alike).
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+
+
+def model_from_checkpoint(ckpt_path: str | Path):
+    """Rebuild the trained model from any checkpoint ov_train writes (file, DeepSpeed or FSDP2 directory).
+
+    Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process.
+    """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    meta = ckpt.get("ov_train")
+    path = Path(ckpt_path)
+    kind = checkpoint_format(path)
+    meta = checkpoint_metadata(path).get("ov_train")
     if meta is None:
         raise ValueError(f"{ckpt_path}: not an ov_train checkpoint (no 'ov_train' metadata)")
     model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_dict(meta["model_config"]))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    model.load_state_dict(state, strict=True)
+    _load_weights(path, kind, model)
     return model, meta.get("tokenizer_dir")
 
 
@@ -75,13 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     from ov_train.model.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="ov-export", description=__doc__)
-    parser.add_argument("ckpt", help="a Lightning checkpoint written by ov_train (e.g. RUN/checkpoints/last.ckpt)")
+    parser.add_argument(
+        "ckpt", help="a checkpoint written by ov_train (RUN/checkpoints/last.ckpt: a file, or a DeepSpeed / FSDP2 directory)"
+    )
     parser.add_argument("out", help="output directory for the Hugging Face export")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
+    if not Path(args.ckpt).exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
-    model, tokenizer_dir = model_from_checkpoint(args.ckpt)
+    try:
+        model, tokenizer_dir = model_from_checkpoint(args.ckpt)
+    except ValueError as err:
+        parser.error(str(err))
     tokenizer_dir = args.tokenizer or tokenizer_dir
     if not tokenizer_dir or not Path(tokenizer_dir).exists():
         parser.error(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")

@@ -1,4 +1,4 @@
-"""LightningDataModule: recipe -> shards -> processed samples -> padded batches."""
+"""LightningDataModule: recipe -> shards -> processed samples -> token-budget batches."""
 from __future__ import annotations
 
 from functools import partial
@@ -6,16 +6,23 @@ from functools import partial
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ov_train.data.batching import HeldOutBatches, TokenBudget, TrainBatches
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import MixedStream, ValStream
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class OneVisionData(L.LightningDataModule):
     def __init__(self, data_cfg, stage_cfg, tokenizer, geometry, seed: int = 0):
         super().__init__()
         self.cfg = data_cfg
-        self.sources = load_recipe(data_cfg.recipe, data_cfg.root)
+        self.recipe = load_recipe(data_cfg.recipe, data_cfg.root)
+        # The data config's budget wins over the recipe's.
+        max_tokens = data_cfg.get("max_tokens_per_batch") or self.recipe.max_tokens_per_batch
+        self.budget = TokenBudget(max_tokens, data_cfg.get("batch_size"))
         self.process = SampleProcessor(
             tokenizer=tokenizer,
             geometry=geometry,
@@ -26,19 +33,37 @@ class OneVisionData(L.LightningDataModule):
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
         self.seed = seed
+        self._resume: tuple[dict, int] = ({}, 0)
+        self._train: TrainBatches | None = None
+        mix = ", ".join(f"{name} {100 * share:.1f}%" for name, share in self.recipe.shares("name").items())
+        log.info("recipe %s: %s; batch limits: %s padded tokens, %s samples", self.recipe.name, mix,
+                 self.budget.max_tokens or "no", self.budget.max_samples or "no")
 
-    def _loader(self, dataset):
+    def resume_stream(self, states: dict[int, dict], consumed: int, readers: int) -> None:
+        """Continue each logical reader from its saved state when the train loader next starts its workers
+        (StreamState hands the states over on resume and at every epoch start)."""
+        now = self.trainer.world_size * max(1, int(self.cfg.num_workers))
+        if readers != now:
+            log.warning(
+                "the checkpoint's data streams ran on %d readers (ranks x loader workers), this run has %d:"
+                " streams restart from their beginning, so resumed data order is not exact", readers, now,
+            )
+            return
+        self._resume = (states, consumed)
+        if self._train is not None:
+            self._train.resume(states, consumed)
+
+    def _loader(self, dataset, persistent: bool):
         workers = int(self.cfg.num_workers)
-        return DataLoader(
-            dataset,
-            batch_size=int(self.cfg.batch_size),
-            num_workers=workers,
-            collate_fn=self.collate,
-            persistent_workers=workers > 0,
-        )
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0)
 
     def train_dataloader(self):
-        return self._loader(MixedStream(self.sources, self.process, self.seed, int(self.cfg.shuffle_buffer)))
+        make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer))
+        self._train = TrainBatches(make_stream, self.budget, self.collate)
+        self._train.resume(*self._resume)
+        # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
+        return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
-        return self._loader(ValStream(self.sources, self.process, self.cfg.val_samples))
+        held_out = ValStream(self.recipe.sources, self.process, self.cfg.val_samples)
+        return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)

@@ -8,57 +8,116 @@ import lightning as L
 import torch
 
 from ov_train.data.recipe import MODALITIES
-from ov_train.model.forward import forward_logits, token_losses
+from ov_train.model.forward import ForwardOptions, sample_losses
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training.schedule import warmup_cosine
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+NONFINITE = ("skip", "stop")
+# This many non-finite batches in a row means the weights themselves are broken: skipping on would train nothing.
+MAX_NONFINITE_IN_A_ROW = 10
+
 
 class OneVisionModule(L.LightningModule):
-    def __init__(self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None):
+    def __init__(
+        self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None,
+        forward_options: ForwardOptions | None = None, nonfinite: str = "skip",
+    ):
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite={nonfinite!r}; allowed: {list(NONFINITE)}")
         self.tokenizer_dir = tokenizer_dir
         self.model = model.train()  # from_pretrained hands models back in eval mode
         self.stage = stage
         self.total_steps = total_steps
+        # Packing, loss, attention and activation checkpointing: the model config's performance keys.
+        self.forward_options = forward_options or ForwardOptions()
+        self.forward_options.prepare(model)
+        self.lr_scale = lr_scale
         # Freezing happens here, once, before any strategy wraps the model.
-        self.groups, self.part_rows = apply_stage(model, dict(stage.parts), lr_scale, stage.weight_decay)
+        _, self.part_rows = apply_stage(model, dict(stage.parts), lr_scale, stage.weight_decay)
         log.info("trainable parts for stage %s:\n%s", stage.name, format_table(self.part_rows))
         # Per modality: loss sum, supervised tokens, correct answers, chance, samples.
         self._val = defaultdict(lambda: torch.zeros(5, dtype=torch.float64))
         self.skipped: dict[str, int] = defaultdict(int)
+        # What a non-finite training loss does (see _skip_nonfinite); skipped batches are counted.
+        self.nonfinite = nonfinite
+        self.nonfinite_batches = 0
+        self._nonfinite_in_a_row = 0
+        self._drop_gradients = False
 
-    def _losses(self, batch):
-        logits = forward_logits(self.model, batch)
-        losses, mask = token_losses(logits, batch["labels"])
-        return logits, losses, mask
+    def _losses(self, batch, predict: bool = False):
+        """Per sample: loss sum, supervised tokens and (with `predict`) whether the reply is reproduced."""
+        return sample_losses(self.model, batch, self.forward_options, predict)
 
     def training_step(self, batch, batch_idx):
-        _, losses, mask = self._losses(batch)
-        loss = losses.sum() / mask.sum().clamp_min(1)
+        sums, counts, _ = self._losses(batch)
+        loss = sums.sum() / counts.sum().clamp_min(1)
         bs = len(batch["modality"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        per_sample = losses.sum(1) / mask.sum(1).clamp_min(1)
-        for modality in set(batch["modality"]):
+        per_sample = sums / counts.clamp_min(1)
+        by_modality = {}
+        for modality in sorted(set(batch["modality"])):
             sel = torch.tensor([m == modality for m in batch["modality"]], device=per_sample.device)
-            self.log(f"train/loss_{modality}", per_sample[sel].mean(), batch_size=int(sel.sum()))
+            by_modality[modality] = (per_sample[sel].mean(), int(sel.sum()))
         for reason, n in batch["skipped"].items():
             self.skipped[reason] += n
+        skip = self._skip_nonfinite(loss, by_modality, batch_idx)
+        self.log("train/nonfinite_batches", float(self.nonfinite_batches), batch_size=bs)
+        if skip:
+            # Backward still runs, so data-parallel ranks stay in step; on_before_optimizer_step drops its gradients.
+            return loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for modality, (value, n) in by_modality.items():
+            self.log(f"train/loss_{modality}", value, batch_size=n)
         for group in self.trainer.optimizers[0].param_groups:
             self.log(f"lr/{group['name']}", group["lr"], batch_size=bs)
         return loss
 
+    def _skip_nonfinite(self, loss, by_modality: dict, batch_idx: int) -> bool:
+        """Whether this batch is skipped for a non-finite loss (on any rank); raises when nonfinite=stop."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            # Every rank must take the same branch, or the ranks that step would wait forever for the others.
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad:  # one scalar read per step: the price of never training on a NaN
+            self._nonfinite_in_a_row = 0
+            return False
+        culprits = [
+            f"train/loss_{m}={v.item()} ({n} samples)" for m, (v, n) in by_modality.items() if not torch.isfinite(v)
+        ]
+        what = ", ".join(culprits) or f"train/loss={loss.item()} on this rank"
+        where = f"step {self.global_step} (batch {batch_idx}), on {int(bad)} of {self.trainer.world_size} rank(s)"
+        self._nonfinite_in_a_row += 1
+        if self.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite training loss at {where}: {what}; nonfinite=skip skips such batches")
+        if self._nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise FloatingPointError(
+                f"non-finite training loss at {where}: {what}; {self._nonfinite_in_a_row} batches in a row, so the "
+                "weights themselves are likely broken: stopping"
+            )
+        self.nonfinite_batches += 1
+        self._drop_gradients = True
+        log.warning("no update at %s: non-finite loss %s (%d batches skipped so far)", where, what, self.nonfinite_batches)
+        return True
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._drop_gradients:
+            # No update from a step that saw a non-finite loss: AdamW leaves parameters without gradients untouched.
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_gradients = False
+
     def validation_step(self, batch, batch_idx):
-        logits, losses, mask = self._losses(batch)
-        hits = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) | ~mask
         # A sample counts as answered when greedy decoding would reproduce its whole reply.
-        correct = hits.all(1).double()
+        sums, counts, correct = self._losses(batch, predict=True)
+        hits = correct.double()
         for i, modality in enumerate(batch["modality"]):
             self._val[modality] += torch.stack(
-                [losses[i].sum().double(), mask[i].sum().double(), correct[i], batch["chance"][i].double(), correct.new_ones(())]
+                [sums[i].double(), counts[i].double(), hits[i], batch["chance"][i].double(), hits.new_ones(())]
             ).cpu()
+        # For the sample table (training/metrics.py: ValidationPredictions).
+        return {"correct": correct}
 
     def on_validation_epoch_start(self):
         self._val.clear()
@@ -86,8 +145,16 @@ class OneVisionModule(L.LightningModule):
         # Enough to rebuild the model without the run's config: ov-export reads it.
         checkpoint["ov_train"] = {"model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir}
 
+    def configure_model(self):
+        # FSDP2 (ov_train.strategies.FSDP2Strategy) shards here: after the process group exists, before the optimizer.
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.groups, betas=(0.9, 0.999), eps=1e-8)
+        # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
+        groups, _ = apply_stage(self.model, dict(self.stage.parts), self.lr_scale, self.stage.weight_decay)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         lam = partial(warmup_cosine, total_steps=self.total_steps, warmup_ratio=self.stage.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

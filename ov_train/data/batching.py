@@ -1,0 +1,100 @@
+"""Token-budget batching: consecutive samples join a batch while its padded cost fits the budget.
+
+Padded cost = samples x tokens of the longest one (visual + text: len(input_ids)). Batches are
+built inside the dataset, in the loader workers, so loaders run with batch_size=None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from torch.utils.data import IterableDataset
+
+from ov_train.data.stream import reader_slot
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    max_tokens: int | None = None  # padded tokens per batch; None: no token limit
+    max_samples: int | None = None  # samples per batch; None: no sample limit
+
+    def __post_init__(self):
+        if self.max_tokens is None and self.max_samples is None:
+            raise ValueError("a batch needs a token budget or a sample limit (data.max_tokens_per_batch / data.batch_size)")
+
+    def admits(self, count: int, longest: int, length: int) -> bool:
+        """Whether a batch of `count` samples, the longest `longest` tokens, takes one more of `length`.
+        An empty batch takes anything, so a sample over the budget goes alone."""
+        if count == 0:
+            return True
+        n = count + 1
+        tokens_ok = self.max_tokens is None or n * max(longest, length) <= self.max_tokens
+        return tokens_ok and (self.max_samples is None or n <= self.max_samples)
+
+    def full(self, count: int, longest: int) -> bool:
+        """No further sample can join: even one no longer than the longest would break the budget."""
+        return not self.admits(count, longest, 1)
+
+
+def pack(examples: Iterator[dict], budget: TokenBudget, state: Callable[[], object] = lambda: None):
+    """Yield (batch of examples, state() to resume right after it).
+
+    A sample that does not fit closes the batch and starts the next one; the closed batch reports the
+    state from before that sample was drawn, so a stream resumed there draws it again.
+    """
+    batch, longest = [], 0
+    while True:
+        before = state()
+        example = next(examples, None)
+        if example is None:
+            break
+        length = len(example["input_ids"])
+        if not budget.admits(len(batch), longest, length):
+            yield batch, before
+            batch, longest = [], 0
+        batch.append(example)
+        longest = max(longest, length)
+        if budget.full(len(batch), longest):
+            yield batch, state()
+            batch, longest = [], 0
+    if batch:
+        yield batch, state()
+
+
+class TrainBatches(IterableDataset):
+    """Endless training batches: in each loader worker, one logical reader's stream packed to the budget.
+
+    `make_stream(reader=, readers=, state=)` builds a reader's sample stream (a MixedStream). Every
+    batch carries `stream_state` = {reader, readers, state}: the reader's state right after the batch.
+    `resume(states, consumed)` restarts each reader from its saved state, with the reader that owes
+    batch number `consumed` on loader worker 0 (workers hand out batches in turn).
+    """
+
+    def __init__(self, make_stream: Callable, budget: TokenBudget, collate: Callable[[list[dict]], dict]):
+        self.make_stream, self.budget, self.collate = make_stream, budget, collate
+        self.states: dict[int, dict] = {}
+        self.consumed = 0
+
+    def resume(self, states: dict[int, dict], consumed: int) -> None:
+        self.states, self.consumed = dict(states), consumed
+
+    def __iter__(self):
+        reader, readers = reader_slot(self.consumed)
+        stream = self.make_stream(reader=reader, readers=readers, state=self.states.get(reader))
+        for examples, state in pack(iter(stream), self.budget, stream.state):
+            batch = self.collate(examples)
+            batch["source"] = [e["source"] for e in examples]
+            batch["key"] = [e["key"] for e in examples]
+            batch["stream_state"] = {"reader": reader, "readers": readers, "state": state}
+            yield batch
+
+
+class HeldOutBatches(IterableDataset):
+    """A finite sample stream (ValStream) packed to the same budget."""
+
+    def __init__(self, examples: IterableDataset, budget: TokenBudget, collate: Callable[[list[dict]], dict]):
+        self.examples, self.budget, self.collate = examples, budget, collate
+
+    def __iter__(self):
+        for examples, _ in pack(iter(self.examples), self.budget):
+            yield self.collate(examples)

@@ -1,0 +1,169 @@
+"""Dashboard callbacks: throughput, MFU, gradient norms and GPU memory; a table of held-out predictions.
+
+Everything goes through LightningModule.log (or, for the table, the W&B logger and a file), so the
+W&B and CSV loggers receive the same keys.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch.distributed.tensor import DTensor
+
+from ov_train.model.parts import part_of
+from ov_train.model.tokenizer import load_tokenizer
+from ov_train.text.template import IGNORE_INDEX
+from ov_train.utils.flops import ModelFlops, TokenCounts
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def batch_counts(batch: dict) -> torch.Tensor:
+    """[images, tokens, causal pairs, samples] of a collated batch, on the batch's device."""
+    lengths = batch["attention_mask"].sum(1).double()
+    images = sum(batch[k].shape[0] for k in ("pixel_values", "video_frames") if batch.get(k) is not None)
+    counts = [images, lengths.sum(), (lengths * (lengths + 1) / 2).sum(), len(lengths)]
+    return torch.stack([torch.as_tensor(c, dtype=torch.float64, device=lengths.device) for c in counts])
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    norm = torch.nn.utils.get_total_norm(tensors)
+    # FSDP2 gradients are DTensors, whose norm is a partial result until reduced over the shards.
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def logs_at(trainer, step: int) -> bool:
+    """Whether Lightning writes the logged values of this optimizer step (1-based) to the loggers."""
+    return step % trainer.log_every_n_steps == 0
+
+
+class TrainingMetrics(Callback):
+    """At each logging step: tokens/s and samples/s (all ranks, padding excluded), MFU, achieved TFLOP/s per
+    device, gradient norms before clipping (total and per part) and, on CUDA, peak allocated memory.
+
+    Rates cover the optimizer steps since the previous logging step, validation time excluded. The
+    counts stay on the device between logging steps, so measuring adds no per-step synchronisation.
+    """
+
+    def __init__(self, peak_tflops: float):
+        self.peak_flops = peak_tflops * 1e12  # per device
+
+    def setup(self, trainer, pl_module, stage):
+        model = pl_module.model
+        self.flops = ModelFlops.from_config(model.config)
+        self.trainable = {part_of(name) for name, p in model.named_parameters() if p.requires_grad}
+        self._counts = None
+        self._start = None
+        self._grad_norms: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_validation_start(self, trainer, pl_module):
+        self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._start is not None and not trainer.sanity_checking:
+            self._start += time.perf_counter() - self._paused
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not logs_at(trainer, trainer.global_step + 1):
+            return
+        grads: dict[str, list[torch.Tensor]] = {}
+        for name, p in pl_module.model.named_parameters():
+            if p.grad is not None:
+                grads.setdefault(part_of(name), []).append(p.grad)
+        norms = {part: total_norm(g) for part, g in grads.items()}
+        # DeepSpeed ZeRO keeps gradients in its own buffers, leaving nothing to measure here.
+        if norms:
+            total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
+            self._grad_norms = {"grad_norm/total": total, **{f"grad_norm/{p}": n for p, n in norms.items()}}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        counts = batch_counts(batch)
+        self._counts = counts if self._counts is None else self._counts + counts
+        stepped, self._seen_step = trainer.global_step != self._seen_step, trainer.global_step
+        if not stepped or not logs_at(trainer, trainer.global_step):
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        seconds = time.perf_counter() - self._start
+        images, tokens, pairs, samples = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        flops = self.flops.train_step(TokenCounts(images, tokens, pairs), self.trainable)
+        metrics = {
+            "perf/tokens_per_s": tokens / seconds,
+            "perf/samples_per_s": samples / seconds,
+            "perf/tflops_per_device": flops / seconds / trainer.world_size / 1e12,
+            "perf/mfu": flops / seconds / trainer.world_size / self.peak_flops,
+            **{k: float(v) for k, v in self._grad_norms.items()},
+        }
+        if pl_module.device.type == "cuda":
+            metrics["perf/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        loss = trainer.callback_metrics.get("train/loss")
+        shown = ({"train/loss": float(loss)} if loss is not None else {}) | metrics
+        # One line per logging step: readable in SLURM logs, where progress bars are not.
+        values = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        log.info("step %d/%d  %s", trainer.global_step, trainer.max_steps, values)
+        self._counts, self._grad_norms, self._start = None, {}, time.perf_counter()
+
+
+class ValidationPredictions(Callback):
+    """At each validation, the first `per_modality` held-out samples of each modality (rank 0's) as a table:
+    prompt (its end, visual placeholders collapsed), reference answer (every supervised token), and whether
+    greedy decoding reproduces it. Written to `out_dir/step_<N>.jsonl` and, with W&B, logged as a table.
+    """
+
+    COLUMNS = ("step", "modality", "prompt", "reference", "correct")
+    PROMPT_CHARS = 300  # the question sits at the end of the prompt, after the system text and images
+
+    def __init__(self, out_dir: Path, per_modality: int):
+        self.out_dir = Path(out_dir)
+        self.per_modality = per_modality
+        self.rows: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.tokenizer = load_tokenizer(pl_module.tokenizer_dir)
+        config = pl_module.model.config
+        self.media = {config.image_token_id, config.video_token_id}
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        for i, modality in enumerate(batch["modality"]):
+            if sum(row["modality"] == modality for row in self.rows) < self.per_modality:
+                self.rows.append(self._row(trainer.global_step, batch, outputs, i))
+
+    def _row(self, step: int, batch: dict, outputs: dict, i: int) -> dict:
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        start = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+        # One placeholder per run of visual tokens: thousands of `<image>` say nothing.
+        prompt = [t for k, t in enumerate(ids[:start]) if t not in self.media or k == 0 or ids[k - 1] != t]
+        return {
+            "step": step,
+            "modality": batch["modality"][i],
+            "prompt": self.tokenizer.decode(prompt)[-self.PROMPT_CHARS :],
+            "reference": self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]),
+            "correct": bool(outputs["correct"][i]),
+        }
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.rows:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{trainer.global_step}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                data = [[row[c] for c in self.COLUMNS] for row in self.rows]
+                logger.log_table("val/predictions", columns=list(self.COLUMNS), data=data, step=trainer.global_step)

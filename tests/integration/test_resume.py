@@ -1,0 +1,55 @@
+"""Exact resume: 6 steps straight equal 3 steps, stop, resume to 6 (same batches, bit-identical weights)."""
+import csv
+import json
+
+import pytest
+import torch
+
+from ov_train.run import train
+from tests.conftest import SMALL_DATA, compose_config
+
+
+def consumed(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "consumed_keys.jsonl").read_text().splitlines()]
+
+
+def checkpoint(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers):
+    overrides = [
+        f"data.root={small_data_root}", *SMALL_DATA, "logger=csv", "export=false", "trainer.max_steps=6",
+        f"data.num_workers={workers}", "data.record_keys=true", "+trainer.limit_val_batches=0",
+        # Small blocks and a budget that closes some batches before batch_size: resume points fall
+        # mid-block and right after a sample that did not fit.
+        "data.shuffle_buffer=16", "data.max_tokens_per_batch=400",
+    ]
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    train(compose_config(overrides, run_dir=straight))
+    # The same 6-step schedule (max_steps sets it) stopped after 3 batches, as 3 epochs of one batch:
+    # each epoch's loader iterator restarts the workers, which must continue the streams too.
+    train(compose_config([*overrides, "+trainer.limit_train_batches=1", "+trainer.max_epochs=3"], run_dir=first))
+    assert checkpoint(first)["global_step"] == 3
+    train(compose_config([*overrides, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"], run_dir=resumed))
+
+    assert consumed(straight) == consumed(first) + consumed(resumed)
+    assert [r["step"] for r in consumed(resumed)] == [4, 5, 6]
+    assert any(len(r["keys"]) < 4 for r in consumed(straight)), "the token budget should close some batches early"
+    a, b = checkpoint(straight), checkpoint(resumed)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    # The stream position and the realized-mix counts carry over too.
+    assert a["callbacks"]["StreamState"] == b["callbacks"]["StreamState"]
+    assert a["callbacks"]["StreamState"]["consumed"] == 6
+
+    # The realized mix is logged: each modality's share of the samples consumed so far.
+    rows = list(csv.DictReader(open(next(straight.rglob("metrics.csv")))))
+    last = [r for r in rows if r.get("data/mix_modality_video")][-1]
+    keys = [k for r in consumed(straight) for k in r["keys"]]
+    for modality in ("single_image", "multi_image", "video"):
+        share = sum(k.startswith(modality) for k in keys) / len(keys)
+        assert float(last[f"data/mix_modality_{modality}"]) == pytest.approx(share)
+        assert float(last[f"data/mix_{modality}"]) == pytest.approx(share)

@@ -1,0 +1,104 @@
+"""Activation checkpointing per module (exact, and really applied) and which vision-tower layers run."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ov_train.model.checkpointing import apply_activation_checkpointing, module_layers
+from ov_train.model.forward import ForwardOptions, sample_losses, tower_hidden
+from tests.unit.test_forward import mixed_batch  # noqa: F401  (fixture)
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def _count_forwards(layer, calls: dict, key: str):
+    """Wrap the layer's forward (module hooks do not fire during checkpoint recomputation)."""
+    inner = layer.forward
+
+    def forward(*args, **kwargs):
+        calls[key] = calls.get(key, 0) + 1
+        return inner(*args, **kwargs)
+
+    layer.forward = forward
+
+
+def _loss_and_calls(model, batch):
+    """Mean loss gradients, and how often each tower / LLM layer ran in forward + backward."""
+    calls = {}
+    for module in ("vision", "llm"):
+        for i, layer in enumerate(module_layers(model, module)):
+            _count_forwards(layer, calls, f"{module}.{i}")
+    model.zero_grad()
+    sums, counts, _ = sample_losses(model, batch, ForwardOptions(packing=True))
+    (sums.sum() / counts.sum()).backward()
+    for module in ("vision", "llm"):
+        for layer in module_layers(model, module):
+            del layer.forward  # back to the class's forward
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls
+
+
+@pytest.mark.parametrize("modules, every", [(("vision", "llm"), 1), (("llm",), 2), (("vision",), 1)])
+def test_checkpointing_is_exact_and_recomputes_the_selected_layers(mixed_batch, modules, every):  # noqa: F811
+    base, _, batch = mixed_batch
+    model = copy.deepcopy(base).train()
+    reference, plain_calls = _loss_and_calls(model, batch)
+
+    names = apply_activation_checkpointing(model, modules, every)
+    grads, calls = _loss_and_calls(model, batch)
+    expected = {
+        f"{m}.{i}" for m in modules for i in range(len(module_layers(model, m))) if i % every == 0
+    }
+    assert set(names) == expected and expected
+    # A checkpointed layer runs again in the backward to rebuild its activations (the tower runs once
+    # for the images and once for the video frames); the other layers run as often as without.
+    assert calls.keys() == plain_calls.keys()
+    assert {k for k in calls if calls[k] == 2 * plain_calls[k]} == expected
+    assert {k for k in calls if calls[k] == plain_calls[k]} == set(calls) - expected
+    assert grads.keys() == reference.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], reference[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_switching_off_and_unknown_modules(mixed_batch):  # noqa: F811
+    model = copy.deepcopy(mixed_batch[0])
+    apply_activation_checkpointing(model, ["llm"])
+    assert apply_activation_checkpointing(model, []) == []
+    assert not any(layer.gradient_checkpointing for layer in module_layers(model, "llm"))
+    with pytest.raises(ValueError, match="unknown module"):
+        apply_activation_checkpointing(model, ["projector"])
+
+
+def _tower_calls(tower, pixel_values, run):
+    ran = []
+    modules = {f"layer{i}": layer for i, layer in enumerate(tower.encoder.layers)}
+    modules["post_layernorm"] = tower.post_layernorm
+    hooks = [m.register_forward_hook(lambda *_, key=key: ran.append(key)) for key, m in modules.items()]
+    with torch.no_grad():
+        out = run(tower, pixel_values)
+    for h in hooks:
+        h.remove()
+    return out, ran
+
+
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_tower_computes_nothing_past_the_feature_layer(mixed_batch, layer):  # noqa: F811
+    model, _, batch = mixed_batch
+    tower = model.model.vision_tower
+    pixels = batch["pixel_values"][:3]
+    stock, stock_ran = _tower_calls(tower, pixels, lambda t, x: t(x, output_hidden_states=True).hidden_states[layer])
+    ours, ours_ran = _tower_calls(tower, pixels, lambda t, x: tower_hidden(t, x, layer))
+    assert torch.allclose(ours, stock, atol=1e-6)
+    layers = len(tower.encoder.layers)
+    # The stock call runs every layer and the post-layernorm whatever layer is read; ours stops at it.
+    assert stock_ran == [f"layer{i}" for i in range(layers)] + ["post_layernorm"]
+    assert ours_ran == [f"layer{i}" for i in range(layers + 1 + layer)]
+
+
+def test_configs_drop_siglips_unused_last_layer(mixed_batch):  # noqa: F811
+    # The OneVision feature layer is SigLIP's second-to-last (of 27); the configs keep 26 layers and
+    # read the last kept one, so with tower_hidden every layer that runs is used.
+    assert mixed_batch[0].config.vision_feature_layer == -1
+    for name in ("ov_qwen2_0_5b", "ov_qwen2_7b", "ov_qwen2_72b"):
+        assert OmegaConf.load(CONF / f"{name}.yaml").vision.num_hidden_layers == 26, name
