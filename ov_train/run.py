@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ov_train.config import ConfigError, validate
 from ov_train.data.synthetic import ensure_synthetic
 from ov_train.model.build import build_model
+from ov_train.model.forward import ForwardOptions
 from ov_train.strategies import build_strategy
 from ov_train.tools.export import export_pretrained, model_from_checkpoint
 from ov_train.training.callbacks import build_callbacks
@@ -74,7 +75,10 @@ def train(cfg: DictConfig) -> dict:
     data = OneVisionData(cfg.data, cfg.stage, tokenizer, geometry, cfg.seed)
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir))
+    module = OneVisionModule(
+        model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir),
+        forward_options=ForwardOptions.from_config(cfg.model),
+    )
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     # A final checkpoint, written by every rank in the strategy's own format; under ZeRO-3 / FSDP2 no rank holds

@@ -137,8 +137,8 @@ class ForwardOptions:
     def from_config(cls, cfg) -> "ForwardOptions":
         names = cls.__dataclass_fields__
         values = {k: cfg[k] for k in names if cfg.get(k) is not None}
-        if "activation_checkpointing" in values:
-            values["activation_checkpointing"] = tuple(values["activation_checkpointing"])
+        modules = values.get("activation_checkpointing", ())
+        values["activation_checkpointing"] = (modules,) if isinstance(modules, str) else tuple(modules)
         options = cls(**values)
         problems = options.problems()
         if problems:
