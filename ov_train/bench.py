@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ov_train.data.samples import SampleProcessor, collate
+from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.data.video import encode_mp4
 from ov_train.model.build import build_model
 from ov_train.model.checkpointing import CHECKPOINTABLE, module_layers
@@ -114,17 +114,8 @@ class MasterWeightAdamW:
 def _stock_step(model, examples, pad_id, device, autocast):
     for example in examples:
         batch = _to(collate([example], pad_id), device)
-        frames = batch["video_frames"]
         with autocast():
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-                image_sizes=batch["image_sizes"],
-                batch_num_images=torch.tensor(batch["images_per_sample"]),
-                pixel_values_videos=None if frames is None else frames[None],
-                labels=batch["labels"],
-            )
+            out = model(**stock_inputs(batch), labels=batch["labels"])
         (out.loss / len(examples)).backward()
 
 

@@ -7,13 +7,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ov_train.data.recipe import RecipeError, recipe_path
+from ov_train.data.recipe import RecipeError, load_recipe
+from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
 from ov_train.strategies import STRATEGIES
 from ov_train.text.template import TEMPLATES
 
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
+NONFINITE = ("skip", "stop")
 
 
 class ConfigError(ValueError):
@@ -86,14 +88,38 @@ def _strategy_problems(strategy, trainer) -> list[str]:
     return problems
 
 
-def validate(cfg: DictConfig) -> None:
-    problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
+def _data_problems(data) -> list[str]:
+    problems = []
+    if OmegaConf.is_missing(data, "root"):
+        return [f"data.root is required for data={data.get('name')}: the directory the recipe's sources are relative to"]
+    recipe_budget = None
     try:
-        recipe_path(str(cfg.data.recipe))
+        # Structure only: synthetic shards are made after validation.
+        recipe_budget = load_recipe(str(data.recipe), data.root, require_shards=False).max_tokens_per_batch
     except RecipeError as err:
         problems.append(str(err))
-    if not isinstance(cfg.data.batch_size, int) or cfg.data.batch_size < 1:
-        problems.append(f"data.batch_size={cfg.data.batch_size!r} must be a positive integer")
+    budget, batch = data.get("max_tokens_per_batch"), data.get("batch_size")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
+    if batch is None and budget is None and recipe_budget is None:
+        problems.append("data.batch_size and data.max_tokens_per_batch are both null (nor does the recipe set a budget)")
+    elif batch is not None and (not isinstance(batch, int) or batch < 1):
+        problems.append(f"data.batch_size={batch!r} must be a positive integer or null (with a token budget)")
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
+    problems += _data_problems(cfg.data)
+    if cfg.get("nonfinite") not in NONFINITE:
+        problems.append(f"nonfinite={cfg.get('nonfinite')!r}; allowed: {list(NONFINITE)}")
+    peak = cfg.metrics.get("peak_tflops")
+    if not isinstance(peak, (int, float)) or peak <= 0:
+        problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s)")
+    try:
+        ForwardOptions.from_config(cfg.model)
+    except ValueError as err:
+        problems += [line.strip() for line in str(err).splitlines()[1:]]
     if cfg.logger.name not in LOGGERS:
         problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in WANDB_MODES:

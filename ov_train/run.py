@@ -20,6 +20,7 @@ from ov_train.training.callbacks import build_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
+from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
@@ -28,13 +29,17 @@ log = get_logger(__name__)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> None:
-    """`ckpt_path=last`: this run directory's checkpoints/last.ckpt (resume with the same hydra.run.dir)."""
-    if cfg.ckpt_path != "last":
+    """`last`: this run directory's checkpoints/last.ckpt, which must exist; `auto`: it if it exists, else
+    a fresh start (what a requeued SLURM job wants). Both mean resuming in the first run's hydra.run.dir."""
+    if cfg.ckpt_path not in ("last", "auto"):
         return
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    if not last.exists():
+    if last.exists():
+        cfg.ckpt_path = str(last)
+    elif cfg.ckpt_path == "auto":
+        cfg.ckpt_path = None
+    else:
         raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
-    cfg.ckpt_path = str(last)
 
 
 def prepare_synthetic(cfg: DictConfig) -> None:
@@ -77,7 +82,7 @@ def train(cfg: DictConfig) -> dict:
     tokenizer.save_pretrained(tokenizer_dir)
     module = OneVisionModule(
         model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir),
-        forward_options=ForwardOptions.from_config(cfg.model),
+        forward_options=ForwardOptions.from_config(cfg.model), nonfinite=cfg.nonfinite,
     )
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
@@ -100,7 +105,8 @@ def train(cfg: DictConfig) -> dict:
         "val_loss": metrics.get("val/loss"),
         "val_samples": metrics.get("val/samples"),
         "val_by_modality": {k[len("val/"):]: v for k, v in metrics.items() if k.startswith(("val/accuracy_", "val/loss_"))},
-        "skipped_samples": dict(module.skipped),
+        # The stream's counts, which survive resumes (this rank's share under several ranks).
+        "skipped_samples": next((dict(c.skipped) for c in trainer.callbacks if isinstance(c, StreamState)), {}),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(

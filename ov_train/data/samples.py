@@ -120,3 +120,20 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "chance": torch.tensor([e["chance"] for e in examples]),
         "skipped": skipped,
     }
+
+
+def stock_inputs(batch: dict) -> dict:
+    """A collated batch as keyword arguments of the stock LlavaOnevisionForConditionalGeneration.forward
+    (labels left out). It takes videos as one (videos, frames, C, H, W) tensor, so their frame counts
+    must agree."""
+    frames, frame_counts = batch["video_frames"], batch["frames_per_video"]
+    if len(set(frame_counts)) > 1:
+        raise ValueError(f"the stock forward needs videos of one frame count, got {frame_counts}")
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "pixel_values": batch["pixel_values"],
+        "image_sizes": batch["image_sizes"],
+        "batch_num_images": torch.tensor(batch["images_per_sample"]),
+        "pixel_values_videos": None if frames is None else frames.view(len(frame_counts), -1, *frames.shape[1:]),
+    }

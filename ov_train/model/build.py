@@ -1,6 +1,6 @@
 """Build LlavaOnevisionForConditionalGeneration and its tokenizer from the `model` config group.
 
-Routes, checked in this order: an earlier stage's export (`init_from`), a OneVision checkpoint
+Routes, checked in this order: an earlier stage's export or checkpoint (`init_from`), a OneVision checkpoint
 (`pretrained`), a SigLIP tower + a Qwen2 LLM joined by a fresh projector (`vision_tower` + `llm`),
 or random weights of the configured geometry (`random_init`, the tiny default).
 """

@@ -49,26 +49,25 @@ def _tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return inner.multi_modal_projector(hidden)
 
 
-def image_features(model, pixel_values, crops_per_image, image_sizes, anyres) -> list[torch.Tensor]:
-    """One [tokens, d] tensor per image, in batch order."""
+def image_features(model, feats, crops_per_image, image_sizes, anyres) -> list[torch.Tensor]:
+    """One [tokens, d] tensor per image, in batch order, from its crops' projected features."""
     inner = model.model
-    per_image = _tower_features(model, pixel_values).split(list(crops_per_image))
     out = []
-    for feats, size, is_anyres in zip(per_image, image_sizes, anyres):
+    for crops, size, is_anyres in zip(feats.split(list(crops_per_image)), image_sizes, anyres):
         if is_anyres:
             packed, _ = inner.pack_image_features(
-                [feats], size[None], image_newline=inner.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio
+                [crops], size[None], image_newline=inner.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio
             )
             out.append(packed[0])
         else:
-            out.append(torch.cat([feats[0], inner.image_newline[None].to(feats)], dim=0))
+            out.append(torch.cat([crops[0], inner.image_newline[None].to(crops)], dim=0))
     return out
 
 
-def video_features(model, frames, frames_per_video) -> list[torch.Tensor]:
-    """One [frames * pooled + 1, d] tensor per video: 2x2-pooled frame features and one newline."""
+def video_features(model, feats, frames_per_video) -> list[torch.Tensor]:
+    """One [frames * pooled + 1, d] tensor per video from its frames' projected features: 2x2-pooled, one newline."""
     inner = model.model
-    pooled = inner.apply_pooling(_tower_features(model, frames))
+    pooled = inner.apply_pooling(feats)
     return [
         torch.cat([v.flatten(0, 1), inner.image_newline[None].to(v)], dim=0)
         for v in pooled.split(list(frames_per_video))
@@ -93,14 +92,28 @@ def _scatter(embeds, batch: dict, packed: PackedBatch | None, token_id: int, fea
 
 
 def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch.Tensor:
-    """Token embeddings with the visual features in place, in the padded or (given `packed`) packed layout."""
+    """Token embeddings with the visual features in place, in the padded or (given `packed`) packed layout.
+
+    The tower and projector run exactly once per call, over every crop and frame of the batch (one dummy
+    crop when it has none): ZeRO-3 and FSDP gather their weights per call and need every rank to make
+    the same calls, and data-parallel gradients then always cover the same parameters.
+    """
     embeds = model.get_input_embeddings()(batch["input_ids"] if packed is None else packed.input_ids)
-    if batch.get("pixel_values") is not None:
-        feats = image_features(model, batch["pixel_values"], batch["crops_per_image"], batch["image_sizes"], batch["image_anyres"])
-        embeds = _scatter(embeds, batch, packed, model.config.image_token_id, feats, "images")
-    if batch.get("video_frames") is not None:
-        feats = video_features(model, batch["video_frames"], batch["frames_per_video"])
-        embeds = _scatter(embeds, batch, packed, model.config.video_token_id, feats, "videos")
+    images, frames = batch.get("pixel_values"), batch.get("video_frames")
+    media = [x for x in (images, frames) if x is not None]
+    if not media:
+        side = model.config.vision_config.image_size
+        dummy = _tower_features(model, torch.zeros(1, 3, side, side, device=embeds.device))
+        # Zero contribution, but the tower, projector and newline stay in the graph.
+        return embeds + 0 * (dummy.sum() + model.model.image_newline.sum()).to(embeds.dtype)
+    feats = _tower_features(model, torch.cat(media))
+    if images is not None:
+        image_feats, feats = feats[: images.shape[0]], feats[images.shape[0] :]
+        per_image = image_features(model, image_feats, batch["crops_per_image"], batch["image_sizes"], batch["image_anyres"])
+        embeds = _scatter(embeds, batch, packed, model.config.image_token_id, per_image, "images")
+    if frames is not None:
+        per_video = video_features(model, feats, batch["frames_per_video"])
+        embeds = _scatter(embeds, batch, packed, model.config.video_token_id, per_video, "videos")
     return embeds
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
 from ov_train.data.recipe import load_recipe
-from ov_train.data.samples import SampleProcessor, collate
+from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.data.stream import ValStream
 from ov_train.model.forward import forward_logits
 from ov_train.model.parts import part_of
@@ -69,15 +69,7 @@ def test_export_loads_in_stock_transformers_and_matches_the_checkpoint(onevision
     model.eval(), trained.eval()
     with torch.no_grad():
         ours = forward_logits(trained, batch)
-        frames = batch["video_frames"]
-        stock = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_sizes=batch["image_sizes"],
-            batch_num_images=torch.tensor(batch["images_per_sample"]),
-            pixel_values_videos=frames.view(-1, batch["frames_per_video"][0], *frames.shape[1:]),
-        ).logits
+        stock = model(**stock_inputs(batch)).logits
     valid = batch["attention_mask"].bool()
     assert torch.allclose(ours[valid], stock[valid], atol=1e-5, rtol=1e-4)
 

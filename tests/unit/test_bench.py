@@ -1,7 +1,13 @@
-"""`python -m ov_train.bench --tiny` runs on CPU and prints figures that parse and are positive."""
+"""`python -m ov_train.bench --tiny` runs on CPU and prints figures that parse and are positive; its FLOPs
+count what the dashboards count."""
 import re
 
-from ov_train.bench import main
+import torch
+
+from ov_train.bench import main, synthetic_mixture, token_counts
+from ov_train.data.samples import SampleProcessor, collate
+from ov_train.training.metrics import batch_counts
+from ov_train.vision.geometry import VisionGeometry
 
 FIGURES = re.compile(r"^(stock|ov_train|ratio)\s+tokens/s ([\d.]+)x?\s+MFU ([\d.]+)[%x]\s+peak memory ([\d.]+)(?: GiB|x)$")
 
@@ -13,3 +19,14 @@ def test_tiny_bench_prints_positive_figures(capsys):
     for _, *figures in lines:
         assert all(float(f) > 0 for f in figures)
     assert [r["name"] for r in results] == ["stock", "ov_train"]
+
+
+def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
+    """Same work, same MFU: bench's per-sample counts add up to the dashboards' counts of the batch."""
+    model, tokenizer = tiny_model_and_tokenizer
+    geometry = VisionGeometry.from_model_config(model.config)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=32768)
+    examples = [process(r) for r in synthetic_mixture(6, geometry.image_size, seed=0)]
+    counts = [token_counts(e) for e in examples]
+    ours = [sum(getattr(c, field) for c in counts) for field in ("images", "tokens", "pairs")]
+    assert ours == batch_counts(collate(examples, tokenizer.pad_token_id))[:3].tolist()

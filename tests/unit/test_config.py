@@ -123,3 +123,30 @@ def test_train_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="model.pretrained"):
         train(cfg)
     assert not (tmp_path / "never_created").exists() and not (tmp_path / "run").exists()
+
+
+def test_data_and_run_keys_are_checked():
+    _invalid(
+        ["nonfinite=ignore", "metrics.peak_tflops=0", "data.batch_size=null", "model.loss=fancy"],
+        "nonfinite='ignore'",
+        "metrics.peak_tflops=0",
+        "data.batch_size and data.max_tokens_per_batch are both null",
+        "model.loss='fancy'",
+    )
+
+
+def test_real_data_needs_a_root():
+    _invalid(["data=recipe"], "data.root is required")
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path):
+    from ov_train.run import resolve_ckpt_path
+
+    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
+    resolve_ckpt_path(cfg)
+    assert cfg.ckpt_path is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
+    resolve_ckpt_path(cfg)
+    assert cfg.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")

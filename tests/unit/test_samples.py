@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ov_train.data.recipe import Source
-from ov_train.data.samples import SampleError, SampleProcessor, collate
+from ov_train.data.samples import SampleError, SampleProcessor, collate, stock_inputs
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.stream import MixedStream, ValStream, read_tar
 from ov_train.data.video import encode_mp4
@@ -107,3 +107,10 @@ def test_stream_skips_and_counts_bad_samples(tmp_path, process_factory, tiny_mod
     assert 3 <= batch["skipped"]["corrupt_image"] <= 6
     held_out = list(ValStream([source], process_factory()))
     assert len(held_out) == 6
+
+
+def test_stock_inputs_refuse_videos_of_different_lengths():
+    """The stock forward takes one (videos, frames, ...) tensor; splitting unequal videos evenly would mix them."""
+    batch = {"video_frames": np.zeros((5, 3, 8, 8)), "frames_per_video": [2, 3]}
+    with pytest.raises(ValueError, match="one frame count"):
+        stock_inputs(batch)
