@@ -8,14 +8,11 @@
 - `fsdp2`: Lightning's ModelParallelStrategy, data parallel only; `FSDP2Strategy.parallelize` applies FSDP2's
   `fully_shard` from the module's `configure_model` hook (once the process group exists, before the optimizer).
 
-Both sharded engines meet the same property of the training forward: it reaches the tower, projector,
-image_newline and lm_head directly rather than through the model's `forward`, and runs the tower once per
-media type in the batch (not at all for a text-only batch), so the number of tower calls differs between
-ranks. FSDP2 therefore shards each Qwen2 decoder layer (run once per step on every rank) and keeps the rest in
-the root unit, gathered once per step; per-layer SigLIP units would hang on mismatched collectives. ZeRO-3
-offers no such choice: with several ranks it stops ("disagreement ... between rank0 and rank1") unless every
-rank's batch holds the same kinds of media, as `pretrain` and `mid` batches do, until the forward runs the
-tower once per step on every rank.
+Both sharded engines gather a submodule's weights around its calls and need every rank to make the same calls.
+The training forward (ov_train.model.forward) runs the tower and projector exactly once per step on every rank,
+over all crops and frames of its batch or over one dummy crop for a text-only batch, so FSDP2 shards each SigLIP
+encoder layer and each Qwen2 decoder layer; the rest (embeddings, projector, image_newline, lm_head) stays in the
+root unit, gathered once per step. ZeRO-3 likewise sees the same calls on every rank whatever the batches hold.
 """
 from __future__ import annotations
 
@@ -33,16 +30,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
 
     def parallelize(self, module: torch.nn.Module) -> None:
-        """fully_shard each decoder layer, then the LightningModule as the root, whose steps gather it."""
+        """fully_shard each SigLIP and Qwen2 layer, then the LightningModule as the root, whose steps gather it."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+        from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
         # Under bf16-mixed: compute and all-gather in bf16; weights, optimizer and gradient reduction stay fp32.
         policy = MixedPrecisionPolicy()
         if self.precision_plugin.precision == "bf16-mixed":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         mesh = self.device_mesh["data_parallel"]
-        for layer in [m for m in module.modules() if isinstance(m, Qwen2DecoderLayer)]:
+        for layer in [m for m in module.modules() if isinstance(m, (SiglipEncoderLayer, Qwen2DecoderLayer))]:
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(module, mesh=mesh, mp_policy=policy)
         for method in ("training_step", "validation_step"):

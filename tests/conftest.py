@@ -1,12 +1,16 @@
-"""Shared fixtures: the real config composed with test overrides, a tiny model, a small synthetic data set."""
+"""Shared fixtures: the real config composed with test overrides, a tiny model, a small synthetic data set,
+a mixed batch (anyres, multi-image, video and text-only samples)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
+
+from tests.helpers import noise_png, raw_sample
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -59,5 +63,24 @@ def tiny_model_and_tokenizer(_offline_cache):
     return build_model(cfg.model, _offline_cache)
 
 
-def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(cfg)
+@pytest.fixture(scope="module")
+def mixed_batch(tiny_model_and_tokenizer):
+    """The tiny model, 5 processed samples and their collated batch: an anyres image, three images of which
+    some single-crop, a video, text only, a wide anyres image."""
+    from ov_train.data.samples import SampleProcessor, collate
+    from ov_train.data.video import encode_mp4
+    from ov_train.vision.geometry import VisionGeometry
+
+    model, tokenizer = tiny_model_and_tokenizer
+    geom = VisionGeometry.from_model_config(model.config)
+    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096)
+    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    raws = [
+        raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(70, 30, 1)]),
+        raw_sample("b", "<image>\n<image>\n<image>\nWhich one?", "second", [noise_png(32, 32, 2), noise_png(50, 20, 3), noise_png(16, 64, 4)]),
+        raw_sample("c", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=1)),
+        raw_sample("d", "What is the opposite of up?", "down"),
+        raw_sample("e", "<image>\nHow many?", "three", [noise_png(100, 250, 5)]),
+    ]
+    examples = [process(r) for r in raws]
+    return model, examples, collate(examples, tokenizer.pad_token_id)

@@ -189,22 +189,22 @@ class ForwardOptions:
 
 
 def _supervised_hidden(model, batch: dict, options: ForwardOptions):
-    """Final hidden states [N, d] of the supervised positions, their targets [N] and sample ids [N],
-    grouped by sample in batch order."""
+    """Final hidden states [N, d] of the supervised positions, their targets [N] and where each sits in the
+    padded batch [N] (flat index b * L + t), in that order: grouped by sample in batch order."""
     if options.packing:
         packed = pack(batch, options.max_tokens)
         hidden = language_model_hidden(model, embed_inputs(model, batch, packed), packed)
-        targets, sample = packed.targets, packed.sample
+        targets, source = packed.targets, packed.source
     else:
         hidden = model.model.language_model(
             inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        sample = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
-    targets, sample = targets.flatten(), sample.flatten()
+        source = torch.arange(targets.numel(), device=targets.device)
+    targets, source = targets.flatten(), source.flatten()
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    rows = rows[torch.argsort(sample[rows], stable=True)]  # packed rows hold samples out of batch order
-    return hidden.flatten(0, 1)[rows], targets[rows], sample[rows]
+    rows = rows[torch.argsort(source[rows])]  # packed rows hold samples out of batch order
+    return hidden.flatten(0, 1)[rows], targets[rows], source[rows]
 
 
 def _through_head(model, fn, *args):
@@ -219,15 +219,16 @@ def _through_head(model, fn, *args):
 
 
 def sample_losses(model, batch: dict, options: ForwardOptions, predict: bool = False):
-    """Per sample: loss sum [B], supervised tokens [B] and, with `predict`, whether greedy decoding
-    reproduces every supervised token [B] (else None)."""
-    size = batch["input_ids"].shape[0]
+    """Per sample: loss sum [B], supervised tokens [B] and, with `predict`, the greedy prediction of each
+    next token [B, L-1] (IGNORE_INDEX where unsupervised, so it compares equal to labels[:, 1:]), else None."""
+    size, length = batch["input_ids"].shape
     if not options.packing and options.loss == "full":
         logits = forward_logits(model, batch)
         losses, mask = token_losses(logits, batch["labels"])
-        correct = ((logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) | ~mask).all(1) if predict else None
-        return losses.sum(1), mask.sum(1), correct
-    hidden, targets, sample = _supervised_hidden(model, batch, options)
+        preds = logits[:, :-1].argmax(-1).masked_fill(~mask, IGNORE_INDEX) if predict else None
+        return losses.sum(1), mask.sum(1), preds
+    hidden, targets, source = _supervised_hidden(model, batch, options)
+    sample = source // length
     counts = torch.bincount(sample, minlength=size)
     if options.loss == "chunked" and not predict and fused_available(hidden.device):
         sums = _through_head(model, lambda w, h, t: fused_cross_entropy_sums(h, w, t, counts.tolist()), hidden, targets)
@@ -235,8 +236,7 @@ def sample_losses(model, batch: dict, options: ForwardOptions, predict: bool = F
     chunk = options.loss_chunk if options.loss == "chunked" else None
     losses, preds = _through_head(model, lambda w, h, t: chunked_cross_entropy(h, w, t, chunk, predict), hidden, targets)
     sums = losses.new_zeros(size).index_add(0, sample, losses)
-    correct = None
     if predict:
-        wrong = counts.new_zeros(size).index_add(0, sample, (preds != targets).long())
-        correct = wrong == 0
-    return sums, counts, correct
+        # Position t of sample b predicts label t + 1: grid cell (b, t) of the padded layout, last column dropped.
+        preds = targets.new_full((size * length,), IGNORE_INDEX).index_copy(0, source, preds).view(size, length)[:, :-1]
+    return sums, counts, preds

@@ -119,11 +119,12 @@ class TrainingMetrics(Callback):
 
 class ValidationPredictions(Callback):
     """At each validation, the first `per_modality` held-out samples of each modality (rank 0's) as a table:
-    prompt (its end, visual placeholders collapsed), reference answer (every supervised token), and whether
-    greedy decoding reproduces it. Written to `out_dir/step_<N>.jsonl` and, with W&B, logged as a table.
+    prompt (its end, visual placeholders collapsed), reference answer (every supervised token), the greedy
+    prediction of each of those tokens (teacher-forced, so it aligns with the reference) and whether they all
+    match. Written to `out_dir/step_<N>.jsonl` and, with W&B, logged as a table.
     """
 
-    COLUMNS = ("step", "modality", "prompt", "reference", "correct")
+    COLUMNS = ("step", "modality", "prompt", "reference", "prediction", "correct")
     PROMPT_CHARS = 300  # the question sits at the end of the prompt, after the system text and images
 
     def __init__(self, out_dir: Path, per_modality: int):
@@ -154,6 +155,7 @@ class ValidationPredictions(Callback):
             "modality": batch["modality"][i],
             "prompt": self.tokenizer.decode(prompt)[-self.PROMPT_CHARS :],
             "reference": self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX]),
+            "prediction": self.tokenizer.decode([t for t in outputs["predictions"][i].tolist() if t != IGNORE_INDEX]),
             "correct": bool(outputs["correct"][i]),
         }
 

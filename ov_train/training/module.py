@@ -41,7 +41,6 @@ class OneVisionModule(L.LightningModule):
         log.info("trainable parts for stage %s:\n%s", stage.name, format_table(self.part_rows))
         # Per modality: loss sum, supervised tokens, correct answers, chance, samples.
         self._val = defaultdict(lambda: torch.zeros(5, dtype=torch.float64))
-        self.skipped: dict[str, int] = defaultdict(int)
         # What a non-finite training loss does (see _skip_nonfinite); skipped batches are counted.
         self.nonfinite = nonfinite
         self.nonfinite_batches = 0
@@ -49,7 +48,7 @@ class OneVisionModule(L.LightningModule):
         self._drop_gradients = False
 
     def _losses(self, batch, predict: bool = False):
-        """Per sample: loss sum, supervised tokens and (with `predict`) whether the reply is reproduced."""
+        """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
         return sample_losses(self.model, batch, self.forward_options, predict)
 
     def training_step(self, batch, batch_idx):
@@ -61,8 +60,6 @@ class OneVisionModule(L.LightningModule):
         for modality in sorted(set(batch["modality"])):
             sel = torch.tensor([m == modality for m in batch["modality"]], device=per_sample.device)
             by_modality[modality] = (per_sample[sel].mean(), int(sel.sum()))
-        for reason, n in batch["skipped"].items():
-            self.skipped[reason] += n
         skip = self._skip_nonfinite(loss, by_modality, batch_idx)
         self.log("train/nonfinite_batches", float(self.nonfinite_batches), batch_size=bs)
         if skip:
@@ -110,14 +107,15 @@ class OneVisionModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         # A sample counts as answered when greedy decoding would reproduce its whole reply.
-        sums, counts, correct = self._losses(batch, predict=True)
+        sums, counts, predictions = self._losses(batch, predict=True)
+        correct = (predictions == batch["labels"][:, 1:]).all(1)  # both IGNORE_INDEX where unsupervised
         hits = correct.double()
         for i, modality in enumerate(batch["modality"]):
             self._val[modality] += torch.stack(
                 [sums[i].double(), counts[i].double(), hits[i], batch["chance"][i].double(), hits.new_ones(())]
             ).cpu()
         # For the sample table (training/metrics.py: ValidationPredictions).
-        return {"correct": correct}
+        return {"correct": correct, "predictions": predictions}
 
     def on_validation_epoch_start(self):
         self._val.clear()

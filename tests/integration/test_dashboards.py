@@ -67,7 +67,9 @@ def test_validation_writes_a_prediction_table(csv_run):
     assert {r["modality"] for r in rows} == {"single_image", "multi_image", "video"}
     assert len(rows) == 3 * per_modality
     for row in rows:
-        assert row["step"] == STEPS and isinstance(row["correct"], bool)
+        assert row["step"] == STEPS and isinstance(row["correct"], bool) and isinstance(row["prediction"], str)
+        # Teacher-forced greedy tokens, one per reference token: a correct row predicts the reference exactly.
+        assert (row["prediction"] == row["reference"]) if row["correct"] else row["prediction"]
         assert row["prompt"].endswith("<|im_start|>assistant\n") and row["reference"].endswith("<|im_end|>")
         assert "<image><image>" not in row["prompt"] and "<video><video>" not in row["prompt"]
 

@@ -2,8 +2,6 @@
 count what the dashboards count."""
 import re
 
-import torch
-
 from ov_train.bench import main, synthetic_mixture, token_counts
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.training.metrics import batch_counts

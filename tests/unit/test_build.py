@@ -1,14 +1,9 @@
 """build_model: every geometry config, the SigLIP + Qwen2 route, the OneVision checkpoint routes, errors."""
 from __future__ import annotations
 
-import io
-import json
-
-import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlavaOnevisionForConditionalGeneration,
@@ -22,6 +17,7 @@ from transformers import (
 )
 
 from tests.conftest import compose_config
+from tests.helpers import noise_png, raw_sample
 from ov_train.config import ConfigError, validate
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.model.build import build_model, onevision_config
@@ -231,17 +227,10 @@ def checkpoints(tmp_path_factory):
     return {"siglip": (root / "siglip", siglip), "siglip_full": (root / "siglip_full", full), "llms": llms, "vocab": len(tokenizer)}
 
 
-def _png(h, w, seed):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _image_batch(model, tokenizer):
     geom = VisionGeometry.from_model_config(model.config)
     process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=4, max_length=512)
-    convo = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
-    raws = [{"__key__": "a", "json": json.dumps({"conversations": convo}).encode(), "img0.png": _png(40, 70, 3)}]
+    raws = [raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(40, 70, 3)])]
     examples = [process(r) for r in raws]
     return examples, collate(examples, tokenizer.pad_token_id)
 

@@ -8,7 +8,6 @@ from omegaconf import OmegaConf
 
 from ov_train.model.checkpointing import apply_activation_checkpointing, module_layers
 from ov_train.model.forward import ForwardOptions, sample_losses, tower_hidden
-from tests.unit.test_forward import mixed_batch  # noqa: F401  (fixture)
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -40,7 +39,7 @@ def _loss_and_calls(model, batch):
 
 
 @pytest.mark.parametrize("modules, every", [(("vision", "llm"), 1), (("llm",), 2), (("vision",), 1)])
-def test_checkpointing_is_exact_and_recomputes_the_selected_layers(mixed_batch, modules, every):  # noqa: F811
+def test_checkpointing_is_exact_and_recomputes_the_selected_layers(mixed_batch, modules, every):
     base, _, batch = mixed_batch
     model = copy.deepcopy(base).train()
     reference, plain_calls = _loss_and_calls(model, batch)
@@ -61,7 +60,7 @@ def test_checkpointing_is_exact_and_recomputes_the_selected_layers(mixed_batch, 
         assert torch.allclose(grads[name], reference[name], atol=1e-6, rtol=1e-5), name
 
 
-def test_switching_off_and_unknown_modules(mixed_batch):  # noqa: F811
+def test_switching_off_and_unknown_modules(mixed_batch):
     model = copy.deepcopy(mixed_batch[0])
     apply_activation_checkpointing(model, ["llm"])
     assert apply_activation_checkpointing(model, []) == []
@@ -83,7 +82,7 @@ def _tower_calls(tower, pixel_values, run):
 
 
 @pytest.mark.parametrize("layer", [-1, -2])
-def test_tower_computes_nothing_past_the_feature_layer(mixed_batch, layer):  # noqa: F811
+def test_tower_computes_nothing_past_the_feature_layer(mixed_batch, layer):
     model, _, batch = mixed_batch
     tower = model.model.vision_tower
     pixels = batch["pixel_values"][:3]
@@ -96,7 +95,7 @@ def test_tower_computes_nothing_past_the_feature_layer(mixed_batch, layer):  # n
     assert ours_ran == [f"layer{i}" for i in range(layers + 1 + layer)]
 
 
-def test_configs_drop_siglips_unused_last_layer(mixed_batch):  # noqa: F811
+def test_configs_drop_siglips_unused_last_layer(mixed_batch):
     # The OneVision feature layer is SigLIP's second-to-last (of 27); the configs keep 26 layers and
     # read the last kept one, so with tower_hidden every layer that runs is used.
     assert mixed_batch[0].config.vision_feature_layer == -1

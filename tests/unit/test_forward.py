@@ -1,49 +1,9 @@
 """Our training forward (per-image features, scattered) equals the stock transformers forward."""
-import io
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from ov_train.data.samples import SampleProcessor, collate
-from ov_train.data.video import encode_mp4
+from ov_train.data.samples import collate, stock_inputs
 from ov_train.model.forward import forward_logits, token_losses
-from ov_train.vision.geometry import VisionGeometry
-
-
-def _png(h, w, seed):
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _raw(key, human, reply, images=(), video=None):
-    raw = {"__key__": key, "json": json.dumps({"conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": reply}]}).encode()}
-    for i, img in enumerate(images):
-        raw[f"img{i}.png"] = img
-    if video is not None:
-        raw["mp4"] = video
-    return raw
-
-
-@pytest.fixture(scope="module")
-def mixed_batch(tiny_model_and_tokenizer):
-    model, tokenizer = tiny_model_and_tokenizer
-    geom = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096)
-    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
-    raws = [
-        _raw("a", "<image>\nWhat colour?", "red", [_png(70, 30, 1)]),
-        _raw("b", "<image>\n<image>\n<image>\nWhich one?", "second", [_png(32, 32, 2), _png(50, 20, 3), _png(16, 64, 4)]),
-        _raw("c", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=1)),
-        _raw("d", "What is the opposite of up?", "down"),
-        _raw("e", "<image>\nHow many?", "three", [_png(100, 250, 5)]),
-    ]
-    examples = [process(r) for r in raws]
-    return model, examples, collate(examples, tokenizer.pad_token_id)
 
 
 def test_forward_matches_stock_model(mixed_batch):
@@ -52,15 +12,7 @@ def test_forward_matches_stock_model(mixed_batch):
     with torch.no_grad():
         ours = forward_logits(model, batch)
         losses, mask = token_losses(ours, batch["labels"])
-        stock = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_sizes=batch["image_sizes"],
-            batch_num_images=torch.tensor(batch["images_per_sample"]),
-            pixel_values_videos=batch["video_frames"][None],
-            labels=batch["labels"],
-        )
+        stock = model(**stock_inputs(batch), labels=batch["labels"])
     valid = batch["attention_mask"].bool()
     assert torch.allclose(ours[valid], stock.logits[valid], atol=1e-5, rtol=1e-4)
     assert torch.allclose(losses.sum() / mask.sum(), stock.loss, atol=1e-6)
@@ -74,15 +26,7 @@ def test_gradients_match_stock_model(mixed_batch):
     (losses.sum() / mask.sum()).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
-        image_sizes=batch["image_sizes"],
-        batch_num_images=torch.tensor(batch["images_per_sample"]),
-        pixel_values_videos=batch["video_frames"][None],
-        labels=batch["labels"],
-    ).loss.backward()
+    model(**stock_inputs(batch), labels=batch["labels"]).loss.backward()
     stock = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     assert ours.keys() == stock.keys() and len(ours) > 0
@@ -97,3 +41,49 @@ def test_mismatched_placeholders_raise(mixed_batch):
     broken["input_ids"][broken["input_ids"] == image_id] = 0
     with pytest.raises(ValueError, match="placeholder tokens"):
         forward_logits(model, broken)
+
+
+def _visual_calls(model, batch) -> tuple[list[int], int, dict]:
+    """Over one forward and backward of `batch`: crops per tower call, projector calls, gradients by name."""
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    calls, projected = [], []
+    hooks = [
+        embeddings.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0])),
+        model.model.multi_modal_projector.register_forward_hook(lambda m, args, out: projected.append(1)),
+    ]
+    model.zero_grad()
+    try:
+        losses, mask = token_losses(forward_logits(model, batch), batch["labels"])
+        (losses.sum() / mask.sum()).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return calls, len(projected), grads
+
+
+def test_tower_runs_once_over_all_crops_and_frames(mixed_batch):
+    # ZeRO-3 and FSDP need every rank to call the tower the same number of times per step.
+    model, _, batch = mixed_batch
+    calls, projected, _ = _visual_calls(model, batch)
+    assert calls == [batch["pixel_values"].shape[0] + batch["video_frames"].shape[0]] and projected == 1
+
+
+def test_text_only_batch_runs_the_tower_on_a_dummy_crop_that_changes_nothing(mixed_batch):
+    model, examples, batch = mixed_batch
+    _, _, media_grads = _visual_calls(model, batch)
+    text = collate([examples[3]], pad_id=0)
+    assert text["pixel_values"] is None and text["video_frames"] is None
+    calls, projected, grads = _visual_calls(model, text)
+    assert calls == [1] and projected == 1
+    # The same parameters get gradients as with media (zero for the visual ones), so data-parallel ranks
+    # reduce the same set whatever their batches hold.
+    assert grads.keys() == media_grads.keys()
+    visual = [n for n in grads if not n.startswith(("model.language_model", "lm_head"))]
+    assert "model.image_newline" in visual and not any(grads[n].any() for n in visual)
+    model.eval()
+    with torch.no_grad():
+        stock = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits
+        assert torch.allclose(forward_logits(model, text), stock, atol=1e-5, rtol=1e-4)

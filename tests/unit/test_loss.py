@@ -7,7 +7,7 @@ from torch.utils._pytree import tree_flatten
 
 from ov_train.model.forward import ForwardOptions, sample_losses
 from ov_train.model.loss import chunked_cross_entropy, fused_available
-from tests.unit.test_forward import mixed_batch  # noqa: F401  (fixture)
+from ov_train.model.packing import IGNORE_INDEX
 
 TOKENS, VOCAB, DIM, CHUNK = 300, 4096, 24, 64
 
@@ -83,7 +83,7 @@ def test_fused_kernel_is_only_used_on_cuda():
     assert not fused_available(torch.device("cpu"))
 
 
-def test_head_weight_is_read_inside_the_heads_forward_only(mixed_batch):  # noqa: F811
+def test_head_weight_is_read_inside_the_heads_forward_only(mixed_batch):
     # ZeRO-3 and FSDP hold a sharded weight and gather it around the module's forward; emulate that.
     model, _, batch = mixed_batch
     head = model.lm_head
@@ -94,10 +94,13 @@ def test_head_weight_is_read_inside_the_heads_forward_only(mixed_batch):  # noqa
     options = ForwardOptions(packing=True, loss="chunked", loss_chunk=3)
     try:
         with torch.no_grad():
-            sums, _, correct = sample_losses(model, batch, options, predict=True)
+            sums, _, predictions = sample_losses(model, batch, options, predict=True)
     finally:
         gather.remove(), release.remove()
         head.weight.data = full
     with torch.no_grad():
         assert torch.allclose(sums, sample_losses(model, batch, options)[0])
-    assert correct is not None
+        # The grid of the chunked head equals the one of full logits.
+        full = sample_losses(model, batch, ForwardOptions(), predict=True)[2]
+    assert torch.equal(predictions, full)
+    assert torch.equal(predictions == IGNORE_INDEX, batch["labels"][:, 1:] == IGNORE_INDEX)

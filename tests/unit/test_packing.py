@@ -11,7 +11,6 @@ from ov_train.data.samples import collate
 from ov_train.model.forward import ForwardOptions, embed_inputs, forward_logits, sample_losses, token_losses
 from ov_train.model.packing import IGNORE_INDEX, VARLEN, language_model_hidden, pack, set_attention
 from tests.conftest import CONF
-from tests.unit.test_forward import mixed_batch  # noqa: F401  (fixture: anyres, multi-image, video, text)
 
 # One row for the whole batch; rows of at most 100 tokens (the 175-token sample gets its own row).
 ROWS = {"one_row": 100_000, "several_rows": 100}
@@ -32,7 +31,7 @@ def _supervised(examples):
 
 
 @pytest.mark.parametrize("max_tokens", ROWS.values(), ids=ROWS.keys())
-def test_layout(mixed_batch, max_tokens):  # noqa: F811
+def test_layout(mixed_batch, max_tokens):
     _, examples, batch = mixed_batch
     packed = pack(batch, max_tokens)
     lengths = [len(e["input_ids"]) for e in examples]
@@ -61,7 +60,7 @@ def test_layout(mixed_batch, max_tokens):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def alone(mixed_batch):  # noqa: F811
+def alone(mixed_batch):
     """Each sample on its own: loss sums, and the gradients of their sum over all supervised tokens."""
     model, examples, _ = mixed_batch
     model.train()
@@ -75,7 +74,7 @@ def alone(mixed_batch):  # noqa: F811
 
 @pytest.mark.parametrize("loss, chunk", [("full", 1024), ("chunked", 3)])
 @pytest.mark.parametrize("max_tokens", ROWS.values(), ids=ROWS.keys())
-def test_packed_equals_each_sample_alone(mixed_batch, alone, max_tokens, loss, chunk):  # noqa: F811
+def test_packed_equals_each_sample_alone(mixed_batch, alone, max_tokens, loss, chunk):
     model, examples, batch = mixed_batch
     reference_sums, reference = alone
     model.train()
@@ -93,7 +92,7 @@ def test_packed_equals_each_sample_alone(mixed_batch, alone, max_tokens, loss, c
         assert torch.allclose(grads[name], reference[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_equality_needs_the_isolation(mixed_batch, alone):  # noqa: F811
+def test_equality_needs_the_isolation(mixed_batch, alone):
     # Control: with positions running on through the row (no restarts), samples see each other and
     # the losses of all but each row's first sample change, so the test above can tell.
     model, examples, batch = mixed_batch
@@ -113,8 +112,9 @@ def test_equality_needs_the_isolation(mixed_batch, alone):  # noqa: F811
 
 
 @pytest.mark.parametrize("options", [ForwardOptions(), ForwardOptions(packing=True, max_tokens=100, loss="chunked", loss_chunk=3)])
-def test_validation_accuracy_without_full_logits(mixed_batch, options):  # noqa: F811
+def test_validation_predictions_without_full_logits(mixed_batch, tiny_model_and_tokenizer, options):
     model, _, batch = mixed_batch
+    tokenizer = tiny_model_and_tokenizer[1]
     model.eval()
     with torch.no_grad():
         greedy = forward_logits(model, batch)[:, :-1].argmax(-1)
@@ -124,8 +124,13 @@ def test_validation_accuracy_without_full_logits(mixed_batch, options):  # noqa:
     for i in (0, 2, 3):
         labels[i, 1:][supervised[i]] = greedy[i][supervised[i]]
     with torch.no_grad():
-        _, _, correct = sample_losses(model, dict(batch, labels=labels), options, predict=True)
+        _, _, predictions = sample_losses(model, dict(batch, labels=labels), options, predict=True)
+    assert torch.equal(predictions, greedy.masked_fill(~supervised, IGNORE_INDEX))
+    correct = (predictions == labels[:, 1:]).all(1)  # as validation_step derives it
     assert correct.tolist() == [True, False, True, True, False]
+    for i, right in enumerate(correct.tolist()):
+        reference = tokenizer.decode(labels[i, 1:][supervised[i]])
+        assert (tokenizer.decode(predictions[i][supervised[i]]) == reference) == right
 
 
 class ReferenceVarlen:
@@ -153,7 +158,7 @@ class ReferenceVarlen:
     {"window_size", "scale"},  # 2.10 / 2.11: no grouped-query attention, k/v heads repeated
     {"is_causal"},  # 2.9
 ])
-def test_varlen_attention_plumbing(mixed_batch, monkeypatch, signature):  # noqa: F811
+def test_varlen_attention_plumbing(mixed_batch, monkeypatch, signature):
     # The flash kernel needs CUDA; a reference kernel checks everything around it: the transformers
     # attention interface, the skipped mask, cu_seqlens, the layout and the torch-version arguments.
     model = copy.deepcopy(mixed_batch[0]).to(torch.bfloat16).eval()

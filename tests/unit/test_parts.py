@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import copy
-import io
-import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.video import encode_mp4
@@ -18,6 +15,7 @@ from ov_train.model.forward import forward_logits, token_losses
 from ov_train.model.parts import PARTS, UNUSED, apply_stage, format_table, part_of
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import CONF, compose_config
+from tests.helpers import noise_png, raw_sample
 
 STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
 PREFIXES = {
@@ -130,21 +128,6 @@ def test_tied_embeddings_are_one_llm_tensor(_offline_cache):
 # A real optimizer step
 
 
-def _png(h, w, seed):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _raw(key, human, reply, images=(), video=None):
-    raw = {"__key__": key, "json": json.dumps({"conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": reply}]}).encode()}
-    for i, img in enumerate(images):
-        raw[f"img{i}.png"] = img
-    if video is not None:
-        raw["mp4"] = video
-    return raw
-
-
 @pytest.fixture(scope="module")
 def batch(tiny):
     model, tokenizer = tiny
@@ -152,10 +135,10 @@ def batch(tiny):
     process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096)
     frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     raws = [
-        _raw("a", "<image>\nWhat colour?", "red", [_png(70, 30, 1)]),
-        _raw("b", "<image>\n<image>\nWhich one?", "second", [_png(32, 32, 2), _png(50, 20, 3)]),
-        _raw("c", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=1)),
-        _raw("d", "What is the opposite of up?", "down"),
+        raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(70, 30, 1)]),
+        raw_sample("b", "<image>\n<image>\nWhich one?", "second", [noise_png(32, 32, 2), noise_png(50, 20, 3)]),
+        raw_sample("c", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=1)),
+        raw_sample("d", "What is the opposite of up?", "down"),
     ]
     return collate([process(r) for r in raws], tokenizer.pad_token_id)
 
