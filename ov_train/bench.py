@@ -2,6 +2,8 @@
 
     python -m ov_train.bench                 # OV-0.5B geometry (random init) on the GPU
     python -m ov_train.bench --tiny          # tiny geometry on CPU, seconds (CI)
+    python -m ov_train.bench --loader        # the data loader alone: what it delivers per second
+    python -m ov_train.bench --both          # model bench and loader; ratio loader / ov_train tokens/s
 
 Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0% multi-image,
 25.9% video) for the same steps of `--samples` samples each:
@@ -14,6 +16,12 @@ Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0%
   optionally each layer torch.compile'd and activation checkpointing.
 Printed per path: tokens/s (real tokens, no padding), MFU (model FLOPs of those tokens by
 ov_train.utils.flops, every part training), peak memory, and the ratios ov_train / stock.
+
+--loader writes the same mixture into temporary WebDataset shards laid out as the onevision recipe
+expects and streams them through training's own loader (OneVisionData: recipe sources, MixedStream,
+SampleProcessor, token-budget batches) with `--loader-workers` workers and no model; printed are the
+samples/s and tokens/s (no padding) it delivers after every worker's first batch. The goal: at least
+1.5x the tokens/s the GPU consumes (printed with --both).
 """
 from __future__ import annotations
 
@@ -21,7 +29,9 @@ import argparse
 import ctypes
 import io
 import json
+import os
 import resource
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,16 +42,19 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
+from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import encode_mp4
 from ov_train.model.build import build_model
 from ov_train.model.checkpointing import CHECKPOINTABLE, module_layers
 from ov_train.model.forward import ForwardOptions, sample_losses
 from ov_train.model.packing import IGNORE_INDEX, plan_rows
+from ov_train.training.datamodule import OneVisionData
+from ov_train.training.metrics import batch_counts
 from ov_train.utils.flops import FORWARD_ORDER, ModelFlops, TokenCounts
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 MIXTURE = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
 # Height x width of the recipe's anyres examples at the 384 px geometry.
 IMAGE_SIZES = ((384, 384), (480, 640), (1024, 768), (1080, 1920), (3000, 800))
@@ -187,6 +200,57 @@ def _run(name, step, optimizer, groups, args, device, flops, tokens) -> dict:
     }
 
 
+def write_mixture_shards(raws: list[dict], root: Path, shards_per_source: int) -> int:
+    """The raw samples as the onevision recipe's sources, ROOT/onevision/<modality>/train-*.tar, in at
+    least `shards_per_source` shards each, so that every loader worker reads whole shards of its own.
+    Returns the number of shards written."""
+    shards = 0
+    by_modality: dict[str, list[dict]] = {m: [] for m in MIXTURE}
+    for raw in raws:
+        by_modality[json.loads(raw["json"])["modality"]].append(raw)
+    for modality, group in by_modality.items():
+        per_shard = max(1, len(group) // shards_per_source)
+        with ShardWriter(root / "onevision" / modality, "train", samples_per_shard=per_shard) as writer:
+            for raw in group:
+                writer.write(raw)
+        shards += len(writer.shards)
+    return shards
+
+
+def _loader_bench(args, tokenizer, geometry) -> dict:
+    """Training's own train loader over shards of the synthetic mixture: samples and tokens delivered per second."""
+    workers = args.loader_workers
+    with tempfile.TemporaryDirectory(prefix="ov_bench_shards_") as root:
+        raws = synthetic_mixture(args.loader_samples, geometry.image_size, args.seed)
+        shards = write_mixture_shards(raws, Path(root), max(1, workers))
+        del raws  # the shards hold them now; the forked workers need no copy
+        data_cfg = OmegaConf.merge(
+            OmegaConf.load(CONF / "data" / "recipe.yaml"), {"recipe": "onevision", "root": root, "num_workers": workers}
+        )
+        stage_cfg = OmegaConf.load(CONF / "stage" / "onevision.yaml")
+        data = OneVisionData(data_cfg, stage_cfg, tokenizer, geometry, args.seed)
+        loader = data.train_dataloader()
+        # Each worker's first batch carries its start-up (fork, shard headers), so the clock starts after them all.
+        warmup = max(1, workers)
+        samples = tokens = 0
+        for i, batch in enumerate(loader):
+            if i >= warmup:
+                samples += len(batch["key"])
+                tokens += int(batch_counts(batch)[1])
+            if i == warmup - 1:
+                start = time.perf_counter()
+            if i == warmup + args.loader_batches - 1:
+                break
+        elapsed = time.perf_counter() - start
+    result = {"name": "loader", "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+              "workers": workers, "cpus": len(os.sched_getaffinity(0))}
+    print(f"loader: onevision recipe, {args.loader_samples} samples in {shards} shards, batches of up to "
+          f"{data.budget.max_tokens} padded tokens, {args.loader_batches} batches timed after {warmup} warmup")
+    print(f"{'loader':<9} samples/s {result['samples_per_s']:.1f}  tokens/s {result['tokens_per_s']:.1f}  "
+          f"workers {workers}  cpus {result['cpus']}")
+    return result
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m ov_train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny geometry on CPU (CI smoke run)")
@@ -200,22 +264,28 @@ def _parse(argv):
     p.add_argument("--checkpoint-every", type=int, default=1)
     p.add_argument("--loss-chunk", type=int, default=None, help="rows per chunked-loss chunk (default: the model config's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: H100 bf16, or measured on CPU)")
+    p.add_argument("--loader", action="store_true", help="benchmark the data loader alone (no model)")
+    p.add_argument("--both", action="store_true", help="the model bench and the loader bench, and their tokens/s ratio")
+    p.add_argument("--loader-workers", type=int, default=None, help="loader worker processes (default 8; 0 with --tiny)")
+    p.add_argument("--loader-samples", type=int, default=None, help="samples written to shards (default 16 per worker, at least 32)")
+    p.add_argument("--loader-batches", type=int, default=None, help="timed loader batches (default 32; 2 with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.tiny:
         args.model = "tiny"
+    args.loader = args.loader or args.both
+    if args.loader_workers is None:
+        args.loader_workers = 0 if args.tiny else 8
+    args.loader_samples = args.loader_samples or max(32, 16 * args.loader_workers)
+    args.loader_batches = args.loader_batches or (2 if args.tiny else 32)
     return args
 
 
-def main(argv=None) -> list[dict]:
-    args = _parse(argv)
-    torch.manual_seed(args.seed)
+def _model_bench(args, cfg, model, tokenizer) -> list[dict]:
+    """Stock recipe and ov_train's path, training the same samples; prints and returns both."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    cfg = OmegaConf.load(CONF / f"{args.model}.yaml")
-    cfg.random_init, cfg.pretrained, cfg.init_from = True, None, None
     args.max_tokens = args.max_tokens or cfg.max_tokens
     args.loss_chunk = args.loss_chunk or cfg.loss_chunk
-    model, tokenizer = build_model(cfg, cache_dir())
     model.to(device).train()
     if args.peak_tflops is None:
         args.peak_tflops = H100_BF16_TFLOPS if device.type == "cuda" else _measured_peak_tflops(device)
@@ -262,6 +332,27 @@ def main(argv=None) -> list[dict]:
     print(f"{'ratio':<9} tokens/s {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x  "
           f"MFU {ours['mfu'] / stock['mfu']:.2f}x  peak memory {ours['peak_gib'] / stock['peak_gib']:.2f}x")
     return [stock, ours]
+
+
+def main(argv=None) -> list[dict]:
+    args = _parse(argv)
+    torch.manual_seed(args.seed)
+    cfg = OmegaConf.load(CONF / "model" / f"{args.model}.yaml")
+    cfg.random_init, cfg.pretrained, cfg.init_from = True, None, None
+    model_bench = args.both or not args.loader
+    # The loader alone needs only the tokenizer and the geometry: the model is built without weights.
+    with nullcontext() if model_bench else torch.device("meta"):
+        model, tokenizer = build_model(cfg, cache_dir())
+    results = []
+    # The loader runs first, so its workers fork before the model moves to the GPU.
+    if args.loader:
+        results.append(_loader_bench(args, tokenizer, VisionGeometry.from_model_config(model.config)))
+    if model_bench:
+        results += _model_bench(args, cfg, model, tokenizer)
+    if args.both:
+        loader, ours = results[0], results[-1]
+        print(f"loader / ov_train tokens/s {loader['tokens_per_s'] / ours['tokens_per_s']:.2f}x (goal: at least 1.5x)")
+    return results
 
 
 if __name__ == "__main__":
