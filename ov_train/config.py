@@ -12,10 +12,10 @@ from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
 from ov_train.strategies import STRATEGIES
 from ov_train.text.template import TEMPLATES
+from ov_train.training.module import NONFINITE
 
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
-NONFINITE = ("skip", "stop")
 
 
 class ConfigError(ValueError):
