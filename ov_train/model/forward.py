@@ -1,8 +1,8 @@
 """The training forward pass: visual features scattered into the token embeddings, then per-token loss.
 
 It runs the stock modules of LlavaOnevisionForConditionalGeneration (tower, projector, anyres packing,
-video pooling, Qwen2) but takes images one by one, so a batch can mix anyres single images,
-single-crop images and videos of different lengths. tests/unit/test_forward.py proves it equal to
+video pooling, Qwen2) in one tower call per batch, then packs each image's features on its own, so a
+batch can mix anyres single images, single-crop images and videos of different lengths. tests/unit/test_forward.py proves it equal to
 the stock forward wherever the stock forward accepts the same batch.
 
 `sample_losses` is the training entry point: per-sample loss sums, optionally on a packed batch
@@ -117,11 +117,15 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch
     return embeds
 
 
-def forward_logits(model, batch: dict) -> torch.Tensor:
-    hidden = model.model.language_model(
+def padded_hidden(model, batch: dict) -> torch.Tensor:
+    """The LLM's final hidden states [B, L, d] of a padded batch."""
+    return model.model.language_model(
         inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
-    return model.lm_head(hidden)
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    return model.lm_head(padded_hidden(model, batch))
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +200,7 @@ def _supervised_hidden(model, batch: dict, options: ForwardOptions):
         hidden = language_model_hidden(model, embed_inputs(model, batch, packed), packed)
         targets, source = packed.targets, packed.source
     else:
-        hidden = model.model.language_model(
-            inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+        hidden = padded_hidden(model, batch)
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
         source = torch.arange(targets.numel(), device=targets.device)
     targets, source = targets.flatten(), source.flatten()
