@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from ov_train.data.recipe import RecipeError, load_recipe
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
-from ov_train.strategies import STRATEGIES
+from ov_train.strategies import STRATEGIES, default_precision
 from ov_train.text.template import TEMPLATES
 from ov_train.training.module import NONFINITE
 
@@ -88,6 +88,24 @@ def _strategy_problems(strategy, trainer) -> list[str]:
     return problems
 
 
+def _precision_problems(precision: str, cfg) -> list[str]:
+    problems = []
+    if precision in ("16-true", "16"):
+        problems.append(
+            f"trainer.precision={precision}: fp16 weights without loss scaling underflow; use bf16-true (fp32 master"
+            " weights in the optimizer), bf16-mixed or 16-mixed"
+        )
+    strategy = cfg.strategy.get("name")
+    if strategy == "fsdp2" and precision == "bf16-true":
+        problems.append(
+            "trainer.precision=bf16-true with strategy=fsdp2 would shard bf16 weights with no fp32 copy; use"
+            " bf16-mixed, under which FSDP2 computes in bf16 from fp32 shards"
+        )
+    if cfg.model.get("compile") and strategy == "deepspeed" and cfg.strategy.get("stage") == 3:
+        problems.append("model.compile=true with ZeRO-3: its per-module weight gathering breaks the graphs; use fsdp2 or ZeRO-2")
+    return problems
+
+
 def _data_problems(data) -> list[str]:
     problems = []
     if OmegaConf.is_missing(data, "root"):
@@ -116,8 +134,10 @@ def validate(cfg: DictConfig) -> None:
     peak = cfg.metrics.get("peak_tflops")
     if not isinstance(peak, (int, float)) or peak <= 0:
         problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s)")
+    precision = cfg.trainer.get("precision") or default_precision(cfg)
+    problems += _precision_problems(str(precision), cfg)
     try:
-        ForwardOptions.from_config(cfg.model)
+        ForwardOptions.from_config(cfg.model, precision)
     except ValueError as err:
         problems += [line.strip() for line in str(err).splitlines()[1:]]
     if cfg.logger.name not in LOGGERS:

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,7 +13,7 @@ from ov_train.config import ConfigError, validate
 from ov_train.data.synthetic import ensure_synthetic
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
-from ov_train.strategies import build_strategy
+from ov_train.strategies import build_strategy, default_precision
 from ov_train.tools.export import export_pretrained, model_from_checkpoint
 from ov_train.training.callbacks import build_callbacks
 from ov_train.training.datamodule import OneVisionData
@@ -52,8 +51,6 @@ def prepare_synthetic(cfg: DictConfig) -> None:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if kwargs.get("precision") is None:
-        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     if kwargs.get("val_check_interval") is None:
         kwargs["val_check_interval"] = kwargs["max_steps"]
     return L.Trainer(
@@ -68,6 +65,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def train(cfg: DictConfig) -> dict:
     resolve_ckpt_path(cfg)
+    if cfg.trainer.precision is None:
+        cfg.trainer.precision = default_precision(cfg)
     validate(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
@@ -82,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
     tokenizer.save_pretrained(tokenizer_dir)
     module = OneVisionModule(
         model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir),
-        forward_options=ForwardOptions.from_config(cfg.model), nonfinite=cfg.nonfinite,
+        forward_options=ForwardOptions.from_config(cfg.model, cfg.trainer.precision), nonfinite=cfg.nonfinite,
     )
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)

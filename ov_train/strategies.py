@@ -77,6 +77,19 @@ def world_size(trainer_cfg) -> int:
     return (devices if isinstance(devices, int) else len(devices)) * int(trainer_cfg.num_nodes)
 
 
+def default_precision(cfg) -> str:
+    """trainer.precision when the config leaves it null.
+
+    One GPU: bf16 weights with fp32 masters in the optimizer (ov_train.training.optim), so no autocast
+    re-casts. Several: bf16-mixed, so DDP reduces fp32 gradients, and DeepSpeed and FSDP2 (bf16 compute on
+    fp32 shards) keep fp32 weights of their own. CPU: fp32.
+    """
+    if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+        return "32-true"
+    one_gpu = cfg.trainer.devices == 1 and cfg.trainer.num_nodes == 1
+    return "bf16-true" if one_gpu and cfg.strategy.name == "auto" else "bf16-mixed"
+
+
 def build_strategy(cfg):
     """The Lightning strategy (or the string `auto`) for `cfg.strategy`; config.validate has checked its settings."""
     s = cfg.strategy

@@ -117,7 +117,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "video_frames": torch.cat(videos) if videos else None,
         "frames_per_video": [v.shape[0] for v in videos],
         "modality": [e["modality"] for e in examples],
-        "chance": torch.tensor([e["chance"] for e in examples]),
+        # Floats, not a tensor: under bf16-true Lightning casts the batch's float tensors to bf16 (1/3 -> 0.334).
+        "chance": [e["chance"] for e in examples],
         "skipped": skipped,
     }
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ov_train.model.checkpointing import CHECKPOINTABLE, apply_activation_checkpointing
+from ov_train.model.checkpointing import CHECKPOINTABLE, apply_activation_checkpointing, module_layers
 from ov_train.model.loss import chunked_cross_entropy, fused_available, fused_cross_entropy_sums
 from ov_train.model.packing import VARLEN, PackedBatch, language_model_hidden, pack, set_attention, varlen_attn
 
@@ -146,16 +146,21 @@ class ForwardOptions:
     max_tokens: int = 16384  # per packed row
     loss: str = "full"  # full: one logits tensor; chunked: chunked (CPU) or Liger fused (CUDA) linear CE
     loss_chunk: int = 1024
-    attn_implementation: str = "auto"  # auto: ov_varlen when packing on CUDA, else sdpa
+    attn_implementation: str = "auto"  # auto: ov_varlen when packing on CUDA in bf16/fp16, else sdpa
     activation_checkpointing: tuple[str, ...] = ()
     checkpoint_every: int = 1
+    compile: bool = False  # torch.compile each tower and LLM layer
+    # Whether the model computes in bf16/fp16 (trainer.precision); varlen attention needs it.
+    half_precision: bool = True
 
     @classmethod
-    def from_config(cls, cfg) -> "ForwardOptions":
-        names = cls.__dataclass_fields__
+    def from_config(cls, cfg, precision=None) -> "ForwardOptions":
+        """From a `model` config node and the trainer's precision (null: assume bf16 or fp16)."""
+        names = set(cls.__dataclass_fields__) - {"half_precision"}
         values = {k: cfg[k] for k in names if cfg.get(k) is not None}
         modules = values.get("activation_checkpointing", ())
         values["activation_checkpointing"] = (modules,) if isinstance(modules, str) else tuple(modules)
+        values["half_precision"] = precision is None or str(precision).startswith(("bf16", "16"))
         options = cls(**values)
         problems = options.problems()
         if problems:
@@ -172,6 +177,10 @@ class ForwardOptions:
             out.append(f"model.attn_implementation={VARLEN} needs model.packing=true")
         if self.attn_implementation == VARLEN and varlen_attn is None:
             out.append(f"model.attn_implementation={VARLEN}: this torch has no torch.nn.attention.varlen")
+        if self.attn_implementation == VARLEN and not self.half_precision:
+            out.append(f"model.attn_implementation={VARLEN} runs in bf16/fp16 only: set trainer.precision=bf16-true or bf16-mixed")
+        if not isinstance(self.compile, bool):
+            out.append(f"model.compile={self.compile!r} must be true or false")
         unknown = sorted(set(self.activation_checkpointing) - set(CHECKPOINTABLE))
         if unknown:
             out.append(f"model.activation_checkpointing has {unknown}; allowed: {list(CHECKPOINTABLE)}")
@@ -183,13 +192,18 @@ class ForwardOptions:
     def attention(self) -> str:
         if self.attn_implementation != "auto":
             return self.attn_implementation
-        usable = self.packing and torch.cuda.is_available() and varlen_attn is not None
+        usable = self.packing and self.half_precision and torch.cuda.is_available() and varlen_attn is not None
         return VARLEN if usable else "sdpa"
 
     def prepare(self, model) -> None:
-        """Set the model up once, before training: attention implementation, activation checkpointing."""
+        """Set the model up once, before any strategy wraps it: attention implementation, activation
+        checkpointing, then compilation (each layer compiled with its checkpointing switch in place)."""
         set_attention(model, self.attention())
         apply_activation_checkpointing(model, self.activation_checkpointing, self.checkpoint_every)
+        if self.compile:
+            for module in CHECKPOINTABLE:
+                for layer in module_layers(model, module):
+                    layer.compile(dynamic=True)  # packed rows change length every step
 
 
 def _supervised_hidden(model, batch: dict, options: ForwardOptions):

@@ -10,6 +10,7 @@ import torch
 from ov_train.data.recipe import MODALITIES
 from ov_train.model.forward import ForwardOptions, sample_losses
 from ov_train.model.parts import apply_stage, format_table
+from ov_train.training.optim import build_adamw
 from ov_train.training.schedule import warmup_cosine
 from ov_train.utils.logging import get_logger
 
@@ -112,7 +113,7 @@ class OneVisionModule(L.LightningModule):
         hits = correct.double()
         for i, modality in enumerate(batch["modality"]):
             self._val[modality] += torch.stack(
-                [sums[i].double(), counts[i].double(), hits[i], batch["chance"][i].double(), hits.new_ones(())]
+                [sums[i].double(), counts[i].double(), hits[i], hits.new_tensor(batch["chance"][i]), hits.new_ones(())]
             ).cpu()
         # For the sample table (training/metrics.py: ValidationPredictions).
         return {"correct": correct, "predictions": predictions}
@@ -152,7 +153,9 @@ class OneVisionModule(L.LightningModule):
     def configure_optimizers(self):
         # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
         groups, _ = apply_stage(self.model, dict(self.stage.parts), self.lr_scale, self.stage.weight_decay)
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
+        optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
+        log.info("optimizer: %s", type(optimizer).__name__)
         lam = partial(warmup_cosine, total_steps=self.total_steps, warmup_ratio=self.stage.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

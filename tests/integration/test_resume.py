@@ -1,4 +1,5 @@
-"""Exact resume: 6 steps straight equal 3 steps, stop, resume to 6 (same batches, bit-identical weights)."""
+"""Exact resume: 6 steps straight equal 3 steps, stop, resume to 6 (same batches, bit-identical weights), also with
+bf16 weights, whose fp32 masters live in the optimizer's state."""
 import csv
 import json
 
@@ -17,10 +18,11 @@ def checkpoint(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers):
+@pytest.mark.parametrize("workers, precision", [(0, "32-true"), (2, "32-true"), (0, "bf16-true")])
+def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, precision):
     overrides = [
         f"data.root={small_data_root}", *SMALL_DATA, "logger=csv", "export=false", "trainer.max_steps=6",
+        f"trainer.precision={precision}",
         f"data.num_workers={workers}", "data.record_keys=true", "+trainer.limit_val_batches=0",
         # Small blocks and a budget that closes some batches before batch_size: resume points fall
         # mid-block and right after a sample that did not fit.
@@ -41,6 +43,13 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers):
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    (state_a,), (state_b,) = a["optimizer_states"], b["optimizer_states"]
+    assert state_a["state"].keys() == state_b["state"].keys()
+    for index, tensors in state_a["state"].items():
+        assert all(torch.equal(v, state_b["state"][index][k]) for k, v in tensors.items())
+    if precision == "bf16-true":
+        assert {v.dtype for v in a["state_dict"].values() if v.is_floating_point()} == {torch.bfloat16}
+        assert {v.dtype for s in state_a["state"].values() for k, v in s.items() if k != "step"} == {torch.float32}
     # The stream position and the realized-mix counts carry over too.
     assert a["callbacks"]["StreamState"] == b["callbacks"]["StreamState"]
     assert a["callbacks"]["StreamState"]["consumed"] == 6

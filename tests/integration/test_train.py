@@ -103,3 +103,19 @@ def test_ov_export_rebuilds_the_run_export_from_the_checkpoint(onevision_run, tm
     assert ours.keys() == run_export.keys()
     assert all(torch.equal(ours[k], run_export[k]) for k in ours)
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_bf16_weights_train_validate_and_export(onevision_run, tmp_path, small_data_root):
+    """trainer.precision=bf16-true (the one-GPU default) on CPU: bf16 weights, fp32 masters, and held-out metrics
+    that are not themselves rounded to bf16 (chance equals the fp32 run's to the last bit)."""
+    run_dir, summary = run_stage(tmp_path, small_data_root, "onevision", "trainer.precision=bf16-true", steps=2)
+    assert summary["chance_accuracy"] == onevision_run[1]["chance_accuracy"]
+    assert summary["val_samples"] == onevision_run[1]["val_samples"] and summary["val_loss"] < 7.0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.bfloat16}
+    masters = {k: s["master"] for k, s in ckpt["optimizer_states"][0]["state"].items()}
+    assert masters and {m.dtype for m in masters.values()} == {torch.float32}
+    # The export holds the weights the model computed with (the bf16 ones), loadable by stock transformers.
+    exported = LlavaOnevisionForConditionalGeneration.from_pretrained(run_dir / "export").state_dict()
+    assert exported.keys() == {k.removeprefix("model.") for k in ckpt["state_dict"]}
+    assert all(torch.equal(v.float(), ckpt["state_dict"][f"model.{k}"].float()) for k, v in exported.items())

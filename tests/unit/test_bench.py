@@ -1,24 +1,34 @@
 """`python -m ov_train.bench --tiny` (and `--tiny --loader`) runs on CPU and prints figures that parse and are
-positive; its FLOPs count what the dashboards count; the loader bench's shards make the onevision recipe."""
+positive; its FLOPs count what the dashboards count; the loader bench's shards make the onevision recipe; the
+goals report reads what `--json` wrote."""
+import json
 import re
 
-from ov_train.bench import MIXTURE, main, synthetic_mixture, token_counts, write_mixture_shards
+import pytest
+
+from ov_train.bench import main
+from ov_train.bench.mixture import MIXTURE, synthetic_mixture, token_counts, write_mixture_shards
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.training.metrics import batch_counts
 from ov_train.vision.geometry import VisionGeometry
 
-FIGURES = re.compile(r"^(stock|ov_train|ratio)\s+tokens/s ([\d.]+)x?\s+MFU ([\d.]+)[%x]\s+peak memory ([\d.]+)(?: GiB|x)$")
+FIGURES = re.compile(
+    r"^(stock|ov_train|ratio)\s+tokens/s ([\d.]+)x?\s+MFU ([\d.]+)[%x]\s+peak memory ([\d.]+)(?: GiB|x)(?:\s+rows of (\d+))?$"
+)
 LOADER = re.compile(r"^loader\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers (\d+)\s+cpus (\d+)$")
 
 
-def test_tiny_bench_prints_positive_figures(capsys):
-    results = main(["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1"])
+def test_tiny_bench_prints_positive_figures(capsys, tmp_path):
+    results = main(["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512", "--json", str(tmp_path / "b.json")])
     lines = [m.groups() for m in map(FIGURES.match, capsys.readouterr().out.splitlines()) if m]
-    assert [name for name, *_ in lines] == ["stock", "ov_train", "ratio"]
-    for _, *figures in lines:
+    assert [(name, rows) for name, *_, rows in lines] == [
+        ("stock", None), ("ov_train", "128"), ("ratio", "128"), ("ov_train", "512"), ("ratio", "512"),
+    ]
+    for _, *figures, _ in lines:
         assert all(float(f) > 0 for f in figures)
-    assert [r["name"] for r in results] == ["stock", "ov_train"]
+    assert [(r["name"], r.get("max_tokens")) for r in results] == [("stock", None), ("ov_train", 128), ("ov_train", 512)]
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == results
 
 
 def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
@@ -47,3 +57,32 @@ def test_loader_shards_give_every_worker_whole_shards(tmp_path):
     assert {s.modality for s in recipe} == set(MIXTURE)
     assert all(len(s.train_shards) >= 2 for s in recipe)
     assert shards == sum(len(s.train_shards) for s in recipe)
+
+
+def _result(name, tokens_per_s, mfu=0.1, peak_gib=10.0, max_tokens=None):
+    r = {"name": name, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": peak_gib}
+    return r if max_tokens is None else {**r, "max_tokens": max_tokens}
+
+
+def test_goals_report_reads_the_json_results(tmp_path, capsys):
+    sweep = [_result("stock", 20_000), _result("ov_train", 70_000, 0.46, 30, 8192), _result("ov_train", 64_000, 0.42, 38, 32768)]
+    compiled = [_result("stock", 21_000), _result("ov_train", 60_000, 0.40, 45, 32768)]
+    (tmp_path / "bench.json").write_text(json.dumps({"results": sweep}))
+    (tmp_path / "compile.json").write_text(json.dumps({"results": compiled}))
+    goals = {g.name: g for g in main(["--goals", str(tmp_path)])}
+    assert goals["tokens/s vs the public recipe"].measured == 3.5 and goals["tokens/s vs the public recipe"].met
+    assert goals["MFU"].measured == 0.46 and goals["MFU"].met
+    assert goals["peak memory, 32k-token rows"].measured == 38 and goals["peak memory, 32k-token rows"].met
+    spread = goals["tokens/s spread, rows of 8k..32k"]
+    assert abs(spread.measured - (1 - 64 / 70)) < 1e-12 and spread.met
+    assert goals["loader tokens/s / GPU tokens/s"].met is None  # no loader run in the directory
+    out = capsys.readouterr().out
+    assert "not measured" in out and "3.50x" in out
+
+    (tmp_path / "loader.json").write_text(json.dumps({"results": [{"name": "loader", "tokens_per_s": 84_000}]}))
+    goals = {g.name: g for g in main(["--goals", str(tmp_path)])}
+    assert goals["loader tokens/s / GPU tokens/s"].measured == 1.2 and goals["loader tokens/s / GPU tokens/s"].met is False
+
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json"):
+        main(["--goals", str(tmp_path)])

@@ -150,3 +150,15 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path):
     cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
     resolve_ckpt_path(cfg)
     assert cfg.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_precision_and_compile_combinations_are_checked():
+    _invalid(["trainer.precision=16-true"], "trainer.precision=16-true", "loss scaling", "bf16-true")
+    _invalid(
+        ["strategy=fsdp2", "trainer.devices=2", "trainer.precision=bf16-true"],
+        "trainer.precision=bf16-true with strategy=fsdp2", "bf16-mixed",
+    )
+    _invalid(["model.attn_implementation=ov_varlen", "trainer.precision=32-true"], "model.attn_implementation=ov_varlen runs in bf16/fp16 only")
+    _invalid(["model.compile=yes"], "model.compile='yes' must be true or false")
+    _invalid(["strategy=deepspeed_zero3", "model.compile=true"], "model.compile=true with ZeRO-3")
+    validate(compose_config(["model.compile=true", "trainer.precision=bf16-true"], run_dir=Path("/tmp/x")))

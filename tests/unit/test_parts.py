@@ -4,18 +4,13 @@ from __future__ import annotations
 import copy
 import re
 
-import numpy as np
 import pytest
 import torch
 
-from ov_train.data.samples import SampleProcessor, collate
-from ov_train.data.video import encode_mp4
 from ov_train.model.build import build_model
 from ov_train.model.forward import forward_logits, token_losses
 from ov_train.model.parts import PARTS, UNUSED, apply_stage, format_table, part_of
-from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import CONF, compose_config
-from tests.helpers import noise_png, raw_sample
 
 STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
 PREFIXES = {
@@ -35,15 +30,15 @@ def _unused(name: str) -> bool:
     return re.fullmatch(r"model\.vision_tower\.(vision_model\.)?(post_layernorm|head)\..+", name) is not None
 
 
-@pytest.fixture(scope="module")
-def tiny(_offline_cache):
-    torch.manual_seed(0)
-    return build_model(compose_config([]).model, _offline_cache)
+@pytest.fixture
+def model(tiny_model_and_tokenizer):
+    return copy.deepcopy(tiny_model_and_tokenizer[0])
 
 
 @pytest.fixture
-def model(tiny):
-    return copy.deepcopy(tiny[0])
+def batch(mixed_batch):
+    """An anyres image, three images, a video, text only: every trainable tensor gets a gradient."""
+    return mixed_batch[2]
 
 
 def test_stage_configs_are_the_four_stages():
@@ -126,21 +121,6 @@ def test_tied_embeddings_are_one_llm_tensor(_offline_cache):
 
 # ---------------------------------------------------------------------------------------------------------------
 # A real optimizer step
-
-
-@pytest.fixture(scope="module")
-def batch(tiny):
-    model, tokenizer = tiny
-    geom = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096)
-    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-    raws = [
-        raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(70, 30, 1)]),
-        raw_sample("b", "<image>\n<image>\nWhich one?", "second", [noise_png(32, 32, 2), noise_png(50, 20, 3)]),
-        raw_sample("c", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=1)),
-        raw_sample("d", "What is the opposite of up?", "down"),
-    ]
-    return collate([process(r) for r in raws], tokenizer.pad_token_id)
 
 
 STEP_CASES = {

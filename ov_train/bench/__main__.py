@@ -1,0 +1,3 @@
+from ov_train.bench import main
+
+main()
