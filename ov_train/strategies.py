@@ -86,7 +86,7 @@ def default_precision(cfg) -> str:
     """
     if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
         return "32-true"
-    one_gpu = cfg.trainer.devices == 1 and cfg.trainer.num_nodes == 1
+    one_gpu = world_size(cfg.trainer) == 1
     return "bf16-true" if one_gpu and cfg.strategy.name == "auto" else "bf16-mixed"
 
 

@@ -98,6 +98,7 @@ def test_build_adamw_picks_masters_only_for_bf16_weights_outside_deepspeed():
         ([], False, "32-true"),
         ([], True, "bf16-true"),
         (["trainer.accelerator=cpu"], True, "32-true"),
+        (["trainer.devices=[3]"], True, "bf16-true"),
         (["trainer.devices=2"], True, "bf16-mixed"),
         (["trainer.num_nodes=2"], True, "bf16-mixed"),
         (["strategy=ddp"], True, "bf16-mixed"),
