@@ -17,6 +17,7 @@ root unit, gathered once per step. ZeRO-3 likewise sees the same calls on every 
 from __future__ import annotations
 
 import torch
+from omegaconf import OmegaConf
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
@@ -72,9 +73,22 @@ def deepspeed_config(s, batch_size: int) -> dict:
     }
 
 
+def devices_per_node(devices, accelerator: str = "auto") -> int:
+    """How many devices Lightning runs on per node for `trainer.devices` (int, list, "auto", "-1", "2" or "0,1")."""
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        # "auto" and -1 mean every visible GPU; on the CPU Lightning runs one process.
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if on_gpu else 1
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    return int(text)
+
+
 def world_size(trainer_cfg) -> int:
-    devices = trainer_cfg.devices
-    return (devices if isinstance(devices, int) else len(devices)) * int(trainer_cfg.num_nodes)
+    return devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator)) * int(trainer_cfg.num_nodes)
 
 
 def default_precision(cfg) -> str:

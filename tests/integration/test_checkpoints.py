@@ -75,9 +75,10 @@ def test_fsdp2_checkpoint_exports_the_trained_model(fsdp2_run, small_data_root, 
     batch = _held_out_batch(model, AutoTokenizer.from_pretrained(tmp_path / "export"), small_data_root)
     model.eval(), reference.eval()
     with torch.no_grad():
-        # Weights are equal bit for bit (above); the logits may differ in the last bits because CPU kernels
-        # pick their blocking from tensor memory layout, which loading paths don't share.
-        assert torch.allclose(forward_logits(model, batch), forward_logits(reference, batch), atol=1e-6, rtol=1e-5)
+        # Weights are equal bit for bit (above); the logits may differ at float32 rounding level because CPU
+        # kernels pick their blocking from tensor alignment and layout, which loading paths don't share and
+        # CI machines' CPUs choose differently: the tolerance is the other fp32 parity tests'.
+        assert torch.allclose(forward_logits(model, batch), forward_logits(reference, batch), atol=1e-5, rtol=1e-4)
     # train() exported the same consolidation at the end of the run.
     run_export = LlavaOnevisionForConditionalGeneration.from_pretrained(fsdp2_run / "run" / "export").state_dict()
     assert all(torch.equal(v, run_export[k]) for k, v in model.state_dict().items())

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from ov_train.strategies import default_precision
+from ov_train.strategies import default_precision, devices_per_node
 from ov_train.training.optim import MasterWeightAdamW, build_adamw
 from tests.conftest import compose_config
 
@@ -93,19 +93,35 @@ def test_build_adamw_picks_masters_only_for_bf16_weights_outside_deepspeed():
 
 
 @pytest.mark.parametrize(
-    "overrides, cuda, expected",
+    "overrides, gpus, expected",
     [
-        ([], False, "32-true"),
-        ([], True, "bf16-true"),
-        (["trainer.accelerator=cpu"], True, "32-true"),
-        (["trainer.devices=[3]"], True, "bf16-true"),
-        (["trainer.devices=2"], True, "bf16-mixed"),
-        (["trainer.num_nodes=2"], True, "bf16-mixed"),
-        (["strategy=ddp"], True, "bf16-mixed"),
-        (["strategy=fsdp2"], True, "bf16-mixed"),
-        (["strategy=deepspeed_zero3"], True, "bf16-mixed"),
+        ([], 0, "32-true"),
+        ([], 8, "bf16-true"),
+        (["trainer.accelerator=cpu"], 1, "32-true"),
+        (["trainer.devices=[3]"], 8, "bf16-true"),
+        (["trainer.devices=2"], 8, "bf16-mixed"),
+        (["trainer.devices='0,1'"], 8, "bf16-mixed"),
+        (["trainer.devices=auto"], 1, "bf16-true"),
+        (["trainer.devices=auto"], 8, "bf16-mixed"),
+        (["trainer.devices=-1"], 8, "bf16-mixed"),
+        (["trainer.num_nodes=2"], 8, "bf16-mixed"),
+        (["strategy=ddp"], 1, "bf16-mixed"),
+        (["strategy=fsdp2"], 1, "bf16-mixed"),
+        (["strategy=deepspeed_zero3"], 1, "bf16-mixed"),
     ],
 )
-def test_default_precision(monkeypatch, overrides, cuda, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+def test_default_precision(monkeypatch, overrides, gpus, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert default_precision(compose_config(overrides)) == expected
+
+
+@pytest.mark.parametrize(
+    "devices, accelerator, gpus, expected",
+    [(4, "gpu", 8, 4), ([0, 2], "gpu", 8, 2), ("3", "gpu", 8, 3), ("0,1,", "gpu", 8, 2),
+     ("auto", "auto", 8, 8), ("auto", "cpu", 8, 1), ("auto", "auto", 0, 1), (-1, "gpu", 4, 4)],
+)
+def test_devices_per_node_reads_every_form_lightning_takes(monkeypatch, devices, accelerator, gpus, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert devices_per_node(devices, accelerator) == expected
