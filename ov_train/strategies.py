@@ -17,8 +17,8 @@ root unit, gathered once per step. ZeRO-3 likewise sees the same calls on every 
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+from omegaconf import OmegaConf
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 

@@ -92,6 +92,11 @@ def test_build_adamw_picks_masters_only_for_bf16_weights_outside_deepspeed():
     assert (group["lr"], group["betas"], group["eps"]) == (1e-3, (0.9, 0.999), 1e-8)
 
 
+def _visible_gpus(monkeypatch, gpus: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+
 @pytest.mark.parametrize(
     "overrides, gpus, expected",
     [
@@ -111,8 +116,7 @@ def test_build_adamw_picks_masters_only_for_bf16_weights_outside_deepspeed():
     ],
 )
 def test_default_precision(monkeypatch, overrides, gpus, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    _visible_gpus(monkeypatch, gpus)
     assert default_precision(compose_config(overrides)) == expected
 
 
@@ -122,6 +126,5 @@ def test_default_precision(monkeypatch, overrides, gpus, expected):
      ("auto", "auto", 8, 8), ("auto", "cpu", 8, 1), ("auto", "auto", 0, 1), (-1, "gpu", 4, 4)],
 )
 def test_devices_per_node_reads_every_form_lightning_takes(monkeypatch, devices, accelerator, gpus, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    _visible_gpus(monkeypatch, gpus)
     assert devices_per_node(devices, accelerator) == expected
