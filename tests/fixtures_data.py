@@ -120,7 +120,7 @@ def make_llava_dataset(root: Path) -> dict:
     write_video(media / "videos/clip40.mp4", 40)
     # LLaVA-Video style: the video is marked with <image>.
     records.append({"id": "video_40s", "video": "videos/clip40.mp4", "conversations": conversation("<image>\nWhich way does it move?", "left")})
-    # Other containers keep their extension; decord reads the bytes whatever the name.
+    # Another container: convert stores every video under one field; decord reads the bytes whatever the name.
     write_video(media / "videos/clip10.mkv", 10)
     records.append({"id": "video_10s", "video": "videos/clip10.mkv", "conversations": conversation("<video>\nWhat happens?", "right")})
     tokens.update(video_40s=SPEC_VIDEO_40S, video_10s=SPEC_VIDEO_10S)

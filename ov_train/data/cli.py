@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -22,7 +23,7 @@ def _positive(text: str) -> int:
 def _convert(args: argparse.Namespace) -> int:
     try:
         totals = convert(args.input, args.out, args.media_root, args.format, args.samples_per_shard,
-                         args.max_shard_bytes, args.workers, args.seed, args.tokenizer)
+                         args.max_shard_bytes, args.workers, args.seed, args.tokenizer, args.allow_outside_root)
     except InputError as err:
         print(f"ov-data convert: error: {err}", file=sys.stderr)
         return 1
@@ -57,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("convert", help=summary, description=summary)
     cmd.add_argument("input", help="LLaVA .json / .jsonl, LLaVA-NeXT data .yaml, or .parquet with image bytes")
     cmd.add_argument("--out", required=True, help="output folder for shards, index.json and rejects.jsonl")
-    cmd.add_argument("--media-root", help="folder the image/video paths are relative to (default: INPUT's folder)")
+    cmd.add_argument("--media-root", help="folder the image/video paths are relative to (default: INPUT's folder); "
+                                          "paths resolving outside it are rejected as outside_media_root")
+    cmd.add_argument("--allow-outside-root", action="store_true",
+                     help="read media paths that resolve outside --media-root (.., absolute paths, symlinks)")
     cmd.add_argument("--format", choices=sorted(set(FORMATS.values())), help="override the format the extension implies")
     cmd.add_argument("--samples-per-shard", type=_positive, default=1000)
     cmd.add_argument("--max-shard-bytes", type=_positive, default=1 << 30)
@@ -76,4 +80,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")  # warnings (a restarted conversion) reach stderr as plain lines
     return args.run(args)

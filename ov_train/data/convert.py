@@ -3,18 +3,23 @@
 Shards are planned from the input order: chunk k holds input items [k*S, (k+1)*S) (S =
 --samples-per-shard) and becomes `train-{k:06d}-000000.tar` (more pieces only when
 --max-shard-bytes splits it) plus an index part `parts/part-{k:06d}.json`, written last. A chunk
-whose part and shards all exist is finished, so a rerun converts only what is missing. Every
-file appears under its final name only when complete (temp + rename).
+whose part and shards all exist is finished, so a rerun on unchanged inputs converts only what is
+missing (convert_state.py). Media references resolve inside --media-root, symlinks followed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import multiprocessing
 import os
 import re
+import signal
+import stat
 import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +29,11 @@ import decord
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ov_train.data.convert_state import SHARD_PREFIX, claim, finished, part_path, write_atomic
 from ov_train.data.formats import InputError, Item, detect_format, open_input
 from ov_train.data.inspect import summarise
 from ov_train.data.shard_writer import ShardWriter
-from ov_train.data.video import VideoDecodeError, decode_video
+from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
 from ov_train.text.template import MEDIA_TOKENS
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
@@ -36,8 +42,6 @@ from ov_train.vision.tokens import anyres_tokens, single_crop_tokens, video_fram
 # Token counts in the index are for the real OneVision geometry (SigLIP-384/14, anyres_max_9).
 OV_GEOMETRY = VisionGeometry(384, 14, default_pinpoints(384), 9)
 MAX_FRAMES = 32
-SHARD_PREFIX = "train"  # the name data recipes look for (`train-*.tar`)
-PARTS_DIR = "parts"
 _IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _MEDIA = re.compile("|".join(re.escape(t) for t in MEDIA_TOKENS))
 _HUMAN, _GPT = {"human", "user"}, {"gpt", "assistant"}
@@ -51,10 +55,41 @@ class Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
+# ---------------------------------------------------------------- media references
+
+
+@dataclass(frozen=True)
+class MediaRoot:
+    """The folder media references are read from; `contained`: a reference must resolve inside it."""
+
+    path: Path  # resolved
+    contained: bool = True
+
+    def read(self, ref: str, reason: str) -> bytes:
+        """The bytes of a media reference; Reject(outside_media_root) when it resolves (symlinks followed,
+        `..` and absolute paths included) outside the root, Reject(reason) when it cannot be read."""
+        try:
+            path = Path(os.path.realpath(self.path / ref))
+        except ValueError as err:  # an embedded NUL byte
+            raise Reject(reason, f"{ref!r}: {err}") from err
+        if self.contained and not path.is_relative_to(self.path):
+            raise Reject("outside_media_root", f"{ref!r} resolves to {path}, outside --media-root {self.path} "
+                                               "(--allow-outside-root reads it)")
+        try:
+            # NOFOLLOW: a file swapped for a symlink after the check is not followed; NONBLOCK: no FIFO hangs us.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise Reject(reason, f"{path}: not a regular file")
+                return f.read()
+        except OSError as err:
+            raise Reject(reason, f"{path}: {err.strerror or err}") from err
+
+
 # ---------------------------------------------------------------- one record -> one shard sample
 
 
-def build_sample(item: Item, key: str, media_root: Path) -> tuple[dict, dict]:
+def build_sample(item: Item, key: str, media: MediaRoot) -> tuple[dict, dict]:
     """Validate a record and load its media; returns (shard sample, index entry) or raises Reject."""
     if item.error:
         raise Reject("malformed_line", item.error)
@@ -71,17 +106,19 @@ def build_sample(item: Item, key: str, media_root: Path) -> tuple[dict, dict]:
     sample = {"__key__": key}
     entry = {"key": key, "id": item_id(item), "source": item.source}
     if video_ref:
-        entry.update(_add_video(sample, _read(media_root, video_ref, "missing_video"), video_ref))
+        entry.update(_add_video(sample, media.read(video_ref, "missing_video"), video_ref))
     elif n_images:
         if item.image_bytes is not None:
             payloads = [(data, f"{item.where} image {i}") for i, data in enumerate(item.image_bytes)]
         else:
-            payloads = [(_read(media_root, ref, "missing_image"), ref) for ref in image_refs]
+            payloads = [(media.read(ref, "missing_image"), ref) for ref in image_refs]
         entry.update(_add_images(sample, payloads))
     else:
         entry.update(modality="text", visual_tokens=0)
 
     meta = {"id": entry["id"], "modality": entry["modality"], "conversations": conversations, "source": item.source}
+    if video_ref:
+        meta["video_container"] = entry["video"]["container"]
     meta.update({k: record[k] for k in ("task", "options", "answer") if k in record})
     sample["json"] = meta
     return sample, entry
@@ -100,11 +137,12 @@ def _add_images(sample: dict, payloads: list[tuple[bytes, str]]) -> dict:
 
 
 def _add_video(sample: dict, data: bytes, name: str) -> dict:
-    """Store the video under its container's extension (mp4, webm, mkv...); index fields for it."""
+    """Store the video under VIDEO_FIELD; index fields for it, its container named by the file's extension."""
     total, fps, duration = _video_info(data, name)
-    sample[Path(name).suffix.lower().lstrip(".") or "mp4"] = data
+    sample[VIDEO_FIELD] = data
     sampled = len(video_frame_indices(total, fps, MAX_FRAMES))
-    video = {"frames": total, "fps": round(fps, 3), "duration": round(duration, 3), "sampled_frames": sampled}
+    video = {"frames": total, "fps": round(fps, 3), "duration": round(duration, 3), "sampled_frames": sampled,
+             "container": Path(name).suffix.lower().lstrip(".") or None}
     return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, OV_GEOMETRY)}
 
 
@@ -153,14 +191,6 @@ def _check_placeholders(turns: list[dict], n_images: int, has_video: bool) -> li
     return turns
 
 
-def _read(media_root: Path, ref: str, reason: str) -> bytes:
-    path = media_root / ref
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise Reject(reason, f"{path}: {err.strerror or err}") from err
-
-
 def _image_info(data: bytes, name: str) -> tuple[str, int, int]:
     """(extension, height, width) of an image that fully decodes; corrupt_image otherwise."""
     try:
@@ -194,7 +224,7 @@ def _video_info(data: bytes, name: str) -> tuple[int, float, float]:
 @dataclass(frozen=True)
 class Plan:
     out_dir: str
-    media_root: str
+    media: MediaRoot
     samples_per_shard: int
     max_shard_bytes: int
 
@@ -207,16 +237,6 @@ class Chunk:
     text_tokens: list[int]
 
 
-def part_path(out_dir: Path, index: int) -> Path:
-    return Path(out_dir) / PARTS_DIR / f"part-{index:06d}.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_chunk(plan: Plan, chunk: Chunk) -> int:
     """Write one chunk's shard(s), then its index part; returns the number of input items handled."""
     out = Path(plan.out_dir)
@@ -225,7 +245,7 @@ def write_chunk(plan: Plan, chunk: Chunk) -> int:
     with ShardWriter(out, prefix, plan.samples_per_shard, plan.max_shard_bytes) as writer:
         for offset, (item, text_tokens) in enumerate(zip(chunk.items, chunk.text_tokens)):
             try:
-                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", Path(plan.media_root))
+                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", plan.media)
             except Reject as rej:
                 rejects.append({"id": item_id(item), "reason": rej.reason, "detail": rej.detail, "where": item.where})
                 continue
@@ -238,14 +258,6 @@ def write_chunk(plan: Plan, chunk: Chunk) -> int:
     part = {"chunk": chunk.index, "shards": writer.shards, "samples": entries, "rejects": rejects}
     write_atomic(part_path(out, chunk.index), json.dumps(part, ensure_ascii=False))
     return len(chunk.items)
-
-
-def _finished(out: Path, index: int) -> bool:
-    try:
-        part = json.loads(part_path(out, index).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return all((out / shard).is_file() for shard in part["shards"])
 
 
 def text_token_counts(tokenizer, items: list[Item]) -> list[int]:
@@ -280,7 +292,7 @@ def _chunks(items: Iterator[Item], plan: Plan, tokenizer, stats: dict, bar) -> I
 def _pending(batch: list[Item], plan: Plan, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
     index = stats["chunks"]
     stats["chunks"] += 1
-    if _finished(Path(plan.out_dir), index):
+    if finished(Path(plan.out_dir), index):
         stats["resumed"] += 1
         bar.update(len(batch))
         return
@@ -293,7 +305,8 @@ def _run(plan: Plan, chunks: Iterator[Chunk], workers: int) -> Iterator[int]:
             yield write_chunk(plan, chunk)
         return
     # spawn: workers start clean instead of forking the tokenizer's threads.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         pending: set = set()
         try:
             for chunk in chunks:
@@ -308,6 +321,30 @@ def _run(plan: Plan, chunks: Iterator[Chunk], workers: int) -> Iterator[int]:
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker initializer: the worker dies with the convert process, even a SIGKILL'd one (whose pool
+    would otherwise wait forever on its call queue, keeping the resource tracker alive too)."""
+    try:
+        # Linux: the kernel sends SIGKILL when the thread that spawned us exits (_run's, which owns the pool).
+        armed = sys.platform == "linux" and ctypes.CDLL(None, use_errno=True).prctl(
+            _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+    if os.getppid() != parent:  # it died before we were armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # ---------------------------------------------------------------- the whole conversion
@@ -325,27 +362,6 @@ def _load_tokenizer(path: str | None):
         except (OSError, ValueError) as err:
             raise InputError(f"--tokenizer {path}: cannot load a tokenizer there ({err})") from err
     return build_tiny_tokenizer(cache_dir() / "tokenizer")
-
-
-def _claim(out: Path, settings: dict) -> None:
-    """Record the settings of this output folder; a rerun must use the same ones to resume."""
-    try:
-        (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"--out {out}: cannot create ({err.strerror or err})") from err
-    path = out / PARTS_DIR / "settings.json"
-    if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise InputError(f"--out {out} holds a conversion with other settings ({', '.join(changed)}); "
-                             "use a fresh --out or the same settings")
-    else:
-        write_atomic(path, json.dumps(settings, indent=2))
-    # Temp files of a killed run are never finished files: drop them.
-    for folder in (out, out / PARTS_DIR):
-        for tmp in folder.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
 
 
 def _merge(out: Path, settings: dict, chunks: int) -> dict:
@@ -375,8 +391,10 @@ def _readable(path: Path, what: str, is_dir: bool) -> Path:
 
 
 def convert(input_path, out_dir, media_root=None, fmt: str | None = None, samples_per_shard: int = 1000,
-            max_shard_bytes: int = 1 << 30, workers: int = 1, seed: int = 0, tokenizer: str | None = None) -> dict:
-    """Convert INPUT into shards + index under out_dir; returns the totals plus chunk counts."""
+            max_shard_bytes: int = 1 << 30, workers: int = 1, seed: int = 0, tokenizer: str | None = None,
+            allow_outside_root: bool = False) -> dict:
+    """Convert INPUT into shards + index under out_dir; returns the totals, chunk counts and why an earlier
+    run's chunks were dropped (`restarted`, None when they were not)."""
     input_path = _readable(Path(input_path).resolve(), "INPUT", is_dir=False)
     media_root = _readable(Path(media_root or input_path.parent).resolve(), "--media-root", is_dir=True)
     fmt = detect_format(input_path, fmt)
@@ -384,16 +402,17 @@ def convert(input_path, out_dir, media_root=None, fmt: str | None = None, sample
     out = Path(out_dir)
     settings = {"input": str(input_path), "format": fmt, "media_root": str(media_root), "seed": seed,
                 "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
-                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
-    _claim(out, settings)
-    plan = Plan(str(out), str(media_root), samples_per_shard, max_shard_bytes)
+                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+                "allow_outside_root": allow_outside_root}
+    restarted = claim(out, settings, source.files)
+    plan = Plan(str(out), MediaRoot(media_root, not allow_outside_root), samples_per_shard, max_shard_bytes)
     stats = {"chunks": 0, "resumed": 0}
     with tqdm(total=source.total, unit="sample", desc="ov-data convert", disable=None) as bar:
         chunks = _chunks(source.items, plan, _load_tokenizer(tokenizer), stats, bar)
         for handled in _run(plan, chunks, workers):
             bar.update(handled)
     totals = _merge(out, settings, stats["chunks"])
-    return {**totals, "chunks": stats["chunks"], "resumed_chunks": stats["resumed"]}
+    return {**totals, "chunks": stats["chunks"], "resumed_chunks": stats["resumed"], "restarted": restarted}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and never judges a record beyond parsing it: validation belongs to the conversio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -17,6 +18,7 @@ import yaml
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".yaml": "yaml", ".yml": "yaml", ".parquet": "parquet"}
 PARQUET_BATCH_ROWS = 256
+HEAD_BYTES = 1 << 20  # how much of an input file its fingerprint hashes
 
 
 class InputError(ValueError):
@@ -36,6 +38,21 @@ class Item:
 class Input:
     total: int  # number of items `items` yields (for the progress bar)
     items: Iterator[Item]
+    files: list[dict]  # fingerprint() of every file read (a data YAML and each json it lists)
+
+
+def fingerprint(path: Path) -> dict:
+    """Size, modification time and a hash of the head of a file: a resumed conversion checks its input did not change.
+
+    Taken just before the file is read, so an edit made while it is read shows as a change next time.
+    """
+    try:
+        stat = path.stat()
+        with open(path, "rb") as f:
+            head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    except OSError as err:
+        raise InputError(f"{path}: not readable ({err.strerror or err})") from err
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_sha256": head}
 
 
 def detect_format(path: Path, forced: str | None) -> str:
@@ -52,14 +69,13 @@ def open_input(path: str | Path, fmt: str | None = None, seed: int = 0) -> Input
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
         return _parquet(path)
-    if fmt == "yaml":
-        items = _data_yaml(path, seed)
-    else:
-        items = _llava_file(path, fmt)
-    return Input(len(items), iter(items))
+    files: list[dict] = []
+    items = _data_yaml(path, seed, files) if fmt == "yaml" else _llava_file(path, fmt, files)
+    return Input(len(items), iter(items), files)
 
 
-def _llava_file(path: Path, fmt: str) -> list[Item]:
+def _llava_file(path: Path, fmt: str, files: list[dict]) -> list[Item]:
+    files.append(fingerprint(path))
     return _json_list(path) if fmt == "json" else list(_jsonl(path))
 
 
@@ -76,23 +92,27 @@ def _json_list(path: Path) -> list[Item]:
 
 def _jsonl(path: Path) -> Iterator[Item]:
     try:
-        with open(path, encoding="utf-8") as f:
+        # Bytes, decoded line by line: one line of bad UTF-8 is one malformed line, not an unreadable file.
+        with open(path, "rb") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 where = f"{path.name}:{number}"
                 try:
-                    yield Item(path.name, where, json.loads(line))
+                    yield Item(path.name, where, json.loads(line.decode("utf-8")))
+                except UnicodeDecodeError as err:
+                    yield Item(path.name, where, None, error=f"invalid UTF-8 ({err})")
                 except ValueError as err:
                     yield Item(path.name, where, None, error=f"invalid JSON ({err})")
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise InputError(f"{path}: not readable as JSON lines ({err})") from err
 
 
 # ---------------------------------------------------------------- LLaVA-NeXT data YAML
 
 
-def _data_yaml(path: Path, seed: int) -> list[Item]:
+def _data_yaml(path: Path, seed: int, files: list[dict]) -> list[Item]:
+    files.append(fingerprint(path))
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
@@ -113,7 +133,7 @@ def _data_yaml(path: Path, seed: int) -> list[Item]:
         fmt = detect_format(json_path, None)
         if fmt not in ("json", "jsonl"):
             raise InputError(f"{where}: json_path must be a .json or .jsonl file, got {json_path.name!r}")
-        records = _llava_file(json_path, fmt)
+        records = _llava_file(json_path, fmt, files)
         strategy = str(entry.get("sampling_strategy", "all"))
         # A seed per dataset entry, so equal-sized datasets do not get the same selection.
         rng = random.Random(f"{seed}/{i}")
@@ -154,6 +174,7 @@ def select(n: int, strategy: str, rng: random.Random) -> list[int]:
 def _parquet(path: Path) -> Input:
     import pyarrow.parquet as pq
 
+    files = [fingerprint(path)]
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for files it cannot read
@@ -161,7 +182,7 @@ def _parquet(path: Path) -> Input:
     missing = {"conversations"} - set(parquet.schema_arrow.names)
     if missing:
         raise InputError(f"{path}: parquet lacks column(s) {sorted(missing)}")
-    return Input(parquet.metadata.num_rows, _parquet_rows(path, parquet))
+    return Input(parquet.metadata.num_rows, _parquet_rows(path, parquet), files)
 
 
 def _parquet_rows(path: Path, parquet) -> Iterator[Item]:

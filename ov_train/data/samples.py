@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ov_train.data.video import decode_video
+from ov_train.data.video import VIDEO_FIELD, decode_video
 from ov_train.text.template import IGNORE_INDEX, encode_conversation
 from ov_train.vision.preprocess import preprocess_frames, preprocess_image
 from ov_train.vision.tokens import video_tokens
 
 
-# Containers decord reads; converted shards keep a video's bytes under its own extension.
-VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")
+# Where a sample's video is, in order: the one field `ov-data convert` writes, then the container extensions
+# that older converted shards used and synthetic shards still use (`mp4`).
+VIDEO_FIELDS = (VIDEO_FIELD, "mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "flv", "wmv", "3gp", "ts", "ogv")
 
 
 class SampleError(ValueError):

@@ -63,8 +63,9 @@ def test_counts_and_visual_tokens_match_the_spec(dataset, converted):
     assert totals["by_modality"] == {"single_image": 5, "multi_image": 1, "video": 2, "text": 1}
     assert totals["visual_tokens"] == 1485 + 2929 + 4744 + 7269 + 8019 + 2190 + 6273 + 1961
     assert by_id["single_3000x800"]["images"] == [[3000, 800]]
-    assert by_id["video_40s"]["video"] == {"frames": 40, "fps": 1.0, "duration": 40.0, "sampled_frames": 32}
-    assert _index(out)["totals"] == {k: v for k, v in totals.items() if k not in ("chunks", "resumed_chunks")}
+    assert by_id["video_40s"]["video"] == {"frames": 40, "fps": 1.0, "duration": 40.0, "sampled_frames": 32,
+                                         "container": "mp4"}
+    assert _index(out)["totals"] == {k: v for k, v in totals.items() if k not in ("chunks", "resumed_chunks", "restarted")}
 
 
 def test_every_bad_input_is_rejected_by_reason(dataset, converted):
@@ -89,10 +90,13 @@ def test_shards_hold_the_original_bytes_in_the_training_format(dataset, converte
     assert fields["single_480x640"]["img0.png"] == (media / "images/480x640.png").read_bytes()
     assert fields["single_384x384"]["img0.jpg"] == (media / "images/384x384.jpg").read_bytes()
     assert sorted(f for f in fields["multi_3"] if f.startswith("img")) == ["img0.jpg", "img1.png", "img2.jpg"]
-    assert fields["video_40s"]["mp4"] == (media / "videos/clip40.mp4").read_bytes()
-    assert fields["video_10s"]["mkv"] == (media / "videos/clip10.mkv").read_bytes()
+    # Every video under one field, whatever its container; the container is noted in the json.
+    assert set(fields["video_40s"]) == set(fields["video_10s"]) == {"__key__", "json", "video"}
+    assert fields["video_40s"]["video"] == (media / "videos/clip40.mp4").read_bytes()
+    assert fields["video_10s"]["video"] == (media / "videos/clip10.mkv").read_bytes()
+    assert json.loads(fields["video_10s"]["json"])["video_container"] == "mkv"
     meta = json.loads(fields["video_40s"]["json"])
-    assert meta["modality"] == "video" and meta["source"] == "train.jsonl"
+    assert meta["modality"] == "video" and meta["source"] == "train.jsonl" and meta["video_container"] == "mp4"
     assert meta["conversations"][0]["value"].startswith("<video>\n")  # LLaVA-Video's <image> marker normalised
     assert set(fields["text_1"]) == {"__key__", "json"}
 
@@ -111,6 +115,7 @@ def test_sample_processor_accepts_converted_samples(converted, _offline_cache):
         if example["frames"] is not None:
             expected.append(video_tokens(example["frames"].shape[0], geometry))
         assert sum(int((example["input_ids"] == i).sum()) for i in media_ids) == sum(expected)
+        assert (example["frames"] is not None) == (meta["modality"] == "video")
         seen.add(meta["modality"])
     assert seen == {"single_image", "multi_image", "video", "text"}
 
