@@ -131,8 +131,10 @@ def _stream_problems(data, seed) -> list[str]:
 def _synthetic_problems(data, seed) -> tuple[list[str], Path]:
     """Problems of data.synthetic and of an explicit data.root, and where the shards will be."""
     settings = data.get("synthetic") or {}
-    problems = []
-    for key, minimum in (("train_per_subset", 1), ("val_per_subset", 1), ("image_px", MIN_SYNTHETIC_PX)):
+    minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": MIN_SYNTHETIC_PX}
+    problems = [f"data.synthetic.{key}: no such setting; allowed: {list(minimums)}" for key in settings
+                if key not in minimums]
+    for key, minimum in minimums.items():
         problems += _int_problem(f"data.synthetic.{key}", settings.get(key), minimum, "synthetic data settings")
     if problems:
         return problems, Path(data.get("root") or ".")  # enough for the recipe's structure

@@ -257,20 +257,20 @@ class ValStream(IterableDataset):
         skips = Skips("held-out sample", self.process, self.max_skips_in_a_row)
         for source in self.sources:
             order = np.arange(len(source.val_shards))
-            used, skipped = 0, Counter()
+            used = 0
             for seen, (_, load) in enumerate(_share(source.val_shards, order, reader, readers, (0, 0))):
                 if self.limit is not None and seen >= self.limit:
                     break
                 try:
                     example = self.process(load())
                 except SampleError as err:
-                    skipped[err.reason] += 1
                     skips.skipped(source.name, err)
                     continue
                 used += 1
                 skips.used(source.name)
                 example["source"] = source.name
                 yield example
+            skipped = skips.by_source.get(source.name)  # all of this source's samples, when none was used
             if skipped and not used:
                 raise StreamError(
                     f"no usable held-out sample in source {source.name!r} (reader {reader} of {readers}):"

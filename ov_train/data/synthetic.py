@@ -275,7 +275,9 @@ def occupied(root, train_per_subset: int, val_per_subset: int, image_px: int, se
     Nothing there is ever deleted, since another run may be reading it. None when it is usable."""
     root = Path(root)
     settings = _settings(train_per_subset, val_per_subset, image_px, seed)
-    if not root.is_dir() or not any(root.iterdir()) or _is_complete(root, settings):
+    if root.exists() and not root.is_dir():
+        return f"{root} is a file, not a directory"
+    if not root.exists() or not any(root.iterdir()) or _is_complete(root, settings):
         return None
     held = (_manifest(root) or {}).get("settings")
     what = f"synthetic data of other settings {held}" if held else "files that are no complete synthetic data set"

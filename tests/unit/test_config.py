@@ -197,8 +197,10 @@ BAD_DATA = {
     "val samples": (lambda tmp, root: ["data.val_samples=0"], ["data.val_samples=0 must be an integer >= 1 or null"]),
     "val type": (lambda tmp, root: ["data.val_samples=all"], ["data.val_samples='all' must be an integer >= 1 or null"]),
     "skip limit": (lambda tmp, root: ["data.max_skips_in_a_row=0"], ["data.max_skips_in_a_row=0 must be an integer >= 1"]),
-    "synthetic": (lambda tmp, root: ["data.synthetic.image_px=4", "data.synthetic.val_per_subset=0", "seed=-1"],
-                  ["data.synthetic.image_px=4 must be an integer >= 16", "data.synthetic.val_per_subset=0", "seed=-1"]),
+    "synthetic": (lambda tmp, root: ["data.synthetic.image_px=4", "data.synthetic.val_per_subset=0", "seed=-1",
+                                     "+data.synthetic.colour=red"],
+                  ["data.synthetic.image_px=4 must be an integer >= 16", "data.synthetic.val_per_subset=0", "seed=-1",
+                   "data.synthetic.colour: no such setting"]),
 }
 
 
