@@ -8,6 +8,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.data.recipe import RecipeError, load_recipe
+from ov_train.data.synthetic import MIN_PX as MIN_SYNTHETIC_PX
+from ov_train.data.synthetic import SYNTHETIC, occupied, synthetic_root
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
 from ov_train.strategies import STRATEGIES, default_precision
@@ -106,16 +108,64 @@ def _precision_problems(precision: str, cfg) -> list[str]:
     return problems
 
 
-def _data_problems(data) -> list[str]:
-    problems = []
-    if OmegaConf.is_missing(data, "root"):
-        return [f"data.root is required for data={data.get('name')}: the directory the recipe's sources are relative to"]
+def _int_problem(key: str, value, minimum: int, meaning: str, nullable: bool = False) -> list[str]:
+    if nullable and value is None:
+        return []
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return []
+    allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
+    return [f"{key}={value!r} must be {allowed} ({meaning})"]
+
+
+def _stream_problems(data, seed) -> list[str]:
+    return (
+        _int_problem("data.num_workers", data.get("num_workers"), 0, "loader processes per rank; 0 loads in the main one")
+        + _int_problem("data.shuffle_buffer", data.get("shuffle_buffer"), 1, "raw samples per shuffled block")
+        + _int_problem("data.val_samples", data.get("val_samples"), 1, "held-out samples per source; null: all", True)
+        + _int_problem("data.max_skips_in_a_row", data.get("max_skips_in_a_row"), 1,
+                       "unusable samples in a row that stop the stream")
+        + _int_problem("seed", seed, 0, "it seeds the model, the data streams and the synthetic data")
+    )
+
+
+def _synthetic_problems(data, seed) -> tuple[list[str], Path]:
+    """Problems of data.synthetic and of an explicit data.root, and where the shards will be."""
+    settings = data.get("synthetic") or {}
+    minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": MIN_SYNTHETIC_PX}
+    problems = [f"data.synthetic.{key}: no such setting; allowed: {list(minimums)}" for key in settings
+                if key not in minimums]
+    for key, minimum in minimums.items():
+        problems += _int_problem(f"data.synthetic.{key}", settings.get(key), minimum, "synthetic data settings")
+    if problems:
+        return problems, Path(data.get("root") or ".")  # enough for the recipe's structure
+    kwargs = dict(settings, seed=seed)
+    root = synthetic_root(data.get("root"), **kwargs)
+    occupant = occupied(root, **kwargs) if data.get("root") else None
+    if occupant:
+        problems.append(f"data.root={str(data.root)!r}: {occupant}; choose another, or data.root=null for a cache"
+                        " directory per setting")
+    return problems, root
+
+
+def _data_problems(data, seed) -> list[str]:
+    problems = _stream_problems(data, seed)
+    if data.get("name") == SYNTHETIC:
+        # Its shards are generated after validation (in a directory per setting unless data.root says where).
+        more, root = _synthetic_problems(data, seed)
+        problems += more
+        require_shards = False
+    elif OmegaConf.is_missing(data, "root") or not data.get("root"):
+        return problems + [
+            f"data.root is required for data={data.get('name')}: the directory the recipe's sources are relative to"
+        ]
+    else:
+        root, require_shards = Path(data.root), True
     recipe_budget = None
     try:
-        # Structure only: synthetic shards are made after validation.
-        recipe_budget = load_recipe(str(data.recipe), data.root, require_shards=False).max_tokens_per_batch
+        recipe_budget = load_recipe(str(data.recipe), root, require_shards=require_shards).max_tokens_per_batch
     except RecipeError as err:
-        problems.append(str(err))
+        where = f"data.recipe={data.recipe} (data.root={root})"
+        problems += [p if p.startswith("data.recipe") else f"{where}: {p}" for p in err.problems]
     budget, batch = data.get("max_tokens_per_batch"), data.get("batch_size")
     if budget is not None and (not isinstance(budget, int) or budget < 1):
         problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
@@ -128,7 +178,7 @@ def _data_problems(data) -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
-    problems += _data_problems(cfg.data)
+    problems += _data_problems(cfg.data, cfg.get("seed"))
     if cfg.get("nonfinite") not in NONFINITE:
         problems.append(f"nonfinite={cfg.get('nonfinite')!r}; allowed: {list(NONFINITE)}")
     peak = cfg.metrics.get("peak_tflops")

@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 import lightning as L
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config import ConfigError, validate
-from ov_train.data.synthetic import ensure_synthetic
+from ov_train.data.synthetic import SYNTHETIC, ensure_synthetic, synthetic_root
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
 from ov_train.strategies import build_strategy, default_precision
@@ -42,11 +41,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> None:
 
 
 def prepare_synthetic(cfg: DictConfig) -> None:
-    """Generate the synthetic shards once: concurrently started ranks queue on a file lock and find them complete."""
-    root = Path(cfg.data.root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{root}.lock"):
-        ensure_synthetic(root, **cfg.data.synthetic, seed=cfg.seed)
+    """Find or generate the synthetic shards of this run's settings (once per setting: concurrent ranks and runs
+    queue on a file lock) and point data.root at them."""
+    settings = dict(cfg.data.synthetic, seed=cfg.seed)
+    cfg.data.root = str(ensure_synthetic(synthetic_root(cfg.data.root, **settings), **settings))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -72,7 +70,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.data.name == "synthetic":
+    if cfg.data.name == SYNTHETIC:
         prepare_synthetic(cfg)
     model, tokenizer = build_model(cfg.model, cache_dir())
     geometry = VisionGeometry.from_model_config(model.config)

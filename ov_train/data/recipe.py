@@ -11,11 +11,13 @@ A recipe YAML holds `sources` and optional batching settings:
 * ? or [) of train shards, with no held-out split; relative paths resolve against `data.root`. Each source gives `weight` or
 `samples` (samples drawn per epoch-equivalent), and one recipe uses one of the two throughout: a
 source is drawn with probability weight / sum(weights), or samples / sum(samples), so sample counts
-are weights in proportion. Every problem is reported at once, naming the recipe, source and key.
+are weights in proportion. Weights are finite positive numbers with a finite sum. Every problem is
+reported at once, naming the recipe, source and key.
 """
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,12 @@ RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
 
 
 class RecipeError(ValueError):
-    pass
+    """A recipe that cannot be used; `problems` lists every reason, one line each."""
+
+    def __init__(self, problems: str | list[str]):
+        single = isinstance(problems, str)
+        self.problems = [problems] if single else list(problems)
+        super().__init__(problems if single else "invalid data recipe:\n  " + "\n  ".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,23 @@ class Recipe:
 
     def shares(self, label: str) -> dict[str, float]:
         """Recipe fraction per `label` ('name', 'modality' or 'category'); unlabelled sources are left out."""
-        total = sum(s.weight for s in self.sources)
         out: dict[str, float] = {}
-        for s in self.sources:
+        for s, share in zip(self.sources, normalised([s.weight for s in self.sources])):
             key = getattr(s, label)
             if key is not None:
-                out[key] = out.get(key, 0.0) + s.weight / total
+                out[key] = out.get(key, 0.0) + share
         return out
+
+
+def normalised(weights: list[float]) -> list[float]:
+    """Weights as fractions summing to 1. Scaled by the largest first, so huge weights cannot overflow the
+    sum (1e308 + 1e308) nor tiny ones underflow it; non-finite or non-positive weights are refused."""
+    if not weights or not all(_is_number(w) for w in weights):
+        raise ValueError(f"mixing weights must be finite positive numbers, got {weights!r}")
+    top = max(float(w) for w in weights)
+    scaled = [float(w) / top for w in weights]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -78,8 +95,14 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def _is_number(value, integer: bool = False) -> bool:
+    """A positive number that is finite as a float (YAML's .inf and .nan, or 10**400, are not)."""
     kinds = int if integer else (int, float)
-    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:
+        return False
 
 
 def _glob(pattern: Path) -> tuple[str, ...]:
@@ -101,7 +124,7 @@ def _weighting_problems(where: str, src: dict) -> list[str]:
     if weight is None and samples is None:
         return [f"{where}: needs a weight or a sample count (samples: N)"]
     if weight is not None and not _is_number(weight):
-        return [f"{where}: weight={weight!r} must be a positive number"]
+        return [f"{where}: weight={weight!r} must be a positive, finite number"]
     if samples is not None and not _is_number(samples, integer=True):
         return [f"{where}: samples={samples!r} must be a positive integer"]
     return []
@@ -160,6 +183,8 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
         sources.append(Source(name, src.get("modality"), share, train, val, src.get("category")))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
+    elif not problems and sum(float(s.weight) for s in sources) == math.inf:
+        problems.append(f"{path.name}: the {kinds.pop()}s sum to infinity; scale them down (only their ratios matter)")
     if problems:
-        raise RecipeError("invalid data recipe:\n  " + "\n  ".join(problems))
+        raise RecipeError(problems)
     return Recipe(path.stem, tuple(sources), budget)

@@ -3,10 +3,13 @@
 A training stream belongs to one logical reader (one per rank x loader worker) and is a pure
 function of (seed, reader id, state): every random choice comes from a generator seeded by counters
 that the state holds, so a stream rebuilt from `state()` continues with exactly the same samples.
+
+Unusable samples are skipped and counted, but not without end: `max_skips_in_a_row` skips with no usable
+sample between them (from the whole stream or from one source) stop it with a StreamError that names the
+reasons, since no setting of a run makes such a stream useful (e.g. stage.max_length below every sample).
 """
 from __future__ import annotations
 
-import logging
 import tarfile
 import zlib
 from collections import Counter
@@ -17,16 +20,70 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ov_train.data.recipe import Source
+from ov_train.data.recipe import Source, normalised
 from ov_train.data.samples import SampleError
+from ov_train.utils.logging import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Mixing draws come in shuffled decks of about this many: each deck holds every source in its share
 # (rounding carried from deck to deck), so the realized mix tracks the recipe within a deck.
 DECK = 1000
 # Leading tags keep the seed sequences of shard orders, blocks and decks apart.
 _SHARDS, _BLOCK, _DECK = 0, 1, 2
+MAX_SKIPS_IN_A_ROW = 1000
+# Skips logged one by one before they are only summarised, and the summary's period.
+SKIPS_LOGGED, SKIP_SUMMARY_EVERY = 5, 1000
+# The config key behind a skip reason, where one setting causes it.
+REASON_KEYS = {"too_long": "max_length", "no_supervised_tokens": "max_length"}
+
+
+class StreamError(RuntimeError):
+    """A stream that cannot deliver: every sample in a long run of them was skipped."""
+
+
+class Skips:
+    """Skipped samples of one stream: counted by reason, logged without flooding (the first few one by one,
+    then a summary every SKIP_SUMMARY_EVERY), and stopped after `limit` in a row from the stream or a source."""
+
+    def __init__(self, what: str, process, limit: int = MAX_SKIPS_IN_A_ROW):
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"data.max_skips_in_a_row={limit!r} must be a positive integer")
+        self.what, self.process, self.limit = what, process, limit
+        self.total: Counter = Counter()
+        self.in_a_row: Counter = Counter()  # since the stream's last usable sample
+        self.by_source: dict[str, Counter] = {}  # since each source's last usable sample
+
+    def used(self, source: str) -> None:
+        self.in_a_row.clear()
+        self.by_source.pop(source, None)
+
+    def skipped(self, source: str, err: SampleError) -> None:
+        self.total[err.reason] += 1
+        self.in_a_row[err.reason] += 1
+        mine = self.by_source.setdefault(source, Counter())
+        mine[err.reason] += 1
+        n = sum(self.total.values())
+        if n <= SKIPS_LOGGED:
+            more = f" (further skips are summarised every {SKIP_SUMMARY_EVERY})" if n == SKIPS_LOGGED else ""
+            log.warning("skipping %s from %s: %s%s", self.what, source, err, more)
+        elif n % SKIP_SUMMARY_EVERY == 0:
+            log.warning("%d %ss skipped so far: %s", n, self.what, self.explain(self.total))
+        for reasons, where in ((mine, f" from source {source!r}"), (self.in_a_row, "")):
+            if sum(reasons.values()) >= self.limit:
+                raise StreamError(
+                    f"{sum(reasons.values())} {self.what}s in a row skipped{where}: {self.explain(reasons)};"
+                    f" last: {err}. The stream stops at data.max_skips_in_a_row={self.limit}"
+                )
+
+    def explain(self, reasons: Counter) -> str:
+        """Reason counts, each with the setting behind it where one is (too_long: stage.max_length=8)."""
+        parts = []
+        for reason, n in reasons.most_common():
+            key = REASON_KEYS.get(reason)
+            value = getattr(self.process, key, None) if key else None
+            parts.append(f"{reason} {n}" + (f" (stage.{key}={value})" if value is not None else ""))
+        return ", ".join(parts)
 
 
 def _load(tar: tarfile.TarFile, key: str, members: list) -> dict:
@@ -136,15 +193,17 @@ class MixedStream:
     recipe weight (shuffled decks). `state()` after any sample restores the stream right after it."""
 
     def __init__(self, sources: list[Source], process, seed: int = 0, shuffle_buffer: int = 256,
-                 reader: int = 0, readers: int = 1, state: dict | None = None):
+                 reader: int = 0, readers: int = 1, state: dict | None = None,
+                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW):
         state = state or {}
         positions = state.get("sources", {})
         self.sources, self.process, self.seed, self.reader = list(sources), process, seed, reader
+        self.max_skips_in_a_row = max_skips_in_a_row
         self.cursors = [
             _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name)) for s in self.sources
         ]
-        total = sum(s.weight for s in self.sources)
-        self.shares = [s.weight / total for s in self.sources]
+        # Finite positive weights, or every deck could come out empty and the draw never end.
+        self.shares = normalised([s.weight for s in self.sources])
         self.deck, self.dealt = state.get("deck", [0, 0])
         self._hand = self._cards(self.deck)
 
@@ -166,37 +225,54 @@ class MixedStream:
 
     def __iter__(self) -> Iterator[dict]:
         streams = [iter(c) for c in self.cursors]
-        skipped: Counter = Counter()
+        skips = Skips("training sample", self.process, self.max_skips_in_a_row)
+        skipped: Counter = Counter()  # since the last example, which carries them to the batch
         while True:
             i = self._next_source()
+            name = self.sources[i].name
             try:
                 example = self.process(next(streams[i]))
             except SampleError as err:
                 skipped[err.reason] += 1
-                log.warning("skipping sample from %s: %s", self.sources[i].name, err)
+                skips.skipped(name, err)
                 continue
-            example["source"] = self.sources[i].name
+            skips.used(name)
+            example["source"] = name
             example["skipped"], skipped = dict(skipped), Counter()
             yield example
 
 
 class ValStream(IterableDataset):
-    """One pass over every source's held-out shards (optionally the first `limit` of each)."""
+    """One pass over every source's held-out shards (optionally the first `limit` of each).
 
-    def __init__(self, sources: list[Source], process, limit: int | None = None):
+    A source whose held-out share has samples but none usable is a StreamError, not an empty report."""
+
+    def __init__(self, sources: list[Source], process, limit: int | None = None,
+                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW):
         self.sources, self.process, self.limit = sources, process, limit
+        self.max_skips_in_a_row = max_skips_in_a_row
 
     def __iter__(self):
         reader, readers = reader_slot()
+        skips = Skips("held-out sample", self.process, self.max_skips_in_a_row)
         for source in self.sources:
             order = np.arange(len(source.val_shards))
+            used = 0
             for seen, (_, load) in enumerate(_share(source.val_shards, order, reader, readers, (0, 0))):
                 if self.limit is not None and seen >= self.limit:
                     break
                 try:
                     example = self.process(load())
                 except SampleError as err:
-                    log.warning("skipping held-out sample from %s: %s", source.name, err)
+                    skips.skipped(source.name, err)
                     continue
+                used += 1
+                skips.used(source.name)
                 example["source"] = source.name
                 yield example
+            skipped = skips.by_source.get(source.name)  # all of this source's samples, when none was used
+            if skipped and not used:
+                raise StreamError(
+                    f"no usable held-out sample in source {source.name!r} (reader {reader} of {readers}):"
+                    f" all {sum(skipped.values())} skipped: {skips.explain(skipped)}"
+                )

@@ -6,26 +6,33 @@ so that a tiny randomly initialised model can beat chance after minutes of CPU t
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import encode_mp4
+from ov_train.utils.paths import cache_dir
 
 MODALITIES = ("single_image", "multi_image", "video", "text")
 SUBSETS = ("caption",) + MODALITIES
 SPLITS = ("train", "val")
 
-# Bump when the generated content changes so stale datasets are regenerated.
+# Bump when the generated content changes: each version gets its own cache directory.
 FORMAT_VERSION = 2
 SAMPLES_PER_SHARD = 500
+# data.name of these data; the smallest image side the drawings fit in.
+SYNTHETIC, MIN_PX = "synthetic", 16
 VIDEO_FRAMES = 8
 
 COLOURS = {
@@ -234,12 +241,26 @@ def _settings(train_per_subset, val_per_subset, image_px, seed) -> dict:
     }
 
 
-def _is_complete(root: Path, settings: dict) -> bool:
+def synthetic_root(root, train_per_subset: int, val_per_subset: int, image_px: int, seed: int) -> Path:
+    """Where the data set of these settings lives: `root` when one is given (data.root), else a cache directory
+    of its own, named for the format version and a hash of the settings, so runs that differ never share one."""
+    if root:
+        return Path(root)
+    settings = _settings(train_per_subset, val_per_subset, image_px, seed)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "synthetic" / f"v{FORMAT_VERSION}-{digest}"
+
+
+def _manifest(root: Path) -> dict | None:
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
+        return json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
-        return False
-    if manifest.get("settings") != settings or set(manifest.get("subsets", {})) != set(SUBSETS):
+        return None
+
+
+def _is_complete(root: Path, settings: dict) -> bool:
+    manifest = _manifest(root)
+    if manifest is None or manifest.get("settings") != settings or set(manifest.get("subsets", {})) != set(SUBSETS):
         return False
     return all(
         (root / shard).is_file()
@@ -249,42 +270,65 @@ def _is_complete(root: Path, settings: dict) -> bool:
     )
 
 
-def _clear_subset(subset_dir: Path) -> None:
-    # Remove shards of an older or interrupted run so shard lists never mix settings.
-    for pattern in ("train-*.tar", "val-*.tar", ".train-*.tar.tmp*", ".val-*.tar.tmp*"):
-        for path in subset_dir.glob(pattern):
-            path.unlink()
-
-
-def ensure_synthetic(root, train_per_subset: int = 2000, val_per_subset: int = 200,
-                     image_px: int = 32, seed: int = 0) -> Path:
-    """Generate the synthetic dataset under `root` unless a complete one with these settings exists."""
+def occupied(root, train_per_subset: int, val_per_subset: int, image_px: int, seed: int) -> str | None:
+    """Why the data set of these settings cannot be made at `root`: the directory holds something else.
+    Nothing there is ever deleted, since another run may be reading it. None when it is usable."""
     root = Path(root)
     settings = _settings(train_per_subset, val_per_subset, image_px, seed)
-    if _is_complete(root, settings):
-        return root
+    if root.exists() and not root.is_dir():
+        return f"{root} is a file, not a directory"
+    if not root.exists() or not any(root.iterdir()) or _is_complete(root, settings):
+        return None
+    held = (_manifest(root) or {}).get("settings")
+    what = f"synthetic data of other settings {held}" if held else "files that are no complete synthetic data set"
+    return f"{root} holds {what}, not {settings}; runs may read it, so it is never overwritten"
 
-    root.mkdir(parents=True, exist_ok=True)
-    # The manifest marks completeness, so drop it before touching any shard.
-    (root / "manifest.json").unlink(missing_ok=True)
-    counts = {"train": train_per_subset, "val": val_per_subset}
+
+def _generate(out: Path, settings: dict) -> None:
+    counts = {"train": settings["train_per_subset"], "val": settings["val_per_subset"]}
+    px, seed = settings["image_px"], settings["seed"]
     subsets: dict = {}
     with tqdm(total=len(SUBSETS) * sum(counts.values()), desc="synthetic data", unit="sample",
               disable=not sys.stderr.isatty()) as bar:
         for subset in SUBSETS:
-            _clear_subset(root / subset)
             subsets[subset] = {}
             for split, n in counts.items():
-                with ShardWriter(root / subset, split, samples_per_shard=SAMPLES_PER_SHARD) as writer:
+                with ShardWriter(out / subset, split, samples_per_shard=SAMPLES_PER_SHARD) as writer:
                     for index in range(n):
-                        writer.write(make_sample(subset, split, index, image_px, seed))
+                        writer.write(make_sample(subset, split, index, px, seed))
                         bar.update()
                 subsets[subset][split] = {
                     "samples": n, "shards": [f"{subset}/{name}" for name in writer.shards],
                 }
+    (out / "manifest.json").write_text(json.dumps({"settings": settings, "subsets": subsets}, indent=2))
 
-    manifest = {"settings": settings, "subsets": subsets}
-    tmp = root / f".manifest.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, root / "manifest.json")
+
+def ensure_synthetic(root, train_per_subset: int = 2000, val_per_subset: int = 200,
+                     image_px: int = 32, seed: int = 0) -> Path:
+    """The synthetic data set of these settings at `root`, generated unless it is there complete.
+
+    Concurrent callers (ranks, runs of a sweep) queue on a file lock beside `root`; the first generates into
+    a hidden sibling directory and renames it into place, so `root` is either absent, empty or complete.
+    A `root` holding anything else raises FileExistsError (see `occupied`)."""
+    root = Path(root)
+    settings = _settings(train_per_subset, val_per_subset, image_px, seed)
+    if _is_complete(root, settings):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if _is_complete(root, settings):  # made by whoever held the lock before
+            return root
+        problem = occupied(root, train_per_subset, val_per_subset, image_px, seed)
+        if problem:
+            raise FileExistsError(problem)
+        # What a killed generation left; only the lock holder writes these.
+        for stale in glob.glob(str(root.parent / f".{glob.escape(root.name)}.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        try:
+            _generate(tmp, settings)
+            os.replace(tmp, root)  # onto nothing or an empty directory
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return root

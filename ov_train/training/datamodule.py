@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from ov_train.data.batching import HeldOutBatches, TokenBudget, TrainBatches
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
-from ov_train.data.stream import MixedStream, ValStream
+from ov_train.data.stream import MAX_SKIPS_IN_A_ROW, MixedStream, ValStream
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -33,6 +33,7 @@ class OneVisionData(L.LightningDataModule):
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
         self.seed = seed
+        self._max_skips = int(data_cfg.get("max_skips_in_a_row", MAX_SKIPS_IN_A_ROW))
         self._resume: tuple[dict, int] = ({}, 0)
         self._train: TrainBatches | None = None
         mix = ", ".join(f"{name} {100 * share:.1f}%" for name, share in self.recipe.shares("name").items())
@@ -58,12 +59,13 @@ class OneVisionData(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0)
 
     def train_dataloader(self):
-        make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer))
+        make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer),
+                              max_skips_in_a_row=self._max_skips)
         self._train = TrainBatches(make_stream, self.budget, self.collate)
         self._train.resume(*self._resume)
         # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
-        held_out = ValStream(self.recipe.sources, self.process, self.cfg.val_samples)
+        held_out = ValStream(self.recipe.sources, self.process, self.cfg.val_samples, self._max_skips)
         return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)

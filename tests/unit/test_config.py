@@ -162,3 +162,63 @@ def test_precision_and_compile_combinations_are_checked():
     _invalid(["model.compile=yes"], "model.compile='yes' must be true or false")
     _invalid(["strategy=deepspeed_zero3", "model.compile=true"], "model.compile=true with ZeRO-3")
     validate(compose_config(["model.compile=true", "trainer.precision=bf16-true"], run_dir=Path("/tmp/x")))
+
+
+@pytest.fixture
+def train_without_work(monkeypatch):
+    """train() whose model building and synthetic generation fail the test if they are reached."""
+    from ov_train import run
+
+    def reached(*args, **kwargs):
+        raise AssertionError("work started before the config was checked")
+
+    monkeypatch.setattr(run, "build_model", reached)
+    monkeypatch.setattr(run, "prepare_synthetic", reached)
+    return run.train
+
+
+def inf_weight_recipe(tmp_path, root):
+    recipe = tmp_path / "inf.yaml"
+    recipe.write_text(
+        "sources:\n"
+        "  - {name: images, path: single_image, modality: single_image, weight: 1}\n"
+        "  - {name: videos, path: video, modality: video, weight: .inf}\n"
+    )
+    return [f"data.recipe={recipe}", f"data.root={root}"]
+
+
+BAD_DATA = {
+    # Each used to pass validation and fail only after the model was built (or never, for the stream).
+    "missing source": (lambda tmp, root: ["data=recipe", "stage=final_image", f"data.root={tmp}"],
+                       ["data.recipe=final_image", "sources[0] (general): no train-*.tar shards under", "sources[4]"]),
+    "workers": (lambda tmp, root: ["data.num_workers=-1"], ["data.num_workers=-1 must be an integer >= 0"]),
+    "inf weight": (inf_weight_recipe, ["sources[1]: weight=inf must be a positive, finite number"]),
+    "shuffle": (lambda tmp, root: ["data.shuffle_buffer=0"], ["data.shuffle_buffer=0 must be an integer >= 1"]),
+    "val samples": (lambda tmp, root: ["data.val_samples=0"], ["data.val_samples=0 must be an integer >= 1 or null"]),
+    "val type": (lambda tmp, root: ["data.val_samples=all"], ["data.val_samples='all' must be an integer >= 1 or null"]),
+    "skip limit": (lambda tmp, root: ["data.max_skips_in_a_row=0"], ["data.max_skips_in_a_row=0 must be an integer >= 1"]),
+    "synthetic": (lambda tmp, root: ["data.synthetic.image_px=4", "data.synthetic.val_per_subset=0", "seed=-1",
+                                     "+data.synthetic.colour=red"],
+                  ["data.synthetic.image_px=4 must be an integer >= 16", "data.synthetic.val_per_subset=0", "seed=-1",
+                   "data.synthetic.colour: no such setting"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_configs_stop_train_before_any_work(tmp_path, small_data_root, train_without_work, case):
+    overrides, fragments = BAD_DATA[case]
+    cfg = compose_config(overrides(tmp_path, small_data_root), run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        train_without_work(cfg)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_synthetic_root_holding_other_settings_is_named(tmp_path, small_data_root, train_without_work):
+    # small_data_root holds 64 / 16 samples per subset; the shipped settings are 2000 / 200.
+    cfg = compose_config([f"data.root={small_data_root}"], run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data.root='.*': .* holds synthetic data of other settings .*data.root=null"):
+        train_without_work(cfg)
+    # Left to the cache (data.root=null), the same settings validate: they get a directory of their own.
+    validate(compose_config([], run_dir=tmp_path / "run"))

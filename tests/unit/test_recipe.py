@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ov_train.data.recipe import RecipeError, load_recipe
+from ov_train.data.recipe import RecipeError, load_recipe, normalised
 from ov_train.data.shard_writer import ShardWriter
 from tests.conftest import compose_config
 
@@ -90,7 +90,7 @@ def test_every_problem_is_named_at_once(tmp_path):
     message = str(err.value)
     for fragment in (
         "max_tokens_per_batch=-5", "unknown key(s) ['shuffle']",
-        "sources[0]: weight=-1 must be a positive number", "sources[1]: weight=0",
+        "sources[0]: weight=-1 must be a positive, finite number", "sources[1]: weight=0",
         "sources[2]: gives both weight=1 and samples=10", "sources[3]: needs a weight or a sample count",
         "sources[4]: samples=2.5 must be a positive integer",
         f"sources[5] (gone): no train-*.tar shards under {tmp_path / 'missing_dir'}",
@@ -101,3 +101,39 @@ def test_every_problem_is_named_at_once(tmp_path):
     ):
         assert fragment in message, fragment
 
+
+
+def write_recipe(tmp_path, *weights: str, key: str = "weight") -> str:
+    shards(tmp_path / "ok")
+    lines = [f"  - {{name: s{i}, path: ok, modality: text, {key}: {w}}}" for i, w in enumerate(weights)]
+    path = tmp_path / "r.yaml"
+    path.write_text("sources:\n" + "\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("weight", [".inf", ".nan", "-.inf"])
+def test_non_finite_weights_are_refused(tmp_path, weight):
+    # .inf used to pass, then every share came out NaN and the stream died deep in a loader worker.
+    with pytest.raises(RecipeError, match=r"sources\[1\]: weight=(inf|nan|-inf) must be a positive, finite number"):
+        load_recipe(write_recipe(tmp_path, "1", weight), tmp_path)
+
+
+def test_sample_counts_beyond_floats_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"sources\[0\]: samples=1000+ must be a positive integer"):
+        load_recipe(write_recipe(tmp_path, "1" + "0" * 400, "5", key="samples"), tmp_path)
+
+
+def test_weights_whose_sum_overflows_are_refused(tmp_path):
+    # Each is finite, their sum is not: shares would all be 0 and the mixing draw would never end.
+    with pytest.raises(RecipeError, match="the weights sum to infinity; scale them down"):
+        load_recipe(write_recipe(tmp_path, "1.0e+308", "1.0e+308"), tmp_path)
+
+
+def test_shares_of_extreme_weights_are_normalised_safely(tmp_path):
+    assert normalised([1e308, 1e308, 2e307]) == pytest.approx([1 / 2.2, 1 / 2.2, 0.2 / 2.2])
+    assert normalised([5e-324, 1e-323]) == pytest.approx([1 / 3, 2 / 3])  # subnormals: their sum is exact
+    recipe = load_recipe(write_recipe(tmp_path, "8.0e+307", "2.0e+307"), tmp_path)
+    assert recipe.shares("name") == pytest.approx({"s0": 0.8, "s1": 0.2})
+    for bad in ([float("inf"), 1.0], [float("nan")], [0.0, 1.0], [-1.0], []):
+        with pytest.raises(ValueError, match="finite positive"):
+            normalised(bad)

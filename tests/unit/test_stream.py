@@ -1,16 +1,20 @@
-"""Training streams: disjoint reader shares, recipe mix, token-budget batches, exact restore from a state."""
+"""Training streams: disjoint reader shares, recipe mix, token-budget batches, exact restore from a state;
+limits on skipped samples, safe weights, rate-limited skip logs."""
 import itertools
 import json
+import logging
 import pickle
 from collections import Counter
 
 import pytest
 
+from ov_train.data import stream as stream_module
 from ov_train.data.batching import TokenBudget, TrainBatches, pack
 from ov_train.data.recipe import Source, load_recipe
-from ov_train.data.samples import SampleError
+from ov_train.data.samples import SampleError, SampleProcessor
 from ov_train.data.shard_writer import ShardWriter
-from ov_train.data.stream import MixedStream
+from ov_train.data.stream import DECK, MixedStream, StreamError, ValStream
+from ov_train.vision.geometry import VisionGeometry
 
 
 def stub_process(raw: dict) -> dict:
@@ -154,3 +158,94 @@ def test_train_batches_resume_at_any_batch(two_sources):
         assert [b["key"] for b in resumed] == [b["key"] for b in straight[k:]]
         assert [b["skipped"] for b in resumed] == [b["skipped"] for b in straight[k:]]
         assert [b["tokens"] for b in resumed] == [b["tokens"] for b in straight[k:]]
+
+
+# ---------------------------------------------------------------- bad data: limits, weights, logs
+
+
+class TooLong:
+    """A processor whose every sample is over its max_length, as SampleProcessor says it."""
+
+    max_length = 8
+
+    def __call__(self, raw):
+        raise SampleError("too_long", f"sample {raw['__key__']}: 40 tokens, visual tokens beyond max_length 8")
+
+
+def test_a_stream_of_unusable_samples_stops_at_the_default_limit_naming_the_reasons(tmp_path):
+    source = write_source(tmp_path, "a")
+    # It used to skip forever (logging every skip) and never hand out a sample.
+    with pytest.raises(StreamError) as err:
+        next(iter(MixedStream([source], TooLong(), seed=0, shuffle_buffer=4)))
+    message = str(err.value)
+    assert message.startswith("1000 training samples in a row skipped from source 'a': too_long 1000 (stage.max_length=8)")
+    assert "visual tokens beyond max_length 8" in message and "data.max_skips_in_a_row=1000" in message
+
+
+def test_one_broken_source_stops_the_stream_though_others_are_fine(tmp_path):
+    good = write_source(tmp_path, "good")
+    broken = write_source(tmp_path, "broken", bad_every=1)
+    mixed = stream([good, broken], max_skips_in_a_row=20)
+    with pytest.raises(StreamError, match="20 training samples in a row skipped from source 'broken': corrupt_image 20;"):
+        list(itertools.islice(iter(mixed), 1000))
+
+
+def test_skips_in_a_row_restart_after_a_usable_sample(two_sources):
+    # A quarter of `a` is broken, never 3 in a row: a limit of 3 is never reached.
+    examples = list(itertools.islice(iter(stream(two_sources, max_skips_in_a_row=3)), 200))
+    assert len(examples) == 200 and sum(sum(e["skipped"].values()) for e in examples) > 10
+
+
+def test_the_real_processor_with_max_length_8_stops_the_synthetic_stream(small_data_root, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
+                              max_frames=8, max_length=8)
+    recipe = load_recipe("synthetic_onevision", small_data_root)
+    with pytest.raises(StreamError, match=r"^30 training samples in a row skipped: too_long 30 \(stage.max_length=8\); last: "):
+        next(iter(MixedStream(recipe.sources, process, seed=0, shuffle_buffer=8, max_skips_in_a_row=30)))
+    # The held-out split: every sample skipped is an error naming the source, not an empty validation.
+    with pytest.raises(StreamError, match=r"no usable held-out sample in source 'single_image' \(reader 0 of 1\): all 16"
+                                          r" skipped: too_long 16 \(stage.max_length=8\)"):
+        list(ValStream(recipe.sources, process))
+    with pytest.raises(StreamError, match="^5 held-out samples in a row skipped from source 'single_image': too_long 5"):
+        list(ValStream(recipe.sources, process, max_skips_in_a_row=5))
+
+
+def test_held_out_sources_with_some_usable_samples_pass(tmp_path):
+    with ShardWriter(tmp_path / "v", "val") as writer:
+        for i in range(6):
+            writer.write({"__key__": f"v{i}", "json": {"tokens": 5, "bad": i != 4}})
+    source = Source("v", "text", 1.0, (), (str(tmp_path / "v" / writer.shards[0]),))
+    assert keys(ValStream([source], stub_process)) == ["v4"]
+    with pytest.raises(StreamError, match="no usable held-out sample in source 'v'.*all 3 skipped: corrupt_image 3"):
+        list(ValStream([source], stub_process, limit=3))
+
+
+def test_weights_whose_sum_overflows_still_mix_evenly(tmp_path):
+    sources = [write_source(tmp_path, "a", weight=1e308), write_source(tmp_path, "b", weight=1e308)]
+    mixed = stream(sources)
+    # The plain sum is inf: every share used to be 0, every deck empty, and the draw looped forever.
+    assert mixed.shares == [0.5, 0.5]
+    drawn = Counter(e["source"] for e in itertools.islice(iter(mixed), DECK))  # a deck holds each share exactly
+    assert drawn == {"a": DECK // 2, "b": DECK // 2}
+
+
+@pytest.mark.parametrize("weight", [float("inf"), float("nan"), 0.0, -1.0])
+def test_weights_must_be_finite_and_positive(tmp_path, weight):
+    sources = [write_source(tmp_path, "a"), write_source(tmp_path, "b", weight=weight)]
+    with pytest.raises(ValueError, match="mixing weights must be finite positive numbers"):
+        stream(sources)
+
+
+def test_skip_warnings_are_rate_limited_and_counts_kept(two_sources, caplog, monkeypatch):
+    monkeypatch.setattr(stream_module, "SKIP_SUMMARY_EVERY", 10)
+    with caplog.at_level(logging.WARNING, logger="ov_train.data.stream"):
+        examples = list(itertools.islice(iter(stream(two_sources)), 600))
+    skipped = sum(e["skipped"].get("corrupt_image", 0) for e in examples)
+    assert skipped > 30  # every skip is still counted for data/skipped_<reason>
+    lines = [r.getMessage() for r in caplog.records]
+    singles = [m for m in lines if m.startswith("skipping training sample from a: sample a")]
+    summaries = [m for m in lines if "training samples skipped so far" in m]
+    assert len(singles) == 5 and "further skips are summarised every 10" in singles[-1]
+    assert len(lines) == 5 + len(summaries) and len(summaries) == skipped // 10
+    assert summaries[0] == "10 training samples skipped so far: corrupt_image 10"

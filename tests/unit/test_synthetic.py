@@ -1,12 +1,16 @@
+import copy
 import io
 import json
 import tarfile
+import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ov_train.data import synthetic
@@ -217,18 +221,82 @@ def test_interrupted_generation_leaves_no_manifest_and_rerun_completes(tmp_path,
     assert not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.rglob("*.tmp*"))
     assert not list((tmp_path / "video").glob("*.tar"))
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp-*"))
+    # What a SIGKILL during generation leaves (a hidden sibling) is cleared by the next generation.
+    (tmp_path.parent / f".{tmp_path.name}.tmp-1").mkdir()
 
     monkeypatch.undo()
     ensure_synthetic(tmp_path, 12, 4, image_px=PX)
     assert (tmp_path / "manifest.json").exists()
     assert len(load(tmp_path, "video", "train")) == 12
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp-*"))
 
 
-def test_changed_settings_regenerate(tmp_path):
+def test_a_root_of_other_settings_is_refused_not_overwritten(tmp_path):
     ensure_synthetic(tmp_path, 12, 4, image_px=PX, seed=0)
-    ensure_synthetic(tmp_path, 6, 2, image_px=PX, seed=1)
-    assert json.loads((tmp_path / "manifest.json").read_text())["settings"]["seed"] == 1
-    assert len(load(tmp_path, "caption", "train")) == 6
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    # It used to delete and regenerate the shards in place, under any run still reading them.
+    with pytest.raises(FileExistsError, match="holds synthetic data of other settings .*'seed': 0.*never overwritten"):
+        ensure_synthetic(tmp_path, 6, 2, image_px=PX, seed=1)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not shards")
+    with pytest.raises(FileExistsError, match="mine holds files that are no complete synthetic data set"):
+        ensure_synthetic(tmp_path / "mine", 6, 2, image_px=PX, seed=1)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture
+def default_root(tmp_path, monkeypatch):
+    """data.root after prepare_synthetic on the shipped data config (root left to the cache), tiny settings."""
+    from ov_train.run import prepare_synthetic
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("OV_TRAIN_CACHE", str(tmp_path))
+    base = compose_config(["data.synthetic.train_per_subset=3", "data.synthetic.val_per_subset=1"])
+
+    def prepare(**changes) -> Path:
+        cfg = copy.deepcopy(base)
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key.replace("__", "."), value)
+        prepare_synthetic(cfg)
+        return Path(cfg.data.root)
+
+    return prepare
+
+
+def test_each_setting_gets_its_own_cache_directory(tmp_path, default_root):
+    first = default_root()
+    shards = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.rglob("*.tar")}
+    assert len(shards) == 2 * len(SUBSETS)
+    # A concurrent run of a sweep over seeds, or other synthetic settings: new directories, the first untouched.
+    second = default_root(seed=1)
+    third = default_root(data__synthetic__image_px=16)
+    assert len({first, second, third}) == 3
+    assert {p.parent for p in (first, second, third)} == {tmp_path / "synthetic"}
+    assert all(p.name.startswith(f"v{synthetic.FORMAT_VERSION}-") for p in (first, second, third))
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.rglob("*.tar")} == shards
+    assert json.loads((second / "manifest.json").read_text())["settings"]["seed"] == 1
+    assert default_root() == first  # the same setting finds its directory again
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.rglob("*.tar")} == shards
+
+
+def test_concurrent_callers_generate_once_under_the_lock(tmp_path, monkeypatch):
+    calls = []
+    real = synthetic._generate
+
+    def slow_generate(out, settings):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one generates
+        real(out, settings)
+
+    monkeypatch.setattr(synthetic, "_generate", slow_generate)
+    root = tmp_path / "shared"
+    with ThreadPoolExecutor(3) as pool:
+        roots = list(pool.map(lambda _: ensure_synthetic(root, 3, 1, image_px=PX), range(3)))
+    assert roots == [root] * 3 and len(calls) == 1
+    assert len(load(root, "video", "train")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shared.lock", "shared"]  # no temp directory left
 
 
 def test_shard_writer_rolls_over_and_writes_webdataset_layout(tmp_path):
