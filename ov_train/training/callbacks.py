@@ -1,7 +1,8 @@
-"""Callbacks every run gets: checkpoints that survive a kill, a save on SIGTERM, dashboards, stream state."""
+"""Callbacks every run gets: periodic checkpoints that survive a kill, a save on SIGTERM, dashboards, stream state."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger
+from ov_train.utils.safe_load import load_file
 
 log = get_logger(__name__)
 
@@ -23,7 +25,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     stale `.<name>.partial` remains, which the next save overwrites. (The stock TorchCheckpointIO
     serialises into memory, writes the system temp dir and moves the file: from a node's /tmp to a
     shared run directory that move is a copy onto the target, which a kill truncates.)
+
+    Loading (resume) unpickles tensors and plain data only, unless `trust`: Lightning 2.6 passes
+    weights_only=None, which leaves it to torch's default (on since torch 2.6, off under the environment's
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
     """
+
+    def __init__(self, trust: bool = False):
+        super().__init__()
+        self.trust = trust
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load_file(path, trust=self.trust, map_location=map_location, mmap=False)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         if storage_options is not None:
@@ -55,9 +68,41 @@ class AtomicCheckpoints(Callback):
     directories through their own code, and a user-chosen CheckpointIO plugin is kept.
     """
 
+    def __init__(self, trust: bool = False):
+        self.trust = trust
+
     def setup(self, trainer, pl_module, stage):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.trust)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_steps` optimizer steps and every `every_minutes` (either may be off), overwritten
+    in place, plus the `keep` most recent earlier ones as `step=N.ckpt`.
+
+    Lightning's ModelCheckpoint does the work: the triggers (ranks agree on the time one), `last`, pruning to
+    the top `keep` by step. Its version counter is off, so a resumed run rewrites `last.ckpt` instead of adding
+    `last-v1.ckpt`; single files go through AtomicCheckpointIO, so each rewrite is whole or not at all.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int | None, every_minutes: float | None, keep: int = 0):
+        super().__init__(
+            dirpath=dirpath, filename="step={step}", auto_insert_metric_name=False,
+            # Top-k by step with mode=max keeps the most recent; with keep=0 only `last` is written.
+            monitor="step" if keep else None, mode="max", save_top_k=keep, save_last=True,
+            train_time_interval=timedelta(minutes=every_minutes) if every_minutes else None,
+            every_n_epochs=0, enable_version_counter=False,
+        )
+        # ModelCheckpoint's constructor takes one trigger; its on_train_batch_end saves when either is due.
+        self._every_n_train_steps = int(every_n_steps or 0)
+
+    @property
+    def state_key(self) -> str:
+        # One per run, so a resume that changes the cadence still finds (and prunes) the kept checkpoints.
+        return type(self).__name__
+
+    def saved_at(self, step: int) -> bool:
+        return self._last_global_step_saved == step
 
 
 class SaveOnSigterm(Callback):
@@ -77,11 +122,12 @@ class SaveOnSigterm(Callback):
 
 
 def build_callbacks(cfg, run_dir: Path) -> list:
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    ckpt = cfg.checkpoint
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
     last = Path(checkpoints.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
     return [
         checkpoints,
-        AtomicCheckpoints(),
+        AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(last),
         TrainingMetrics(cfg.metrics.peak_tflops),
         ValidationPredictions(run_dir / "predictions", cfg.metrics.predictions),
