@@ -15,7 +15,7 @@ from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
 from ov_train.strategies import build_strategy, default_precision
 from ov_train.tools.export import checkpoint_metadata, export_pretrained, model_from_checkpoint
-from ov_train.training.callbacks import build_callbacks
+from ov_train.training.callbacks import build_callbacks, previous_of, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
@@ -34,6 +34,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> None:
     if cfg.ckpt_path not in ("last", "auto"):
         return
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists() and previous_of(last).exists():
+        # Killed between save_whole's two renames: the previous checkpoint is the last whole one.
+        last = previous_of(last)
     if last.exists():
         cfg.ckpt_path = str(last)
     elif cfg.ckpt_path == "auto":
@@ -146,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
     # the full model, so the export is consolidated from it, as ov-export does.
     last = run_dir / "checkpoints" / "last.ckpt"
     if not trainer.checkpoint_callback.saved_at(trainer.global_step):
-        trainer.save_checkpoint(last)
+        save_whole(trainer, last)
     if not trainer.is_global_zero:
         return {}
     if cfg.export:

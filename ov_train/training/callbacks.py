@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
@@ -76,13 +78,52 @@ class AtomicCheckpoints(Callback):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.trust)
 
 
+def previous_of(path: Path) -> Path:
+    """Where save_whole keeps the previous checkpoint for the instant between its two renames."""
+    return path.with_name(f".{path.name}.previous")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def save_whole(trainer, path, save=None) -> None:
+    """`save(path)` (trainer.save_checkpoint by default) so that a kill at any moment leaves a whole checkpoint.
+
+    Single files go through AtomicCheckpointIO. DeepSpeed and FSDP write from every rank, in place, often a
+    directory: they write beside the target instead, then rank 0 moves the target to `.<name>.previous`,
+    renames the new one over it and deletes the previous one. A kill between those renames leaves only the
+    previous checkpoint, which resolve_ckpt_path (ov_train.run) then resumes from.
+    """
+    save = save or trainer.save_checkpoint
+    path = Path(path)
+    if not isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        save(path)
+        return
+    partial, previous = path.with_name(f".{path.name}.partial"), previous_of(path)
+    if trainer.is_global_zero:
+        _remove(partial)  # what a save killed midway left
+    trainer.strategy.barrier("save_whole")
+    save(partial)  # every rank writes its part; Lightning's save ends on a barrier
+    if trainer.is_global_zero:
+        if path.exists():
+            _remove(previous)
+            os.replace(path, previous)
+        os.replace(partial, path)
+        _remove(previous)
+    trainer.strategy.barrier("save_whole")
+
+
 class PeriodicCheckpoint(ModelCheckpoint):
     """`last.ckpt` every `every_n_steps` optimizer steps and every `every_minutes` (either may be off), overwritten
     in place, plus the `keep` most recent earlier ones as `step=N.ckpt`.
 
     Lightning's ModelCheckpoint does the work: the triggers (ranks agree on the time one), `last`, pruning to
     the top `keep` by step. Its version counter is off, so a resumed run rewrites `last.ckpt` instead of adding
-    `last-v1.ckpt`; single files go through AtomicCheckpointIO, so each rewrite is whole or not at all.
+    `last-v1.ckpt`; every save goes through save_whole, so each rewrite is whole or not at all.
     """
 
     def __init__(self, dirpath: Path, every_n_steps: int | None, every_minutes: float | None, keep: int = 0):
@@ -104,6 +145,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def saved_at(self, step: int) -> bool:
         return self._last_global_step_saved == step
 
+    def _save_checkpoint(self, trainer, filepath):
+        save_whole(trainer, filepath, lambda target: super(PeriodicCheckpoint, self)._save_checkpoint(trainer, str(target)))
+
 
 class SaveOnSigterm(Callback):
     """On SIGTERM (preemption, scancel, a time limit's warning) save `path` and let the process exit 0.
@@ -117,7 +161,7 @@ class SaveOnSigterm(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
+            save_whole(trainer, self.path)
             log.warning("SIGTERM: saved %s at step %d; exiting", self.path, trainer.global_step)
 
 

@@ -61,11 +61,23 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, mon
     assert not (tmp_path / ".last.ckpt.partial").exists()
 
 
-def launch(run_dir, output, *overrides) -> subprocess.Popen:
-    """`python train.py` in its own process group (as a scheduler starts it), its output (the log too) to `output`."""
-    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
-    with open(output, "w") as out:
-        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.fixture
+def launch():
+    """Starts `python train.py` in its own process group (as a scheduler does), output (the log too) to a file;
+    whatever is still running when the test ends, failed or not, is killed with its group."""
+    started = []
+
+    def start(run_dir, output, *overrides) -> subprocess.Popen:
+        command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+        with open(output, "w") as out:
+            started.append(subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def wait_for(process, output, done, timeout: float = 180) -> None:
@@ -75,7 +87,7 @@ def wait_for(process, output, done, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, small_data_root):
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, small_data_root, launch):
     """kill -9 of every process right after the first periodic save; the requeued job (ckpt_path=auto) goes on
     from that step, rewrites last.ckpt in place, and on SIGTERM to its whole process group, loader workers
     included, saves at a step boundary and exits 0; so does the next one, signalled in its main process only."""

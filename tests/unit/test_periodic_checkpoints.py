@@ -1,5 +1,6 @@
 """Checkpoints while training runs: `last.ckpt` every checkpoint.every_n_steps and/or every_minutes, rewritten in
 place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front."""
+import os
 from pathlib import Path
 
 import lightning as L
@@ -73,3 +74,57 @@ def test_bad_checkpoint_keys_are_named(tmp_path):
     ):
         assert text in str(err.value)
     validate(compose_config(["checkpoint.every_n_steps=null", "checkpoint.every_minutes=null"], run_dir=tmp_path))
+
+
+def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkeypatch):
+    """DeepSpeed and FSDP2 write from every rank, in place: save_whole has them write beside the target and
+    swaps the result in, so a kill at any moment leaves a whole checkpoint that ckpt_path=auto resumes."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ov_train.run import resolve_ckpt_path
+    from ov_train.training import callbacks
+    from ov_train.training.callbacks import save_whole
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), is_global_zero=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def shards(step: int, killed_at_rank: int | None = None):
+        def save(target: Path):
+            target.mkdir(parents=True)
+            for rank in range(2):
+                if rank == killed_at_rank:
+                    raise KeyboardInterrupt
+                (target / f"rank{rank}.distcp").write_text(str(step))
+        return save
+
+    def steps_in(directory: Path) -> set[str]:
+        return {p.read_text() for p in directory.iterdir()}
+
+    save_whole(trainer, last, shards(1))
+    with pytest.raises(KeyboardInterrupt):
+        save_whole(trainer, last, shards(2, killed_at_rank=1))
+    assert steps_in(last) == {"1"}
+    save_whole(trainer, last, shards(3))
+    assert steps_in(last) == {"3"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+    real_replace, calls = os.replace, []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(callbacks.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_whole(trainer, last, shards(4))
+    monkeypatch.undo()
+    assert not last.exists()
+    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
+    resolve_ckpt_path(cfg)
+    assert cfg.ckpt_path == str(tmp_path / "checkpoints" / ".last.ckpt.previous")
+    assert steps_in(Path(cfg.ckpt_path)) == {"3"}
+    save_whole(trainer, last, shards(5))
+    assert steps_in(last) == {"5"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
