@@ -15,7 +15,7 @@ def consumed(run_dir) -> list[dict]:
 
 
 def checkpoint(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("workers, precision", [(0, "32-true"), (2, "32-true"), (0, "bf16-true")])

@@ -51,13 +51,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, mon
         trainer.save_checkpoint(last)
     monkeypatch.undo()
     assert last.read_bytes() == before
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
 
     # What a SIGKILL leaves behind does not get in the way of the next save.
     (tmp_path / ".last.ckpt.partial").write_bytes(b"torn")
     trainer.save_checkpoint(last)
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     assert not (tmp_path / ".last.ckpt.partial").exists()
 
 
