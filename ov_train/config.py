@@ -176,9 +176,25 @@ def _data_problems(data, seed) -> list[str]:
     return problems
 
 
+def _checkpoint_problems(ckpt) -> list[str]:
+    if ckpt is None:
+        return ["checkpoint: missing (every_n_steps, every_minutes, keep, trust)"]
+    problems = []
+    steps, minutes, keep = ckpt.get("every_n_steps"), ckpt.get("every_minutes"), ckpt.get("keep")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        problems.append(f"checkpoint.every_n_steps={steps!r} must be a positive integer or null (off)")
+    if minutes is not None and (not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0):
+        problems.append(f"checkpoint.every_minutes={minutes!r} must be a positive number or null (off)")
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        problems.append(f"checkpoint.keep={keep!r} must be an integer >= 0 (earlier checkpoints kept besides last.ckpt)")
+    if not isinstance(ckpt.get("trust"), bool):
+        problems.append(f"checkpoint.trust={ckpt.get('trust')!r} must be true or false")
+    return problems
+
+
 def validate(cfg: DictConfig) -> None:
     problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
-    problems += _data_problems(cfg.data, cfg.get("seed"))
+    problems += _data_problems(cfg.data, cfg.get("seed")) + _checkpoint_problems(cfg.get("checkpoint"))
     if cfg.get("nonfinite") not in NONFINITE:
         problems.append(f"nonfinite={cfg.get('nonfinite')!r}; allowed: {list(NONFINITE)}")
     peak = cfg.metrics.get("peak_tflops")

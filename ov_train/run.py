@@ -13,14 +13,15 @@ from ov_train.data.synthetic import SYNTHETIC, ensure_synthetic, synthetic_root
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
 from ov_train.strategies import build_strategy, default_precision
-from ov_train.tools.export import export_pretrained, model_from_checkpoint
-from ov_train.training.callbacks import build_callbacks
+from ov_train.tools.export import checkpoint_metadata, export_pretrained, model_from_checkpoint
+from ov_train.training.callbacks import build_callbacks, previous_of, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger
 from ov_train.utils.paths import cache_dir
+from ov_train.utils.safe_load import CheckpointError
 from ov_train.vision.geometry import VisionGeometry
 
 log = get_logger(__name__)
@@ -32,12 +33,68 @@ def resolve_ckpt_path(cfg: DictConfig) -> None:
     if cfg.ckpt_path not in ("last", "auto"):
         return
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists() and previous_of(last).exists():
+        # Killed between save_whole's two renames: the previous checkpoint is the last whole one.
+        last = previous_of(last)
     if last.exists():
         cfg.ckpt_path = str(last)
     elif cfg.ckpt_path == "auto":
         cfg.ckpt_path = None
     else:
         raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """What a resume must share with the run that wrote the checkpoint (kept in its `ov_train` metadata)."""
+    return {
+        "stage": cfg.stage.name,
+        "model": cfg.model.name,
+        "geometry": OmegaConf.to_container(OmegaConf.masked_copy(cfg.model, ["vision", "text"]), resolve=True),
+        "max_steps": cfg.trainer.max_steps,
+    }
+
+
+def _flat(tree: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}") if isinstance(value, dict) else {f"{prefix}.{key}": value})
+    return out
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Before anything heavy: ckpt_path must load safely and come from this same run (stage, model and its
+    geometry, max_steps: the learning-rate schedule spans max_steps, so another value would make it jump, or
+    with fewer steps than done end the run at once). Reads only the checkpoint's pickles (tensors stay on disk)."""
+    if not cfg.ckpt_path:
+        return
+    try:
+        meta = checkpoint_metadata(cfg.ckpt_path, trust=cfg.checkpoint.trust)
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {err}") from None
+    stored, now = (meta.get("ov_train") or {}).get("run"), run_identity(cfg)
+    if stored is None:
+        log.warning("ckpt_path=%s records no run identity (an older checkpoint): resuming unchecked", cfg.ckpt_path)
+        return
+    problems = [
+        f"{key}: the checkpoint's {before!r}, this run's {after!r}"
+        for key, before, after in (("stage", stored.get("stage"), now["stage"]), ("model", stored.get("model"), now["model"]))
+        if before != after
+    ]
+    if not problems:
+        before, after = _flat(stored.get("geometry") or {}, "model"), _flat(now["geometry"], "model")
+        problems += [
+            f"{key}: the checkpoint's {before.get(key)!r}, this run's {after.get(key)!r}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)
+        ]
+    if stored.get("max_steps") != now["max_steps"]:
+        problems.append(
+            f"trainer.max_steps: the checkpoint's run has {stored.get('max_steps')}, this one {now['max_steps']}"
+            f" (at step {meta.get('global_step')}); the learning-rate schedule spans max_steps, so resume with"
+            f" trainer.max_steps={stored.get('max_steps')}, or train on from it in a new run with model.init_from=CKPT"
+        )
+    if problems:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint of this run:\n  " + "\n  ".join(problems))
+    log.info("resuming from %s at step %s", cfg.ckpt_path, meta.get("global_step"))
 
 
 def prepare_synthetic(cfg: DictConfig) -> None:
@@ -66,13 +123,14 @@ def train(cfg: DictConfig) -> dict:
     if cfg.trainer.precision is None:
         cfg.trainer.precision = default_precision(cfg)
     validate(cfg)
+    check_resume(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.data.name == SYNTHETIC:
         prepare_synthetic(cfg)
-    model, tokenizer = build_model(cfg.model, cache_dir())
+    model, tokenizer = build_model(cfg.model, cache_dir(), trust_checkpoint=cfg.checkpoint.trust)
     geometry = VisionGeometry.from_model_config(model.config)
     data = OneVisionData(cfg.data, cfg.stage, tokenizer, geometry, cfg.seed)
     tokenizer_dir = run_dir / "tokenizer"
@@ -80,17 +138,20 @@ def train(cfg: DictConfig) -> dict:
     module = OneVisionModule(
         model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir),
         forward_options=ForwardOptions.from_config(cfg.model, cfg.trainer.precision), nonfinite=cfg.nonfinite,
+        identity=run_identity(cfg),
     )
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    # weights_only reaches every load Lightning makes (check_resume already read the checkpoint's pickles).
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path, weights_only=not cfg.checkpoint.trust)
     # A final checkpoint, written by every rank in the strategy's own format; under ZeRO-3 / FSDP2 no rank holds
     # the full model, so the export is consolidated from it, as ov-export does.
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)
+    if not trainer.checkpoint_callback.saved_at(trainer.global_step):
+        save_whole(trainer, last)
     if not trainer.is_global_zero:
         return {}
     if cfg.export:
-        export_pretrained(model_from_checkpoint(last)[0], tokenizer, run_dir / "export")
+        export_pretrained(model_from_checkpoint(last, cfg.checkpoint.trust)[0], tokenizer, run_dir / "export")
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": cfg.stage.name,

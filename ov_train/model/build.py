@@ -93,8 +93,9 @@ def _fit_vocab(model, tokenizer) -> None:
     model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
 
 
-def build_model(cfg, cache_dir: str | Path):
-    """Return (model, tokenizer) for a `model` config node; weights in fp32 (precision is the trainer's job)."""
+def build_model(cfg, cache_dir: str | Path, trust_checkpoint: bool = False):
+    """Return (model, tokenizer) for a `model` config node; weights in fp32 (precision is the trainer's job).
+    An `init_from` checkpoint is unpickled beyond tensors and plain data only with `trust_checkpoint`."""
     if cfg.init_from and (Path(cfg.init_from) / "config.json").is_file():
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
@@ -102,7 +103,7 @@ def build_model(cfg, cache_dir: str | Path):
     elif cfg.init_from:
         from ov_train.tools.export import model_from_checkpoint  # checkpoint reading lives with ov-export
 
-        model, tokenizer_dir = model_from_checkpoint(cfg.init_from)
+        model, tokenizer_dir = model_from_checkpoint(cfg.init_from, trust=trust_checkpoint)
         if not cfg.tokenizer and not (tokenizer_dir and Path(tokenizer_dir).exists()):
             raise ValueError(f"model.init_from={cfg.init_from}: its tokenizer {tokenizer_dir!r} is gone; set model.tokenizer")
         tokenizer = load_tokenizer(cfg.tokenizer or tokenizer_dir)

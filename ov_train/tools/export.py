@@ -1,11 +1,13 @@
 """Write a Hugging Face directory (model, tokenizer, processor settings) that stock transformers loads."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
 
+from ov_train.utils.safe_load import TRUST_HINT, CheckpointError, load_dcp_metadata, load_file, load_source
 from ov_train.vision.geometry import VisionGeometry
 
 
@@ -63,45 +65,84 @@ def checkpoint_format(path: str | Path) -> str:
         return "deepspeed"
     if (path / ".metadata").is_file():
         return "fsdp2"
-    raise ValueError(
+    raise CheckpointError(
         f"{path}: not a checkpoint (neither a file, nor a DeepSpeed directory with 'latest',"
         " nor a torch.distributed.checkpoint directory with '.metadata')"
     )
 
 
-def _deepspeed_model_states(path: Path) -> Path:
-    """Rank 0's model-states file: it holds the client state (the Lightning checkpoint minus weights and optimizer)."""
-    tag = (path / "latest").read_text().strip()
-    return sorted((path / tag).glob("*model_states.pt"))[0]
+def _inside(root: Path, name: str) -> Path:
+    """root/name, refusing names (read from the checkpoint itself) that lead out of root."""
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{root}: names {name!r}, outside the checkpoint directory")
+    return target
 
 
-def checkpoint_metadata(path: str | Path) -> dict:
-    """The Lightning checkpoint's entries other than weights and optimizer state (global_step, ov_train, ...)."""
-    import torch
+def _deepspeed_files(path: Path) -> list[Path]:
+    """The tag directory's files, rank 0's model states (the Lightning checkpoint minus weights and optimizer) first."""
+    tag_dir = _inside(path, (path / "latest").read_text().strip())
+    files = sorted(tag_dir.glob("*.pt"), key=lambda f: (not f.name.endswith("model_states.pt"), f.name))
+    if not files or not files[0].name.endswith("model_states.pt"):
+        raise CheckpointError(f"{tag_dir}: a DeepSpeed checkpoint directory without *model_states.pt")
+    return files
 
+
+def _check_dcp(path: Path, trust: bool) -> None:
+    """A torch.distributed.checkpoint directory's pickles: `.metadata`, and its non-tensor entries (torch.save
+    records inside the .distcp files), which torch's default load planner unpickles with weights_only=False."""
+    metadata = load_dcp_metadata(path / ".metadata", trust=trust)
+    if trust:
+        return
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata):
+            continue  # tensors are read as raw storage, with weights_only=True
+        info = metadata.storage_data[MetadataIndex(fqn)]
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{path}: entry {fqn} is stored transformed, so it cannot be checked; {TRUST_HINT}")
+        with open(_inside(path, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            load_source(io.BytesIO(f.read(info.length)), f"{path / info.relative_path} (entry {fqn})")
+
+
+def checkpoint_metadata(path: str | Path, trust: bool = False) -> dict:
+    """The Lightning checkpoint's entries other than weights and optimizer state (global_step, ov_train, ...).
+
+    Every pickle of the checkpoint is read here with weights_only (unless `trust`), so what Lightning, DeepSpeed
+    and torch.distributed.checkpoint unpickle afterwards, some of it with weights_only=False, was checked first.
+    """
     path = Path(path)
     kind = checkpoint_format(path)
     if kind == "deepspeed":
-        path = _deepspeed_model_states(path)
+        model_states, *others = _deepspeed_files(path)
+        for f in others:
+            load_file(f, trust=trust, deepspeed=True)
+        meta = load_file(model_states, trust=trust, deepspeed=True)
     elif kind == "fsdp2":
-        path = path / "meta.pt"  # Lightning's name for it (lightning.fabric.utilities.load._METADATA_FILENAME)
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        _check_dcp(path, trust)
+        meta = load_file(path / "meta.pt", trust=trust)  # Lightning's name (lightning.fabric.utilities.load)
+    else:
+        meta = load_file(path, trust=trust)
+    if not isinstance(meta, dict) or (kind == "file" and "state_dict" not in meta):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return meta
 
 
-def _load_weights(path: Path, kind: str, model) -> None:
-    """Fill `model` with the checkpoint's full fp32 weights; every tensor must be there, and nothing else."""
-    import torch
-
+def _load_weights(path: Path, kind: str, model, trust: bool = False) -> None:
+    """Fill `model` with the checkpoint's full fp32 weights; every tensor must be there, and nothing else.
+    The checkpoint's pickles were checked by checkpoint_metadata."""
     if kind == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
         # Read in place into full tensors, without a process group: no_dist reassembles every shard here.
         target = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
-        stored = {k for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
+        stored = {k for k in load_dcp_metadata(path / ".metadata", trust=trust).state_dict_metadata if k.startswith("state_dict.")}
         wanted = {f"state_dict.{k}" for k in target["state_dict"]}
         if stored != wanted:
             missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
-            raise ValueError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise CheckpointError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
         dcp.load(target, checkpoint_id=path, no_dist=True)
         return
     if kind == "deepspeed":
@@ -110,24 +151,32 @@ def _load_weights(path: Path, kind: str, model) -> None:
         # The fp32 master weights, gathered from every rank's optimizer partition (ZeRO-2 and ZeRO-3 alike).
         state = get_fp32_state_dict_from_zero_checkpoint(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+        state = load_file(path, trust=trust)["state_dict"]
+    try:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+    except RuntimeError as err:  # missing, unexpected or differently sized tensors, all listed
+        raise CheckpointError(f"{path}: weights do not fit the model recorded in it: {err}") from None
 
 
-def model_from_checkpoint(ckpt_path: str | Path):
+def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
     """Rebuild the trained model from any checkpoint ov_train writes (file, DeepSpeed or FSDP2 directory).
 
-    Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process.
+    Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process. Nothing in
+    the checkpoint is unpickled beyond tensors and plain data unless `trust`; CheckpointError says what is wrong.
     """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     path = Path(ckpt_path)
     kind = checkpoint_format(path)
-    meta = checkpoint_metadata(path).get("ov_train")
-    if meta is None:
-        raise ValueError(f"{ckpt_path}: not an ov_train checkpoint (no 'ov_train' metadata)")
-    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_dict(meta["model_config"]))
-    _load_weights(path, kind, model)
+    meta = checkpoint_metadata(path, trust).get("ov_train")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{ckpt_path}: not an ov_train checkpoint (no 'ov_train' metadata with the model config)")
+    try:
+        config = LlavaOnevisionConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt_path}: its model config does not load: {err}") from None
+    model = LlavaOnevisionForConditionalGeneration(config)
+    _load_weights(path, kind, model, trust)
     return model, meta.get("tokenizer_dir")
 
 
@@ -142,12 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", help="output directory for the Hugging Face export")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="unpickle the checkpoint fully, objects of any class included (that can run code: only for files you trust)",
+    )
     args = parser.parse_args(argv)
     if not Path(args.ckpt).exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
     try:
-        model, tokenizer_dir = model_from_checkpoint(args.ckpt)
-    except ValueError as err:
+        model, tokenizer_dir = model_from_checkpoint(args.ckpt, trust=args.trust_checkpoint)
+    except (CheckpointError, OSError) as err:
         parser.error(str(err))
     tokenizer_dir = args.tokenizer or tokenizer_dir
     if not tokenizer_dir or not Path(tokenizer_dir).exists():

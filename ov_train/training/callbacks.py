@@ -1,17 +1,21 @@
-"""Callbacks every run gets: checkpoints that survive a kill, a save on SIGTERM, dashboards, stream state."""
+"""Callbacks every run gets: periodic checkpoints that survive a kill, a save on SIGTERM, dashboards, stream state."""
 from __future__ import annotations
 
 import os
+import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger
+from ov_train.utils.safe_load import load_file
 
 log = get_logger(__name__)
 
@@ -23,7 +27,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     stale `.<name>.partial` remains, which the next save overwrites. (The stock TorchCheckpointIO
     serialises into memory, writes the system temp dir and moves the file: from a node's /tmp to a
     shared run directory that move is a copy onto the target, which a kill truncates.)
+
+    Loading (resume) unpickles tensors and plain data only, unless `trust`: Lightning 2.6 passes
+    weights_only=None, which leaves it to torch's default (on since torch 2.6, off under the environment's
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
     """
+
+    def __init__(self, trust: bool = False):
+        super().__init__()
+        self.trust = trust
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load_file(path, trust=self.trust, map_location=map_location, mmap=False)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         if storage_options is not None:
@@ -55,9 +70,83 @@ class AtomicCheckpoints(Callback):
     directories through their own code, and a user-chosen CheckpointIO plugin is kept.
     """
 
+    def __init__(self, trust: bool = False):
+        self.trust = trust
+
     def setup(self, trainer, pl_module, stage):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.trust)
+
+
+def previous_of(path: Path) -> Path:
+    """Where save_whole keeps the previous checkpoint for the instant between its two renames."""
+    return path.with_name(f".{path.name}.previous")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def save_whole(trainer, path, save=None) -> None:
+    """`save(path)` (trainer.save_checkpoint by default) so that a kill at any moment leaves a whole checkpoint.
+
+    Single files go through AtomicCheckpointIO. DeepSpeed and FSDP write from every rank, in place, often a
+    directory: they write beside the target instead, then rank 0 moves the target to `.<name>.previous`,
+    renames the new one over it and deletes the previous one. A kill between those renames leaves only the
+    previous checkpoint, which resolve_ckpt_path (ov_train.run) then resumes from.
+    """
+    save = save or trainer.save_checkpoint
+    path = Path(path)
+    if not isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        save(path)
+        return
+    partial, previous = path.with_name(f".{path.name}.partial"), previous_of(path)
+    if trainer.is_global_zero:
+        _remove(partial)  # what a save killed midway left
+    trainer.strategy.barrier("save_whole")
+    save(partial)  # every rank writes its part; Lightning's save ends on a barrier
+    if trainer.is_global_zero:
+        if path.exists():
+            _remove(previous)
+            os.replace(path, previous)
+        os.replace(partial, path)
+        _remove(previous)
+    trainer.strategy.barrier("save_whole")
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_steps` optimizer steps and every `every_minutes` (either may be off), overwritten
+    in place, plus the `keep` most recent earlier ones as `step=N.ckpt`.
+
+    Lightning's ModelCheckpoint does the work: the triggers (ranks agree on the time one), `last`, pruning to
+    the top `keep` by step. Its version counter is off, so a resumed run rewrites `last.ckpt` instead of adding
+    `last-v1.ckpt`; every save goes through save_whole, so each rewrite is whole or not at all.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int | None, every_minutes: float | None, keep: int = 0):
+        super().__init__(
+            dirpath=dirpath, filename="step={step}", auto_insert_metric_name=False,
+            # Top-k by step with mode=max keeps the most recent; with keep=0 only `last` is written.
+            monitor="step" if keep else None, mode="max", save_top_k=keep, save_last=True,
+            train_time_interval=timedelta(minutes=every_minutes) if every_minutes else None,
+            every_n_epochs=0, enable_version_counter=False,
+        )
+        # ModelCheckpoint's constructor takes one trigger; its on_train_batch_end saves when either is due.
+        self._every_n_train_steps = int(every_n_steps or 0)
+
+    @property
+    def state_key(self) -> str:
+        # One per run, so a resume that changes the cadence still finds (and prunes) the kept checkpoints.
+        return type(self).__name__
+
+    def saved_at(self, step: int) -> bool:
+        return self._last_global_step_saved == step
+
+    def _save_checkpoint(self, trainer, filepath):
+        save_whole(trainer, filepath, lambda target: super(PeriodicCheckpoint, self)._save_checkpoint(trainer, str(target)))
 
 
 class SaveOnSigterm(Callback):
@@ -72,16 +161,17 @@ class SaveOnSigterm(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
+            save_whole(trainer, self.path)
             log.warning("SIGTERM: saved %s at step %d; exiting", self.path, trainer.global_step)
 
 
 def build_callbacks(cfg, run_dir: Path) -> list:
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    ckpt = cfg.checkpoint
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
     last = Path(checkpoints.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
     return [
         checkpoints,
-        AtomicCheckpoints(),
+        AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(last),
         TrainingMetrics(cfg.metrics.peak_tflops),
         ValidationPredictions(run_dir / "predictions", cfg.metrics.predictions),

@@ -1,9 +1,12 @@
 """LightningDataModule: recipe -> shards -> processed samples -> token-budget batches."""
 from __future__ import annotations
 
+import os
+import signal
 from functools import partial
 
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ov_train.data.batching import HeldOutBatches, TokenBudget, TrainBatches
@@ -13,6 +16,16 @@ from ov_train.data.stream import MAX_SKIPS_IN_A_ROW, MixedStream, ValStream
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+def init_worker(worker_id: int, rank: int, seed: bool) -> None:
+    """Loader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker that died of it
+    would crash the main process ("DataLoader worker killed by signal") before it saves at the step boundary.
+    The main process shuts its workers down as it exits. `seed`: Lightning's own worker seeding, which a loader
+    with a worker_init_fn does not get otherwise."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if seed:
+        pl_worker_init_function(worker_id, rank)
 
 
 class OneVisionData(L.LightningDataModule):
@@ -56,7 +69,13 @@ class OneVisionData(L.LightningDataModule):
 
     def _loader(self, dataset, persistent: bool):
         workers = int(self.cfg.num_workers)
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0)
+        # seed_everything(workers=True) sets PL_SEED_WORKERS, for which Lightning adds its worker_init_fn.
+        seed = bool(int(os.environ.get("PL_SEED_WORKERS", 0)))
+        init = partial(init_worker, rank=self.trainer.global_rank if self.trainer is not None else 0, seed=seed)
+        return DataLoader(
+            dataset, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
+            worker_init_fn=init if workers else None,
+        )
 
     def train_dataloader(self):
         make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer),

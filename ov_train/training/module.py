@@ -24,12 +24,14 @@ MAX_NONFINITE_IN_A_ROW = 10
 class OneVisionModule(L.LightningModule):
     def __init__(
         self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None,
-        forward_options: ForwardOptions | None = None, nonfinite: str = "skip",
+        forward_options: ForwardOptions | None = None, nonfinite: str = "skip", identity: dict | None = None,
     ):
         super().__init__()
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite={nonfinite!r}; allowed: {list(NONFINITE)}")
         self.tokenizer_dir = tokenizer_dir
+        # What a resume must match (stage, model, geometry, max_steps: run.py's run_identity), kept in checkpoints.
+        self.identity = identity
         self.model = model.train()  # from_pretrained hands models back in eval mode
         self.stage = stage
         self.total_steps = total_steps
@@ -61,11 +63,11 @@ class OneVisionModule(L.LightningModule):
         for modality in sorted(set(batch["modality"])):
             sel = torch.tensor([m == modality for m in batch["modality"]], device=per_sample.device)
             by_modality[modality] = (per_sample[sel].mean(), int(sel.sum()))
-        skip = self._skip_nonfinite(loss, by_modality, batch_idx)
+        # A skipped batch's backward still runs, so data-parallel ranks stay in step; on_before_optimizer_step drops
+        # its gradients. Its losses are logged as they are, non-finite: Lightning re-sends a key's last value on
+        # steps that do not log it, so logging nothing would show the previous step's loss.
+        self._skip_nonfinite(loss, by_modality, batch_idx)
         self.log("train/nonfinite_batches", float(self.nonfinite_batches), batch_size=bs)
-        if skip:
-            # Backward still runs, so data-parallel ranks stay in step; on_before_optimizer_step drops its gradients.
-            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for modality, (value, n) in by_modality.items():
             self.log(f"train/loss_{modality}", value, batch_size=n)
@@ -74,7 +76,8 @@ class OneVisionModule(L.LightningModule):
         return loss
 
     def _skip_nonfinite(self, loss, by_modality: dict, batch_idx: int) -> bool:
-        """Whether this batch is skipped for a non-finite loss (on any rank); raises when nonfinite=stop."""
+        """Whether this batch is skipped for a non-finite loss (on any rank), its update dropped; raises when
+        nonfinite=stop."""
         bad = (~torch.isfinite(loss.detach())).float()
         if self.trainer.world_size > 1:
             # Every rank must take the same branch, or the ranks that step would wait forever for the others.
@@ -142,7 +145,9 @@ class OneVisionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config: ov-export reads it.
-        checkpoint["ov_train"] = {"model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir}
+        checkpoint["ov_train"] = {
+            "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
+        }
 
     def configure_model(self):
         # FSDP2 (ov_train.strategies.FSDP2Strategy) shards here: after the process group exists, before the optimizer.

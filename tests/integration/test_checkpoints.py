@@ -26,12 +26,14 @@ from tests.integration.test_train import _held_out_batch
 
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory, small_data_root):
-    """2 steps on 2 processes, then `ckpt_path=last` in the same run directory up to step 3."""
+    """2 steps of a 3-step run on 2 processes (one epoch of 2 batches), then `ckpt_path=last` in the same run
+    directory up to step 3 (a resume keeps trainer.max_steps: the schedule spans it)."""
     root = tmp_path_factory.mktemp("fsdp2")
     run_dir = root / "run"
-    overrides = [*train_overrides(small_data_root, "onevision", 2, run_dir), "strategy=fsdp2", "trainer.devices=2"]
-    run_train(overrides, run_dir, root / "first")
-    run_train([*overrides, "trainer.max_steps=3", "ckpt_path=last"], run_dir, root / "resumed")
+    overrides = [*train_overrides(small_data_root, "onevision", 3, run_dir), "strategy=fsdp2", "trainer.devices=2"]
+    stop_at_2 = ["+trainer.limit_train_batches=2", "+trainer.max_epochs=1", "+trainer.limit_val_batches=0"]
+    run_train([*overrides, *stop_at_2], run_dir, root / "first")
+    run_train([*overrides, "ckpt_path=last"], run_dir, root / "resumed")
     return root
 
 

@@ -15,7 +15,7 @@ def consumed(run_dir) -> list[dict]:
 
 
 def checkpoint(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("workers, precision", [(0, "32-true"), (2, "32-true"), (0, "bf16-true")])
@@ -62,3 +62,36 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, pr
         share = sum(k.startswith(modality) for k in keys) / len(keys)
         assert float(last[f"data/mix_modality_{modality}"]) == pytest.approx(share)
         assert float(last[f"data/mix_{modality}"]) == pytest.approx(share)
+
+
+def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path, small_data_root, monkeypatch):
+    """The checkpoint records its run (stage, model and geometry, max_steps); a resume that differs is refused
+    with what differs, before the model is built, instead of a jumping learning rate, a run that trains nothing,
+    or a tensor size error."""
+    import ov_train.run as run
+    from ov_train.config import ConfigError
+
+    base = [f"data.root={small_data_root}", *SMALL_DATA, "export=false", "+trainer.limit_val_batches=0", "trainer.max_steps=1"]
+    train(compose_config(base, run_dir=tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["ov_train"]["run"] == {
+        "stage": "onevision", "model": "tiny", "max_steps": 1,
+        "geometry": {"vision": dict(compose_config([]).model.vision), "text": dict(compose_config([]).model.text)},
+    }
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("the model was built before the resume was checked")
+
+    monkeypatch.setattr(run, "build_model", heavy)
+    cases = {
+        "trainer.max_steps=3": ["trainer.max_steps: the checkpoint's run has 1, this one 3", "trainer.max_steps=1"],
+        "stage=pretrain": ["stage: the checkpoint's 'onevision', this run's 'pretrain'"],
+        "model.text.hidden_size=256": ["model.text.hidden_size: the checkpoint's 192, this run's 256"],
+        "model=ov_qwen2_0_5b": ["model: the checkpoint's 'tiny', this run's 'ov_qwen2_0_5b'"],
+    }
+    for override, expected in cases.items():
+        extra = ["model.random_init=true"] if override.startswith("model=") else []
+        with pytest.raises(ConfigError) as err:
+            train(compose_config([*base, override, *extra, "ckpt_path=last"], run_dir=tmp_path))  # the later value wins
+        assert f"ckpt_path={last} is not a checkpoint of this run" in str(err.value)
+        assert all(text in str(err.value) for text in expected), str(err.value)

@@ -1,5 +1,8 @@
 """Checkpoints that survive a kill mid-save, a clean stop on SIGTERM, and non-finite losses caught."""
 import io
+import math
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import Logger
 
 from ov_train.model.build import build_model
 from ov_train.run import train
@@ -47,50 +51,89 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, mon
         trainer.save_checkpoint(last)
     monkeypatch.undo()
     assert last.read_bytes() == before
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
 
     # What a SIGKILL leaves behind does not get in the way of the next save.
     (tmp_path / ".last.ckpt.partial").write_bytes(b"torn")
     trainer.save_checkpoint(last)
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     assert not (tmp_path / ".last.ckpt.partial").exists()
 
 
-def _log_shows_step(log_file, step: int) -> bool:
-    return log_file.exists() and f"step {step}/" in log_file.read_text()
+@pytest.fixture
+def launch():
+    """Starts `python train.py` in its own process group (as a scheduler does), output (the log too) to a file;
+    whatever is still running when the test ends, failed or not, is killed with its group."""
+    started = []
+
+    def start(run_dir, output, *overrides) -> subprocess.Popen:
+        command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+        with open(output, "w") as out:
+            started.append(subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
-def test_sigterm_saves_last_checkpoint_at_a_step_boundary_and_exits_cleanly(tmp_path, small_data_root):
+def wait_for(process, output, done, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        assert process.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, small_data_root, launch):
+    """kill -9 of every process right after the first periodic save; the requeued job (ckpt_path=auto) goes on
+    from that step, rewrites last.ckpt in place, and on SIGTERM to its whole process group, loader workers
+    included, saves at a step boundary and exits 0; so does the next one, signalled in its main process only."""
     run_dir, max_steps = tmp_path / "run", 1000
-    command = [
-        sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.root={small_data_root}", *SMALL_DATA,
-        f"trainer.max_steps={max_steps}", "export=false",
+    checkpoints, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.ckpt"
+    overrides = [
+        f"data.root={small_data_root}", *(o for o in SMALL_DATA if not o.startswith("data.num_workers")),
+        "data.num_workers=2", f"trainer.max_steps={max_steps}", "export=false", "checkpoint.every_n_steps=2",
     ]
-    with open(tmp_path / "output.txt", "w") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while not _log_shows_step(run_dir / "train.log", 2):  # TrainingMetrics logs a line per logging step
-            assert process.poll() is None and time.time() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 0, (tmp_path / "output.txt").read_text()[-3000:]
-    assert "SIGTERM: saved" in (run_dir / "train.log").read_text()
-    assert not (run_dir / "summary.json").exists()  # the run did not pretend to finish
-    last = run_dir / "checkpoints" / "last.ckpt"
-    step = torch.load(last, weights_only=False)["global_step"]
-    assert 2 <= step < max_steps
+    killed = launch(run_dir, tmp_path / "killed.txt", *overrides)
+    wait_for(killed, tmp_path / "killed.txt", last.exists)  # renamed into place whole: a complete checkpoint
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    saved = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert saved >= 2 and saved % 2 == 0
 
-    # Requeued: the same run directory resumes from the checkpoint and trains on.
-    overrides = [f"data.root={small_data_root}", *SMALL_DATA, f"trainer.max_steps={step + 2}", f"ckpt_path={last}"]
-    assert train(compose_config(overrides, run_dir=run_dir))["steps"] == step + 2
+    output = tmp_path / "requeued.txt"
+    requeued = launch(run_dir, output, *overrides, "ckpt_path=auto")
+    wait_for(requeued, output, lambda: f"step {saved + 2}/{max_steps}" in output.read_text())
+    os.killpg(requeued.pid, signal.SIGTERM)  # what SLURM and other schedulers do
+    assert requeued.wait(timeout=120) == 0, output.read_text()[-3000:]
+    log = output.read_text()
+    assert f"resuming from {last} at step {saved}" in log
+    assert re.search(r"step (\d+)/", log).group(1) == str(saved + 1)  # the first step it trains
+    assert "SIGTERM: saved" in log and "DataLoader worker" not in log
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert saved + 2 <= step < max_steps
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # no last-v1.ckpt, no partial file
+    assert not (run_dir / "summary.json").exists()  # the run did not pretend to finish
+
+    output = tmp_path / "again.txt"
+    again = launch(run_dir, output, *overrides, "ckpt_path=auto")
+    wait_for(again, output, lambda: f"step {step + 1}/{max_steps}" in output.read_text())
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=120) == 0, output.read_text()[-3000:]
+    assert f"resuming from {last} at step {step}" in output.read_text()
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] > step
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
 
 
 class ParameterWatch(Callback):
-    """Which training batches changed the parameters."""
+    """Which training batches changed the parameters; the progress bar's train/loss after each."""
 
     def __init__(self):
         self.changed: dict[int, bool] = {}
+        self.progress_bar: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._before = [p.detach().clone() for p in pl_module.parameters()]
@@ -98,9 +141,26 @@ class ParameterWatch(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         after = list(pl_module.parameters())
         self.changed[batch_idx] = any(not torch.equal(a, b) for a, b in zip(self._before, after))
+        self.progress_bar[batch_idx] = trainer.progress_bar_metrics.get("train/loss")
 
 
-def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], steps: int = 3):
+class Recorded(Logger):
+    """What a logger (W&B, CSV) receives, by step."""
+
+    name, version = "recorded", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[int, dict] = {}
+
+    def log_metrics(self, metrics, step):
+        self.rows.setdefault(step, {}).update(metrics)
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], steps: int = 3, logger=False):
     """Train the tiny model for `steps` batches; in the batches numbered `poisoned`, the loss of every sample
     of the first sample's modality becomes NaN. Returns the module and the watch."""
     cfg = compose_config([f"data.root={small_data_root}", *SMALL_DATA])
@@ -120,7 +180,8 @@ def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], ste
     module._losses = with_nans
     watch = ParameterWatch()
     trainer = L.Trainer(
-        max_steps=steps, callbacks=[watch], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=steps, callbacks=[watch], logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", gradient_clip_val=1.0,
     )
     trainer.fit(module, datamodule=data)
@@ -128,12 +189,20 @@ def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], ste
 
 
 def test_skip_drops_the_update_of_a_nan_batch_and_counts_it(small_data_root):
-    module, watch = fit_with_nan_losses(small_data_root, "skip", poisoned={1})
+    recorded = Recorded()
+    module, watch = fit_with_nan_losses(small_data_root, "skip", poisoned={1}, logger=recorded)
     assert watch.changed == {0: True, 1: False, 2: True}
     assert module.nonfinite_batches == 1
     assert module.trainer.callback_metrics["train/nonfinite_batches"] == 1
     assert module.trainer.global_step == 3
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # The skipped step shows its own, non-finite loss, never the step before's (Lightning re-sends a key's last
+    # value to loggers and the progress bar on steps that do not log it).
+    rows = recorded.rows
+    assert [rows[step]["train/nonfinite_batches"] for step in (0, 1, 2)] == [0, 1, 1]
+    assert math.isnan(rows[1]["train/loss"]) and math.isnan(watch.progress_bar[1])
+    assert all(math.isfinite(rows[step]["train/loss"]) for step in (0, 2))
+    assert all(math.isfinite(watch.progress_bar[step]) for step in (0, 2))
 
 
 def test_stop_names_the_step_and_the_modality(small_data_root):

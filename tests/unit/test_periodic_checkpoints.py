@@ -1,0 +1,130 @@
+"""Checkpoints while training runs: `last.ckpt` every checkpoint.every_n_steps and/or every_minutes, rewritten in
+place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front."""
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from ov_train.config import ConfigError, validate
+from ov_train.training.callbacks import AtomicCheckpoints, PeriodicCheckpoint, build_callbacks
+from tests.conftest import compose_config
+
+
+class Saves(Callback):
+    """The global step of every checkpoint written."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.steps.append(checkpoint["global_step"])
+
+
+def fit(directory: Path, max_steps: int, ckpt_path=None, **cadence) -> list[int]:
+    saves = Saves()
+    trainer = L.Trainer(
+        max_steps=max_steps, callbacks=[PeriodicCheckpoint(directory, **cadence), AtomicCheckpoints(), saves],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0,
+    )
+    trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+    return saves.steps
+
+
+def test_every_n_steps_keeps_last_and_the_most_recent(tmp_path):
+    assert fit(tmp_path, 7, every_n_steps=2, every_minutes=None, keep=2) == [2, 2, 4, 4, 6, 6]  # step=N, then last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=4.ckpt", "step=6.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6
+
+    # Resumed in the same directory: last.ckpt is rewritten, never copied to last-v1.ckpt.
+    assert fit(tmp_path, 9, tmp_path / "last.ckpt", every_n_steps=2, every_minutes=None, keep=2) == [8, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=6.ckpt", "step=8.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_minutes_and_steps_both_trigger(tmp_path):
+    # A time interval shorter than a step saves at every step, whatever every_n_steps says.
+    assert fit(tmp_path / "timed", 3, every_n_steps=100, every_minutes=1e-9, keep=0) == [1, 2, 3]
+    assert fit(tmp_path / "stepped", 5, every_n_steps=2, every_minutes=60, keep=0) == [2, 4]  # run.py saves the end
+    assert [p.name for p in (tmp_path / "stepped").iterdir()] == ["last.ckpt"]
+
+
+def test_the_default_run_writes_checkpoints_while_it_trains(tmp_path):
+    cfg = compose_config([], run_dir=tmp_path)
+    (periodic,) = [c for c in build_callbacks(cfg, tmp_path) if isinstance(c, PeriodicCheckpoint)]
+    assert 0 < periodic._every_n_train_steps < cfg.trainer.max_steps
+    assert periodic._train_time_interval.total_seconds() == 60 * cfg.checkpoint.every_minutes
+
+
+def test_bad_checkpoint_keys_are_named(tmp_path):
+    cfg = compose_config(
+        ["checkpoint.every_n_steps=0", "checkpoint.every_minutes=soon", "checkpoint.keep=-1", "checkpoint.trust=maybe"],
+        run_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for text in (
+        "checkpoint.every_n_steps=0 must be a positive integer or null",
+        "checkpoint.every_minutes='soon' must be a positive number or null",
+        "checkpoint.keep=-1 must be an integer >= 0",
+        "checkpoint.trust='maybe' must be true or false",
+    ):
+        assert text in str(err.value)
+    validate(compose_config(["checkpoint.every_n_steps=null", "checkpoint.every_minutes=null"], run_dir=tmp_path))
+
+
+def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkeypatch):
+    """DeepSpeed and FSDP2 write from every rank, in place: save_whole has them write beside the target and
+    swaps the result in, so a kill at any moment leaves a whole checkpoint that ckpt_path=auto resumes."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ov_train.run import resolve_ckpt_path
+    from ov_train.training import callbacks
+    from ov_train.training.callbacks import save_whole
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), is_global_zero=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def shards(step: int, killed_at_rank: int | None = None):
+        def save(target: Path):
+            target.mkdir(parents=True)
+            for rank in range(2):
+                if rank == killed_at_rank:
+                    raise KeyboardInterrupt
+                (target / f"rank{rank}.distcp").write_text(str(step))
+        return save
+
+    def steps_in(directory: Path) -> set[str]:
+        return {p.read_text() for p in directory.iterdir()}
+
+    save_whole(trainer, last, shards(1))
+    with pytest.raises(KeyboardInterrupt):
+        save_whole(trainer, last, shards(2, killed_at_rank=1))
+    assert steps_in(last) == {"1"}
+    save_whole(trainer, last, shards(3))
+    assert steps_in(last) == {"3"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+    real_replace, calls = os.replace, []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(callbacks.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_whole(trainer, last, shards(4))
+    monkeypatch.undo()
+    assert not last.exists()
+    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
+    resolve_ckpt_path(cfg)
+    assert cfg.ckpt_path == str(tmp_path / "checkpoints" / ".last.ckpt.previous")
+    assert steps_in(Path(cfg.ckpt_path)) == {"3"}
+    save_whole(trainer, last, shards(5))
+    assert steps_in(last) == {"5"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
