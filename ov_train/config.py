@@ -1,7 +1,6 @@
 """Checks on the composed config, run before any work; every problem is reported at once, by key."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -11,10 +10,13 @@ from ov_train.data.recipe import RecipeError, load_recipe
 from ov_train.data.synthetic import MIN_PX as MIN_SYNTHETIC_PX
 from ov_train.data.synthetic import SYNTHETIC, occupied, synthetic_root
 from ov_train.model.forward import ForwardOptions
+from ov_train.model.loss import weighting_problems
 from ov_train.model.parts import PARTS
 from ov_train.strategies import STRATEGIES, default_precision
 from ov_train.text.template import TEMPLATES
 from ov_train.training.module import NONFINITE
+from ov_train.training.steps import step_problems
+from ov_train.vision.settings import problems as media_problems
 
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -35,12 +37,9 @@ def _stage_problems(stage) -> list[str]:
         problems.append("stage.parts: no part has a learning rate > 0, so nothing would train")
     if stage.get("template") not in TEMPLATES:
         problems.append(f"stage.template={stage.get('template')!r}; allowed: {list(TEMPLATES)}")
-    strategy = str(stage.get("image_strategy"))
-    if strategy != "single_crop" and not re.fullmatch(r"anyres_max_\d+", strategy):
-        problems.append(f"stage.image_strategy={strategy!r}; allowed: single_crop, anyres_max_N (e.g. anyres_max_9)")
-    for key in ("max_length", "max_frames"):
-        if not isinstance(stage.get(key), int) or stage.get(key) < 1:
-            problems.append(f"stage.{key}={stage.get(key)!r} must be a positive integer")
+    problems += media_problems(stage) + weighting_problems(stage)
+    if not isinstance(stage.get("max_length"), int) or stage.get("max_length") < 1:
+        problems.append(f"stage.max_length={stage.get('max_length')!r} must be a positive integer")
     if not 0 <= float(stage.get("warmup_ratio", 0)) < 1:
         problems.append(f"stage.warmup_ratio={stage.get('warmup_ratio')!r} must be in [0, 1)")
     return problems
@@ -195,6 +194,7 @@ def _checkpoint_problems(ckpt) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
     problems += _data_problems(cfg.data, cfg.get("seed")) + _checkpoint_problems(cfg.get("checkpoint"))
+    problems += step_problems(cfg)
     if cfg.get("nonfinite") not in NONFINITE:
         problems.append(f"nonfinite={cfg.get('nonfinite')!r}; allowed: {list(NONFINITE)}")
     peak = cfg.metrics.get("peak_tflops")

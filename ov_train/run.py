@@ -18,11 +18,13 @@ from ov_train.training.callbacks import build_callbacks, previous_of, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
+from ov_train.training.steps import derive_max_steps
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger
 from ov_train.utils.paths import cache_dir
 from ov_train.utils.safe_load import CheckpointError
 from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.settings import MediaSettings, apply_to_model_config
 
 log = get_logger(__name__)
 
@@ -106,6 +108,8 @@ def prepare_synthetic(cfg: DictConfig) -> None:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if cfg.data.get("samples_per_step"):
+        kwargs.pop("gradient_clip_val", None)  # manual optimization: the module clips (OneVisionModule.clip_val)
     if kwargs.get("val_check_interval") is None:
         kwargs["val_check_interval"] = kwargs["max_steps"]
     return L.Trainer(
@@ -123,6 +127,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.trainer.precision is None:
         cfg.trainer.precision = default_precision(cfg)
     validate(cfg)
+    derive_max_steps(cfg)
     check_resume(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
@@ -131,6 +136,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.data.name == SYNTHETIC:
         prepare_synthetic(cfg)
     model, tokenizer = build_model(cfg.model, cache_dir(), trust_checkpoint=cfg.checkpoint.trust)
+    # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
+    apply_to_model_config(model.config, MediaSettings.from_config(cfg.stage))
     geometry = VisionGeometry.from_model_config(model.config)
     data = OneVisionData(cfg.data, cfg.stage, tokenizer, geometry, cfg.seed)
     tokenizer_dir = run_dir / "tokenizer"
@@ -138,7 +145,8 @@ def train(cfg: DictConfig) -> dict:
     module = OneVisionModule(
         model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(tokenizer_dir),
         forward_options=ForwardOptions.from_config(cfg.model, cfg.trainer.precision), nonfinite=cfg.nonfinite,
-        identity=run_identity(cfg),
+        identity=run_identity(cfg), samples_per_step=cfg.data.get("samples_per_step"),
+        clip_val=cfg.trainer.get("gradient_clip_val"),
     )
     trainer = build_trainer(cfg, run_dir)
     # weights_only reaches every load Lightning makes (check_resume already read the checkpoint's pickles).

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 from torch.utils.data import IterableDataset
 
+from ov_train.data.step_batches import step_bundles
 from ov_train.data.stream import reader_slot
 
 
@@ -67,11 +68,14 @@ class TrainBatches(IterableDataset):
     `make_stream(reader=, readers=, state=)` builds a reader's sample stream (a MixedStream). Every
     batch carries `stream_state` = {reader, readers, state}: the reader's state right after the batch.
     `resume(states, consumed)` restarts each reader from its saved state, with the reader that owes
-    batch number `consumed` on loader worker 0 (workers hand out batches in turn).
+    batch number `consumed` on loader worker 0 (workers hand out batches in turn). With `samples_per_rank`,
+    each item is one optimizer step's bundle of micro-batches instead (ov_train.data.step_batches).
     """
 
-    def __init__(self, make_stream: Callable, budget: TokenBudget, collate: Callable[[list[dict]], dict]):
+    def __init__(self, make_stream: Callable, budget: TokenBudget, collate: Callable[[list[dict]], dict],
+                 samples_per_rank: int | None = None):
         self.make_stream, self.budget, self.collate = make_stream, budget, collate
+        self.samples_per_rank = samples_per_rank
         self.states: dict[int, dict] = {}
         self.consumed = 0
 
@@ -81,6 +85,10 @@ class TrainBatches(IterableDataset):
     def __iter__(self):
         reader, readers = reader_slot(self.consumed)
         stream = self.make_stream(reader=reader, readers=readers, state=self.states.get(reader))
+        if self.samples_per_rank:
+            for bundle, state in step_bundles(iter(stream), self.samples_per_rank, self.budget, self.collate, stream.state):
+                yield {**bundle, "stream_state": {"reader": reader, "readers": readers, "state": state}}
+            return
         for examples, state in pack(iter(stream), self.budget, stream.state):
             batch = self.collate(examples)
             batch["source"] = [e["source"] for e in examples]

@@ -6,13 +6,15 @@ A recipe YAML holds `sources` and optional batching settings:
     sources:
       - {name: general, path: si/general, modality: single_image, category: general, weight: 36.1}
       - {path: /abs/shards/part-*.tar, modality: text, samples: 140000}
+      - {name: clips, path: video/clips, modality: video, samples: 9000, video: {fps: 2, max_frames: 16}}
 
 `path` is a directory holding train-*.tar (and val-*.tar for held-out samples), or a glob (it has
 * ? or [) of train shards, with no held-out split; relative paths resolve against `data.root`. Each source gives `weight` or
 `samples` (samples drawn per epoch-equivalent), and one recipe uses one of the two throughout: a
 source is drawn with probability weight / sum(weights), or samples / sum(samples), so sample counts
 are weights in proportion. Weights are finite positive numbers with a finite sum. Every problem is
-reported at once, naming the recipe, source and key.
+reported at once, naming the recipe, source and key. A source's optional `video` mapping (fps, max_frames,
+sampling, frame_size) overrides the stage's video settings for its samples (ov_train.vision.settings).
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from ov_train.vision.settings import MediaSettingError, VideoSettings
+
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 MODALITIES = ("single_image", "multi_image", "video", "text")
-SOURCE_KEYS = {"name", "path", "modality", "category", "weight", "samples"}
+SOURCE_KEYS = {"name", "path", "modality", "category", "weight", "samples", "video"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
 
 
@@ -46,6 +50,7 @@ class Source:
     train_shards: tuple[str, ...]
     val_shards: tuple[str, ...]
     category: str | None = None
+    video: dict | None = None  # this source's own video settings (fps, max_frames, sampling, frame_size)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Recipe:
     name: str
     sources: tuple[Source, ...]
     max_tokens_per_batch: int | None = None
+    unit: str = "weight"  # what the sources' numbers are: `weight`s or `samples` counts (an epoch's worth)
 
     def __iter__(self):
         return iter(self.sources)
@@ -144,6 +150,14 @@ def _source_problems(where: str, src: dict) -> list[str]:
         problems.append(f"{where}: modality={modality!r}; allowed: {list(MODALITIES)}")
     if category is not None and not (isinstance(category, str) and category):
         problems.append(f"{where}: category={category!r} must be a non-empty string")
+    video = src.get("video")
+    if video is not None and not isinstance(video, dict):
+        problems.append(f"{where}: video={video!r} must be a mapping of fps, max_frames, sampling, frame_size")
+    elif video:
+        try:
+            VideoSettings.from_values(video, f"{where}: video")
+        except MediaSettingError as err:
+            problems += str(err).splitlines()
     return problems + _weighting_problems(where, src)
 
 
@@ -180,11 +194,12 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
         if len(given) == 1:
             kinds.add(given[0])
         share = src.get(given[0]) if given else None
-        sources.append(Source(name, src.get("modality"), share, train, val, src.get("category")))
+        video = src.get("video") if isinstance(src.get("video"), dict) else None
+        sources.append(Source(name, src.get("modality"), share, train, val, src.get("category"), video))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
     elif not problems and sum(float(s.weight) for s in sources) == math.inf:
         problems.append(f"{path.name}: the {kinds.pop()}s sum to infinity; scale them down (only their ratios matter)")
     if problems:
         raise RecipeError(problems)
-    return Recipe(path.stem, tuple(sources), budget)
+    return Recipe(path.stem, tuple(sources), budget, kinds.pop() if kinds else "weight")

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from ov_train.data.video import VIDEO_FIELD, decode_video
-from ov_train.text.template import IGNORE_INDEX, encode_conversation
+from ov_train.text.template import IGNORE_INDEX, PLACEMENTS, encode_conversation
 from ov_train.vision.preprocess import preprocess_frames, preprocess_image
+from ov_train.vision.settings import ImageSettings, MediaSettings, VideoSettings
 from ov_train.vision.tokens import video_tokens
 
 
@@ -32,9 +33,21 @@ class SampleProcessor:
     tokenizer: object
     geometry: object
     template: str
-    image_strategy: str  # anyres_max_N: single images get anyres crops; single_crop: one crop per image
+    image_strategy: str  # anyres_max_N, pad or square (ov_train.vision.settings); `media` wins when given
     max_frames: int
     max_length: int
+    # The stage's image and video settings (MediaSettings.from_config); None: from image_strategy and max_frames.
+    media: MediaSettings | None = None
+    # Where a turn's single <image>/<video> goes: `front` (moved to the start, then a newline, as the public
+    # LLaVA-NeXT code does) or `as_is`.
+    placement: str = "front"
+
+    def __post_init__(self):
+        if self.media is None:
+            image = ImageSettings.from_stage({"image_strategy": self.image_strategy})
+            object.__setattr__(self, "media", MediaSettings(image, VideoSettings(max_frames=self.max_frames)))
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"stage.media_placement={self.placement!r}; allowed: {list(PLACEMENTS)}")
 
     def __call__(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
@@ -43,26 +56,28 @@ class SampleProcessor:
         except (KeyError, ValueError) as err:
             raise SampleError("malformed_json", f"sample {key}: bad or missing json ({err})") from err
         image_fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
-        anyres = self.image_strategy.startswith("anyres") and len(image_fields) == 1
+        mode = self.media.image.crop_mode(len(image_fields))
         images = []
         for field in image_fields:
             try:
                 with Image.open(io.BytesIO(raw[field])) as im:
-                    images.append(preprocess_image(im, self.geometry, anyres=anyres))
+                    images.append(preprocess_image(im, self.geometry, mode=mode))
             except Exception as err:  # PIL raises many types for broken files
                 raise SampleError("corrupt_image", f"sample {key}: cannot decode {field} ({err})") from err
         frames = None
         visual = [img.num_tokens for img in images]
         video_field = next((f for f in VIDEO_FIELDS if f in raw), None)
         if video_field:
+            video = self.media.video_for(raw.get("__source__"))  # the stream names the sample's source
             try:
-                array, _ = decode_video(raw[video_field], self.max_frames, name=f"{key}.{video_field}")
+                array, _ = decode_video(raw[video_field], video.max_frames, f"{key}.{video_field}", video.fps,
+                                        video.sampling, video.frame_size)
             except ValueError as err:
                 raise SampleError("corrupt_video", str(err)) from err
             frames = preprocess_frames(array, self.geometry)
-            visual.append(video_tokens(frames.shape[0], self.geometry))
+            visual.append(video_tokens(frames.shape[0], self.geometry, newline=self.media.image.newline))
         try:
-            enc = encode_conversation(self.tokenizer, meta["conversations"], self.template, visual)
+            enc = encode_conversation(self.tokenizer, meta["conversations"], self.template, visual, self.placement)
         except (KeyError, ValueError) as err:
             raise SampleError("bad_conversation", f"sample {key}: {err}") from err
         ids, labels = self._truncate(key, enc.input_ids, enc.labels)
@@ -74,6 +89,7 @@ class SampleProcessor:
             "labels": torch.tensor(labels, dtype=torch.long),
             "images": images,
             "frames": frames,
+            "video_newline": self.media.image.newline,
             "chance": 1.0 / len(options) if options else 0.0,
         }
 
@@ -115,8 +131,10 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "crops_per_image": [img.pixel_values.shape[0] for img in images],
         "image_sizes": torch.tensor([img.size for img in images], dtype=torch.long).view(-1, 2),
         "image_anyres": [img.anyres for img in images],
+        "image_newline": [img.newline for img in images],
         "video_frames": torch.cat(videos) if videos else None,
         "frames_per_video": [v.shape[0] for v in videos],
+        "video_newline": [e.get("video_newline", True) for e in examples if e["frames"] is not None],
         "modality": [e["modality"] for e in examples],
         # Floats, not a tensor: under bf16-true Lightning casts the batch's float tensors to bf16 (1/3 -> 0.334).
         "chance": [e["chance"] for e in examples],

@@ -231,7 +231,7 @@ class MixedStream:
             i = self._next_source()
             name = self.sources[i].name
             try:
-                example = self.process(next(streams[i]))
+                example = self.process({**next(streams[i]), "__source__": name})  # per-source settings
             except SampleError as err:
                 skipped[err.reason] += 1
                 skips.skipped(name, err)
@@ -262,7 +262,7 @@ class ValStream(IterableDataset):
                 if self.limit is not None and seen >= self.limit:
                     break
                 try:
-                    example = self.process(load())
+                    example = self.process({**load(), "__source__": source.name})
                 except SampleError as err:
                     skips.skipped(source.name, err)
                     continue

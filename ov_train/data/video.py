@@ -76,8 +76,11 @@ def _reason(error: Exception) -> str:
     return re.sub(r"^\[[\d:]+\] \S+: ", "", lines[0]) if lines else type(error).__name__
 
 
-def decode_video(data: bytes, max_frames: int, name: str = "video") -> tuple[np.ndarray, float]:
-    """Decode MP4 bytes, sampling ~1 frame/s capped at `max_frames`.
+def decode_video(data: bytes, max_frames: int, name: str = "video", video_fps: float = 1.0, sampling: str = "fps",
+                 frame_size: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode video bytes, sampling frames as ov_train.vision.tokens.video_frame_indices says (by default
+    ~1 frame/s capped at `max_frames`); `frame_size`: decode at frame_size x frame_size, else at the
+    video's own size.
 
     Returns (uint8 frames [F, H, W, 3], duration in seconds).
     """
@@ -86,14 +89,15 @@ def decode_video(data: bytes, max_frames: int, name: str = "video") -> tuple[np.
     if not data:
         raise VideoDecodeError(f"{name}: empty video data")
     try:
-        reader = decord.VideoReader(io.BytesIO(data))
+        size = {"width": frame_size, "height": frame_size} if frame_size else {}
+        reader = decord.VideoReader(io.BytesIO(data), **size)
         total = len(reader)
         fps = float(reader.get_avg_fps())
         if total <= 0:
             raise VideoDecodeError(f"{name}: video has no frames")
         if not math.isfinite(fps) or fps <= 0:
             raise VideoDecodeError(f"{name}: invalid frame rate {fps}")
-        indices = video_frame_indices(total, fps, max_frames)
+        indices = video_frame_indices(total, fps, max_frames, video_fps, sampling)
         frames = np.stack([_rgb(reader[i].asnumpy()) for i in indices])
     except VideoDecodeError:
         raise

@@ -49,28 +49,35 @@ def _tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return inner.multi_modal_projector(hidden)
 
 
-def image_features(model, feats, crops_per_image, image_sizes, anyres) -> list[torch.Tensor]:
-    """One [tokens, d] tensor per image, in batch order, from its crops' projected features."""
+def image_features(model, feats, crops_per_image, image_sizes, anyres, newline=None) -> list[torch.Tensor]:
+    """One [tokens, d] tensor per image, in batch order, from its crops' projected features; a single crop
+    ends with the newline embedding unless its `newline` flag says not (the `square` strategy)."""
     inner = model.model
     out = []
-    for crops, size, is_anyres in zip(feats.split(list(crops_per_image)), image_sizes, anyres):
+    newline = [True] * len(anyres) if newline is None else newline
+    for crops, size, is_anyres, ends in zip(feats.split(list(crops_per_image)), image_sizes, anyres, newline):
         if is_anyres:
             packed, _ = inner.pack_image_features(
                 [crops], size[None], image_newline=inner.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio
             )
             out.append(packed[0])
-        else:
+        elif ends:
             out.append(torch.cat([crops[0], inner.image_newline[None].to(crops)], dim=0))
+        else:
+            out.append(crops[0] + 0 * inner.image_newline.sum().to(crops))  # newline kept in the graph (DDP)
     return out
 
 
-def video_features(model, feats, frames_per_video) -> list[torch.Tensor]:
-    """One [frames * pooled + 1, d] tensor per video from its frames' projected features: 2x2-pooled, one newline."""
+def video_features(model, feats, frames_per_video, newline=None) -> list[torch.Tensor]:
+    """One [frames * pooled (+ 1), d] tensor per video from its frames' projected features: 2x2-pooled, one
+    newline unless its `newline` flag says not."""
     inner = model.model
     pooled = inner.apply_pooling(feats)
+    newline = [True] * len(frames_per_video) if newline is None else newline
     return [
-        torch.cat([v.flatten(0, 1), inner.image_newline[None].to(v)], dim=0)
-        for v in pooled.split(list(frames_per_video))
+        torch.cat([v.flatten(0, 1), inner.image_newline[None].to(v)], dim=0) if ends
+        else v.flatten(0, 1) + 0 * inner.image_newline.sum().to(v)  # newline kept in the graph (DDP)
+        for v, ends in zip(pooled.split(list(frames_per_video)), newline)
     ]
 
 
@@ -109,10 +116,11 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch
     feats = _tower_features(model, torch.cat(media))
     if images is not None:
         image_feats, feats = feats[: images.shape[0]], feats[images.shape[0] :]
-        per_image = image_features(model, image_feats, batch["crops_per_image"], batch["image_sizes"], batch["image_anyres"])
+        per_image = image_features(model, image_feats, batch["crops_per_image"], batch["image_sizes"],
+                                   batch["image_anyres"], batch.get("image_newline"))
         embeds = _scatter(embeds, batch, packed, model.config.image_token_id, per_image, "images")
     if frames is not None:
-        per_video = video_features(model, feats, batch["frames_per_video"])
+        per_video = video_features(model, feats, batch["frames_per_video"], batch.get("video_newline"))
         embeds = _scatter(embeds, batch, packed, model.config.video_token_id, per_video, "videos")
     return embeds
 

@@ -67,3 +67,30 @@ def fused_cross_entropy_sums(hidden: torch.Tensor, weight: torch.Tensor, targets
         for h, t, n in zip(hidden.split(counts), targets.split(counts), counts)
     ]
     return torch.stack([s.float() for s in sums])
+
+
+# How per-sample losses combine into the loss of a step (stage.loss_weighting).
+WEIGHTINGS = ("token", "sample")
+
+
+def weighted_loss(sums: torch.Tensor, counts: torch.Tensor, weighting: str, denominator=None) -> torch.Tensor:
+    """The loss to backpropagate from per-sample loss sums [B] and supervised-token counts [B].
+
+    token: sum of all token losses / tokens (long answers weigh more); sample: sum of each sample's mean loss /
+    samples (every sample weighs the same, as batch 1 with accumulation gives). `denominator`: the tokens or
+    samples the whole optimizer step divides by (its micro-batches on this rank, the DDP average supplying the
+    rest); None: this batch's own.
+    """
+    if weighting == "token":
+        numerator, own = sums.sum(), counts.sum()
+    elif weighting == "sample":
+        supervised = counts > 0
+        numerator, own = (sums[supervised] / counts[supervised]).sum(), supervised.sum()
+    else:
+        raise ValueError(f"stage.loss_weighting={weighting!r}; allowed: {list(WEIGHTINGS)}")
+    return numerator / (own.clamp_min(1) if denominator is None else denominator)
+
+
+def weighting_problems(stage) -> list[str]:
+    weighting = stage.get("loss_weighting", "token")
+    return [] if weighting in WEIGHTINGS else [f"stage.loss_weighting={weighting!r}; allowed: {list(WEIGHTINGS)}"]

@@ -16,6 +16,9 @@ IGNORE_INDEX = -100
 TEMPLATES = ("plain", "qwen_1_5")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 MEDIA_TOKENS = ("<image>", "<video>")
+# Where a turn's media placeholder goes: `front`: a turn holding exactly one placeholder gets it moved to its
+# start followed by "\n" (the public LLaVA-NeXT code's preprocess_multimodal); `as_is`: where the data has it.
+PLACEMENTS = ("front", "as_is")
 
 _ROLES = {
     "human": "user",
@@ -38,17 +41,22 @@ class Encoded:
 
 
 def encode_conversation(
-    tokenizer, conversations: list[dict], template: str, visual_tokens: list[int]
+    tokenizer, conversations: list[dict], template: str, visual_tokens: list[int], placement: str = "as_is"
 ) -> Encoded:
     """Encode one conversation.
 
     `visual_tokens[k]` is the number of embedding slots of the k-th `<image>` /
     `<video>` placeholder (in order of appearance); each placeholder becomes that
-    many copies of its token id. No truncation happens here.
+    many copies of its token id. `placement` (PLACEMENTS) may first move a turn's single
+    placeholder to its start. No truncation happens here.
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown media placement {placement!r}; expected one of {PLACEMENTS}")
     system, turns = _parse_turns(conversations)
+    if placement == "front":
+        turns = [(role, media_first(text)) for role, text in turns]
     _check_media(system, turns, template, visual_tokens)
 
     seq = _Sequence(tokenizer, visual_tokens)
@@ -116,6 +124,16 @@ def _check_media(
 
 def _count_media(text: str) -> int:
     return len(_MEDIA_SPLIT.findall(text))
+
+
+def media_first(text: str) -> str:
+    """A turn with exactly one placeholder not already leading: the placeholder, "\n", then the rest of the
+    text stripped (the public code strips the whole turn too); any other turn unchanged."""
+    found = _MEDIA_SPLIT.findall(text)
+    if len(found) != 1 or text.startswith(found[0]):
+        return text
+    rest = text.replace(found[0], "").strip()
+    return (found[0] + "\n" + rest).strip()
 
 
 def _encode_plain(seq: _Sequence, turns: list[tuple[str, str]]) -> None:

@@ -7,8 +7,12 @@ from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
 
+from ov_train.utils.logging import get_logger
 from ov_train.utils.safe_load import TRUST_HINT, CheckpointError, load_dcp_metadata, load_file, load_source
 from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.settings import inference_refusal
+
+log = get_logger(__name__)
 
 
 def processor_settings(geometry: VisionGeometry) -> dict:
@@ -27,6 +31,10 @@ def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    refusal = inference_refusal(model.config)  # the last stage's image setting, recorded in the model config
+    if refusal:
+        log.warning("%s: %s", out, refusal)
+        return out
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
     LlavaOnevisionImageProcessorPil(**settings).save_pretrained(out)

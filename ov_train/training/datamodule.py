@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader
 from ov_train.data.batching import HeldOutBatches, TokenBudget, TrainBatches
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
+from ov_train.data.step_batches import samples_per_rank
 from ov_train.data.stream import MAX_SKIPS_IN_A_ROW, MixedStream, ValStream
 from ov_train.utils.logging import get_logger
+from ov_train.vision.settings import MediaSettings
 
 log = get_logger(__name__)
 
@@ -36,14 +38,19 @@ class OneVisionData(L.LightningDataModule):
         # The data config's budget wins over the recipe's.
         max_tokens = data_cfg.get("max_tokens_per_batch") or self.recipe.max_tokens_per_batch
         self.budget = TokenBudget(max_tokens, data_cfg.get("batch_size"))
+        media = MediaSettings.from_config(stage_cfg, self.recipe.sources)
         self.process = SampleProcessor(
             tokenizer=tokenizer,
             geometry=geometry,
             template=stage_cfg.template,
-            image_strategy=stage_cfg.image_strategy,
-            max_frames=stage_cfg.max_frames,
+            image_strategy=media.image.strategy,
+            max_frames=media.video.max_frames,
             max_length=stage_cfg.max_length,
+            media=media,
+            placement=stage_cfg.get("media_placement", "front"),
         )
+        # A global batch in samples: each train item is then one optimizer step's micro-batches.
+        self.samples_per_step = data_cfg.get("samples_per_step")
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
         self.seed = seed
         self._max_skips = int(data_cfg.get("max_skips_in_a_row", MAX_SKIPS_IN_A_ROW))
@@ -80,7 +87,8 @@ class OneVisionData(L.LightningDataModule):
     def train_dataloader(self):
         make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer),
                               max_skips_in_a_row=self._max_skips)
-        self._train = TrainBatches(make_stream, self.budget, self.collate)
+        per_rank = samples_per_rank(self.samples_per_step, self.trainer.world_size) if self.samples_per_step else None
+        self._train = TrainBatches(make_stream, self.budget, self.collate, per_rank)
         self._train.resume(*self._resume)
         # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
         return self._loader(self._train, persistent=False)

@@ -24,7 +24,9 @@ log = get_logger(__name__)
 
 
 def batch_counts(batch: dict) -> torch.Tensor:
-    """[images, tokens, causal pairs, samples] of a collated batch, on the batch's device."""
+    """[images, tokens, causal pairs, samples] of a collated batch (or a step bundle's micro-batches), on the batch's device."""
+    if "micro_batches" in batch:
+        return torch.stack([batch_counts(mb) for mb in batch["micro_batches"]]).sum(0)
     lengths = batch["attention_mask"].sum(1).double()
     images = sum(batch[k].shape[0] for k in ("pixel_values", "video_frames") if batch.get(k) is not None)
     counts = [images, lengths.sum(), (lengths * (lengths + 1) / 2).sum(), len(lengths)]

@@ -9,7 +9,9 @@ import torch
 
 from ov_train.data.recipe import MODALITIES
 from ov_train.model.forward import ForwardOptions, sample_losses
+from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
+from ov_train.training.accumulate import accumulated_step
 from ov_train.training.optim import build_adamw
 from ov_train.training.schedule import warmup_cosine
 from ov_train.utils.logging import get_logger
@@ -25,8 +27,15 @@ class OneVisionModule(L.LightningModule):
     def __init__(
         self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None,
         forward_options: ForwardOptions | None = None, nonfinite: str = "skip", identity: dict | None = None,
+        samples_per_step: int | None = None, clip_val: float | None = None,
     ):
         super().__init__()
+        # stage.loss_weighting: token or sample (ov_train.model.loss.weighted_loss).
+        self.loss_weighting = stage.get("loss_weighting", "token")
+        # data.samples_per_step: each batch is a step bundle of micro-batches (ov_train.training.accumulate), stepped
+        # by hand; the trainer's gradient clipping (not allowed with manual optimization) moves here.
+        self.automatic_optimization = samples_per_step is None
+        self.clip_val = clip_val
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite={nonfinite!r}; allowed: {list(NONFINITE)}")
         self.tokenizer_dir = tokenizer_dir
@@ -55,13 +64,18 @@ class OneVisionModule(L.LightningModule):
         return sample_losses(self.model, batch, self.forward_options, predict)
 
     def training_step(self, batch, batch_idx):
+        if "micro_batches" in batch:
+            return accumulated_step(self, batch, batch_idx)
         sums, counts, _ = self._losses(batch)
-        loss = sums.sum() / counts.sum().clamp_min(1)
-        bs = len(batch["modality"])
-        per_sample = sums / counts.clamp_min(1)
+        loss = weighted_loss(sums, counts, self.loss_weighting)
+        self._log_training(loss, sums / counts.clamp_min(1), batch["modality"], batch_idx)
+        return loss
+
+    def _log_training(self, loss, per_sample, modalities: list[str], batch_idx: int) -> None:
+        bs = len(modalities)
         by_modality = {}
-        for modality in sorted(set(batch["modality"])):
-            sel = torch.tensor([m == modality for m in batch["modality"]], device=per_sample.device)
+        for modality in sorted(set(modalities)):
+            sel = torch.tensor([m == modality for m in modalities], device=per_sample.device)
             by_modality[modality] = (per_sample[sel].mean(), int(sel.sum()))
         # A skipped batch's backward still runs, so data-parallel ranks stay in step; on_before_optimizer_step drops
         # its gradients. Its losses are logged as they are, non-finite: Lightning re-sends a key's last value on
@@ -73,7 +87,6 @@ class OneVisionModule(L.LightningModule):
             self.log(f"train/loss_{modality}", value, batch_size=n)
         for group in self.trainer.optimizers[0].param_groups:
             self.log(f"lr/{group['name']}", group["lr"], batch_size=bs)
-        return loss
 
     def _skip_nonfinite(self, loss, by_modality: dict, batch_idx: int) -> bool:
         """Whether this batch is skipped for a non-finite loss (on any rank), its update dropped; raises when
@@ -108,6 +121,9 @@ class OneVisionModule(L.LightningModule):
             # No update from a step that saw a non-finite loss: AdamW leaves parameters without gradients untouched.
             optimizer.zero_grad(set_to_none=True)
             self._drop_gradients = False
+        elif not self.automatic_optimization and self.clip_val:
+            # After the callbacks' hooks, so the logged gradient norms stay the ones before clipping.
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
 
     def validation_step(self, batch, batch_idx):
         # A sample counts as answered when greedy decoding would reproduce its whole reply.

@@ -1,4 +1,4 @@
-"""Pixels for the vision tower: anyres crops, padded single crops and video frames.
+"""Pixels for the vision tower: anyres crops, padded or squashed single crops and video frames.
 
 Matches transformers' LlavaOnevisionImageProcessorPil: every resize is PIL BICUBIC on
 uint8 pixels, then rescale by 1/255 and normalise with the geometry's mean/std.
@@ -19,8 +19,9 @@ from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_t
 class ImageCrops:
     pixel_values: torch.Tensor  # float32 [n_crops, 3, S, S]
     size: tuple[int, int]  # original (height, width)
-    anyres: bool  # True: base crop + grid crops; False: one padded square crop
+    anyres: bool  # True: base crop + grid crops; False: one square crop
     num_tokens: int  # visual tokens this image becomes in the model
+    newline: bool = True  # single crops: whether the newline embedding follows the crop's features
 
 
 def _normalize(pixels: np.ndarray, geom: VisionGeometry) -> torch.Tensor:
@@ -49,7 +50,7 @@ def _anyres_crops(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
     canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
     top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
     canvas[top : top + fit_h, left : left + fit_w] = np.asarray(image.resize((fit_w, fit_h), Image.BICUBIC))
-    base = np.asarray(image.resize((s, s), Image.BICUBIC))
+    base = _squashed_crop(image, geom)[0]
     grid = [canvas[r : r + s, c : c + s] for r in range(0, canvas_h, s) for c in range(0, canvas_w, s)]
     return np.stack([base, *grid])
 
@@ -67,16 +68,29 @@ def _square_crop(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
     return np.stack([np.asarray(image.resize((s, s), Image.BICUBIC))])
 
 
-def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool) -> ImageCrops:
-    """Crops for one image: anyres (single-image samples) or one padded square crop."""
+def _squashed_crop(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
+    """The whole image resized to S x S, aspect ratio not kept (the public code's stage-1 `square`)."""
+    s = geom.image_size
+    return np.stack([np.asarray(image.resize((s, s), Image.BICUBIC))])
+
+
+def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool = False, mode: str | None = None) -> ImageCrops:
+    """Crops for one image, cut as `mode` (ov_train.vision.settings.ImageSettings.crop_mode): anyres,
+    pad (one padded square crop + newline) or square (one squashed crop, no newline); `anyres` picks
+    between the first two."""
+    mode = mode or ("anyres" if anyres else "pad")
     image = image.convert("RGB")
     width, height = image.size
-    if anyres:
+    if mode == "anyres":
         crops, num_tokens = _anyres_crops(image, geom), anyres_tokens(height, width, geom)
+    elif mode in ("pad", "square"):
+        crops = _square_crop(image, geom) if mode == "pad" else _squashed_crop(image, geom)
+        num_tokens = single_crop_tokens(geom, newline=mode == "pad")
     else:
-        crops, num_tokens = _square_crop(image, geom), single_crop_tokens(geom)
+        raise ValueError(f"crop mode {mode!r}; allowed: anyres, pad, square")
     return ImageCrops(
-        pixel_values=_normalize(crops, geom), size=(height, width), anyres=anyres, num_tokens=num_tokens
+        pixel_values=_normalize(crops, geom), size=(height, width), anyres=mode == "anyres",
+        num_tokens=num_tokens, newline=mode != "square",
     )
 
 

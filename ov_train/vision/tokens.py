@@ -6,6 +6,8 @@ text side can reserve exactly as many placeholder tokens as the model will fill.
 
 import math
 
+import numpy as np
+
 from ov_train.vision.geometry import VisionGeometry
 
 
@@ -49,32 +51,42 @@ def anyres_tokens(height: int, width: int, geom: VisionGeometry) -> int:
     return side * side + feat_h * (feat_w + 1)
 
 
-def single_crop_tokens(geom: VisionGeometry) -> int:
-    """One padded-square crop plus its newline."""
-    return geom.side * geom.side + 1
+def single_crop_tokens(geom: VisionGeometry, newline: bool = True) -> int:
+    """One square crop (padded or squashed), plus its newline unless the strategy has none (`square`)."""
+    return geom.side * geom.side + int(newline)
 
 
-def video_tokens(num_frames: int, geom: VisionGeometry) -> int:
-    """Each frame is 2x2-pooled (ceil on odd sides); one newline closes the whole video."""
+def video_tokens(num_frames: int, geom: VisionGeometry, newline: bool = True) -> int:
+    """Each frame is 2x2-pooled (ceil on odd sides); one newline closes the whole video (none under `square`)."""
     pooled_side = math.ceil(geom.side / 2)
-    return num_frames * pooled_side**2 + 1
+    return num_frames * pooled_side**2 + int(newline)
 
 
-def video_frame_indices(total_frames: int, fps: float, max_frames: int) -> list[int]:
-    """Sample 1 frame per second (at least one), then resample uniformly to at most max_frames."""
-    if total_frames < 1 or fps <= 0 or max_frames < 1:
-        raise ValueError(f"need total_frames >= 1, fps > 0, max_frames >= 1; got {total_frames}, {fps}, {max_frames}")
-    step = max(1, round(fps))
-    indices = list(range(0, total_frames, step))
-    if len(indices) <= max_frames:
+def video_frame_indices(total_frames: int, fps: float, max_frames: int, video_fps: float = 1.0,
+                        sampling: str = "fps") -> list[int]:
+    """Frames to decode, as the public LLaVA-NeXT code picks them (llava/utils.py process_video_with_decord).
+
+    `fps`: every round(fps / video_fps)-th frame (at least every one), then, when that is more than
+    max_frames, max_frames frames spread evenly from the first to the last. `uniform`: always max_frames
+    frames spread evenly (the public `force_sample`; a clip with fewer frames repeats some).
+    """
+    if total_frames < 1 or fps <= 0 or max_frames < 1 or video_fps <= 0:
+        raise ValueError(
+            f"need total_frames >= 1, fps > 0, max_frames >= 1, video_fps > 0; got {total_frames}, {fps},"
+            f" {max_frames}, {video_fps}"
+        )
+    if sampling not in ("fps", "uniform"):
+        raise ValueError(f"frame sampling {sampling!r}; allowed: fps, uniform")
+    indices = list(range(0, total_frames, max(1, round(fps / video_fps))))
+    if sampling == "fps" and len(indices) <= max_frames:
         return indices
-    if max_frames == 1:
-        return [0]
-    # Evenly spread over the whole clip, first and last frame included; integer maths avoids float drift.
-    last = total_frames - 1
-    return [i * last // (max_frames - 1) for i in range(max_frames)]
+    # numpy's own float spacing, truncated to int, so indices equal the public code's np.linspace(dtype=int).
+    return np.linspace(0, total_frames - 1, max_frames, dtype=int).tolist()
 
 
-def image_tokens(height: int, width: int, geom: VisionGeometry, anyres: bool) -> int:
-    """Tokens for one image under either the anyres or the single padded-crop strategy."""
-    return anyres_tokens(height, width, geom) if anyres else single_crop_tokens(geom)
+def image_tokens(height: int, width: int, geom: VisionGeometry, anyres: bool = True, mode: str | None = None) -> int:
+    """Tokens for one image cut as `mode` (anyres, pad or square; `anyres` picks between the first two)."""
+    mode = mode or ("anyres" if anyres else "pad")
+    if mode == "anyres":
+        return anyres_tokens(height, width, geom)
+    return single_crop_tokens(geom, newline=mode != "square")

@@ -31,7 +31,9 @@ def test_stage_composes_with_recipe_values(stage):
     validate(cfg)
     assert dict(cfg.stage.parts) == EXPECTED_PARTS[stage]
     assert cfg.stage.template == ("plain" if stage == "pretrain" else "qwen_1_5")
-    assert cfg.stage.image_strategy == ("single_crop" if stage == "pretrain" else "anyres_max_9")
+    # Stage 1 as the public code runs it (squashed crop, no newline); stage 1.5 on the paper's grid and limit.
+    strategy = {"pretrain": "square", "mid": "anyres_max_4"}.get(stage, "anyres_max_9")
+    assert cfg.stage.image_strategy == strategy
     assert cfg.stage.max_length == (8192 if stage == "pretrain" else 32768)
     assert cfg.data.recipe == f"synthetic_{stage}"
 

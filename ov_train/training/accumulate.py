@@ -1,0 +1,62 @@
+"""One optimizer step over a global batch counted in samples (data.samples_per_step), under manual optimization.
+
+Each training batch is a step bundle (ov_train.data.step_batches): this rank's samples_per_step / world_size
+samples in token-budget micro-batches, whose number varies from step to step and rank to rank. Per step:
+- one all_gather of (micro-batches, supervised tokens, samples) over the ranks: every rank then runs the
+  largest micro-batch count, the missing ones as a repeat of its last micro-batch weighted 0, since sharded
+  engines (FSDP2, ZeRO-3) gather weights in every forward and ranks making different calls would hang;
+- the loss of each micro-batch is scaled by the whole step's tokens or samples (stage.loss_weighting), so the
+  summed gradients equal one backward over the whole global batch;
+- gradients are synchronised in the last backward only (DDP no_sync before it), then clipped, stepped, and the
+  learning rate schedule advances once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ov_train.model.loss import weighted_loss
+from ov_train.text.template import IGNORE_INDEX
+
+
+def _own_counts(micro_batches: list[dict], device) -> torch.Tensor:
+    tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    samples = sum(len(mb["modality"]) for mb in micro_batches)
+    return torch.tensor([len(micro_batches), tokens, samples], dtype=torch.float64, device=device)
+
+
+def step_totals(module, micro_batches: list[dict]) -> tuple[int, float]:
+    """(micro-batches every rank runs, the loss denominator of this rank): the step's tokens or samples over
+    all ranks divided by the world size, because data-parallel engines average the ranks' gradients."""
+    own = _own_counts(micro_batches, module.device)
+    world = module.trainer.world_size
+    counts = module.all_gather(own).reshape(-1, 3) if world > 1 else own[None]
+    runs = int(counts[:, 0].max())
+    total = counts[:, 1 if module.loss_weighting == "token" else 2].sum()
+    return runs, float(total) / world
+
+
+def accumulated_step(module, bundle: dict, batch_idx: int) -> torch.Tensor:
+    """Forward and backward every micro-batch of the bundle, then one optimizer step; returns the step's loss
+    on this rank (detached)."""
+    micro_batches = bundle["micro_batches"]
+    optimizer = module.optimizers()
+    runs, denominator = step_totals(module, micro_batches)
+    loss_total = torch.zeros((), device=module.device)
+    per_sample, modalities = [], []
+    for k in range(runs):
+        real = k < len(micro_batches)
+        batch = micro_batches[min(k, len(micro_batches) - 1)]
+        with optimizer.toggle_model(sync_grad=k == runs - 1):
+            sums, counts, _ = module._losses(batch)
+            loss = weighted_loss(sums, counts, module.loss_weighting, denominator)
+            module.manual_backward(loss if real else loss * 0)
+        if real:
+            loss_total += loss.detach()
+            per_sample.append((sums / counts.clamp_min(1)).detach())
+            modalities += batch["modality"]
+    module._log_training(loss_total, torch.cat(per_sample), modalities, batch_idx)
+    # Lightning runs the gradient-norm callbacks and the module's on_before_optimizer_step (skips, clipping) here.
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    module.lr_schedulers().step()
+    return loss_total

@@ -1,0 +1,238 @@
+"""What a stage asks of its images and videos, parsed once from `stage.*` (and a recipe source's `video:`).
+
+Images (`stage.image_strategy`, `stage.image_grid`):
+- `anyres_max_N`: a single image becomes a base crop plus a grid of crops picked from `image_grid`, its grid
+  features bilinearly shrunk when they hold clearly more than N crops' worth (LLaVA-NeXT's `anyres_max_N`);
+  images of a multi-image sample get one padded square crop and a newline each.
+- `pad`: every image is padded to a square (mean colour) and resized to one crop, plus a newline.
+- `square`: every image is resized (squashed) to one crop, with no newline: the public code's stage 1
+  (`image_aspect_ratio=square`, `mm_patch_merge_type=flat`); images of a multi-image sample are padded first,
+  as the public code does with several images.
+
+`image_grid` lists crop grids as "RxC" (rows x columns, i.e. height x width in crops): the public scripts'
+range notation "(1x1),...,(6x6)", an explicit list "(2x2),(1x2),(1x3)" or a YAML list of "RxC" / [R, C].
+The canvases are R*S x C*S pixels (S: the tower's crop size); their order breaks ties, as in transformers.
+
+Videos (`stage.video_fps`, `stage.max_frames`, `stage.frame_sampling`, `stage.frame_size`): `fps` sampling takes
+one frame every round(video fps / video_fps) frames and, when that gives more than max_frames, max_frames
+frames spread evenly over the clip; `uniform` always takes max_frames frames spread evenly (the public code's
+`force_sample`). Frames are decoded at their own size (`frame_size: null`) or at frame_size x frame_size
+(cheaper for large videos), then squashed to the crop size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from ov_train.vision.geometry import VisionGeometry
+
+ANYRES = re.compile(r"anyres_max_(\d+)")
+SINGLE_CROP = ("pad", "square")
+SAMPLINGS = ("fps", "uniform")
+_CELL = re.compile(r"\(?\s*(\d+)\s*x\s*(\d+)\s*\)?")
+_RANGE = re.compile(r"^\s*\(?\s*(\d+)\s*x\s*(\d+)\s*\)?\s*,\s*\.\.\.\s*,\s*\(?\s*(\d+)\s*x\s*(\d+)\s*\)?\s*$")
+# Key written into the model config (and so into exports and checkpoints): the media settings it trained with.
+CONFIG_KEY = "ov_train_media"
+
+
+class MediaSettingError(ValueError):
+    """A media setting that cannot be used; the message names the key and what is allowed."""
+
+
+def parse_grid(spec, key: str = "stage.image_grid") -> tuple[tuple[int, int], ...]:
+    """Crop grids (rows, cols) from the range notation, an explicit "(RxC),..." string or a list."""
+    if isinstance(spec, str):
+        whole = _RANGE.match(spec)
+        if whole:
+            r0, c0, r1, c1 = (int(g) for g in whole.groups())
+            return tuple((r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
+        cells = [c for c in re.split(r"\)\s*,\s*\(|,(?![^()]*\))", spec.strip()) if c.strip()]
+    else:
+        try:
+            cells = list(spec)
+        except TypeError:
+            cells = None
+    grid = []
+    for cell in cells or []:
+        if isinstance(cell, str):
+            match = _CELL.fullmatch(cell.strip())
+            pair = (int(match[1]), int(match[2])) if match else None
+        else:
+            values = list(cell) if not isinstance(cell, (int, float)) else []
+            pair = tuple(values) if len(values) == 2 and all(isinstance(v, int) for v in values) else None
+        if pair is None or min(pair) < 1:
+            grid = []
+            break
+        grid.append(pair)
+    if not grid:
+        raise MediaSettingError(
+            f"{key}={spec!r}: expected crop grids as RxC (rows x columns, each >= 1): '(1x1),...,(6x6)',"
+            " '(2x2),(1x2),(1x3),(2x1),(3x1)' or a list like [[2, 2], [1, 2]]"
+        )
+    return tuple(grid)
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    strategy: str = "anyres_max_9"  # anyres_max_N, pad or square
+    grid: tuple[tuple[int, int], ...] | None = None  # crop grids (rows, cols); None: the model config's
+
+    @property
+    def anyres(self) -> bool:
+        return self.strategy not in SINGLE_CROP
+
+    @property
+    def max_crops(self) -> int | None:
+        return int(ANYRES.fullmatch(self.strategy)[1]) if self.anyres else None
+
+    @property
+    def newline(self) -> bool:
+        """Whether image (and video) features end rows with the newline embedding."""
+        return self.strategy != "square"
+
+    def crop_mode(self, images_in_sample: int) -> str:
+        """How one image of a sample with `images_in_sample` images is cut: anyres, pad or square."""
+        if self.anyres:
+            return "anyres" if images_in_sample == 1 else "pad"
+        return "square" if self.strategy == "square" and images_in_sample == 1 else "pad"
+
+    def pinpoints(self, crop: int) -> tuple[tuple[int, int], ...] | None:
+        return None if self.grid is None else tuple((r * crop, c * crop) for r, c in self.grid)
+
+    def geometry(self, base: VisionGeometry) -> VisionGeometry:
+        """The model's geometry with this stage's grid and N (unchanged for single-crop strategies)."""
+        if not self.anyres:
+            return base
+        pinpoints = self.pinpoints(base.image_size) or base.grid_pinpoints
+        return dataclasses.replace(base, grid_pinpoints=pinpoints, max_crops=self.max_crops)
+
+    @classmethod
+    def from_stage(cls, stage) -> "ImageSettings":
+        strategy = str(stage.get("image_strategy"))
+        if strategy == "single_crop":  # the earlier name of `pad`
+            strategy = "pad"
+        if strategy not in SINGLE_CROP and not (ANYRES.fullmatch(strategy) and int(ANYRES.fullmatch(strategy)[1]) >= 1):
+            raise MediaSettingError(
+                f"stage.image_strategy={stage.get('image_strategy')!r}; allowed: anyres_max_N (N >= 1, e.g."
+                " anyres_max_9), pad (padded square crop + newline), square (squashed crop, no newline)"
+            )
+        spec = stage.get("image_grid")
+        grid = parse_grid(spec) if spec is not None and strategy not in SINGLE_CROP else None
+        return cls(strategy, grid)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    fps: float = 1.0  # frames per second of video sampled by `fps` sampling
+    max_frames: int = 32
+    sampling: str = "fps"  # fps or uniform
+    frame_size: int | None = None  # decode frames at this square size; None: their own size
+
+    # The stage's key for each field (a recipe source's `video:` mapping uses the field names).
+    STAGE_KEYS = {"fps": "video_fps", "max_frames": "max_frames", "sampling": "frame_sampling", "frame_size": "frame_size"}
+
+    @classmethod
+    def from_values(cls, values: dict, where: str, base: "VideoSettings | None" = None,
+                    names: dict | None = None) -> "VideoSettings":
+        """`values` (field -> value) laid over `base`; every bad value is reported as `where.<name>`."""
+        names = names or {}
+        out, problems = {}, []
+        for field, value in values.items():
+            key = f"{where}.{names.get(field, field)}"
+            if field not in cls.STAGE_KEYS:
+                problems.append(f"{key}: no such video setting; allowed: {sorted(cls.STAGE_KEYS)}")
+            elif field == "fps" and not (_number(value) and value > 0):
+                problems.append(f"{key}={value!r} must be a number > 0 (frames sampled per second of video)")
+            elif field == "max_frames" and not (_integer(value) and value >= 1):
+                problems.append(f"{key}={value!r} must be an integer >= 1")
+            elif field == "frame_size" and not (value is None or (_integer(value) and value >= 1)):
+                problems.append(f"{key}={value!r} must be an integer >= 1 (decoded frame side) or null (their own size)")
+            elif field == "sampling" and value not in SAMPLINGS:
+                problems.append(f"{key}={value!r}; allowed: {list(SAMPLINGS)}")
+            else:
+                out[field] = value
+        if problems:
+            raise MediaSettingError("\n".join(problems))
+        return dataclasses.replace(base or cls(), **out)
+
+    @classmethod
+    def from_stage(cls, stage) -> "VideoSettings":
+        values = {field: stage.get(key) for field, key in cls.STAGE_KEYS.items() if key in stage}
+        return cls.from_values(values, "stage", names=cls.STAGE_KEYS)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    image: ImageSettings = ImageSettings()
+    video: VideoSettings = VideoSettings()
+    per_source: tuple[tuple[str, VideoSettings], ...] = ()  # a recipe source's own video settings
+
+    def video_for(self, source: str | None) -> VideoSettings:
+        return dict(self.per_source).get(source, self.video)
+
+    @classmethod
+    def from_config(cls, stage, sources=()) -> "MediaSettings":
+        """From the stage config and the recipe's sources (each may carry a `video` mapping)."""
+        image, video = ImageSettings.from_stage(stage), VideoSettings.from_stage(stage)
+        per_source = tuple(
+            (s.name, VideoSettings.from_values(dict(s.video), f"source {s.name!r}: video", video))
+            for s in sources if getattr(s, "video", None)
+        )
+        return cls(image, video, per_source)
+
+    def to_dict(self) -> dict:
+        """Plain data for the model config (config.json of exports): what training fed the model."""
+        return {
+            "image_strategy": self.image.strategy,
+            "image_grid": None if self.image.grid is None else [list(g) for g in self.image.grid],
+            "video": dataclasses.asdict(self.video),
+        }
+
+
+def problems(stage) -> list[str]:
+    """Every problem of the stage's media keys, one line each (for the config check)."""
+    out = []
+    for parse in (ImageSettings.from_stage, VideoSettings.from_stage):
+        try:
+            parse(stage)
+        except MediaSettingError as err:
+            out += str(err).splitlines()
+    return out
+
+
+def apply_to_model_config(config, media: MediaSettings) -> None:
+    """Set the model config to the stage's anyres N and grid (the forward packs features by them, and exports
+    carry them), and record the stage's media settings under CONFIG_KEY."""
+    if media.image.anyres:
+        config.vision_aspect_ratio = media.image.strategy
+        pinpoints = media.image.pinpoints(config.vision_config.image_size)
+        if pinpoints is not None:
+            config.image_grid_pinpoints = [list(p) for p in pinpoints]
+    setattr(config, CONFIG_KEY, media.to_dict())
+
+
+def inference_refusal(config) -> str | None:
+    """Why the stock LlavaOnevisionProcessor could not feed this model as it was trained (None: it can).
+
+    Stock transformers cuts every single image as anyres (by the config's vision_aspect_ratio and
+    image_grid_pinpoints, which exports carry) and always adds the newline; a stage that cut single images
+    into one crop (pad, square) has no equivalent there, so its export gets no processor files."""
+    media = getattr(config, CONFIG_KEY, None) or {}
+    strategy = media.get("image_strategy")
+    if strategy not in SINGLE_CROP:
+        return None
+    what = "a squashed crop without newline" if strategy == "square" else "a padded crop plus newline"
+    return (
+        f"stage.image_strategy={strategy} ({what} per image) has no equivalent in LlavaOnevisionConfig: the stock"
+        f" processor would cut a single image as {config.vision_aspect_ratio} and count other tokens. The export"
+        " holds the weights, config and tokenizer (model.init_from for the next stage) but no processor files"
+    )
