@@ -63,6 +63,8 @@ class StreamState(Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch["source"]))
         if self.keys_file is not None:
             record = {"rank": trainer.global_rank, "step": trainer.global_step, "batch": self.consumed, "keys": batch["key"]}
+            if "micro_batches" in batch:  # a data.samples_per_step bundle: how this rank split its share
+                record["micro_batches"] = [len(mb["modality"]) for mb in batch["micro_batches"]]
             with open(self.keys_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
