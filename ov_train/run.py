@@ -13,6 +13,7 @@ from ov_train.config import ConfigError, validate
 from ov_train.data.synthetic import ensure_synthetic
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
+from ov_train.planner.report import preflight
 from ov_train.strategies import build_strategy, default_precision
 from ov_train.tools.export import export_pretrained, model_from_checkpoint
 from ov_train.training.callbacks import build_callbacks
@@ -68,6 +69,9 @@ def train(cfg: DictConfig) -> dict:
     if cfg.trainer.precision is None:
         cfg.trainer.precision = default_precision(cfg)
     validate(cfg)
+    # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
+    # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
+    preflight(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
