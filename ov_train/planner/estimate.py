@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.packing import VARLEN, varlen_attn
-from ov_train.planner.devices import Device, resolve
+from ov_train.planner.devices import Device, DeviceError, resolve
 from ov_train.planner.state import Counts, Engine, count, engine_from_config, model_state
 from ov_train.planner.trace import Trace, trace_step
 from ov_train.planner.workload import ONEVISION_MIX, Sample, fill
@@ -149,7 +149,10 @@ class Setup:
         if problems:
             raise PlanError("invalid plan config:\n  " + "\n  ".join(problems))
         plan = cfg.plan
-        device = resolve(plan.get("device"), str(cfg.trainer.accelerator), plan.get("memory_gib"))
+        try:
+            device = resolve(plan.get("device"), str(cfg.trainer.accelerator), plan.get("memory_gib"))
+        except DeviceError as err:
+            raise PlanError(str(err)) from err
         world = world_size(cfg.trainer)
         path = plan.get("path") or "ov_train"
         on_cpu = device.kind == "cpu"
@@ -226,7 +229,11 @@ def cached_trace(setup: Setup, model, samples: list[Sample]) -> tuple[Trace, boo
 
 
 def _gib(value: float) -> float:
-    return round(value / GIB, 2)
+    return _significant(value / GIB)
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.4g}")
 
 
 def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flops: float) -> dict:
@@ -284,7 +291,7 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "flops_per_step": flops,
         "mfu": setup.mfu,
         "peak_tflops": setup.device.peak_tflops,
-        "step_time_s": None if seconds is None else round(seconds, 3),
+        "step_time_s": None if seconds is None else _significant(seconds),
         "tokens_per_s": None if seconds is None else round(work.tokens / seconds),
         "notes": list(state.notes),
     }
