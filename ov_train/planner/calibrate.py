@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import sys
@@ -37,12 +38,14 @@ MID = [
 ]
 
 
-def overrides(model: str, tokens: int, checkpoint: str, device: str = "cpu") -> list[str]:
+def overrides(model: str, tokens: int, checkpoint: str | None, device: str = "cpu") -> list[str]:
     """The training config of a run of `model` (tiny, mid or a conf/model name, random weights) on `device`
-    whose steps hold `tokens` tokens in one row."""
+    whose steps hold `tokens` tokens in one row; `checkpoint`: a comma list, `none`, or None (the config's)."""
     out = ["model=tiny", *MID] if model == "mid" else [f"model={model}", "model.random_init=true"]
     out += ["trainer.accelerator=cpu", "plan.device=cpu"] if device == "cpu" else ["trainer.accelerator=gpu", "trainer.devices=1"]
-    return out + [f"plan.tokens={tokens}", f"model.max_tokens={tokens}", f"model.activation_checkpointing=[{checkpoint}]"]
+    if checkpoint is not None:
+        out.append(f"model.activation_checkpointing=[{'' if checkpoint == 'none' else checkpoint}]")
+    return out + [f"plan.tokens={tokens}", f"model.max_tokens={tokens}"]
 
 
 def _status(key: str) -> int:
@@ -98,7 +101,7 @@ def measure(model_cfg, parts: dict, samples, options, device: torch.device, dtyp
     return measured
 
 
-def calibrate(model: str, tokens: int, checkpoint: str = "", device: str = "cpu") -> dict:
+def calibrate(model: str, tokens: int, checkpoint: str | None = None, device: str = "cpu") -> dict:
     from ov_train.planner.cli import compose
     from ov_train.planner.estimate import Setup, meta_model, step_samples
     from ov_train.planner.trace import COMPUTE, trace_step
@@ -113,7 +116,8 @@ def calibrate(model: str, tokens: int, checkpoint: str = "", device: str = "cpu"
     measured = measure(cfg.model, setup.parts, samples, setup.options, torch.device(device), dtype)
     planned = trace.activations_with_gradients
     return {
-        "model": model, "tokens": tokens, "device": setup.device.name, "checkpointing": checkpoint or "none",
+        "model": model, "tokens": tokens, "device": setup.device.name,
+        "checkpointing": "+".join(setup.options.activation_checkpointing) or "none",
         "attention": setup.options.attention(), "fused_loss": setup.fused_loss, "compute": setup.engine.compute,
         "planned_bytes": planned, "measured_bytes": measured, "ratio": round(planned / measured, 3),
     }
@@ -123,7 +127,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m ov_train.planner.calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="tiny, mid or a conf/model name (random weights)")
     p.add_argument("--tokens", default="2048", help="tokens per step, or a comma list")
-    p.add_argument("--checkpoint", default="", help="comma list of vision, llm")
+    p.add_argument("--checkpoint", default=None, help="comma list of vision, llm, or none (default: the model config's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -135,7 +139,14 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(1)
     results = []
     for tokens in (int(t) for t in args.tokens.split(",")):
-        out = calibrate(args.model, tokens, args.checkpoint, args.device)
+        gc.collect()  # an earlier size's model, also after an out-of-memory error
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            out = calibrate(args.model, tokens, args.checkpoint, args.device)
+        except torch.cuda.OutOfMemoryError as err:  # the plan said so, or it is wrong: either way, on to the next
+            print(f"{args.model} {tokens} tokens: out of memory ({str(err).splitlines()[0]})", flush=True)
+            continue
         print(f"{out['model']} {out['tokens']} tokens on {out['device']}, checkpointing {out['checkpointing']}: planned "
               f"{out['planned_bytes'] / 2**20:.1f} MiB, measured {out['measured_bytes'] / 2**20:.1f} MiB "
               f"(planned / measured {out['ratio']})", flush=True)
