@@ -24,6 +24,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.model.forward import ForwardOptions
+from ov_train.model.loss import fused_available
 from ov_train.model.packing import VARLEN, varlen_attn
 from ov_train.planner.devices import Device, DeviceError, resolve
 from ov_train.planner.state import Counts, Engine, count, engine_from_config, model_state
@@ -179,17 +180,9 @@ class Setup:
 
 
 def _liger_expected() -> bool:
-    """On a GPU machine, whether Liger imports (ov_train.model.loss.fused_available); elsewhere the GPU image's
-    answer: it ships liger-kernel."""
-    if not torch.cuda.is_available():
-        return True
-    return forward_fused_available()
-
-
-def forward_fused_available() -> bool:
-    from ov_train.model.loss import fused_available
-
-    return fused_available(torch.device("cuda"))
+    """On a GPU machine, whether training's loss finds Liger there; elsewhere the GPU image's answer: it ships
+    liger-kernel."""
+    return fused_available(torch.device("cuda")) if torch.cuda.is_available() else True
 
 
 def _code_version() -> str:
@@ -223,8 +216,14 @@ def cached_trace(setup: Setup, model, samples: list[Sample]) -> tuple[Trace, boo
     with FileLock(f"{file}.lock"):  # ranks started together trace once
         if file.exists():
             return Trace(**json.loads(file.read_text())), True
-        trace = trace_step(model, setup.parts, samples, setup.options, setup.engine.compute, setup.path, setup.fused_loss)
-        file.write_text(json.dumps(trace.to_dict()))
+        try:
+            trace = trace_step(model, setup.parts, samples, setup.options, setup.engine.compute, setup.path, setup.fused_loss)
+        except (RuntimeError, TypeError, ValueError) as err:  # the step itself fails: it would on the device too
+            raise PlanError(f"the traced training step fails ({setup.engine.compute} compute, attention "
+                            f"{setup.options.attention()}): {type(err).__name__}: {err}") from err
+        partial = file.with_suffix(".partial")
+        partial.write_text(json.dumps(trace.to_dict()))
+        partial.replace(file)  # whole or absent
     return trace, False
 
 

@@ -153,5 +153,28 @@ def test_cli_plan_json_keys():
         assert key in plan, key
     assert plan["fits"] is True and plan["device_gib"] == 139.8 and plan["strategy"] == "FSDP2" and plan["devices"] == 2
     assert 0 < plan["peak_gib"] < 1 and plan["step_time_s"] > 0
-    bad = subprocess.run([script, "plan", "plan.device=h300"], cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert bad.returncode == 2 and "plan.device='h300'; allowed:" in bad.stderr
+
+
+def test_cli_names_a_bad_key(capsys):
+    from ov_train.planner.cli import main
+
+    assert main(["plan.device=h300", "plan.mfu=2"]) == 2
+    err = capsys.readouterr().err
+    assert "plan.mfu=2 must be a number in (0, 1]" in err
+    assert main(["plan.device=h300"]) == 2
+    assert "plan.device='h300'; allowed:" in capsys.readouterr().err
+
+
+def test_stock_path_holds_full_logits():
+    # plan.path=stock: the public recipe's step (batch 1, fp32 weights under bf16 autocast, the stock forward's
+    # full logits and loss) on the longest sample of the same batch.
+    cfg = compose_config(["plan.device=h100", "plan.path=stock", "plan.tokens=1024", "model.max_tokens=1024"])
+    setup = Setup.from_config(cfg)
+    assert setup.engine.compute == "mixed" and not setup.options.packing and setup.options.loss == "full"
+    model = meta_model(cfg.model)
+    vocab = model.lm_head.weight.shape[0]
+    samples = step_samples(setup, VisionGeometry.from_model_config(model.config))
+    assert len(samples) == 1
+    trace = trace_step(model, setup.parts, samples, setup.options, "mixed", "stock", fused_loss=False)
+    assert trace.row_tokens == samples[0].tokens
+    assert trace.loss >= samples[0].tokens * vocab * (2 + 4)  # bf16 logits and their fp32 copy
