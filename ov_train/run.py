@@ -12,6 +12,7 @@ from ov_train.config import ConfigError, validate
 from ov_train.data.synthetic import SYNTHETIC, ensure_synthetic, synthetic_root
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
+from ov_train.planner.report import preflight
 from ov_train.strategies import build_strategy, default_precision
 from ov_train.tools.export import checkpoint_metadata, export_pretrained, model_from_checkpoint
 from ov_train.training.callbacks import build_callbacks, previous_of, save_whole
@@ -124,6 +125,9 @@ def train(cfg: DictConfig) -> dict:
         cfg.trainer.precision = default_precision(cfg)
     validate(cfg)
     check_resume(cfg)
+    # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
+    # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
+    preflight(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
