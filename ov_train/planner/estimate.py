@@ -93,7 +93,8 @@ def _step_tokens(cfg) -> tuple[int, str]:
 def _recipe(cfg):
     from ov_train.data.recipe import RecipeError, load_recipe
 
-    root = "." if OmegaConf.is_missing(cfg.data, "root") else cfg.data.root
+    # Shards need not exist to read the mix; synthetic data leaves data.root null until it is generated.
+    root = "." if OmegaConf.is_missing(cfg.data, "root") else cfg.data.root or "."
     try:
         return load_recipe(str(cfg.data.recipe), root, require_shards=False)
     except (RecipeError, OSError):
