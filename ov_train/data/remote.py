@@ -9,6 +9,7 @@ location that reaches a log, an error or a file is `redact`ed first.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -81,6 +82,29 @@ def redact(location: str) -> str:
 def redact_text(text: str) -> str:
     """Any URL inside a message (an exception's text) with its userinfo and query removed."""
     return _QUERY.sub(r"\1", _USERINFO.sub("", str(text)))
+
+
+def _redacting(factory):
+    """A log record factory whose records name URLs without credentials, whoever logs them (fsspec's and the
+    clients' own debug lines print whole URLs)."""
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        args_ = record.args if isinstance(record.args, tuple) else ()
+        texts = (record.msg, *(a for a in args_ if not isinstance(a, (int, float, type(None)))))
+        if any("://" in str(t) for t in texts):
+            message = record.getMessage()
+            clean = redact_text(message)
+            if clean != message:
+                record.msg, record.args = clean, ()
+        return record
+
+    make.redacts = True
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "redacts", False):
+    logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
 
 
 def scheme(location: str) -> str:
