@@ -195,7 +195,7 @@ def parquet_items(parquet, name: str, first: int = 0) -> Iterator[tuple[int, Ite
     groups, row = [], 0
     for g in range(parquet.metadata.num_row_groups):
         size = parquet.metadata.row_group(g).num_rows
-        if row + size > first:
+        if groups or row + size > first:  # from the group holding `first` on, every group
             groups.append(g)
         else:
             row += size

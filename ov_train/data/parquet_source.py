@@ -166,21 +166,27 @@ def default_index_location(files: list[str]) -> str:
     return files[0].rsplit("/", 1)[0] + "/" + INDEX_NAME
 
 
-def source_index(source, index_dir: str | Path | None, tokenizer, io: IOSettings = IOSettings()) -> dict:
-    """The index of a parquet source's files: the recipe's `index:`, an index.json beside the files, or one
-    cached in index_dir (built there on first read, under a lock so that ranks build it once)."""
-    files = list(source.train_shards) + list(source.val_shards)
+def _by_folder(files: list[str]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        groups.setdefault(f.rsplit("/", 1)[0], []).append(f)
+    return list(groups.values())
+
+
+def source_index(source, files: list[str], index_dir: str | Path | None, tokenizer, io: IOSettings = IOSettings()) -> dict:
+    """The index of some of a parquet source's files (one folder's): the recipe's `index:`, an index.json beside
+    them, or one cached in index_dir (built there on first read, under a lock so that ranks build it once)."""
     for location, named in ((source.index, True), (default_index_location(files), False)):
         if location is None:
             continue
         index = _read_index(location, io)
         if _holds(index, files, io):
             return index
-        if named:
-            log.warning("source %s: index %s %s; building one", source.name, redact(location),
-                        "does not exist" if index is None else "was built from other files or versions")
+        if named and index is None:
+            raise ParquetIndexError(f"source {source.name!r}: index {redact(location)} does not exist")
     if index_dir is None:
-        raise ParquetIndexError(f"source {source.name!r}: no index of its parquet files; run `ov-data index` or set data.index_dir")
+        raise ParquetIndexError(f"source {source.name!r}: no index of its parquet files; run `ov-data index` or set"
+                                " data.index_dir")
     digest = hashlib.sha256(json.dumps([redact(f) for f in files]).encode()).hexdigest()[:16]
     cached = Path(index_dir) / f"{re.sub(r'[^A-Za-z0-9_-]', '_', source.name)}-{digest}.json"
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -198,12 +204,16 @@ def with_indexes(recipe, index_dir, tokenizer, io: IOSettings = IOSettings()):
     sources = []
     for source in recipe.sources:
         if source.format == PARQUET:
-            index = source_index(source, index_dir, tokenizer, io)
-            rejects = {f: {int(r): why for r, why in info["rejected"].items()} for f, info in index["files"].items()}
-            totals = index["totals"]
-            log.info("source %s: %d usable rows (%s), %d rejected (%s)", source.name, totals["samples"],
-                     ", ".join(f"{m} {n}" for m, n in totals["by_modality"].items() if n),
-                     sum(totals["rejects"].values()), ", ".join(f"{r} {n}" for r, n in totals["rejects"].items()))
+            rejects = {}
+            for files in _by_folder(list(source.train_shards) + list(source.val_shards)):
+                index = source_index(source, files, index_dir, tokenizer, io)
+                rejects.update({f: {int(r): why for r, why in info["rejected"].items()}
+                                for f, info in index["files"].items()})
+                totals = index["totals"]
+                log.info("source %s, %s: %d usable rows (%s), %d rejected (%s)", source.name,
+                         redact(files[0].rsplit("/", 1)[0]), totals["samples"],
+                         ", ".join(f"{m} {n}" for m, n in totals["by_modality"].items() if n),
+                         sum(totals["rejects"].values()), ", ".join(f"{r} {n}" for r, n in totals["rejects"].items()))
             source = dataclasses.replace(source, rejects=rejects)
         sources.append(source)
     return dataclasses.replace(recipe, sources=tuple(sources))
