@@ -17,9 +17,9 @@ from tests.fixtures_data import conversation, image_bytes, write_parquet
 from tests.servers import s3_server, upload_tree
 
 
-def released_rows(prefix: str, n: int, bad: tuple[int, ...] = ()) -> list[dict]:
+def released_rows(prefix: str, n: int, bad: tuple[int, ...] = (), size: tuple[int, int] = (480, 640)) -> list[dict]:
     """Rows as the released data has them: image {bytes, path}, conversations, id, data_source; some text-only."""
-    png = image_bytes(480, 640, "PNG")
+    png = image_bytes(*size, "PNG")
     rows = []
     for i in range(n):
         if i in bad:
