@@ -13,7 +13,8 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
+import s3fs
+from moto import server as moto_server
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -32,8 +33,9 @@ class _Handler(SimpleHTTPRequestHandler):
         if self.path.startswith("/flaky/") and server.requests[self.path] == 1:
             self.send_error(503, "try again")
             return
-        if self.path.startswith("/drop/"):
-            data = (Path(self.directory) / self.path[len("/drop/"):]).read_bytes()
+        target = Path(self.directory) / self.path[len("/drop/"):]
+        if self.path.startswith("/drop/") and target.is_file():
+            data = target.read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -44,7 +46,7 @@ class _Handler(SimpleHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(2)
             return
-        self.path = self.path.removeprefix("/flaky")
+        self.path = self.path.removeprefix("/flaky").removeprefix("/drop")  # folders list as they are
         super().do_GET()
 
 
@@ -84,8 +86,6 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "s3cr3t-
 def s3_server():
     """moto's S3 server on 127.0.0.1, and the environment the S3 clients read (credentials, endpoint) set for
     this process and the ones it starts. Yields (endpoint URL, an s3fs filesystem on it)."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -7,11 +7,12 @@ import logging
 import pytest
 import torch
 
+from ov_train.data import convert as convert_module
 from ov_train.data.cli import main as ov_data
 from ov_train.run import train
 from tests.conftest import compose_config
 from tests.fixtures_data import conversation, image_bytes, write_jsonl, write_parquet
-from tests.servers import AWS_ENV, s3_server, upload_tree
+from tests.servers import AWS_ENV, http_server, s3_server, upload_tree
 from tests.unit.test_parquet_source import released_rows
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,12 @@ def test_training_on_the_released_parquet_layout(tmp_path, caplog):
     assert len(built) == 2 and "charts: 11 usable rows (single_image 7, text 4), 1 rejected (corrupt_image 1)" in caplog.text
 
 
-def test_convert_holdout_to_a_bucket_then_train_with_and_without_held_out_data(bucket, tmp_path, capsys, caplog):
+def test_convert_holdout_to_a_bucket_then_train_with_and_without_held_out_data(bucket, tmp_path, capsys, caplog,
+                                                                               monkeypatch):
+    uploads = []
+    real_upload = convert_module.upload
+    monkeypatch.setattr(convert_module, "upload", lambda local, target, io: (uploads.append(target.rsplit("/", 1)[-1]),
+                                                                              real_upload(local, target, io)))
     png = image_bytes(64, 64, "PNG")
     (tmp_path / "media").mkdir()
     (tmp_path / "media" / "a.png").write_bytes(png)
@@ -95,6 +101,7 @@ def test_convert_holdout_to_a_bucket_then_train_with_and_without_held_out_data(b
     assert listed == sorted(index["shards"] + ["index.json", "rejects.jsonl"])  # whole files only, no temporaries
     assert [n for n in listed if n.startswith("train-")] == [f"train-00000{k}-000000.tar" for k in range(3)]
     assert any(n.startswith("val-") for n in listed) and index["totals"]["splits"] == {"train": 9, "val": 3}
+    assert uploads[-2:] == ["rejects.jsonl", "index.json"] and sorted(uploads) == listed  # each file once, index last
     assert ov_data(["inspect", "s3://shards/mine", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 12
     held = sorted(e["id"] for e in index["samples"] if e.get("split") == "val")
@@ -115,3 +122,15 @@ def test_convert_holdout_to_a_bucket_then_train_with_and_without_held_out_data(b
     assert json.loads((tmp_path / "without" / "summary.json").read_text())["held_out"] == without["held_out"]
     assert "no held-out data, so no held-out accuracy or val loss" in caplog.text
     assert "held-out accuracy 0.000" not in caplog.text
+
+
+def test_a_run_completes_past_a_shard_whose_server_drops_the_connection(small_data_root, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sources:\n  - {name: images, path: '{drop/,}single_image/train-000000.tar', val:"
+                      " single_image/val-000000.tar, modality: single_image, weight: 1}\n")
+    with http_server(small_data_root) as server:
+        summary = train(compose_config([*OWN_DATA, f"data.recipe={recipe}", f"data.root={server.url}",
+                                        "data.io.retries=1", "trainer.max_steps=2", "data.shuffle_buffer=200"],
+                                       run_dir=tmp_path / "run"))  # one block holds both shards
+    assert summary["steps"] == 2 and summary["skipped_samples"].get("shard_unreadable") == 1
+    assert server.requests["/drop/single_image/train-000000.tar"] >= 2

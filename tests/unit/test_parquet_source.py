@@ -118,7 +118,7 @@ def test_the_index_is_built_on_first_read_once_and_rejects_skip_without_decoding
     assert [e["key"] for e in itertools.islice(iter(resumed), 5)] == [e["key"] for e in itertools.islice(iter(stream), 5)]
 
 
-def test_parquet_sources_on_s3_and_their_problems(parquet_dir, tmp_path, tokenizer):
+def test_parquet_sources_on_s3_and_their_problems(parquet_dir, tmp_path, tokenizer, capsys):
     (tmp_path / "r.yaml").write_text("sources:\n  - {name: charts, path: charts, format: parquet, category: c, weight: 1}\n"
                                      "  - {name: none, path: empty, format: parquet, category: c, weight: 1}\n")
     with s3_server() as (_, fs):
@@ -130,6 +130,12 @@ def test_parquet_sources_on_s3_and_their_problems(parquet_dir, tmp_path, tokeniz
         charts = with_indexes(recipe, tmp_path / "idx", tokenizer).sources[0]
         assert charts.train_shards[0] == "s3://ovdata/data/charts/train-00000-of-00002.parquet"
         rows = [(r, s.get("__skip__")) for r, s in samples("parquet", charts.train_shards[0], first=1)]
+        # `ov-data index` on the bucket writes index.json beside the files; inspect reads it there.
+        assert main(["index", "s3://ovdata/data/charts"]) == 0
+        assert fs.exists("ovdata/data/charts/index.json")
+        assert main(["inspect", "s3://ovdata/data/charts/index.json", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["rejects"] == {"corrupt_image": 1}
+        assert source_index(charts, list(charts.train_shards), None, tokenizer)["totals"]["samples"] == 8
     assert rows == [(1, "corrupt_image"), (2, None), (3, None), (4, None)]
 
 

@@ -15,7 +15,7 @@ from ov_train.data.stream import MixedStream, ValStream, read_tar
 from tests.servers import http_server, s3_server, upload_tree
 from tests.unit.test_stream import stub_process
 
-FAST = IOSettings(retries=2, backoff_s=0.05, timeout_s=1.0)
+FAST = IOSettings(retries=2, backoff_s=0.1, timeout_s=1.0)
 
 
 def write_tree(root):
@@ -126,7 +126,7 @@ def test_a_dead_shard_is_retried_then_skipped_and_counted(tree, http, fault, cap
     assert sum(e["skipped"].get("shard_unreadable", 0) for e in examples) == 1
     # Tried 1 + retries times (an HTTP client may re-send a request on a connection the server closed).
     retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"reading {http.url}/{fault}/a/")]
-    assert [m.split("; ")[-1] for m in retried] == ["retry 1 of 2 in 0.1 s", "retry 2 of 2 in 0.1 s"]
+    assert [m.split("; ")[-1] for m in retried] == ["retry 1 of 2 in 0.1 s", "retry 2 of 2 in 0.2 s"]  # doubling
     assert http.requests[f"/{fault}/a/train-000002.tar"] >= 1 + FAST.retries
     assert time.monotonic() - start < 15  # timeouts, not a hang
     named = [r.getMessage() for r in caplog.records if "skipping shard of source a" in r.getMessage()]
@@ -183,3 +183,15 @@ def test_io_settings_are_checked_by_key():
     assert any(p.startswith("data.io.retries=-1 must be an integer >= 0") for p in problems)
     assert any(p.startswith("data.io.backoff_s='x' must be a finite number") for p in problems)
     assert any(p.startswith("data.io.timeout_s=0 would fail every request") for p in problems)
+
+
+def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path):
+    from ov_train.data import remote
+
+    assert all(remote.wds_gopen.gopen_schemes[s] is remote._gopen_fsspec for s in ("s3", "gs", "hf", "https"))
+    (tmp_path / "r.yaml").write_text("sources:\n  - {name: g, path: 'gs://bucket/shards', modality: text, weight: 1}\n"
+                                     "  - {name: h, path: 'hf://datasets/none/such', modality: text, weight: 1}\n")
+    with pytest.raises(RecipeError) as err:  # no gcsfs here, and the hub is offline: each is named, nothing hangs
+        load_recipe(str(tmp_path / "r.yaml"), "", io=IOSettings(retries=0, timeout_s=2))
+    assert "sources[0] (g): cannot list gs://bucket/shards" in str(err.value)
+    assert "sources[1] (h): cannot list hf://datasets/none/such" in str(err.value)
