@@ -19,14 +19,22 @@ from moto import server as moto_server
 
 class _Handler(SimpleHTTPRequestHandler):
     """Files under the served folder; a path under /drop/ sends half the file then closes the connection, under
-    /hang/ answers nothing for as long as the server lives, under /flaky/ fails (503) its first request."""
+    /hang/ answers nothing for as long as the server lives, under /flaky/ fails (503) its first request, under
+    /slow/ answers after a second."""
 
     def log_message(self, *args):  # quiet: requests are counted, not printed
         pass
 
+    def do_HEAD(self):  # sizes answer at once, whatever the path's fault
+        self.path = self.path.removeprefix("/flaky").removeprefix("/drop").removeprefix("/slow").removeprefix("/hang")
+        super().do_HEAD()
+
     def do_GET(self):
         server = self.server
         server.requests[self.path] += 1
+        server.arrivals.append((self.path, time.monotonic()))
+        if self.path.startswith("/slow/"):
+            server.stopping.wait(1.0)
         if self.path.startswith("/hang/"):
             server.stopping.wait(60)
             return
@@ -46,7 +54,7 @@ class _Handler(SimpleHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(2)
             return
-        self.path = self.path.removeprefix("/flaky").removeprefix("/drop")  # folders list as they are
+        self.path = self.path.removeprefix("/flaky").removeprefix("/drop").removeprefix("/slow")
         super().do_GET()
 
 
@@ -57,8 +65,9 @@ class HttpServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
         self.server.daemon_threads = True
         self.server.requests = Counter()
+        self.server.arrivals = []  # (path, time.monotonic()) of each GET as it arrives
         self.server.stopping = threading.Event()
-        self.requests = self.server.requests
+        self.requests, self.arrivals = self.server.requests, self.server.arrivals
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

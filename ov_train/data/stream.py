@@ -11,7 +11,8 @@ reasons, since no setting of a run makes such a stream useful (e.g. stage.max_le
 from __future__ import annotations
 
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterator
 
@@ -156,35 +157,45 @@ class _SourceCursor:
         self.lost += 1
         self.unreadable(why)
 
+    def _read_block(self, entries, start: list[int]) -> tuple[list[dict], list[int]]:
+        """The next `block` raw samples of this epoch, and the (shard position, entry) after them."""
+        raws, after = [], start
+        for (shard, entry), raw in entries:
+            raws.append(raw)
+            after = [shard, entry + 1]
+            if len(raws) == self.block:
+                break
+        return raws, after
+
     def __iter__(self) -> Iterator[dict]:
         epoch, index, offset, *start = self.position
-        while True:
-            order = _rng(self.seed, _SHARDS, self.tag, epoch).permutation(len(self.source.train_shards))
-            entries = _share(self.source, self.source.train_shards, order, self.reader, self.readers, tuple(start),
-                             self.io, self._lose)
+        # The next block is read in a thread while this one is used: a slow source (a remote one, far away)
+        # keeps up without stalling the draws from the others. Which samples a block holds does not change.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"read-{self.source.name[:20]}") as pool:
             while True:
-                raws, after = [], start
-                for (shard, entry), raw in entries:
-                    raws.append(raw)
-                    after = [shard, entry + 1]
-                    if len(raws) == self.block:
+                order = _rng(self.seed, _SHARDS, self.tag, epoch).permutation(len(self.source.train_shards))
+                entries = _share(self.source, self.source.train_shards, order, self.reader, self.readers,
+                                 tuple(start), self.io, self._lose)
+                ahead = pool.submit(self._read_block, entries, start)
+                while True:
+                    raws, after = ahead.result()
+                    if not raws:
                         break
-                if not raws:
-                    break
-                perm = _rng(self.seed, _BLOCK, self.tag, epoch, self.reader, index).permutation(len(raws))
-                for j in range(offset, len(raws)):
-                    self.position = [epoch, index, j + 1, *start]
-                    yield raws[perm[j]]
-                index, offset, start = index + 1, 0, after
-                self.position = [epoch, index, 0, *start]
-            if index == 0:
-                lost = f"; {self.lost} of its shards were unreadable" if self.lost else ""
-                raise RuntimeError(
-                    f"source {self.source.name!r} has no training samples for reader {self.reader} of {self.readers}"
-                    f" (fewer samples than loader workers x ranks?){lost}"
-                )
-            epoch, index, offset, start = epoch + 1, 0, 0, [0, 0]
-            self.position = [epoch, index, offset, *start]
+                    ahead = pool.submit(self._read_block, entries, after)
+                    perm = _rng(self.seed, _BLOCK, self.tag, epoch, self.reader, index).permutation(len(raws))
+                    for j in range(offset, len(raws)):
+                        self.position = [epoch, index, j + 1, *start]
+                        yield raws[perm[j]]
+                    index, offset, start = index + 1, 0, after
+                    self.position = [epoch, index, 0, *start]
+                if index == 0:
+                    lost = f"; {self.lost} of its shards were unreadable" if self.lost else ""
+                    raise RuntimeError(
+                        f"source {self.source.name!r} has no training samples for reader {self.reader} of"
+                        f" {self.readers} (fewer samples than loader workers x ranks?){lost}"
+                    )
+                epoch, index, offset, start = epoch + 1, 0, 0, [0, 0]
+                self.position = [epoch, index, offset, *start]
 
 
 class MixedStream:
@@ -198,7 +209,7 @@ class MixedStream:
         positions = state.get("sources", {})
         self.sources, self.process, self.seed, self.reader = list(sources), process, seed, reader
         self.max_skips_in_a_row = max_skips_in_a_row
-        self._unreadable = 0  # shards given up since the last example, which carries them to its batch
+        self._unreadable: deque = deque()  # shards given up (by read-ahead threads) since the last example
         self.cursors = [
             _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name), io, self._lose)
             for s in self.sources
@@ -209,7 +220,7 @@ class MixedStream:
         self._hand = self._cards(self.deck)
 
     def _lose(self, why: str) -> None:
-        self._unreadable += 1
+        self._unreadable.append(why)
 
     def state(self) -> dict:
         return {"deck": [self.deck, self.dealt], "sources": {c.source.name: list(c.position) for c in self.cursors}}
@@ -236,9 +247,9 @@ class MixedStream:
             name = self.sources[i].name
             try:
                 raw = next(streams[i])
-                if self._unreadable:
-                    skipped[UNREADABLE] += self._unreadable
-                    self._unreadable = 0
+                while self._unreadable:
+                    self._unreadable.popleft()
+                    skipped[UNREADABLE] += 1
                 example = self.process(raw)
             except SampleError as err:
                 skipped[err.reason] += 1

@@ -133,6 +133,29 @@ def test_a_dead_shard_is_retried_then_skipped_and_counted(tree, http, fault, cap
     assert len(named) == 1 and f"{http.url}/{fault}/a/train-000002.tar: unreadable after 3 attempt(s)" in named[0]
 
 
+def test_a_slow_source_is_read_ahead_while_the_others_are_drawn(tree, http):
+    """Each request to the slow source takes a second. Its next block (here: its next shard) is asked for right
+    after the current one arrives, while that block's samples are still being used, not when they run out."""
+    slow = Source("slow", "text", 1.0, tuple(f"{http.url}/slow/a/train-00000{i}.tar" for i in range(3)), ())
+    fast = Source("fast", "text", 1.0, tuple(str(tree / "b" / f"train-00000{i}.tar") for i in range(2)), ())
+    used = []
+
+    def process(raw):
+        time.sleep(0.1)  # the work a real sample costs
+        used.append((raw["__key__"], time.monotonic()))
+        return {"key": raw["__key__"]}
+
+    list(itertools.islice(iter(MixedStream([slow, fast], process, seed=0, shuffle_buffer=4, io=FAST)), 16))
+    opened = {}
+    for path, t in http.arrivals:
+        if path.startswith("/slow/"):
+            opened.setdefault(path, t)
+    slow_used = [t for k, t in used if k.startswith("a")]
+    assert len(opened) >= 2 and len(slow_used) >= 4
+    # The second shard was asked for before the first block's 4 samples were all used.
+    assert sorted(opened.values())[1] < slow_used[3]
+
+
 def test_a_transient_failure_is_retried_and_loses_nothing(tree, http, caplog):
     flaky = f"{http.url}/flaky/b/train-000001.tar"
     with caplog.at_level(logging.WARNING):
