@@ -26,6 +26,9 @@ from ov_train.utils.safe_load import CheckpointError
 from ov_train.vision.geometry import VisionGeometry
 
 log = get_logger(__name__)
+NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe source has held-out samples"
+               " (val-*.tar beside its train shards, as `ov-data convert --holdout N` writes, or a source's `val:`)")
+NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> None:
@@ -170,10 +173,16 @@ def train(cfg: DictConfig) -> dict:
         # The stream's counts, which survive resumes (this rank's share under several ranks).
         "skipped_samples": next((dict(c.skipped) for c in trainer.callbacks if isinstance(c, StreamState)), {}),
     }
+    if not summary["val_samples"]:
+        # No held-out data is not a score of zero: say so, in the summary and the log.
+        summary["held_out"] = NO_VALIDATION if any(s.val_shards for s in data.recipe.sources) else NO_HELD_OUT
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info(
-        "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
-        summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
-        summary["val_loss"] or 0, run_dir,
-    )
+    if not summary["val_samples"]:
+        log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], run_dir)
+    else:
+        log.info(
+            "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
+            summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
+            summary["val_loss"] or 0, run_dir,
+        )
     return summary
