@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.data.recipe import RecipeError, load_recipe
+from ov_train.data.remote import IOSettings, io_problems, redact
 from ov_train.data.synthetic import MIN_PX as MIN_SYNTHETIC_PX
 from ov_train.data.synthetic import SYNTHETIC, occupied, synthetic_root
 from ov_train.model.forward import ForwardOptions
@@ -124,6 +125,7 @@ def _stream_problems(data, seed) -> list[str]:
         + _int_problem("data.max_skips_in_a_row", data.get("max_skips_in_a_row"), 1,
                        "unusable samples in a row that stop the stream")
         + _int_problem("seed", seed, 0, "it seeds the model, the data streams and the synthetic data")
+        + io_problems(data.get("io"))
     )
 
 
@@ -158,12 +160,14 @@ def _data_problems(data, seed) -> list[str]:
             f"data.root is required for data={data.get('name')}: the directory the recipe's sources are relative to"
         ]
     else:
-        root, require_shards = Path(data.root), True
+        root, require_shards = data.root, True
     recipe_budget = None
     try:
-        recipe_budget = load_recipe(str(data.recipe), root, require_shards=require_shards).max_tokens_per_batch
+        recipe_budget = load_recipe(str(data.recipe), root, require_shards=require_shards,
+                                    io=IOSettings.from_config(data.get("io")) if not io_problems(data.get("io"))
+                                    else IOSettings()).max_tokens_per_batch
     except RecipeError as err:
-        where = f"data.recipe={data.recipe} (data.root={root})"
+        where = f"data.recipe={data.recipe} (data.root={redact(str(root))})"
         problems += [p if p.startswith("data.recipe") else f"{where}: {p}" for p in err.problems]
     budget, batch = data.get("max_tokens_per_batch"), data.get("batch_size")
     if budget is not None and (not isinstance(budget, int) or budget < 1):

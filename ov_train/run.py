@@ -12,6 +12,7 @@ from ov_train.config import ConfigError, validate
 from ov_train.data.synthetic import SYNTHETIC, ensure_synthetic, synthetic_root
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
+from ov_train.planner.report import preflight
 from ov_train.strategies import build_strategy, default_precision
 from ov_train.tools.export import checkpoint_metadata, export_pretrained, model_from_checkpoint
 from ov_train.training.callbacks import build_callbacks, previous_of, save_whole
@@ -27,6 +28,9 @@ from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import MediaSettings, apply_to_model_config
 
 log = get_logger(__name__)
+NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe source has held-out samples"
+               " (val-*.tar beside its train shards, as `ov-data convert --holdout N` writes, or a source's `val:`)")
+NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> None:
@@ -129,6 +133,9 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     derive_max_steps(cfg)
     check_resume(cfg)
+    # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
+    # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
+    preflight(cfg)
     start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,10 +181,16 @@ def train(cfg: DictConfig) -> dict:
         # The stream's counts, which survive resumes (this rank's share under several ranks).
         "skipped_samples": next((dict(c.skipped) for c in trainer.callbacks if isinstance(c, StreamState)), {}),
     }
+    if not summary["val_samples"]:
+        # No held-out data is not a score of zero: say so, in the summary and the log.
+        summary["held_out"] = NO_VALIDATION if any(s.val_shards for s in data.recipe.sources) else NO_HELD_OUT
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info(
-        "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
-        summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
-        summary["val_loss"] or 0, run_dir,
-    )
+    if not summary["val_samples"]:
+        log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], run_dir)
+    else:
+        log.info(
+            "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
+            summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
+            summary["val_loss"] or 0, run_dir,
+        )
     return summary

@@ -8,8 +8,12 @@ A recipe YAML holds `sources` and optional batching settings:
       - {path: /abs/shards/part-*.tar, modality: text, samples: 140000}
       - {name: clips, path: video/clips, modality: video, samples: 9000, video: {fps: 2, max_frames: 16}}
 
-`path` is a directory holding train-*.tar (and val-*.tar for held-out samples), or a glob (it has
-* ? or [) of train shards, with no held-out split; relative paths resolve against `data.root`. Each source gives `weight` or
+`path` is a directory holding train-*.tar (and val-*.tar for held-out samples), a glob (it has * ? or [) or
+a brace pattern (`shards-{000000..000099}.tar`) of train shards, or a `pipe:` command (brace patterns expand
+to one command per shard); locally, at an `https://` URL, or at `s3://`, `gs://`, `hf://` through fsspec.
+Relative paths resolve against `data.root` (a folder or a URL). `val` names held-out shards the same way.
+`format: parquet` reads parquet files in the released OneVision layout (a directory's `*.parquet`) without
+conversion; `index` names an `ov-data index` file for them. Each source gives `weight` or
 `samples` (samples drawn per epoch-equivalent), and one recipe uses one of the two throughout: a
 source is drawn with probability weight / sum(weights), or samples / sum(samples), so sample counts
 are weights in proportion. Weights are finite positive numbers with a finite sum. Every problem is
@@ -18,19 +22,22 @@ sampling, frame_size) overrides the stage's video settings for its samples (ov_t
 """
 from __future__ import annotations
 
-import glob
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ov_train.data import remote
+from ov_train.data.remote import IOSettings, redact, redact_text
+from ov_train.data.sources import FORMATS, PARQUET, WEBDATASET
 from ov_train.vision.settings import MediaSettingError, VideoSettings
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 MODALITIES = ("single_image", "multi_image", "video", "text")
-SOURCE_KEYS = {"name", "path", "modality", "category", "weight", "samples", "video"}
+SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples", "video"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")  # a path ending so names one shard, not a folder
 
 
 class RecipeError(ValueError):
@@ -50,6 +57,10 @@ class Source:
     train_shards: tuple[str, ...]
     val_shards: tuple[str, ...]
     category: str | None = None
+    format: str = WEBDATASET
+    index: str | None = None  # an `ov-data index` file named by the recipe (parquet sources)
+    # Parquet sources: rows the index rejected, {redacted file location: {row: reason}}.
+    rejects: dict = field(default_factory=dict, compare=False, repr=False)
     video: dict | None = None  # this source's own video settings (fps, max_frames, sampling, frame_size)
 
 
@@ -111,16 +122,55 @@ def _is_number(value, integer: bool = False) -> bool:
         return False
 
 
-def _glob(pattern: Path) -> tuple[str, ...]:
-    return tuple(sorted(glob.glob(str(pattern))))
+def locations(path: str, root: str | Path, fmt: str = WEBDATASET, split: str = "train",
+              io: IOSettings = IOSettings(), check: bool = True) -> tuple[list[str], str]:
+    """The shards a recipe path names, and the problem with them ("" when there is none): a directory's
+    `train-*.tar` (`val-*.tar` for split="val"; `*.parquet` for parquet), a glob's matches, a brace pattern's
+    or a file's names (`check`: all must exist), a `pipe:` command. Listing errors (an unreachable server) propagate."""
+    full = remote.join(str(root) if root is not None else "", path)
+    shown = redact(full)
+    if full.startswith("pipe:"):
+        return remote.expand(full), ""
+    found, named, problems = [], [], []
+    for name in remote.expand(full):
+        if remote.has_glob(name):
+            matches = remote.glob(name, io)
+            found += matches
+            problems += [] if matches else [f"no shards match {redact(name)}"]
+        elif name.endswith(SHARD_SUFFIXES):
+            named.append(name)
+        else:
+            pattern = "*.parquet" if fmt == PARQUET else f"{split}-*.tar"
+            matches = remote.glob(name.rstrip("/") + "/" + pattern, io)
+            found += matches
+            what = "files" if fmt == PARQUET else "shards"
+            problems += [] if matches else [f"no {pattern} {what} under {redact(name)}"]
+    if named:
+        there = set(remote.existing(named, io)) if check else set(named)
+        missing = [redact(n) for n in named if n not in there]
+        found += [n for n in named if n in there]
+        if missing:
+            problems.append(f"{len(missing)} of {len(named)} shards of {shown} do not exist (first: {missing[0]})")
+    return found, "; ".join(problems)
 
 
-def _resolve(path: str, root: str | Path) -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    """Train shards, held-out shards, and what to say when there are no train shards."""
-    full = Path(path) if Path(path).is_absolute() else Path(root) / path
-    if any(c in path for c in "*?["):
-        return _glob(full), (), f"no shards match {full}"
-    return _glob(full / "train-*.tar"), _glob(full / "val-*.tar"), f"no train-*.tar shards under {full}"
+def _resolve(src: dict, root, io: IOSettings, check: bool) -> tuple[tuple, tuple, list[str]]:
+    """Train shards, held-out shards, and the problems of finding them."""
+    fmt, path, val = src.get("format", WEBDATASET), str(src["path"]), src.get("val")
+    try:
+        train, problem = locations(path, root, fmt, "train", io, check)
+        problems = [problem] if problem else []
+        held: list[str] = []
+        if val is not None:
+            held, problem = locations(str(val), root, fmt, "val", io, check)
+            problems += [f"val: {problem}"] if problem else []
+        elif fmt == WEBDATASET and not (remote.has_glob(path) or "{" in path or path.startswith("pipe:")
+                                        or path.endswith(SHARD_SUFFIXES)):
+            held, _ = locations(path, root, fmt, "val", io, check)  # a folder's val-*.tar, when it has some
+    except Exception as err:  # an unreachable server, missing credentials, an unknown protocol...
+        where = redact(remote.join(str(root) if root is not None else "", path))
+        return (), (), [f"cannot list {where}: {type(err).__name__}: {redact_text(err)}"]
+    return tuple(train), tuple(held), problems
 
 
 def _weighting_problems(where: str, src: dict) -> list[str]:
@@ -142,7 +192,11 @@ def _source_problems(where: str, src: dict) -> list[str]:
     if unknown:
         problems.append(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}")
     if not src.get("path"):
-        problems.append(f"{where}: needs a path (a shard directory or glob)")
+        problems.append(f"{where}: needs a path (a shard directory, glob, brace pattern, URL or pipe: command)")
+    if src.get("format", WEBDATASET) not in FORMATS:
+        problems.append(f"{where}: format={src.get('format')!r}; allowed: {list(FORMATS)}")
+    if src.get("index") is not None and src.get("format") != PARQUET:
+        problems.append(f"{where}: index= is for format: parquet sources")
     modality, category = src.get("modality"), src.get("category")
     if modality is None and category is None:
         problems.append(f"{where}: needs a modality {list(MODALITIES)} and/or a category label")
@@ -161,7 +215,8 @@ def _source_problems(where: str, src: dict) -> list[str]:
     return problems + _weighting_problems(where, src)
 
 
-def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True) -> Recipe:
+def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True,
+                io: IOSettings = IOSettings()) -> Recipe:
     """Parse and check a recipe; every problem is reported at once, naming the recipe and key."""
     path = recipe_path(name_or_path)
     if not path.exists():
@@ -183,19 +238,23 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
             problems.append(f"{where}: must be a mapping with path, modality/category and weight/samples")
             continue
         problems += _source_problems(where, src)
-        name = str(src.get("name", src.get("path")))
+        # A path's name is shown in logs and metrics and keys the stream state: never with credentials.
+        name = str(src.get("name", redact(str(src.get("path")))))
         if name in names:
             problems.append(f"{where}: name {name!r} is used twice; names key the stream state")
         names.add(name)
-        train, val, missing = _resolve(str(src["path"]), root) if src.get("path") else ((), (), "")
-        if require_shards and missing and not train:
-            problems.append(f"{where} ({name}): {missing}")
+        train, val = (), ()
+        if src.get("path") and src.get("format", WEBDATASET) in FORMATS:
+            train, val, missing = _resolve(src, root, io, check=require_shards)
+            if require_shards:
+                problems += [f"{where} ({name}): {m}" for m in missing]
         given = [k for k in ("weight", "samples") if src.get(k) is not None]
         if len(given) == 1:
             kinds.add(given[0])
         share = src.get(given[0]) if given else None
         video = src.get("video") if isinstance(src.get("video"), dict) else None
-        sources.append(Source(name, src.get("modality"), share, train, val, src.get("category"), video))
+        sources.append(Source(name, src.get("modality"), share, train, val, src.get("category"),
+                              src.get("format", WEBDATASET), src.get("index"), video=video))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
     elif not problems and sum(float(s.weight) for s in sources) == math.inf:
@@ -203,3 +262,4 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
     if problems:
         raise RecipeError(problems)
     return Recipe(path.stem, tuple(sources), budget, kinds.pop() if kinds else "weight")
+

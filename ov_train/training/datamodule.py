@@ -10,7 +10,9 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ov_train.data.batching import HeldOutBatches, TokenBudget, TrainBatches
+from ov_train.data.parquet_source import with_indexes
 from ov_train.data.recipe import load_recipe
+from ov_train.data.remote import IOSettings
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.step_batches import samples_per_rank
 from ov_train.data.stream import MAX_SKIPS_IN_A_ROW, MixedStream, ValStream
@@ -34,7 +36,10 @@ class OneVisionData(L.LightningDataModule):
     def __init__(self, data_cfg, stage_cfg, tokenizer, geometry, seed: int = 0):
         super().__init__()
         self.cfg = data_cfg
-        self.recipe = load_recipe(data_cfg.recipe, data_cfg.root)
+        self.io = IOSettings.from_config(data_cfg.get("io"))
+        # Parquet sources get their index (convert's checks, once) before any stream reads them.
+        self.recipe = with_indexes(load_recipe(data_cfg.recipe, data_cfg.root, io=self.io),
+                                   data_cfg.get("index_dir"), tokenizer, self.io)
         # The data config's budget wins over the recipe's.
         max_tokens = data_cfg.get("max_tokens_per_batch") or self.recipe.max_tokens_per_batch
         self.budget = TokenBudget(max_tokens, data_cfg.get("batch_size"))
@@ -86,7 +91,7 @@ class OneVisionData(L.LightningDataModule):
 
     def train_dataloader(self):
         make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer),
-                              max_skips_in_a_row=self._max_skips)
+                              max_skips_in_a_row=self._max_skips, io=self.io)
         per_rank = samples_per_rank(self.samples_per_step, self.trainer.world_size) if self.samples_per_step else None
         self._train = TrainBatches(make_stream, self.budget, self.collate, per_rank)
         self._train.resume(*self._resume)
@@ -94,5 +99,5 @@ class OneVisionData(L.LightningDataModule):
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
-        held_out = ValStream(self.recipe.sources, self.process, self.cfg.val_samples, self._max_skips)
+        held_out = ValStream(self.recipe.sources, self.process, self.cfg.val_samples, self._max_skips, self.io)
         return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)
