@@ -30,8 +30,8 @@ from ov_train.vision.geometry import VisionGeometry
 ANYRES = re.compile(r"anyres_max_(\d+)")
 SINGLE_CROP = ("pad", "square")
 SAMPLINGS = ("fps", "uniform")
-_CELL = re.compile(r"\(?\s*(\d+)\s*x\s*(\d+)\s*\)?")
-_RANGE = re.compile(r"^\s*\(?\s*(\d+)\s*x\s*(\d+)\s*\)?\s*,\s*\.\.\.\s*,\s*\(?\s*(\d+)\s*x\s*(\d+)\s*\)?\s*$")
+_CELL = re.compile(r"(\d+)\s*x\s*(\d+)")
+_RANGE = re.compile(r"\(?\s*(\d+)\s*x\s*(\d+)\s*\)?\s*,\s*\.\.\.\s*,\s*\(?\s*(\d+)\s*x\s*(\d+)\s*\)?")
 # Key written into the model config (and so into exports and checkpoints): the media settings it trained with.
 CONFIG_KEY = "ov_train_media"
 
@@ -40,35 +40,31 @@ class MediaSettingError(ValueError):
     """A media setting that cannot be used; the message names the key and what is allowed."""
 
 
+def _pair(cell) -> tuple[int, int] | None:
+    """One grid cell: "RxC", "(RxC)" or a pair of integers."""
+    if isinstance(cell, str):
+        match = re.fullmatch(r"\(?\s*" + _CELL.pattern + r"\s*\)?", cell.strip())
+        return (int(match[1]), int(match[2])) if match else None
+    values = list(cell) if isinstance(cell, (list, tuple)) or hasattr(cell, "__len__") else []
+    return tuple(values) if len(values) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in values) else None
+
+
 def parse_grid(spec, key: str = "stage.image_grid") -> tuple[tuple[int, int], ...]:
     """Crop grids (rows, cols) from the range notation, an explicit "(RxC),..." string or a list."""
+    grid = None
     if isinstance(spec, str):
-        whole = _RANGE.match(spec)
-        if whole:
-            r0, c0, r1, c1 = (int(g) for g in whole.groups())
-            return tuple((r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
-        cells = [c for c in re.split(r"\)\s*,\s*\(|,(?![^()]*\))", spec.strip()) if c.strip()]
-    else:
-        try:
-            cells = list(spec)
-        except TypeError:
-            cells = None
-    grid = []
-    for cell in cells or []:
-        if isinstance(cell, str):
-            match = _CELL.fullmatch(cell.strip())
-            pair = (int(match[1]), int(match[2])) if match else None
-        else:
-            values = list(cell) if not isinstance(cell, (int, float)) else []
-            pair = tuple(values) if len(values) == 2 and all(isinstance(v, int) for v in values) else None
-        if pair is None or min(pair) < 1:
-            grid = []
-            break
-        grid.append(pair)
-    if not grid:
+        ranged = _RANGE.fullmatch(spec.strip())
+        if ranged:
+            r0, c0, r1, c1 = (int(g) for g in ranged.groups())
+            grid = [(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+        elif re.fullmatch(r"[\s(),]*", _CELL.sub("", spec)):  # nothing but cells and separators
+            grid = [(int(r), int(c)) for r, c in _CELL.findall(spec)]
+    elif spec is not None and not isinstance(spec, (int, float)):
+        grid = [_pair(cell) for cell in spec]
+    if not grid or any(pair is None or min(pair) < 1 for pair in grid):
         raise MediaSettingError(
             f"{key}={spec!r}: expected crop grids as RxC (rows x columns, each >= 1): '(1x1),...,(6x6)',"
-            " '(2x2),(1x2),(1x3),(2x1),(3x1)' or a list like [[2, 2], [1, 2]]"
+            " '(2x2),(1x2),(1x3),(2x1),(3x1)' or a list like [2x2, 1x3]"
         )
     return tuple(grid)
 
@@ -112,7 +108,8 @@ class ImageSettings:
         strategy = str(stage.get("image_strategy"))
         if strategy == "single_crop":  # the earlier name of `pad`
             strategy = "pad"
-        if strategy not in SINGLE_CROP and not (ANYRES.fullmatch(strategy) and int(ANYRES.fullmatch(strategy)[1]) >= 1):
+        anyres = ANYRES.fullmatch(strategy)
+        if strategy not in SINGLE_CROP and not (anyres and int(anyres[1]) >= 1):
             raise MediaSettingError(
                 f"stage.image_strategy={stage.get('image_strategy')!r}; allowed: anyres_max_N (N >= 1, e.g."
                 " anyres_max_9), pad (padded square crop + newline), square (squashed crop, no newline)"
