@@ -71,9 +71,9 @@ def test_step_bundles_resume_exactly(tmp_path, small_data_root):
     """3 steps straight equal 1 step, stop, resume to 3: the same bundles, bit-identical weights and Adam state
     (the scheduler and optimizer stepped by hand under manual optimization)."""
     overrides = [
-        f"data.root={small_data_root}", *SMALL_DATA, "export=false", "trainer.max_steps=3", "+trainer.limit_val_batches=0",
-        "data.samples_per_step=6", "data.max_tokens_per_batch=200", "stage.loss_weighting=sample", "data.record_keys=true",
-        "data.shuffle_buffer=16",
+        "stage=pretrain", f"data.root={small_data_root}", *SMALL_DATA, "export=false", "trainer.max_steps=3",
+        "+trainer.limit_val_batches=0", "data.samples_per_step=4", "data.max_tokens_per_batch=50",
+        "stage.loss_weighting=sample", "data.record_keys=true", "data.shuffle_buffer=16",
     ]
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
     train(compose_config(overrides, run_dir=straight))
@@ -88,3 +88,4 @@ def test_step_bundles_resume_exactly(tmp_path, small_data_root):
     for index, tensors in state_a["state"].items():
         assert all(torch.equal(v, state_b["state"][index][k]) for k, v in tensors.items())
     assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert any(len(r["micro_batches"]) > 1 for r in consumed(straight))  # steps of several micro-batches
