@@ -5,6 +5,7 @@ import math
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import wandb
@@ -78,7 +79,18 @@ def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
     """The run record and history rows of an offline run, from its LevelDB-style log of protobuf records:
     32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    data = path.read_bytes()
+    records = _wandb_records(path.read_bytes())
+    # wandb-core writes the file in a process of its own: on a loaded machine its last records (the final history
+    # row, the exit record) can land a moment after finish() returns.
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = _wandb_records(path.read_bytes())
+    run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    return run_record, _history(records)
+
+
+def _wandb_records(data: bytes) -> list:
     assert data[:4] == b":W&B"
     block, pos, chunk, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
@@ -93,7 +105,10 @@ def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
             record.ParseFromString(chunk)
             records.append(record)
             chunk = b""
-    run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    return records
+
+
+def _history(records: list) -> list[dict]:
     history = []
     for r in records:
         if r.WhichOneof("record_type") == "history":
@@ -106,7 +121,7 @@ def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
                 else:
                     row[key] = value
             history.append(row)
-    return run_record, history
+    return history
 
 
 def test_wandb_offline_run_gets_the_same_metrics_as_csv(csv_run, tmp_path, small_data_root):
