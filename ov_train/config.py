@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.data.recipe import RecipeError, load_recipe
@@ -75,11 +74,6 @@ def _strategy_problems(strategy, trainer) -> list[str]:
         if strategy.offload_parameters and strategy.stage != 3:
             problems.append(
                 f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{strategy.stage} does not shard weights)"
-            )
-        if trainer.accelerator == "cpu" or not torch.cuda.is_available():
-            problems.append(
-                "strategy=deepspeed needs CUDA GPUs: Lightning's DeepSpeedStrategy refuses other accelerators;"
-                " use ddp or fsdp2 on CPU"
             )
     devices = trainer.devices
     counted = isinstance(devices, int) and devices > 0 or OmegaConf.is_list(devices) and len(devices) > 0
