@@ -13,9 +13,9 @@ from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
 from ov_train.strategies import STRATEGIES, default_precision
 from ov_train.text.template import TEMPLATES
+from ov_train.training.loggers import LOGGERS, missing_package
 from ov_train.training.module import NONFINITE
 
-LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -186,6 +186,8 @@ def validate(cfg: DictConfig) -> None:
         problems += [line.strip() for line in str(err).splitlines()[1:]]
     if cfg.logger.name not in LOGGERS:
         problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
+    elif package := missing_package(cfg.logger.name):
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: pip install 'ov_train[loggers]'")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in WANDB_MODES:
         problems.append(f"logger.mode={cfg.logger.get('mode')!r}; allowed: {list(WANDB_MODES)}")
     steps = cfg.trainer.get("max_steps")
