@@ -11,7 +11,7 @@ from ov_train.data.synthetic import MIN_PX as MIN_SYNTHETIC_PX
 from ov_train.data.synthetic import SYNTHETIC, occupied, synthetic_root
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
-from ov_train.strategies import STRATEGIES, default_precision
+from ov_train.strategies import STRATEGIES, default_precision, launcher_problems
 from ov_train.text.template import TEMPLATES
 from ov_train.training.loggers import LOGGERS, missing_package
 from ov_train.training.module import NONFINITE
@@ -81,7 +81,7 @@ def _strategy_problems(strategy, trainer) -> list[str]:
         problems.append(f"trainer.devices={devices!r}: strategy=fsdp2 needs a device count (or list) to size its mesh")
     if name != "auto" and strategy.get("process_group_backend") == "nccl" and trainer.accelerator == "cpu":
         problems.append("strategy.process_group_backend=nccl needs GPUs; with trainer.accelerator=cpu use gloo (or null)")
-    return problems
+    return problems + launcher_problems(trainer)
 
 
 def _precision_problems(precision: str, cfg) -> list[str]:

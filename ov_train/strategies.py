@@ -134,8 +134,8 @@ def default_precision(cfg) -> str:
 
 
 def launcher_tasks() -> int | None:
-    """How many processes the submitit job running this process started (hydra/launcher=submitit_local or slurm);
-    None outside such a job."""
+    """How many processes the submitit job running this process started (hydra/launcher=local, submitit_local or
+    slurm); None outside such a job."""
     executor = os.environ.get("SUBMITIT_EXECUTOR")
     if executor == "local":
         return int(os.environ["SUBMITIT_LOCAL_NTASKS"])
@@ -151,29 +151,34 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def adopt_launcher_tasks(trainer_cfg) -> None:
+def launcher_problems(trainer_cfg) -> list[str]:
+    """What keeps Lightning from adopting this job's processes (config.validate reports it before any work)."""
+    tasks, processes = launcher_tasks(), world_size(trainer_cfg)
+    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
+            " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
+        ]
+    if tasks is not None and tasks != processes:
+        per_node = devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator))
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} but this submitit job has {tasks} task(s): use"
+            " hydra/launcher=local or slurm, whose tasks follow the trainer (or hydra.launcher.tasks_per_node="
+            f"{per_node})"
+        ]
+    return []
+
+
+def adopt_launcher_tasks() -> None:
     """Let Lightning adopt the processes a submitit job started, one per device, instead of starting its own.
 
     Processes Lightning starts itself re-run the command line of rank 0, which inside a submitit job (or any Hydra
     multirun) is not the job's command: they would fail or start sweeps of their own. So the launchers start one
-    task per device. On SLURM, Lightning's SLURMEnvironment reads SLURM's variables; for submitit's local
-    executor, each task's rank is exported the way torchrun does (submitit's TorchDistributedEnvironment), which
-    Lightning's default environment adopts.
+    task per device (launcher_problems checks it). On SLURM, Lightning's SLURMEnvironment reads SLURM's variables;
+    for submitit's local executor, each task's rank is exported the way torchrun does (submitit's
+    TorchDistributedEnvironment), which Lightning's default environment adopts.
     """
-    tasks, processes = launcher_tasks(), world_size(trainer_cfg)
-    if tasks is None:
-        if processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
-            raise ValueError(
-                f"a multirun (-m) of {processes} processes per job needs a launcher that starts them:"
-                " hydra/launcher=submitit_local (or slurm); Lightning's own would re-run the whole sweep"
-            )
-        return
-    if tasks != processes:
-        raise ValueError(
-            f"this submitit job has {tasks} task(s) but trainer.devices x trainer.num_nodes = {processes}: leave"
-            " hydra.launcher.tasks_per_node and nodes to follow the trainer (conf/hydra/launcher/)"
-        )
-    if tasks > 1 and os.environ["SUBMITIT_EXECUTOR"] == "local":
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ["SUBMITIT_LOCAL_NTASKS"]) > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         # Every task sees every GPU; Lightning picks its own by local rank.
@@ -185,7 +190,7 @@ def build_strategy(cfg):
 
     Inside a submitit job it first hands the job's tasks to Lightning (adopt_launcher_tasks).
     """
-    adopt_launcher_tasks(cfg.trainer)
+    adopt_launcher_tasks()
     s = cfg.strategy
     if s.name == "auto":
         return "auto"
