@@ -81,7 +81,8 @@ def offloads_optimizer(strategy) -> bool:
     """Whether `strategy` is DeepSpeed with its optimizer offloaded to the CPU (ZeRO-Offload)."""
     if not isinstance(strategy, DeepSpeedStrategy):
         return False
-    return bool((strategy.config or {}).get("zero_optimization", {}).get("offload_optimizer"))
+    config = getattr(strategy, "config", None) or {}  # None until the strategy has read its config
+    return bool(config.get("zero_optimization", {}).get("offload_optimizer"))
 
 
 def deepspeed_cpu_adam(groups: list[dict]) -> torch.optim.Optimizer | None:
