@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2
 
 from ov_train.run import train
-from ov_train.training.loggers import run_identity
+from ov_train.training.loggers import build_logger, run_identity
 from ov_train.training.metrics import ValidationPredictions
 from tests.conftest import CONF, SMALL_DATA, compose_config
 
@@ -22,11 +22,13 @@ PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device", "pe
 PARTS = ("vision_tower", "projector", "llm")
 
 
+def overrides(small_data_root, logger: str) -> list[str]:
+    return [f"trainer.max_steps={STEPS}", f"data.root={small_data_root}", *SMALL_DATA, f"logger={logger}", "export=false"]
+
+
 def run(tmp_path, small_data_root, logger: str):
-    overrides = [f"trainer.max_steps={STEPS}", f"data.root={small_data_root}", *SMALL_DATA, f"logger={logger}"]
-    overrides.append("export=false")
     run_dir = tmp_path / logger
-    train(compose_config(overrides, run_dir=run_dir))
+    train(compose_config(overrides(small_data_root, logger), run_dir=run_dir))
     return run_dir
 
 
@@ -159,9 +161,25 @@ def mlflow_run(run_dir):
     return record, {k: sorted((m.step, m.value) for m in v) for k, v in history.items()}
 
 
+@pytest.fixture(scope="module")
+def tensorboard_and_mlflow_run(tmp_path_factory, small_data_root):
+    """One run logging to TensorBoard and MLflow at once (Lightning takes a list), each logger built by
+    build_logger from its own `logger` config: one training run for both."""
+    import ov_train.run
+
+    def both(cfg, run_dir):
+        return [build_logger(compose_config(overrides(small_data_root, kind)), run_dir) for kind in ("tensorboard", "mlflow")]
+
+    run_dir = tmp_path_factory.mktemp("tb_mlflow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ov_train.run, "build_logger", both)
+        train(compose_config(overrides(small_data_root, "tensorboard"), run_dir=run_dir))
+    return run_dir
+
+
 @pytest.mark.parametrize("logger", ["tensorboard", "mlflow"])
-def test_tensorboard_and_mlflow_get_the_same_metrics_as_csv(csv_run, tmp_path, small_data_root, logger):
-    run_dir = run(tmp_path, small_data_root, logger)
+def test_tensorboard_and_mlflow_get_the_same_metrics_as_csv(csv_run, tensorboard_and_mlflow_run, logger):
+    run_dir = tensorboard_and_mlflow_run
     if logger == "tensorboard":
         series = tensorboard_run(run_dir)
         assert OmegaConf.load(next(run_dir.glob("tensorboard/*/hparams.yaml"))).stage.parts.llm == 1e-5

@@ -272,7 +272,7 @@ def zero3_run(tmp_path_factory, small_data_root):
     root = tmp_path_factory.mktemp("zero3")
     overrides = [
         *train_overrides(small_data_root, "onevision", 3, root / "run"), "strategy=deepspeed_zero3", ZERO3_ALL,
-        "trainer.devices=2", "ckpt_path=auto", "+trainer.limit_val_batches=2",
+        "trainer.devices=2", "ckpt_path=auto", "+trainer.limit_val_batches=2", "export=false",
     ]
     run_train(overrides, root / "run", root / "first", sigterm_at_step=2)
     run_train(overrides, root / "run", root / "resumed")
