@@ -6,6 +6,9 @@ from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
 
+from ov_train.text.chat_template import chat_template, stop_token_ids
+from ov_train.text.template import TEMPLATES
+from ov_train.tools.model_card import card_facts, model_card
 from ov_train.vision.geometry import VisionGeometry
 
 
@@ -19,12 +22,18 @@ def processor_settings(geometry: VisionGeometry) -> dict:
     }
 
 
-def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry."""
+def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qwen_1_5", card: dict | None = None) -> Path:
+    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry.
+
+    `template` is the stage's chat template: the export's chat template renders it for the stock processor,
+    and its config and generation config stop generation where training's replies end. `card` holds the
+    facts of the model card (README.md; tools/model_card.py: card_facts).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _set_generation_ids(model, tokenizer, template)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_tokenizer(tokenizer, chat_template(template), out)
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
     LlavaOnevisionImageProcessorPil(**settings).save_pretrained(out)
@@ -51,7 +60,31 @@ def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
         "video_token": "<video>",
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
     return out
+
+
+def _set_generation_ids(model, tokenizer, template: str) -> None:
+    """End-of-reply and padding ids in the model config and the generation config, so that `generate`
+    stops where training's replies stop and pads batches with the tokenizer's pad token."""
+    stop = stop_token_ids(tokenizer, template)
+    eos = stop[0] if len(stop) == 1 else stop
+    pad = tokenizer.pad_token_id
+    for config in (model.config, model.config.text_config):  # tools read either
+        config.eos_token_id, config.pad_token_id = eos, pad
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+
+
+def _save_tokenizer(tokenizer, template_text: str, out: Path) -> None:
+    """save_pretrained with the export's chat template (written as chat_template.jinja, which the processor
+    reads too); the caller's tokenizer keeps its own."""
+    own = tokenizer.chat_template
+    tokenizer.chat_template = template_text
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = own
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -142,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", help="output directory for the Hugging Face export")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
+    parser.add_argument(
+        "--template", choices=TEMPLATES,
+        help="the chat template the model was trained with (default: the one recorded in the checkpoint, else qwen_1_5)",
+    )
     args = parser.parse_args(argv)
     if not Path(args.ckpt).exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
@@ -152,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = args.tokenizer or tokenizer_dir
     if not tokenizer_dir or not Path(tokenizer_dir).exists():
         parser.error(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
-    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out)
+    facts = card_facts(checkpoint_metadata(args.ckpt))
+    template = args.template or facts["template"] or "qwen_1_5"
+    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out, template=template, card=facts)
     print(f"exported {args.ckpt} -> {args.out}")
     return 0
 
