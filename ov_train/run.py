@@ -14,7 +14,8 @@ from ov_train.data.synthetic import ensure_synthetic
 from ov_train.model.build import build_model
 from ov_train.model.forward import ForwardOptions
 from ov_train.strategies import build_strategy, default_precision
-from ov_train.tools.export import export_pretrained, model_from_checkpoint
+from ov_train.tools.export import checkpoint_metadata, export_pretrained, model_from_checkpoint
+from ov_train.tools.model_card import card_facts
 from ov_train.training.callbacks import build_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
@@ -92,7 +93,8 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     if cfg.export:
-        export_pretrained(model_from_checkpoint(last)[0], tokenizer, run_dir / "export")
+        facts = card_facts(checkpoint_metadata(last))
+        export_pretrained(model_from_checkpoint(last)[0], tokenizer, run_dir / "export", cfg.stage.template, facts)
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": cfg.stage.name,
