@@ -23,7 +23,7 @@ import yaml
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 MODALITIES = ("single_image", "multi_image", "video", "text")
-SOURCE_KEYS = {"name", "path", "modality", "category", "weight", "samples"}
+SOURCE_KEYS = {"name", "path", "modality", "category", "weight", "samples", "metric"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
 
 
@@ -39,6 +39,7 @@ class Source:
     train_shards: tuple[str, ...]
     val_shards: tuple[str, ...]
     category: str | None = None
+    metric: str | None = None  # how ov-eval scores this source's answers (ov_train/eval/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
         if len(given) == 1:
             kinds.add(given[0])
         share = src.get(given[0]) if given else None
-        sources.append(Source(name, src.get("modality"), share, train, val, src.get("category")))
+        sources.append(Source(name, src.get("modality"), share, train, val, src.get("category"), src.get("metric")))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
     if problems:
