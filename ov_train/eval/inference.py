@@ -16,6 +16,8 @@ from PIL import Image
 
 from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.video import decode_video
+from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.preprocess import resize_frames
 
 
 class ExportError(ValueError):
@@ -92,6 +94,12 @@ def sample_media(raw: dict, max_frames: int) -> tuple[list[Image.Image], np.ndar
     return images, frames
 
 
+def training_frames(frames: np.ndarray, model) -> np.ndarray:
+    """Video frames resized to the crop size with PIL, as training does, before the stock video processor (it
+    has only a torchvision backend, whose bicubic resize lands a level off PIL's on some pixels)."""
+    return resize_frames(frames, VisionGeometry.from_model_config(model.config))
+
+
 def conversation_messages(conversations: list[dict]) -> tuple[list[dict], str]:
     """LLaVA turns -> (processor messages before the last reply, the last reply). String contents are LLaVA's own
     text ("<image>\\nWhat is it?"), which the export's chat template renders as training did."""
@@ -116,13 +124,16 @@ def sampling_kwargs(temperature: float = 0.0, top_p: float | None = None) -> dic
 
 
 @torch.inference_mode()
-def generate_replies(model, inputs: dict, max_new_tokens: int, **sampling) -> list[list[int]]:
+def generate_replies(model, inputs: dict, max_new_tokens: int, stops: list[int] | None = None,
+                     pad_id: int | None = None, **sampling) -> list[list[int]]:
     """model.generate on prepared inputs (processor output, or inputs_embeds); per row, the new tokens before the
-    first end-of-reply id of the export's generation config."""
-    stops = stop_ids(model)
+    first end-of-reply id: `stops`, by default the export's generation config's."""
+    stops = stop_ids(model) if stops is None else stops
     sampling = sampling or {"do_sample": False}
     if not sampling.get("do_sample"):
         sampling = {**sampling, "temperature": None, "top_p": None, "top_k": None}  # no warnings about unused ones
+    if pad_id is not None:
+        sampling["pad_token_id"] = pad_id
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops or None, **sampling)
     # With input_ids, generate returns prompt + new tokens; with inputs_embeds alone, the new tokens.
     new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
