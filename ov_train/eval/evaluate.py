@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -64,7 +64,7 @@ def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list
     return sources
 
 
-def held_out(sources: list[EvalSource], max_samples: int | None) -> Iterator[tuple[EvalSource, str, callable]]:
+def held_out(sources: list[EvalSource], max_samples: int | None) -> Iterator[tuple[EvalSource, str, Callable[[], dict]]]:
     """(source, sample id, load) in order: every shard of each source, at most `max_samples` per source."""
     for source in sources:
         seen = 0

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.video import decode_video
+from ov_train.text.template import ROLES
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.preprocess import resize_frames
 
@@ -103,8 +104,7 @@ def training_frames(frames: np.ndarray, model) -> np.ndarray:
 def conversation_messages(conversations: list[dict]) -> tuple[list[dict], str]:
     """LLaVA turns -> (processor messages before the last reply, the last reply). String contents are LLaVA's own
     text ("<image>\\nWhat is it?"), which the export's chat template renders as training did."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    messages = [{"role": roles.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in conversations]
+    messages = [{"role": ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in conversations]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError("conversation has no gpt (assistant) turn to evaluate")

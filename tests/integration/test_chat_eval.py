@@ -5,9 +5,11 @@ One short run trains the tiny model far enough that some held-out answers are ri
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,7 +21,7 @@ from ov_train.run import train
 from ov_train.tools.chat import main as ov_chat
 from ov_train.tools.eval import main as ov_eval
 from tests.conftest import SMALL_DATA, compose_config
-from tests.integration.test_dashboards import read_wandb_run
+from tests.integration.test_dashboards import wandb_records
 
 STEPS = 60
 HELD_OUT = 16  # the small data's held-out samples per source; metrics.predictions=16 puts all of them in the table
@@ -66,15 +68,17 @@ def test_validation_reproduces_exactly_what_ov_eval_answers_right(trained, evalu
 
 
 def test_wandb_table_shows_the_generated_reply_and_the_image(trained):
+    """W&B logs a table with media as a run artifact: the table (images as image-file references) and the PNGs."""
     run_dir, _ = trained
-    _, history = read_wandb_run(run_dir)
-    table = next(row["val/predictions"] for row in history if "val/predictions" in row)
-    (path,) = run_dir.glob(f"wandb/offline-run-*/files/{table['path']}")
-    logged = json.loads(path.read_text())
+    artifacts = [r.artifact for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "artifact"]
+    (files,) = [files for files in ({e.path: e.local_path for e in a.manifest.contents} for a in artifacts)
+                if "val/predictions.table.json" in files]
+    logged = json.loads(Path(files["val/predictions.table.json"]).read_text())
     assert logged["columns"] == ["step", "modality", "prompt", "reference", "prediction", "correct", "generated", "image"]
     assert len(logged["data"]) == 3 * HELD_OUT
     images = [row[-1] for row in logged["data"]]
     assert all(image["_type"] == "image-file" and image["width"] == image["height"] == 32 for image in images)
+    assert {image["path"] for image in images} <= set(files)
 
 
 def test_ov_chat_answers_a_held_out_question_as_ov_eval_does(trained, evaluated, small_data_root, tmp_path, capsys):
@@ -120,7 +124,7 @@ def test_lmms_eval_scores_the_export_with_its_stock_onevision_class(trained, eva
     task.mkdir()
     docs = []
     for i, sample in enumerate(read_tar(source.val_shards[0])):
-        Image.open(__import__("io").BytesIO(sample["img0.png"])).save(task / f"{i}.png")
+        Image.open(io.BytesIO(sample["img0.png"])).save(task / f"{i}.png")
         meta = json.loads(sample["json"])
         docs.append({"id": f"{source.name}/{sample['__key__']}", "image": str(task / f"{i}.png"),
                      "question": meta["conversations"][0]["value"].removeprefix("<image>\n"), "answer": meta["answer"]})

@@ -74,9 +74,9 @@ def test_validation_writes_a_prediction_table(csv_run):
         assert "<image><image>" not in row["prompt"] and "<video><video>" not in row["prompt"]
 
 
-def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
-    """The run record and history rows of an offline run, from its LevelDB-style log of protobuf records:
-    32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+def wandb_records(run_dir) -> list[wandb_internal_pb2.Record]:
+    """The records of an offline run, from its LevelDB-style log of protobuf records: 32 KiB blocks of
+    chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B"
@@ -93,6 +93,12 @@ def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
             record.ParseFromString(chunk)
             records.append(record)
             chunk = b""
+    return records
+
+
+def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
+    """The run record and history rows of an offline run."""
+    records = wandb_records(run_dir)
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     history = []
     for r in records:

@@ -144,46 +144,46 @@ def to_messages(conversation):
     return [{"role": role, "content": content} for role, content in conversation]
 
 
+def training_and_stock(export_entry, template: str, case, processor=None):
+    """(training's example for the case's sample, the stock processor's prompt batch for its conversation)."""
+    _, turns, images, video, conversation = case
+    export, tokenizer, geometry = export_entry
+    process = SampleProcessor(tokenizer, geometry, template, "anyres_max_9", max_frames=32, max_length=8192)
+    ours = process(raw_sample(turns, images, video))
+    theirs = stock(export, to_messages(conversation), pil_images(images), video, processor=processor)
+    assert theirs["input_ids"][0].tolist() == ours["input_ids"].tolist()[: last_reply_start(ours["labels"].tolist())]
+    return ours, theirs
+
+
+def pil_images(images: list[bytes]) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(b)) for b in images]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_stock_processor_gives_the_prompt_training_fed(exports, case):
-    _, turns, images, video, conversation = case
-    export, tokenizer, geometry = exports["qwen_1_5"]
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=8192)
-    ours = process(raw_sample(turns, images, video))
-    ids, labels = ours["input_ids"].tolist(), ours["labels"].tolist()
-    theirs = stock(export, to_messages(conversation), [Image.open(io.BytesIO(b)) for b in images], video)
-    assert theirs["input_ids"][0].tolist() == ids[: last_reply_start(labels)]
+    ours, theirs = training_and_stock(exports["qwen_1_5"], "qwen_1_5", case)
     assert_same_pixels(ours, theirs)
     # The whole conversation, replies included, renders as training's full sequence.
+    _, turns, images, video, conversation = case
     full = to_messages(conversation) + [{"role": "assistant", "content": [TEXT(turns[-1][1])]}]
-    whole = stock(export, full, [Image.open(io.BytesIO(b)) for b in images], video, add_generation_prompt=False)
-    assert whole["input_ids"][0].tolist() == ids
+    whole = stock(exports["qwen_1_5"][0], full, pil_images(images), video, add_generation_prompt=False)
+    assert whole["input_ids"][0].tolist() == ours["input_ids"].tolist()
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("multi_image", "video")], ids=["multi_image", "video"])
 def test_plain_export_prompts_with_the_media_alone(exports, case):
-    _, turns, images, video, conversation = case
-    export, tokenizer, geometry = exports["plain"]
-    process = SampleProcessor(tokenizer, geometry, "plain", "anyres_max_9", max_frames=32, max_length=8192)
-    ours = process(raw_sample(turns, images, video))
-    ids, labels = ours["input_ids"].tolist(), ours["labels"].tolist()
-    theirs = stock(export, to_messages(conversation), [Image.open(io.BytesIO(b)) for b in images], video)
-    assert theirs["input_ids"][0].tolist() == ids[: last_reply_start(labels)]
+    ours, theirs = training_and_stock(exports["plain"], "plain", case)
     assert_same_pixels(ours, theirs)
     # Generation stops at the "\n" that ends every plain reply in training.
-    assert labels[-1] == tokenizer.encode("\n", add_special_tokens=False)[0]
-    assert labels[-1] in GenerationConfig.from_pretrained(export).eos_token_id
+    export, tokenizer, _ = exports["plain"]
+    assert ours["labels"][-1] == tokenizer.encode("\n", add_special_tokens=False)[0]
+    assert ours["labels"][-1] in GenerationConfig.from_pretrained(export).eos_token_id
 
 
 def test_default_image_backend_gives_the_same_ids_and_nearly_the_same_pixels(exports):
     """AutoProcessor alone picks torchvision's resize (a few levels off PIL's); the ids do not depend on it."""
-    _, turns, images, video, conversation = CASES[1]
-    export, tokenizer, geometry = exports["qwen_1_5"]
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=8192)
-    ours = process(raw_sample(turns, images, video))
-    processor = AutoProcessor.from_pretrained(export)
-    theirs = stock(export, to_messages(conversation), [Image.open(io.BytesIO(b)) for b in images], video, processor=processor)
-    assert theirs["input_ids"][0].tolist() == ours["input_ids"].tolist()[: last_reply_start(ours["labels"].tolist())]
+    processor = AutoProcessor.from_pretrained(exports["qwen_1_5"][0])
+    ours, theirs = training_and_stock(exports["qwen_1_5"], "qwen_1_5", CASES[1], processor=processor)
     assert_same_pixels(ours, theirs, exact=False)
 
 

@@ -1,19 +1,26 @@
-"""ov-eval without training: metrics on hand-made predictions with known scores, the metric per source, clear
-errors, and resuming (a rerun generates only the samples predictions.jsonl lacks)."""
+"""ov-eval and ov-chat without training: metrics on hand-made predictions with known scores, the metric per
+source, clear errors, resuming (a rerun generates only the samples predictions.jsonl lacks), a conversation that
+keeps its first turn's media. The trained default run's export: tests/integration/test_chat_eval.py."""
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 
 import pytest
+import torch
 
 from ov_train.eval import evaluate as evaluate_module
 from ov_train.eval.evaluate import EvalSource, eval_sources, evaluate, read_rows, write_metrics
 from ov_train.eval.inference import load_export
 from ov_train.eval.metrics import score
 from ov_train.model.build import build_model
+from ov_train.tools import chat as chat_module
+from ov_train.tools.chat import main as ov_chat
 from ov_train.tools.eval import main as ov_eval
 from ov_train.tools.export import export_pretrained
 from tests.conftest import compose_config
+from tests.helpers import noise_png
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -123,9 +130,8 @@ def test_rerun_generates_only_what_predictions_lack(random_export, small_data_ro
     assert [r["id"] for r in after] == [r["id"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
     assert [r["prediction"] for r in after[:3]] == [r["prediction"] for r in before]
     # Batches are left-padded: a sample's greedy reply does not depend on what it was batched with.
-    alone = evaluate(processor, model, sources, tmp_path / "alone", max_samples=5, batch_size=1, max_new_tokens=3)
-    assert [r["prediction"] for r in read_rows(tmp_path / "alone" / "predictions.jsonl")] == [r["prediction"] for r in after]
-    assert alone["exact_match"] == second["exact_match"]
+    evaluate(processor, model, sources, tmp_path / "alone", max_samples=3, batch_size=1, max_new_tokens=3)
+    assert [r["prediction"] for r in read_rows(tmp_path / "alone" / "predictions.jsonl")] == [r["prediction"] for r in before]
 
 
 def test_ov_eval_names_bad_input_before_loading(random_export, small_data_root, tmp_path, capsys):
@@ -137,3 +143,34 @@ def test_ov_eval_names_bad_input_before_loading(random_export, small_data_root, 
         with pytest.raises(SystemExit):
             ov_eval(argv)
         assert message in capsys.readouterr().err
+
+
+def test_tools_say_they_need_torchvision(random_export, small_data_root, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    for tool, argv in ((ov_eval, [str(random_export), str(small_data_root / "video")]), (ov_chat, [str(random_export), "hi"])):
+        with pytest.raises(SystemExit):
+            tool(argv)
+        assert "needs torchvision: the stock LLaVA-OneVision processor requires it" in capsys.readouterr().err
+
+
+def test_ov_chat_conversation_keeps_the_first_turns_media(random_export, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "image.png"
+    image.write_bytes(noise_png(48, 40, 0))
+    seen = []
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append(inputs)
+        return real(model, inputs, *args, **kwargs)
+
+    real = chat_module.generate_replies
+    monkeypatch.setattr(chat_module, "generate_replies", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What colour is it?\nAnd its shape?\n"))
+    assert ov_chat([str(random_export), "--image", str(image), "--max-new-tokens", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(seen) == 2
+    image_token = json.loads((random_export / "config.json").read_text())["image_token_index"]
+    first, second = seen
+    assert int((first["input_ids"] == image_token).sum()) == int((second["input_ids"] == image_token).sum()) > 0
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+    # The second prompt holds the first turn and its reply.
+    assert second["input_ids"].shape[1] > first["input_ids"].shape[1] + 4
