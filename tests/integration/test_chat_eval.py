@@ -20,10 +20,11 @@ from ov_train.eval.evaluate import read_rows
 from ov_train.run import train
 from ov_train.tools.chat import main as ov_chat
 from ov_train.tools.eval import main as ov_eval
+from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_dashboards import wandb_records
 
-STEPS = 60
+STEPS = 40
 HELD_OUT = 16  # the small data's held-out samples per source; metrics.predictions=16 puts all of them in the table
 
 
@@ -32,7 +33,7 @@ def trained(tmp_path_factory, small_data_root):
     run_dir = tmp_path_factory.mktemp("chat_eval") / "run"
     overrides = [
         f"trainer.max_steps={STEPS}", f"data.root={small_data_root}", *SMALL_DATA, "logger=wandb",
-        # A learning rate at which 60 steps learn some answers (not yet all).
+        # A learning rate at which 40 steps learn some answers (not yet all).
         "model.lr_scale=1000", "stage.warmup_ratio=0", f"metrics.predictions={HELD_OUT}", "eval.generate=true",
     ]
     summary = train(compose_config(overrides, run_dir=run_dir))
@@ -114,10 +115,19 @@ def test_model_card_tells_what_the_model_is(trained):
     assert f"ov-chat {run_dir / 'export'} --image" in card
 
 
+def test_ov_export_writes_the_run_exports_template_ids_and_card(trained, tmp_path):
+    run_dir, _ = trained
+    assert ov_export([str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "export")]) == 0
+    for name in ("chat_template.jinja", "generation_config.json", "config.json"):
+        assert (tmp_path / "export" / name).read_text() == (run_dir / "export" / name).read_text()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert card == (run_dir / "export" / "README.md").read_text().replace(str(run_dir / "export"), str(tmp_path / "export"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed (pip install -e '.[eval]')")
 def test_lmms_eval_scores_the_export_with_its_stock_onevision_class(trained, evaluated, small_data_root, tmp_path):
     """A local lmms-eval task over the held-out single images, run by lmms-eval's `llava_hf` model (stock
-    AutoProcessor + LlavaOnevisionForConditionalGeneration): its exact match equals ov-eval's on the same samples."""
+    AutoProcessor + LlavaOnevisionForConditionalGeneration): its replies and exact match equal ov-eval's."""
     run_dir, _ = trained
     source = load_recipe("synthetic_onevision", small_data_root).sources[0]
     task = tmp_path / "tasks"
@@ -133,14 +143,18 @@ def test_lmms_eval_scores_the_export_with_its_stock_onevision_class(trained, eva
     (task / "ov_local.yaml").write_text(LMMS_TASK.format(data=task / "docs.jsonl"))
     out = tmp_path / "lmms"
     command = [sys.executable, "-m", "lmms_eval", "--model", "llava_hf",
-               "--model_args", f"pretrained={run_dir / 'export'},device=cpu,dtype=float32",
-               "--tasks", "ov_local", "--include_path", str(task), "--batch_size", "1", "--output_path", str(out)]
+               "--model_args", f"pretrained={run_dir / 'export'},device=cpu,device_map=cpu,dtype=float32",
+               "--tasks", "ov_local", "--include_path", str(task), "--batch_size", "1", "--output_path", str(out),
+               "--log_samples"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (results,) = out.rglob("*_results.json")
-    score = json.loads(results.read_text())["results"]["ov_local"]["exact_match,none"]
+    results = list(out.rglob("*_results.json"))  # lmms-eval exits 0 after an error too
+    assert result.returncode == 0 and len(results) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    score = json.loads(results[0].read_text())["results"]["ov_local"]["exact_match,none"]
     ours = [r for r in read_rows(evaluated / "predictions.jsonl") if r["source"] == source.name]
     assert score == pytest.approx(sum(r["exact_match"] for r in ours) / len(ours))
+    (samples,) = out.rglob("*_samples_ov_local.jsonl")
+    replies = {d["doc_id"]: d["filtered_resps"][0].strip() for d in map(json.loads, samples.read_text().splitlines())}
+    assert [replies[i] for i in range(len(ours))] == [r["prediction"] for r in ours]
 
 
 LMMS_UTILS = '''

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from ov_train.eval import evaluate as evaluate_module
 from ov_train.eval.evaluate import EvalSource, eval_sources, evaluate, read_rows, write_metrics
@@ -117,8 +118,11 @@ def test_rerun_generates_only_what_predictions_lack(random_export, small_data_ro
 
     real = evaluate_module.generate_replies
     monkeypatch.setattr(evaluate_module, "generate_replies", counting)
-    first = evaluate(processor, model, sources, tmp_path, max_samples=3, batch_size=2, max_new_tokens=3)
+    logger = CSVLogger(tmp_path / "csv", name="run")  # a run's logger gets the metrics too
+    first = evaluate(processor, model, sources, tmp_path, max_samples=3, batch_size=2, max_new_tokens=3, logger=logger)
     assert first["samples"] == 3 and sum(generated) == 3
+    (csv,) = (tmp_path / "csv").rglob("metrics.csv")
+    assert csv.read_text().splitlines()[0].split(",")[:3] == ["eval/exact_match", "eval/modality/multi_image", "eval/score"]
     path = tmp_path / "predictions.jsonl"
     before = read_rows(path)
     with open(path, "a") as f:
