@@ -153,7 +153,10 @@ def test_lmms_eval_scores_the_export_with_its_stock_onevision_class(trained, eva
     ours = [r for r in read_rows(evaluated / "predictions.jsonl") if r["source"] == source.name]
     assert score == pytest.approx(sum(r["exact_match"] for r in ours) / len(ours))
     (samples,) = out.rglob("*_samples_ov_local.jsonl")
-    replies = {d["doc_id"]: d["filtered_resps"][0].strip() for d in map(json.loads, samples.read_text().splitlines())}
+    replies = {}
+    for doc in map(json.loads, samples.read_text().splitlines()):
+        reply = doc["filtered_resps"]  # a string, or a list of one in older releases
+        replies[doc["doc_id"]] = (reply[0] if isinstance(reply, list) else reply).strip()
     assert [replies[i] for i in range(len(ours))] == [r["prediction"] for r in ours]
 
 
