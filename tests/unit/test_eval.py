@@ -178,3 +178,13 @@ def test_ov_chat_conversation_keeps_the_first_turns_media(random_export, tmp_pat
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     # The second prompt holds the first turn and its reply.
     assert second["input_ids"].shape[1] > first["input_ids"].shape[1] + 4
+
+
+def test_model_card_code_runs(random_export, tmp_path, monkeypatch, capsys):
+    """The card's Python snippet, as a reader would paste it, loads the export and prints a reply."""
+    card = (random_export / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_new_tokens=64", "max_new_tokens=2")
+    (tmp_path / "photo.png").write_bytes(noise_png(40, 60, 1))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")  # its print ran (a random model's reply may be blank)
