@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
@@ -31,8 +32,8 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _set_generation_ids(model, tokenizer, template)
-    model.save_pretrained(out)
+    with _generation_ids(model, tokenizer, template):
+        model.save_pretrained(out)
     _save_tokenizer(tokenizer, chat_template(template), out)
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
@@ -64,16 +65,27 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     return out
 
 
-def _set_generation_ids(model, tokenizer, template: str) -> None:
-    """End-of-reply and padding ids in the model config and the generation config, so that `generate`
-    stops where training's replies stop and pads batches with the tokenizer's pad token."""
+@contextmanager
+def _generation_ids(model, tokenizer, template: str):
+    """End-of-reply and padding ids in the model config and the generation config while the model is saved, so
+    that `generate` stops where training's replies stop and pads batches with the tokenizer's pad token; the
+    caller's model keeps its own."""
     stop = stop_token_ids(tokenizer, template)
     eos = stop[0] if len(stop) == 1 else stop
-    pad = tokenizer.pad_token_id
-    for config in (model.config, model.config.text_config):  # tools read either
-        config.eos_token_id, config.pad_token_id = eos, pad
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
+    configs = (model.config, model.config.text_config, model.generation_config)  # tools read any of them
+    keys = ("eos_token_id", "pad_token_id")
+    own = [{k: getattr(c, k) for k in keys if hasattr(c, k)} for c in configs]
+    for config in configs:
+        config.eos_token_id, config.pad_token_id = eos, tokenizer.pad_token_id
+    try:
+        yield
+    finally:
+        for config, values in zip(configs, own):
+            for key in keys:
+                if key in values:
+                    setattr(config, key, values[key])
+                else:
+                    delattr(config, key)
 
 
 def _save_tokenizer(tokenizer, template_text: str, out: Path) -> None:

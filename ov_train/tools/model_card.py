@@ -35,7 +35,7 @@ token that ends training's replies. From the command line (ov_train installed wi
 ```bash
 ov-chat {path} --image photo.png "What colour is the shape?"
 ov-eval {path} DATA          # an ov-data shard directory or a recipe: predictions.jsonl, metrics.json
-python -m lmms_eval --model llava_hf --model_args pretrained={path},device=cpu --tasks TASK --batch_size 1
+python -m lmms_eval --model llava_hf --model_args pretrained={path},device=cpu,device_map=cpu --tasks TASK --batch_size 1
 ```
 """
 
