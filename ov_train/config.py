@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.data.recipe import RecipeError, load_recipe
@@ -13,13 +12,13 @@ from ov_train.data.synthetic import SYNTHETIC, occupied, synthetic_root
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.loss import weighting_problems
 from ov_train.model.parts import PARTS
-from ov_train.strategies import STRATEGIES, default_precision
+from ov_train.strategies import STRATEGIES, default_precision, launcher_problems
 from ov_train.text.template import TEMPLATES
+from ov_train.training.loggers import LOGGERS, missing_package
 from ov_train.training.module import NONFINITE
 from ov_train.training.steps import step_problems
 from ov_train.vision.settings import problems as media_problems
 
-LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -76,18 +75,13 @@ def _strategy_problems(strategy, trainer) -> list[str]:
             problems.append(
                 f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{strategy.stage} does not shard weights)"
             )
-        if trainer.accelerator == "cpu" or not torch.cuda.is_available():
-            problems.append(
-                "strategy=deepspeed needs CUDA GPUs: Lightning's DeepSpeedStrategy refuses other accelerators;"
-                " use ddp or fsdp2 on CPU"
-            )
     devices = trainer.devices
     counted = isinstance(devices, int) and devices > 0 or OmegaConf.is_list(devices) and len(devices) > 0
     if name == "fsdp2" and not counted:
         problems.append(f"trainer.devices={devices!r}: strategy=fsdp2 needs a device count (or list) to size its mesh")
     if name != "auto" and strategy.get("process_group_backend") == "nccl" and trainer.accelerator == "cpu":
         problems.append("strategy.process_group_backend=nccl needs GPUs; with trainer.accelerator=cpu use gloo (or null)")
-    return problems
+    return problems + launcher_problems(trainer)
 
 
 def _precision_problems(precision: str, cfg) -> list[str]:
@@ -212,6 +206,8 @@ def validate(cfg: DictConfig) -> None:
         problems += [line.strip() for line in str(err).splitlines()[1:]]
     if cfg.logger.name not in LOGGERS:
         problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
+    elif package := missing_package(cfg.logger.name):
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: pip install 'ov_train[loggers]'")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in WANDB_MODES:
         problems.append(f"logger.mode={cfg.logger.get('mode')!r}; allowed: {list(WANDB_MODES)}")
     steps = cfg.trainer.get("max_steps")

@@ -15,6 +15,7 @@ from ov_train.model.forward import ForwardOptions
 from ov_train.planner.report import preflight
 from ov_train.strategies import build_strategy, default_precision
 from ov_train.tools.export import checkpoint_metadata, export_pretrained, model_from_checkpoint
+from ov_train.tools.model_card import card_facts
 from ov_train.training.callbacks import build_callbacks, previous_of, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
@@ -166,7 +167,9 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     if cfg.export:
-        export_pretrained(model_from_checkpoint(last, cfg.checkpoint.trust)[0], tokenizer, run_dir / "export")
+        facts = card_facts(checkpoint_metadata(last, cfg.checkpoint.trust))
+        model = model_from_checkpoint(last, cfg.checkpoint.trust)[0]
+        export_pretrained(model, tokenizer, run_dir / "export", cfg.stage.template, facts)
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": cfg.stage.name,

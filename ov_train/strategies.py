@@ -2,8 +2,9 @@
 
 - `auto`: Lightning picks (one device, or DDP for several).
 - `ddp`: Lightning's DDPStrategy.
-- `deepspeed`: Lightning's DeepSpeedStrategy, ZeRO stage 2 or 3, optionally offloaded to CPU. DeepSpeed wraps the
-  optimizer from `configure_optimizers`, so the per-part groups and learning rates are the ones it steps.
+- `deepspeed`: Lightning's DeepSpeedStrategy, ZeRO stage 2 or 3, optionally offloaded to CPU, on GPUs or (through
+  DeepSpeedCPUStrategy, which only lifts Lightning's CUDA-only checks) on CPU processes over gloo. DeepSpeed wraps
+  the optimizer from `configure_optimizers`, so the per-part groups and learning rates are the ones it steps.
   ZeRO-3 gathers each submodule's weights around its calls and insists that every rank makes the same calls.
 - `fsdp2`: Lightning's ModelParallelStrategy, data parallel only; `FSDP2Strategy.parallelize` applies FSDP2's
   `fully_shard` from the module's `configure_model` hook (once the process group exists, before the optimizer).
@@ -16,7 +17,10 @@ root unit, gathered once per step. ZeRO-3 likewise sees the same calls on every 
 """
 from __future__ import annotations
 
+import os
+
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from omegaconf import OmegaConf
 
@@ -48,6 +52,31 @@ class FSDP2Strategy(ModelParallelStrategy):
             register_fsdp_forward_method(module, method)
 
 
+class DeepSpeedCPUStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy that also runs on the CPU accelerator (gloo), so 2 CPU processes exercise the
+    code path GPU jobs take. On CUDA it is Lightning's strategy unchanged.
+
+    Lightning insists on CUDA in two places: `setup_environment` refuses any other accelerator, and the device
+    index of each process (checked against the local ranks, and handed to `deepspeed.initialize` as
+    `device_rank`) is None for CPU devices. Here CPU processes are numbered by local rank, as DeepSpeed's own CPU
+    accelerator numbers them, and DeepSpeed is told to use that accelerator.
+    """
+
+    def setup_environment(self) -> None:
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_environment()
+            return
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+
+        if get_accelerator().device_name() != "cpu":  # GPUs present, but trainer.accelerator=cpu
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            set_accelerator(CPU_Accelerator())
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
+        # DeepSpeedStrategy's parent sets up the process group through DeepSpeedStrategy.setup_distributed.
+        DDPStrategy.setup_environment(self)
+
+
 def deepspeed_config(s, batch_size: int) -> dict:
     """DeepSpeed's config for a `strategy` node; Lightning adds precision and gradient accumulation."""
     zero = {
@@ -66,8 +95,8 @@ def deepspeed_config(s, batch_size: int) -> dict:
         # DeepSpeed only reports with it; Lightning cannot read it off our loaders (they batch inside the dataset).
         "train_micro_batch_size_per_gpu": batch_size,
         "zero_optimization": zero,
-        # DeepSpeed wraps our AdamW (per-part groups) instead of building one from its config; under offload it
-        # steps it on the CPU copies rather than insisting on its JIT-compiled DeepSpeedCPUAdam.
+        # DeepSpeed wraps our optimizer (per-part groups) instead of building one from its config. Under offload
+        # that is DeepSpeedCPUAdam, or torch's AdamW where DeepSpeed's C++ op cannot be built (training/optim.py).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
@@ -104,8 +133,64 @@ def default_precision(cfg) -> str:
     return "bf16-true" if one_gpu and cfg.strategy.name == "auto" else "bf16-mixed"
 
 
+def launcher_tasks() -> int | None:
+    """How many processes the submitit job running this process started (hydra/launcher=local, submitit_local or
+    slurm); None outside such a job."""
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if executor == "local":
+        return int(os.environ["SUBMITIT_LOCAL_NTASKS"])
+    if executor == "slurm":
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def launcher_problems(trainer_cfg) -> list[str]:
+    """What keeps Lightning from adopting this job's processes (config.validate reports it before any work)."""
+    tasks, processes = launcher_tasks(), world_size(trainer_cfg)
+    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
+            " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
+        ]
+    if tasks is not None and tasks != processes:
+        per_node = devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator))
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} but this submitit job has {tasks} task(s): use"
+            " hydra/launcher=local or slurm, whose tasks follow the trainer (or hydra.launcher.tasks_per_node="
+            f"{per_node})"
+        ]
+    return []
+
+
+def adopt_launcher_tasks() -> None:
+    """Let Lightning adopt the processes a submitit job started, one per device, instead of starting its own.
+
+    Processes Lightning starts itself re-run the command line of rank 0, which inside a submitit job (or any Hydra
+    multirun) is not the job's command: they would fail or start sweeps of their own. So the launchers start one
+    task per device (launcher_problems checks it). On SLURM, Lightning's SLURMEnvironment reads SLURM's variables;
+    for submitit's local executor, each task's rank is exported the way torchrun does (submitit's
+    TorchDistributedEnvironment), which Lightning's default environment adopts.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ["SUBMITIT_LOCAL_NTASKS"]) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Every task sees every GPU; Lightning picks its own by local rank.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def build_strategy(cfg):
-    """The Lightning strategy (or the string `auto`) for `cfg.strategy`; config.validate has checked its settings."""
+    """The Lightning strategy (or the string `auto`) for `cfg.strategy`; config.validate has checked its settings.
+
+    Inside a submitit job it first hands the job's tasks to Lightning (adopt_launcher_tasks).
+    """
+    adopt_launcher_tasks()
     s = cfg.strategy
     if s.name == "auto":
         return "auto"
@@ -117,7 +202,7 @@ def build_strategy(cfg):
         )
     if s.name == "deepspeed":
         config = deepspeed_config(s, cfg.data.get("batch_size") or 1)
-        return DeepSpeedStrategy(config=config, process_group_backend=s.process_group_backend)
+        return DeepSpeedCPUStrategy(config=config, process_group_backend=s.process_group_backend)
     if s.name == "fsdp2":
         return FSDP2Strategy(
             world_size=world_size(cfg.trainer),

@@ -35,7 +35,7 @@ from ov_train.vision.settings import MediaSettingError, VideoSettings
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 MODALITIES = ("single_image", "multi_image", "video", "text")
-SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples", "video"}
+SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples", "metric", "video"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")  # a path ending so names one shard, not a folder
 
@@ -61,6 +61,7 @@ class Source:
     index: str | None = None  # an `ov-data index` file named by the recipe (parquet sources)
     # Parquet sources: rows the index rejected, {redacted file location: {row: reason}}.
     rejects: dict = field(default_factory=dict, compare=False, repr=False)
+    metric: str | None = None  # how ov-eval scores this source's answers (ov_train/eval/metrics.py)
     video: dict | None = None  # this source's own video settings (fps, max_frames, sampling, frame_size)
 
 
@@ -254,7 +255,7 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
         share = src.get(given[0]) if given else None
         video = src.get("video") if isinstance(src.get("video"), dict) else None
         sources.append(Source(name, src.get("modality"), share, train, val, src.get("category"),
-                              src.get("format", WEBDATASET), src.get("index"), video=video))
+                              src.get("format", WEBDATASET), src.get("index"), metric=src.get("metric"), video=video))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
     elif not problems and sum(float(s.weight) for s in sources) == math.inf:

@@ -20,7 +20,7 @@ MEDIA_TOKENS = ("<image>", "<video>")
 # start followed by "\n" (the public LLaVA-NeXT code's preprocess_multimodal); `as_is`: where the data has it.
 PLACEMENTS = ("front", "as_is")
 
-_ROLES = {
+ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -75,7 +75,7 @@ def _parse_turns(conversations: list[dict]) -> tuple[str | None, list[tuple[str,
     turns = []
     for i, turn in enumerate(conversations):
         speaker = turn.get("from")
-        role = _ROLES.get(speaker)
+        role = ROLES.get(speaker)
         if role is None:
             raise TemplateError(f"turn {i}: unknown speaker {speaker!r}; expected human/gpt/system")
         text = turn.get("value")

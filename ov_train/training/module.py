@@ -160,9 +160,14 @@ class OneVisionModule(L.LightningModule):
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, rank_zero_only=True)
 
     def on_save_checkpoint(self, checkpoint):
-        # Enough to rebuild the model without the run's config: ov-export reads it.
+        # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat
+        # template, model card): ov-export reads it.
+        recipe = getattr(getattr(self._trainer, "datamodule", None), "recipe", None)
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
+            "stage": self.stage.name, "template": self.stage.template,
+            "recipe": getattr(recipe, "name", None), "data_mix": recipe.shares("name") if recipe else {},
+            "val_metrics": dict(getattr(self, "val_metrics", {})),
         }
 
     def configure_model(self):

@@ -24,7 +24,7 @@ OWN_DATA = ["data=recipe", "data.num_workers=0", "data.batch_size=4", "data.shuf
 def bucket(small_data_root):
     """The small synthetic shards in s3://shards/synthetic."""
     with s3_server() as (_, fs):
-        fs.mkdir("shards")
+        fs.makedirs("shards", exist_ok=True)  # moto keeps buckets process-wide, across servers
         upload_tree(fs, small_data_root, "shards/synthetic")
         yield fs
 
@@ -66,7 +66,7 @@ def test_training_on_the_released_parquet_layout(tmp_path, caplog):
                       " modality: single_image, weight: 1}\n")
     run = tmp_path / "run"
     with s3_server() as (_, fs):
-        fs.mkdir("onevision")
+        fs.makedirs("onevision", exist_ok=True)  # moto keeps buckets process-wide, across servers
         upload_tree(fs, data, "onevision/LLaVA-OneVision-Data")
         with caplog.at_level(logging.INFO):
             summary = train(compose_config([*OWN_DATA, f"data.recipe={recipe}",

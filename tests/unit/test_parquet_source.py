@@ -122,7 +122,7 @@ def test_parquet_sources_on_s3_and_their_problems(parquet_dir, tmp_path, tokeniz
     (tmp_path / "r.yaml").write_text("sources:\n  - {name: charts, path: charts, format: parquet, category: c, weight: 1}\n"
                                      "  - {name: none, path: empty, format: parquet, category: c, weight: 1}\n")
     with s3_server() as (_, fs):
-        fs.mkdir("ovdata")
+        fs.makedirs("ovdata", exist_ok=True)  # moto keeps buckets process-wide, across servers
         upload_tree(fs, parquet_dir / "charts", "ovdata/data/charts")
         with pytest.raises(RecipeError, match=r"sources\[1\] \(none\): no \*.parquet files under s3://ovdata/data/empty"):
             load_recipe(str(tmp_path / "r.yaml"), "s3://ovdata/data")

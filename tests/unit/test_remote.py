@@ -168,7 +168,7 @@ def test_a_transient_failure_is_retried_and_loses_nothing(tree, http, caplog):
 def test_s3_sources_list_read_and_restore_like_local_ones(tree):
     local = load_recipe(str(tree / "recipe.yaml"), tree).sources
     with s3_server() as (_, fs):
-        fs.mkdir("shards")
+        fs.makedirs("shards", exist_ok=True)  # moto keeps buckets process-wide, across servers
         upload_tree(fs, tree, "shards/mix")
         remote = load_recipe(str(tree / "recipe.yaml"), "s3://shards/mix").sources
         assert remote[0].train_shards == tuple(f"s3://shards/mix/a/train-00000{i}.tar" for i in range(3))
