@@ -202,6 +202,9 @@ def build_strategy(cfg):
         )
     if s.name == "deepspeed":
         config = deepspeed_config(s, cfg.data.get("batch_size") or 1)
+        if cfg.data.get("samples_per_step"):
+            # Manual optimization leaves the Trainer without gradient_clip_val; DeepSpeed clips by its own config.
+            config["gradient_clipping"] = cfg.trainer.get("gradient_clip_val") or 0.0
         return DeepSpeedCPUStrategy(config=config, process_group_backend=s.process_group_backend)
     if s.name == "fsdp2":
         return FSDP2Strategy(

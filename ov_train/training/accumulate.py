@@ -7,10 +7,12 @@ samples in token-budget micro-batches, whose number varies from step to step and
   engines (FSDP2, ZeRO-3) gather weights in every forward and ranks making different calls would hang;
 - the loss of each micro-batch is scaled by the whole step's tokens or samples (stage.loss_weighting), so the
   summed gradients equal one backward over the whole global batch;
-- gradients are synchronised in the last backward only (DDP no_sync before it), then clipped, stepped, and the
-  learning rate schedule advances once.
+- gradients are synchronised in the last backward only (DDP no_sync before it; DeepSpeed is told that only the
+  last backward ends the accumulation), then clipped, stepped, and the learning rate schedule advances once.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -41,12 +43,21 @@ def accumulated_step(module, bundle: dict, batch_idx: int) -> torch.Tensor:
     micro_batches = bundle["micro_batches"]
     optimizer = module.optimizers()
     runs, denominator = step_totals(module, micro_batches)
+    # DeepSpeed accumulates by its own boundary flag (its configured accumulation stays 1); None elsewhere.
+    deepspeed = getattr(module.trainer.strategy, "deepspeed_engine", None)
     loss_total = torch.zeros((), device=module.device)
     per_sample, modalities = [], []
     for k in range(runs):
         real = k < len(micro_batches)
         batch = micro_batches[min(k, len(micro_batches) - 1)]
-        with optimizer.toggle_model(sync_grad=k == runs - 1):
+        if deepspeed is not None:  # ZeRO refuses no_sync: the boundary flag alone holds its reduction back
+            deepspeed.set_gradient_accumulation_boundary(k == runs - 1)
+            if k:
+                # What DeepSpeedEngine.forward does before every forward, and only the step's first micro-batch
+                # went through it: ZeRO closes the last backward's bookkeeping (ZeRO-3 would otherwise overwrite
+                # the accumulated gradient partitions instead of adding to them).
+                getattr(deepspeed.optimizer, "clear_backward_seen_flag", lambda: None)()
+        with nullcontext() if deepspeed is not None else optimizer.toggle_model(sync_grad=k == runs - 1):
             sums, counts, _ = module._losses(batch)
             loss = weighted_loss(sums, counts, module.loss_weighting, denominator)
             module.manual_backward(loss if real else loss * 0)

@@ -43,11 +43,6 @@ def step_problems(cfg) -> list[str]:
                     f"data.samples_per_step={per_step} does not divide over {world} processes (trainer.num_nodes x"
                     f" trainer.devices); every rank takes the same share"
                 )
-        if cfg.strategy.get("name") == "deepspeed":
-            problems.append(
-                "data.samples_per_step with strategy=deepspeed: DeepSpeed keeps its own fixed gradient accumulation;"
-                " use strategy=ddp or fsdp2"
-            )
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             problems.append("trainer.accumulate_grad_batches must be 1 with data.samples_per_step (the step bundles accumulate)")
     if epochs is not None:
