@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
 from tqdm import tqdm
 
 from ov_train.data.recipe import load_recipe
-from ov_train.data.stream import tar_entries
+from ov_train.data.stream import read_tar
 from ov_train.eval.inference import (
     conversation_messages,
     generate_replies,
@@ -69,11 +70,11 @@ def held_out(sources: list[EvalSource], max_samples: int | None) -> Iterator[tup
     for source in sources:
         seen = 0
         for shard in source.shards:
-            for key, load in tar_entries(shard):
+            for sample in read_tar(shard):
                 if max_samples is not None and seen >= max_samples:
                     break
                 seen += 1
-                yield source, f"{source.name}/{key}", load
+                yield source, f"{source.name}/{sample['__key__']}", partial(dict, sample)
 
 
 def read_rows(path: Path) -> list[dict]:
