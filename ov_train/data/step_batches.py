@@ -8,8 +8,9 @@ resumes exactly. ov_train.training.accumulate runs the micro-batches and steps o
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ov_train.data.batching import TokenBudget
@@ -25,7 +26,7 @@ def samples_per_rank(samples_per_step: int, world_size: int) -> int:
     return samples_per_step // world_size
 
 
-def split_step(lengths: list[int], budget: "TokenBudget") -> list[list[int]]:
+def split_step(lengths: list[int], budget: TokenBudget) -> list[list[int]]:
     """Indices of the step's samples grouped into micro-batches that each fit the budget (a sample over the
     budget alone); every sample lands in exactly one."""
     groups: list[list[int]] = []
@@ -39,7 +40,7 @@ def split_step(lengths: list[int], budget: "TokenBudget") -> list[list[int]]:
     return groups
 
 
-def step_bundles(examples: Iterator[dict], per_rank: int, budget: "TokenBudget", collate: Callable,
+def step_bundles(examples: Iterator[dict], per_rank: int, budget: TokenBudget, collate: Callable,
                  state: Callable[[], object]) -> Iterator[tuple[dict, object]]:
     """Yield (bundle, state() right after its last sample): `per_rank` examples in collated micro-batches."""
     while True:

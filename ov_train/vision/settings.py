@@ -104,7 +104,7 @@ class ImageSettings:
         return dataclasses.replace(base, grid_pinpoints=pinpoints, max_crops=self.max_crops)
 
     @classmethod
-    def from_stage(cls, stage) -> "ImageSettings":
+    def from_stage(cls, stage) -> ImageSettings:
         strategy = str(stage.get("image_strategy"))
         if strategy == "single_crop":  # the earlier name of `pad`
             strategy = "pad"
@@ -130,8 +130,8 @@ class VideoSettings:
     STAGE_KEYS = {"fps": "video_fps", "max_frames": "max_frames", "sampling": "frame_sampling", "frame_size": "frame_size"}
 
     @classmethod
-    def from_values(cls, values: dict, where: str, base: "VideoSettings | None" = None,
-                    names: dict | None = None) -> "VideoSettings":
+    def from_values(cls, values: dict, where: str, base: VideoSettings | None = None,
+                    names: dict | None = None) -> VideoSettings:
         """`values` (field -> value) laid over `base`; every bad value is reported as `where.<name>`."""
         names = names or {}
         out, problems = {}, []
@@ -154,7 +154,7 @@ class VideoSettings:
         return dataclasses.replace(base or cls(), **out)
 
     @classmethod
-    def from_stage(cls, stage) -> "VideoSettings":
+    def from_stage(cls, stage) -> VideoSettings:
         values = {field: stage.get(key) for field, key in cls.STAGE_KEYS.items() if key in stage}
         return cls.from_values(values, "stage", names=cls.STAGE_KEYS)
 
@@ -177,7 +177,7 @@ class MediaSettings:
         return dict(self.per_source).get(source, self.video)
 
     @classmethod
-    def from_config(cls, stage, sources=()) -> "MediaSettings":
+    def from_config(cls, stage, sources=()) -> MediaSettings:
         """From the stage config and the recipe's sources (each may carry a `video` mapping)."""
         image, video = ImageSettings.from_stage(stage), VideoSettings.from_stage(stage)
         per_source = tuple(
