@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from ov_train.data.recipe import MODALITIES
+from ov_train.constants import MODALITIES
 
 PERCENTILES = (50, 90, 99)
 
