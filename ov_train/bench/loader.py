@@ -6,13 +6,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from ov_train.bench.mixture import synthetic_mixture, write_mixture_shards
+from ov_train.config.compose import compose
+from ov_train.config.run_plan import resolve_plan
+from ov_train.data.prepare import prepare_data
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.metrics import batch_counts
-
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the shipped configs the loader is built from
 
 
 def loader_bench(args, tokenizer, geometry) -> dict:
@@ -22,11 +21,11 @@ def loader_bench(args, tokenizer, geometry) -> dict:
         raws = synthetic_mixture(args.loader_samples, geometry.image_size, args.seed)
         shards = write_mixture_shards(raws, Path(root), max(1, workers))
         del raws  # the shards hold them now; the forked workers need no copy
-        data_cfg = OmegaConf.merge(
-            OmegaConf.load(CONF / "data" / "recipe.yaml"), {"recipe": "onevision", "root": root, "num_workers": workers}
-        )
-        stage_cfg = OmegaConf.load(CONF / "stage" / "onevision.yaml")
-        data = OneVisionData(data_cfg, stage_cfg, tokenizer, geometry, args.seed)
+        # The shipped configs' plan for the onevision stage on these shards, as training would resolve it.
+        overrides = ["stage=onevision", "data=recipe", f"data.root={root}", f"data.num_workers={workers}",
+                     f"seed={args.seed}"]
+        plan = resolve_plan(compose(overrides)).data
+        data = OneVisionData(plan, prepare_data(plan), tokenizer, geometry)
         loader = data.train_dataloader()
         # Each worker's first batch carries its start-up (fork, shard headers), so the clock starts after them all.
         warmup = max(1, workers)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ov_train.data.recipe import Source, normalised
+from ov_train.config.recipe import normalised
+from ov_train.data.recipe import Source
 from ov_train.data.samples import SampleError
 from ov_train.utils.logging import get_logger
 

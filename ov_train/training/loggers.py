@@ -1,18 +1,16 @@
-"""The `logger` group -> a Lightning logger (W&B offline by default, CSV, or none), named and grouped by run.
+"""The plan's logger -> a Lightning logger (W&B offline by default, CSV, or none), named and grouped by run.
 
-Runs are named `<stage>-<model>`, plus `-<job number>` inside a Hydra multirun. They are grouped by
-the sweep directory in a multirun (every job of one sweep side by side), else by stage, unless
-`logger.group` says otherwise. The CSV logger writes to `<run_dir>/csv/<name>/metrics.csv`.
+Names and groups are the plan's (ov_train.config.run_plan: `<stage>-<model>`, plus `-<job number>` in a
+multirun). The CSV logger writes to `<run_dir>/csv/<name>/metrics.csv`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
+
+from ov_train.config.run_plan import LoggerPlan
 
 
 class RunWandbLogger(WandbLogger):
@@ -24,28 +22,17 @@ class RunWandbLogger(WandbLogger):
         self.experiment.finish(exit_code=0 if status == "success" else 1)
 
 
-def run_identity(cfg) -> tuple[str, str]:
-    """(name, group) of this run for the dashboards."""
-    name, group = f"{cfg.stage.name}-{cfg.model.name}", cfg.stage.name
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        hydra = HydraConfig.get()
-        name, group = f"{name}-{hydra.job.num}", str(hydra.sweep.dir)
-    return name, cfg.logger.get("group") or group
-
-
-def build_logger(cfg, run_dir: Path):
-    kind = cfg.logger.name
-    name, group = run_identity(cfg)
-    if kind == "wandb":
+def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
+    if plan.kind == "wandb":
         return RunWandbLogger(
-            project=cfg.logger.project,
-            name=name,
-            group=group,
-            mode=cfg.logger.mode,
+            project=plan.project,
+            name=plan.run_name,
+            group=plan.group,
+            mode=plan.mode,
             save_dir=str(run_dir),
             # The resolved config, so runs of a sweep compare by the values they differ in.
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=config,
         )
-    if kind == "csv":
-        return CSVLogger(str(run_dir), name="csv", version=name)
+    if plan.kind == "csv":
+        return CSVLogger(str(run_dir), name="csv", version=plan.run_name)
     return False
