@@ -82,3 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")  # warnings (a restarted conversion) reach stderr as plain lines
     return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
