@@ -13,10 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2
 
+from ov_train.config.run_plan import logger_plan
 from ov_train.run import train
-from ov_train.training.loggers import run_identity
 from ov_train.training.metrics import ValidationPredictions
 from tests.conftest import CONF, REPO, SMALL_DATA, compose_config
+
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 STEPS = 3
 PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device", "perf/mfu")
@@ -144,6 +147,7 @@ def test_sweep_runs_are_grouped_by_sweep_directory(tmp_path):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # as Hydra does inside each job
     try:
-        assert run_identity(cfg) == ("pretrain-tiny-3", str(tmp_path))
+        logger = logger_plan(cfg)
+        assert (logger.run_name, logger.group) == ("pretrain-tiny-3", str(tmp_path))
     finally:
         HydraConfig.instance().cfg = None

@@ -21,7 +21,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import open_dict
 
-from ov_train.config import ConfigError, validate
+from ov_train.config.run_plan import (
+    ConfigError,
+    model_plan,
+    optim_plan,
+    resolve_plan,
+    strategy_plan,
+)
 from ov_train.strategies import FSDP2Strategy, build_strategy
 from tests.conftest import CONF, REPO, SMALL_DATA, compose_config
 
@@ -59,8 +65,9 @@ def expected_groups(cfg) -> list[dict]:
     from ov_train.model.parts import apply_stage
     from ov_train.utils.paths import cache_dir
 
-    model, _ = build_model(cfg.model, cache_dir())
-    groups, _ = apply_stage(model, dict(cfg.stage.parts), cfg.model.lr_scale, cfg.stage.weight_decay)
+    model, _ = build_model(model_plan(cfg.model), cache_dir())
+    optim = optim_plan(cfg)
+    groups, _ = apply_stage(model, optim.part_lrs, optim.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     return [{"name": g["name"], "lr": g["lr"], "params": {names[id(p)]: p.numel() for p in g["params"]}} for g in groups]
 
@@ -68,12 +75,12 @@ def expected_groups(cfg) -> list[dict]:
 def layer_names(cfg) -> list[str]:
     """Module names of the SigLIP layers, then the Qwen2 layers, of a fresh model of the config."""
     from ov_train.model.build import build_model
-    from ov_train.model.checkpointing import module_layers
+    from ov_train.model.layout import layers
     from ov_train.utils.paths import cache_dir
 
-    model, _ = build_model(cfg.model, cache_dir())
+    model, _ = build_model(model_plan(cfg.model), cache_dir())
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] for part in ("vision", "llm") for layer in module_layers(model, part)]
+    return [names[id(layer)] for part in ("vision", "llm") for layer in layers(model, part)]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -91,11 +98,15 @@ def fingerprint(optimizer, named_params) -> dict:
 
 
 class Probe(Callback):
-    """Writes {start,end}_rank{R}.json into `out` (step, optimizer groups, fingerprint), and at the end this
-    rank's part of each weight, weights_rank{R}.pt."""
+    """Writes {start,end}_rank{R}.json into `out` (step, optimizer groups, fingerprint, this rank's training loss
+    of each batch), and at the end this rank's part of each weight, weights_rank{R}.pt."""
 
     def __init__(self, out: str):
         self.out = Path(out)
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append((batch_idx, float(trainer.callback_metrics["train/loss"])))
 
     def _write(self, trainer, when: str) -> None:
         optimizer = trainer.optimizers[0]
@@ -107,6 +118,7 @@ class Probe(Callback):
             "fingerprint": fingerprint(optimizer, self.params),
             # FSDP2's units below the root, by module name.
             "fsdp_units": [n for n, m in trainer.lightning_module.model.named_modules() if isinstance(m, FSDPModule)],
+            "losses": self.losses,
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{when}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -161,7 +173,7 @@ def run_train(overrides: list[str], run_dir: Path, probe: Path) -> None:
 @pytest.mark.parametrize("name", STRATEGY_CONFIGS)
 def test_every_strategy_config_builds_its_lightning_engine(name):
     cfg = compose_config([f"strategy={name}", "trainer.devices=2"])
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(strategy_plan(cfg))
     s = cfg.strategy
     if s.name == "auto":
         assert strategy == "auto"
@@ -183,7 +195,7 @@ def _problems(overrides: list[str], **strategy) -> str:
     with open_dict(cfg):
         cfg.strategy.update(strategy)
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        resolve_plan(cfg)
     return str(err.value)
 
 
@@ -201,13 +213,45 @@ def test_bad_strategy_settings_fail_before_any_work():
 # ---------------------------------------------------------------- 2 processes on CPU
 
 
+def losses_by_step(records: list[dict], micro_batches: int = 1) -> list[float]:
+    """Mean training loss of each optimizer step over every rank's (or micro-batch's) batch."""
+    per_step: dict[int, list[float]] = {}
+    for record in records:
+        for batch_idx, loss in record["losses"]:
+            per_step.setdefault(batch_idx // micro_batches, []).append(loss)
+    return [sum(v) / len(v) for _, v in sorted(per_step.items())]
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory, small_data_root):
+    """The global batches of 2 ranks in one process: its 2 loader workers are the ranks' readers (readers are
+    numbered rank x workers + worker), and each step accumulates one batch of each."""
+    root = tmp_path_factory.mktemp("reference")
+    overrides = [*train_overrides(small_data_root, "onevision", 2, root / "run"), "data.num_workers=2",
+                 "trainer.accumulate_grad_batches=2"]
+    run_train(overrides, root / "run", root / "probe")
+    return losses_by_step(probe_records(root / "probe", "end"), micro_batches=2)
+
+
+# Data parallel engines average the ranks' mean losses' gradients where one process averages its micro-batches':
+# the same update, up to float32 summation order.
+PARITY = 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "stage", "checkpoint_is_dir"),
     [("ddp", "onevision", False), ("fsdp2", "onevision", True), ("fsdp2", "pretrain", True)],
 )
-def test_two_cpu_processes_keep_the_stage_groups(tmp_path, small_data_root, strategy, stage, checkpoint_is_dir):
+def test_two_cpu_processes_keep_the_stage_groups_and_one_process_losses(
+    tmp_path, small_data_root, strategy, stage, checkpoint_is_dir, request
+):
     overrides = [*train_overrides(small_data_root, stage, 2, tmp_path / "run"), f"strategy={strategy}", "trainer.devices=2"]
     run_train(overrides, tmp_path / "run", tmp_path / "probe")
+    if stage == "onevision":
+        # Loss parity: the same global batches as one process, the same losses step by step.
+        ours = losses_by_step(probe_records(tmp_path / "probe", "end"))
+        assert len(ours) == 2 and ours == pytest.approx(request.getfixturevalue("one_process_reference"), rel=PARITY)
 
     expected = expected_groups(compose_config(overrides))
     records = probe_records(tmp_path / "probe", "start")
@@ -235,6 +279,9 @@ def deepspeed_run(strategy_name: str, out: Path, overrides: list[str]) -> None:
     """
     import deepspeed
 
+    from ov_train.config.recipe import parse_recipe
+    from ov_train.config.run_plan import data_plan
+    from ov_train.data.prepare import prepare_data
     from ov_train.model.build import build_model
     from ov_train.model.forward import sample_losses
     from ov_train.training.datamodule import OneVisionData
@@ -244,12 +291,14 @@ def deepspeed_run(strategy_name: str, out: Path, overrides: list[str]) -> None:
 
     deepspeed.init_distributed("gloo")  # torch.distributed.run supplies rank, world size and address
     rank = torch.distributed.get_rank()
+    # The plan's pieces, without its check that DeepSpeed has GPUs: Lightning's wrapper is what needs them.
     cfg = compose_config([f"strategy={strategy_name}", *overrides], run_dir=out)
-    strategy = build_strategy(cfg)
-    model, tokenizer = build_model(cfg.model, cache_dir())
-    data = OneVisionData(cfg.data, cfg.stage, tokenizer, VisionGeometry.from_model_config(model.config), cfg.seed)
+    strategy = build_strategy(strategy_plan(cfg))
+    model, tokenizer = build_model(model_plan(cfg.model), cache_dir())
+    data_cfg = data_plan(cfg, parse_recipe(cfg.data.recipe))
+    data = OneVisionData(data_cfg, prepare_data(data_cfg), tokenizer, VisionGeometry.from_model_config(model.config))
     tokenizer.save_pretrained(out / "tokenizer")
-    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, cfg.trainer.max_steps, str(out / "tokenizer"))
+    module = OneVisionModule(model, optim_plan(cfg), tokenizer_dir=str(out / "tokenizer"))
     optim = module.configure_optimizers()
     engine, optimizer, _, _ = deepspeed.initialize(
         config=strategy.config,
@@ -280,6 +329,7 @@ def deepspeed_run(strategy_name: str, out: Path, overrides: list[str]) -> None:
         torch.save(weights, out / "weights.pt")
 
 
+@pytest.mark.slow
 # ZeRO-3 runs `onevision`: ranks whose batches hold different media (or none) still make the same tower calls.
 @pytest.mark.parametrize(
     ("strategy", "stage"),
@@ -288,8 +338,8 @@ def deepspeed_run(strategy_name: str, out: Path, overrides: list[str]) -> None:
 def test_deepspeed_keeps_the_groups_and_its_checkpoint_consolidates(tmp_path, small_data_root, strategy, stage):
     from transformers import LlavaOnevisionForConditionalGeneration
 
+    from ov_train.model.checkpoint_io import model_from_checkpoint
     from ov_train.tools.export import main as ov_export
-    from ov_train.tools.export import model_from_checkpoint
 
     overrides = [
         f"stage={stage}", "trainer.max_steps=2", f"data.root={small_data_root}", *SMALL_DATA,
@@ -327,7 +377,7 @@ def _train_main() -> None:
 
     # train.py, plus the probe: the one extra callback goes in where train() collects its callbacks.
     build_callbacks = run.build_callbacks
-    run.build_callbacks = lambda cfg, run_dir: [*build_callbacks(cfg, run_dir), Probe(os.environ["OV_PROBE"])]
+    run.build_callbacks = lambda plan: [*build_callbacks(plan), Probe(os.environ["OV_PROBE"])]
     hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(run.train)()
 
 

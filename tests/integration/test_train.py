@@ -3,7 +3,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+from transformers import (
+    AutoTokenizer,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+)
 
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
@@ -13,6 +17,9 @@ from ov_train.model.parts import part_of
 from ov_train.run import train
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import SMALL_DATA, compose_config
+
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def run_stage(tmp_path, small_data_root, stage, *extra, steps=3):
