@@ -48,7 +48,7 @@ class ShardWriter:
         self._count = 0
         self._bytes = 0
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -91,7 +91,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp_path = self.out_dir / f".{name}.tmp{os.getpid()}"
-        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by _finish_shard)
         self._name = name
         self._count = 0
         self._bytes = 0
