@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
@@ -165,7 +166,10 @@ def _load_weights(path: Path, kind: str, model, trust: bool = False) -> None:
         if stored != wanted:
             missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
             raise CheckpointError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        dcp.load(target, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():
+            # torch warns that it "assumes" a single-process load even when no_dist asks for one.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(target, checkpoint_id=path, no_dist=True)
         return
     if kind == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import (

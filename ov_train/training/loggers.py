@@ -16,6 +16,11 @@ from ov_train.config.run_plan import LoggerPlan
 class RunWandbLogger(WandbLogger):
     """Closes its W&B run when the fit ends: the jobs of a multirun share one process, and each needs its own run."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Lightning 2.6 always passes `anonymous` (None here) to wandb.init, which warns that the setting is gone.
+        self._wandb_init.pop("anonymous", None)
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)

@@ -125,7 +125,7 @@ class OneVisionModule(L.LightningModule):
     def on_validation_epoch_end(self):
         stats = torch.stack([self._val[m] for m in MODALITIES])
         if self.trainer.world_size > 1:
-            stats = self.all_gather(stats.to(self.device)).reshape(-1, len(MODALITIES), 5).sum(0).cpu()
+            stats = self.trainer.strategy.reduce(stats.to(self.device), reduce_op="sum").cpu()
         total = stats.sum(0)
         if total[4] == 0:
             return
@@ -139,7 +139,7 @@ class OneVisionModule(L.LightningModule):
             if s[4] > 0:
                 self.val_metrics[f"val/loss_{m}"] = float(s[0] / s[1].clamp_min(1))
                 self.val_metrics[f"val/accuracy_{m}"] = float(s[2] / s[4])
-        # Every rank holds the same all-gathered totals: sync_dist averages equal values (and is what Lightning
+        # Every rank holds the same summed totals: sync_dist averages equal values (and is what Lightning
         # expects of epoch-level metrics under several processes).
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, sync_dist=True)
 
