@@ -20,6 +20,10 @@ TEMPLATES = ("plain", "qwen_1_5")
 # data.name of the embedded synthetic data, and the smallest image side its drawings fit in.
 SYNTHETIC, SYNTHETIC_MIN_PX = "synthetic", 16
 
+# Formats a recipe source's files are read in (data/sources.py): WebDataset tars, or parquet in the OneVision layout.
+WEBDATASET, PARQUET = "webdataset", "parquet"
+FORMATS = (WEBDATASET, PARQUET)
+
 # What a non-finite training loss does: skip the update, or stop the run.
 NONFINITE = ("skip", "stop")
 

@@ -15,11 +15,9 @@ from omegaconf import DictConfig
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.build import build_model
-from ov_train.model.checkpoint_io import (
-    export_pretrained,
-    model_from_checkpoint,
-    resume_problems,
-)
+from ov_train.model.checkpoint_io import checkpoint_metadata, export_pretrained, model_from_checkpoint, resume_problems
+from ov_train.model.model_card import card_facts
+from ov_train.planner.report import preflight
 from ov_train.strategies import build_strategy
 from ov_train.training.callbacks import build_callbacks, save_whole
 from ov_train.training.datamodule import OneVisionData
@@ -32,6 +30,9 @@ from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
 log = get_logger(__name__)
+NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe source has held-out samples"
+               " (val-*.tar beside its train shards, as `ov-data convert --holdout N` writes, or a source's `val:`)")
+NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
 def check(plan: RunPlan) -> None:
@@ -62,6 +63,9 @@ def train(cfg: DictConfig) -> dict:
     tidy_library_output()
     plan = resolve_plan(cfg)
     check(plan)
+    # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
+    # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
+    preflight(cfg)
     start = time.time()
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,8 @@ def train(cfg: DictConfig) -> dict:
     data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
     tokenizer.save_pretrained(paths.tokenizer)
     module = OneVisionModule(
-        model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity
+        model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity,
+        template=plan.data.samples.template,
     )
     if rank() == 0:
         paths.parameters.write_text(module.parameter_table + "\n")
@@ -85,7 +90,9 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     if plan.export:
-        export_pretrained(model_from_checkpoint(paths.last_checkpoint, plan.checkpoint.trust)[0], tokenizer, paths.export)
+        facts = card_facts(checkpoint_metadata(paths.last_checkpoint, plan.checkpoint.trust))
+        trained = model_from_checkpoint(paths.last_checkpoint, plan.checkpoint.trust)[0]
+        export_pretrained(trained, tokenizer, paths.export, plan.data.samples.template, facts)
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": plan.stage,
@@ -100,10 +107,16 @@ def train(cfg: DictConfig) -> dict:
         # The stream's counts, which survive resumes (this rank's share under several ranks).
         "skipped_samples": next((dict(c.skipped) for c in trainer.callbacks if isinstance(c, StreamState)), {}),
     }
+    if not summary["val_samples"]:
+        # No held-out data is not a score of zero: say so, in the summary and the log.
+        summary["held_out"] = NO_VALIDATION if any(s.val_shards for s in recipe.sources) else NO_HELD_OUT
     paths.summary.write_text(json.dumps(summary, indent=2))
-    log.info(
-        "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
-        summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
-        summary["val_loss"] or 0, paths.run_dir,
-    )
+    if not summary["val_samples"]:
+        log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], paths.run_dir)
+    else:
+        log.info(
+            "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
+            summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
+            summary["val_loss"] or 0, paths.run_dir,
+        )
     return summary

@@ -2,8 +2,9 @@
 
 - `auto`: Lightning picks (one device, or DDP for several).
 - `ddp`: Lightning's DDPStrategy.
-- `deepspeed`: Lightning's DeepSpeedStrategy, ZeRO stage 2 or 3, optionally offloaded to CPU. DeepSpeed wraps the
-  optimizer from `configure_optimizers`, so the per-part groups and learning rates are the ones it steps.
+- `deepspeed`: Lightning's DeepSpeedStrategy, ZeRO stage 2 or 3, optionally offloaded to CPU, on GPUs or (through
+  DeepSpeedCPUStrategy, which only lifts Lightning's CUDA-only checks) on CPU processes over gloo. DeepSpeed wraps
+  the optimizer from `configure_optimizers`, so the per-part groups and learning rates are the ones it steps.
   ZeRO-3 gathers each submodule's weights around its calls and insists that every rank makes the same calls.
 - `fsdp2`: Lightning's ModelParallelStrategy, data parallel only; `FSDP2Strategy.parallelize` applies FSDP2's
   `fully_shard` from the module's `configure_model` hook (once the process group exists, before the optimizer).
@@ -16,12 +17,11 @@ Settings come from the plan's StrategyPlan (ov_train.config.run_plan), which has
 """
 from __future__ import annotations
 
+import os
+
 import torch
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    ModelParallelStrategy,
-)
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from ov_train.config.run_plan import StrategyPlan
 from ov_train.model import layout
@@ -55,6 +55,31 @@ class FSDP2Strategy(ModelParallelStrategy):
             register_fsdp_forward_method(module, method)
 
 
+class DeepSpeedCPUStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy that also runs on the CPU accelerator (gloo), so 2 CPU processes exercise the
+    code path GPU jobs take. On CUDA it is Lightning's strategy unchanged.
+
+    Lightning insists on CUDA in two places: `setup_environment` refuses any other accelerator, and the device
+    index of each process (checked against the local ranks, and handed to `deepspeed.initialize` as
+    `device_rank`) is None for CPU devices. Here CPU processes are numbered by local rank, as DeepSpeed's own CPU
+    accelerator numbers them, and DeepSpeed is told to use that accelerator.
+    """
+
+    def setup_environment(self) -> None:
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_environment()
+            return
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+
+        if get_accelerator().device_name() != "cpu":  # GPUs present, but trainer.accelerator=cpu
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            set_accelerator(CPU_Accelerator())
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
+        # DeepSpeedStrategy's parent sets up the process group through DeepSpeedStrategy.setup_distributed.
+        DDPStrategy.setup_environment(self)
+
+
 def deepspeed_config(s: dict, batch_size: int) -> dict:
     """DeepSpeed's config for the strategy's settings; Lightning adds precision and gradient accumulation."""
     zero = {
@@ -80,8 +105,26 @@ def deepspeed_config(s: dict, batch_size: int) -> dict:
     }
 
 
+def adopt_launcher_tasks() -> None:
+    """Let Lightning adopt the processes a submitit job started, one per device, instead of starting its own.
+
+    Processes Lightning starts itself re-run the command line of rank 0, which inside a submitit job (or any Hydra
+    multirun) is not the job's command: they would fail or start sweeps of their own. So the launchers start one
+    task per device (ov_train.config.checks.launcher_problems checks it). On SLURM, Lightning's SLURMEnvironment reads SLURM's variables;
+    for submitit's local executor, each task's rank is exported the way torchrun does (submitit's
+    TorchDistributedEnvironment), which Lightning's default environment adopts.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ["SUBMITIT_LOCAL_NTASKS"]) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Every task sees every GPU; Lightning picks its own by local rank.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def build_strategy(plan: StrategyPlan):
-    """The Lightning strategy (or the string `auto`) of the plan."""
+    """The Lightning strategy (or the string `auto`) of the plan; inside a submitit job it first hands the job's
+    tasks to Lightning (adopt_launcher_tasks)."""
+    adopt_launcher_tasks()
     s = plan.settings
     if plan.name == "auto":
         return "auto"
@@ -93,7 +136,7 @@ def build_strategy(plan: StrategyPlan):
         )
     if plan.name == "deepspeed":
         config = deepspeed_config(s, plan.micro_batch_size)
-        return DeepSpeedStrategy(config=config, process_group_backend=s["process_group_backend"])
+        return DeepSpeedCPUStrategy(config=config, process_group_backend=s["process_group_backend"])
     return FSDP2Strategy(
         world_size=plan.world_size,
         reshard_after_forward=bool(s["reshard_after_forward"]),

@@ -3,11 +3,12 @@
 # $OUT (default gpu_results/): device.txt, phases.txt, a log per phase and the benchmarks' JSON. Each phase
 # has its own time limit and a failing phase does not stop the next, so a cut-short run still brings back
 # what finished. Phases: bench (at most 4 min) and loader (2 min), then tests (2.5 min) and compile (3.5 min):
-# two calls of under 6 minutes each where one command may run 10.
+# two calls of under 6 minutes each where one command may run 10; plan (2.5 min) on its own, a third call.
 #
 #   bash scripts/gpu_check.sh --fetch          # on a machine with PyPI: the wheels an offline GPU image lacks, into .whl/
 #   bash scripts/gpu_check.sh bench loader     # on the GPU machine, from the repo root, with .whl/ beside it
 #   bash scripts/gpu_check.sh tests compile
+#   bash scripts/gpu_check.sh plan             # the memory planner against torch.cuda.max_memory_allocated
 #   bash scripts/gpu_check.sh --tiny           # every phase at tiny size on CPU: checks the script itself
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ elif [[ -d .whl ]]; then
         >"$out/install.log" 2>&1 && export PYTHONPATH=/tmp/site:$PWD || echo "wheel install failed: see install.log" >>"$out/phases.txt"
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-phases=" ${*:-bench loader tests compile} "
+phases=" ${*:-bench loader tests compile plan} "
 
 phase() {  # phase NAME SECONDS COMMAND...: if asked for, run it with a limit, log to $out/NAME.log, note the outcome
     local name=$1 limit=$2
@@ -65,7 +66,19 @@ workers=$([[ ${#tiny[@]} -gt 0 ]] && echo 0 || echo "$(nproc)")
 phase loader 120 python3 -m ov_train.bench --loader --loader-workers "$workers" "${tiny[@]}" --json "$out/loader.json"
 # The CUDA-only paths (varlen kernel, Liger, bf16 masters, compile) against fp32 references.
 phase tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu
-# Each layer compiled, LLM layers checkpointed: 32k rows under the memory goal.
-phase compile 200 python3 -m ov_train.bench --samples 16 --compile --warmup 2 --checkpoint llm \
+# Each layer compiled, tower and LLM layers checkpointed: 32k rows under the memory goal (the planner puts LLM
+# checkpointing alone at 64 GiB for a 32k row of the OneVision mix, both at 19 GiB).
+phase compile 200 python3 -m ov_train.bench --samples 16 --compile --warmup 2 --checkpoint vision,llm \
     --max-tokens 16384,32768 "${tiny[@]}" --json "$out/compile.json"
+# The memory planner against the GPU: its plan and torch.cuda.max_memory_allocated of the same OV-0.5B step (bf16
+# weights, varlen attention, Liger's loss) at 8k / 16k / 32k rows, with the model config's checkpointing
+# (vision + LLM) and without (32k without fits 141 GB, not 80). Results in plan/ (the goals report reads *.json).
+mkdir -p "$out/plan"
+if [[ ${#tiny[@]} -gt 0 ]]; then
+    phase plan 150 python3 -m ov_train.planner.calibrate --model tiny --tokens 1024,2048 --json "$out/plan/calibration.json"
+else
+    phase plan 150 bash -c "python3 -m ov_train.planner.calibrate --device cuda --model ov_qwen2_0_5b \
+        --tokens 8192,16384,32768 --json $out/plan/checkpointed.json; python3 -m ov_train.planner.calibrate \
+        --device cuda --model ov_qwen2_0_5b --checkpoint none --tokens 8192,16384,32768 --json $out/plan/none.json"
+fi
 python3 -m ov_train.bench --goals "$out" | tee "$out/goals.txt"

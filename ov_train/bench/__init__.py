@@ -21,8 +21,9 @@ ov_train.utils.flops, every part training), peak memory, and the ratios ov_train
 --loader writes the same mixture into temporary WebDataset shards laid out as the onevision recipe
 expects and streams them through training's own loader (OneVisionData: recipe sources, MixedStream,
 SampleProcessor, token-budget batches) with `--loader-workers` workers and no model; printed are the
-samples/s and tokens/s (no padding) it delivers after every worker's first batch. The goal: at least
-1.5x the tokens/s the GPU consumes (printed with --both).
+samples/s and tokens/s (no padding) it delivers after every worker's first batch, reading the shards
+from the local disk (`loader`) and then over HTTP from a server on 127.0.0.1 (`loader/http`). The goal:
+at least 1.5x the tokens/s the GPU consumes (printed with --both).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def main(argv=None) -> list:
     results = []
     # The loader runs first, so its workers fork before the model moves to the GPU.
     if args.loader:
-        results.append(loader_bench(args, tokenizer, VisionGeometry.from_model_config(model.config)))
+        results += loader_bench(args, tokenizer, VisionGeometry.from_model_config(model.config))
     if with_model:
         results += model_bench(args, cfg, model, tokenizer)
     if args.both:

@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import os
 import re
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
+from ov_train.config.options import devices_per_node, world_size
 from ov_train.constants import NONFINITE, PARTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
-LOGGERS = ("wandb", "csv", "none")
+LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
 WANDB_MODES = ("offline", "online", "disabled")
+# What the dashboards beyond W&B and CSV import (any one of them), installed with the `loggers` extra.
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+
+
+def missing_package(kind: str) -> str | None:
+    """The package `logger=kind` needs and lacks here, or None."""
+    from importlib.util import find_spec
+
+    needed = LOGGER_PACKAGES.get(kind, ())
+    return needed[0] if needed and not any(find_spec(name) for name in needed) else None
 
 
 def missing_problems(cfg) -> list[str]:
@@ -99,18 +111,49 @@ def strategy_problems(strategy, trainer) -> list[str]:
             problems.append(
                 f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{strategy.stage} does not shard weights)"
             )
-        if trainer.accelerator == "cpu" or not torch.cuda.is_available():
-            problems.append(
-                "strategy=deepspeed needs CUDA GPUs: Lightning's DeepSpeedStrategy refuses other accelerators;"
-                " use ddp or fsdp2 on CPU"
-            )
     devices = trainer.devices
     counted = isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 or OmegaConf.is_list(devices) and len(devices) > 0
     if name == "fsdp2" and not counted:
         problems.append(f"trainer.devices={devices!r}: strategy=fsdp2 needs a device count (or list) to size its mesh")
     if name != "auto" and strategy.get("process_group_backend") == "nccl" and trainer.accelerator == "cpu":
         problems.append("strategy.process_group_backend=nccl needs GPUs; with trainer.accelerator=cpu use gloo (or null)")
-    return problems
+    return problems + launcher_problems(trainer)
+
+
+def launcher_tasks() -> int | None:
+    """How many processes the submitit job running this process started (hydra/launcher=local, submitit_local or
+    slurm); None outside such a job."""
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if executor == "local":
+        return int(os.environ["SUBMITIT_LOCAL_NTASKS"])
+    if executor == "slurm":
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def launcher_problems(trainer_cfg) -> list[str]:
+    """What keeps Lightning from adopting this job's processes (reported before any work)."""
+    tasks, processes = launcher_tasks(), world_size(trainer_cfg)
+    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
+            " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
+        ]
+    if tasks is not None and tasks != processes:
+        per_node = devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator))
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} but this submitit job has {tasks} task(s): use"
+            " hydra/launcher=local or slurm, whose tasks follow the trainer (or hydra.launcher.tasks_per_node="
+            f"{per_node})"
+        ]
+    return []
 
 
 def precision_problems(precision: str, cfg) -> list[str]:
@@ -164,6 +207,20 @@ def data_problems(data, seed: int) -> list[str]:
     return problems
 
 
+def io_problems(io) -> list[str]:
+    """Values of data.io (its keys and types are the schema's)."""
+    problems = []
+    if io.retries < 0:
+        problems.append(f"data.io.retries={io.retries!r} must be an integer >= 0 (attempts after a failed read)")
+    for key in ("backoff_s", "timeout_s"):
+        value = io[key]
+        if not 0 <= value < math.inf:
+            problems.append(f"data.io.{key}={value!r} must be a finite number >= 0 (seconds)")
+    if io.timeout_s == 0:
+        problems.append("data.io.timeout_s=0 would fail every request; give seconds > 0")
+    return problems
+
+
 def checkpoint_problems(ckpt) -> list[str]:
     problems = []
     if ckpt.every_n_steps is not None and ckpt.every_n_steps < 1:
@@ -198,6 +255,8 @@ def run_problems(cfg) -> list[str]:
         problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null")
     if cfg.logger.name not in LOGGERS:
         problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
+    elif package := missing_package(cfg.logger.name):
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: pip install 'ov_train[loggers]'")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
         problems.append(f"logger.mode={cfg.logger.mode!r}; allowed: {list(WANDB_MODES)}")
     return problems

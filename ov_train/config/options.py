@@ -1,5 +1,6 @@
 """Small settings objects of the run plan that the lower layers take as they are: the forward pass's
-performance options, the batches' token budget, and the parallel world and precision the trainer runs."""
+performance options, how data reads retry, the batches' token budget, and the parallel world and precision the
+trainer runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,6 +72,16 @@ class ForwardOptions:
 
 
 @dataclass(frozen=True)
+class IOSettings:
+    """How reads of shards and parquet files behave (`data.io.*`): attempts after the first, the first backoff
+    (doubling each attempt), and the connect / read timeout of one request."""
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class TokenBudget:
     """What closes a batch: padded tokens (samples x longest) and/or samples; the plan ensures one is set."""
 
@@ -109,14 +120,17 @@ def world_size(trainer_cfg) -> int:
     return devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator)) * int(trainer_cfg.num_nodes)
 
 
-def default_precision(trainer_cfg, strategy_name: str) -> str:
+def default_precision(trainer_cfg, strategy_name: str, on_gpu: bool | None = None) -> str:
     """trainer.precision when the config leaves it null.
 
     One GPU: bf16 weights with fp32 masters in the optimizer (ov_train.training.optim), so no autocast
     re-casts. Several: bf16-mixed, so DDP reduces fp32 gradients, and DeepSpeed and FSDP2 (bf16 compute on
-    fp32 shards) keep fp32 weights of their own. CPU: fp32.
+    fp32 shards) keep fp32 weights of their own. CPU: fp32. `on_gpu`: whether the run has GPUs (None: this
+    machine's answer; the planner asks about the GPUs it plans for).
     """
-    if trainer_cfg.accelerator == "cpu" or not torch.cuda.is_available():
+    if on_gpu is None:
+        on_gpu = trainer_cfg.accelerator != "cpu" and torch.cuda.is_available()
+    if not on_gpu:
         return "32-true"
     one_gpu = world_size(trainer_cfg) == 1
     return "bf16-true" if one_gpu and strategy_name == "auto" else "bf16-mixed"

@@ -7,14 +7,19 @@ A recipe YAML holds `sources` and optional batching settings:
       - {name: general, path: si/general, modality: single_image, category: general, weight: 36.1}
       - {path: /abs/shards/part-*.tar, modality: text, samples: 140000}
 
-`path` is a directory holding train-*.tar (and val-*.tar for held-out samples), or a glob (it has
-* ? or [) of train shards, with no held-out split; relative paths resolve against `data.root`
-(ov_train/data/recipe.py finds the shards). Each source gives `weight` or `samples` (samples drawn per
-epoch-equivalent), and one recipe uses one of the two throughout: a source is drawn with probability
-weight / sum(weights), or samples / sum(samples), so sample counts are weights in proportion. Weights are
-finite positive numbers with a finite sum. Every problem is reported at once, naming the recipe, source and key.
+`path` is a directory holding train-*.tar (and val-*.tar for held-out samples), a glob (it has * ? or [) or
+a brace pattern (`shards-{000000..000099}.tar`) of train shards, or a `pipe:` command (brace patterns expand
+to one command per shard); locally, at an `https://` URL, or at `s3://`, `gs://`, `hf://` through fsspec.
+Relative paths resolve against `data.root` (a folder or a URL). `val` names held-out shards the same way.
+`format: parquet` reads parquet files in the released OneVision layout (a directory's `*.parquet`) without
+conversion; `index` names an `ov-data index` file for them; `metric` says how ov-eval scores the source.
+Each source gives `weight` or `samples` (samples drawn per epoch-equivalent), and one recipe uses one of the
+two throughout: a source is drawn with probability weight / sum(weights), or samples / sum(samples), so sample
+counts are weights in proportion. Weights are finite positive numbers with a finite sum. Every problem is
+reported at once, naming the recipe, source and key.
 
-This module reads the file only; it is part of the run plan, so it touches no shard.
+This module reads the file only; it is part of the run plan, so it touches no shard (ov_train/data/recipe.py
+finds them).
 """
 from __future__ import annotations
 
@@ -24,10 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from ov_train.constants import MODALITIES
+from ov_train.constants import FORMATS, MODALITIES, PARQUET, WEBDATASET
 from ov_train.resources import RECIPE_DIR
+from ov_train.utils.redact import redact
 
-SOURCE_KEYS = {"name", "path", "modality", "category", "weight", "samples"}
+SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples", "metric"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
 
 
@@ -50,6 +56,10 @@ class SourceSpec:
     weight: float | None  # the weight, or the sample count
     category: str | None
     where: str
+    val: str | None = None  # held-out shards, named like `path`
+    format: str = WEBDATASET
+    index: str | None = None  # an `ov-data index` file (parquet sources)
+    metric: str | None = None  # how ov-eval scores this source's answers (ov_train/eval/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,11 @@ def _source_problems(where: str, src: dict) -> list[str]:
     if unknown:
         problems.append(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}")
     if not src.get("path"):
-        problems.append(f"{where}: needs a path (a shard directory or glob)")
+        problems.append(f"{where}: needs a path (a shard directory, glob, brace pattern, URL or pipe: command)")
+    if src.get("format", WEBDATASET) not in FORMATS:
+        problems.append(f"{where}: format={src.get('format')!r}; allowed: {list(FORMATS)}")
+    if src.get("index") is not None and src.get("format") != PARQUET:
+        problems.append(f"{where}: index= is for format: parquet sources")
     modality, category = src.get("modality"), src.get("category")
     if modality is None and category is None:
         problems.append(f"{where}: needs a modality {list(MODALITIES)} and/or a category label")
@@ -156,7 +170,8 @@ def read_recipe(name_or_path: str) -> tuple[RecipeSpec, list[str]]:
             problems.append(f"{where}: must be a mapping with path, modality/category and weight/samples")
             continue
         problems += _source_problems(where, src)
-        name = str(src.get("name", src.get("path")))
+        # A path's name is shown in logs and metrics and keys the stream state: never with credentials.
+        name = str(src.get("name", redact(str(src.get("path")))))
         if name in names:
             problems.append(f"{where}: name {name!r} is used twice; names key the stream state")
         names.add(name)
@@ -165,7 +180,9 @@ def read_recipe(name_or_path: str) -> tuple[RecipeSpec, list[str]]:
             kinds.add(given[0])
         share = src.get(given[0]) if given else None
         path_value = str(src["path"]) if src.get("path") else None
-        sources.append(SourceSpec(name, path_value, src.get("modality"), share, src.get("category"), where))
+        val = str(src["val"]) if src.get("val") is not None else None
+        sources.append(SourceSpec(name, path_value, src.get("modality"), share, src.get("category"), where, val,
+                                  src.get("format", WEBDATASET), src.get("index"), src.get("metric")))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
     elif not problems and sum(float(s.weight) for s in sources) == math.inf:

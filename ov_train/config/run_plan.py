@@ -17,12 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config import checks
-from ov_train.config.options import (
-    ForwardOptions,
-    TokenBudget,
-    default_precision,
-    world_size,
-)
+from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
 from ov_train.constants import PARTS, SYNTHETIC
 
@@ -124,6 +119,8 @@ class DataPlan:
     max_skips_in_a_row: int
     record_keys: bool
     seed: int
+    io: IOSettings = IOSettings()
+    index_dir: str | None = None  # where parquet sources' indexes are built on first read
 
 
 @dataclass(frozen=True)
@@ -144,11 +141,23 @@ class StrategyPlan:
 
 @dataclass(frozen=True)
 class LoggerPlan:
-    kind: str  # wandb | csv | none
-    run_name: str
+    kind: str  # wandb | csv | tensorboard | mlflow | none
+    run_name: str  # `<stage>-<model>`, plus `-<job number>` in a multirun
     group: str
-    mode: str | None = None
-    project: str | None = None
+    display_name: str = ""  # the dashboards' name: run_name, plus the job's swept values in a multirun
+    mode: str | None = None  # W&B
+    project: str | None = None  # W&B
+    tracking_uri: str | None = None  # MLflow
+    experiment: str | None = None  # MLflow
+
+
+@dataclass(frozen=True)
+class PredictionsPlan:
+    """The held-out samples shown at each validation, and whether their greedy replies are generated too."""
+
+    per_modality: int
+    generate: bool = False
+    max_new_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,7 @@ class RunPlan:
     identity: dict  # what a resume must share with the run that wrote the checkpoint
     nonfinite: str
     peak_tflops: float | None  # None: the device's own (ov_train/devices.py)
-    predictions: int
+    predictions: PredictionsPlan
     seed: int
     export: bool
     config: dict  # the resolved config, for the dashboards
@@ -253,6 +262,7 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec) -> DataPlan:
         recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
+        io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir,
     )
 
 
@@ -267,18 +277,49 @@ def strategy_plan(cfg: DictConfig) -> StrategyPlan:
     return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1)
 
 
-def logger_plan(cfg: DictConfig) -> LoggerPlan:
-    """Runs are named `<stage>-<model>`, plus `-<job number>` inside a Hydra multirun, and grouped by the sweep
-    directory in a multirun (every job of one sweep side by side), else by stage, unless logger.group says."""
+def _multirun():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+
+def swept_overrides(hydra) -> list[str]:
+    """This multirun job's overrides of the keys the sweep varies (`key=value`), in command-line order.
+
+    A job only sees its own overrides; which keys were swept (`k=a,b`, ranges, choices, or the sweeper's
+    `params`) is in the sweep's multirun.yaml, which Hydra writes before it launches any job.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        sweep = OmegaConf.load(Path(hydra.sweep.dir) / "multirun.yaml").hydra
+    except OSError:
+        return []
+    parser = OverridesParser.create()
+    swept = {o.key_or_group for o in parser.parse_overrides(list(sweep.overrides.task)) if o.is_sweep_override()}
+    swept |= set(sweep.sweeper.get("params") or {})
+    return [o.input_line for o in parser.parse_overrides(list(hydra.overrides.task)) if o.key_or_group in swept]
+
+
+def logger_plan(cfg: DictConfig) -> LoggerPlan:
+    """Runs are named `<stage>-<model>`, plus `-<job number>` inside a Hydra multirun, where the dashboards' run
+    names also carry the job's values of the swept keys (`onevision-tiny-1 stage.parts.llm=2e-5`). They are grouped
+    by the sweep directory in a multirun (every job of one sweep side by side), else by stage, unless logger.group
+    says otherwise (MLflow, which has no groups, gets it as the `group` tag)."""
     name, group = f"{cfg.stage.name}-{cfg.model.name}", cfg.stage.name
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        hydra = HydraConfig.get()
-        name, group = f"{name}-{hydra.job.num}", str(hydra.sweep.dir)
+    swept = []
+    if hydra := _multirun():
+        # The job number is set when the launcher starts the job (a composed-only multirun config lacks it).
+        num = OmegaConf.select(hydra, "job.num", throw_on_missing=False)
+        name, group = (f"{name}-{num}" if num is not None else name), str(hydra.sweep.dir)
+        swept = swept_overrides(hydra)
     logger = cfg.logger
-    return LoggerPlan(logger.name, name, logger.get("group") or group, logger.get("mode"), logger.get("project"))
+    return LoggerPlan(
+        kind=logger.name, run_name=name, group=logger.get("group") or group,
+        display_name=f"{name} {','.join(swept)}" if swept else name, mode=logger.get("mode"),
+        project=logger.get("project"), tracking_uri=logger.get("tracking_uri"), experiment=logger.get("experiment"),
+    )
 
 
 def resolve_plan(cfg: DictConfig) -> RunPlan:
@@ -293,6 +334,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     problems = (
         checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + checks.model_problems(cfg.model)
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
+        + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer)
     )
@@ -326,7 +368,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         identity=run_identity(cfg),
         nonfinite=cfg.nonfinite,
         peak_tflops=cfg.metrics.peak_tflops,
-        predictions=cfg.metrics.predictions,
+        predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
         seed=cfg.seed,
         export=cfg.export,
         config=OmegaConf.to_container(cfg, resolve=True),

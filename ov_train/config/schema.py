@@ -85,6 +85,15 @@ class ModelConfig:
 
 
 @dataclass
+class IOConfig:
+    """Reads of shards and parquet files: attempts after a failed one, the first backoff, a request's timeout."""
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     recipe: str = MISSING
@@ -94,6 +103,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 256
     max_skips_in_a_row: int = 1000
+    io: IOConfig = field(default_factory=IOConfig)
+    # Where parquet sources' indexes are built on first read (null: nowhere; they must have one).
+    index_dir: Optional[str] = None
     val_samples: Optional[int] = None
     record_keys: bool = False
 
@@ -181,6 +193,13 @@ class WandbLoggerConfig(LoggerConfig):
 
 
 @dataclass
+class MLflowLoggerConfig(LoggerConfig):
+    tracking_uri: Optional[str] = None
+    experiment: str = "ov_train"
+    group: Optional[str] = None
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: Optional[int] = 500
     every_minutes: Optional[float] = 60.0
@@ -193,6 +212,30 @@ class MetricsConfig:
     # null: the peak of the device the run finds (ov_train/devices.py).
     peak_tflops: Optional[float] = None
     predictions: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Greedy generation for the validation table (ov_train/training/metrics.py)."""
+
+    generate: bool = False
+    max_new_tokens: int = 32
+
+
+@dataclass
+class PlanConfig:
+    """The memory and time planner (`ov-train plan`, the preflight); ov_train/planner checks the values."""
+
+    device: Optional[str] = None
+    enforce: bool = True
+    path: str = "ov_train"
+    mfu: float = 0.4
+    tokens: Optional[int] = None
+    modality: Optional[str] = None
+    lora: bool = False
+    lora_rank: int = 16
+    reserve_gib: float = 2.0
+    memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -210,6 +253,8 @@ class Config:
     export: bool = True
     nonfinite: str = "skip"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # Option schemas, named in each option's defaults list.
@@ -217,7 +262,7 @@ GROUP_SCHEMAS = {
     "strategy": {"schema_auto": StrategyConfig, "schema_ddp": DDPConfig, "schema_deepspeed": DeepSpeedConfig,
                  "schema_fsdp2": FSDP2Config},
     "data": {"schema_synthetic": SyntheticDataConfig, "schema_recipe": DataConfig},
-    "logger": {"schema_logger": LoggerConfig, "schema_wandb": WandbLoggerConfig},
+    "logger": {"schema_logger": LoggerConfig, "schema_wandb": WandbLoggerConfig, "schema_mlflow": MLflowLoggerConfig},
 }
 
 

@@ -10,10 +10,13 @@ missing (convert_state.py). Media references resolve inside --media-root, symlin
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import io
 import json
 import multiprocessing
 import os
+import random
 import re
 import signal
 import stat
@@ -30,16 +33,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ov_train.config.compose import compose
+from ov_train.config.options import IOSettings
 from ov_train.constants import IMAGE_TOKEN, MEDIA_TOKENS, VIDEO_TOKEN
-from ov_train.data.convert_state import (
-    SHARD_PREFIX,
-    claim,
-    finished,
-    part_path,
-    write_atomic,
-)
+from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path, write_atomic
 from ov_train.data.formats import InputError, Item, detect_format, open_input
 from ov_train.data.inspect import summarise
+from ov_train.data.remote import is_remote, redact, remote_size, upload
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
 from ov_train.utils.paths import cache_dir
@@ -80,6 +79,17 @@ class TokenGeometry:
         vision = cfg.model.vision
         geometry = VisionGeometry.of(vision.image_size, vision.patch_size, cfg.model.vision_aspect_ratio)
         return cls(geometry, cfg.stage.max_frames)
+
+    def index_fields(self) -> dict:
+        """The `geometry` an index records its token counts at."""
+        return {"image_size": self.vision.image_size, "patch_size": self.vision.patch_size,
+                "max_crops": self.vision.max_crops, "max_frames": self.max_frames}
+
+
+@functools.cache
+def shipped_token_geometry() -> TokenGeometry:
+    """TokenGeometry.of_configs(), read once per process."""
+    return TokenGeometry.of_configs()
 
 
 # ---------------------------------------------------------------- media references
@@ -257,6 +267,7 @@ class ConvertSettings:
     samples_per_shard: int
     max_shard_bytes: int
     tokens: TokenGeometry
+    held_out: frozenset = frozenset()  # input positions that go to the held-out (val-*) shards
 
 
 @dataclass
@@ -268,26 +279,44 @@ class Chunk:
 
 
 def write_chunk(plan: ConvertSettings, chunk: Chunk) -> int:
-    """Write one chunk's shard(s), then its index part; returns the number of input items handled."""
+    """Write one chunk's shard(s) (train, and val for its held-out items), then its index part; returns the
+    number of input items handled."""
     out = Path(plan.out_dir)
     entries, pieces, rejects = [], [], []
-    prefix = f"{SHARD_PREFIX}-{chunk.index:06d}"
-    with ShardWriter(out, prefix, plan.samples_per_shard, plan.max_shard_bytes) as writer:
+    writers = {split: ShardWriter(out, f"{split}-{chunk.index:06d}", plan.samples_per_shard, plan.max_shard_bytes)
+               for split in (SHARD_PREFIX, VAL_PREFIX)}
+    with writers[SHARD_PREFIX], writers[VAL_PREFIX]:
         for offset, (item, text_tokens) in enumerate(zip(chunk.items, chunk.text_tokens)):
             try:
                 sample, entry = build_sample(item, f"{chunk.first + offset:09d}", plan.media, plan.tokens)
             except Reject as rej:
                 rejects.append({"id": item_id(item), "reason": rej.reason, "detail": rej.detail, "where": item.where})
                 continue
-            writer.write(sample)
+            split = VAL_PREFIX if chunk.first + offset in plan.held_out else SHARD_PREFIX
+            writers[split].write(sample)
             entry["text_tokens"] = text_tokens
+            if split == VAL_PREFIX:
+                entry["split"] = VAL_PREFIX
             entries.append(entry)
-            pieces.append(len(writer.shards))  # the shard being written is the next one to finish
-    for entry, piece in zip(entries, pieces):
-        entry["shard"] = writer.shards[piece]
-    part = {"chunk": chunk.index, "shards": writer.shards, "samples": entries, "rejects": rejects}
+            pieces.append((split, len(writers[split].shards)))  # the shard being written is the next to finish
+    for entry, (split, piece) in zip(entries, pieces):
+        entry["shard"] = writers[split].shards[piece]
+    shards = writers[SHARD_PREFIX].shards + writers[VAL_PREFIX].shards
+    part = {"chunk": chunk.index, "shards": shards, "samples": entries, "rejects": rejects}
     write_atomic(part_path(out, chunk.index), json.dumps(part, ensure_ascii=False))
     return len(chunk.items)
+
+
+def held_out_positions(holdout: int | float | None, total: int, seed: int) -> frozenset:
+    """The input positions of a deterministic held-out split: `holdout` items (a count, or a fraction of the
+    input), drawn with --seed. Rejected items among them leave the split smaller."""
+    if not holdout:
+        return frozenset()
+    count = holdout if isinstance(holdout, int) else round(holdout * total)
+    if not 1 <= count < total:
+        raise InputError(f"--holdout {holdout} takes {count} of the input's {total} items; "
+                         "it must leave at least one for training and take at least one")
+    return frozenset(random.Random(f"holdout/{seed}").sample(range(total), count))
 
 
 def text_token_counts(tokenizer, items: list[Item]) -> list[int]:
@@ -398,11 +427,11 @@ def _merge(out: Path, settings: dict, chunks: int, tokens: TokenGeometry) -> dic
     parts = [json.loads(part_path(out, k).read_text(encoding="utf-8")) for k in range(chunks)]
     samples = [entry for part in parts for entry in part["samples"]]
     rejects = [rej for part in parts for rej in part["rejects"]]
-    totals = summarise(samples, rejects)
+    splits = {split: sum(e.get("split", SHARD_PREFIX) == split for e in samples) for split in (SHARD_PREFIX, VAL_PREFIX)}
+    totals = {**summarise(samples, rejects), "splits": splits}
     index = {
         "settings": settings,
-        "geometry": {"image_size": tokens.vision.image_size, "patch_size": tokens.vision.patch_size,
-                     "max_crops": tokens.vision.max_crops, "max_frames": tokens.max_frames},
+        "geometry": tokens.index_fields(),
         "totals": totals,
         "shards": [shard for part in parts for shard in part["shards"]],
         "samples": samples,
@@ -422,27 +451,55 @@ def _readable(path: Path, what: str, is_dir: bool) -> Path:
 
 def convert(input_path, out_dir, media_root=None, fmt: str | None = None, samples_per_shard: int = 1000,
             max_shard_bytes: int = 1 << 30, workers: int = 1, seed: int = 0, tokenizer: str | None = None,
-            allow_outside_root: bool = False) -> dict:
-    """Convert INPUT into shards + index under out_dir; returns the totals, chunk counts and why an earlier
-    run's chunks were dropped (`restarted`, None when they were not)."""
+            allow_outside_root: bool = False, holdout: int | float | None = None,
+            io: IOSettings = IOSettings()) -> dict:
+    """Convert INPUT into shards + index under out_dir (a folder, or a remote location the finished files are
+    uploaded to whole); returns the totals, chunk counts and why an earlier run's chunks were dropped
+    (`restarted`, None when they were not)."""
     input_path = _readable(Path(input_path).resolve(), "INPUT", is_dir=False)
     media_root = _readable(Path(media_root or input_path.parent).resolve(), "--media-root", is_dir=True)
     fmt = detect_format(input_path, fmt)
     source = open_input(input_path, fmt, seed)
-    out = Path(out_dir)
+    out = staging_dir(str(out_dir)) if is_remote(str(out_dir)) else Path(out_dir)
     settings = {"input": str(input_path), "format": fmt, "media_root": str(media_root), "seed": seed,
                 "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
                 "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
                 "allow_outside_root": allow_outside_root}
+    if holdout:
+        settings["holdout"] = holdout
+    held_out = held_out_positions(holdout, source.total, seed)
     restarted = claim(out, settings, source.files)
-    tokens = TokenGeometry.of_configs()
+    tokens = shipped_token_geometry()
     plan = ConvertSettings(str(out), MediaRoot(media_root, not allow_outside_root), samples_per_shard, max_shard_bytes,
-                           tokens)
+                           tokens, held_out)
     stats = {"chunks": 0, "resumed": 0}
     with tqdm(total=source.total, unit="sample", desc="ov-data convert", disable=None) as bar:
         chunks = _chunks(source.items, plan, _load_tokenizer(tokenizer), stats, bar)
         for handled in _run(plan, chunks, workers):
             bar.update(handled)
     totals = _merge(out, settings, stats["chunks"], tokens)
+    if is_remote(str(out_dir)):
+        publish(out, str(out_dir), io)
     return {**totals, "chunks": stats["chunks"], "resumed_chunks": stats["resumed"], "restarted": restarted}
+
+
+def staging_dir(location: str) -> Path:
+    """Where a conversion to a remote location is written (and resumed) before its files are uploaded."""
+    digest = hashlib.sha256(redact(location).encode()).hexdigest()[:16]
+    return cache_dir() / "convert-staging" / digest
+
+
+def publish(staged: Path, location: str, io: IOSettings) -> None:
+    """Upload a finished conversion: each shard whole (those already there at full size are kept), then
+    rejects.jsonl, then index.json last, so a reader that finds the index finds every shard it names."""
+    index = json.loads((staged / "index.json").read_text(encoding="utf-8"))
+    names = index["shards"] + ["rejects.jsonl", "index.json"]
+    with tqdm(total=len(names), unit="file", desc=f"upload to {redact(location)}", disable=None) as bar:
+        for name in names:
+            local, target = staged / name, location.rstrip("/") + "/" + name
+            if name.endswith(".tar") and remote_size(target, io) == local.stat().st_size:
+                bar.update(1)
+                continue
+            upload(local, target, io)
+            bar.update(1)
 

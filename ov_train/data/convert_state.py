@@ -20,7 +20,8 @@ log = get_logger(__name__)
 
 PARTS_DIR = "parts"
 SHARD_PREFIX = "train"  # the name data recipes look for (`train-*.tar`)
-_SHARDS = f"{SHARD_PREFIX}-[0-9]*-[0-9]*.tar"
+VAL_PREFIX = "val"  # held-out shards (`ov-data convert --holdout`), which recipes find as `val-*.tar`
+_SHARDS = [f"{prefix}-[0-9]*-[0-9]*.tar" for prefix in (SHARD_PREFIX, VAL_PREFIX)]
 
 
 def part_path(out_dir: Path, index: int) -> Path:
@@ -59,7 +60,7 @@ def claim(out: Path, settings: dict, inputs: list[dict]) -> str | None:
     if recorded != inputs:
         restarted = _input_change(recorded, inputs)
         # Finished parts go first: a crash half-way through leaves inputs.json stale, so the next run restarts too.
-        leftovers = sorted(parts.glob("part-*.json")) + sorted(out.glob(_SHARDS))
+        leftovers = sorted(parts.glob("part-*.json")) + [p for pattern in _SHARDS for p in sorted(out.glob(pattern))]
         if leftovers:
             log.warning("ov-data convert: %s; converting %s from scratch", restarted, out)
         else:

@@ -179,30 +179,48 @@ def _parquet(path: Path) -> Input:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for files it cannot read
         raise InputError(f"{path}: not readable as parquet ({err})") from err
-    missing = {"conversations"} - set(parquet.schema_arrow.names)
+    missing = parquet_missing_columns(parquet)
     if missing:
-        raise InputError(f"{path}: parquet lacks column(s) {sorted(missing)}")
-    return Input(parquet.metadata.num_rows, _parquet_rows(path, parquet), files)
+        raise InputError(f"{path}: parquet lacks column(s) {missing}")
+    return Input(parquet.metadata.num_rows, (item for _, item in parquet_items(parquet, path.name)), files)
 
 
-def _parquet_rows(path: Path, parquet) -> Iterator[Item]:
+def parquet_missing_columns(parquet) -> list[str]:
+    return sorted({"conversations"} - set(parquet.schema_arrow.names))
+
+
+def parquet_items(parquet, name: str, first: int = 0) -> Iterator[tuple[int, Item]]:
+    """(row, Item) of a parquet file from row `first` on; whole row groups before it are not read."""
     columns = [c for c in ("id", "conversations", "data_source", "image") if c in parquet.schema_arrow.names]
-    row = 0
+    groups, row = [], 0
+    for g in range(parquet.metadata.num_row_groups):
+        size = parquet.metadata.row_group(g).num_rows
+        if groups or row + size > first:  # from the group holding `first` on, every group
+            groups.append(g)
+        else:
+            row += size
+    if not groups:
+        return
     # Row batches keep memory bounded: image bytes of a whole release do not fit in RAM.
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
         for values in batch.to_pylist():
-            record = {"id": values.get("id"), "conversations": values.get("conversations")}
-            images = _parquet_images(values.get("image"))
-            embedded = [img["bytes"] for img in images if img.get("bytes")]
-            if len(embedded) == len(images):
-                image_bytes = embedded
-            else:
-                # Datasets' Image feature may keep only a path: read those from the media root.
-                image_bytes = None
-                record["image"] = [img.get("path") for img in images]
-            source = values.get("data_source") or path.name
-            yield Item(str(source), f"{path.name}#{row}", record, image_bytes=image_bytes)
+            if row >= first:
+                yield row, _parquet_item(values, name, row)
             row += 1
+
+
+def _parquet_item(values: dict, name: str, row: int) -> Item:
+    record = {"id": values.get("id"), "conversations": values.get("conversations")}
+    images = _parquet_images(values.get("image"))
+    embedded = [img["bytes"] for img in images if img.get("bytes")]
+    if len(embedded) == len(images):
+        image_bytes = embedded
+    else:
+        # Datasets' Image feature may keep only a path: read those from the media root.
+        image_bytes = None
+        record["image"] = [img.get("path") for img in images]
+    source = values.get("data_source") or name
+    return Item(str(source), f"{name}#{row}", record, image_bytes=image_bytes)
 
 
 def _parquet_images(value) -> list[dict]:

@@ -7,7 +7,9 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from ov_train.config.options import IOSettings
 from ov_train.constants import MODALITIES
+from ov_train.data.remote import read_bytes, redact, redact_text
 
 PERCENTILES = (50, 90, 99)
 
@@ -41,19 +43,23 @@ def summarise(samples: list[dict], rejects: list[dict]) -> dict:
     }
 
 
-def inspect_dir(directory: str | Path) -> dict:
-    directory = Path(directory)
+def inspect_dir(location: str | Path, io: IOSettings = IOSettings()) -> dict:
+    """What a converted folder (its index.json and rejects.jsonl) or an `ov-data index` file holds; local or remote."""
+    location = str(location)
+    index_file = location if location.endswith(".json") else location.rstrip("/") + "/index.json"
     try:
-        index = json.loads((directory / "index.json").read_text(encoding="utf-8"))
+        index = json.loads(read_bytes(index_file, io).decode("utf-8"))
     except OSError as err:
-        raise FileNotFoundError(f"{directory}: no readable index.json ({err.strerror or err}); "
-                                "is it an `ov-data convert` output folder?") from err
-    rejects_path = directory / "rejects.jsonl"
-    rejects = []
-    if rejects_path.is_file():
-        lines = rejects_path.read_text(encoding="utf-8").splitlines()
+        raise FileNotFoundError(f"{redact(location)}: no readable index.json ({redact_text(err.strerror or err)}); "
+                                "is it an `ov-data convert` output folder or an `ov-data index` file?") from err
+    rejects = index.get("rejects")
+    if rejects is None:
+        try:
+            lines = read_bytes(index_file.rsplit("/", 1)[0] + "/rejects.jsonl", io).decode("utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
         rejects = [json.loads(line) for line in lines if line.strip()]
-    return {"dir": str(directory), "shards": len(index["shards"]), **summarise(index["samples"], rejects)}
+    return {"dir": redact(location), "shards": len(index["shards"]), **summarise(index["samples"], rejects)}
 
 
 def format_report(stats: dict) -> str:

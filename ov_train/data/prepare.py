@@ -6,6 +6,7 @@ from dataclasses import asdict
 from ov_train.config.run_plan import DataPlan
 from ov_train.data.recipe import Recipe, locate
 from ov_train.data.synthetic import ensure_synthetic, occupied, synthetic_root
+from ov_train.utils.redact import redact
 
 
 def data_problems(plan: DataPlan) -> list[str]:
@@ -18,8 +19,8 @@ def data_problems(plan: DataPlan) -> list[str]:
             return [f"data.root={plan.root!r}: {occupant}; choose another, or data.root=null for a cache directory"
                     " per setting"]
         return []
-    _, missing = locate(plan.recipe, plan.root, require_shards=True)
-    return [f"data.recipe={plan.recipe.name} (data.root={plan.root}): {p}" for p in missing]
+    _, missing = locate(plan.recipe, plan.root, require_shards=True, io=plan.io)
+    return [f"data.recipe={plan.recipe.name} (data.root={redact(str(plan.root))}): {p}" for p in missing]
 
 
 def prepare_root(plan: DataPlan) -> str:
@@ -33,5 +34,5 @@ def prepare_root(plan: DataPlan) -> str:
 
 def prepare_data(plan: DataPlan) -> Recipe:
     """The recipe with its shards located under prepare_root."""
-    recipe, _ = locate(plan.recipe, prepare_root(plan), require_shards=False)
+    recipe, _ = locate(plan.recipe, prepare_root(plan), require_shards=False, io=plan.io)
     return recipe

@@ -1,15 +1,21 @@
-"""A recipe's sources located on disk: each source's train and held-out shards under `data.root`.
+"""A recipe's sources located: each source's train and held-out shards under `data.root`, wherever they live.
 
 The recipe file itself (sources, labels, weights, budget) is read by ov_train.config.recipe, as part of the
-run plan; here a directory source becomes its `train-*.tar` and `val-*.tar`, and a glob its matches.
+run plan; here a directory source becomes its `train-*.tar` and `val-*.tar` (a parquet source its
+`*.parquet`), a glob its matches, a brace pattern its names, locally or through fsspec (data/remote.py).
 """
 from __future__ import annotations
 
-import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
+from ov_train.config.options import IOSettings
+from ov_train.config.recipe import RecipeError, RecipeSpec, SourceSpec, read_recipe
+from ov_train.constants import FORMATS, PARQUET, WEBDATASET
+from ov_train.data import remote
+from ov_train.utils.redact import redact, redact_text
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")  # a path ending so names one shard, not a folder
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,11 @@ class Source:
     train_shards: tuple[str, ...]
     val_shards: tuple[str, ...]
     category: str | None = None
+    format: str = WEBDATASET
+    index: str | None = None  # an `ov-data index` file named by the recipe (parquet sources)
+    # Parquet sources: rows the index rejected, {redacted file location: {row: reason}}.
+    rejects: dict = field(default_factory=dict, compare=False, repr=False)
+    metric: str | None = None  # how ov-eval scores this source's answers (ov_train/eval/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -47,33 +58,76 @@ class Recipe:
         return len(self.sources)
 
 
-def _glob(pattern: Path) -> tuple[str, ...]:
-    return tuple(sorted(glob.glob(str(pattern))))
+def locations(path: str, root: str | Path, fmt: str = WEBDATASET, split: str = "train",
+              io: IOSettings = IOSettings(), check: bool = True) -> tuple[list[str], str]:
+    """The shards a recipe path names, and the problem with them ("" when there is none): a directory's
+    `train-*.tar` (`val-*.tar` for split="val"; `*.parquet` for parquet), a glob's matches, a brace pattern's
+    or a file's names (`check`: all must exist), a `pipe:` command. Listing errors (an unreachable server) propagate."""
+    full = remote.join(str(root) if root is not None else "", path)
+    shown = redact(full)
+    if full.startswith("pipe:"):
+        return remote.expand(full), ""
+    found, named, problems = [], [], []
+    for name in remote.expand(full):
+        if remote.has_glob(name):
+            matches = remote.glob(name, io)
+            found += matches
+            problems += [] if matches else [f"no shards match {redact(name)}"]
+        elif name.endswith(SHARD_SUFFIXES):
+            named.append(name)
+        else:
+            pattern = "*.parquet" if fmt == PARQUET else f"{split}-*.tar"
+            matches = remote.glob(name.rstrip("/") + "/" + pattern, io)
+            found += matches
+            what = "files" if fmt == PARQUET else "shards"
+            problems += [] if matches else [f"no {pattern} {what} under {redact(name)}"]
+    if named:
+        there = set(remote.existing(named, io)) if check else set(named)
+        missing = [redact(n) for n in named if n not in there]
+        found += [n for n in named if n in there]
+        if missing:
+            problems.append(f"{len(missing)} of {len(named)} shards of {shown} do not exist (first: {missing[0]})")
+    return found, "; ".join(problems)
 
 
-def _shards(path: str, root: str | Path) -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    """Train shards, held-out shards, and what to say when there are no train shards."""
-    full = Path(path) if Path(path).is_absolute() else Path(root) / path
-    if any(c in path for c in "*?["):
-        return _glob(full), (), f"no shards match {full}"
-    return _glob(full / "train-*.tar"), _glob(full / "val-*.tar"), f"no train-*.tar shards under {full}"
+def _shards(src: SourceSpec, root, io: IOSettings, check: bool) -> tuple[tuple, tuple, list[str]]:
+    """Train shards, held-out shards, and the problems of finding them."""
+    path = src.path
+    try:
+        train, problem = locations(path, root, src.format, "train", io, check)
+        problems = [problem] if problem else []
+        held: list[str] = []
+        if src.val is not None:
+            held, problem = locations(src.val, root, src.format, "val", io, check)
+            problems += [f"val: {problem}"] if problem else []
+        elif src.format == WEBDATASET and not (remote.has_glob(path) or "{" in path or path.startswith("pipe:")
+                                               or path.endswith(SHARD_SUFFIXES)):
+            held, _ = locations(path, root, src.format, "val", io, check)  # a folder's val-*.tar, when it has some
+    except Exception as err:  # an unreachable server, missing credentials, an unknown protocol...
+        where = redact(remote.join(str(root) if root is not None else "", path))
+        return (), (), [f"cannot list {where}: {type(err).__name__}: {redact_text(err)}"]
+    return tuple(train), tuple(held), problems
 
 
-def locate(spec: RecipeSpec, root: str | Path, require_shards: bool = True) -> tuple[Recipe, list[str]]:
-    """The recipe with each source's shards under `root`, and the sources without train shards (when required)."""
+def locate(spec: RecipeSpec, root: str | Path, require_shards: bool = True,
+           io: IOSettings = IOSettings()) -> tuple[Recipe, list[str]]:
+    """The recipe with each source's shards under `root`, and the sources whose shards are missing (when required)."""
     sources, problems = [], []
     for s in spec.sources:
-        train, val, missing = _shards(s.path, root) if s.path else ((), (), "")
-        if require_shards and missing and not train:
-            problems.append(f"{s.where} ({s.name}): {missing}")
-        sources.append(Source(s.name, s.modality, s.weight, train, val, s.category))
+        train, val = (), ()
+        if s.path and s.format in FORMATS:
+            train, val, missing = _shards(s, root, io, check=require_shards)
+            if require_shards:
+                problems += [f"{s.where} ({s.name}): {m}" for m in missing]
+        sources.append(Source(s.name, s.modality, s.weight, train, val, s.category, s.format, s.index, metric=s.metric))
     return Recipe(spec, tuple(sources)), problems
 
 
-def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True) -> Recipe:
+def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True,
+                io: IOSettings = IOSettings()) -> Recipe:
     """Read and locate a recipe; every problem of the file and its shards is reported at once."""
     spec, problems = read_recipe(name_or_path)
-    recipe, missing = locate(spec, root, require_shards)
+    recipe, missing = locate(spec, root, require_shards, io)
     if problems or missing:
         raise RecipeError(problems + missing)
     return recipe

@@ -38,6 +38,8 @@ class SampleProcessor:
 
     def __call__(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
+        if "__skip__" in raw:  # a parquet row that the conversion checks reject (parquet_source.row_sample)
+            raise SampleError(raw["__skip__"], f"sample {key}: {raw.get('__detail__', raw['__skip__'])}")
         try:
             meta = json.loads(raw["json"])
         except (KeyError, ValueError) as err:

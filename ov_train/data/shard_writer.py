@@ -1,12 +1,12 @@
-"""Atomic WebDataset tar shard writer."""
+"""Atomic WebDataset tar shard writer: webdataset's TarWriter per shard, under a temporary name until complete."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
+
+from webdataset import TarWriter
 
 _TAR_BLOCK = 512
 
@@ -42,7 +42,7 @@ class ShardWriter:
         self.samples_per_shard = samples_per_shard
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[str] = []
-        self._tar: tarfile.TarFile | None = None
+        self._tar: TarWriter | None = None
         self._tmp_path: Path | None = None
         self._name = ""
         self._count = 0
@@ -76,11 +76,7 @@ class ShardWriter:
         if self._tar is None:
             self._open_shard()
 
-        for name, payload in fields.items():
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size = len(payload)
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(payload))
+        self._tar.write({"__key__": key, **fields})
         self._count += 1
         self._bytes += size
 
@@ -91,13 +87,16 @@ class ShardWriter:
     def _open_shard(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp_path = self.out_dir / f".{name}.tmp{os.getpid()}"
-        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by _finish_shard)
+        # Fixed mtime and owner: the same samples make the same bytes. encoder=False: fields are bytes already.
+        self._file = open(self._tmp_path, "wb")  # noqa: SIM115 (closed by _finish_shard or _abort)
+        self._tar = TarWriter(self._file, encoder=False, mtime=0, mode=0o644, user="", group="", format="USTAR_FORMAT")
         self._name = name
         self._count = 0
         self._bytes = 0
 
     def _finish_shard(self) -> None:
         self._tar.close()
+        self._file.close()
         os.replace(self._tmp_path, self.out_dir / self._name)
         self.shards.append(self._name)
         self._tar = None
@@ -106,6 +105,7 @@ class ShardWriter:
     def _abort(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            self._file.close()
             self._tmp_path.unlink(missing_ok=True)
             self._tar = None
             self._tmp_path = None

@@ -10,20 +10,25 @@ reasons, since no setting of a run makes such a stream useful (e.g. stage.max_le
 """
 from __future__ import annotations
 
-import tarfile
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ov_train.config.options import IOSettings
 from ov_train.config.recipe import normalised
+from ov_train.constants import WEBDATASET
 from ov_train.data.recipe import Source
 from ov_train.data.samples import SampleError
+from ov_train.data.sources import UNREADABLE, ShardUnreadable
+from ov_train.data.sources import samples as shard_samples
 from ov_train.utils.logging import get_logger
+from ov_train.utils.redact import redact
 
 log = get_logger(__name__)
 
@@ -87,32 +92,10 @@ class Skips:
         return ", ".join(parts)
 
 
-def _load(tar: tarfile.TarFile, key: str, members: list) -> dict:
-    return {"__key__": key, **{field: tar.extractfile(m).read() for field, m in members}}
-
-
-def tar_entries(path: str) -> Iterator[tuple[str, Callable[[], dict]]]:
-    """(key, load) per sample of a shard, in file order; load() reads the sample's fields.
-    Samples passed over without load() cost only their tar headers."""
-    with tarfile.open(path) as tar:
-        key, members = None, []
-        for member in tar:
-            if not member.isfile():
-                continue
-            name, _, field = member.name.partition(".")
-            if members and name != key:
-                yield key, partial(_load, tar, key, members)
-                members = []
-            key = name
-            members.append((field, member))
-        if members:
-            yield key, partial(_load, tar, key, members)
-
-
-def read_tar(path: str) -> Iterator[dict]:
-    """Samples of one WebDataset shard: members `key.field` grouped by key, in file order."""
-    for _, load in tar_entries(path):
-        yield load()
+def read_tar(path: str, io: IOSettings = IOSettings()) -> Iterator[dict]:
+    """Samples of one WebDataset shard (a path, URL or pipe: command): members `key.field` grouped by key."""
+    for _, sample in shard_samples(WEBDATASET, path, io=io):
+        yield sample
 
 
 def reader_slot(offset: int = 0) -> tuple[int, int]:
@@ -133,16 +116,27 @@ def _rng(seed: int, *counters: int) -> np.random.Generator:
     return np.random.default_rng([seed, *counters])
 
 
-def _share(shards: tuple[str, ...], order: np.ndarray, reader: int, readers: int, start: tuple[int, int]):
+def _share(source: Source, shards: tuple[str, ...], order: np.ndarray, reader: int, readers: int,
+           start: tuple[int, int], io: IOSettings, unreadable: Callable[[str], None]):
     """This reader's disjoint share of one epoch, from `start` = (shard position, entry in that shard):
-    yields ((position, entry), load). Whole shards when there are enough, else every readers-th sample."""
+    yields ((position, entry), raw sample). Whole shards when there are enough, else every readers-th sample.
+    A shard that stays unreadable after its retries is reported to `unreadable` and passed over."""
     striding = len(shards) < readers
     mine = order if striding else order[reader::readers]
     for position in range(start[0], len(mine)):
         first = start[1] if position == start[0] else 0
-        for entry, (_, load) in enumerate(tar_entries(shards[mine[position]])):
-            if entry >= first and (not striding or (position + entry) % readers == reader):
-                yield (position, entry), load
+        wanted = partial(_strided, position, reader, readers) if striding else None
+        try:
+            for entry, raw in shard_samples(source.format, shards[mine[position]], first, wanted, io,
+                                            source.rejects.get(redact(shards[mine[position]]))):
+                yield (position, entry), raw
+        except ShardUnreadable as err:
+            log.warning("skipping shard of source %s: %s", source.name, err)
+            unreadable(str(err))
+
+
+def _strided(position: int, reader: int, readers: int, entry: int) -> bool:
+    return (position + entry) % readers == reader
 
 
 class _SourceCursor:
@@ -155,38 +149,56 @@ class _SourceCursor:
     anything before it.
     """
 
-    def __init__(self, source: Source, seed: int, reader: int, readers: int, block: int, position=None):
+    def __init__(self, source: Source, seed: int, reader: int, readers: int, block: int, position=None,
+                 io: IOSettings = IOSettings(), unreadable: Callable[[str], None] = lambda why: None):
         self.source, self.seed, self.reader, self.readers, self.block = source, seed, reader, readers, block
+        self.io, self.unreadable, self.lost = io, unreadable, 0
         self.tag = zlib.crc32(source.name.encode())
         self.position = list(position or [0, 0, 0, 0, 0])
 
+    def _lose(self, why: str) -> None:
+        self.lost += 1
+        self.unreadable(why)
+
+    def _read_block(self, entries, start: list[int]) -> tuple[list[dict], list[int]]:
+        """The next `block` raw samples of this epoch, and the (shard position, entry) after them."""
+        raws, after = [], start
+        for (shard, entry), raw in entries:
+            raws.append(raw)
+            after = [shard, entry + 1]
+            if len(raws) == self.block:
+                break
+        return raws, after
+
     def __iter__(self) -> Iterator[dict]:
         epoch, index, offset, *start = self.position
-        while True:
-            order = _rng(self.seed, _SHARDS, self.tag, epoch).permutation(len(self.source.train_shards))
-            entries = _share(self.source.train_shards, order, self.reader, self.readers, tuple(start))
+        # The next block is read in a thread while this one is used: a slow source (a remote one, far away)
+        # keeps up without stalling the draws from the others. Which samples a block holds does not change.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"read-{self.source.name[:20]}") as pool:
             while True:
-                raws, after = [], start
-                for (shard, entry), load in entries:
-                    raws.append(load())
-                    after = [shard, entry + 1]
-                    if len(raws) == self.block:
+                order = _rng(self.seed, _SHARDS, self.tag, epoch).permutation(len(self.source.train_shards))
+                entries = _share(self.source, self.source.train_shards, order, self.reader, self.readers,
+                                 tuple(start), self.io, self._lose)
+                ahead = pool.submit(self._read_block, entries, start)
+                while True:
+                    raws, after = ahead.result()
+                    if not raws:
                         break
-                if not raws:
-                    break
-                perm = _rng(self.seed, _BLOCK, self.tag, epoch, self.reader, index).permutation(len(raws))
-                for j in range(offset, len(raws)):
-                    self.position = [epoch, index, j + 1, *start]
-                    yield raws[perm[j]]
-                index, offset, start = index + 1, 0, after
-                self.position = [epoch, index, 0, *start]
-            if index == 0:
-                raise RuntimeError(
-                    f"source {self.source.name!r} has no training samples for reader {self.reader} of {self.readers}"
-                    " (fewer samples than loader workers x ranks?)"
-                )
-            epoch, index, offset, start = epoch + 1, 0, 0, [0, 0]
-            self.position = [epoch, index, offset, *start]
+                    ahead = pool.submit(self._read_block, entries, after)
+                    perm = _rng(self.seed, _BLOCK, self.tag, epoch, self.reader, index).permutation(len(raws))
+                    for j in range(offset, len(raws)):
+                        self.position = [epoch, index, j + 1, *start]
+                        yield raws[perm[j]]
+                    index, offset, start = index + 1, 0, after
+                    self.position = [epoch, index, 0, *start]
+                if index == 0:
+                    lost = f"; {self.lost} of its shards were unreadable" if self.lost else ""
+                    raise RuntimeError(
+                        f"source {self.source.name!r} has no training samples for reader {self.reader} of"
+                        f" {self.readers} (fewer samples than loader workers x ranks?){lost}"
+                    )
+                epoch, index, offset, start = epoch + 1, 0, 0, [0, 0]
+                self.position = [epoch, index, offset, *start]
 
 
 class MixedStream:
@@ -195,18 +207,23 @@ class MixedStream:
 
     def __init__(self, sources: list[Source], process, seed: int = 0, shuffle_buffer: int = 256,
                  reader: int = 0, readers: int = 1, state: dict | None = None,
-                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW):
+                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW, io: IOSettings = IOSettings()):
         state = state or {}
         positions = state.get("sources", {})
         self.sources, self.process, self.seed, self.reader = list(sources), process, seed, reader
         self.max_skips_in_a_row = max_skips_in_a_row
+        self._unreadable: deque = deque()  # shards given up (by read-ahead threads) since the last example
         self.cursors = [
-            _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name)) for s in self.sources
+            _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name), io, self._lose)
+            for s in self.sources
         ]
         # Finite positive weights, or every deck could come out empty and the draw never end.
         self.shares = normalised([s.weight for s in self.sources])
         self.deck, self.dealt = state.get("deck", [0, 0])
         self._hand = self._cards(self.deck)
+
+    def _lose(self, why: str) -> None:
+        self._unreadable.append(why)
 
     def state(self) -> dict:
         return {"deck": [self.deck, self.dealt], "sources": {c.source.name: list(c.position) for c in self.cursors}}
@@ -232,7 +249,11 @@ class MixedStream:
             i = self._next_source()
             name = self.sources[i].name
             try:
-                example = self.process(next(streams[i]))
+                raw = next(streams[i])
+                while self._unreadable:
+                    self._unreadable.popleft()
+                    skipped[UNREADABLE] += 1
+                example = self.process(raw)
             except SampleError as err:
                 skipped[err.reason] += 1
                 skips.skipped(name, err)
@@ -249,9 +270,9 @@ class ValStream(IterableDataset):
     A source whose held-out share has samples but none usable is a StreamError, not an empty report."""
 
     def __init__(self, sources: list[Source], process, limit: int | None = None,
-                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW):
+                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW, io: IOSettings = IOSettings()):
         self.sources, self.process, self.limit = sources, process, limit
-        self.max_skips_in_a_row = max_skips_in_a_row
+        self.max_skips_in_a_row, self.io = max_skips_in_a_row, io
 
     def __iter__(self):
         reader, readers = reader_slot()
@@ -259,11 +280,12 @@ class ValStream(IterableDataset):
         for source in self.sources:
             order = np.arange(len(source.val_shards))
             used = 0
-            for seen, (_, load) in enumerate(_share(source.val_shards, order, reader, readers, (0, 0))):
+            held_out = _share(source, source.val_shards, order, reader, readers, (0, 0), self.io, lambda why: None)
+            for seen, (_, raw) in enumerate(held_out):
                 if self.limit is not None and seen >= self.limit:
                     break
                 try:
-                    example = self.process(load())
+                    example = self.process(raw)
                 except SampleError as err:
                     skips.skipped(source.name, err)
                     continue

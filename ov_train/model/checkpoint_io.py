@@ -13,11 +13,14 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
 
 from ov_train.constants import IMAGE_TOKEN, VIDEO_TOKEN
+from ov_train.model.model_card import model_card
+from ov_train.text.chat_template import chat_template, stop_token_ids
 from ov_train.utils.logging import get_logger
 from ov_train.utils.safe_load import (
     TRUST_HINT,
@@ -41,12 +44,18 @@ def processor_settings(geometry: VisionGeometry) -> dict:
     }
 
 
-def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry."""
+def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qwen_1_5", card: dict | None = None) -> Path:
+    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry.
+
+    `template` is the stage's chat template: the export's chat template renders it for the stock processor,
+    and its config and generation config stop generation where training's replies end. `card` holds the
+    facts of the model card (README.md; model/model_card.py: card_facts).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _generation_ids(model, tokenizer, template):
+        model.save_pretrained(out)
+    _save_tokenizer(tokenizer, chat_template(template), out)
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
     LlavaOnevisionImageProcessorPil(**settings).save_pretrained(out)
@@ -73,7 +82,42 @@ def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
         "video_token": VIDEO_TOKEN,
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
     return out
+
+
+@contextmanager
+def _generation_ids(model, tokenizer, template: str):
+    """End-of-reply and padding ids in the model config and the generation config while the model is saved, so
+    that `generate` stops where training's replies stop and pads batches with the tokenizer's pad token; the
+    caller's model keeps its own."""
+    stop = stop_token_ids(tokenizer, template)
+    eos = stop[0] if len(stop) == 1 else stop
+    configs = (model.config, model.config.text_config, model.generation_config)  # tools read any of them
+    keys = ("eos_token_id", "pad_token_id")
+    own = [{k: getattr(c, k) for k in keys if hasattr(c, k)} for c in configs]
+    for config in configs:
+        config.eos_token_id, config.pad_token_id = eos, tokenizer.pad_token_id
+    try:
+        yield
+    finally:
+        for config, values in zip(configs, own):
+            for key in keys:
+                if key in values:
+                    setattr(config, key, values[key])
+                else:
+                    delattr(config, key)
+
+
+def _save_tokenizer(tokenizer, template_text: str, out: Path) -> None:
+    """save_pretrained with the export's chat template (written as chat_template.jinja, which the processor
+    reads too); the caller's tokenizer keeps its own."""
+    own = tokenizer.chat_template
+    tokenizer.chat_template = template_text
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = own
 
 
 def checkpoint_format(path: str | Path) -> str:

@@ -146,6 +146,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if cu_seqlens is None:
         # Not a packed call (e.g. the stock forward of a model set to this implementation).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.dtype not in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(query.device.type):
+        # Under bf16-mixed the rotary embedding returns fp32 queries and keys (its cos/sin follow the fp32
+        # residual stream). Autocast casts sdpa's inputs, not this kernel's: cast them as it would.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if query.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"{VARLEN} attention runs in bf16/fp16 only, got {query.dtype}: use bf16 precision or attn_implementation=sdpa")
     if dropout or kwargs.get("sliding_window"):

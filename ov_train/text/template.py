@@ -16,7 +16,7 @@ from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS, TEMPLATES
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-_ROLES = {
+ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -66,7 +66,7 @@ def _parse_turns(conversations: list[dict]) -> tuple[str | None, list[tuple[str,
     turns = []
     for i, turn in enumerate(conversations):
         speaker = turn.get("from")
-        role = _ROLES.get(speaker)
+        role = ROLES.get(speaker)
         if role is None:
             raise TemplateError(f"turn {i}: unknown speaker {speaker!r}; expected human/gpt/system")
         text = turn.get("value")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ov_train.model.checkpoint_io import export_pretrained, model_from_checkpoint
+from ov_train.constants import TEMPLATES
+from ov_train.model.checkpoint_io import checkpoint_metadata, export_pretrained, model_from_checkpoint
+from ov_train.model.model_card import card_facts
 from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.safe_load import CheckpointError
 
@@ -20,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         "--trust-checkpoint", action="store_true",
         help="unpickle the checkpoint fully, objects of any class included (that can run code: only for files you trust)",
     )
+    parser.add_argument(
+        "--template", choices=TEMPLATES,
+        help="the chat template the model was trained with (default: the one recorded in the checkpoint, else qwen_1_5)",
+    )
     args = parser.parse_args(argv)
     if not Path(args.ckpt).exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
@@ -30,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = args.tokenizer or tokenizer_dir
     if not tokenizer_dir or not Path(tokenizer_dir).exists():
         parser.error(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
-    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out)
+    facts = card_facts(checkpoint_metadata(args.ckpt, trust=args.trust_checkpoint))
+    template = args.template or facts["template"] or "qwen_1_5"
+    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out, template=template, card=facts)
     print(f"exported {args.ckpt} -> {args.out}")
     return 0
 

@@ -173,6 +173,7 @@ def build_callbacks(plan: RunPlan) -> list:
         AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(paths.last_checkpoint),
         TrainingMetrics(plan.peak_tflops),
-        ValidationPredictions(paths.predictions, plan.predictions),
+        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
+                              plan.predictions.max_new_tokens),
         StreamState(paths.consumed_keys if plan.data.record_keys else None),
     ]

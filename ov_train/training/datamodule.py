@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ov_train.config.run_plan import DataPlan
 from ov_train.data.batching import HeldOutBatches, TrainBatches
+from ov_train.data.parquet_source import with_indexes
 from ov_train.data.recipe import Recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import MixedStream, ValStream
@@ -35,7 +36,8 @@ class OneVisionData(L.LightningDataModule):
     def __init__(self, plan: DataPlan, recipe: Recipe, tokenizer, geometry):
         super().__init__()
         self.plan = plan
-        self.recipe = recipe
+        # Parquet sources get their index (convert's checks, once) before any stream reads them.
+        self.recipe = with_indexes(recipe, plan.index_dir, tokenizer, plan.io)
         self.budget = plan.budget
         samples = plan.samples
         self.process = SampleProcessor(
@@ -80,12 +82,13 @@ class OneVisionData(L.LightningDataModule):
     def train_dataloader(self):
         plan = self.plan
         make_stream = partial(MixedStream, self.recipe.sources, self.process, plan.seed, plan.shuffle_buffer,
-                              max_skips_in_a_row=plan.max_skips_in_a_row)
+                              max_skips_in_a_row=plan.max_skips_in_a_row, io=plan.io)
         self._train = TrainBatches(make_stream, self.budget, self.collate)
         self._train.resume(*self._resume)
         # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
-        held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row)
+        held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row,
+                             self.plan.io)
         return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)

@@ -1,13 +1,16 @@
-"""The plan's logger -> a Lightning logger (W&B offline by default, CSV, or none), named and grouped by run.
+"""The plan's logger -> a Lightning logger (W&B offline by default, CSV, TensorBoard, MLflow, or none).
 
-Names and groups are the plan's (ov_train.config.run_plan: `<stage>-<model>`, plus `-<job number>` in a
-multirun). The CSV logger writes to `<run_dir>/csv/<name>/metrics.csv`.
+Names and groups are the plan's (ov_train.config.run_plan.logger_plan: `<stage>-<model>`, plus `-<job number>`
+in a multirun, and the job's swept values in the dashboards' run names). File loggers write under the run
+directory: `csv/<name>/metrics.csv`, `tensorboard/<name>/`, `mlruns/` (MLflow's local file store, unless
+`logger.tracking_uri` names a server).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ov_train.config.run_plan import LoggerPlan
@@ -28,16 +31,27 @@ class RunWandbLogger(WandbLogger):
 
 
 def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
+    """`config`: the resolved config, so runs of a sweep compare by the values they differ in."""
     if plan.kind == "wandb":
         return RunWandbLogger(
-            project=plan.project,
-            name=plan.run_name,
-            group=plan.group,
-            mode=plan.mode,
-            save_dir=str(run_dir),
-            # The resolved config, so runs of a sweep compare by the values they differ in.
+            project=plan.project, name=plan.display_name, group=plan.group, mode=plan.mode, save_dir=str(run_dir),
             config=config,
         )
     if plan.kind == "csv":
         return CSVLogger(str(run_dir), name="csv", version=plan.run_name)
-    return False
+    if plan.kind == "tensorboard":
+        logger = TensorBoardLogger(str(run_dir), name="tensorboard", version=plan.run_name, default_hp_metric=False)
+    elif plan.kind == "mlflow":
+        uri = plan.tracking_uri
+        if not uri:
+            # MLflow 3 keeps its file store in maintenance and asks for this opt-in; its SQL store would need
+            # SQLAlchemy and Alembic, which mlflow-skinny (the `loggers` extra) leaves out.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        logger = MLFlowLogger(
+            experiment_name=plan.experiment, run_name=plan.display_name, tracking_uri=uri, tags={"group": plan.group}
+        )
+    else:
+        return False
+    logger.log_hyperparams(config)
+    return logger

@@ -25,12 +25,13 @@ MAX_NONFINITE_IN_A_ROW = 10
 class OneVisionModule(L.LightningModule):
     def __init__(
         self, model, optim: OptimPlan, forward_options: ForwardOptions | None = None, tokenizer_dir: str | None = None,
-        nonfinite: str = "skip", identity: dict | None = None,
+        nonfinite: str = "skip", identity: dict | None = None, template: str | None = None,
     ):
         super().__init__()
         self.tokenizer_dir = tokenizer_dir
-        # What a resume must match (the plan's identity: stage, model, geometry, max_steps), kept in checkpoints.
-        self.identity = identity
+        # What a resume must match (the plan's identity: stage, model, geometry, max_steps), kept in checkpoints,
+        # and the chat template the export renders.
+        self.identity, self.template = identity, template
         self.model = model.train()  # from_pretrained hands models back in eval mode
         self.optim = optim
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
@@ -144,9 +145,14 @@ class OneVisionModule(L.LightningModule):
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint):
-        # Enough to rebuild the model without the run's config: ov-export reads it.
+        # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat
+        # template, model card): ov-export reads it.
+        recipe = getattr(getattr(self._trainer, "datamodule", None), "recipe", None)
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
+            "stage": (self.identity or {}).get("stage"), "template": self.template,
+            "recipe": getattr(recipe, "name", None), "data_mix": recipe.shares("name") if recipe else {},
+            "val_metrics": dict(getattr(self, "val_metrics", {})),
         }
 
     def configure_model(self):

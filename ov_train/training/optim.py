@@ -7,7 +7,9 @@ lose most updates: a 1e-5 step is below bf16's resolution for most weights. `Mas
 fp32 master copy of each parameter in its state, steps that, and writes the rounded result into the bf16
 weight. The masters are optimizer state, so checkpoints hold them and a resume continues bit for bit.
 
-DeepSpeed keeps fp32 master partitions of its own and FSDP2 keeps fp32 shards: they get plain AdamW.
+DeepSpeed keeps fp32 master partitions of its own and FSDP2 keeps fp32 shards: they get plain AdamW, or, when
+ZeRO offloads the optimizer to the CPU, DeepSpeed's CPU AdamW (vectorised C++, built on first use), the one
+ZeRO-Offload is designed around.
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from itertools import chain
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.optim.adamw import adamw
+
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -71,8 +77,33 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 }
 
 
+def offloads_optimizer(strategy) -> bool:
+    """Whether `strategy` is DeepSpeed with its optimizer offloaded to the CPU (ZeRO-Offload)."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return False
+    config = getattr(strategy, "config", None) or {}  # None until the strategy has read its config
+    return bool(config.get("zero_optimization", {}).get("offload_optimizer"))
+
+
+def deepspeed_cpu_adam(groups: list[dict]) -> torch.optim.Optimizer | None:
+    """DeepSpeed's DeepSpeedCPUAdam in AdamW mode over `groups`, or None (logged) where its C++ op cannot be built."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=BETAS, eps=EPS, adamw_mode=True)
+    except Exception as err:  # a missing compiler or headers: DeepSpeed then steps torch's AdamW on the CPU copies
+        log.warning("DeepSpeedCPUAdam cannot be built here (%s: %s); the offloaded optimizer is torch's AdamW",
+                    type(err).__name__, err)
+        return None
+
+
 def build_adamw(groups: list[dict], strategy=None) -> torch.optim.Optimizer:
-    """AdamW over `groups`; with fp32 masters when the parameters are bf16 and no engine keeps masters itself."""
+    """AdamW over `groups`; DeepSpeed's CPU AdamW under ZeRO-Offload; with fp32 masters when the parameters are bf16
+    and no engine keeps masters itself."""
+    if offloads_optimizer(strategy):
+        optimizer = deepspeed_cpu_adam(groups)
+        if optimizer is not None:
+            return optimizer
     bf16 = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
     if bf16 and not isinstance(strategy, DeepSpeedStrategy):
         return MasterWeightAdamW(groups, betas=BETAS, eps=EPS)

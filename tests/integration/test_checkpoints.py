@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 from ov_train.config.run_plan import ConfigError
 from ov_train.model.checkpoint_io import checkpoint_format
 from ov_train.model.forward import forward_logits
-from ov_train.model.parts import part_of
+from ov_train.model.layout import part_of
 from ov_train.run import train
 from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config

@@ -26,6 +26,8 @@ SMOKE = {
     "ov-train": (["--cfg", "job", "stage=pretrain"], "name: pretrain"),
     "ov-export": (["--help"], "a checkpoint written by ov_train"),
     "ov-data": (["--help"], "convert"),
+    "ov-chat": (["--help"], "usage: ov-chat"),
+    "ov-eval": (["--help"], "usage: ov-eval"),
 }
 
 

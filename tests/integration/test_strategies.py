@@ -1,35 +1,34 @@
-"""Strategies: each `strategy` config builds its engine, and the per-part optimizer groups survive its setup.
+"""Strategies: each `strategy` config builds its Lightning engine and trains as 2 CPU processes through the
+Lightning code users run, and the per-part optimizer groups survive the engine's setup.
 
-ddp and fsdp2 run 2 processes on CPU (gloo) through `python -m tests.integration.test_strategies OVERRIDES`:
-train.py plus a probe callback that records, per rank, the optimizer groups as the engine holds them.
-Lightning's DeepSpeedStrategy refuses every accelerator but CUDA, so DeepSpeed's ZeRO engine is driven here
-directly, the way Lightning drives it (`... deepspeed STRATEGY OUT OVERRIDES` under torch.distributed.run),
-on CPU over gloo; what stays GPU-only is Lightning's wrapper around it.
+- DeepSpeed (ZeRO-2, ZeRO-3 and their offload variants): Lightning's DeepSpeedStrategy, through DeepSpeedCPUStrategy
+  on the CPU accelerator (gloo), Lightning starting rank 1 itself. ZeRO-3 is stopped by SIGTERM and requeued.
+- ddp and fsdp2: 2 "nodes" x 1 process started the way `srun` starts tasks: test_multinode.py.
+- fsdp2 under Lightning's own launcher: test_checkpoints.py; `auto` (DDP) at trainer.devices=2 in a sweep:
+  test_sweeps.py; ranks holding different modalities in one step: test_mixed_ranks.py.
+
+Each run is `python -m tests.integration.test_strategies OVERRIDES`: train.py plus a probe callback that records,
+per rank, the optimizer groups as the engine holds them, state fingerprints, losses and the trained weights.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import open_dict
 
-from ov_train.config.run_plan import (
-    ConfigError,
-    model_plan,
-    optim_plan,
-    resolve_plan,
-    strategy_plan,
-)
-from ov_train.strategies import FSDP2Strategy, build_strategy
-from tests.conftest import CONF, REPO, SMALL_DATA, compose_config
+from ov_train.config.run_plan import ConfigError, model_plan, optim_plan, resolve_plan, strategy_plan
+from ov_train.strategies import DeepSpeedCPUStrategy, FSDP2Strategy, build_strategy
+from tests.conftest import CONF, SMALL_DATA, compose_config
+from tests.processes import run_one
 
 STRATEGY_CONFIGS = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
 # Base learning rate x model.lr_scale (100) of the tiny model; parts without one are frozen.
@@ -38,6 +37,8 @@ RATES = {
     "mid": {"vision_tower": 2e-4, "projector": 1e-3, "llm": 1e-3},
     "pretrain": {"projector": 1e-1},
 }
+# Partition every tensor of the tiny model under ZeRO-3 (the default keeps small ones whole on every rank).
+ZERO3_ALL = "strategy.param_persistence_threshold=0"
 
 
 # ---------------------------------------------------------------- what the engines hold
@@ -88,70 +89,85 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def fingerprint(optimizer, named_params) -> dict:
-    """Sums of this rank's weights and Adam moments (its shards under FSDP2): equal iff the states are equal."""
+def rank_weights(strategy, named_params) -> dict[str, torch.Tensor]:
+    """This rank's weights: its shards under FSDP2, the full tensors otherwise (gathered under ZeRO-3, where each
+    rank holds a placeholder; every rank must call this, in the same order)."""
+    if getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named_params]):
+            return {n: p.detach().clone() for n, p in named_params}
+    return {n: local(p.detach()).clone() for n, p in named_params}
+
+
+def fingerprint(optimizer, weights: dict) -> dict:
+    """Sums of this rank's weights and Adam moments (its shards or partitions): equal iff the states are equal."""
     return {
-        "weights": sum(local(p.detach()).double().sum().item() for _, p in named_params),
+        "weights": sum(w.double().sum().item() for w in weights.values()),
         "exp_avg": sum(local(s["exp_avg"]).double().sum().item() for s in optimizer.state.values() if "exp_avg" in s),
         "lrs": [g["lr"] for g in optimizer.param_groups],
     }
 
 
 class Probe(Callback):
-    """Writes {start,end}_rank{R}.json into `out` (step, optimizer groups, fingerprint, this rank's training loss
-    of each batch), and at the end this rank's part of each weight, weights_rank{R}.pt."""
+    """Writes {start,end}_rank{R}.json into `out` (step, optimizer groups and class, fingerprint, losses) and at the
+    end this rank's weights, weights_rank{R}.pt. With `sigterm_at_step`, rank 0 sends itself SIGTERM once training
+    reaches that step (a preemption at a known point); `end` is then written where the run stops."""
 
-    def __init__(self, out: str):
-        self.out = Path(out)
-        self.losses: list[tuple[int, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append((batch_idx, float(trainer.callback_metrics["train/loss"])))
+    def __init__(self, out: str, sigterm_at_step: int | None = None):
+        self.out, self.sigterm_at_step = Path(out), sigterm_at_step
+        self.losses: list[list] = []
 
     def _write(self, trainer, when: str) -> None:
-        optimizer = trainer.optimizers[0]
         from torch.distributed.fsdp import FSDPModule
 
+        optimizer = trainer.optimizers[0]
+        weights = rank_weights(trainer.strategy, self.params)
         record = {
             "step": trainer.global_step,
             "groups": optimizer_groups(optimizer, self.params),
-            "fingerprint": fingerprint(optimizer, self.params),
+            "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,  # inside DeepSpeed's wrapper
+            "fingerprint": fingerprint(optimizer, weights),
             # FSDP2's units below the root, by module name.
             "fsdp_units": [n for n, m in trainer.lightning_module.model.named_modules() if isinstance(m, FSDPModule)],
-            "losses": self.losses,
+            "losses": self.losses,  # [batch index, loss of that batch] for every batch this rank trained on
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{when}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        if when == "end":
+            torch.save(weights, self.out / f"weights_rank{trainer.global_rank}.pt")
 
     def on_train_start(self, trainer, pl_module):
         # The parameters the optimizer holds; after a validation FSDP2's root shows its gathered copies instead.
         self.params = list(pl_module.model.named_parameters())
         self._write(trainer, "start")
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning hands back the loss divided by the accumulation factor.
+        self.losses.append([batch_idx, float(outputs["loss"]) * trainer.accumulate_grad_batches])
+        if trainer.global_step == self.sigterm_at_step and trainer.is_global_zero and not trainer.received_sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def on_train_end(self, trainer, pl_module):
         self._write(trainer, "end")
-        torch.save({n: local(p.detach()) for n, p in self.params}, self.out / f"weights_rank{trainer.global_rank}.pt")
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):  # every rank stops here together, so they can gather
+            self._write(trainer, "end")
 
 
 def probe_records(out: Path, when: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"{when}_rank*.json"))]
 
 
+def with_probe(out: Path, sigterm_at_step: int | None = None):
+    """A `build_callbacks` that adds a Probe to the run's own callbacks (patch it over ov_train.run.build_callbacks)."""
+    from ov_train.training.callbacks import build_callbacks
+
+    return lambda plan: [*build_callbacks(plan), Probe(str(out), sigterm_at_step)]
+
+
 # ---------------------------------------------------------------- subprocess runs
-
-
-def launch(args: list[str], log: Path, probe: Path | None = None, timeout: int = 300) -> None:
-    """Run this module as a script in its own session; on timeout the whole session (every rank) is killed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **({"OV_PROBE": str(probe)} if probe else {})}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = f"timeout after {timeout} s (a hung collective?)"
-    assert rc == 0, f"{' '.join(args)} -> {rc}\n{log.read_text()[-8000:]}"
 
 
 def train_overrides(data_root, stage: str, steps: int, run_dir: Path) -> list[str]:
@@ -161,10 +177,15 @@ def train_overrides(data_root, stage: str, steps: int, run_dir: Path) -> list[st
     ]
 
 
-def run_train(overrides: list[str], run_dir: Path, probe: Path) -> None:
+def train_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "tests.integration.test_strategies", *overrides]
+
+
+def run_train(overrides: list[str], run_dir: Path, probe: Path, sigterm_at_step: int | None = None) -> None:
     """`python train.py OVERRIDES` with the probe; Lightning starts rank 1 itself."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    launch([sys.executable, "-m", "tests.integration.test_strategies", *overrides], run_dir.with_suffix(".log"), probe)
+    env = {"OV_PROBE": str(probe), "OV_PROBE_SIGTERM_AT": str(sigterm_at_step or "")}
+    run_one(train_command(overrides), run_dir.with_suffix(f".{probe.name}.log"), timeout=300, env=env)
 
 
 # ---------------------------------------------------------------- configs
@@ -184,7 +205,7 @@ def test_every_strategy_config_builds_its_lightning_engine(name):
         assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
     else:
         zero = strategy.config["zero_optimization"]
-        assert type(strategy) is DeepSpeedStrategy and zero["stage"] == int(name[len("deepspeed_zero")])
+        assert type(strategy) is DeepSpeedCPUStrategy and zero["stage"] == int(name[len("deepspeed_zero")])
         assert ("offload_optimizer" in zero) == name.endswith("_offload")
         assert ("offload_param" in zero) == (name == "deepspeed_zero3_offload")
         assert strategy.config["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
@@ -206,168 +227,133 @@ def test_bad_strategy_settings_fail_before_any_work():
     assert "strategy.offload_parameters=true needs strategy.stage=3" in message
     assert "trainer.devices='auto'" in _problems(["strategy=fsdp2", "trainer.devices=auto"])
     assert "nccl needs GPUs" in _problems(["strategy=ddp", "trainer.accelerator=cpu"], process_group_backend="nccl")
-    if not torch.cuda.is_available():
-        assert "strategy=deepspeed needs CUDA GPUs" in _problems(["strategy=deepspeed_zero3"])
+    # DeepSpeed runs on CPU too now: a CPU config is valid.
+    resolve_plan(compose_config(["strategy=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2"]))
 
 
-# ---------------------------------------------------------------- 2 processes on CPU
+# ---------------------------------------------------------------- DeepSpeed through Lightning, 2 CPU processes
 
 
-def losses_by_step(records: list[dict], micro_batches: int = 1) -> list[float]:
-    """Mean training loss of each optimizer step over every rank's (or micro-batch's) batch."""
-    per_step: dict[int, list[float]] = {}
-    for record in records:
-        for batch_idx, loss in record["losses"]:
-            per_step.setdefault(batch_idx // micro_batches, []).append(loss)
-    return [sum(v) / len(v) for _, v in sorted(per_step.items())]
+def cpu_adam_missing() -> str | None:
+    """Why DeepSpeed's CPU optimizer (a C++ op built on first use) cannot be built here, or None when it can."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        return f"DeepSpeed's CPUAdamBuilder is not compatible with the {get_accelerator().device_name()} accelerator here"
+    try:
+        builder.load(verbose=False)
+    except Exception as err:  # no compiler, no headers, no ninja...
+        return f"DeepSpeedCPUAdam does not build here: {type(err).__name__}: {err}"
+    return None
+
+
+def trained_full_weights(probe: Path) -> dict[str, torch.Tensor]:
+    """The full weights a DeepSpeed run ended with (every rank holds them all, gathered under ZeRO-3)."""
+    weights = [torch.load(p) for p in sorted(probe.glob("weights_rank*.pt"))]
+    assert len(weights) == 2 and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    return weights[0]
+
+
+def assert_consolidates_to(ckpt: Path, trained: dict[str, torch.Tensor]) -> None:
+    """The sharded checkpoint consolidates (on one CPU process) to exactly the weights the engine trained."""
+    from ov_train.model.checkpoint_io import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(ckpt)
+    state = dict(model.named_parameters())
+    assert state.keys() == trained.keys()
+    assert all(torch.equal(state[k].detach(), trained[k]) for k in trained)
 
 
 @pytest.fixture(scope="module")
-def one_process_reference(tmp_path_factory, small_data_root):
-    """The global batches of 2 ranks in one process: its 2 loader workers are the ranks' readers (readers are
-    numbered rank x workers + worker), and each step accumulates one batch of each."""
-    root = tmp_path_factory.mktemp("reference")
-    overrides = [*train_overrides(small_data_root, "onevision", 2, root / "run"), "data.num_workers=2",
-                 "trainer.accumulate_grad_batches=2"]
-    run_train(overrides, root / "run", root / "probe")
-    return losses_by_step(probe_records(root / "probe", "end"), micro_batches=2)
-
-
-# Data parallel engines average the ranks' mean losses' gradients where one process averages its micro-batches':
-# the same update, up to float32 summation order.
-PARITY = 1e-5
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("strategy", "stage", "checkpoint_is_dir"),
-    [("ddp", "onevision", False), ("fsdp2", "onevision", True), ("fsdp2", "pretrain", True)],
-)
-def test_two_cpu_processes_keep_the_stage_groups_and_one_process_losses(
-    tmp_path, small_data_root, strategy, stage, checkpoint_is_dir, request
-):
-    overrides = [*train_overrides(small_data_root, stage, 2, tmp_path / "run"), f"strategy={strategy}", "trainer.devices=2"]
-    run_train(overrides, tmp_path / "run", tmp_path / "probe")
-    if stage == "onevision":
-        # Loss parity: the same global batches as one process, the same losses step by step.
-        ours = losses_by_step(probe_records(tmp_path / "probe", "end"))
-        assert len(ours) == 2 and ours == pytest.approx(request.getfixturevalue("one_process_reference"), rel=PARITY)
-
-    expected = expected_groups(compose_config(overrides))
-    records = probe_records(tmp_path / "probe", "start")
-    assert len(records) == 2
-    layers = layer_names(compose_config(overrides))
-    for record in records:
-        assert record["groups"] == expected
-        assert {g["name"]: g["lr"] for g in record["groups"]} == pytest.approx(RATES[stage])
-        # Every SigLIP and Qwen2 layer is its own unit: the forward runs the tower once per step on every rank.
-        assert record["fsdp_units"] == (layers if strategy == "fsdp2" else [])
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["val_samples"] > 0
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_dir() == checkpoint_is_dir
-    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
-
-
-# ---------------------------------------------------------------- DeepSpeed's engine, 2 processes on CPU
-
-
-def deepspeed_run(strategy_name: str, out: Path, overrides: list[str]) -> None:
-    """One rank of a ZeRO run set up as Lightning's DeepSpeedStrategy does it, on CPU: 2 steps, then a checkpoint.
-
-    Writes groups_rank{R}.json, the checkpoint `out/last.ckpt` (Lightning's layout: DeepSpeed's directory, the
-    Lightning state as client state) and, from rank 0, the trained full weights `out/weights.pt`.
-    """
-    import deepspeed
-
-    from ov_train.config.recipe import parse_recipe
-    from ov_train.config.run_plan import data_plan
-    from ov_train.data.prepare import prepare_data
-    from ov_train.model.build import build_model
-    from ov_train.model.forward import sample_losses
-    from ov_train.training.datamodule import OneVisionData
-    from ov_train.training.module import OneVisionModule
-    from ov_train.utils.paths import cache_dir
-    from ov_train.vision.geometry import VisionGeometry
-
-    deepspeed.init_distributed("gloo")  # torch.distributed.run supplies rank, world size and address
-    rank = torch.distributed.get_rank()
-    # The plan's pieces, without its check that DeepSpeed has GPUs: Lightning's wrapper is what needs them.
-    cfg = compose_config([f"strategy={strategy_name}", *overrides], run_dir=out)
-    strategy = build_strategy(strategy_plan(cfg))
-    model, tokenizer = build_model(model_plan(cfg.model), cache_dir())
-    data_cfg = data_plan(cfg, parse_recipe(cfg.data.recipe))
-    data = OneVisionData(data_cfg, prepare_data(data_cfg), tokenizer, VisionGeometry.from_model_config(model.config))
-    tokenizer.save_pretrained(out / "tokenizer")
-    module = OneVisionModule(model, optim_plan(cfg), tokenizer_dir=str(out / "tokenizer"))
-    optim = module.configure_optimizers()
-    engine, optimizer, _, _ = deepspeed.initialize(
-        config=strategy.config,
-        model=module,
-        model_parameters=[p for p in module.parameters() if p.requires_grad],
-        optimizer=optim["optimizer"],
-        lr_scheduler=optim["lr_scheduler"]["scheduler"],
-        dist_init_required=False,
-    )
-    (out / f"groups_rank{rank}.json").write_text(json.dumps(optimizer_groups(optimizer, model.named_parameters())))
-
-    def loss(batch):
-        sums, counts, _ = sample_losses(model, batch, module.forward_options)
-        return sums.sum() / counts.sum().clamp_min(1)
-
-    # Lightning sends each step through the engine with the module's forward redirected to training_step.
-    module.forward = loss
-    batches = iter(data.train_dataloader())
-    for _ in range(int(cfg.trainer.max_steps)):
-        engine.backward(engine(next(batches)))
-        engine.step()
-    state = {"global_step": int(cfg.trainer.max_steps)}
-    module.on_save_checkpoint(state)
-    engine.save_checkpoint(out / "last.ckpt", tag="checkpoint", client_state=state)
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=strategy.zero_stage_3):
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if rank == 0:
-        torch.save(weights, out / "weights.pt")
+def zero3_run(tmp_path_factory, small_data_root):
+    """ZeRO-3 through Lightning: a 3-step run preempted by SIGTERM after step 2 (it saves and exits 0), then the
+    same command again in the same run directory (`ckpt_path=auto`, as a requeued job) trains step 3."""
+    root = tmp_path_factory.mktemp("zero3")
+    overrides = [
+        *train_overrides(small_data_root, "onevision", 3, root / "run"), "strategy=deepspeed_zero3", ZERO3_ALL,
+        "trainer.devices=2", "ckpt_path=auto", "trainer.limit_val_batches=2", "export=false",
+    ]
+    run_train(overrides, root / "run", root / "first", sigterm_at_step=2)
+    run_train(overrides, root / "run", root / "resumed")
+    return root, compose_config(overrides)
 
 
 @pytest.mark.slow
-# ZeRO-3 runs `onevision`: ranks whose batches hold different media (or none) still make the same tower calls.
+def test_deepspeed_zero3_keeps_the_groups(zero3_run):
+    root, cfg = zero3_run
+    expected = expected_groups(cfg)
+    for record in probe_records(root / "first", "start"):
+        assert record["groups"] == expected and record["optimizer"] == "AdamW"
+        assert {g["name"]: g["lr"] for g in record["groups"]} == pytest.approx(RATES["onevision"])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
+    from ov_train.model.checkpoint_io import checkpoint_metadata
+
+    root, _ = zero3_run
+    first_end, resumed_start = probe_records(root / "first", "end"), probe_records(root / "resumed", "start")
+    assert [r["step"] for r in first_end] == [2, 2] and [r["step"] for r in resumed_start] == [2, 2]
+    # Every rank continues from the weights, its Adam moment partitions and the learning rates it stopped at.
+    for end, start in zip(first_end, resumed_start):
+        assert start["fingerprint"] == end["fingerprint"] and start["groups"] == end["groups"]
+    resumed_end = probe_records(root / "resumed", "end")
+    assert [r["step"] for r in resumed_end] == [3, 3]
+    assert resumed_end[0]["fingerprint"]["weights"] != resumed_start[0]["fingerprint"]["weights"]  # step 3 trained
+    assert checkpoint_metadata(root / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_data_root, tmp_path):
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    from ov_train.model.forward import forward_logits
+    from ov_train.tools.export import main as ov_export
+    from tests.integration.test_train import _held_out_batch
+
+    root, _ = zero3_run
+    trained = trained_full_weights(root / "resumed")
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    assert_consolidates_to(ckpt, trained)
+    assert ov_export([str(ckpt), str(tmp_path / "export")]) == 0
+    model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reference = LlavaOnevisionForConditionalGeneration(model.config)
+    reference.load_state_dict(trained)
+    batch = _held_out_batch(model, AutoTokenizer.from_pretrained(tmp_path / "export"), small_data_root)
+    model.eval(), reference.eval()
+    with torch.no_grad():  # the fp32 parity tolerance of test_checkpoints.py
+        assert torch.allclose(forward_logits(model, batch), forward_logits(reference, batch), atol=1e-5, rtol=1e-4)
+    assert json.loads((root / "run" / "summary.json").read_text())["steps"] == 3
+
+
+# Offloading pretrain: the optimizer holds the projector only, the frozen tower and LLM stay out of it.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "stage"),
     [("deepspeed_zero2", "onevision"), ("deepspeed_zero2_offload", "pretrain"), ("deepspeed_zero3_offload", "onevision")],
 )
 def test_deepspeed_keeps_the_groups_and_its_checkpoint_consolidates(tmp_path, small_data_root, strategy, stage):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    from ov_train.model.checkpoint_io import model_from_checkpoint
-    from ov_train.tools.export import main as ov_export
-
+    offload = strategy.endswith("_offload")
+    if offload and (why := cpu_adam_missing()):
+        pytest.skip(why)
     overrides = [
-        f"stage={stage}", "trainer.max_steps=2", f"data.root={small_data_root}", *SMALL_DATA,
-        "strategy.param_persistence_threshold=0",  # partition every tensor of the tiny model under ZeRO-3
+        *train_overrides(small_data_root, stage, 2, tmp_path / "run"), f"strategy={strategy}", ZERO3_ALL,
+        "trainer.devices=2", "trainer.limit_val_batches=2", "export=false",
     ]
-    launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "tests.integration.test_strategies", "deepspeed", strategy, str(tmp_path), *overrides],
-        tmp_path / "run.log",
-    )
-    expected = expected_groups(compose_config([f"strategy={strategy}", *overrides]))
-    for rank in (0, 1):
-        groups = json.loads((tmp_path / f"groups_rank{rank}.json").read_text())
-        assert groups == expected
-        assert {g["name"]: g["lr"] for g in groups} == pytest.approx(RATES[stage])
-
-    # The sharded checkpoint consolidates to the weights the engine trained, frozen parts included.
-    trained = torch.load(tmp_path / "weights.pt")
-    model, _ = model_from_checkpoint(tmp_path / "last.ckpt")
-    state = dict(model.named_parameters())
-    assert state.keys() == trained.keys()
-    assert all(torch.equal(state[k].detach(), trained[k]) for k in trained)
-    assert ov_export([str(tmp_path / "last.ckpt"), str(tmp_path / "export")]) == 0
-    _, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "export", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    run_train(overrides, tmp_path / "run", tmp_path / "probe")
+    expected = expected_groups(compose_config(overrides))
+    for record in probe_records(tmp_path / "probe", "start"):
+        assert record["groups"] == expected
+        assert {g["name"]: g["lr"] for g in record["groups"]} == pytest.approx(RATES[stage])
+        # ZeRO-Offload steps DeepSpeed's vectorised CPU AdamW (adamw_mode), on the same groups.
+        assert record["optimizer"] == ("DeepSpeedCPUAdam" if offload else "AdamW")
+    assert [r["step"] for r in probe_records(tmp_path / "probe", "end")] == [2, 2]
+    assert_consolidates_to(tmp_path / "run" / "checkpoints" / "last.ckpt", trained_full_weights(tmp_path / "probe"))
 
 
-# ---------------------------------------------------------------- script entry points
+# ---------------------------------------------------------------- script entry point
 
 
 def _train_main() -> None:
@@ -376,13 +362,10 @@ def _train_main() -> None:
     import ov_train.run as run
 
     # train.py, plus the probe: the one extra callback goes in where train() collects its callbacks.
-    build_callbacks = run.build_callbacks
-    run.build_callbacks = lambda plan: [*build_callbacks(plan), Probe(os.environ["OV_PROBE"])]
+    sigterm_at = os.environ.get("OV_PROBE_SIGTERM_AT")
+    run.build_callbacks = with_probe(Path(os.environ["OV_PROBE"]), int(sigterm_at) if sigterm_at else None)
     hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(run.train)()
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["deepspeed"]:
-        deepspeed_run(sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
-    else:
-        _train_main()
+    _train_main()

@@ -13,7 +13,7 @@ from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.data.stream import ValStream
 from ov_train.model.forward import forward_logits
-from ov_train.model.parts import part_of
+from ov_train.model.layout import part_of
 from ov_train.run import train
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import SMALL_DATA, compose_config

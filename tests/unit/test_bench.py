@@ -22,6 +22,7 @@ FIGURES = re.compile(
     r"^(stock|ov_train|ratio)\s+tokens/s ([\d.]+)x?\s+MFU ([\d.]+)[%x]\s+peak memory ([\d.]+)(?: GiB|x)(?:\s+rows of (\d+))?$"
 )
 LOADER = re.compile(r"^loader\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers (\d+)\s+cpus (\d+)$")
+LOADER_HTTP = re.compile(r"^loader/http\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers (\d+)\s+cpus (\d+)$")
 
 
 @pytest.mark.slow
@@ -51,12 +52,15 @@ def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
 
 @pytest.mark.slow
 def test_tiny_loader_bench_prints_positive_figures(capsys):
-    """No model: the tiny mixture's shards stream through training's loader, in-process."""
+    """No model: the tiny mixture's shards stream through training's loader, in-process, read from the local disk
+    and then over HTTP from a loopback server: both throughputs printed."""
     results = main(["--tiny", "--loader"])
-    (figures,) = [m.groups() for m in map(LOADER.match, capsys.readouterr().out.splitlines()) if m]
-    samples_per_s, tokens_per_s, workers, cpus = figures
-    assert float(samples_per_s) > 0 and float(tokens_per_s) > 0 and int(cpus) > 0
-    assert workers == "0" and [r["name"] for r in results] == ["loader"]
+    out = capsys.readouterr().out.splitlines()
+    for pattern in (LOADER, LOADER_HTTP):
+        (figures,) = [m.groups() for m in map(pattern.match, out) if m]
+        samples_per_s, tokens_per_s, workers, cpus = figures
+        assert float(samples_per_s) > 0 and float(tokens_per_s) > 0 and int(cpus) > 0 and workers == "0"
+    assert [r["name"] for r in results] == ["loader", "loader_http"]
 
 
 def test_loader_shards_give_every_worker_whole_shards(tmp_path):

@@ -15,7 +15,8 @@ from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import ValStream
 from ov_train.model.build import build_model
 from ov_train.model.forward import forward_logits
-from ov_train.model.parts import apply_stage, part_of
+from ov_train.model.layout import part_of
+from ov_train.model.parts import apply_stage
 from ov_train.training.metrics import batch_counts
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints

@@ -15,7 +15,7 @@ FLOORS = [
     ("plan", ["ov_train.config"]),
     ("vision and text", ["ov_train.vision", "ov_train.text"]),
     ("model and data", ["ov_train.model", "ov_train.data"]),
-    ("training", ["ov_train.training", "ov_train.strategies"]),
+    ("training and evaluation", ["ov_train.training", "ov_train.strategies", "ov_train.eval"]),
     ("run and tools", ["ov_train.run", "ov_train.cli", "ov_train.tools", "ov_train.bench", "ov_train.planner"]),
 ]
 # Packages of one floor that must not know each other: nothing in model/ knows about shards, nor data/ about models.

@@ -184,6 +184,23 @@ def test_varlen_attention_plumbing(mixed_batch, monkeypatch, signature):
     assert torch.allclose(varlen, sdpa, rtol=2e-2)
 
 
+def test_varlen_attention_under_autocast(mixed_batch, monkeypatch):
+    # bf16-mixed (DDP's default on several GPUs): fp32 weights under autocast hand the kernel fp32 queries after
+    # the rotary embedding; they are cast to the autocast dtype, as autocast casts sdpa's, instead of refused.
+    model = copy.deepcopy(mixed_batch[0]).eval()
+    batch = mixed_batch[2]
+    kernel = ReferenceVarlen()
+    monkeypatch.setattr(packing, "varlen_attn", kernel)
+    monkeypatch.setattr(packing, "_VARLEN_PARAMS", frozenset({"window_size", "scale", "enable_gqa"}))
+    options = ForwardOptions(packing=True, max_tokens=ROWS["several_rows"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sdpa, _, _ = sample_losses(model, batch, options)
+        set_attention(model, VARLEN)
+        varlen, _, _ = sample_losses(model, batch, options)
+    assert kernel.calls == model.config.text_config.num_hidden_layers
+    assert torch.allclose(varlen, sdpa, rtol=2e-2)
+
+
 def test_options_from_config_and_yaml():
     for path in sorted((CONF / "model").glob("*.yaml")):
         options, problems = ForwardOptions.from_config(compose_config([f"model={path.stem}"]).model, "bf16-true")

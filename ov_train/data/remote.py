@@ -1,0 +1,211 @@
+"""Where data lives: local paths, `https://`, `s3://`, `gs://`, `hf://` (through fsspec) and `pipe:` commands.
+
+Opening goes through webdataset's `gopen`: its dispatch table gets an fsspec opener for the object-store and
+HTTP schemes (with connect and read timeouts, instead of the `curl` subprocesses it ships, which have none),
+while local files and `pipe:` stay webdataset's own. Credentials come from each client's usual environment
+and config files (AWS_* variables and ~/.aws for S3, ~/.netrc or user:password in a URL for HTTP...); every
+location that reaches a log, an error or a file is `redact`ed first.
+"""
+from __future__ import annotations
+
+import importlib
+import io as _io
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import braceexpand
+import fsspec
+
+from ov_train.config.options import IOSettings
+from ov_train.utils.logging import get_logger
+from ov_train.utils.redact import redact, redact_text
+
+log = get_logger(__name__)
+# The module, not the function of that name that `webdataset` exports.
+wds_gopen = importlib.import_module("webdataset.gopen")
+
+FSSPEC_SCHEMES = ("http", "https", "s3", "s3a", "gs", "gcs", "hf")
+T = TypeVar("T")
+
+
+def _redacting(factory):
+    """A log record factory whose records name URLs without credentials, whoever logs them (fsspec's and the
+    clients' own debug lines print whole URLs)."""
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        args_ = record.args if isinstance(record.args, tuple) else ()
+        texts = (record.msg, *(a for a in args_ if not isinstance(a, (int, float, type(None)))))
+        if any("://" in str(t) for t in texts):
+            message = record.getMessage()
+            clean = redact_text(message)
+            if clean != message:
+                record.msg, record.args = clean, ()
+        return record
+
+    make.redacts = True
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "redacts", False):
+    logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
+
+
+def scheme(location: str) -> str:
+    if str(location).startswith("pipe:"):
+        return "pipe"
+    return urlsplit(str(location)).scheme if "://" in str(location) else ""
+
+
+def is_remote(location: str) -> bool:
+    """Read through fsspec or a pipe, rather than from a local path."""
+    return scheme(location) not in ("", "file")
+
+
+def join(root: str, path: str) -> str:
+    """`path` under `root` unless it is absolute or a URL itself."""
+    if is_remote(path) or Path(path).is_absolute() or not root:
+        return path
+    if is_remote(str(root)):
+        return str(root).rstrip("/") + "/" + path
+    return str(Path(root) / path)
+
+
+# ---------------------------------------------------------------- opening
+
+def storage_options(protocol: str, io: IOSettings) -> dict:
+    """fsspec options that bound each request by io.timeout_s; the clients' own retries are off (ours count)."""
+    t = io.timeout_s
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": t, "read_timeout": t, "retries": {"max_attempts": 1}}}
+    return {}
+
+
+def filesystem(location: str, io: IOSettings = IOSettings()):
+    """(fsspec filesystem, path within it) of a local or remote location."""
+    return fsspec.core.url_to_fs(location, **storage_options(scheme(location), io))
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, io: IOSettings | None = None, **_):
+    """webdataset gopen handler for the fsspec schemes: a streaming file, bounded by io.timeout_s."""
+    fs, path = filesystem(url, io or IOSettings())
+    if scheme(url) in ("http", "https") and mode == "rb":
+        return fs.open(path, mode, block_size=0)  # one streaming GET: servers need not support ranges
+    return fs.open(path, mode)
+
+
+for _scheme in FSSPEC_SCHEMES:
+    wds_gopen.gopen_schemes[_scheme] = _gopen_fsspec
+
+
+def open_stream(location: str, io: IOSettings, mode: str = "rb"):
+    """Open a local path, URL or `pipe:` command through webdataset's gopen."""
+    if scheme(location) in FSSPEC_SCHEMES:
+        return wds_gopen.gopen(location, mode, io=io)
+    return wds_gopen.gopen(location, mode)
+
+
+def read_bytes(location: str, io: IOSettings = IOSettings()) -> bytes:
+    return retrying(lambda: _read_all(location, io), f"read {redact(location)}", io)
+
+
+def _read_all(location: str, io: IOSettings) -> bytes:
+    with open_stream(location, io) as f:
+        return f.read()
+
+
+def retrying(call: Callable[[], T], what: str, io: IOSettings) -> T:
+    """call(), tried again io.retries times after a failure, waiting backoff_s, 2 x backoff_s, ...
+    Files that do not exist are not retried."""
+    for attempt in range(io.retries + 1):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # clients raise OSError, aiohttp and botocore errors, timeouts...
+            if attempt == io.retries:
+                raise
+            delay = io.backoff_s * 2 ** attempt
+            log.warning("%s failed (%s); attempt %d of %d in %.1f s", what, redact_text(err), attempt + 2,
+                        io.retries + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- listing
+
+def has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def expand(location: str) -> list[str]:
+    """A brace pattern (`shards-{000000..000099}.tar`) as its names; other locations as themselves."""
+    return list(braceexpand.braceexpand(location)) if "{" in location else [location]
+
+
+def glob(pattern: str, io: IOSettings = IOSettings()) -> list[str]:
+    """Sorted locations matching a glob, as full URLs for remote ones; [] when none match."""
+    fs, path = filesystem(pattern, io)
+    found = retrying(lambda: fs.glob(path), f"list {redact(pattern)}", io)
+    if not is_remote(pattern):
+        return sorted(found)
+    return sorted(fs.unstrip_protocol(p) if "://" not in p else p for p in found)
+
+
+def existing(locations: list[str], io: IOSettings = IOSettings()) -> list[str]:
+    """Which of these locations exist (one listing per parent folder of remote ones)."""
+    if all(not is_remote(x) for x in locations):
+        return [x for x in locations if Path(x).exists()]
+    by_parent: dict[str, list[str]] = {}
+    for x in locations:
+        by_parent.setdefault(x.rsplit("/", 1)[0], []).append(x)
+    found = []
+    for parent, names in by_parent.items():
+        fs, path = filesystem(parent, io)
+        listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in retrying(lambda fs=fs, path=path: fs.ls(path, detail=False),
+                                                                       f"list {redact(parent)}", io)}
+        found += [x for x in names if x.rsplit("/", 1)[-1] in listed]
+    return found
+
+
+# ---------------------------------------------------------------- writing whole files
+
+def upload(local: Path, location: str, io: IOSettings = IOSettings()) -> None:
+    """Put a finished local file at a remote location in one piece: object stores show an object only once its
+    upload completed, so readers never see part of it."""
+    fs, path = filesystem(location, io)
+    retrying(lambda: fs.put_file(str(local), path), f"upload to {redact(location)}", io)
+
+
+def remote_size(location: str, io: IOSettings = IOSettings()) -> int | None:
+    fs, path = filesystem(location, io)
+    try:
+        return int(fs.info(path).get("size"))
+    except (FileNotFoundError, TypeError):
+        return None
+
+
+def parquet_file(location: str, io: IOSettings):
+    """A pyarrow ParquetFile over a local or remote file (random access; a whole read from HTTP servers
+    that answer no range requests)."""
+    import pyarrow.parquet as pq
+
+    if scheme(location) == "":
+        return pq.ParquetFile(location)
+    fs, path = filesystem(location, io)
+    handle = fs.open(path, "rb")
+    try:
+        return pq.ParquetFile(handle)
+    except ValueError as err:
+        if "range" not in str(err).lower():
+            raise
+    with open_stream(location, io) as f:
+        return pq.ParquetFile(_io.BytesIO(f.read()))

@@ -1,0 +1,388 @@
+"""The plan of a composed config: what one device holds at the peak of a training step, and how long the step takes.
+
+`Setup.from_config` resolves what the run would do on the planned device (precision, attention, loss kernel,
+engine, the step's samples); `cached_trace` traces the step (cached on disk: activation memory depends on the
+geometry, the samples and the forward options, not on the engine or the device count); `evaluate` adds the
+engine's model state and the FLOPs; `plan_setup` does all three. Peaks, per device:
+
+    forward/backward:  weights + masters + AdamW moments + buffers + (activations and gradients as they grow)
+    optimizer step:    weights + masters + AdamW moments + buffers + gradients + the step's working set
+
+Gradients build up while activations are freed, so the first line takes the trace's joint peak where the engine
+keeps full gradients on the device (one device, DDP, ZeRO-1, and only when gradients are not already held from
+an earlier micro-batch); sharded engines hold their gradient partitions all along.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig
+
+from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
+from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
+from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, strategy_plan
+from ov_train.constants import VARLEN
+from ov_train.model.loss import fused_available
+from ov_train.planner.devices import Device, DeviceError, resolve
+from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state
+from ov_train.planner.trace import Trace, trace_step
+from ov_train.planner.workload import ONEVISION_MIX, Sample, fill
+from ov_train.utils.flops import ModelFlops, TokenCounts
+from ov_train.utils.paths import cache_dir
+from ov_train.vision.geometry import VisionGeometry
+
+GIB = 2**30
+PATHS = ("ov_train", "stock")
+CODE = Path(__file__).resolve().parents[1]
+# Source the trace depends on: a change there invalidates cached traces.
+TRACED_SOURCES = ("model/forward.py", "model/loss.py", "model/packing.py", "model/checkpointing.py", "model/build.py",
+                  "planner/trace.py", "planner/workload.py")
+
+
+class PlanError(ValueError):
+    """A configuration the planner refuses: its peak exceeds the device's memory (or plan keys are wrong)."""
+
+
+def plan_problems(plan) -> list[str]:
+    out = []
+    if plan.get("path", "ov_train") not in PATHS:
+        out.append(f"plan.path={plan.get('path')!r}; allowed: {list(PATHS)}")
+    mfu = plan.get("mfu", 0.4)
+    if not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
+        out.append(f"plan.mfu={mfu!r} must be a number in (0, 1]")
+    for key in ("tokens", "lora_rank"):
+        value = plan.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            out.append(f"plan.{key}={value!r} must be a positive integer or null")
+    modality = plan.get("modality")
+    if modality is not None and modality not in ("video", "multi_image", "single_image", "text"):
+        out.append(f"plan.modality={modality!r}; allowed: null (the recipe's mix), video, multi_image, single_image, text")
+    for key in ("reserve_gib", "memory_gib"):
+        value = plan.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            out.append(f"plan.{key}={value!r} must be a number >= 0 or null")
+    return out
+
+
+def _step_tokens(cfg, recipe: RecipeSpec | None) -> tuple[int, str]:
+    """Tokens of one step's batch per device, and where the figure comes from."""
+    if cfg.plan.tokens:
+        return int(cfg.plan.tokens), "plan.tokens"
+    if cfg.data.max_tokens_per_batch:
+        return int(cfg.data.max_tokens_per_batch), "data.max_tokens_per_batch"
+    if recipe is not None and recipe.max_tokens_per_batch:
+        return int(recipe.max_tokens_per_batch), f"recipe {recipe.name}'s max_tokens_per_batch"
+    if cfg.model.packing:
+        return int(cfg.model.max_tokens), "model.max_tokens (no token budget: one packed row; plan.tokens sets it)"
+    return int(cfg.stage.max_length), "stage.max_length (no token budget: one sample)"
+
+
+def _recipe(cfg) -> RecipeSpec | None:
+    """The recipe file's mix and budget (its shards need not exist)."""
+    try:
+        return read_recipe(str(cfg.data.recipe))[0]
+    except (RecipeError, OSError):
+        return None
+
+
+def _shares(cfg, recipe: RecipeSpec | None) -> dict[str, float]:
+    if cfg.plan.modality:
+        return {cfg.plan.modality: 1.0}
+    try:
+        shares = recipe.shares("modality") if recipe is not None else {}
+    except ValueError:  # weights the run plan refuses
+        shares = {}
+    return shares or dict(ONEVISION_MIX)
+
+
+def meta_model(model: ModelPlan):
+    """The plan's model on the meta device: no weights are read or allocated (an export's or checkpoint's config
+    when the route has one, else the configured geometry)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from ov_train.model.build import build_model
+
+    if model.route in ("export", "pretrained") and (Path(model.source) / "config.json").is_file():
+        with torch.device("meta"):
+            return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_pretrained(model.source))
+    with torch.device("meta"):
+        return build_model(replace(model, route="random"), cache_dir())[0]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the plan depends on, resolved from a composed config for one device kind."""
+
+    model: ModelPlan
+    parts: dict  # learning rate per part (the run plan's); > 0: trains
+    device: Device
+    engine: Engine
+    options: ForwardOptions
+    path: str
+    fused_loss: bool
+    tokens: int
+    tokens_from: str
+    shares: dict
+    anyres: bool
+    max_frames: int
+    lora_rank: int | None
+    mfu: float
+    reserve_gib: float
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Setup:
+        problems = plan_problems(cfg.plan)
+        if problems:
+            raise PlanError("invalid plan config:\n  " + "\n  ".join(problems))
+        plan = cfg.plan
+        try:
+            device = resolve(plan.get("device"), str(cfg.trainer.accelerator), plan.get("memory_gib"))
+        except DeviceError as err:
+            raise PlanError(str(err)) from err
+        strategy = strategy_plan(cfg)
+        path = plan.get("path") or "ov_train"
+        on_cpu = device.kind == "cpu"
+        # The precision the run would take on the planned device (the run plan's rule, asked about that device).
+        precision = str(cfg.trainer.precision or default_precision(cfg.trainer, strategy.name, on_gpu=not on_cpu))
+        if path == "stock":
+            precision = "bf16-mixed"  # the public recipe: fp32 weights under bf16 autocast
+        engine = engine_from_plan(strategy, precision, int(cfg.trainer.accumulate_grad_batches or 1))
+        options, _ = ForwardOptions.from_config(cfg.model, precision)
+        if path == "stock":
+            # The stock forward: padded (one sample), sdpa, full logits; checkpointing as the model config says.
+            options = replace(options, packing=False, loss="full", attn_implementation="sdpa")
+        if options.attn_implementation == "auto":
+            usable = not on_cpu and options.packing and options.half_precision and HAS_VARLEN
+            options = replace(options, attn_implementation=VARLEN if usable else "sdpa")
+        recipe = _recipe(cfg)
+        tokens, tokens_from = _step_tokens(cfg, recipe)
+        return cls(
+            model=model_plan(cfg.model), parts=optim_plan(cfg).part_lrs, device=device,
+            engine=engine, options=replace(options, compile=False), path=path,
+            fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
+            tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=str(cfg.stage.image_strategy).startswith("anyres"),
+            max_frames=int(cfg.stage.max_frames), lora_rank=int(plan.lora_rank) if plan.get("lora") else None,
+            mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
+        )
+
+
+def _liger_expected() -> bool:
+    """On a GPU machine, whether training's loss finds Liger there; elsewhere the GPU image's answer: it ships
+    liger-kernel."""
+    return fused_available(torch.device("cuda")) if torch.cuda.is_available() else True
+
+
+def _code_version() -> str:
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for name in TRACED_SOURCES:
+        digest.update((CODE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def step_samples(setup: Setup, geometry: VisionGeometry) -> list[Sample]:
+    samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
+    if setup.path == "stock":
+        # Batch 1 with accumulation: one sample per forward; the longest sets the peak.
+        return [max(samples, key=lambda s: (s.tokens, sum(s.crops)))]
+    return samples
+
+
+def cached_trace(setup: Setup, model, samples: list[Sample]) -> tuple[Trace, bool]:
+    """The step's trace and whether it came from the cache (under the cache dir, keyed by all it depends on:
+    code, geometry, samples, forward options, compute dtype, loss kernel, trainable parts)."""
+    key = {
+        "code": _code_version(), "geometry": model.config.to_json_string(use_diff=False), "path": setup.path,
+        "samples": [asdict(s) for s in samples], "options": asdict(setup.options), "compute": setup.engine.compute,
+        "fused_loss": setup.fused_loss, "parts": sorted(p for p, lr in setup.parts.items() if lr and lr > 0),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    file = cache_dir() / "planner" / f"trace-{digest}.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{file}.lock"):  # ranks started together trace once
+        if file.exists():
+            return Trace(**json.loads(file.read_text())), True
+        try:
+            trace = trace_step(model, setup.parts, samples, setup.options, setup.engine.compute, setup.path, setup.fused_loss)
+        except (RuntimeError, TypeError, ValueError) as err:  # the step itself fails: it would on the device too
+            raise PlanError(f"the traced training step fails ({setup.engine.compute} compute, attention "
+                            f"{setup.options.attention()}): {type(err).__name__}: {err}") from err
+        partial = file.with_suffix(".partial")
+        partial.write_text(json.dumps(trace.to_dict()))
+        partial.replace(file)  # whole or absent
+    return trace, False
+
+
+def _gib(value: float) -> float:
+    return _significant(value / GIB)
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flops: float) -> dict:
+    """The plan's numbers (see the module docstring), as the JSON the CLI prints."""
+    e = setup.engine
+    state = model_state(counts, e)
+    # Full gradients already held when the step starts: accumulation, the stock path's batch-1 accumulation, and
+    # LoRA (the trace's gradients are the full model's, its own are the adapters').
+    held = e.accumulate > 1 or setup.path == "stock" or counts.adapters > 0
+    if e.grads_traced and not held:
+        transient = trace.activations_with_gradients
+    else:
+        transient = trace.activations + state.gradients
+    forward_backward = state.resident + transient
+    step = state.resident + state.gradients + state.step_working_set
+    peak = max(forward_backward, step)
+    usable = setup.device.memory_gib - setup.reserve_gib
+    seconds = flops / (setup.mfu * setup.device.peak_tflops * 1e12) if setup.device.peak_tflops else None
+    return {
+        "fits": peak / GIB <= usable,
+        "peak_gib": _gib(peak),
+        "device_gib": setup.device.memory_gib,
+        "usable_gib": round(usable, 2),
+        "device": setup.device.kind,
+        "device_name": setup.device.name,
+        "devices": e.world,
+        "strategy": e.label,
+        "precision": e.precision,
+        "compute": e.compute,
+        "path": setup.path,
+        "model": setup.model.name,
+        "parameters": counts.total,
+        "trainable_parameters": counts.trainable,
+        "lora_rank": setup.lora_rank,
+        "weights_gib": _gib(state.weights),
+        "gradients_gib": _gib(state.gradients),
+        "masters_gib": _gib(state.masters),
+        "optimizer_gib": _gib(state.optimizer),
+        "buffers_gib": _gib(state.buffers),
+        "activations_gib": _gib(trace.activations),
+        "loss_gib": _gib(trace.loss),
+        "optimizer_step_gib": _gib(state.step_working_set),
+        "forward_backward_peak_gib": _gib(forward_backward),
+        "optimizer_step_peak_gib": _gib(step),
+        "host_gib": _gib(state.host),
+        "tokens": int(work.tokens),
+        "tokens_from": setup.tokens_from,
+        "crops_and_frames": int(work.images),
+        "rows": trace.rows,
+        "row_tokens": trace.row_tokens,
+        "attention": setup.options.attention(),
+        "loss_kernel": "full logits" if setup.options.loss == "full"
+        else ("liger fused" if setup.fused_loss else f"chunked ({setup.options.loss_chunk} rows)"),
+        "activation_checkpointing": list(setup.options.activation_checkpointing),
+        "flops_per_step": flops,
+        "mfu": setup.mfu,
+        "peak_tflops": setup.device.peak_tflops,
+        "step_time_s": None if seconds is None else _significant(seconds),
+        "tokens_per_s": None if seconds is None else round(work.tokens / seconds),
+        "notes": list(state.notes),
+    }
+
+
+def plan_setup(setup: Setup) -> dict:
+    """Trace (or read the cached trace of) the step and evaluate it."""
+    from ov_train.model.parts import apply_stage
+
+    model = meta_model(setup.model)
+    geometry = VisionGeometry.from_model_config(model.config)
+    all_samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
+    apply_stage(model, setup.parts)
+    counts = count(model, setup.lora_rank)
+    work = TokenCounts(
+        images=sum(sum(s.crops) for s in all_samples), tokens=sum(s.tokens for s in all_samples),
+        pairs=sum(s.tokens * (s.tokens + 1) / 2 for s in all_samples),
+    )
+    trains = set(counts.trainable_parts) - ({"llm"} if counts.adapters else set())  # adapters: no LLM weight gradients
+    flops = ModelFlops.from_config(model.config).train_step(work, trains)
+    trace, cached = cached_trace(setup, model, step_samples(setup, geometry))
+    out = evaluate(setup, trace, counts, work, flops)
+    out["samples"] = {m: sum(s.modality == m for s in all_samples) for m in ("video", "multi_image", "single_image", "text")}
+    out["trace_s"] = 0.0 if cached else trace.seconds
+    return out
+
+
+def suggestions(setup: Setup) -> list[dict]:
+    """Changes that would bring a configuration under the device's memory, each one planned: activation
+    checkpointing, ZeRO-3, more devices, a shorter step, one at a time; when none is enough alone, the same
+    changes one on top of the other until it fits."""
+    from ov_train.planner.state import Engine
+
+    def planned(changes: list[str], changed: Setup) -> dict:
+        result = plan_setup(changed)
+        return {"change": " + ".join(changes), "peak_gib": result["peak_gib"], "fits": result["fits"]}
+
+    def checkpointed(s: Setup) -> Setup | None:
+        if set(s.options.activation_checkpointing) == {"vision", "llm"}:
+            return None
+        return replace(s, options=replace(s.options, activation_checkpointing=("vision", "llm"), checkpoint_every=1))
+
+    def zero3(s: Setup) -> Setup | None:
+        e = s.engine
+        if e.name == "fsdp2" or (e.name == "zero" and e.zero_stage == 3):
+            return None
+        precision = "bf16-mixed" if e.precision == "bf16-true" else e.precision
+        return replace(s, engine=Engine("zero", e.world, precision, 3, accumulate=e.accumulate))
+
+    def search(s: Setup, changes: list[str], what: str, variants) -> tuple[dict | None, Setup | None]:
+        """The first variant that fits, else the last one tried."""
+        result = last = None
+        for label, variant in variants(s):
+            result, last = planned([*changes, label], variant), variant
+            if result["fits"]:
+                break
+        return result, last
+
+    def more_devices(s: Setup):
+        e = s.engine
+        if e.name not in ("fsdp2", "zero") or e.zero_stage < 2:
+            return
+        world = e.world * 2
+        while world <= 1024:
+            yield f"{world} devices (trainer.devices x trainer.num_nodes)", replace(s, engine=replace(e, world=world))
+            world *= 2
+
+    def shorter(s: Setup):
+        tokens = s.tokens // 2
+        while tokens >= 2048:
+            options = replace(s.options, max_tokens=min(s.options.max_tokens, tokens))
+            yield f"data.max_tokens_per_batch={tokens}", replace(s, tokens=tokens, options=options)
+            tokens //= 2
+
+    out = []
+    steps = [
+        ("model.activation_checkpointing=[vision,llm]", checkpointed),
+        ("strategy=deepspeed_zero3", zero3),
+    ]
+    for label, change in steps:
+        changed = change(setup)
+        if changed is not None:
+            out.append(planned([label], changed))
+    for variants in (more_devices, shorter):
+        result, _ = search(setup, [], "", variants)
+        if result is not None:
+            out.append(result)
+    if any(s["fits"] for s in out):
+        return [s for s in out if s["fits"]]
+    # Nothing alone: stack them.
+    current, changes = setup, []
+    for label, change in steps:
+        changed = change(current)
+        if changed is not None:
+            current, changes = changed, [*changes, label]
+    for variants in (more_devices, shorter):
+        result, last = search(current, changes, "", variants)
+        if result is None:
+            continue
+        if result["fits"]:
+            return out + [result]
+        current, changes = last, result["change"].split(" + ")
+    return out + [planned(changes, current)]

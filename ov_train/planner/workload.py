@@ -1,0 +1,141 @@
+"""The step the planner traces: a batch of the data's modalities at their largest, as the collate step lays it out.
+
+A training step takes one batch of up to `tokens` real tokens (the token budget), which ov_train packs into
+rows of `max_tokens`. The planner fills that budget with samples of the recipe's modalities in proportion to
+the recipe's weights, each modality's share filled with its largest samples (the last one cut to fit):
+- video: `max_frames` frames (196 tokens each at 384 px after 2x2 pooling, one newline), the most tower
+  work per token;
+- multi_image: up to 12 images of one crop each (729 + 1 tokens);
+- single_image: the largest of the recipe's example images whose anyres tokens fit (3000x800 -> 8,019 at
+  384 px), or one crop under `single_crop`;
+- text: text only.
+Every sample also carries a prompt (PROMPT_TOKENS, no loss) and a reply (REPLY_TOKENS, supervised).
+Visual token counts come from ov_train.vision.tokens, the model's own arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_tokens, video_tokens
+
+IGNORE_INDEX = -100
+PROMPT_TOKENS = 64  # system prompt, turn markers and the question
+REPLY_TOKENS = 192  # supervised answer tokens per sample
+MAX_IMAGES = 12  # the recipe's multi-image samples hold up to 12 images
+# Height x width of the recipe's anyres examples at 384 px, most tokens first (shared/spec/llava_ov_recipe.md):
+# 8,019, 7,269, 4,744, 2,929 and 1,485 tokens.
+IMAGE_SIZES = ((3000, 800), (1080, 1920), (1024, 768), (480, 640), (384, 384))
+ONEVISION_MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
+MODALITIES = ("video", "multi_image", "single_image", "text")  # most tower work per token first
+
+
+@dataclass(frozen=True)
+class Sample:
+    modality: str
+    visual: tuple[int, ...]  # visual tokens per image or video
+    crops: tuple[int, ...]  # tower crops (or frames) per image or video
+    image_sizes: tuple[tuple[int, int], ...]  # (height, width) per image
+    anyres: bool
+    text: int  # prompt + reply tokens
+    reply: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.visual) + self.text
+
+
+def _text_sample(tokens: int) -> Sample:
+    reply = min(REPLY_TOKENS, max(1, tokens // 2))
+    return Sample("text", (), (), (), False, max(tokens, reply + 1), reply)
+
+
+def _sample(modality: str, room: int, geom: VisionGeometry, max_frames: int, anyres: bool) -> Sample | None:
+    """The largest sample of `modality` within `room` tokens, or None when not even the smallest fits."""
+    text = PROMPT_TOKENS + REPLY_TOKENS
+    visual_room = room - text
+    if modality == "text":
+        return _text_sample(room) if room > 1 else None
+    if modality == "video":
+        per_frame = video_tokens(1, geom) - 1
+        frames = min(max_frames, (visual_room - 1) // per_frame)
+        if frames < 1:
+            return None
+        return Sample("video", (video_tokens(frames, geom),), (frames,), (), False, text, REPLY_TOKENS)
+    crop = single_crop_tokens(geom)
+    if modality == "multi_image":
+        images = min(MAX_IMAGES, visual_room // crop)
+        if images < 1:
+            return None
+        size = (geom.image_size, geom.image_size)
+        return Sample("multi_image", (crop,) * images, (1,) * images, (size,) * images, False, text, REPLY_TOKENS)
+    if not anyres:
+        return Sample("single_image", (crop,), (1,), ((geom.image_size,) * 2,), False, text, REPLY_TOKENS) if visual_room >= crop else None
+    scale = geom.image_size / 384
+    for height, width in IMAGE_SIZES:
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        visual = anyres_tokens(h, w, geom)
+        if visual <= visual_room:
+            canvas_h, canvas_w = best_resolution(h, w, geom)
+            crops = 1 + (canvas_h // geom.image_size) * (canvas_w // geom.image_size)
+            return Sample("single_image", (visual,), (crops,), ((h, w),), True, text, REPLY_TOKENS)
+    return None
+
+
+def fill(tokens: int, shares: dict[str, float], geom: VisionGeometry, max_frames: int, anyres: bool) -> list[Sample]:
+    """Samples filling `tokens`: each modality's share with its largest samples, the remainder as text."""
+    total = sum(shares.values())
+    samples: list[Sample] = []
+    for modality in MODALITIES:
+        budget = int(tokens * shares.get(modality, 0.0) / total)
+        while budget > 0:
+            sample = _sample(modality, budget, geom, max_frames, anyres)
+            if sample is None:
+                break
+            samples.append(sample)
+            budget -= sample.tokens
+    left = tokens - sum(s.tokens for s in samples)
+    if left > 1 or not samples:
+        samples.append(_text_sample(max(left, 2)))
+    return samples
+
+
+def collated(samples: list[Sample], image_token: int, video_token: int, pixels) -> dict:
+    """The batch collate() would hand the model: right-padded ids and labels, crops and frames from `pixels(n)`.
+
+    Token ids other than the media placeholders are arbitrary (1): memory does not depend on them.
+    """
+    length = max(s.tokens for s in samples)
+    ids = torch.zeros((len(samples), length), dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(samples), length), dtype=torch.long)
+    image_crops, image_sizes, anyres, frames = [], [], [], []
+    for i, s in enumerate(samples):
+        placeholder = video_token if s.modality == "video" else image_token
+        visual = sum(s.visual)
+        prompt = s.text - s.reply
+        ids[i, : s.tokens] = 1
+        ids[i, prompt // 2 : prompt // 2 + visual] = placeholder
+        labels[i, s.tokens - s.reply : s.tokens] = 1
+        attention[i, : s.tokens] = 1
+        if s.modality == "video":
+            frames.append(s.crops[0])
+        else:
+            image_crops += s.crops
+            image_sizes += s.image_sizes
+            anyres += [s.anyres] * len(s.crops)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "pixel_values": pixels(sum(image_crops)) if image_crops else None,
+        "images_per_sample": [len(s.crops) if s.modality not in ("video", "text") else 0 for s in samples],
+        "crops_per_image": image_crops,
+        "image_sizes": torch.tensor(image_sizes, dtype=torch.long).view(-1, 2),
+        "image_anyres": anyres,
+        "video_frames": pixels(sum(frames)) if frames else None,
+        "frames_per_video": frames,
+        "modality": [s.modality for s in samples],
+    }

@@ -1,0 +1,187 @@
+"""The memory and time planner: model state per engine by hand, the trace against a measured CPU run, the
+preflight's refusal and override, the Liger stand-in's memory, and `ov-train plan --json`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from ov_train.config.run_plan import model_plan, optim_plan
+from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples
+from ov_train.planner.report import preflight
+from ov_train.planner.state import Counts, Engine, count, model_state
+from ov_train.planner.trace import trace_step
+from ov_train.planner.workload import ONEVISION_MIX, REPLY_TOKENS, fill
+from ov_train.vision.geometry import VisionGeometry
+from tests.conftest import REPO, SMALL_DATA, compose_config
+
+# 1,000 parameters, 600 of them trained (largest group 400); layers of 100, a root unit of 200 whose largest
+# module is 150; 4 devices.
+C = Counts(total=1000, trainable=600, largest_group=400, largest_layer=100, root=200, largest_other=150)
+SMALL_BUCKETS = {"reduce_bucket": 50, "allgather_bucket": 30}
+
+
+@pytest.mark.parametrize("engine, expected", [
+    # weights, gradients, masters, moments, buffers, step working set, host
+    (Engine("single", 1, "bf16-true"), (2000, 1200, 2400, 4800, 0, 3200, 0)),
+    (Engine("single", 1, "32-true"), (4000, 2400, 0, 4800, 0, 1600, 0)),
+    (Engine("ddp", 4, "bf16-mixed"), (4000, 2400, 0, 4800, 2400, 1600, 0)),  # buckets: one more gradient copy
+    (Engine("zero", 4, "bf16-mixed", 2, **SMALL_BUCKETS), (2000, 300, 600, 1200, 200, 460, 0)),
+    (Engine("zero", 4, "bf16-mixed", 3, **SMALL_BUCKETS), (500, 300, 600, 1200, 200 + 500, 600, 0)),
+    (Engine("zero", 4, "bf16-mixed", 3, True, True, **SMALL_BUCKETS), (0, 0, 0, 0, 700, 0, 1800 + 300 + 500)),
+    (Engine("zero", 4, "bf16-mixed", 1, overlap_comm=False, **SMALL_BUCKETS), (2000, 1200, 600, 1200, 100, 460, 0)),
+    # fp32 shards; root unit + two layers gathered in bf16, one layer's gradients in bf16 and fp32
+    (Engine("fsdp2", 4, "bf16-mixed"), (1000, 600, 0, 1200, 2 * (200 + 200) + 6 * 100, 400, 0)),
+    (Engine("fsdp2", 4, "bf16-mixed", reshard_after_forward=False), (1000, 600, 0, 1200, 2 * 1000 + 600, 400, 0)),
+])
+def test_model_state_per_engine(engine, expected):
+    s = model_state(C, engine)
+    assert (s.weights, s.gradients, s.masters, s.optimizer, s.buffers, s.step_working_set, s.host) == expected
+
+
+def test_counts_and_lora_adapters():
+    cfg = compose_config([])
+    model = meta_model(model_plan(cfg.model))
+    from ov_train.model.parts import apply_stage
+
+    apply_stage(model, optim_plan(cfg).part_lrs)
+    full, lora = count(model), count(model, lora_rank=8)
+    t = model.config.text_config
+    head = t.hidden_size // t.num_attention_heads
+    q, kv, d, f = t.num_attention_heads * head, t.num_key_value_heads * head, t.hidden_size, t.intermediate_size
+    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)  # q, k, v, o, gate, up, down
+    assert lora.adapters == 8 * per_layer * t.num_hidden_layers
+    llm = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.language_model.", "lm_head.")))
+    assert full.total == sum(p.numel() for p in model.parameters())
+    assert lora.trainable == full.trainable - llm + lora.adapters
+    assert full.largest_group == llm and lora.largest_group < llm and "llm" in lora.trainable_parts
+
+
+def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
+    # The planner decides the GPU precision off the GPU; it must be what the run plan picks on one.
+    from ov_train.config.run_plan import resolve_plan
+
+    for overrides in ([], ["trainer.devices=2"], ["strategy=ddp"], ["strategy=fsdp2", "trainer.devices=2"]):
+        cfg = compose_config(["trainer.accelerator=gpu", "plan.device=h100", *overrides])
+        planned = Setup.from_config(cfg).engine.precision
+        with monkeypatch.context() as gpus:
+            gpus.setattr(torch.cuda, "is_available", lambda: True)
+            gpus.setattr(torch.cuda, "device_count", lambda: 8)
+            assert planned == resolve_plan(cfg).precision, overrides
+
+
+def test_workload_fills_the_budget_in_the_recipes_proportions():
+    cfg = compose_config(["model=ov_qwen2_0_5b"])
+    geometry = VisionGeometry.from_model_config(meta_model(model_plan(cfg.model)).config)
+    samples = fill(32768, ONEVISION_MIX, geometry, max_frames=32, anyres=True)
+    assert sum(s.tokens for s in samples) == 32768
+    by = {m: sum(s.tokens for s in samples if s.modality == m) for m in ONEVISION_MIX}
+    for modality, share in ONEVISION_MIX.items():
+        assert share * 32768 - 8200 <= by[modality] <= share * 32768  # each share filled to within one sample
+    video = [s for s in samples if s.modality == "video"][0]
+    assert video.crops == (32,) and video.visual == (32 * 196 + 1,) and video.reply == REPLY_TOKENS
+
+
+@pytest.mark.slow
+def test_trace_against_a_measured_cpu_run():
+    # The same step on real tensors (tiny geometry, 2,048 tokens, fp32, sdpa, chunked loss), measured by the
+    # process's resident set: the fake-tensor trace must predict it.
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ov_train.planner.calibrate", "--model", "tiny", "--tokens", "2048",
+         "--json", "/dev/stdout"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout[out.stdout.index("["):])[0]
+    assert result["measured_bytes"] > 50 * 2**20  # activations dominate, not noise
+    assert 0.9 <= result["ratio"] <= 1.1, result
+
+
+def test_fused_loss_stand_in_keeps_a_head_gradient_per_sample():
+    # Liger's kernel, called once per sample by ov_train.model.loss, keeps grad_input and a [vocab, d] weight
+    # gradient until backward: the plan's loss working set holds one per sample.
+    cfg = compose_config(["plan.device=h100", "plan.tokens=1024", "model.max_tokens=1024"])
+    setup = Setup.from_config(cfg)
+    assert setup.fused_loss and setup.options.attention() == "ov_varlen" and setup.engine.compute == "bf16"
+    model = meta_model(setup.model)
+    vocab, width = model.lm_head.weight.shape
+    samples = step_samples(setup, VisionGeometry.from_model_config(model.config))
+    trace = trace_step(model, setup.parts, samples, setup.options, "bf16", "ov_train", fused_loss=True)
+    assert len(samples) >= 3
+    assert len(samples) * vocab * width * 2 <= trace.loss < (len(samples) + 1) * vocab * width * 2
+
+
+def _refusing(tmp_path, *extra):
+    # A 1 MiB device: nothing fits, whatever the suggestions try.
+    overrides = ["plan.device=a100_40g", "plan.memory_gib=0.001", "plan.reserve_gib=0", "trainer.max_steps=1"]
+    return compose_config([*SMALL_DATA, *overrides, *extra], tmp_path / "run")
+
+
+def test_preflight_refuses_a_peak_over_the_device_and_says_what_fits(tmp_path):
+    from ov_train.run import train
+
+    cfg = _refusing(tmp_path)
+    with pytest.raises(PlanError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "GiB per device exceeds the 0.00 GiB usable on a100_40g" in message and "plan.enforce=false" in message
+    assert "activations (peak)" in message and "would fit" not in message  # nothing fits a 1 MiB device
+    assert "not enough alone: model.activation_checkpointing=[vision,llm]" in message
+    assert not (tmp_path / "run").exists()  # stopped before any work
+    # On CPU with plan.device unset there is no GPU run to plan.
+    with open_dict(cfg):
+        cfg.plan.device = None
+    assert preflight(cfg) is None
+
+
+def test_preflight_override_goes_ahead(tmp_path, caplog):
+    cfg = _refusing(tmp_path, "plan.enforce=false")
+    plan = preflight(cfg)
+    assert plan["fits"] is False and plan["peak_gib"] > plan["usable_gib"]
+    assert "training anyway" in caplog.text
+    fits = preflight(compose_config([*SMALL_DATA, "plan.device=h100"], tmp_path / "run"))
+    assert fits["fits"] is True and fits["device_gib"] == 79.1
+
+
+@pytest.mark.slow
+def test_cli_plan_json_keys():
+    script = shutil.which("ov-train") or str(Path(sys.executable).parent / "ov-train")
+    out = subprocess.run([script, "plan", "plan.device=h200", "trainer.devices=2", "strategy=fsdp2", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = json.loads(out.stdout)
+    for key in ("fits", "peak_gib", "device_gib", "weights_gib", "gradients_gib", "optimizer_gib", "masters_gib",
+                "buffers_gib", "activations_gib", "loss_gib", "flops_per_step", "step_time_s"):
+        assert key in plan, key
+    assert plan["fits"] is True and plan["device_gib"] == 139.8 and plan["strategy"] == "FSDP2" and plan["devices"] == 2
+    assert 0 < plan["peak_gib"] < 1 and plan["step_time_s"] > 0
+
+
+def test_cli_names_a_bad_key(capsys):
+    from ov_train.planner.cli import main
+
+    assert main(["plan.device=h300", "plan.mfu=2"]) == 2
+    err = capsys.readouterr().err
+    assert "plan.mfu=2.0 must be a number in (0, 1]" in err
+    assert main(["plan.device=h300"]) == 2
+    assert "plan.device='h300'; allowed:" in capsys.readouterr().err
+
+
+def test_stock_path_holds_full_logits():
+    # plan.path=stock: the public recipe's step (batch 1, fp32 weights under bf16 autocast, the stock forward's
+    # full logits and loss) on the longest sample of the same batch.
+    cfg = compose_config(["plan.device=h100", "plan.path=stock", "plan.tokens=1024", "model.max_tokens=1024"])
+    setup = Setup.from_config(cfg)
+    assert setup.engine.compute == "mixed" and not setup.options.packing and setup.options.loss == "full"
+    model = meta_model(setup.model)
+    vocab = model.lm_head.weight.shape[0]
+    samples = step_samples(setup, VisionGeometry.from_model_config(model.config))
+    assert len(samples) == 1
+    trace = trace_step(model, setup.parts, samples, setup.options, "mixed", "stock", fused_loss=False)
+    assert trace.row_tokens == samples[0].tokens
+    assert trace.loss >= samples[0].tokens * vocab * (2 + 4)  # bf16 logits and their fp32 copy

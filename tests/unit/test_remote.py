@@ -1,0 +1,230 @@
+"""Sources anywhere: shards read over loopback HTTP, from S3 (moto's server) and through pipe: commands equal the
+local ones; exact state restore over the network; failed reads retried, dead shards (a connection dropped
+mid-shard, a server that never answers) skipped and counted; listing errors named; credentials never shown."""
+import itertools
+import logging
+import time
+
+import pytest
+
+from ov_train.config.options import IOSettings
+from ov_train.config.run_plan import ConfigError
+from ov_train.data.recipe import RecipeError, Source, load_recipe
+from ov_train.data.remote import redact, redact_text
+from ov_train.data.shard_writer import ShardWriter
+from ov_train.data.sources import ShardUnreadable, samples
+from ov_train.data.stream import MixedStream, ValStream, read_tar
+from tests.servers import http_server, s3_server, upload_tree
+from tests.unit.test_stream import stub_process
+
+FAST = IOSettings(retries=2, backoff_s=0.1, timeout_s=1.0)
+
+
+def write_tree(root):
+    """Two sources laid out as convert writes them: a/ with 3 train shards of 4 and a val shard, b/ with 2."""
+    for name, shards in (("a", 3), ("b", 2)):
+        with ShardWriter(root / name, "train", samples_per_shard=4) as writer:
+            for i in range(4 * shards):
+                writer.write({"__key__": f"{name}{i:03d}", "json": {"tokens": 5 + i}, "img0.jpg": bytes([i]) * 700})
+    with ShardWriter(root / "a", "val", samples_per_shard=10) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"va{i}", "json": {"tokens": 3}})
+    (root / "recipe.yaml").write_text(
+        "sources:\n  - {name: a, path: a, modality: text, weight: 1}\n  - {name: b, path: b, modality: text, weight: 2}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_tree(tmp_path_factory.mktemp("remote_tree"))
+
+
+@pytest.fixture(scope="module")
+def http(tree):
+    with http_server(tree) as server:
+        yield server
+
+
+def keys(examples):
+    return [e["key"] for e in examples]
+
+
+def test_a_shard_reads_the_same_over_http_s3_and_pipe_as_locally(tree, http):
+    local = list(read_tar(str(tree / "a" / "train-000001.tar")))
+    assert [s["__key__"] for s in local] == ["a004", "a005", "a006", "a007"]
+    assert local[0]["img0.jpg"] == bytes([4]) * 700 and local[0]["json"] == b'{"tokens": 9}'
+    assert list(read_tar(f"{http.url}/a/train-000001.tar")) == local
+    assert list(read_tar(f"pipe:cat {tree}/a/train-000001.tar")) == local
+    # Entry numbers survive reading from the middle: what a resumed cursor asks for.
+    assert [(e, s["__key__"]) for e, s in samples("webdataset", f"{http.url}/a/train-000001.tar", first=2)] == [
+        (2, "a006"), (3, "a007")]
+    odd = [(e, s["__key__"]) for e, s in samples("webdataset", str(tree / "a" / "train-000001.tar"), 0, lambda e: e % 2)]
+    assert odd == [(1, "a005"), (3, "a007")]
+
+
+@pytest.mark.parametrize("root_kind", ["http", "brace", "pipe"])
+def test_recipes_list_remote_folders_brace_patterns_and_pipes(tree, http, root_kind, tmp_path):
+    if root_kind == "http":
+        recipe = load_recipe(str(tree / "recipe.yaml"), http.url + "/")
+        a = recipe.sources[0]
+        assert a.train_shards == tuple(f"{http.url}/a/train-00000{i}.tar" for i in range(3))
+        assert a.val_shards == (f"{http.url}/a/val-000000.tar",)
+        return
+    path = (f"{http.url}/a/train-{{000000..000002}}.tar" if root_kind == "brace"
+            else f"pipe:cat {tree}/a/train-{{000000..000002}}.tar")
+    (tmp_path / "r.yaml").write_text(f"sources:\n  - {{name: a, path: '{path}', val: '{http.url}/a/val-000000.tar',"
+                                     " modality: text, weight: 1}\n")
+    a = load_recipe(str(tmp_path / "r.yaml"), "/nowhere").sources[0]
+    assert len(a.train_shards) == 3 and a.val_shards == (f"{http.url}/a/val-000000.tar",)
+    first = [s["__key__"] for shard in a.train_shards for s in read_tar(shard)]
+    assert first == [f"a{i:03d}" for i in range(12)]
+
+
+def test_missing_shards_and_unreachable_servers_are_named_before_any_work(tree, http, tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        f"sources:\n  - {{name: gone, path: '{http.url}/a/train-{{000000..000005}}.tar', modality: text, weight: 1}}\n"
+        "  - {name: down, path: 'shards', modality: text, weight: 1}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(tmp_path / "r.yaml"), "http://127.0.0.1:9/data", io=IOSettings(retries=0, timeout_s=2))
+    message = str(err.value)
+    assert f"sources[0] (gone): 3 of 6 shards of {http.url}/a/train-{{000000..000005}}.tar do not exist" in message
+    assert "sources[1] (down): cannot list http://127.0.0.1:9/data/shards" in message
+
+
+def test_stream_over_http_equals_local_and_restores_exactly(tree, http):
+    local = load_recipe(str(tree / "recipe.yaml"), tree).sources
+    remote = load_recipe(str(tree / "recipe.yaml"), http.url).sources
+
+    def run(sources, **kw):
+        return MixedStream(sources, stub_process, seed=5, shuffle_buffer=3, io=FAST, **kw)
+
+    assert keys(itertools.islice(iter(run(local)), 40)) == keys(itertools.islice(iter(run(remote)), 40))
+    straight = run(remote, reader=1, readers=2)
+    it = iter(straight)
+    list(itertools.islice(it, 11))  # mid-block, mid-shard
+    resumed = run(remote, reader=1, readers=2, state=straight.state())
+    assert keys(itertools.islice(iter(resumed), 15)) == keys(itertools.islice(it, 15))
+    assert keys(ValStream(remote, stub_process, io=FAST)) == ["va0", "va1", "va2"]
+
+
+def shard_source(url_prefix, tree):
+    shards = tuple(f"{url_prefix}/{p}" for p in ("a/train-000000.tar", "a/train-000001.tar"))
+    return Source("a", "text", 1.0, shards, ())
+
+
+@pytest.mark.parametrize("fault", ["drop", "hang"])
+def test_a_dead_shard_is_retried_then_skipped_and_counted(tree, http, fault, caplog):
+    """A server that drops the connection half-way through a shard, or never answers: the shard is tried
+    1 + retries times, then skipped (data/skipped_shard_unreadable) and named; the stream goes on."""
+    good = shard_source(http.url, tree)
+    dead = Source("a", "text", 1.0, (f"{http.url}/{fault}/a/train-000002.tar", *good.train_shards), ())
+    # One epoch: the good shards' 8 samples, and from the dropped one what came before the drop (its first 3).
+    epoch = 8 + (3 if fault == "drop" else 0)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        examples = list(itertools.islice(iter(MixedStream([dead], stub_process, seed=0, shuffle_buffer=100, io=FAST)),
+                                         epoch))
+    assert sorted(keys(examples)) == [f"a{i:03d}" for i in range(epoch)]
+    assert sum(e["skipped"].get("shard_unreadable", 0) for e in examples) == 1
+    # Tried 1 + retries times (an HTTP client may re-send a request on a connection the server closed).
+    retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"reading {http.url}/{fault}/a/")]
+    assert [m.split("; ")[-1] for m in retried] == ["retry 1 of 2 in 0.1 s", "retry 2 of 2 in 0.2 s"]  # doubling
+    assert http.requests[f"/{fault}/a/train-000002.tar"] >= 1 + FAST.retries
+    assert time.monotonic() - start < 15  # timeouts, not a hang
+    named = [r.getMessage() for r in caplog.records if "skipping shard of source a" in r.getMessage()]
+    assert len(named) == 1 and f"{http.url}/{fault}/a/train-000002.tar: unreadable after 3 attempt(s)" in named[0]
+
+
+def test_a_slow_source_is_read_ahead_while_the_others_are_drawn(tree, http):
+    """Each request to the slow source takes a second. Its next block (here: its next shard) is asked for right
+    after the current one arrives, while that block's samples are still being used, not when they run out."""
+    slow = Source("slow", "text", 1.0, tuple(f"{http.url}/slow/a/train-00000{i}.tar" for i in range(3)), ())
+    fast = Source("fast", "text", 1.0, tuple(str(tree / "b" / f"train-00000{i}.tar") for i in range(2)), ())
+    used = []
+
+    def process(raw):
+        time.sleep(0.1)  # the work a real sample costs
+        used.append((raw["__key__"], time.monotonic()))
+        return {"key": raw["__key__"]}
+
+    list(itertools.islice(iter(MixedStream([slow, fast], process, seed=0, shuffle_buffer=4, io=FAST)), 16))
+    opened = {}
+    for path, t in http.arrivals:
+        if path.startswith("/slow/"):
+            opened.setdefault(path, t)
+    slow_used = [t for k, t in used if k.startswith("a")]
+    assert len(opened) >= 2 and len(slow_used) >= 4
+    # The second shard was asked for before the first block's 4 samples were all used.
+    assert sorted(opened.values())[1] < slow_used[3]
+
+
+def test_a_transient_failure_is_retried_and_loses_nothing(tree, http, caplog):
+    flaky = f"{http.url}/flaky/b/train-000001.tar"
+    with caplog.at_level(logging.WARNING):
+        assert [s["__key__"] for _, s in samples("webdataset", flaky, io=FAST)] == ["b004", "b005", "b006", "b007"]
+    assert [r.getMessage().split("; ")[-1] for r in caplog.records] == ["retry 1 of 2 in 0.1 s"]
+    with pytest.raises(ShardUnreadable, match="missing.tar: unreadable after 1 attempt"):
+        list(samples("webdataset", f"{http.url}/a/missing.tar", io=IOSettings(retries=0, backoff_s=0)))
+
+
+def test_s3_sources_list_read_and_restore_like_local_ones(tree):
+    local = load_recipe(str(tree / "recipe.yaml"), tree).sources
+    with s3_server() as (_, fs):
+        fs.makedirs("shards", exist_ok=True)  # moto keeps buckets process-wide, across servers
+        upload_tree(fs, tree, "shards/mix")
+        remote = load_recipe(str(tree / "recipe.yaml"), "s3://shards/mix").sources
+        assert remote[0].train_shards == tuple(f"s3://shards/mix/a/train-00000{i}.tar" for i in range(3))
+        assert remote[0].val_shards == ("s3://shards/mix/a/val-000000.tar",)
+        straight = MixedStream(remote, stub_process, seed=1, shuffle_buffer=3, io=FAST)
+        it = iter(straight)
+        head = keys(itertools.islice(it, 9))
+        resumed = MixedStream(remote, stub_process, seed=1, shuffle_buffer=3, io=FAST, state=straight.state())
+        tail = keys(itertools.islice(iter(resumed), 9))
+    assert head + tail == keys(itertools.islice(iter(MixedStream(local, stub_process, seed=1, shuffle_buffer=3)), 18))
+
+
+def test_credentials_never_reach_names_logs_or_errors(tree, http, tmp_path, caplog):
+    secret = "hunter2-secret"
+    assert redact(f"https://user:{secret}@host/a/b.tar?X-Amz-Signature={secret}") == "https://host/a/b.tar"
+    assert secret not in redact_text(f"GET https://u:{secret}@h/x.tar?token={secret} failed")
+    root = http.url.replace("http://", f"http://me:{secret}@")
+    (tmp_path / "r.yaml").write_text(f"sources:\n  - {{path: '{root}/a/train-{{000000..000001}}.tar', modality: text,"
+                                     " weight: 1}\n  - {path: nowhere, modality: text, weight: 1}\n")
+    with caplog.at_level(logging.DEBUG), pytest.raises(RecipeError) as err:
+        load_recipe(str(tmp_path / "r.yaml"), root, io=IOSettings(retries=1, backoff_s=0.01, timeout_s=2))
+    assert secret not in str(err.value) and "no train-*.tar shards under http://127.0.0.1" in str(err.value)
+    source = load_recipe(str(tmp_path / "r.yaml"), root, require_shards=False).sources[0]
+    assert secret not in source.name and source.name.startswith("http://127.0.0.1")
+    dead = Source(source.name, "text", 1.0, (f"{root}/drop/a/train-000000.tar", *source.train_shards), ())
+    with caplog.at_level(logging.DEBUG):
+        list(itertools.islice(iter(MixedStream([dead], stub_process, shuffle_buffer=2, io=FAST)), 11))
+    assert "skipping shard" in caplog.text and secret not in caplog.text
+
+
+def test_io_settings_are_checked_by_key():
+    from hydra.errors import ConfigCompositionException
+
+    from tests.conftest import compose_config, plan_of
+
+    assert plan_of(["data.io.retries=3", "data.io.backoff_s=0.5", "data.io.timeout_s=10"]).data.io == IOSettings(3, 0.5, 10)
+    with pytest.raises(ConfigError) as err:
+        plan_of(["data.io.retries=-1", "data.io.timeout_s=0", "+data.io.retry=2"])
+    problems = str(err.value)
+    assert "data.io.retry: no such setting" in problems
+    assert "data.io.retries=-1 must be an integer >= 0" in problems
+    assert "data.io.timeout_s=0 would fail every request" in problems
+    # Types are the schema's, refused while Hydra composes.
+    with pytest.raises(ConfigCompositionException, match="data.io.backoff_s"):
+        compose_config(["data.io.backoff_s=x"])
+
+
+def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path):
+    from ov_train.data import remote
+
+    assert all(remote.wds_gopen.gopen_schemes[s] is remote._gopen_fsspec for s in ("s3", "gs", "hf", "https"))
+    (tmp_path / "r.yaml").write_text("sources:\n  - {name: g, path: 'gs://bucket/shards', modality: text, weight: 1}\n"
+                                     "  - {name: h, path: 'hf://datasets/none/such', modality: text, weight: 1}\n")
+    with pytest.raises(RecipeError) as err:  # no gcsfs here, and the hub is offline: each is named, nothing hangs
+        load_recipe(str(tmp_path / "r.yaml"), "", io=IOSettings(retries=0, timeout_s=2))
+    assert "sources[0] (g): cannot list gs://bucket/shards" in str(err.value)
+    assert "sources[1] (h): cannot list hf://datasets/none/such" in str(err.value)
