@@ -236,9 +236,8 @@ def trainer_problems(trainer) -> list[str]:
     problems = []
     if trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={trainer.max_steps!r} must be a positive integer (training streams have no epochs)")
-    from lightning.pytorch import (
-        Trainer,  # only to read its signature: keys added with +trainer.NAME
-    )
+    # Only to read its signature: keys added with +trainer.NAME.
+    from lightning.pytorch import Trainer
 
     unknown = sorted(set(trainer) - set(inspect.signature(Trainer).parameters))
     if unknown:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ov_train.config.run_plan import StrategyPlan
+from ov_train.model import layout
 from ov_train.model.layout import part_of
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,7 +57,7 @@ class Counts:
 def lora_adapters(model, rank: int) -> dict[str, int]:
     """Adapter parameters per LLM projection a LoRA of `rank` would add: rank x (in + out) each."""
     out = {}
-    for name, module in model.model.language_model.named_modules():
+    for name, module in layout.language_model(model).named_modules():
         if name.rsplit(".", 1)[-1] in LORA_TARGETS and hasattr(module, "in_features"):
             out[name] = rank * (module.in_features + module.out_features)
     return out
