@@ -5,19 +5,21 @@ import ctypes
 import resource
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from ov_train import devices
 from ov_train.bench.mixture import synthetic_mixture, token_counts
+from ov_train.config.options import ForwardOptions
+from ov_train.constants import IGNORE_INDEX, PARTS
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
-from ov_train.model.forward import ForwardOptions, sample_losses
-from ov_train.model.packing import IGNORE_INDEX, plan_rows
+from ov_train.model.forward import prepare_model, sample_losses
+from ov_train.model.packing import plan_rows
 from ov_train.training.optim import build_adamw
-from ov_train.utils.flops import FORWARD_ORDER, ModelFlops
+from ov_train.utils.flops import ModelFlops
 from ov_train.vision.geometry import VisionGeometry
-
-H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM
 
 
 def _stock_step(model, examples, pad_id, device, autocast):
@@ -123,7 +125,8 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
     args.loss_chunk = args.loss_chunk or cfg.loss_chunk
     model.to(device).train()
     if args.peak_tflops is None:
-        args.peak_tflops = H100_BF16_TFLOPS if device.type == "cuda" else _measured_peak_tflops(device)
+        gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        args.peak_tflops = devices.peak_tflops(gpu_name)[0] if gpu_name else _measured_peak_tflops(device)
     geometry = VisionGeometry.from_model_config(model.config)
     process = SampleProcessor(tokenizer, geometry, "qwen_1_5", cfg.vision_aspect_ratio, max_frames=32, max_length=32768)
     raws = synthetic_mixture(args.samples * (args.warmup + args.steps), geometry.image_size, args.seed)
@@ -131,7 +134,7 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
     groups = [examples[i : i + args.samples] for i in range(0, len(examples), args.samples)]
     pad_id = tokenizer.pad_token_id
     model_flops = ModelFlops.from_config(model.config)
-    flops = lambda e: model_flops.train_step(token_counts(e), set(FORWARD_ORDER))  # noqa: E731  (all parts train)
+    flops = lambda e: model_flops.train_step(token_counts(e), set(PARTS))  # noqa: E731  (all parts train)
     tokens = lambda e: len(e["input_ids"])  # noqa: E731
     gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext
@@ -152,13 +155,14 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
     for max_tokens in row_sizes:
         options = _ours(args, max_tokens)
         if len(results) == 1:
-            options.prepare(model)  # attention, checkpointing and compilation are set once
+            prepare_model(model, options)  # attention, checkpointing and compilation are set once
             print(f"ov_train: attention {options.attention()}  compile: {options.compile}  "
                   f"checkpointing: {options.activation_checkpointing or 'none'}", flush=True)
         if gpu:
             torch.cuda.empty_cache()
         optimizer = build_adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5, "weight_decay": 0.0}])
-        ours = _run("ov_train", lambda ex: _ours_step(model, ex, pad_id, device, options), optimizer, groups, args, device, flops, tokens)
+        step = partial(_ours_step, model, pad_id=pad_id, device=device, options=options)
+        ours = _run("ov_train", step, optimizer, groups, args, device, flops, tokens)
         del optimizer
         ours["max_tokens"] = max_tokens
         _print(ours, stock)

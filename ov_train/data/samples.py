@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
+from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS
 from ov_train.data.video import VIDEO_FIELD, decode_video
-from ov_train.text.template import IGNORE_INDEX, PLACEMENTS, encode_conversation
+from ov_train.text.template import encode_conversation
 from ov_train.vision.preprocess import preprocess_frames, preprocess_image
-from ov_train.vision.settings import ImageSettings, MediaSettings, VideoSettings
 from ov_train.vision.tokens import video_tokens
-
 
 # Where a sample's video is, in order: the one field `ov-data convert` writes, then the container extensions
 # that older converted shards used and synthetic shards still use (`mp4`).
@@ -33,21 +33,19 @@ class SampleProcessor:
     tokenizer: object
     geometry: object
     template: str
-    image_strategy: str  # anyres_max_N, pad or square (ov_train.vision.settings); `media` wins when given
+    image_strategy: str  # anyres_max_N, pad or square (config/media.py); `media` wins when given
     max_frames: int
     max_length: int
-    # The stage's image and video settings (MediaSettings.from_config); None: from image_strategy and max_frames.
+    # The stage's image and video settings (the plan's SamplePlan.media); None: from image_strategy and max_frames.
     media: MediaSettings | None = None
-    # Where a turn's single <image>/<video> goes: `front` (moved to the start, then a newline, as the public
-    # LLaVA-NeXT code does) or `as_is`.
+    # Where a turn's single <image>/<video> goes (constants.PLACEMENTS): `front` (moved to the start, then a
+    # newline, as the public LLaVA-NeXT code does) or `as_is`.
     placement: str = "front"
 
     def __post_init__(self):
         if self.media is None:
             image = ImageSettings.from_stage({"image_strategy": self.image_strategy})
             object.__setattr__(self, "media", MediaSettings(image, VideoSettings(max_frames=self.max_frames)))
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"stage.media_placement={self.placement!r}; allowed: {list(PLACEMENTS)}")
 
     def __call__(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
@@ -98,7 +96,7 @@ class SampleProcessor:
     def _truncate(self, key, ids, labels):
         if len(ids) <= self.max_length:
             return ids, labels
-        media = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")}
+        media = {self.tokenizer.convert_tokens_to_ids(t) for t in MEDIA_TOKENS}
         if any(t in media for t in ids[self.max_length :]):
             # Cutting through visual tokens would orphan features, so such samples are dropped.
             raise SampleError("too_long", f"sample {key}: {len(ids)} tokens, visual tokens beyond max_length {self.max_length}")

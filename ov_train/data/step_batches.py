@@ -10,20 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ov_train.data.batching import TokenBudget
-
-
-def samples_per_rank(samples_per_step: int, world_size: int) -> int:
-    """This rank's share of a global batch; it must divide evenly, or ranks would step on different counts."""
-    if samples_per_step % world_size:
-        raise ValueError(
-            f"data.samples_per_step={samples_per_step} does not divide over {world_size} processes"
-            f" (trainer.num_nodes x trainer.devices); use a multiple of {world_size}"
-        )
-    return samples_per_step // world_size
+from ov_train.config.options import TokenBudget
 
 
 def split_step(lengths: list[int], budget: TokenBudget) -> list[list[int]]:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ov_train.constants import LOSS_WEIGHTINGS
+
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, predict: bool):
     logits = F.linear(hidden, weight).float()
@@ -69,12 +71,9 @@ def fused_cross_entropy_sums(hidden: torch.Tensor, weight: torch.Tensor, targets
     return torch.stack([s.float() for s in sums])
 
 
-# How per-sample losses combine into the loss of a step (stage.loss_weighting).
-WEIGHTINGS = ("token", "sample")
-
-
 def weighted_loss(sums: torch.Tensor, counts: torch.Tensor, weighting: str, denominator=None) -> torch.Tensor:
-    """The loss to backpropagate from per-sample loss sums [B] and supervised-token counts [B].
+    """The loss to backpropagate from per-sample loss sums [B] and supervised-token counts [B], combined as
+    `weighting` (constants.LOSS_WEIGHTINGS, stage.loss_weighting) says.
 
     token: sum of all token losses / tokens (long answers weigh more); sample: sum of each sample's mean loss /
     samples (every sample weighs the same, as batch 1 with accumulation gives). `denominator`: the tokens or
@@ -87,10 +86,6 @@ def weighted_loss(sums: torch.Tensor, counts: torch.Tensor, weighting: str, deno
         supervised = counts > 0
         numerator, own = (sums[supervised] / counts[supervised]).sum(), supervised.sum()
     else:
-        raise ValueError(f"stage.loss_weighting={weighting!r}; allowed: {list(WEIGHTINGS)}")
+        raise ValueError(f"stage.loss_weighting={weighting!r}; allowed: {list(LOSS_WEIGHTINGS)}")
     return numerator / (own.clamp_min(1) if denominator is None else denominator)
 
-
-def weighting_problems(stage) -> list[str]:
-    weighting = stage.get("loss_weighting", "token")
-    return [] if weighting in WEIGHTINGS else [f"stage.loss_weighting={weighting!r}; allowed: {list(WEIGHTINGS)}"]

@@ -10,7 +10,10 @@ nor optimizer state: ov_train.model.parts):
 | DDP | as one device | as one device | | 8T | gradient buckets, one more gradient copy (gradient_as_bucket_view is off) |
 | ZeRO-1 / ZeRO-2 (bf16) | 2P | 2T (ZeRO-1), 2T/N (ZeRO-2) | 4T/N | 8T/N | reduce buckets (x2 with overlap_comm) |
 | ZeRO-3 (bf16) | 2P/N | 2T/N | 4T/N | 8T/N | reduce buckets; two gathered layers (the one running, the one prefetched) |
-| FSDP2 (bf16-mixed) | 4P/N (fp32 shards) | 4T/N (fp32) | | 8T/N | the root unit gathered in bf16 all step; two gathered layers; one layer's gradients unsharded (bf16) and in fp32 for the reduce-scatter |
+| FSDP2 (bf16-mixed) | 4P/N (fp32 shards) | 4T/N (fp32) | | 8T/N | root unit in bf16; two gathered layers; one layer's gradients whole (1) |
+
+(1) the root unit is gathered in bf16 all step; one layer's gradients are unsharded, in bf16 and in fp32 for the
+reduce-scatter.
 
 Offloading (`offload_optimizer`) moves masters, moments and ZeRO-2/3 gradient partitions to host memory;
 `offload_parameters` (ZeRO-3) the weight shards. ZeRO-3 also gathers the largest layer and the largest module
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ov_train.model.parts import part_of
+from ov_train.config.run_plan import StrategyPlan
+from ov_train.model import layout
+from ov_train.model.layout import part_of
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_CLASSES = ("SiglipEncoderLayer", "Qwen2DecoderLayer")  # the units FSDP2Strategy shards (ov_train.strategies)
@@ -52,7 +57,7 @@ class Counts:
 def lora_adapters(model, rank: int) -> dict[str, int]:
     """Adapter parameters per LLM projection a LoRA of `rank` would add: rank x (in + out) each."""
     out = {}
-    for name, module in model.model.language_model.named_modules():
+    for name, module in layout.language_model(model).named_modules():
         if name.rsplit(".", 1)[-1] in LORA_TARGETS and hasattr(module, "in_features"):
             out[name] = rank * (module.in_features + module.out_features)
     return out
@@ -181,18 +186,17 @@ def model_state(c: Counts, e: Engine) -> ModelState:
     raise ValueError(f"unknown engine {e.name!r}")
 
 
-def engine_from_config(cfg, world: int, precision: str) -> Engine:
-    """The Engine of a composed config (strategy and trainer nodes) on `world` devices."""
-    s = cfg.strategy
-    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    if s.name == "deepspeed":
+def engine_from_plan(strategy: StrategyPlan, precision: str, accumulate: int = 1) -> Engine:
+    """The Engine of the run plan's strategy on its world of devices."""
+    s, world = strategy.settings, strategy.world_size
+    if strategy.name == "deepspeed":
         return Engine(
-            "zero", world, precision, int(s.stage), bool(s.offload_optimizer), bool(s.offload_parameters),
-            reduce_bucket=int(s.reduce_bucket_size), allgather_bucket=int(s.allgather_bucket_size),
-            overlap_comm=bool(s.overlap_comm), accumulate=accumulate,
+            "zero", world, precision, int(s["stage"]), bool(s["offload_optimizer"]), bool(s["offload_parameters"]),
+            reduce_bucket=int(s["reduce_bucket_size"]), allgather_bucket=int(s["allgather_bucket_size"]),
+            overlap_comm=bool(s["overlap_comm"]), accumulate=accumulate,
         )
-    if s.name == "fsdp2":
-        return Engine("fsdp2", world, precision, reshard_after_forward=bool(s.reshard_after_forward), accumulate=accumulate)
+    if strategy.name == "fsdp2":
+        return Engine("fsdp2", world, precision, reshard_after_forward=bool(s["reshard_after_forward"]), accumulate=accumulate)
     # auto: Lightning runs DDP on several devices
-    name = "ddp" if s.name == "ddp" or world > 1 else "single"
+    name = "ddp" if strategy.name == "ddp" or world > 1 else "single"
     return Engine(name, world, precision, accumulate=accumulate)

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
-IGNORE_INDEX = -100
-TEMPLATES = ("plain", "qwen_1_5")
+from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS, PLACEMENTS, TEMPLATES
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-MEDIA_TOKENS = ("<image>", "<video>")
-# Where a turn's media placeholder goes: `front`: a turn holding exactly one placeholder gets it moved to its
-# start followed by "\n" (the public LLaVA-NeXT code's preprocess_multimodal); `as_is`: where the data has it.
-PLACEMENTS = ("front", "as_is")
 
 ROLES = {
     "human": "user",
@@ -47,7 +43,7 @@ def encode_conversation(
 
     `visual_tokens[k]` is the number of embedding slots of the k-th `<image>` /
     `<video>` placeholder (in order of appearance); each placeholder becomes that
-    many copies of its token id. `placement` (PLACEMENTS) may first move a turn's single
+    many copies of its token id. `placement` (constants.PLACEMENTS) may first move a turn's single
     placeholder to its start. No truncation happens here.
     """
     if template not in TEMPLATES:

@@ -16,8 +16,8 @@ from contextlib import nullcontext
 
 import torch
 
+from ov_train.constants import IGNORE_INDEX
 from ov_train.model.loss import weighted_loss
-from ov_train.text.template import IGNORE_INDEX
 
 
 def _own_counts(micro_batches: list[dict], device) -> torch.Tensor:

@@ -7,8 +7,10 @@ from functools import partial
 import lightning as L
 import torch
 
-from ov_train.data.recipe import MODALITIES
-from ov_train.model.forward import ForwardOptions, sample_losses
+from ov_train.config.options import ForwardOptions
+from ov_train.config.run_plan import OptimPlan
+from ov_train.constants import MODALITIES
+from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training.accumulate import accumulated_step
@@ -18,39 +20,33 @@ from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-NONFINITE = ("skip", "stop")
 # This many non-finite batches in a row means the weights themselves are broken: skipping on would train nothing.
 MAX_NONFINITE_IN_A_ROW = 10
 
 
 class OneVisionModule(L.LightningModule):
     def __init__(
-        self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None,
-        forward_options: ForwardOptions | None = None, nonfinite: str = "skip", identity: dict | None = None,
-        samples_per_step: int | None = None, clip_val: float | None = None,
+        self, model, optim: OptimPlan, forward_options: ForwardOptions | None = None, tokenizer_dir: str | None = None,
+        nonfinite: str = "skip", identity: dict | None = None, template: str | None = None,
     ):
         super().__init__()
-        # stage.loss_weighting: token or sample (ov_train.model.loss.weighted_loss).
-        self.loss_weighting = stage.get("loss_weighting", "token")
-        # data.samples_per_step: each batch is a step bundle of micro-batches (ov_train.training.accumulate), stepped
-        # by hand; the trainer's gradient clipping (not allowed with manual optimization) moves here.
-        self.automatic_optimization = samples_per_step is None
-        self.clip_val = clip_val
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite={nonfinite!r}; allowed: {list(NONFINITE)}")
         self.tokenizer_dir = tokenizer_dir
-        # What a resume must match (stage, model, geometry, max_steps: run.py's run_identity), kept in checkpoints.
-        self.identity = identity
+        # What a resume must match (the plan's identity: stage, model, geometry, max_steps), kept in checkpoints,
+        # and the chat template the export renders.
+        self.identity, self.template = identity, template
         self.model = model.train()  # from_pretrained hands models back in eval mode
-        self.stage = stage
-        self.total_steps = total_steps
+        self.optim = optim
+        # stage.loss_weighting: token or sample (model/loss.py: weighted_loss). data.samples_per_step: each batch is a
+        # step bundle of micro-batches (training/accumulate.py), stepped by hand.
+        self.loss_weighting = optim.step.loss_weighting
+        self.automatic_optimization = not optim.step.manual
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
-        self.forward_options.prepare(model)
-        self.lr_scale = lr_scale
+        prepare_model(model, self.forward_options)
         # Freezing happens here, once, before any strategy wraps the model.
-        _, self.part_rows = apply_stage(model, dict(stage.parts), lr_scale, stage.weight_decay)
-        log.info("trainable parts for stage %s:\n%s", stage.name, format_table(self.part_rows))
+        _, self.part_rows = apply_stage(model, optim.part_lrs, optim.weight_decay)
+        self.parameter_table = format_table(self.part_rows)
+        log.info("trainable and frozen parameters:\n%s", self.parameter_table)
         # Per modality: loss sum, supervised tokens, correct answers, chance, samples.
         self._val = defaultdict(lambda: torch.zeros(5, dtype=torch.float64))
         # What a non-finite training loss does (see _skip_nonfinite); skipped batches are counted.
@@ -121,9 +117,10 @@ class OneVisionModule(L.LightningModule):
             # No update from a step that saw a non-finite loss: AdamW leaves parameters without gradients untouched.
             optimizer.zero_grad(set_to_none=True)
             self._drop_gradients = False
-        elif not self.automatic_optimization and self.clip_val:
-            # After the callbacks' hooks, so the logged gradient norms stay the ones before clipping.
-            self.clip_gradients(optimizer, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
+        elif self.optim.step.clip_val:
+            # Manual optimization (step bundles) only; after the callbacks' hooks, so the logged gradient norms
+            # stay the ones before clipping.
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.step.clip_val, gradient_clip_algorithm="norm")
 
     def validation_step(self, batch, batch_idx):
         # A sample counts as answered when greedy decoding would reproduce its whole reply.
@@ -143,7 +140,7 @@ class OneVisionModule(L.LightningModule):
     def on_validation_epoch_end(self):
         stats = torch.stack([self._val[m] for m in MODALITIES])
         if self.trainer.world_size > 1:
-            stats = self.all_gather(stats.to(self.device)).reshape(-1, len(MODALITIES), 5).sum(0).cpu()
+            stats = self.trainer.strategy.reduce(stats.to(self.device), reduce_op="sum").cpu()
         total = stats.sum(0)
         if total[4] == 0:
             return
@@ -157,7 +154,9 @@ class OneVisionModule(L.LightningModule):
             if s[4] > 0:
                 self.val_metrics[f"val/loss_{m}"] = float(s[0] / s[1].clamp_min(1))
                 self.val_metrics[f"val/accuracy_{m}"] = float(s[2] / s[4])
-        self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, rank_zero_only=True)
+        # Every rank holds the same summed totals: sync_dist averages equal values (and is what Lightning
+        # expects of epoch-level metrics under several processes).
+        self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat
@@ -165,7 +164,7 @@ class OneVisionModule(L.LightningModule):
         recipe = getattr(getattr(self._trainer, "datamodule", None), "recipe", None)
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
-            "stage": self.stage.name, "template": self.stage.template,
+            "stage": (self.identity or {}).get("stage"), "template": self.template,
             "recipe": getattr(recipe, "name", None), "data_mix": recipe.shares("name") if recipe else {},
             "val_metrics": dict(getattr(self, "val_metrics", {})),
         }
@@ -178,10 +177,10 @@ class OneVisionModule(L.LightningModule):
 
     def configure_optimizers(self):
         # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
-        groups, _ = apply_stage(self.model, dict(self.stage.parts), self.lr_scale, self.stage.weight_decay)
+        groups, _ = apply_stage(self.model, self.optim.part_lrs, self.optim.weight_decay)
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
         optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
-        lam = partial(warmup_cosine, total_steps=self.total_steps, warmup_ratio=self.stage.warmup_ratio)
+        lam = partial(warmup_cosine, total_steps=self.optim.total_steps, warmup_ratio=self.optim.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -75,7 +75,7 @@ def _squashed_crop(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
 
 
 def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool = False, mode: str | None = None) -> ImageCrops:
-    """Crops for one image, cut as `mode` (ov_train.vision.settings.ImageSettings.crop_mode): anyres,
+    """Crops for one image, cut as `mode` (ov_train.config.media.ImageSettings.crop_mode): anyres,
     pad (one padded square crop + newline) or square (one squashed crop, no newline); `anyres` picks
     between the first two."""
     mode = mode or ("anyres" if anyres else "pad")

@@ -7,7 +7,12 @@ import re
 import pytest
 
 from ov_train.bench import main
-from ov_train.bench.mixture import MIXTURE, synthetic_mixture, token_counts, write_mixture_shards
+from ov_train.bench.mixture import (
+    MIXTURE,
+    synthetic_mixture,
+    token_counts,
+    write_mixture_shards,
+)
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.training.metrics import batch_counts
@@ -20,8 +25,10 @@ LOADER = re.compile(r"^loader\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers
 LOADER_HTTP = re.compile(r"^loader/http\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers (\d+)\s+cpus (\d+)$")
 
 
+@pytest.mark.slow
 def test_tiny_bench_prints_positive_figures(capsys, tmp_path):
-    results = main(["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512", "--json", str(tmp_path / "b.json")])
+    args = ["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512"]
+    results = main([*args, "--json", str(tmp_path / "b.json")])
     lines = [m.groups() for m in map(FIGURES.match, capsys.readouterr().out.splitlines()) if m]
     assert [(name, rows) for name, *_, rows in lines] == [
         ("stock", None), ("ov_train", "128"), ("ratio", "128"), ("ov_train", "512"), ("ratio", "512"),
@@ -43,6 +50,7 @@ def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
     assert ours == batch_counts(collate(examples, tokenizer.pad_token_id))[:3].tolist()
 
 
+@pytest.mark.slow
 def test_tiny_loader_bench_prints_positive_figures(capsys):
     """No model: the tiny mixture's shards stream through training's loader, in-process, read from the local disk
     and then over HTTP from a loopback server: both throughputs printed."""

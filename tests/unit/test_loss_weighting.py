@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from ov_train.config.options import ForwardOptions
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.video import encode_mp4
-from ov_train.model.forward import ForwardOptions, sample_losses
+from ov_train.model.forward import sample_losses
 from ov_train.model.loss import weighted_loss
 from ov_train.vision.geometry import VisionGeometry
 from tests.helpers import noise_png, raw_sample

@@ -19,16 +19,17 @@ from transformers import (
 )
 from transformers.image_processing_utils import select_best_resolution
 
-from ov_train.config import ConfigError, validate
+from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, parse_grid, read_media
+from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.video import encode_mp4
+from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.text.template import encode_conversation
-from ov_train.tools.export import export_pretrained
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from ov_train.vision.preprocess import preprocess_image
-from ov_train.vision.settings import ImageSettings, MediaSettings, VideoSettings, apply_to_model_config, parse_grid
+from ov_train.vision.settings import apply_to_model_config
 from ov_train.vision.tokens import anyres_tokens, video_frame_indices
-from tests.conftest import compose_config
+from tests.conftest import compose_config, plan_of
 from tests.helpers import noise_png, raw_sample
 
 REAL = VisionGeometry(image_size=384, patch_size=14, grid_pinpoints=default_pinpoints(384))
@@ -36,6 +37,14 @@ TINY = VisionGeometry(image_size=32, patch_size=8, grid_pinpoints=default_pinpoi
 MID_GRID = "(2x2),(1x2),(1x3),(2x1),(3x1)"
 GRIDS = ["(1x1),...,(6x6)", MID_GRID, "(1x1),...,(3x3)", [[1, 2], [2, 1], [4, 4]]]
 SIZES = [(h, w) for h in (90, 384, 700, 1080, 2500) for w in (120, 384, 768, 1920, 3300)]
+
+
+def _geometry(image: ImageSettings, base: VisionGeometry) -> VisionGeometry:
+    """The geometry a model of `base`'s geometry has once training applied the stage's image settings."""
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=base.image_size, patch_size=base.patch_size),
+                             vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=[list(p) for p in base.grid_pinpoints])
+    apply_to_model_config(config, MediaSettings(image))
+    return VisionGeometry.from_model_config(config)
 
 
 def _noise(height, width, seed=0):
@@ -63,7 +72,7 @@ def _stock_counts(geom: VisionGeometry, strategy: str, height: int, width: int) 
 @pytest.mark.parametrize("n", [1, 4, 9, 20])
 def test_anyres_max_n_on_any_grid_counts_as_transformers(n, grid):
     settings = ImageSettings.from_stage({"image_strategy": f"anyres_max_{n}", "image_grid": grid})
-    geom = settings.geometry(REAL)
+    geom = _geometry(settings, REAL)
     assert geom.max_crops == n and geom.grid_pinpoints == settings.pinpoints(384)
     for height, width in SIZES:
         packed, counted = _stock_counts(geom, settings.strategy, height, width)
@@ -81,7 +90,7 @@ def test_grid_notations():
 
 @pytest.mark.parametrize(("height", "width"), [(20, 20), (32, 90), (70, 30), (100, 250), (17, 190)])
 def test_anyres_crops_on_the_stage_grid_are_the_stock_processors(height, width):
-    geom = ImageSettings.from_stage({"image_strategy": "anyres_max_4", "image_grid": MID_GRID}).geometry(TINY)
+    geom = _geometry(ImageSettings.from_stage({"image_strategy": "anyres_max_4", "image_grid": MID_GRID}), TINY)
     stock = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                             image_grid_pinpoints=[list(p) for p in geom.grid_pinpoints])
     image = _noise(height, width)
@@ -92,9 +101,8 @@ def test_anyres_crops_on_the_stage_grid_are_the_stock_processors(height, width):
 
 
 def test_mid_stage_follows_the_papers_stage_1_5_grid_and_limit():
-    cfg = compose_config(["stage=mid"])
-    media = MediaSettings.from_config(cfg.stage)
-    geom = media.image.geometry(REAL)
+    media = plan_of(["stage=mid"]).data.samples.media
+    geom = _geometry(media.image, REAL)
     assert [tuple(p) for p in geom.grid_pinpoints] == [(768, 768), (384, 768), (384, 1152), (768, 384), (1152, 384)]
     counts = {(h, w): anyres_tokens(h, w, geom) for h in range(100, 4000, 97) for w in range(100, 4000, 89)}
     # At most the base crop and 4 crops' worth of features (729 x 5), plus a newline per grid row (54 at 2x2).
@@ -158,8 +166,9 @@ def test_video_settings_per_stage_and_per_source(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     geom = VisionGeometry.from_model_config(model.config)
     stage = {"image_strategy": "anyres_max_9", "video_fps": 1, "max_frames": 32, "frame_sampling": "fps", "frame_size": None}
-    source = SimpleNamespace(name="clips", video={"max_frames": 4, "sampling": "uniform", "frame_size": 16})
-    media = MediaSettings.from_config(stage, [source])
+    source = SimpleNamespace(name="clips", video=(("max_frames", 4), ("sampling", "uniform"), ("frame_size", 16)))
+    media, problems = read_media(stage, [source])
+    assert not problems
     process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 48, 3), dtype=np.uint8)
     raw = raw_sample("v", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=2))
@@ -175,8 +184,9 @@ def test_bad_media_settings_name_their_keys():
     cfg = compose_config(["stage.image_strategy=anyres_max_0", "stage.image_grid=[0x2]", "stage.frame_sampling=random",
                           "stage.video_fps=0", "stage.media_placement=end", "stage.loss_weighting=mean"])
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    for key in ("stage.image_strategy=", "stage.frame_sampling=", "stage.video_fps=", "stage.loss_weighting="):
+        resolve_plan(cfg)
+    for key in ("stage.image_strategy=", "stage.frame_sampling=", "stage.video_fps=", "stage.media_placement=",
+                "stage.loss_weighting="):
         assert key in str(err.value)
     with pytest.raises(ValueError, match="stage.image_grid"):
         ImageSettings.from_stage({"image_strategy": "anyres_max_4", "image_grid": "(0x2)"})
@@ -204,7 +214,7 @@ def test_placement_moves_a_single_placeholder_to_the_front_as_the_public_code(ti
 def _exported(tiny_model_and_tokenizer, tmp_path, overrides):
     model, tokenizer = tiny_model_and_tokenizer
     config = copy.deepcopy(model.config)
-    apply_to_model_config(config, MediaSettings.from_config(compose_config(overrides).stage))
+    apply_to_model_config(config, plan_of(overrides).data.samples.media)
     return export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
 
 

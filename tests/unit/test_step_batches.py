@@ -4,20 +4,24 @@ import json
 
 import pytest
 
-from ov_train.config import ConfigError, validate
-from ov_train.data.batching import TokenBudget, TrainBatches
+from ov_train.config.options import TokenBudget
+from ov_train.config.run_plan import ConfigError
+from ov_train.data.batching import TrainBatches
 from ov_train.data.recipe import Source
 from ov_train.data.shard_writer import ShardWriter
-from ov_train.data.step_batches import samples_per_rank, split_step
+from ov_train.data.step_batches import split_step
 from ov_train.data.stream import MixedStream
-from ov_train.training.steps import derive_max_steps
-from tests.conftest import compose_config
+from tests.conftest import plan_of
 
 
-def test_each_rank_takes_its_share_of_the_global_batch():
-    assert samples_per_rank(256, 1) == 256 and samples_per_rank(256, 2) == 128 and samples_per_rank(256, 128) == 2
-    with pytest.raises(ValueError, match="data.samples_per_step=6 does not divide over 4 processes"):
-        samples_per_rank(6, 4)
+@pytest.mark.parametrize(("devices", "nodes", "per_rank"), [(1, 1, 256), (2, 1, 128), (8, 16, 2)])
+def test_each_rank_takes_its_share_of_the_global_batch(devices, nodes, per_rank, tmp_path):
+    plan = plan_of(["data.samples_per_step=256", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}",
+                    "trainer.accelerator=cpu", "strategy=ddp"], tmp_path)
+    assert plan.data.samples_per_rank == per_rank
+    # Stepped by hand: Lightning's clipping moves into the module, the same value.
+    assert plan.optim.step.manual and plan.optim.step.clip_val == 1.0 and "gradient_clip_val" not in plan.trainer
+    assert plan_of([], tmp_path).data.samples_per_rank is None
 
 
 def test_micro_batches_fit_the_budget_and_hold_every_sample_once():
@@ -71,12 +75,13 @@ def test_a_step_bundle_holds_exactly_the_ranks_share_and_resumes_exactly(source)
 
 
 def test_epochs_derive_max_steps_from_the_recipe_sample_counts(tmp_path):
-    cfg = compose_config(["data=recipe", "stage=mid", f"data.root={tmp_path}", "data.samples_per_step=256", "data.epochs=1"])
-    derive_max_steps(cfg)
-    assert cfg.trainer.max_steps == -(-4_835_000 // 256) == 18_887  # Sec. 4.1's 4.835M samples, 256 per step
-    cfg = compose_config(["data=recipe", "stage=mid", f"data.root={tmp_path}", "data.samples_per_step=512", "data.epochs=2"])
-    derive_max_steps(cfg)
-    assert cfg.trainer.max_steps == 18_887
+    overrides = ["data=recipe", "stage=mid", f"data.root={tmp_path}", "data.samples_per_step=256", "data.epochs=1"]
+    plan = plan_of(overrides, tmp_path)
+    steps = -(-4_835_000 // 256)  # Sec. 4.1's 4.835M samples, 256 per step
+    assert plan.trainer["max_steps"] == plan.optim.total_steps == plan.identity["max_steps"] == steps == 18_887
+    assert plan.optim.step.max_steps_from.endswith("4835000 samples (recipe mid) / 256 samples per step) = 18887")
+    plan = plan_of([*overrides[:-2], "data.samples_per_step=512", "data.epochs=2"], tmp_path)
+    assert plan.trainer["max_steps"] == 18_887
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -84,8 +89,9 @@ def test_epochs_derive_max_steps_from_the_recipe_sample_counts(tmp_path):
     (["data.samples_per_step=8", "data.epochs=1"], "data.epochs needs sample counts: recipe 'synthetic_onevision'"),
     (["data.samples_per_step=7", "trainer.devices=2"], "data.samples_per_step=7 does not divide over 2 processes"),
     (["data.samples_per_step=0"], "data.samples_per_step=0 must be an integer >= 1"),
-    (["data.samples_per_step=8", "trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches must be 1"),
+    (["data.samples_per_step=8", "trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 with data.s"),
+    (["data.epochs=0", "data.samples_per_step=8"], "data.epochs=0.0 must be a number > 0"),
 ])
 def test_bad_step_settings_are_refused_by_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config(overrides, run_dir=tmp_path))
+        plan_of(overrides, tmp_path)
