@@ -171,8 +171,8 @@ class Setup:
             model=model_plan(cfg.model), parts=optim_plan(cfg).part_lrs, device=device,
             engine=engine, options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
-            tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=str(cfg.stage.image_strategy).startswith("anyres"),
-            max_frames=int(cfg.stage.max_frames), lora_rank=int(plan.lora_rank) if plan.get("lora") else None,
+            tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=media.image.anyres,
+            max_frames=media.video.max_frames, lora_rank=int(plan.lora_rank) if plan.get("lora") else None,
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
             image=media.image,
         )
