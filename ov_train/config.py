@@ -10,6 +10,7 @@ from ov_train.data.recipe import RecipeError, load_recipe
 from ov_train.data.remote import IOSettings, io_problems, redact
 from ov_train.data.synthetic import MIN_PX as MIN_SYNTHETIC_PX
 from ov_train.data.synthetic import SYNTHETIC, occupied, synthetic_root
+from ov_train.model.adapters import adapter_problems
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.parts import PARTS
 from ov_train.strategies import STRATEGIES, default_precision, launcher_problems
@@ -193,6 +194,8 @@ def _checkpoint_problems(ckpt) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     problems = _stage_problems(cfg.stage) + _model_problems(cfg.model) + _strategy_problems(cfg.strategy, cfg.trainer)
     problems += _data_problems(cfg.data, cfg.get("seed")) + _checkpoint_problems(cfg.get("checkpoint"))
+    problems += adapter_problems(cfg.get("adapter"), dict(cfg.stage.get("parts") or {}), cfg.strategy,
+                                 str(cfg.trainer.accelerator))
     if cfg.get("nonfinite") not in NONFINITE:
         problems.append(f"nonfinite={cfg.get('nonfinite')!r}; allowed: {list(NONFINITE)}")
     peak = cfg.metrics.get("peak_tflops")

@@ -28,11 +28,52 @@ STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """ModelParallelStrategy with every process in one data-parallel (FSDP2) mesh dimension, no tensor parallelism."""
+    """ModelParallelStrategy with every process in one data-parallel (FSDP2) mesh dimension, no tensor parallelism.
 
-    def __init__(self, world_size: int, reshard_after_forward: bool, **kwargs):
+    With `trainable_only` (adapters: the frozen base comes from model.*), checkpoints hold the tensors that train
+    and their optimizer state only, sharded or whole.
+    """
+
+    def __init__(self, world_size: int, reshard_after_forward: bool, trainable_only: bool = False, **kwargs):
         super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, **kwargs)
         self.reshard_after_forward = reshard_after_forward
+        self.trainable_only = trainable_only
+
+    def lightning_module_state_dict(self) -> dict:
+        if not self.trainable_only:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True,
+                                   ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Lightning's loading, except that a sharded checkpoint of trainable tensors only is read into those
+        (Lightning's asks the checkpoint for every tensor of the model)."""
+        from pathlib import Path
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not (self.trainable_only and path.is_dir()):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(ignore_frozen_params=True, cpu_offload=True)
+        state = {"state_dict": get_model_state_dict(self.model, options=options)}
+        state.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, opt, options=options)
+                      for i, opt in enumerate(self.optimizers)})
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(self.model, state.pop("state_dict"), options=options)
+        for i, optimizer in enumerate(self.optimizers):
+            set_optimizer_state_dict(self.model, optimizer, state.pop(f"optimizer_{i}"), options=options)
+        return torch.load(path / "meta.pt", weights_only=weights_only)  # Lightning's metadata file
 
     def parallelize(self, module: torch.nn.Module) -> None:
         """fully_shard each SigLIP and Qwen2 layer, then the LightningModule as the root, whose steps gather it."""
@@ -192,6 +233,8 @@ def build_strategy(cfg):
     """
     adopt_launcher_tasks()
     s = cfg.strategy
+    # Adapters (ov_train.model.adapters): checkpoints keep the trainable tensors only, the base comes from model.*.
+    trainable_only = (cfg.get("adapter") or {}).get("name", "none") != "none"
     if s.name == "auto":
         return "auto"
     if s.name == "ddp":
@@ -202,11 +245,12 @@ def build_strategy(cfg):
         )
     if s.name == "deepspeed":
         config = deepspeed_config(s, cfg.data.get("batch_size") or 1)
-        return DeepSpeedCPUStrategy(config=config, process_group_backend=s.process_group_backend)
+        return DeepSpeedCPUStrategy(config=config, process_group_backend=s.process_group_backend,
+                                    exclude_frozen_parameters=trainable_only)
     if s.name == "fsdp2":
         return FSDP2Strategy(
             world_size=world_size(cfg.trainer),
-            reshard_after_forward=bool(s.reshard_after_forward),
+            reshard_after_forward=bool(s.reshard_after_forward), trainable_only=trainable_only,
             save_distributed_checkpoint=bool(s.save_distributed_checkpoint),
             process_group_backend=s.process_group_backend,
         )

@@ -93,9 +93,14 @@ def _fit_vocab(model, tokenizer) -> None:
     model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
 
 
-def build_model(cfg, cache_dir: str | Path, trust_checkpoint: bool = False):
+def build_model(cfg, cache_dir: str | Path, trust_checkpoint: bool = False, seed: int | None = None):
     """Return (model, tokenizer) for a `model` config node; weights in fp32 (precision is the trainer's job).
-    An `init_from` checkpoint is unpickled beyond tensors and plain data only with `trust_checkpoint`."""
+    An `init_from` checkpoint is unpickled beyond tensors and plain data only with `trust_checkpoint`.
+
+    With `seed`, torch's generator is seeded first: random weights, and the embedding rows added for new tokens,
+    are then the same on every build, so an adapter run's frozen base can be rebuilt from its record."""
+    if seed is not None:
+        torch.manual_seed(seed)
     if cfg.init_from and (Path(cfg.init_from) / "config.json").is_file():
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)

@@ -17,10 +17,19 @@ PARTS: dict[str, tuple[str, ...]] = {
 # Tensors LLaVA-OneVision never runs: image features are the tower's last kept layer *before* SigLIP's
 # post_layernorm, and the pooling head is not used. They stay frozen in every stage: they would get no
 # gradient, so an optimizer would only carry them, and DDP (find_unused_parameters=False) fails on them.
+# (Under adapters a tower trained whole is PEFT's copy: `vision_tower.modules_to_save.default.` and the frozen
+# `vision_tower.original_module.` prefix the same names.)
 UNUSED: tuple[str, ...] = (
-    r"^model\.vision_tower\.(vision_model\.)?post_layernorm\.",
-    r"^model\.vision_tower\.(vision_model\.)?head\.",
+    r"^model\.vision_tower\.((modules_to_save\.\w+|original_module)\.)?(vision_model\.)?post_layernorm\.",
+    r"^model\.vision_tower\.((modules_to_save\.\w+|original_module)\.)?(vision_model\.)?head\.",
 )
+# Tensors PEFT adds (ov_train.model.adapters): LoRA / DoRA matrices and magnitudes, and the trained copy of a module
+# trained whole beside adapters (modules_to_save). In an adapted part only these train; the rest is frozen base.
+ADAPTER_WEIGHTS: tuple[str, ...] = (r"\.lora_[A-Za-z_]+\.", r"\.modules_to_save\.")
+
+
+def is_adapter_weight(name: str) -> bool:
+    return any(re.search(p, name) for p in ADAPTER_WEIGHTS)
 
 
 def part_of(name: str) -> str:
@@ -38,14 +47,18 @@ class PartRow:
     params: int
     tensors: int
     trainable_params: int | None = None  # params that train: all but the UNUSED ones (None: all of them)
+    adapter_params: int = 0  # of `params`, those PEFT added (adapters, trained copies); the rest is base
+    copy: bool = False  # trained as a whole copy beside adapters (PEFT's modules_to_save), not through adapters
 
 
-def apply_stage(model: nn.Module, part_lrs: dict[str, float], lr_scale: float = 1.0, weight_decay: float = 0.0):
+def apply_stage(model: nn.Module, part_lrs: dict[str, float], lr_scale: float = 1.0, weight_decay: float = 0.0,
+                adapted: tuple[str, ...] = ()):
     """Freeze every part without a positive learning rate and return (optimizer groups, table rows).
 
     Frozen tensors get requires_grad=False and appear in no group, so they get neither gradients
     nor optimizer state. Every trainable tensor lands in exactly one group (asserted). Tensors the
-    model never runs (UNUSED) stay frozen even when their part trains.
+    model never runs (UNUSED) stay frozen even when their part trains. In the `adapted` parts only PEFT's tensors
+    (ADAPTER_WEIGHTS) train, at the part's learning rate; their base weights are frozen like any other.
     """
     unknown = sorted(set(part_lrs) - set(PARTS))
     if unknown:
@@ -56,21 +69,24 @@ def apply_stage(model: nn.Module, part_lrs: dict[str, float], lr_scale: float = 
     if not lr_scale > 0:
         raise ValueError(f"lr_scale={lr_scale!r} must be > 0")
     grouped: dict[str, list[nn.Parameter]] = {p: [] for p in PARTS}
-    counts = {p: [0, 0, 0] for p in PARTS}  # params, tensors, trainable params
+    counts = {p: [0, 0, 0, 0] for p in PARTS}  # params, tensors, trainable params, adapter params
     for name, param in model.named_parameters():  # tied weights are listed once
         part = part_of(name)
         lr = float(part_lrs.get(part) or 0.0)
-        train = lr > 0 and not any(re.search(p, name) for p in UNUSED)
+        adapter = is_adapter_weight(name)
+        train = lr > 0 and not any(re.search(p, name) for p in UNUSED) and (adapter or part not in adapted)
         param.requires_grad_(train)
         counts[part][0] += param.numel()
         counts[part][1] += 1
+        counts[part][3] += param.numel() if adapter else 0
         if train:
             counts[part][2] += param.numel()
             grouped[part].append(param)
     groups, rows = [], []
     for part in PARTS:
         lr = float(part_lrs.get(part) or 0.0) * lr_scale
-        rows.append(PartRow(part, lr > 0, lr, *counts[part]))
+        copy = any(".modules_to_save." in n for n, p in model.named_parameters() if part_of(n) == part and p.requires_grad)
+        rows.append(PartRow(part, lr > 0, lr, *counts[part], copy=copy))
         if lr > 0 and grouped[part]:
             groups.append({"name": part, "params": grouped[part], "lr": lr, "weight_decay": weight_decay})
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -81,13 +97,19 @@ def apply_stage(model: nn.Module, part_lrs: dict[str, float], lr_scale: float = 
 
 
 def format_table(rows: list[PartRow]) -> str:
-    header = f"{'part':<14}{'state':<11}{'lr':>10}{'params':>16}{'tensors':>9}"
+    """Per part: state, learning rate, parameters and tensors; with adapters, base and adapter parameters apart
+    (`adapters`: only PEFT's tensors train, the base is frozen; `copy`: a whole copy trains, the original is frozen)."""
+    adapters = any(r.adapter_params for r in rows)
+    params = f"{'base params':>16}{'adapter params':>16}" if adapters else f"{'params':>16}"
+    header = f"{'part':<14}{'state':<11}{'lr':>10}{params}{'tensors':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        state = "trainable" if r.trainable else "frozen"
+        state = ("copy" if r.copy else "adapters" if r.adapter_params else "trainable") if r.trainable else "frozen"
         lr = f"{r.lr:.2e}" if r.trainable else "-"
-        lines.append(f"{r.part:<14}{state:<11}{lr:>10}{r.params:>16,}{r.tensors:>9}")
+        counts = f"{r.params - r.adapter_params:>16,}{r.adapter_params:>16,}" if adapters else f"{r.params:>16,}"
+        lines.append(f"{r.part:<14}{state:<11}{lr:>10}{counts}{r.tensors:>9}")
     total = sum(r.params for r in rows)
     train = sum(r.params if r.trainable_params is None else r.trainable_params for r in rows if r.trainable)
-    lines.append(f"{'total':<14}{'':<11}{'':>10}{total:>16,}   trainable {train:,} ({100 * train / max(total, 1):.1f}%)")
+    width = 32 if adapters else 16
+    lines.append(f"{'total':<14}{'':<11}{'':>10}{total:>{width},}   trainable {train:,} ({100 * train / max(total, 1):.1f}%)")
     return "\n".join(lines)

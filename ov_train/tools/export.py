@@ -130,18 +130,21 @@ def checkpoint_metadata(path: str | Path, trust: bool = False) -> dict:
     return meta
 
 
-def _load_weights(path: Path, kind: str, model, trust: bool = False) -> None:
-    """Fill `model` with the checkpoint's full fp32 weights; every tensor must be there, and nothing else.
-    The checkpoint's pickles were checked by checkpoint_metadata."""
+def _load_weights(path: Path, kind: str, model, trust: bool = False, trainable_only: bool = False) -> None:
+    """Fill `model` with the checkpoint's fp32 weights: every tensor must be there, and nothing else; with
+    `trainable_only` (an adapter checkpoint), exactly the tensors that train (requires_grad), the rest staying as
+    the model was built (its base). The checkpoint's pickles were checked by checkpoint_metadata."""
+    wanted = {k for k, p in model.named_parameters() if p.requires_grad} if trainable_only else set(model.state_dict())
     if kind == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
         # Read in place into full tensors, without a process group: no_dist reassembles every shard here.
-        target = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+        current = model.state_dict(keep_vars=True)
+        target = {"state_dict": {f"model.{k}": current[k].data for k in wanted}}
         stored = {k for k in load_dcp_metadata(path / ".metadata", trust=trust).state_dict_metadata if k.startswith("state_dict.")}
-        wanted = {f"state_dict.{k}" for k in target["state_dict"]}
-        if stored != wanted:
-            missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
+        expected = {f"state_dict.{k}" for k in target["state_dict"]}
+        if stored != expected:
+            missing, unexpected = sorted(expected - stored)[:5], sorted(stored - expected)[:5]
             raise CheckpointError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
         dcp.load(target, checkpoint_id=path, no_dist=True)
         return
@@ -149,28 +152,90 @@ def _load_weights(path: Path, kind: str, model, trust: bool = False) -> None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # The fp32 master weights, gathered from every rank's optimizer partition (ZeRO-2 and ZeRO-3 alike).
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), exclude_frozen_parameters=trainable_only)
     else:
         state = load_file(path, trust=trust)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if trainable_only and set(state) != wanted:
+        missing, unexpected = sorted(wanted - set(state))[:5], sorted(set(state) - wanted)[:5]
+        raise CheckpointError(f"{path}: its trainable tensors do not fit its adapters: missing {missing}, unexpected"
+                              f" {unexpected}")
     try:
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+        model.load_state_dict(state, strict=not trainable_only)
     except RuntimeError as err:  # missing, unexpected or differently sized tensors, all listed
         raise CheckpointError(f"{path}: weights do not fit the model recorded in it: {err}") from None
 
 
-def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
+def _ov_train_metadata(path: Path, trust: bool) -> dict:
+    meta = checkpoint_metadata(path, trust).get("ov_train")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{path}: not an ov_train checkpoint (no 'ov_train' metadata with the model config)")
+    return meta
+
+
+def adapter_record(ckpt_path: str | Path, trust: bool = False):
+    """The AdapterRun an adapter checkpoint records (settings, modes, base), or None for a full checkpoint."""
+    from ov_train.model.adapters import AdapterRun
+
+    record = _ov_train_metadata(Path(ckpt_path), trust).get("adapter")
+    return AdapterRun.from_dict(record) if record else None
+
+
+def rebuild_base(record, trust: bool = False, base_dir: str | Path | None = None, tokenizer_dir: str | None = None):
+    """The base model an adapter run trained on, rebuilt from what its checkpoint records (model.* routes and
+    the seed, which also decides random weights and rows added for new tokens), or from `base_dir`, a Hugging Face
+    directory of that base."""
+    from omegaconf import OmegaConf
+
+    from ov_train.model.build import build_model
+    from ov_train.utils.paths import cache_dir
+
+    node = dict(record.base["model"])
+    if base_dir is not None:
+        node.update(pretrained=str(base_dir), init_from=None, vision_tower=None, llm=None, random_init=False,
+                    tokenizer=tokenizer_dir or node.get("tokenizer"))
+    model, _ = build_model(OmegaConf.create(node), cache_dir(), trust_checkpoint=trust, seed=record.base["seed"])
+    return model
+
+
+def adapted_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir: str | Path | None = None,
+                            quantize: bool = False):
+    """An adapter checkpoint on its base: (PeftModel with the trained tensors loaded, tokenizer_dir, AdapterRun).
+    With `quantize` (QLoRA runs going on), the base LLM is quantized as in training."""
+    from ov_train.model.adapters import adapted_parts, stage_lrs, wrap
+    from ov_train.model.parts import apply_stage
+
+    path = Path(ckpt_path)
+    meta = _ov_train_metadata(path, trust)
+    record = adapter_record(path, trust)
+    model = rebuild_base(record, trust, base_dir, meta.get("tokenizer_dir"))
+    peft_model = wrap(model, record.settings, record.modes, _base_path(record, base_dir), quantize=quantize)
+    # What trained is what the checkpoint holds: the same rule as training's (ov_train.model.parts).
+    apply_stage(model, stage_lrs({p: 1.0 for p in record.modes}, record.modes), adapted=adapted_parts(record.modes))
+    _load_weights(path, checkpoint_format(path), model, trust, trainable_only=True)
+    return peft_model, meta.get("tokenizer_dir"), record
+
+
+def _base_path(record, base_dir) -> str | None:
+    node = record.base["model"]
+    return str(base_dir) if base_dir else node.get("pretrained") or node.get("init_from")
+
+
+def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir: str | Path | None = None):
     """Rebuild the trained model from any checkpoint ov_train writes (file, DeepSpeed or FSDP2 directory).
 
-    Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process. Nothing in
+    Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process. An adapter
+    checkpoint is put on its base (rebuilt from its record, or `base_dir`) and merged into it: a stock model. Nothing in
     the checkpoint is unpickled beyond tensors and plain data unless `trust`; CheckpointError says what is wrong.
     """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     path = Path(ckpt_path)
     kind = checkpoint_format(path)
-    meta = checkpoint_metadata(path, trust).get("ov_train")
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise CheckpointError(f"{ckpt_path}: not an ov_train checkpoint (no 'ov_train' metadata with the model config)")
+    meta = _ov_train_metadata(path, trust)
+    if meta.get("adapter"):
+        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir)
+        return merged(peft_model), tokenizer_dir
     try:
         config = LlavaOnevisionConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError, KeyError) as err:
@@ -178,6 +243,44 @@ def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
     model = LlavaOnevisionForConditionalGeneration(config)
     _load_weights(path, kind, model, trust)
     return model, meta.get("tokenizer_dir")
+
+
+def merged(peft_model):
+    """The adapters merged into their base weights (PEFT's merge_and_unload): a stock model, every tensor trainable
+    again as a plain model's are."""
+    model = peft_model.merge_and_unload()
+    model.requires_grad_(True)
+    return model
+
+
+def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, base_dir=None,
+                      adapter_only: bool = False) -> Path:
+    """Write a checkpoint's export: a stock Hugging Face directory; for an adapter checkpoint merged, with the
+    adapters in PEFT's format in OUT/adapter/ (`adapter_only`: OUT holds just those). `tokenizer` defaults to the
+    one the checkpoint records."""
+    from ov_train.model.tokenizer import load_tokenizer
+
+    path, out = Path(ckpt_path), Path(out_dir)
+    meta = _ov_train_metadata(path, trust)
+    if meta.get("adapter"):
+        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir)
+        if adapter_only:
+            peft_model.save_pretrained(out)
+            return out
+        peft_model.save_pretrained(out / "adapter")
+        model = merged(peft_model)
+    elif adapter_only:
+        raise CheckpointError(f"{path}: a full checkpoint, without adapters; drop --adapter-only")
+    else:
+        model, tokenizer_dir = model_from_checkpoint(path, trust)
+    tokenizer = tokenizer or _tokenizer(tokenizer_dir, load_tokenizer)
+    return export_pretrained(model, tokenizer, out)
+
+
+def _tokenizer(tokenizer_dir, load):
+    if not tokenizer_dir or not Path(tokenizer_dir).exists():
+        raise CheckpointError(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
+    return load(tokenizer_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,17 +298,20 @@ def main(argv: list[str] | None = None) -> int:
         "--trust-checkpoint", action="store_true",
         help="unpickle the checkpoint fully, objects of any class included (that can run code: only for files you trust)",
     )
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="an adapter checkpoint: write only its adapters, in PEFT's format (PeftModel.from_pretrained)")
+    parser.add_argument("--base", help="an adapter checkpoint's base model, a Hugging Face directory (default: rebuilt"
+                        " from what the checkpoint records: model.pretrained, ..., or the seed of a random init)")
     args = parser.parse_args(argv)
     if not Path(args.ckpt).exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
+    if args.base and not Path(args.base).is_dir():
+        parser.error(f"--base {args.base}: not a directory")
     try:
-        model, tokenizer_dir = model_from_checkpoint(args.ckpt, trust=args.trust_checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        export_checkpoint(args.ckpt, args.out, tokenizer, args.trust_checkpoint, args.base, args.adapter_only)
     except (CheckpointError, OSError) as err:
         parser.error(str(err))
-    tokenizer_dir = args.tokenizer or tokenizer_dir
-    if not tokenizer_dir or not Path(tokenizer_dir).exists():
-        parser.error(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
-    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out)
     print(f"exported {args.ckpt} -> {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from ov_train.data.recipe import MODALITIES
+from ov_train.model.adapters import AdapterRun, adapted_parts, stage_lrs
 from ov_train.model.forward import ForwardOptions, sample_losses
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training.optim import build_adamw
@@ -25,6 +26,7 @@ class OneVisionModule(L.LightningModule):
     def __init__(
         self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None,
         forward_options: ForwardOptions | None = None, nonfinite: str = "skip", identity: dict | None = None,
+        adapter: AdapterRun | None = None, seed: int = 0,
     ):
         super().__init__()
         if nonfinite not in NONFINITE:
@@ -39,8 +41,15 @@ class OneVisionModule(L.LightningModule):
         self.forward_options = forward_options or ForwardOptions()
         self.forward_options.prepare(model)
         self.lr_scale = lr_scale
+        # With adapters (ov_train.model.adapters, placed before): the parts the adapter config freezes get no
+        # learning rate, and in adapted parts only PEFT's tensors train. Checkpoints then hold the trainable
+        # tensors only (the base comes from model.*), so loading them is not strict (on_load_checkpoint checks).
+        self.adapter, self.seed = adapter, seed
+        self.part_lrs = stage_lrs(dict(stage.parts), adapter.modes) if adapter else dict(stage.parts)
+        self.adapted = adapted_parts(adapter.modes) if adapter else ()
+        self.strict_loading = adapter is None
         # Freezing happens here, once, before any strategy wraps the model.
-        _, self.part_rows = apply_stage(model, dict(stage.parts), lr_scale, stage.weight_decay)
+        _, self.part_rows = apply_stage(model, self.part_lrs, lr_scale, stage.weight_decay, self.adapted)
         log.info("trainable parts for stage %s:\n%s", stage.name, format_table(self.part_rows))
         # Per modality: loss sum, supervised tokens, correct answers, chance, samples.
         self._val = defaultdict(lambda: torch.zeros(5, dtype=torch.float64))
@@ -53,6 +62,12 @@ class OneVisionModule(L.LightningModule):
     def _losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
         return sample_losses(self.model, batch, self.forward_options, predict)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.adapter and self.adapter.settings.dropout > 0:
+            # Adapter dropout draws from the global generator: seeding it per step and rank makes a resumed run draw
+            # the masks an uninterrupted one draws.
+            torch.manual_seed(self.adapter.step_seed(self.seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx):
         sums, counts, _ = self._losses(batch)
@@ -143,11 +158,34 @@ class OneVisionModule(L.LightningModule):
                 self.val_metrics[f"val/accuracy_{m}"] = float(s[2] / s[4])
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, rank_zero_only=True)
 
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config: ov-export reads it.
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
         }
+        if self.adapter:
+            # The adapter settings and what the base was: resumes and ov-export rebuild the frozen base from it.
+            checkpoint["ov_train"]["adapter"] = self.adapter.to_dict()
+            keep = self._trainable_keys()
+            if "state_dict" in checkpoint:  # DeepSpeed writes weights itself (exclude_frozen_parameters)
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            weights = sum(_nbytes(v) for v in checkpoint.get("state_dict", {}).values())
+            optimizer = sum(_nbytes(v) for v in checkpoint.get("optimizer_states", []))
+            log.info("checkpoint at step %d: %d trainable tensors, %.2f MiB of weights and %.2f MiB of optimizer state"
+                     " (this rank's share under sharded engines); the base is not saved", self.global_step, len(keep),
+                     weights / 2**20, optimizer / 2**20)
+
+    def on_load_checkpoint(self, checkpoint):
+        if not self.adapter or "state_dict" not in checkpoint:  # sharded engines load (and check) the weights themselves
+            return
+        stored, wanted = set(checkpoint["state_dict"]), self._trainable_keys()
+        if stored != wanted:
+            missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
+            raise RuntimeError(f"the checkpoint's trainable tensors do not fit this run's adapters: missing {missing},"
+                               f" unexpected {unexpected}")
 
     def configure_model(self):
         # FSDP2 (ov_train.strategies.FSDP2Strategy) shards here: after the process group exists, before the optimizer.
@@ -157,10 +195,21 @@ class OneVisionModule(L.LightningModule):
 
     def configure_optimizers(self):
         # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
-        groups, _ = apply_stage(self.model, dict(self.stage.parts), self.lr_scale, self.stage.weight_decay)
+        groups, _ = apply_stage(self.model, self.part_lrs, self.lr_scale, self.stage.weight_decay, self.adapted)
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
         optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
         lam = partial(warmup_cosine, total_steps=self.total_steps, warmup_ratio=self.stage.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the tensors in a nested structure (a state dict, an optimizer state)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.nelement() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return 0

@@ -1,0 +1,167 @@
+"""LoRA runs end to end: checkpoints of the trainable tensors only, exact resume, the merged export (stock
+transformers, PEFT not even importable), PEFT's format over the base, ov-export --adapter-only / --base,
+model.init_from an adapter checkpoint or a merged export, and resumes refused for other adapters or another base."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ov_train.config import ConfigError
+from ov_train.model.forward import forward_logits
+from ov_train.run import adapter_run, build_for_training, check_init_from, check_resume, train
+from ov_train.tools.export import adapted_from_checkpoint, adapter_record, rebuild_base
+from tests.conftest import REPO, SMALL_DATA, compose_config
+from tests.integration.test_train import _held_out_batch
+
+
+def checkpoint(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def overrides(data_root, *extra) -> list[str]:
+    # adapter.dropout stays at its default (0.05): the resume must also draw the same dropout masks.
+    return [f"data.root={data_root}", *SMALL_DATA, "adapter=lora", "trainer.max_steps=6", "+trainer.limit_val_batches=0",
+            "data.record_keys=true", *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, small_data_root):
+    """6 LoRA steps straight (with its export), and the same run stopped after 3 steps then resumed to 6."""
+    root = tmp_path_factory.mktemp("lora")
+    straight, first, resumed = root / "straight", root / "first", root / "resumed"
+    train(compose_config(overrides(small_data_root), run_dir=straight))
+    stop = ["export=false", "+trainer.limit_train_batches=1", "+trainer.max_epochs=3"]
+    train(compose_config(overrides(small_data_root, *stop), run_dir=first))
+    resume = ["export=false", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"]
+    train(compose_config(overrides(small_data_root, *resume), run_dir=resumed))
+    return straight, first, resumed
+
+
+def test_checkpoint_holds_the_trainable_tensors_and_their_optimizer_state_only(lora_runs):
+    straight, _, _ = lora_runs
+    ckpt = checkpoint(straight)
+    peft_model, _, record = adapted_from_checkpoint(straight / "checkpoints" / "last.ckpt")
+    trainable = {f"model.{n}" for n, p in peft_model.base_model.model.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == trainable
+    assert all(".lora_" in k or ".modules_to_save." in k for k in trainable)
+    (optimizer,) = ckpt["optimizer_states"]
+    assert len(optimizer["state"]) == len(trainable) == sum(len(g["params"]) for g in optimizer["param_groups"])
+    assert {g["name"] for g in optimizer["param_groups"]} == {"projector", "llm"}
+    # What the base was: model.* (the tiny random init) and the seed that rebuilds it.
+    assert record.base["seed"] == 0 and record.base["model"]["random_init"] is True
+    assert record.modes == {"vision_tower": "frozen", "projector": "copy", "llm": "adapters"}
+    assert ckpt["ov_train"]["run"]["adapter"]["kind"] == "lora"
+
+
+def test_resume_is_exact(lora_runs):
+    straight, first, resumed = lora_runs
+    consumed = [json.loads(line) for run in (first, resumed)
+                for line in (run / "consumed_keys.jsonl").read_text().splitlines()]
+    assert consumed == [json.loads(line) for line in (straight / "consumed_keys.jsonl").read_text().splitlines()]
+    a, b = checkpoint(straight), checkpoint(resumed)
+    assert a["global_step"] == b["global_step"] == 6 and checkpoint(first)["global_step"] == 3
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    (state_a,), (state_b,) = a["optimizer_states"], b["optimizer_states"]
+    for index, tensors in state_a["state"].items():
+        assert all(torch.equal(v, state_b["state"][index][k]) for k, v in tensors.items())
+
+
+STOCK_LOAD = """
+import sys
+sys.modules["peft"] = None  # as if PEFT were not installed
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(sys.argv[1], output_loading_info=True)
+assert not any(info.values()), info
+from ov_train.model.forward import forward_logits
+with torch.no_grad():
+    torch.save(forward_logits(model.eval(), torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_export_is_merged_stock_and_its_adapter_dir_is_peft_format(lora_runs, small_data_root, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    straight, _, _ = lora_runs
+    export = straight / "export"
+    peft_model, _, record = adapted_from_checkpoint(straight / "checkpoints" / "last.ckpt")
+    adapted = peft_model.base_model.model.eval()
+    batch = _held_out_batch(adapted, AutoTokenizer.from_pretrained(export), small_data_root)
+    with torch.no_grad():
+        reference = forward_logits(adapted, batch)
+    # Stock transformers, PEFT not importable: no missing or unexpected keys, the adapted model's logits.
+    torch.save(batch, tmp_path / "batch.pt")
+    subprocess.run([sys.executable, "-c", STOCK_LOAD, str(export), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), reference, atol=1e-5, rtol=1e-4)
+    assert "peft" not in (export / "config.json").read_text().lower()
+    # PeftModel.from_pretrained(base, export/adapter) over the base model gives the same logits.
+    again = PeftModel.from_pretrained(rebuild_base(record), export / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(forward_logits(again.base_model.model, batch), reference, atol=1e-6)
+
+
+def test_ov_export_adapter_only_and_base_dir(lora_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from ov_train.tools.export import main as ov_export
+
+    straight, _, _ = lora_runs
+    ckpt = straight / "checkpoints" / "last.ckpt"
+    assert ov_export([str(ckpt), str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir() if p.suffix != ".md") == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    ours = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == load_file(straight / "export" / "adapter" / "adapter_model.safetensors").keys()
+    # --base: the base as a Hugging Face directory gives the run's own merged export.
+    rebuild_base(adapter_record(ckpt)).save_pretrained(tmp_path / "base")
+    assert ov_export([str(ckpt), str(tmp_path / "merged"), "--base", str(tmp_path / "base")]) == 0
+    mine, run = load_file(tmp_path / "merged" / "model.safetensors"), load_file(straight / "export" / "model.safetensors")
+    assert mine.keys() == run.keys() and all(torch.equal(mine[k], run[k]) for k in run)
+    with pytest.raises(SystemExit):  # refused before any work
+        ov_export([str(ckpt), str(tmp_path / "x"), "--base", str(tmp_path / "missing")])
+
+
+def test_init_from_an_adapter_checkpoint_or_a_merged_export(lora_runs, small_data_root):
+    straight, _, _ = lora_runs
+    ckpt = straight / "checkpoints" / "last.ckpt"
+    stored = checkpoint(straight)["state_dict"]
+    # adapter=lora: the adapters go on training from the checkpoint's tensors, on the same base.
+    cfg = compose_config(overrides(small_data_root, f"model.init_from={ckpt}"))
+    source = check_init_from(cfg)
+    adapter = adapter_run(cfg, source)
+    assert adapter.base == source.base and adapter.base["model"]["init_from"] is None
+    model, _ = build_for_training(cfg, adapter, continuing=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k.removeprefix("model.")], v) for k, v in stored.items())
+    # Other adapter settings cannot continue them.
+    with pytest.raises(ConfigError, match="adapter.r|its adapters"):
+        check_init_from(compose_config(overrides(small_data_root, f"model.init_from={ckpt}", "adapter.r=8")))
+    # adapter=none: the checkpoint merged into its base, i.e. the run's merged export, trains whole.
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    cfg = compose_config([*overrides(small_data_root, f"model.init_from={ckpt}"), "adapter=none"])
+    assert check_init_from(cfg) is None
+    model, _ = build_for_training(cfg, adapter_run(cfg))
+    export = LlavaOnevisionForConditionalGeneration.from_pretrained(straight / "export").state_dict()
+    assert all(torch.equal(v, export[k]) for k, v in model.state_dict().items())
+    # A merged export with new adapters on it.
+    cfg = compose_config(overrides(small_data_root, f"model.init_from={straight / 'export'}"))
+    model, _ = build_for_training(cfg, adapter_run(cfg))
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
+
+
+def test_resume_refuses_other_adapters_or_another_base(lora_runs, small_data_root):
+    straight, _, _ = lora_runs
+    resume = f"ckpt_path={straight / 'checkpoints' / 'last.ckpt'}"
+    for extra, message in ((["adapter.alpha=8"], "adapter: the checkpoint's"), (["seed=1"], "adapters' base"),
+                           (["adapter=none"], "adapter: the checkpoint's")):
+        cfg = compose_config(overrides(small_data_root, resume, *extra))
+        with pytest.raises(ConfigError, match=message):
+            check_resume(cfg, adapter_run(cfg))
