@@ -69,8 +69,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         state = {"state_dict": get_model_state_dict(self.model, options=options)}
         state.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, opt, options=options)
                       for i, opt in enumerate(self.optimizers)})
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(self.model, state.pop("state_dict"), options=options)
+        dcp.load(state, checkpoint_id=path)  # fails naming any trainable tensor the checkpoint lacks
+        # Not strict: the frozen base is not in the checkpoint (it was built from model.*).
+        set_model_state_dict(self.model, state.pop("state_dict"),
+                             options=StateDictOptions(ignore_frozen_params=True, strict=False))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, state.pop(f"optimizer_{i}"), options=options)
         return torch.load(path / "meta.pt", weights_only=weights_only)  # Lightning's metadata file

@@ -165,3 +165,58 @@ def test_resume_refuses_other_adapters_or_another_base(lora_runs, small_data_roo
         cfg = compose_config(overrides(small_data_root, resume, *extra))
         with pytest.raises(ConfigError, match=message):
             check_resume(cfg, adapter_run(cfg))
+
+
+# ---------------------------------------------------------------- 2 CPU processes under each engine
+
+
+def expected_groups(cfg) -> list[dict]:
+    """What a fresh model of the config holds in its optimizer groups once the adapters are placed."""
+    from ov_train.model.adapters import AdapterSettings, adapted_parts, stage_lrs, wrap
+    from ov_train.model.build import build_model
+    from ov_train.model.parts import apply_stage
+    from ov_train.utils.paths import cache_dir
+
+    settings = AdapterSettings.from_config(cfg.adapter)
+    modes = settings.modes(dict(cfg.stage.parts))
+    model, _ = build_model(cfg.model, cache_dir(), seed=cfg.seed)
+    wrap(model, settings, modes)
+    groups, _ = apply_stage(model, stage_lrs(dict(cfg.stage.parts), modes), cfg.model.lr_scale, 0.0,
+                            adapted_parts(modes))
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{"name": g["name"], "lr": g["lr"], "params": {names[id(p)]: p.numel() for p in g["params"]}} for g in groups]
+
+
+# FSDP2 reads trainable-only sharded checkpoints through ov_train's own code (strategies.FSDP2Strategy), so it resumes
+# here too; DDP's checkpoints are Lightning files as in one process (test_resume_is_exact), DeepSpeed's its engine's.
+@pytest.mark.parametrize(("strategy", "adapter", "resume"),
+                         [("ddp", "lora", False), ("fsdp2", "dora", True), ("deepspeed_zero2", "lora", False)])
+def test_adapters_under_each_engine(tmp_path, small_data_root, strategy, adapter, resume):
+    """The engine holds the adapter groups after its set-up; the run exports merged from its trainable-only
+    checkpoint. With `resume`: 1 step, then `ckpt_path=last` to 2, every rank going on where it stopped."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from tests.integration.test_strategies import ZERO3_ALL, probe_records, run_train, train_overrides
+
+    run_dir = tmp_path / "run"
+    args = [*train_overrides(small_data_root, "onevision", 2, run_dir), f"strategy={strategy}", f"adapter={adapter}",
+            "trainer.devices=2", "+trainer.limit_val_batches=0", ZERO3_ALL if strategy.startswith("deepspeed") else
+            "adapter.targets.vision_tower=[q_proj,fc1]"]
+    first = ["+trainer.limit_train_batches=1", "+trainer.max_epochs=1", "export=false"] if resume else []
+    run_train([*args, *first], run_dir, tmp_path / "first")
+    expected = expected_groups(compose_config(args))
+    assert all(".lora_" in n or ".modules_to_save." in n for g in expected for n in g["params"])
+    for record in probe_records(tmp_path / "first", "start"):
+        assert record["groups"] == expected
+    if resume:
+        run_train([*args, "ckpt_path=last"], run_dir, tmp_path / "resumed")
+        first_end, resumed_start = probe_records(tmp_path / "first", "end"), probe_records(tmp_path / "resumed", "start")
+        assert [r["step"] for r in first_end] == [1, 1] and [r["step"] for r in resumed_start] == [1, 1]
+        for end, start in zip(first_end, resumed_start):
+            assert start["fingerprint"] == end["fingerprint"] and start["groups"] == end["groups"]
+    assert [r["step"] for r in probe_records(tmp_path / ("resumed" if resume else "first"), "end")] == [2, 2]
+    _, info = LlavaOnevisionForConditionalGeneration.from_pretrained(run_dir / "export", output_loading_info=True)
+    assert not any(info.values())
+    peft_model, _, _ = adapted_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert (run_dir / "export" / "adapter" / "adapter_config.json").is_file()
+    assert sum(p.requires_grad for p in peft_model.parameters()) == sum(len(g["params"]) for g in expected)
