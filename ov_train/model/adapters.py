@@ -66,6 +66,11 @@ class AdapterSettings:
         known = {k: node[k] for k in ("r", "alpha", "dropout", "quant_type", "double_quant") if node.get(k) is not None}
         return cls(kind=str(node.get("name", "none")), targets=targets, **known)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterSettings:
+        """From what to_dict wrote (a checkpoint's record)."""
+        return cls.from_config({"name": data["kind"], **data})
+
     @property
     def enabled(self) -> bool:
         return self.kind != "none"
@@ -271,8 +276,7 @@ class AdapterRun:
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterRun:
-        return cls(AdapterSettings.from_config({"name": data["settings"]["kind"], **data["settings"]}),
-                   dict(data["modes"]), dict(data["base"]))
+        return cls(AdapterSettings.from_dict(data["settings"]), dict(data["modes"]), dict(data["base"]))
 
     def step_seed(self, seed: int, step: int, rank: int) -> int:
         """Adapter dropout's seed for one step on one rank, so a resumed run draws the masks a straight one does."""

@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from ov_train.model.adapters import ADAPTED, AdapterSettings, stage_lrs
 from ov_train.model.forward import ForwardOptions
 from ov_train.model.loss import fused_available
 from ov_train.model.packing import VARLEN, varlen_attn
@@ -54,7 +55,7 @@ def plan_problems(plan) -> list[str]:
     mfu = plan.get("mfu", 0.4)
     if not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
         out.append(f"plan.mfu={mfu!r} must be a number in (0, 1]")
-    for key in ("tokens", "lora_rank"):
+    for key in ("tokens",):
         value = plan.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             out.append(f"plan.{key}={value!r} must be a positive integer or null")
@@ -141,7 +142,7 @@ class Setup:
     shares: dict
     anyres: bool
     max_frames: int
-    lora_rank: int | None
+    adapter: dict | None  # the adapter settings (AdapterSettings.to_dict) and each part's mode; None: adapter=none
     mfu: float
     reserve_gib: float
 
@@ -175,9 +176,17 @@ class Setup:
             engine=engine, options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
             tokens_from=tokens_from, shares=_shares(cfg), anyres=str(cfg.stage.image_strategy).startswith("anyres"),
-            max_frames=int(cfg.stage.max_frames), lora_rank=int(plan.lora_rank) if plan.get("lora") else None,
+            max_frames=int(cfg.stage.max_frames), adapter=_adapter(cfg),
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
         )
+
+
+def _adapter(cfg: DictConfig) -> dict | None:
+    """The run's adapter config (ov_train.model.adapters) as the plan counts it, or None under adapter=none."""
+    settings = AdapterSettings.from_config(cfg.get("adapter"))
+    if not settings.enabled:
+        return None
+    return {"settings": settings.to_dict(), "modes": settings.modes(dict(cfg.stage.parts))}
 
 
 def _liger_expected() -> bool:
@@ -241,7 +250,7 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
     e = setup.engine
     state = model_state(counts, e)
     # Full gradients already held when the step starts: accumulation, the stock path's batch-1 accumulation, and
-    # LoRA (the trace's gradients are the full model's, its own are the adapters').
+    # adapters (the trace's gradients are the full model's, its own are the adapters').
     held = e.accumulate > 1 or setup.path == "stock" or counts.adapters > 0
     if e.grads_traced and not held:
         transient = trace.activations_with_gradients
@@ -267,7 +276,7 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "model": setup.model_cfg.get("name"),
         "parameters": counts.total,
         "trainable_parameters": counts.trainable,
-        "lora_rank": setup.lora_rank,
+        "adapter": setup.adapter and {"kind": setup.adapter["settings"]["kind"], "r": setup.adapter["settings"]["r"]},
         "weights_gib": _gib(state.weights),
         "gradients_gib": _gib(state.gradients),
         "masters_gib": _gib(state.masters),
@@ -304,13 +313,18 @@ def plan_setup(setup: Setup) -> dict:
     model = meta_model(OmegaConf.create(setup.model_cfg))
     geometry = VisionGeometry.from_model_config(model.config)
     all_samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
-    apply_stage(model, setup.parts)
-    counts = count(model, setup.lora_rank)
+    adapter = None
+    if setup.adapter:
+        adapter = (AdapterSettings.from_dict(setup.adapter["settings"]), setup.adapter["modes"])
+    # Parts the adapter config freezes train nothing; adapted parts' own weights are frozen in count().
+    apply_stage(model, stage_lrs(setup.parts, adapter[1]) if adapter else setup.parts)
+    counts = count(model, adapter)
     work = TokenCounts(
         images=sum(sum(s.crops) for s in all_samples), tokens=sum(s.tokens for s in all_samples),
         pairs=sum(s.tokens * (s.tokens + 1) / 2 for s in all_samples),
     )
-    trains = set(counts.trainable_parts) - ({"llm"} if counts.adapters else set())  # adapters: no LLM weight gradients
+    # Adapted parts compute no gradients of their own weights (a trained copy does).
+    trains = {p for p in counts.trainable_parts if (adapter and adapter[1].get(p)) != ADAPTED}
     flops = ModelFlops.from_config(model.config).train_step(work, trains)
     trace, cached = cached_trace(setup, model, step_samples(setup, geometry))
     out = evaluate(setup, trace, counts, work, flops)
