@@ -235,7 +235,7 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     if cfg.export:  # with adapters: merged, and export/adapter/ in PEFT's format
-        export_checkpoint(last, run_dir / "export", tokenizer, cfg.checkpoint.trust)
+        export_checkpoint(last, run_dir / "export", tokenizer, cfg.checkpoint.trust, template=cfg.stage.template)
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": cfg.stage.name,

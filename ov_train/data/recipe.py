@@ -32,7 +32,7 @@ from ov_train.data.sources import FORMATS, PARQUET, WEBDATASET
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 MODALITIES = ("single_image", "multi_image", "video", "text")
-SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples"}
+SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples", "metric"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")  # a path ending so names one shard, not a folder
 
@@ -58,6 +58,7 @@ class Source:
     index: str | None = None  # an `ov-data index` file named by the recipe (parquet sources)
     # Parquet sources: rows the index rejected, {redacted file location: {row: reason}}.
     rejects: dict = field(default_factory=dict, compare=False, repr=False)
+    metric: str | None = None  # how ov-eval scores this source's answers (ov_train/eval/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True
             kinds.add(given[0])
         share = src.get(given[0]) if given else None
         sources.append(Source(name, src.get("modality"), share, train, val, src.get("category"),
-                              src.get("format", WEBDATASET), src.get("index")))
+                              src.get("format", WEBDATASET), src.get("index"), metric=src.get("metric")))
     if len(kinds) > 1:
         problems.append(f"{path.name}: mixes weight and samples across sources; use one of them for every source")
     elif not problems and sum(float(s.weight) for s in sources) == math.inf:

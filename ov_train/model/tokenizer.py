@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ov_train.text.template import DEFAULT_SYSTEM_PROMPT
+from ov_train.text.chat_template import QWEN_1_5
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 PAD_TOKEN = "<|endoftext|>"
@@ -24,26 +24,8 @@ EOS_TOKEN = "<|im_end|>"
 # Upper bound for BPE training; the built-in corpus runs out of frequent pairs at ~1,030 entries.
 VOCAB_SIZE = 1500
 
-# qwen_1_5 chat format. Content may be a string or a list of {"type": "text"|"image"|"video"}
-# parts; media parts render as their placeholder.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- else -%}{{ '<' + part['type'] + '>' }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+# The qwen_1_5 chat format, as training renders it (text/chat_template.py); exports set their stage's.
+CHAT_TEMPLATE = QWEN_1_5
 
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 _SHAPES = ("circle", "square", "triangle")

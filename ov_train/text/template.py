@@ -17,7 +17,7 @@ TEMPLATES = ("plain", "qwen_1_5")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 MEDIA_TOKENS = ("<image>", "<video>")
 
-_ROLES = {
+ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -67,7 +67,7 @@ def _parse_turns(conversations: list[dict]) -> tuple[str | None, list[tuple[str,
     turns = []
     for i, turn in enumerate(conversations):
         speaker = turn.get("from")
-        role = _ROLES.get(speaker)
+        role = ROLES.get(speaker)
         if role is None:
             raise TemplateError(f"turn {i}: unknown speaker {speaker!r}; expected human/gpt/system")
         text = turn.get("value")

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import LlavaOnevisionImageProcessorPil
 
+from ov_train.text.chat_template import chat_template, stop_token_ids
+from ov_train.text.template import TEMPLATES
+from ov_train.tools.model_card import card_facts, model_card
 from ov_train.utils.safe_load import TRUST_HINT, CheckpointError, load_dcp_metadata, load_file, load_source
 from ov_train.vision.geometry import VisionGeometry
 
@@ -21,12 +25,18 @@ def processor_settings(geometry: VisionGeometry) -> dict:
     }
 
 
-def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry."""
+def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qwen_1_5", card: dict | None = None) -> Path:
+    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry.
+
+    `template` is the stage's chat template: the export's chat template renders it for the stock processor,
+    and its config and generation config stop generation where training's replies end. `card` holds the
+    facts of the model card (README.md; tools/model_card.py: card_facts).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _generation_ids(model, tokenizer, template):
+        model.save_pretrained(out)
+    _save_tokenizer(tokenizer, chat_template(template), out)
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
     LlavaOnevisionImageProcessorPil(**settings).save_pretrained(out)
@@ -53,7 +63,42 @@ def export_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
         "video_token": "<video>",
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
     return out
+
+
+@contextmanager
+def _generation_ids(model, tokenizer, template: str):
+    """End-of-reply and padding ids in the model config and the generation config while the model is saved, so
+    that `generate` stops where training's replies stop and pads batches with the tokenizer's pad token; the
+    caller's model keeps its own."""
+    stop = stop_token_ids(tokenizer, template)
+    eos = stop[0] if len(stop) == 1 else stop
+    configs = (model.config, model.config.text_config, model.generation_config)  # tools read any of them
+    keys = ("eos_token_id", "pad_token_id")
+    own = [{k: getattr(c, k) for k in keys if hasattr(c, k)} for c in configs]
+    for config in configs:
+        config.eos_token_id, config.pad_token_id = eos, tokenizer.pad_token_id
+    try:
+        yield
+    finally:
+        for config, values in zip(configs, own):
+            for key in keys:
+                if key in values:
+                    setattr(config, key, values[key])
+                else:
+                    delattr(config, key)
+
+
+def _save_tokenizer(tokenizer, template_text: str, out: Path) -> None:
+    """save_pretrained with the export's chat template (written as chat_template.jinja, which the processor
+    reads too); the caller's tokenizer keeps its own."""
+    own = tokenizer.chat_template
+    tokenizer.chat_template = template_text
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = own
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -254,10 +299,10 @@ def merged(peft_model):
 
 
 def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, base_dir=None,
-                      adapter_only: bool = False) -> Path:
+                      adapter_only: bool = False, template: str | None = None) -> Path:
     """Write a checkpoint's export: a stock Hugging Face directory; for an adapter checkpoint merged, with the
     adapters in PEFT's format in OUT/adapter/ (`adapter_only`: OUT holds just those). `tokenizer` defaults to the
-    one the checkpoint records."""
+    one the checkpoint records, `template` to the chat template it records (else qwen_1_5)."""
     from ov_train.model.tokenizer import load_tokenizer
 
     path, out = Path(ckpt_path), Path(out_dir)
@@ -274,7 +319,8 @@ def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, b
     else:
         model, tokenizer_dir = model_from_checkpoint(path, trust)
     tokenizer = tokenizer or _tokenizer(tokenizer_dir, load_tokenizer)
-    return export_pretrained(model, tokenizer, out)
+    facts = card_facts(checkpoint_metadata(path, trust=trust))
+    return export_pretrained(model, tokenizer, out, template=template or facts["template"] or "qwen_1_5", card=facts)
 
 
 def _tokenizer(tokenizer_dir, load):
@@ -298,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         "--trust-checkpoint", action="store_true",
         help="unpickle the checkpoint fully, objects of any class included (that can run code: only for files you trust)",
     )
+    parser.add_argument(
+        "--template", choices=TEMPLATES,
+        help="the chat template the model was trained with (default: the one recorded in the checkpoint, else qwen_1_5)",
+    )
     parser.add_argument("--adapter-only", action="store_true",
                         help="an adapter checkpoint: write only its adapters, in PEFT's format (PeftModel.from_pretrained)")
     parser.add_argument("--base", help="an adapter checkpoint's base model, a Hugging Face directory (default: rebuilt"
@@ -309,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--base {args.base}: not a directory")
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        export_checkpoint(args.ckpt, args.out, tokenizer, args.trust_checkpoint, args.base, args.adapter_only)
+        export_checkpoint(args.ckpt, args.out, tokenizer, args.trust_checkpoint, args.base, args.adapter_only,
+                          args.template)
     except (CheckpointError, OSError) as err:
         parser.error(str(err))
     print(f"exported {args.ckpt} -> {args.out}")

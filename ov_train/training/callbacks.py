@@ -174,6 +174,6 @@ def build_callbacks(cfg, run_dir: Path) -> list:
         AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(last),
         TrainingMetrics(cfg.metrics.peak_tflops),
-        ValidationPredictions(run_dir / "predictions", cfg.metrics.predictions),
+        ValidationPredictions(run_dir / "predictions", cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
         StreamState.for_run(cfg, run_dir),
     ]

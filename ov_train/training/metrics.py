@@ -10,15 +10,21 @@ import time
 from pathlib import Path
 
 import torch
+import wandb
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
+from ov_train.eval.inference import generate_replies
+from ov_train.model.forward import embed_inputs
 from ov_train.model.parts import part_of
 from ov_train.model.tokenizer import load_tokenizer
+from ov_train.text.chat_template import stop_token_ids
 from ov_train.text.template import IGNORE_INDEX
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.utils.logging import get_logger
+from ov_train.vision.geometry import VisionGeometry
 
 log = get_logger(__name__)
 
@@ -122,28 +128,57 @@ class ValidationPredictions(Callback):
     prompt (its end, visual placeholders collapsed), reference answer (every supervised token), the greedy
     prediction of each of those tokens (teacher-forced, so it aligns with the reference) and whether they all
     match. Written to `out_dir/step_<N>.jsonl` and, with W&B, logged as a table.
+
+    With `generate` (eval.generate=true), each row also gets the free-running greedy reply to its last turn
+    (`generated`: the stock generate, ending where training's replies end, as ov-eval runs it) and, in W&B,
+    the sample's first image or video frame. Sharded strategies (FSDP2, ZeRO-3) leave it off: rank 0 alone
+    would wait on the other ranks' shards.
     """
 
     COLUMNS = ("step", "modality", "prompt", "reference", "prediction", "correct")
+    GENERATED = ("generated", "image")
     PROMPT_CHARS = 300  # the question sits at the end of the prompt, after the system text and images
 
-    def __init__(self, out_dir: Path, per_modality: int):
+    def __init__(self, out_dir: Path, per_modality: int, generate: bool = False, max_new_tokens: int = 32):
         self.out_dir = Path(out_dir)
         self.per_modality = per_modality
+        if not isinstance(generate, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(
+                f"eval.generate={generate!r}, eval.max_new_tokens={max_new_tokens!r}: need true/false and a positive integer"
+            )
+        self.generate = generate
+        self.max_new_tokens = max_new_tokens
         self.rows: list[dict] = []
+        self.images: list = []
 
     def setup(self, trainer, pl_module, stage):
         self.tokenizer = load_tokenizer(pl_module.tokenizer_dir)
         config = pl_module.model.config
         self.media = {config.image_token_id, config.video_token_id}
+        if self.generate and sharded(trainer.strategy):
+            log.warning("eval.generate: off under %s, whose weights no single rank holds", type(trainer.strategy).__name__)
+            self.generate = False
+        if self.generate:
+            self.stops = stop_token_ids(self.tokenizer, pl_module.stage.template)
+            self.geometry = VisionGeometry.from_model_config(config)
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        self.rows = []
+        self.rows, self.images = [], []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        chosen = []
         for i, modality in enumerate(batch["modality"]):
             if sum(row["modality"] == modality for row in self.rows) < self.per_modality:
                 self.rows.append(self._row(trainer.global_step, batch, outputs, i))
+                chosen.append(i)
+        if self.generate and chosen and trainer.is_global_zero and not trainer.sanity_checking:
+            embeds = embed_inputs(pl_module.model, batch)
+            for row, i in zip(self.rows[-len(chosen):], chosen):
+                start = reply_start(batch["labels"][i].tolist())
+                inputs = {"inputs_embeds": embeds[i : i + 1, :start], "attention_mask": batch["attention_mask"][i : i + 1, :start]}
+                ids = generate_replies(pl_module.model, inputs, self.max_new_tokens, self.stops, self.tokenizer.pad_token_id)[0]
+                row["generated"] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                self.images.append(first_picture(batch, i, pl_module.model.config.video_token_id, self.geometry))
 
     def _row(self, step: int, batch: dict, outputs: dict, i: int) -> dict:
         ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
@@ -167,5 +202,38 @@ class ValidationPredictions(Callback):
         path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
+                columns = list(self.COLUMNS) + (list(self.GENERATED) if self.generate else [])
                 data = [[row[c] for c in self.COLUMNS] for row in self.rows]
-                logger.log_table("val/predictions", columns=list(self.COLUMNS), data=data, step=trainer.global_step)
+                if self.generate:
+                    pictures = [None if p is None else wandb.Image(p) for p in self.images]
+                    data = [d + [row["generated"], p] for d, row, p in zip(data, self.rows, pictures)]
+                logger.log_table("val/predictions", columns=columns, data=data, step=trainer.global_step)
+
+
+def sharded(strategy) -> bool:
+    """Whether no rank holds the whole model (FSDP / FSDP2, DeepSpeed ZeRO-3)."""
+    if isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
+        return True
+    config = getattr(strategy, "config", None)
+    return isinstance(config, dict) and config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def reply_start(labels: list[int]) -> int:
+    """Where the last reply starts: the prompt a reply to the last turn is generated from ends there."""
+    return max(k for k, label in enumerate(labels) if label != IGNORE_INDEX and (k == 0 or labels[k - 1] == IGNORE_INDEX))
+
+
+def first_picture(batch: dict, i: int, video_token: int, geometry: VisionGeometry):
+    """uint8 [H, W, 3] of sample i's first image (its whole-image crop) or first video frame; None for text."""
+    if batch.get("pixel_values") is not None and batch["images_per_sample"][i]:
+        image = sum(batch["images_per_sample"][:i])
+        pixels = batch["pixel_values"][sum(batch["crops_per_image"][:image])]
+    elif batch.get("video_frames") is not None and batch["input_ids"][i].eq(video_token).any():
+        # Videos are concatenated in sample order; a sample holds one when its ids hold the video token.
+        videos = [bool(row.eq(video_token).any()) for row in batch["input_ids"][:i]]
+        pixels = batch["video_frames"][sum(batch["frames_per_video"][: sum(videos)])]
+    else:
+        return None
+    mean = torch.tensor(geometry.image_mean).view(3, 1, 1)
+    std = torch.tensor(geometry.image_std).view(3, 1, 1)
+    return ((pixels.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

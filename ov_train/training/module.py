@@ -162,9 +162,14 @@ class OneVisionModule(L.LightningModule):
         return {name for name, param in self.named_parameters() if param.requires_grad}
 
     def on_save_checkpoint(self, checkpoint):
-        # Enough to rebuild the model without the run's config: ov-export reads it.
+        # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat
+        # template, model card): ov-export reads it.
+        recipe = getattr(getattr(self._trainer, "datamodule", None), "recipe", None)
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
+            "stage": self.stage.name, "template": self.stage.template,
+            "recipe": getattr(recipe, "name", None), "data_mix": recipe.shares("name") if recipe else {},
+            "val_metrics": dict(getattr(self, "val_metrics", {})),
         }
         if self.adapter:
             # The adapter settings and what the base was: resumes and ov-export rebuild the frozen base from it.

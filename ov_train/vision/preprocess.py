@@ -80,8 +80,12 @@ def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool) -> 
     )
 
 
+def resize_frames(frames: np.ndarray, geom: VisionGeometry) -> np.ndarray:
+    """uint8 [F, H, W, 3] video frames -> uint8 [F, S, S, 3], each squashed to S x S without padding."""
+    s = geom.image_size
+    return np.stack([np.asarray(Image.fromarray(frame).resize((s, s), Image.BICUBIC)) for frame in frames])
+
+
 def preprocess_frames(frames: np.ndarray, geom: VisionGeometry) -> torch.Tensor:
     """uint8 [F, H, W, 3] video frames -> float32 [F, 3, S, S], each squashed to S x S without padding."""
-    s = geom.image_size
-    resized = [np.asarray(Image.fromarray(frame).resize((s, s), Image.BICUBIC)) for frame in frames]
-    return _normalize(np.stack(resized), geom)
+    return _normalize(resize_frames(frames, geom), geom)

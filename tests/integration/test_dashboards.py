@@ -76,22 +76,21 @@ def test_validation_writes_a_prediction_table(csv_run):
         assert "<image><image>" not in row["prompt"] and "<video><video>" not in row["prompt"]
 
 
-def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
-    """The run record and history rows of an offline run, from its LevelDB-style log of protobuf records:
-    32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+def wandb_records(run_dir) -> list[wandb_internal_pb2.Record]:
+    """The records of an offline run, from its LevelDB-style log of protobuf records: 32 KiB blocks of
+    chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = _wandb_records(path.read_bytes())
+    records = _parse_records(path.read_bytes())
     # wandb-core writes the file in a process of its own: on a loaded machine its last records (the final history
     # row, the exit record) can land a moment after finish() returns.
     deadline = time.monotonic() + 60
     while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
         time.sleep(0.5)
-        records = _wandb_records(path.read_bytes())
-    run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    return run_record, _history(records)
+        records = _parse_records(path.read_bytes())
+    return records
 
 
-def _wandb_records(data: bytes) -> list:
+def _parse_records(data: bytes) -> list[wandb_internal_pb2.Record]:
     assert data[:4] == b":W&B"
     block, pos, chunk, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
@@ -109,7 +108,10 @@ def _wandb_records(data: bytes) -> list:
     return records
 
 
-def _history(records: list) -> list[dict]:
+def read_wandb_run(run_dir) -> tuple[wandb_internal_pb2.RunRecord, list[dict]]:
+    """The run record and history rows of an offline run."""
+    records = wandb_records(run_dir)
+    run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     history = []
     for r in records:
         if r.WhichOneof("record_type") == "history":
@@ -122,7 +124,7 @@ def _history(records: list) -> list[dict]:
                 else:
                     row[key] = value
             history.append(row)
-    return history
+    return run_record, history
 
 
 def test_wandb_offline_run_gets_the_same_metrics_as_csv(csv_run, tmp_path, small_data_root):

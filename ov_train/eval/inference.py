@@ -1,0 +1,157 @@
+"""Stock inference on an export: AutoProcessor + LlavaOnevisionForConditionalGeneration.generate.
+
+ov-chat, ov-eval and the validation generation (training/metrics.py) all end in `generate_replies`, so a
+reply means the same thing everywhere: the generated tokens before the first end-of-reply id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ov_train.data.samples import VIDEO_FIELDS
+from ov_train.data.video import decode_video
+from ov_train.text.template import ROLES
+from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.preprocess import resize_frames
+
+
+class ExportError(ValueError):
+    """An export directory that is not one, or media that cannot be read; the message names the culprit."""
+
+
+def require_torchvision(tool: str) -> None:
+    if importlib.util.find_spec("torchvision") is None:
+        raise ExportError(
+            f"{tool} needs torchvision: the stock LLaVA-OneVision processor requires it. Install it beside your "
+            'torch, e.g. pip install torch==2.14.1 torchvision==0.29.1 (or pip install -e ".[dev]")'
+        )
+
+
+def check_export(path: str | Path) -> Path:
+    """`path` if it is a LLaVA-OneVision export (config.json of model_type llava_onevision, processor files)."""
+    path = Path(path)
+    config = path / "config.json"
+    if not path.is_dir():
+        raise ExportError(f"{path}: not a directory; expected an export (RUN/export or ov-export's output)")
+    if not config.is_file():
+        raise ExportError(f"{path}: no config.json, so not a Hugging Face export (RUN/export or ov-export's output)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except ValueError as err:
+        raise ExportError(f"{config}: not valid JSON ({err})") from err
+    if model_type != "llava_onevision":
+        raise ExportError(f"{path}: model_type {model_type!r}, expected 'llava_onevision'")
+    missing = [f for f in ("preprocessor_config.json", "processor_config.json") if not (path / f).is_file()]
+    if missing:
+        raise ExportError(f"{path}: no {', '.join(missing)}; re-export it with ov-export")
+    return path
+
+
+def load_processor(path: str | Path):
+    """The stock processor of an export, its image processor on the PIL backend: training resized with PIL,
+    and the default torchvision backend lands a few pixel levels off it."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    return processor
+
+
+def load_export(path: str | Path, tool: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(processor, model in eval mode) of an export, after checking it is one and that torchvision is there."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    path = check_export(path)
+    require_torchvision(tool)
+    processor = load_processor(path)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    return processor, model.to(device).eval()
+
+
+def open_image(data: bytes | str | Path, name: str) -> Image.Image:
+    """An RGB image from bytes or a file; a missing or unreadable one is an ExportError naming it."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise ExportError(f"image not found: {name}") from err
+    except Exception as err:  # PIL raises many types for broken files
+        raise ExportError(f"cannot read image {name}: {err}") from err
+
+
+def sample_media(raw: dict, max_frames: int) -> tuple[list[Image.Image], np.ndarray | None]:
+    """The images (img0, img1, ... in order) and the video frames of a raw shard sample, decoded as training does."""
+    key = raw.get("__key__", "?")
+    fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
+    images = [open_image(raw[f], f"{key}.{f}") for f in fields]
+    video = next((f for f in VIDEO_FIELDS if f in raw), None)
+    frames = decode_video(raw[video], max_frames, name=f"{key}.{video}")[0] if video else None
+    return images, frames
+
+
+def training_frames(frames: np.ndarray, model) -> np.ndarray:
+    """Video frames resized to the crop size with PIL, as training does, before the stock video processor (it
+    has only a torchvision backend, whose bicubic resize lands a level off PIL's on some pixels)."""
+    return resize_frames(frames, VisionGeometry.from_model_config(model.config))
+
+
+def conversation_messages(conversations: list[dict]) -> tuple[list[dict], str]:
+    """LLaVA turns -> (processor messages before the last reply, the last reply). String contents are LLaVA's own
+    text ("<image>\\nWhat is it?"), which the export's chat template renders as training did."""
+    messages = [{"role": ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in conversations]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError("conversation has no gpt (assistant) turn to evaluate")
+    return messages[:last], messages[last]["content"]
+
+
+def stop_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def sampling_kwargs(temperature: float = 0.0, top_p: float | None = None) -> dict:
+    """Greedy at temperature 0, otherwise sampling at that temperature (and top-p)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, **({"top_p": top_p} if top_p is not None else {})}
+
+
+@torch.inference_mode()
+def generate_replies(model, inputs: dict, max_new_tokens: int, stops: list[int] | None = None,
+                     pad_id: int | None = None, **sampling) -> list[list[int]]:
+    """model.generate on prepared inputs (processor output, or inputs_embeds); per row, the new tokens before the
+    first end-of-reply id: `stops`, by default the export's generation config's."""
+    stops = stop_ids(model) if stops is None else stops
+    sampling = sampling or {"do_sample": False}
+    if not sampling.get("do_sample"):
+        sampling = {**sampling, "temperature": None, "top_p": None, "top_k": None}  # no warnings about unused ones
+    if pad_id is not None:
+        sampling["pad_token_id"] = pad_id
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops or None, **sampling)
+    # With input_ids, generate returns prompt + new tokens; with inputs_embeds alone, the new tokens.
+    new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
+    replies = []
+    for row in new.tolist():
+        end = next((k for k, t in enumerate(row) if t in stops), len(row))
+        replies.append(row[:end])
+    return replies
+
+
+def processor_inputs(processor, model, prompts: list[str], images: list[list], videos: list) -> dict:
+    """The processor's batch (left-padded, for generation) on the model's device, floats in its dtype."""
+    kwargs = {"text": prompts, "return_tensors": "pt", "padding": True, "padding_side": "left"}
+    if any(images):
+        # Nested per prompt: a flat list would make every image a sample of its own (anyres), where training
+        # gives each image of a multi-image sample one crop.
+        kwargs["images"] = [list(imgs) for imgs in images]
+    if any(v is not None for v in videos):
+        kwargs["videos"] = [v for v in videos if v is not None]
+    batch = processor(**kwargs)
+    return {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device) for k, v in batch.items()}

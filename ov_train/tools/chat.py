@@ -1,0 +1,111 @@
+"""ov-chat EXPORT [--image PATH]... [--video PATH] [PROMPT]: talk to an export through the stock processor and
+LlavaOnevisionForConditionalGeneration.generate (greedy unless --temperature > 0).
+
+With PROMPT, one reply is printed. Without, a multi-turn conversation runs on standard input (an empty line or
+end of input ends it); the media belong to the first turn and stay in the conversation.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ov_train.data.video import VideoDecodeError, decode_video
+from ov_train.eval.inference import (
+    ExportError,
+    check_export,
+    generate_replies,
+    load_export,
+    open_image,
+    processor_inputs,
+    require_torchvision,
+    sampling_kwargs,
+    training_frames,
+)
+from ov_train.tools.eval import device_and_dtype
+
+
+class Chat:
+    """A conversation with one export: the media go with the first user turn."""
+
+    def __init__(self, processor, model, images: list, frames, max_new_tokens: int, **sampling):
+        self.processor, self.model = processor, model
+        self.images, self.frames = images, None if frames is None else training_frames(frames, model)
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.messages: list[dict] = []
+
+    def reply(self, text: str) -> str:
+        content = [{"type": "text", "text": text}]
+        if not self.messages:
+            media = [{"type": "image"}] * len(self.images) + ([{"type": "video"}] if self.frames is not None else [])
+            content = media + content
+        self.messages.append({"role": "user", "content": content})
+        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        inputs = processor_inputs(self.processor, self.model, [prompt], [self.images], [self.frames])
+        ids = generate_replies(self.model, inputs, self.max_new_tokens, **self.sampling)[0]
+        answer = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return answer
+
+
+def read_video(path: str, max_frames: int):
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise ExportError(f"video not found: {path}") from err
+    except OSError as err:
+        raise ExportError(f"cannot read video {path}: {err}") from err
+    try:
+        return decode_video(data, max_frames, name=path)[0]
+    except VideoDecodeError as err:  # its message names the file
+        raise ExportError(f"cannot read video: {err}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ov-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", help="a Hugging Face export (RUN/export, or ov-export's output)")
+    parser.add_argument("prompt", nargs="?", help="one question; without it, an interactive conversation")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    parser.add_argument("--video", help="a video file (1 frame per second, at most --max-frames)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampling")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
+    parser.add_argument("--max-frames", type=int, default=32, help="most video frames (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    args = parser.parse_intermixed_args(argv)  # the prompt may follow --image options
+    if args.max_new_tokens < 1 or args.max_frames < 1:
+        parser.error("--max-new-tokens and --max-frames must be positive integers")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
+    # Every input is checked before the model loads.
+    try:
+        check_export(args.export)
+        images = [open_image(Path(p), p) for p in args.image]
+        frames = read_video(args.video, args.max_frames) if args.video else None
+        require_torchvision("ov-chat")
+    except ExportError as err:
+        parser.error(str(err))
+    device, dtype = device_and_dtype(args.device)
+    processor, model = load_export(args.export, "ov-chat", device, dtype)
+    torch.manual_seed(args.seed)
+    chat = Chat(processor, model, images, frames, args.max_new_tokens, **sampling_kwargs(args.temperature, args.top_p))
+    if args.prompt is not None:
+        print(chat.reply(args.prompt))
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            text = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        print(("model> " if interactive else "") + chat.reply(text), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

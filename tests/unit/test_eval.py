@@ -1,0 +1,190 @@
+"""ov-eval and ov-chat without training: metrics on hand-made predictions with known scores, the metric per
+source, clear errors, resuming (a rerun generates only the samples predictions.jsonl lacks), a conversation that
+keeps its first turn's media. The trained default run's export: tests/integration/test_chat_eval.py."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from ov_train.eval import evaluate as evaluate_module
+from ov_train.eval.evaluate import EvalSource, eval_sources, evaluate, read_rows, write_metrics
+from ov_train.eval.inference import load_export
+from ov_train.eval.metrics import score
+from ov_train.model.build import build_model
+from ov_train.tools import chat as chat_module
+from ov_train.tools.chat import main as ov_chat
+from ov_train.tools.eval import main as ov_eval
+from ov_train.tools.export import export_pretrained
+from tests.conftest import compose_config
+from tests.helpers import noise_png
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+@pytest.mark.parametrize(
+    "metric, prediction, reference, options, expected",
+    [
+        ("exact_match", "The Red.", "red", [], 1.0),  # case, punctuation and articles do not count
+        ("exact_match", "a red circle", "red square", [], 0.0),
+        ("multiple_choice", "B", "green", COLOURS, 1.0),  # the letter of the reference option
+        ("multiple_choice", "(B) green", "B", COLOURS, 1.0),
+        ("multiple_choice", "Green", "green", COLOURS, 1.0),  # the option text
+        ("multiple_choice", "C. blue", "green", COLOURS, 0.0),
+        ("multiple_choice", "A red one", "A", [], 0.0),  # an article is not the letter A
+        ("multiple_choice", "A", "A", [], 1.0),
+        ("anls", "hello world", "hello world", [], 1.0),
+        ("anls", "helo world", "Hello World", [], 1 - 1 / 11),  # one edit in 11 characters
+        ("anls", "hello", "hello world", [], 0.0),  # 6 edits in 11: past the 0.5 threshold
+        ("relaxed_accuracy", "10.4", "10", [], 1.0),  # within 5%
+        ("relaxed_accuracy", "10.6", "10", [], 0.0),
+        ("relaxed_accuracy", "12%", "0.12", [], 1.0),
+        ("relaxed_accuracy", "1,050", "1000", [], 1.0),
+        ("relaxed_accuracy", "Paris", "paris", [], 1.0),  # not numbers: exact match
+    ],
+)
+def test_metric_scores(metric, prediction, reference, options, expected):
+    assert score(metric, prediction, reference, options) == pytest.approx(expected)
+
+
+def row(i, source, modality, prediction, reference, metric="exact_match", options=()):
+    return {"id": f"{source}/{i}", "source": source, "modality": modality, "prompt": "q", "reference": reference,
+            "prediction": prediction, "options": list(options), "metric": metric}
+
+
+def test_metrics_per_source_and_modality_from_predictions(tmp_path):
+    rows = [
+        row(0, "colours", "single_image", "red", "red", "multiple_choice", COLOURS),
+        row(1, "colours", "single_image", "A", "red", "multiple_choice", COLOURS),  # right by letter, not by text
+        row(2, "colours", "single_image", "blue", "red", "multiple_choice", COLOURS),
+        row(3, "docs", "single_image", "helo world", "hello world", "anls"),
+        row(4, "clips", "video", "left", "left"),
+        row(5, "clips", "video", "up", "down"),
+        row(6, "other", "text", "x", "x"),  # not part of this evaluation
+    ]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = [EvalSource("colours", (), "multiple_choice"), EvalSource("docs", (), "anls"), EvalSource("clips", (), "exact_match")]
+    metrics = write_metrics(tmp_path, sources, {r["id"] for r in rows[:6]})
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["samples"] == 6
+    assert metrics["by_source"]["colours"] == {"samples": 3, "metric": "multiple_choice", "score": pytest.approx(2 / 3),
+                                               "exact_match": pytest.approx(1 / 3)}
+    assert metrics["by_source"]["docs"]["score"] == pytest.approx(10 / 11)
+    assert metrics["by_source"]["clips"]["score"] == 0.5
+    assert metrics["by_modality"]["single_image"]["score"] == pytest.approx((2 + 10 / 11) / 4)
+    assert metrics["by_modality"]["video"] == {"samples": 2, "metric": "exact_match", "score": 0.5, "exact_match": 0.5}
+    assert metrics["score"] == pytest.approx((2 + 10 / 11 + 1) / 6) and metrics["exact_match"] == pytest.approx(2 / 6)
+    written = {r["id"]: r for r in read_rows(tmp_path / "predictions.jsonl")}
+    assert written["colours/1"]["correct"] and not written["colours/1"]["exact_match"]
+    assert written["docs/3"]["score"] == pytest.approx(10 / 11) and not written["docs/3"]["correct"]
+    assert len(written) == 7  # rows outside this evaluation are kept
+
+
+def test_recipe_sources_choose_their_metric(tmp_path, small_data_root):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(
+        "sources:\n"
+        "  - {name: si, path: single_image, modality: single_image, weight: 1, metric: multiple_choice}\n"
+        "  - {name: vid, path: video, modality: video, weight: 1}\n"
+        "  - {name: noval, path: 'text/train-*.tar', modality: text, weight: 1}\n"  # a glob: no held-out split
+    )
+    sources = eval_sources(str(recipe), small_data_root)
+    assert [(s.name, s.metric, len(s.shards)) for s in sources] == [("si", "multiple_choice", 1), ("vid", "exact_match", 1)]
+    assert {s.metric for s in eval_sources(str(recipe), small_data_root, metric="anls")} == {"anls"}
+    recipe.write_text("sources:\n  - {name: si, path: single_image, modality: single_image, weight: 1, metric: bleu}\n")
+    with pytest.raises(ValueError, match="source si: metric='bleu'; allowed"):
+        eval_sources(str(recipe), small_data_root)
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    return export_pretrained(model, tokenizer, tmp_path_factory.mktemp("export") / "export")
+
+
+def test_rerun_generates_only_what_predictions_lack(random_export, small_data_root, tmp_path, monkeypatch):
+    processor, model = load_export(random_export, "test")
+    sources = eval_sources(str(small_data_root / "multi_image"), small_data_root)
+    generated = []
+
+    def counting(model, inputs, *args, **kwargs):
+        replies = real(model, inputs, *args, **kwargs)
+        generated.append(len(replies))
+        return replies
+
+    real = evaluate_module.generate_replies
+    monkeypatch.setattr(evaluate_module, "generate_replies", counting)
+    logger = CSVLogger(tmp_path / "csv", name="run")  # a run's logger gets the metrics too
+    first = evaluate(processor, model, sources, tmp_path, max_samples=3, batch_size=2, max_new_tokens=3, logger=logger)
+    assert first["samples"] == 3 and sum(generated) == 3
+    (csv,) = (tmp_path / "csv").rglob("metrics.csv")
+    assert csv.read_text().splitlines()[0].split(",")[:3] == ["eval/exact_match", "eval/modality/multi_image", "eval/score"]
+    path = tmp_path / "predictions.jsonl"
+    before = read_rows(path)
+    with open(path, "a") as f:
+        f.write('{"id": "multi_image/cut sho')  # a kill in the middle of a write
+    generated.clear()
+    second = evaluate(processor, model, sources, tmp_path, max_samples=5, batch_size=2, max_new_tokens=3)
+    assert second["samples"] == 5 and sum(generated) == 2
+    after = read_rows(path)
+    assert [r["id"] for r in after] == [r["id"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
+    assert [r["prediction"] for r in after[:3]] == [r["prediction"] for r in before]
+    # Batches are left-padded: a sample's greedy reply does not depend on what it was batched with.
+    evaluate(processor, model, sources, tmp_path / "alone", max_samples=3, batch_size=1, max_new_tokens=3)
+    assert [r["prediction"] for r in read_rows(tmp_path / "alone" / "predictions.jsonl")] == [r["prediction"] for r in before]
+
+
+def test_ov_eval_names_bad_input_before_loading(random_export, small_data_root, tmp_path, capsys):
+    for argv, message in [
+        ([str(tmp_path), str(small_data_root / "video")], "no config.json, so not a Hugging Face export"),
+        ([str(random_export), str(tmp_path / "nothing")], "no such recipe"),
+        ([str(random_export), str(small_data_root / "video"), "--batch-size", "0"], "--batch-size=0: must be a positive"),
+    ]:
+        with pytest.raises(SystemExit):
+            ov_eval(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_tools_say_they_need_torchvision(random_export, small_data_root, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    for tool, argv in ((ov_eval, [str(random_export), str(small_data_root / "video")]), (ov_chat, [str(random_export), "hi"])):
+        with pytest.raises(SystemExit):
+            tool(argv)
+        assert "needs torchvision: the stock LLaVA-OneVision processor requires it" in capsys.readouterr().err
+
+
+def test_ov_chat_conversation_keeps_the_first_turns_media(random_export, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "image.png"
+    image.write_bytes(noise_png(48, 40, 0))
+    seen = []
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append(inputs)
+        return real(model, inputs, *args, **kwargs)
+
+    real = chat_module.generate_replies
+    monkeypatch.setattr(chat_module, "generate_replies", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What colour is it?\nAnd its shape?\n"))
+    assert ov_chat([str(random_export), "--image", str(image), "--max-new-tokens", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(seen) == 2
+    image_token = json.loads((random_export / "config.json").read_text())["image_token_index"]
+    first, second = seen
+    assert int((first["input_ids"] == image_token).sum()) == int((second["input_ids"] == image_token).sum()) > 0
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+    # The second prompt holds the first turn and its reply.
+    assert second["input_ids"].shape[1] > first["input_ids"].shape[1] + 4
+
+
+def test_model_card_code_runs(random_export, tmp_path, monkeypatch, capsys):
+    """The card's Python snippet, as a reader would paste it, loads the export and prints a reply."""
+    card = (random_export / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_new_tokens=64", "max_new_tokens=2")
+    (tmp_path / "photo.png").write_bytes(noise_png(40, 60, 1))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")  # its print ran (a random model's reply may be blank)
