@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -152,12 +154,42 @@ class PeriodicCheckpoint(ModelCheckpoint):
 class SaveOnSigterm(Callback):
     """On SIGTERM (preemption, scancel, a time limit's warning) save `path` and let the process exit 0.
 
-    Lightning notes the signal, finishes the current optimizer step, agrees across ranks, and raises
-    SIGTERMException at the step boundary; this saves there, so the checkpoint resumes cleanly.
+    The signal is only noted when it arrives; before the next optimizer step the ranks agree (one all-reduce,
+    the same call on every rank) and all stop there, the step in progress finished, and this saves, so the
+    checkpoint resumes cleanly. Lightning's own handler is replaced for the fit: it broadcasts from inside the
+    signal handler, that is in the middle of whatever collective the interrupted rank was running, which
+    desynchronises the ranks (gloo aborts on a size mismatch; NCCL hangs).
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._pending = False
+        self._trainer = None
+
+    def on_train_start(self, trainer, pl_module):
+        # Lightning installs its handlers just before training starts (and restores the earlier ones at teardown).
+        self._trainer, self._pending = trainer, False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._notice)
+
+    def _notice(self, signum, frame) -> None:
+        if not self._pending:
+            log.warning("SIGTERM: saving %s once the step in progress ends, then exiting", self.path)
+            launcher = self._trainer.strategy.launcher
+            if launcher is not None:  # ranks Lightning started itself hear of it too
+                launcher.kill(signum)
+        self._pending = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % trainer.accumulate_grad_batches:
+            return  # only between optimizer steps, so the saved state resumes exactly
+        pending = self._pending
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(pending), device=pl_module.device)
+            pending = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+        if pending:
+            # Before the next step, on every rank at once (the batch is not consumed: the stream resumes with it).
+            raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):
