@@ -186,6 +186,8 @@ def build_for_training(cfg: DictConfig, adapter: AdapterRun | None, continuing: 
     quantize = adapter is not None and adapter.settings.kind == "qlora"
     if adapter and continuing:  # check_init_from matched its adapters to this run's
         peft_model, tokenizer_dir, _ = adapted_from_checkpoint(cfg.model.init_from, trust, quantize=quantize)
+        if not cfg.model.tokenizer and not (tokenizer_dir and Path(tokenizer_dir).exists()):
+            raise ValueError(f"model.init_from={cfg.model.init_from}: its tokenizer {tokenizer_dir!r} is gone; set model.tokenizer")
         tokenizer = load_tokenizer(cfg.model.tokenizer or tokenizer_dir)
         log.info("continuing the adapters of %s", cfg.model.init_from)
         return peft_model.base_model.model, tokenizer
