@@ -1,14 +1,5 @@
-"""Entry point: `python train.py stage=onevision` (Hydra composes conf/config.yaml)."""
-import hydra
-from omegaconf import DictConfig
-
-from ov_train.run import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
-
+"""Entry point in a checkout: `python train.py stage=onevision` is `ov-train stage=onevision` (ov_train/cli.py)."""
+from ov_train.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,18 +1,24 @@
-"""`ov-train`: training as `python train.py` runs it, or `ov-train plan ...`, the memory and time planner."""
+"""`ov-train`: training from the shipped configs, as `python train.py` runs it in a checkout; `ov-train plan ...`,
+the memory and time planner.
+
+    ov-train stage=onevision                          # the embedded default, from any directory
+    ov-train --config-dir ~/my_conf experiment=mine   # your own config directory, searched before the shipped one
+    ov-train plan model=ov_qwen2_7b trainer.devices=8 # memory and time of a step, nothing trained
+"""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from ov_train.config import schema  # noqa: F401  (registers the schema Hydra composes onto)
+from ov_train.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from ov_train.run import train
+    from ov_train.run import train  # after Hydra has parsed the command line: --help and --cfg stay quick
 
     train(cfg)
 

@@ -11,9 +11,11 @@
 
 Both sharded engines gather a submodule's weights around its calls and need every rank to make the same calls.
 The training forward (ov_train.model.forward) runs the tower and projector exactly once per step on every rank,
-over all crops and frames of its batch or over one dummy crop for a text-only batch, so FSDP2 shards each SigLIP
-encoder layer and each Qwen2 decoder layer; the rest (embeddings, projector, image_newline, lm_head) stays in the
-root unit, gathered once per step. ZeRO-3 likewise sees the same calls on every rank whatever the batches hold.
+over all crops and frames of its batch or over one dummy crop for a text-only batch; the units FSDP2 shards are
+model/layout.py's `shard_units`. ZeRO-3 likewise sees the same calls on every rank whatever the batches hold.
+Settings come from the plan's StrategyPlan (ov_train.config.run_plan), which has checked them. With adapters
+(`trainable_only`) every engine writes checkpoints of the trainable tensors and their optimizer state only: DDP
+through the LightningModule's on_save_checkpoint, DeepSpeed with exclude_frozen_parameters, FSDP2 below.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import os
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
-from omegaconf import OmegaConf
 
-STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
+from ov_train.config.run_plan import StrategyPlan
+from ov_train.model import layout
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -78,17 +80,20 @@ class FSDP2Strategy(ModelParallelStrategy):
         return torch.load(path / "meta.pt", weights_only=weights_only)  # Lightning's metadata file
 
     def parallelize(self, module: torch.nn.Module) -> None:
-        """fully_shard each SigLIP and Qwen2 layer, then the LightningModule as the root, whose steps gather it."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-        from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+        """fully_shard each unit the layout names (SigLIP and Qwen2 layers), then the LightningModule as the root,
+        whose steps gather it."""
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         # Under bf16-mixed: compute and all-gather in bf16; weights, optimizer and gradient reduction stay fp32.
         policy = MixedPrecisionPolicy()
         if self.precision_plugin.precision == "bf16-mixed":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         mesh = self.device_mesh["data_parallel"]
-        for layer in [m for m in module.modules() if isinstance(m, (SiglipEncoderLayer, Qwen2DecoderLayer))]:
+        for layer in layout.shard_units(module.model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(module, mesh=mesh, mp_policy=policy)
         for method in ("training_step", "validation_step"):
@@ -120,96 +125,29 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)
 
 
-def deepspeed_config(s, batch_size: int) -> dict:
-    """DeepSpeed's config for a `strategy` node; Lightning adds precision and gradient accumulation."""
+def deepspeed_config(s: dict, batch_size: int) -> dict:
+    """DeepSpeed's config for the strategy's settings; Lightning adds precision and gradient accumulation."""
     zero = {
-        "stage": int(s.stage),
-        "overlap_comm": bool(s.overlap_comm),
-        "contiguous_gradients": bool(s.contiguous_gradients),
-        "allgather_bucket_size": int(s.allgather_bucket_size),
-        "reduce_bucket_size": int(s.reduce_bucket_size),
-        "stage3_param_persistence_threshold": int(s.param_persistence_threshold),
+        "stage": int(s["stage"]),
+        "overlap_comm": bool(s["overlap_comm"]),
+        "contiguous_gradients": bool(s["contiguous_gradients"]),
+        "allgather_bucket_size": int(s["allgather_bucket_size"]),
+        "reduce_bucket_size": int(s["reduce_bucket_size"]),
+        "stage3_param_persistence_threshold": int(s["param_persistence_threshold"]),
     }
-    if s.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(s.pin_memory)}
-    if s.offload_parameters:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(s.pin_memory)}
+    if s["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(s["pin_memory"])}
+    if s["offload_parameters"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(s["pin_memory"])}
     return {
         # DeepSpeed only reports with it; Lightning cannot read it off our loaders (they batch inside the dataset).
         "train_micro_batch_size_per_gpu": batch_size,
         "zero_optimization": zero,
-        # DeepSpeed wraps our optimizer (per-part groups) instead of building one from its config. Under offload
-        # that is DeepSpeedCPUAdam, or torch's AdamW where DeepSpeed's C++ op cannot be built (training/optim.py).
+        # DeepSpeed wraps our AdamW (per-part groups) instead of building one from its config; under offload it
+        # steps it on the CPU copies rather than insisting on its JIT-compiled DeepSpeedCPUAdam.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
-
-
-def devices_per_node(devices, accelerator: str = "auto") -> int:
-    """How many devices Lightning runs on per node for `trainer.devices` (int, list, "auto", "-1", "2" or "0,1")."""
-    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if text in ("auto", "-1"):
-        # "auto" and -1 mean every visible GPU; on the CPU Lightning runs one process.
-        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        return torch.cuda.device_count() if on_gpu else 1
-    if "," in text:
-        return len([part for part in text.split(",") if part.strip()])
-    return int(text)
-
-
-def world_size(trainer_cfg) -> int:
-    return devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator)) * int(trainer_cfg.num_nodes)
-
-
-def default_precision(cfg) -> str:
-    """trainer.precision when the config leaves it null.
-
-    One GPU: bf16 weights with fp32 masters in the optimizer (ov_train.training.optim), so no autocast
-    re-casts. Several: bf16-mixed, so DDP reduces fp32 gradients, and DeepSpeed and FSDP2 (bf16 compute on
-    fp32 shards) keep fp32 weights of their own. CPU: fp32.
-    """
-    if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
-        return "32-true"
-    one_gpu = world_size(cfg.trainer) == 1
-    return "bf16-true" if one_gpu and cfg.strategy.name == "auto" else "bf16-mixed"
-
-
-def launcher_tasks() -> int | None:
-    """How many processes the submitit job running this process started (hydra/launcher=local, submitit_local or
-    slurm); None outside such a job."""
-    executor = os.environ.get("SUBMITIT_EXECUTOR")
-    if executor == "local":
-        return int(os.environ["SUBMITIT_LOCAL_NTASKS"])
-    if executor == "slurm":
-        return int(os.environ["SLURM_NTASKS"])
-    return None
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def launcher_problems(trainer_cfg) -> list[str]:
-    """What keeps Lightning from adopting this job's processes (config.validate reports it before any work)."""
-    tasks, processes = launcher_tasks(), world_size(trainer_cfg)
-    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
-        return [
-            f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
-            " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
-        ]
-    if tasks is not None and tasks != processes:
-        per_node = devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator))
-        return [
-            f"trainer.devices x trainer.num_nodes = {processes} but this submitit job has {tasks} task(s): use"
-            " hydra/launcher=local or slurm, whose tasks follow the trainer (or hydra.launcher.tasks_per_node="
-            f"{per_node})"
-        ]
-    return []
 
 
 def adopt_launcher_tasks() -> None:
@@ -217,7 +155,7 @@ def adopt_launcher_tasks() -> None:
 
     Processes Lightning starts itself re-run the command line of rank 0, which inside a submitit job (or any Hydra
     multirun) is not the job's command: they would fail or start sweeps of their own. So the launchers start one
-    task per device (launcher_problems checks it). On SLURM, Lightning's SLURMEnvironment reads SLURM's variables;
+    task per device (ov_train.config.checks.launcher_problems checks it). On SLURM, Lightning's SLURMEnvironment reads SLURM's variables;
     for submitit's local executor, each task's rank is exported the way torchrun does (submitit's
     TorchDistributedEnvironment), which Lightning's default environment adopts.
     """
@@ -228,32 +166,26 @@ def adopt_launcher_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
-def build_strategy(cfg):
-    """The Lightning strategy (or the string `auto`) for `cfg.strategy`; config.validate has checked its settings.
-
-    Inside a submitit job it first hands the job's tasks to Lightning (adopt_launcher_tasks).
-    """
+def build_strategy(plan: StrategyPlan):
+    """The Lightning strategy (or the string `auto`) of the plan; inside a submitit job it first hands the job's
+    tasks to Lightning (adopt_launcher_tasks)."""
     adopt_launcher_tasks()
-    s = cfg.strategy
-    # Adapters (ov_train.model.adapters): checkpoints keep the trainable tensors only, the base comes from model.*.
-    trainable_only = (cfg.get("adapter") or {}).get("name", "none") != "none"
-    if s.name == "auto":
+    s = plan.settings
+    if plan.name == "auto":
         return "auto"
-    if s.name == "ddp":
+    if plan.name == "ddp":
         return DDPStrategy(
-            process_group_backend=s.process_group_backend,
-            find_unused_parameters=bool(s.find_unused_parameters),
-            bucket_cap_mb=s.bucket_cap_mb,
+            process_group_backend=s["process_group_backend"],
+            find_unused_parameters=bool(s["find_unused_parameters"]),
+            bucket_cap_mb=s["bucket_cap_mb"],
         )
-    if s.name == "deepspeed":
-        config = deepspeed_config(s, cfg.data.get("batch_size") or 1)
-        return DeepSpeedCPUStrategy(config=config, process_group_backend=s.process_group_backend,
-                                    exclude_frozen_parameters=trainable_only)
-    if s.name == "fsdp2":
-        return FSDP2Strategy(
-            world_size=world_size(cfg.trainer),
-            reshard_after_forward=bool(s.reshard_after_forward), trainable_only=trainable_only,
-            save_distributed_checkpoint=bool(s.save_distributed_checkpoint),
-            process_group_backend=s.process_group_backend,
-        )
-    raise ValueError(f"strategy.name={s.name!r}; allowed: {list(STRATEGIES)}")
+    if plan.name == "deepspeed":
+        config = deepspeed_config(s, plan.micro_batch_size)
+        return DeepSpeedCPUStrategy(config=config, process_group_backend=s["process_group_backend"],
+                                    exclude_frozen_parameters=plan.trainable_only)
+    return FSDP2Strategy(
+        world_size=plan.world_size,
+        reshard_after_forward=bool(s["reshard_after_forward"]), trainable_only=plan.trainable_only,
+        save_distributed_checkpoint=bool(s["save_distributed_checkpoint"]),
+        process_group_backend=s["process_group_backend"],
+    )

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
+from ov_train.config.compose import compose
+from ov_train.resources import CONF_DIR
 from tests.helpers import noise_png, raw_sample
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = CONF_DIR  # the shipped configs, inside the package
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,11 +28,15 @@ def _offline_cache(tmp_path_factory):
 
 
 def compose_config(overrides: list[str], run_dir: Path | None = None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir) if run_dir else None
-    return cfg
+    """The shipped config with `overrides`, as ov-train composes it (ov_train.config.compose)."""
+    return compose(overrides, run_dir)
+
+
+def plan_of(overrides: list[str], run_dir: Path | None = None):
+    """The run plan of the shipped config with `overrides`."""
+    from ov_train.config.run_plan import resolve_plan
+
+    return resolve_plan(compose(overrides, run_dir))
 
 
 SMALL_DATA = [
@@ -59,8 +63,7 @@ def small_data_root(tmp_path_factory):
 def tiny_model_and_tokenizer(_offline_cache):
     from ov_train.model.build import build_model
 
-    cfg = compose_config([])
-    return build_model(cfg.model, _offline_cache)
+    return build_model(plan_of([]).model, _offline_cache)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,8 @@ def mixed_batch(tiny_model_and_tokenizer):
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     raws = [
         raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(70, 30, 1)]),
-        raw_sample("b", "<image>\n<image>\n<image>\nWhich one?", "second", [noise_png(32, 32, 2), noise_png(50, 20, 3), noise_png(16, 64, 4)]),
+        raw_sample("b", "<image>\n<image>\n<image>\nWhich one?", "second",
+                   [noise_png(32, 32, 2), noise_png(50, 20, 3), noise_png(16, 64, 4)]),
         raw_sample("c", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=1)),
         raw_sample("d", "What is the opposite of up?", "down"),
         raw_sample("e", "<image>\nHow many?", "three", [noise_png(100, 250, 5)]),

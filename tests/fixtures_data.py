@@ -119,7 +119,8 @@ def make_llava_dataset(root: Path) -> dict:
     tokens["multi_3"], modality["multi_3"] = SPEC_THREE_IMAGES, "multi_image"
     write_video(media / "videos/clip40.mp4", 40)
     # LLaVA-Video style: the video is marked with <image>.
-    records.append({"id": "video_40s", "video": "videos/clip40.mp4", "conversations": conversation("<image>\nWhich way does it move?", "left")})
+    records.append({"id": "video_40s", "video": "videos/clip40.mp4",
+                    "conversations": conversation("<image>\nWhich way does it move?", "left")})
     # Another container: convert stores every video under one field; decord reads the bytes whatever the name.
     write_video(media / "videos/clip10.mkv", 10)
     records.append({"id": "video_10s", "video": "videos/clip10.mkv", "conversations": conversation("<video>\nWhat happens?", "right")})
@@ -137,8 +138,10 @@ def make_llava_dataset(root: Path) -> dict:
         ({"id": "bad_garbage_png", "image": "images/garbage.png", "conversations": conversation("<image>\nQ?")}, "corrupt_image"),
         ({"id": "bad_missing_video", "video": "videos/nope.mp4", "conversations": conversation("<video>\nQ?")}, "missing_video"),
         ({"id": "bad_truncated_video", "video": "videos/truncated.mp4", "conversations": conversation("<video>\nQ?")}, "corrupt_video"),
-        ({"id": "bad_image_count", "image": "images/384x384.jpg", "conversations": conversation("<image>\n<image>\nQ?")}, "placeholder_mismatch"),
-        ({"id": "bad_video_count", "video": "videos/clip10.mkv", "conversations": conversation("<video>\n<video>\nQ?")}, "placeholder_mismatch"),
+        ({"id": "bad_image_count", "image": "images/384x384.jpg", "conversations": conversation("<image>\n<image>\nQ?")},
+         "placeholder_mismatch"),
+        ({"id": "bad_video_count", "video": "videos/clip10.mkv", "conversations": conversation("<video>\n<video>\nQ?")},
+         "placeholder_mismatch"),
         ({"id": "bad_empty", "conversations": []}, "empty_conversation"),
         ({"id": "bad_one_sided", "conversations": [{"from": "human", "value": "Hello?"}]}, "one_sided_conversation"),
     ]

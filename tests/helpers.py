@@ -17,7 +17,8 @@ def noise_png(h: int, w: int, seed: int) -> bytes:
 
 def raw_sample(key: str, human: str, reply: str, images=(), video: bytes | None = None) -> dict:
     """A one-turn raw shard sample as SampleProcessor reads it: json, img<i>.png, optional mp4."""
-    raw = {"__key__": key, "json": json.dumps({"conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": reply}]}).encode()}
+    turns = [{"from": "human", "value": human}, {"from": "gpt", "value": reply}]
+    raw = {"__key__": key, "json": json.dumps({"conversations": turns}).encode()}
     for i, img in enumerate(images):
         raw[f"img{i}.png"] = img
     if video is not None:

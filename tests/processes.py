@@ -2,6 +2,7 @@
 session is killed (every rank, loader worker and launcher child), so a hung collective never outlives its test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,10 +14,8 @@ from tests.conftest import REPO
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 

@@ -18,7 +18,7 @@ Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0%
   optionally each layer torch.compile'd and activation checkpointing.
 Printed per path: tokens/s (real tokens, no padding), MFU (model FLOPs of those tokens by
 ov_train.utils.flops, every part training), peak memory, and the ratios ov_train / stock.
---adapter lora (or dora) adds ov_train's path with the adapters `adapter=lora` places (conf/adapter/lora.yaml,
+--adapter lora (or dora) adds ov_train's path with the adapters `adapter=lora` places (conf/shared/adapter_lora.yaml,
 rank --adapter-rank) on the same samples, against the full fine-tuning row: trainable parameters,
 optimizer-state bytes and peak memory.
 
@@ -38,13 +38,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ov_train.bench.goals import report
-from ov_train.bench.loader import CONF, loader_bench
+from ov_train.bench.loader import loader_bench
 from ov_train.bench.model import model_bench
+from ov_train.config.compose import compose
+from ov_train.config.run_plan import model_plan
+from ov_train.constants import CHECKPOINTABLE
 from ov_train.model.build import build_model
-from ov_train.model.checkpointing import CHECKPOINTABLE
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
@@ -52,7 +53,7 @@ from ov_train.vision.geometry import VisionGeometry
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m ov_train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny geometry on CPU (CI smoke run)")
-    p.add_argument("--model", default="ov_qwen2_0_5b", help="conf/model/<name>.yaml, built from random init")
+    p.add_argument("--model", default="ov_qwen2_0_5b", help="a shipped model config (model=NAME), built from random init")
     p.add_argument("--samples", type=int, default=8, help="samples per optimizer step")
     p.add_argument("--max-tokens", default=None,
                    help="tokens per packed row, or a comma list run one after another, e.g. 8192,16384,32768 (default: the model config's)")
@@ -62,10 +63,11 @@ def _parse(argv):
     p.add_argument("--checkpoint", default="", help=f"comma list of {CHECKPOINTABLE} to checkpoint (ov_train path)")
     p.add_argument("--checkpoint-every", type=int, default=1)
     p.add_argument("--loss-chunk", type=int, default=None, help="rows per chunked-loss chunk (default: the model config's)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: H100 bf16, or measured on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="MFU denominator (default: the GPU's bf16 peak in ov_train/devices.py, or measured on CPU)")
     p.add_argument("--adapter", choices=("lora", "dora"), default=None,
-                   help="also train through these adapters (conf/adapter/lora.yaml's targets) and compare with full fine-tuning")
-    p.add_argument("--adapter-rank", type=int, default=None, help="the adapters' rank (default: conf/adapter/lora.yaml's)")
+                   help="also train through these adapters (conf/shared/adapter_lora.yaml's targets) and compare with full fine-tuning")
+    p.add_argument("--adapter-rank", type=int, default=None, help="the adapters' rank (default: conf/shared/adapter_lora.yaml's)")
     p.add_argument("--loader", action="store_true", help="benchmark the data loader alone (no model)")
     p.add_argument("--both", action="store_true", help="the model bench and the loader bench, and their tokens/s ratio")
     p.add_argument("--loader-workers", type=int, default=None, help="loader worker processes (default 8; 0 with --tiny)")
@@ -91,12 +93,11 @@ def main(argv=None) -> list:
     if args.goals:
         return report(args.goals)
     torch.manual_seed(args.seed)
-    cfg = OmegaConf.load(CONF / "model" / f"{args.model}.yaml")
-    cfg.random_init, cfg.pretrained, cfg.init_from = True, None, None
+    cfg = compose([f"model={args.model}", "model.random_init=true"]).model
     with_model = args.both or not args.loader
     # The loader alone needs only the tokenizer and the geometry: the model is built without weights.
     with nullcontext() if with_model else torch.device("meta"):
-        model, tokenizer = build_model(cfg, cache_dir())
+        model, tokenizer = build_model(model_plan(cfg), cache_dir())
     results = []
     # The loader runs first, so its workers fork before the model moves to the GPU.
     if args.loader:

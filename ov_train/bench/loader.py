@@ -11,13 +11,12 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from ov_train.bench.mixture import synthetic_mixture, write_mixture_shards
+from ov_train.config.compose import compose
+from ov_train.config.run_plan import resolve_plan
+from ov_train.data.prepare import prepare_data
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.metrics import batch_counts
-
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the shipped configs the loader is built from
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -41,12 +40,11 @@ def serve_http(root: Path):
 
 def _measure(args, tokenizer, geometry, root: str) -> tuple[dict, OneVisionData, int]:
     workers = args.loader_workers
-    data_cfg = OmegaConf.merge(
-        OmegaConf.load(CONF / "data" / "recipe.yaml"),
-        {"recipe": "onevision", "root": root, "num_workers": workers, "index_dir": None},
-    )
-    stage_cfg = OmegaConf.load(CONF / "stage" / "onevision.yaml")
-    data = OneVisionData(data_cfg, stage_cfg, tokenizer, geometry, args.seed)
+    # The shipped configs' plan for the onevision stage on these shards, as training would resolve it.
+    overrides = ["stage=onevision", "data=recipe", f"data.root={root}", f"data.num_workers={workers}",
+                 "data.index_dir=null", f"seed={args.seed}"]
+    plan = resolve_plan(compose(overrides)).data
+    data = OneVisionData(plan, prepare_data(plan), tokenizer, geometry)
     loader = data.train_dataloader()
     # Each worker's first batch carries its start-up (fork, shard headers), so the clock starts after them all.
     warmup = max(1, workers)

@@ -5,19 +5,21 @@ import ctypes
 import resource
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from ov_train import devices
 from ov_train.bench.mixture import synthetic_mixture, token_counts
+from ov_train.config.options import ForwardOptions
+from ov_train.constants import IGNORE_INDEX, PARTS
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
-from ov_train.model.forward import ForwardOptions, sample_losses
-from ov_train.model.packing import IGNORE_INDEX, plan_rows
+from ov_train.model.forward import prepare_model, sample_losses
+from ov_train.model.packing import plan_rows
 from ov_train.training.optim import build_adamw
-from ov_train.utils.flops import FORWARD_ORDER, ModelFlops
+from ov_train.utils.flops import ModelFlops
 from ov_train.vision.geometry import VisionGeometry
-
-H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM
 
 
 def _stock_step(model, examples, pad_id, device, autocast):
@@ -127,7 +129,8 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
     args.loss_chunk = args.loss_chunk or cfg.loss_chunk
     model.to(device).train()
     if args.peak_tflops is None:
-        args.peak_tflops = H100_BF16_TFLOPS if device.type == "cuda" else _measured_peak_tflops(device)
+        gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        args.peak_tflops = devices.peak_tflops(gpu_name)[0] if gpu_name else _measured_peak_tflops(device)
     geometry = VisionGeometry.from_model_config(model.config)
     process = SampleProcessor(tokenizer, geometry, "qwen_1_5", cfg.vision_aspect_ratio, max_frames=32, max_length=32768)
     raws = synthetic_mixture(args.samples * (args.warmup + args.steps), geometry.image_size, args.seed)
@@ -135,7 +138,7 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
     groups = [examples[i : i + args.samples] for i in range(0, len(examples), args.samples)]
     pad_id = tokenizer.pad_token_id
     model_flops = ModelFlops.from_config(model.config)
-    flops = lambda e: model_flops.train_step(token_counts(e), set(FORWARD_ORDER))  # noqa: E731  (all parts train)
+    flops = lambda e: model_flops.train_step(token_counts(e), set(PARTS))  # noqa: E731  (all parts train)
     tokens = lambda e: len(e["input_ids"])  # noqa: E731
     gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext
@@ -156,13 +159,14 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
     for max_tokens in row_sizes:
         options = _ours(args, max_tokens)
         if len(results) == 1:
-            options.prepare(model)  # attention, checkpointing and compilation are set once
+            prepare_model(model, options)  # attention, checkpointing and compilation are set once
             print(f"ov_train: attention {options.attention()}  compile: {options.compile}  "
                   f"checkpointing: {options.activation_checkpointing or 'none'}", flush=True)
         if gpu:
             torch.cuda.empty_cache()
         optimizer = build_adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5, "weight_decay": 0.0}])
-        ours = _run("ov_train", lambda ex: _ours_step(model, ex, pad_id, device, options), optimizer, groups, args, device, flops, tokens)
+        step = partial(_ours_step, model, pad_id=pad_id, device=device, options=options)
+        ours = _run("ov_train", step, optimizer, groups, args, device, flops, tokens)
         del optimizer
         ours["max_tokens"] = max_tokens
         _print(ours, stock)
@@ -181,18 +185,17 @@ def _adapter_row(args, model, full: dict, run, step) -> dict:
     """ov_train's path again at the first row size, with `--adapter` placed as `adapter=<kind>` places it (every part
     training in the full row: here the LLM through adapters, the projector a trained copy, the tower frozen); prints
     trainable parameters, optimizer state and peak memory against full fine-tuning."""
-    from ov_train.model.adapters import adapted_parts, stage_lrs, wrap
-    from ov_train.model.parts import PARTS, apply_stage
+    from ov_train.model.adapters import wrap
+    from ov_train.model.parts import apply_stage
 
-    settings = adapter_settings(args.adapter, args.adapter_rank)
-    modes = settings.modes({part: 1e-5 for part in PARTS})
-    wrap(model, settings, modes)
-    groups, _ = apply_stage(model, stage_lrs({part: 1e-5 for part in PARTS}, modes), adapted=adapted_parts(modes))
+    adapter = adapter_plan_of(args.adapter, args.adapter_rank)
+    wrap(model, adapter)
+    groups, _ = apply_stage(model, adapter.part_lrs(dict.fromkeys(PARTS, 1e-5)), adapted=adapter.adapted)
     options = _ours(args, full["max_tokens"])
     row = run(build_adamw(groups), args.adapter, lambda ex: step(ex, options))
     row["max_tokens"] = full["max_tokens"]
     for r in (full, row):
-        print(f"{r['name'] + ' ' + ('full' if r is full else f'r={settings.r}'):<14} trainable {r['trainable_params']:>13,}"
+        print(f"{r['name'] + ' ' + ('full' if r is full else f'r={adapter.r}'):<14} trainable {r['trainable_params']:>13,}"
               f"  optimizer state {r['optimizer_state_gib']:.4f} GiB  peak memory {r['peak_gib']:.2f} GiB"
               f"  tokens/s {r['tokens_per_s']:.1f}")
     print(f"{'ratio':<14} trainable {row['trainable_params'] / full['trainable_params']:.4f}x  optimizer state "
@@ -200,14 +203,10 @@ def _adapter_row(args, model, full: dict, run, step) -> dict:
     return row
 
 
-def adapter_settings(kind: str, rank: int | None):
-    """conf/adapter/lora.yaml's settings (targets, alpha, dropout) for `kind` (lora or dora), at `rank`."""
-    from dataclasses import replace
+def adapter_plan_of(kind: str, rank: int | None):
+    """`adapter=<kind>`'s settings (conf/shared/adapter_lora.yaml: targets, alpha, dropout), at `rank`, with every part training."""
+    from ov_train.config.adapter import adapter_plan
+    from ov_train.config.compose import compose
 
-    from omegaconf import OmegaConf
-
-    from ov_train.bench.loader import CONF
-    from ov_train.model.adapters import AdapterSettings
-
-    settings = AdapterSettings.from_config(OmegaConf.load(CONF / "adapter" / "lora.yaml"))
-    return replace(settings, kind=kind, r=rank or settings.r)
+    node = compose([f"adapter={kind}", *([f"adapter.r={rank}"] if rank else [])]).adapter
+    return adapter_plan(node, dict.fromkeys(PARTS, 1e-5), base={})

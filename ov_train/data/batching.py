@@ -5,38 +5,15 @@ built inside the dataset, in the loader workers, so loaders run with batch_size=
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from torch.utils.data import IterableDataset
 
+from ov_train.config.options import TokenBudget
 from ov_train.data.stream import reader_slot
 
 
-@dataclass(frozen=True)
-class TokenBudget:
-    max_tokens: int | None = None  # padded tokens per batch; None: no token limit
-    max_samples: int | None = None  # samples per batch; None: no sample limit
-
-    def __post_init__(self):
-        if self.max_tokens is None and self.max_samples is None:
-            raise ValueError("a batch needs a token budget or a sample limit (data.max_tokens_per_batch / data.batch_size)")
-
-    def admits(self, count: int, longest: int, length: int) -> bool:
-        """Whether a batch of `count` samples, the longest `longest` tokens, takes one more of `length`.
-        An empty batch takes anything, so a sample over the budget goes alone."""
-        if count == 0:
-            return True
-        n = count + 1
-        tokens_ok = self.max_tokens is None or n * max(longest, length) <= self.max_tokens
-        return tokens_ok and (self.max_samples is None or n <= self.max_samples)
-
-    def full(self, count: int, longest: int) -> bool:
-        """No further sample can join: even one no longer than the longest would break the budget."""
-        return not self.admits(count, longest, 1)
-
-
-def pack(examples: Iterator[dict], budget: TokenBudget, state: Callable[[], object] = lambda: None):
+def fill_batches(examples: Iterator[dict], budget: TokenBudget, state: Callable[[], object] = lambda: None):
     """Yield (batch of examples, state() to resume right after it).
 
     A sample that does not fit closes the batch and starts the next one; the closed batch reports the
@@ -81,7 +58,7 @@ class TrainBatches(IterableDataset):
     def __iter__(self):
         reader, readers = reader_slot(self.consumed)
         stream = self.make_stream(reader=reader, readers=readers, state=self.states.get(reader))
-        for examples, state in pack(iter(stream), self.budget, stream.state):
+        for examples, state in fill_batches(iter(stream), self.budget, stream.state):
             batch = self.collate(examples)
             batch["source"] = [e["source"] for e in examples]
             batch["key"] = [e["key"] for e in examples]
@@ -96,5 +73,5 @@ class HeldOutBatches(IterableDataset):
         self.examples, self.budget, self.collate = examples, budget, collate
 
     def __iter__(self):
-        for examples, _ in pack(iter(self.examples), self.budget):
+        for examples, _ in fill_batches(iter(self.examples), self.budget):
             yield self.collate(examples)

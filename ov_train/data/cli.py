@@ -9,11 +9,11 @@ import logging
 import os
 import sys
 
+from ov_train.constants import PARQUET
 from ov_train.data.convert import convert
 from ov_train.data.formats import FORMATS, InputError
 from ov_train.data.inspect import format_report, inspect_dir
 from ov_train.data.remote import redact, redact_text
-from ov_train.data.sources import PARQUET
 
 
 def _positive(text: str) -> int:
@@ -135,3 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")  # warnings (a restarted conversion) reach stderr as plain lines
     return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ missing (convert_state.py). Media references resolve inside --media-root, symlin
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -22,29 +23,36 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import decord
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ov_train.config.compose import compose
+from ov_train.config.options import IOSettings
+from ov_train.constants import IMAGE_TOKEN, MEDIA_TOKENS, VIDEO_TOKEN
 from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path, write_atomic
 from ov_train.data.formats import InputError, Item, detect_format, open_input
-from ov_train.data.remote import IOSettings, is_remote, redact, remote_size, upload
 from ov_train.data.inspect import summarise
+from ov_train.data.remote import is_remote, redact, remote_size, upload
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
-from ov_train.text.template import MEDIA_TOKENS
 from ov_train.utils.paths import cache_dir
-from ov_train.vision.geometry import VisionGeometry, default_pinpoints
-from ov_train.vision.tokens import anyres_tokens, single_crop_tokens, video_frame_indices, video_tokens
+from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.tokens import (
+    anyres_tokens,
+    single_crop_tokens,
+    video_frame_indices,
+    video_tokens,
+)
 
-# Token counts in the index are for the real OneVision geometry (SigLIP-384/14, anyres_max_9).
-OV_GEOMETRY = VisionGeometry(384, 14, default_pinpoints(384), 9)
-MAX_FRAMES = 32
+# Token counts in the index are for the real OneVision geometry, read from these shipped configs
+# (SigLIP-384/14, anyres_max_9, at most 32 video frames).
+TOKEN_MODEL, TOKEN_STAGE = "ov_qwen2_0_5b", "onevision"
 _IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _MEDIA = re.compile("|".join(re.escape(t) for t in MEDIA_TOKENS))
 _HUMAN, _GPT = {"human", "user"}, {"gpt", "assistant"}
@@ -56,6 +64,32 @@ class Reject(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class TokenGeometry:
+    """What visual token counts depend on: the vision geometry and the most frames sampled from a video."""
+
+    vision: VisionGeometry
+    max_frames: int
+
+    @classmethod
+    def of_configs(cls, model: str = TOKEN_MODEL, stage: str = TOKEN_STAGE) -> TokenGeometry:
+        cfg = compose([f"model={model}", f"stage={stage}"])
+        vision = cfg.model.vision
+        geometry = VisionGeometry.of(vision.image_size, vision.patch_size, cfg.model.vision_aspect_ratio)
+        return cls(geometry, cfg.stage.max_frames)
+
+    def index_fields(self) -> dict:
+        """The `geometry` an index records its token counts at."""
+        return {"image_size": self.vision.image_size, "patch_size": self.vision.patch_size,
+                "max_crops": self.vision.max_crops, "max_frames": self.max_frames}
+
+
+@functools.cache
+def shipped_token_geometry() -> TokenGeometry:
+    """TokenGeometry.of_configs(), read once per process."""
+    return TokenGeometry.of_configs()
 
 
 # ---------------------------------------------------------------- media references
@@ -92,7 +126,7 @@ class MediaRoot:
 # ---------------------------------------------------------------- one record -> one shard sample
 
 
-def build_sample(item: Item, key: str, media: MediaRoot) -> tuple[dict, dict]:
+def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry) -> tuple[dict, dict]:
     """Validate a record and load its media; returns (shard sample, index entry) or raises Reject."""
     if item.error:
         raise Reject("malformed_line", item.error)
@@ -109,13 +143,13 @@ def build_sample(item: Item, key: str, media: MediaRoot) -> tuple[dict, dict]:
     sample = {"__key__": key}
     entry = {"key": key, "id": item_id(item), "source": item.source}
     if video_ref:
-        entry.update(_add_video(sample, media.read(video_ref, "missing_video"), video_ref))
+        entry.update(_add_video(sample, media.read(video_ref, "missing_video"), video_ref, tokens))
     elif n_images:
         if item.image_bytes is not None:
             payloads = [(data, f"{item.where} image {i}") for i, data in enumerate(item.image_bytes)]
         else:
             payloads = [(media.read(ref, "missing_image"), ref) for ref in image_refs]
-        entry.update(_add_images(sample, payloads))
+        entry.update(_add_images(sample, payloads, tokens.vision))
     else:
         entry.update(modality="text", visual_tokens=0)
 
@@ -127,7 +161,7 @@ def build_sample(item: Item, key: str, media: MediaRoot) -> tuple[dict, dict]:
     return sample, entry
 
 
-def _add_images(sample: dict, payloads: list[tuple[bytes, str]]) -> dict:
+def _add_images(sample: dict, payloads: list[tuple[bytes, str]], geometry: VisionGeometry) -> dict:
     """Store images under img<i>.<ext> with their original bytes; index fields for them."""
     sizes = []
     for i, (data, name) in enumerate(payloads):
@@ -135,18 +169,18 @@ def _add_images(sample: dict, payloads: list[tuple[bytes, str]]) -> dict:
         sample[f"img{i}.{ext}"] = data
         sizes.append([height, width])
     if len(sizes) == 1:
-        return {"modality": "single_image", "images": sizes, "visual_tokens": anyres_tokens(*sizes[0], OV_GEOMETRY)}
-    return {"modality": "multi_image", "images": sizes, "visual_tokens": len(sizes) * single_crop_tokens(OV_GEOMETRY)}
+        return {"modality": "single_image", "images": sizes, "visual_tokens": anyres_tokens(*sizes[0], geometry)}
+    return {"modality": "multi_image", "images": sizes, "visual_tokens": len(sizes) * single_crop_tokens(geometry)}
 
 
-def _add_video(sample: dict, data: bytes, name: str) -> dict:
+def _add_video(sample: dict, data: bytes, name: str, tokens: TokenGeometry) -> dict:
     """Store the video under VIDEO_FIELD; index fields for it, its container named by the file's extension."""
-    total, fps, duration = _video_info(data, name)
+    total, fps, duration = _video_info(data, name, tokens.max_frames)
     sample[VIDEO_FIELD] = data
-    sampled = len(video_frame_indices(total, fps, MAX_FRAMES))
+    sampled = len(video_frame_indices(total, fps, tokens.max_frames))
     video = {"frames": total, "fps": round(fps, 3), "duration": round(duration, 3), "sampled_frames": sampled,
              "container": Path(name).suffix.lower().lstrip(".") or None}
-    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, OV_GEOMETRY)}
+    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, tokens.vision)}
 
 
 def item_id(item: Item) -> str:
@@ -181,11 +215,11 @@ def _media_refs(record: dict) -> tuple[list[str], str | None]:
 
 def _check_placeholders(turns: list[dict], n_images: int, has_video: bool) -> list[dict]:
     texts = [t["value"] for t in turns]
-    n_image_ph = sum(t.count("<image>") for t in texts)
-    n_video_ph = sum(t.count("<video>") for t in texts)
+    n_image_ph = sum(t.count(IMAGE_TOKEN) for t in texts)
+    n_video_ph = sum(t.count(VIDEO_TOKEN) for t in texts)
     if has_video and n_video_ph == 0 and n_image_ph == 1:
         # LLaVA-Video style data marks the video with <image>; training expects <video>.
-        turns = [{**t, "value": t["value"].replace("<image>", "<video>")} for t in turns]
+        turns = [{**t, "value": t["value"].replace(IMAGE_TOKEN, VIDEO_TOKEN)} for t in turns]
         n_image_ph, n_video_ph = 0, 1
     expected = (0, 1) if has_video else (n_images, 0)
     if (n_image_ph, n_video_ph) != expected:
@@ -211,10 +245,10 @@ def _image_info(data: bytes, name: str) -> tuple[str, int, int]:
     return _IMAGE_EXTENSIONS.get(fmt, str(fmt).lower()), height, width
 
 
-def _video_info(data: bytes, name: str) -> tuple[int, float, float]:
+def _video_info(data: bytes, name: str, max_frames: int) -> tuple[int, float, float]:
     """(frames, fps, duration) of a video whose sampled frames all decode; corrupt_video otherwise."""
     try:
-        _, duration = decode_video(data, MAX_FRAMES, name=name)
+        _, duration = decode_video(data, max_frames, name=name)
         reader = decord.VideoReader(io.BytesIO(data))
         return len(reader), float(reader.get_avg_fps()), duration
     except VideoDecodeError as err:
@@ -225,11 +259,14 @@ def _video_info(data: bytes, name: str) -> tuple[int, float, float]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ConvertSettings:
+    """What every chunk's writer needs (pickled to the worker processes)."""
+
     out_dir: str
     media: MediaRoot
     samples_per_shard: int
     max_shard_bytes: int
+    tokens: TokenGeometry
     held_out: frozenset = frozenset()  # input positions that go to the held-out (val-*) shards
 
 
@@ -241,7 +278,7 @@ class Chunk:
     text_tokens: list[int]
 
 
-def write_chunk(plan: Plan, chunk: Chunk) -> int:
+def write_chunk(plan: ConvertSettings, chunk: Chunk) -> int:
     """Write one chunk's shard(s) (train, and val for its held-out items), then its index part; returns the
     number of input items handled."""
     out = Path(plan.out_dir)
@@ -251,7 +288,7 @@ def write_chunk(plan: Plan, chunk: Chunk) -> int:
     with writers[SHARD_PREFIX], writers[VAL_PREFIX]:
         for offset, (item, text_tokens) in enumerate(zip(chunk.items, chunk.text_tokens)):
             try:
-                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", plan.media)
+                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", plan.media, plan.tokens)
             except Reject as rej:
                 rejects.append({"id": item_id(item), "reason": rej.reason, "detail": rej.detail, "where": item.where})
                 continue
@@ -299,7 +336,7 @@ def text_token_counts(tokenizer, items: list[Item]) -> list[int]:
     return counts
 
 
-def _chunks(items: Iterator[Item], plan: Plan, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
+def _chunks(items: Iterator[Item], plan: ConvertSettings, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
     """The chunks still to write, in input order; finished ones are counted and skipped."""
     batch: list[Item] = []
     for item in items:
@@ -311,7 +348,7 @@ def _chunks(items: Iterator[Item], plan: Plan, tokenizer, stats: dict, bar) -> I
         yield from _pending(batch, plan, tokenizer, stats, bar)
 
 
-def _pending(batch: list[Item], plan: Plan, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
+def _pending(batch: list[Item], plan: ConvertSettings, tokenizer, stats: dict, bar) -> Iterator[Chunk]:
     index = stats["chunks"]
     stats["chunks"] += 1
     if finished(Path(plan.out_dir), index):
@@ -321,7 +358,7 @@ def _pending(batch: list[Item], plan: Plan, tokenizer, stats: dict, bar) -> Iter
     yield Chunk(index, index * plan.samples_per_shard, batch, text_token_counts(tokenizer, batch))
 
 
-def _run(plan: Plan, chunks: Iterator[Chunk], workers: int) -> Iterator[int]:
+def _run(plan: ConvertSettings, chunks: Iterator[Chunk], workers: int) -> Iterator[int]:
     if workers <= 1:
         for chunk in chunks:
             yield write_chunk(plan, chunk)
@@ -374,7 +411,7 @@ def _watch_parent(parent: int) -> None:
 
 def _load_tokenizer(path: str | None):
     # transformers is slow to import and only the main process counts text tokens.
-    from ov_train.model.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from ov_train.text.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     if path:
         if not Path(path).is_dir():
@@ -386,7 +423,7 @@ def _load_tokenizer(path: str | None):
     return build_tiny_tokenizer(cache_dir() / "tokenizer")
 
 
-def _merge(out: Path, settings: dict, chunks: int) -> dict:
+def _merge(out: Path, settings: dict, chunks: int, tokens: TokenGeometry) -> dict:
     parts = [json.loads(part_path(out, k).read_text(encoding="utf-8")) for k in range(chunks)]
     samples = [entry for part in parts for entry in part["samples"]]
     rejects = [rej for part in parts for rej in part["rejects"]]
@@ -394,8 +431,7 @@ def _merge(out: Path, settings: dict, chunks: int) -> dict:
     totals = {**summarise(samples, rejects), "splits": splits}
     index = {
         "settings": settings,
-        "geometry": {"image_size": OV_GEOMETRY.image_size, "patch_size": OV_GEOMETRY.patch_size,
-                     "max_crops": OV_GEOMETRY.max_crops, "max_frames": MAX_FRAMES},
+        "geometry": tokens.index_fields(),
         "totals": totals,
         "shards": [shard for part in parts for shard in part["shards"]],
         "samples": samples,
@@ -433,13 +469,15 @@ def convert(input_path, out_dir, media_root=None, fmt: str | None = None, sample
         settings["holdout"] = holdout
     held_out = held_out_positions(holdout, source.total, seed)
     restarted = claim(out, settings, source.files)
-    plan = Plan(str(out), MediaRoot(media_root, not allow_outside_root), samples_per_shard, max_shard_bytes, held_out)
+    tokens = shipped_token_geometry()
+    plan = ConvertSettings(str(out), MediaRoot(media_root, not allow_outside_root), samples_per_shard, max_shard_bytes,
+                           tokens, held_out)
     stats = {"chunks": 0, "resumed": 0}
     with tqdm(total=source.total, unit="sample", desc="ov-data convert", disable=None) as bar:
         chunks = _chunks(source.items, plan, _load_tokenizer(tokenizer), stats, bar)
         for handled in _run(plan, chunks, workers):
             bar.update(handled)
-    totals = _merge(out, settings, stats["chunks"])
+    totals = _merge(out, settings, stats["chunks"], tokens)
     if is_remote(str(out_dir)):
         publish(out, str(out_dir), io)
     return {**totals, "chunks": stats["chunks"], "resumed_chunks": stats["resumed"], "restarted": restarted}
@@ -465,9 +503,3 @@ def publish(staged: Path, location: str, io: IOSettings) -> None:
             upload(local, target, io)
             bar.update(1)
 
-
-if __name__ == "__main__":
-    # Go through the package module so worker processes unpickle ov_train.data.convert.*, not __main__.*.
-    from ov_train.data.cli import main
-
-    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -7,8 +7,9 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from ov_train.data.recipe import MODALITIES
-from ov_train.data.remote import IOSettings, read_bytes, redact, redact_text
+from ov_train.config.options import IOSettings
+from ov_train.constants import MODALITIES
+from ov_train.data.remote import read_bytes, redact, redact_text
 
 PERCENTILES = (50, 90, 99)
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm import tqdm
 
-from ov_train.data.convert import MAX_FRAMES, OV_GEOMETRY, MediaRoot, Reject, build_sample, text_token_counts
+from ov_train.config.options import IOSettings
+from ov_train.constants import PARQUET
+from ov_train.data.convert import MediaRoot, Reject, build_sample, shipped_token_geometry, text_token_counts
 from ov_train.data.formats import PARQUET_BATCH_ROWS, Item, parquet_items, parquet_missing_columns
 from ov_train.data.inspect import summarise
-from ov_train.data.remote import IOSettings, filesystem, is_remote, read_bytes, redact, retrying, upload
-from ov_train.data.sources import PARQUET, parquet_file
+from ov_train.data.remote import filesystem, is_remote, parquet_file, read_bytes, redact, retrying, upload
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,7 +59,7 @@ def row_sample(item: Item, location: str, row: int, rejected: str | None = None)
     if rejected:
         return {"__key__": key, "__skip__": rejected, "__detail__": f"{item.where}: rejected by the index ({rejected})"}
     try:
-        sample, _ = build_sample(item, key, NO_MEDIA)
+        sample, _ = build_sample(item, key, NO_MEDIA, shipped_token_geometry())
     except Reject as rej:
         return {"__key__": key, "__skip__": rej.reason, "__detail__": f"{item.where}: {rej.detail}"}
     sample["json"] = json.dumps(sample["json"], ensure_ascii=False).encode()
@@ -87,7 +88,7 @@ def _index_file(location: str, tokenizer, io: IOSettings, bar) -> tuple[dict, li
         counts = text_token_counts(tokenizer, [item for _, item in batch])
         for (row, item), tokens in zip(batch, counts):
             try:
-                _, entry = build_sample(item, sample_key(location, row), NO_MEDIA)
+                _, entry = build_sample(item, sample_key(location, row), NO_MEDIA, shipped_token_geometry())
             except Reject as rej:
                 rejected[str(row)] = rej.reason
                 rejects.append({"id": item.record.get("id") if isinstance(item.record, dict) else None,
@@ -118,8 +119,7 @@ def build_index(files: list[str], tokenizer, io: IOSettings = IOSettings()) -> d
     return {
         "version": INDEX_VERSION,
         "settings": {"format": PARQUET},
-        "geometry": {"image_size": OV_GEOMETRY.image_size, "patch_size": OV_GEOMETRY.patch_size,
-                     "max_crops": OV_GEOMETRY.max_crops, "max_frames": MAX_FRAMES},
+        "geometry": shipped_token_geometry().index_fields(),
         "totals": summarise(samples, rejects),
         "files": files_info,
         "shards": list(files_info),

@@ -9,18 +9,20 @@ location that reaches a log, an error or a file is `redact`ed first.
 from __future__ import annotations
 
 import importlib
+import io as _io
 import logging
-import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 import braceexpand
 import fsspec
 
+from ov_train.config.options import IOSettings
 from ov_train.utils.logging import get_logger
+from ov_train.utils.redact import redact, redact_text
 
 log = get_logger(__name__)
 # The module, not the function of that name that `webdataset` exports.
@@ -28,60 +30,6 @@ wds_gopen = importlib.import_module("webdataset.gopen")
 
 FSSPEC_SCHEMES = ("http", "https", "s3", "s3a", "gs", "gcs", "hf")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class IOSettings:
-    """How reads of remote data behave (`data.io.*`): attempts after the first, the first backoff (doubling
-    each attempt), and the connect / read timeout of one request."""
-
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
-
-    @classmethod
-    def from_config(cls, io) -> "IOSettings":
-        io = dict(io or {})
-        return cls(int(io.get("retries", cls.retries)), float(io.get("backoff_s", cls.backoff_s)),
-                   float(io.get("timeout_s", cls.timeout_s)))
-
-
-def io_problems(io) -> list[str]:
-    """Problems of a `data.io` mapping, by key."""
-    io = dict(io or {})
-    problems = [f"data.io.{k}: no such setting; allowed: ['backoff_s', 'retries', 'timeout_s']"
-                for k in io if k not in ("retries", "backoff_s", "timeout_s")]
-    retries = io.get("retries", IOSettings.retries)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        problems.append(f"data.io.retries={retries!r} must be an integer >= 0 (attempts after a failed read)")
-    for key, lowest in (("backoff_s", 0.0), ("timeout_s", 0.0)):
-        value = io.get(key, getattr(IOSettings, key))
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= lowest or value == float("inf"):
-            problems.append(f"data.io.{key}={value!r} must be a finite number >= {lowest:g} (seconds)")
-    if io.get("timeout_s") == 0:
-        problems.append("data.io.timeout_s=0 would fail every request; give seconds > 0")
-    return problems
-
-
-# ---------------------------------------------------------------- names that are safe to show
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
-_QUERY = re.compile(r"(://[^\s'\"?#]*)\?[^\s'\"#]*")
-
-
-def redact(location: str) -> str:
-    """A location without user:password@ or a ?query (presigned tokens): what logs and files may hold."""
-    location = str(location)
-    if "://" not in location:
-        return location
-    parts = urlsplit(location)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def redact_text(text: str) -> str:
-    """Any URL inside a message (an exception's text) with its userinfo and query removed."""
-    return _QUERY.sub(r"\1", _USERINFO.sub("", str(text)))
 
 
 def _redacting(factory):
@@ -222,7 +170,7 @@ def existing(locations: list[str], io: IOSettings = IOSettings()) -> list[str]:
     found = []
     for parent, names in by_parent.items():
         fs, path = filesystem(parent, io)
-        listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in retrying(lambda: fs.ls(path, detail=False),
+        listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in retrying(lambda fs=fs, path=path: fs.ls(path, detail=False),
                                                                        f"list {redact(parent)}", io)}
         found += [x for x in names if x.rsplit("/", 1)[-1] in listed]
     return found
@@ -243,3 +191,21 @@ def remote_size(location: str, io: IOSettings = IOSettings()) -> int | None:
         return int(fs.info(path).get("size"))
     except (FileNotFoundError, TypeError):
         return None
+
+
+def parquet_file(location: str, io: IOSettings):
+    """A pyarrow ParquetFile over a local or remote file (random access; a whole read from HTTP servers
+    that answer no range requests)."""
+    import pyarrow.parquet as pq
+
+    if scheme(location) == "":
+        return pq.ParquetFile(location)
+    fs, path = filesystem(location, io)
+    handle = fs.open(path, "rb")
+    try:
+        return pq.ParquetFile(handle)
+    except ValueError as err:
+        if "range" not in str(err).lower():
+            raise
+    with open_stream(location, io) as f:
+        return pq.ParquetFile(_io.BytesIO(f.read()))

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS
 from ov_train.data.video import VIDEO_FIELD, decode_video
-from ov_train.text.template import IGNORE_INDEX, encode_conversation
+from ov_train.text.template import encode_conversation
 from ov_train.vision.preprocess import preprocess_frames, preprocess_image
 from ov_train.vision.tokens import video_tokens
-
 
 # Where a sample's video is, in order: the one field `ov-data convert` writes, then the container extensions
 # that older converted shards used and synthetic shards still use (`mp4`).
@@ -82,7 +82,7 @@ class SampleProcessor:
     def _truncate(self, key, ids, labels):
         if len(ids) <= self.max_length:
             return ids, labels
-        media = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")}
+        media = {self.tokenizer.convert_tokens_to_ids(t) for t in MEDIA_TOKENS}
         if any(t in media for t in ids[self.max_length :]):
             # Cutting through visual tokens would orphan features, so such samples are dropped.
             raise SampleError("too_long", f"sample {key}: {len(ids)} tokens, visual tokens beyond max_length {self.max_length}")

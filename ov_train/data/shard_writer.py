@@ -48,7 +48,7 @@ class ShardWriter:
         self._count = 0
         self._bytes = 0
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -88,7 +88,7 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp_path = self.out_dir / f".{name}.tmp{os.getpid()}"
         # Fixed mtime and owner: the same samples make the same bytes. encoder=False: fields are bytes already.
-        self._file = open(self._tmp_path, "wb")
+        self._file = open(self._tmp_path, "wb")  # noqa: SIM115 (closed by _finish_shard or _abort)
         self._tar = TarWriter(self._file, encoder=False, mtime=0, mode=0o644, user="", group="", format="USTAR_FORMAT")
         self._name = name
         self._count = 0

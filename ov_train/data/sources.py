@@ -7,20 +7,20 @@ unreadable raises ShardUnreadable, which the streams count as `shard_unreadable`
 """
 from __future__ import annotations
 
-import io as _io
 import time
 from collections import deque
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from ov_train.data.remote import IOSettings, filesystem, open_stream, redact, redact_text, scheme
+from ov_train.config.options import IOSettings
+from ov_train.constants import PARQUET
+from ov_train.data.remote import open_stream, parquet_file
 from ov_train.utils.logging import get_logger
+from ov_train.utils.redact import redact, redact_text
 
 log = get_logger(__name__)
 
-WEBDATASET, PARQUET = "webdataset", "parquet"
-FORMATS = (WEBDATASET, PARQUET)
 UNREADABLE = "shard_unreadable"  # the skip reason (data/skipped_shard_unreadable)
 
 Wanted = Callable[[int], bool] | None  # which entries this reader takes (None: all)
@@ -66,32 +66,13 @@ def tar_samples(location: str, first: int = 0, wanted: Wanted = None,
         stream.close()
 
 
-def parquet_file(location: str, io: IOSettings):
-    """A pyarrow ParquetFile over a local or remote file (random access; a whole read from HTTP servers
-    that answer no range requests)."""
-    import pyarrow.parquet as pq
-
-    if scheme(location) == "":
-        return pq.ParquetFile(location)
-    fs, path = filesystem(location, io)
-    handle = fs.open(path, "rb")
-    try:
-        return pq.ParquetFile(handle)
-    except ValueError as err:
-        if "range" not in str(err).lower():
-            raise
-    with open_stream(location, io) as f:
-        return pq.ParquetFile(_io.BytesIO(f.read()))
-
-
 def parquet_samples(location: str, first: int = 0, wanted: Wanted = None, io: IOSettings = IOSettings(),
                     rejects: dict | None = None) -> Iterator[tuple[int, dict]]:
     """(row, sample) of a parquet file in the released OneVision layout, each row checked like `ov-data convert`
     checks it and laid out as the shard sample it would write; rows the index (or the checks) reject come as
     {"__skip__": reason} for the stream to skip and count."""
-    from ov_train.data.parquet_source import row_sample
-
     from ov_train.data.formats import parquet_items
+    from ov_train.data.parquet_source import row_sample
 
     parquet = parquet_file(location, io)
     rejects = rejects or {}

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ov_train.data.recipe import Source, normalised
-from ov_train.data.remote import IOSettings, redact
+from ov_train.config.options import IOSettings
+from ov_train.config.recipe import normalised
+from ov_train.constants import WEBDATASET
+from ov_train.data.recipe import Source
 from ov_train.data.samples import SampleError
-from ov_train.data.sources import UNREADABLE, WEBDATASET, ShardUnreadable
+from ov_train.data.sources import UNREADABLE, ShardUnreadable
 from ov_train.data.sources import samples as shard_samples
 from ov_train.utils.logging import get_logger
+from ov_train.utils.redact import redact
 
 log = get_logger(__name__)
 

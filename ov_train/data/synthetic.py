@@ -20,19 +20,17 @@ from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
+from ov_train.constants import MODALITIES
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import encode_mp4
 from ov_train.utils.paths import cache_dir
 
-MODALITIES = ("single_image", "multi_image", "video", "text")
 SUBSETS = ("caption",) + MODALITIES
 SPLITS = ("train", "val")
 
 # Bump when the generated content changes: each version gets its own cache directory.
 FORMAT_VERSION = 2
 SAMPLES_PER_SHARD = 500
-# data.name of these data; the smallest image side the drawings fit in.
-SYNTHETIC, MIN_PX = "synthetic", 16
 VIDEO_FRAMES = 8
 
 COLOURS = {

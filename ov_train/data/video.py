@@ -13,7 +13,6 @@ import numpy as np
 
 from ov_train.vision.tokens import video_frame_indices
 
-
 # The shard field `ov-data convert` stores every video under, whatever its container (mp4, m4v, mkv...):
 # decord reads the bytes regardless of the name, and one fixed name cannot collide with `json` or `img<i>`.
 VIDEO_FIELD = "video"

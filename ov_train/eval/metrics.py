@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rapidfuzz.distance import Levenshtein
 

@@ -8,31 +8,20 @@ from __future__ import annotations
 
 from functools import partial
 
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-CHECKPOINTABLE = ("vision", "llm")
-
-
-def module_layers(model, module: str) -> nn.ModuleList:
-    if module == "vision":
-        tower = model.model.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
-    return model.model.language_model.layers
+from ov_train.constants import CHECKPOINTABLE
+from ov_train.model import layout
 
 
 def apply_activation_checkpointing(model, modules, every: int = 1) -> list[str]:
-    """Checkpoint layers 0, k, 2k, ... of each named module (others are switched off); returns their names."""
-    if every < 1:
-        raise ValueError(f"checkpoint_every={every} must be >= 1")
+    """Checkpoint layers 0, k, 2k, ... of each named module (the plan has checked the names and k; others are
+    switched off); returns their names."""
     selected = set(modules)
-    unknown = selected - set(CHECKPOINTABLE)
-    if unknown:
-        raise ValueError(f"activation checkpointing: unknown module(s) {sorted(unknown)}; allowed: {list(CHECKPOINTABLE)}")
     checkpointed = []
     for module in CHECKPOINTABLE:
-        for i, layer in enumerate(module_layers(model, module)):
+        for i, layer in enumerate(layout.layers(model, module)):
             if not isinstance(layer, GradientCheckpointingLayer):
                 raise TypeError(f"{module} layer {type(layer).__name__} cannot be checkpointed per layer")
             layer.gradient_checkpointing = module in selected and i % every == 0

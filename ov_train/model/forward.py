@@ -7,34 +7,39 @@ the stock forward wherever the stock forward accepts the same batch.
 
 `sample_losses` is the training entry point: per-sample loss sums, optionally on a packed batch
 (ov_train.model.packing) and with a linear cross-entropy that never holds full logits
-(ov_train.model.loss), as `ForwardOptions` (the model config's performance keys) say.
+(ov_train.model.loss), as the plan's `ForwardOptions` (the model config's performance keys) say.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ov_train.model.checkpointing import CHECKPOINTABLE, apply_activation_checkpointing, module_layers
-from ov_train.model.loss import chunked_cross_entropy, fused_available, fused_cross_entropy_sums
-from ov_train.model.packing import VARLEN, PackedBatch, language_model_hidden, pack, set_attention, varlen_attn
+from ov_train.config.options import ForwardOptions
+from ov_train.constants import CHECKPOINTABLE, IGNORE_INDEX
+from ov_train.model import layout
+from ov_train.model.checkpointing import apply_activation_checkpointing
+from ov_train.model.loss import (
+    chunked_cross_entropy,
+    fused_available,
+    fused_cross_entropy_sums,
+)
+from ov_train.model.packing import (
+    PackedBatch,
+    language_model_hidden,
+    pack_into_rows,
+    set_attention,
+)
 
-IGNORE_INDEX = -100
-LOSSES = ("full", "chunked")
-ATTENTION = ("auto", "sdpa", "eager", "flex_attention", VARLEN)
 
-
-def tower_hidden(tower, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """The tower's hidden_states[layer], running only the layers up to it.
+def tower_hidden(model, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """The vision tower's hidden_states[layer], running only the layers up to it.
 
     The stock call runs every layer and the post-layernorm, keeps all hidden states and returns the
     one asked for; whatever comes after `layer` is thrown away, so it is not computed here.
     """
-    tower = getattr(tower, "vision_model", tower)  # older transformers nest the transformer
-    blocks = tower.encoder.layers
+    blocks = layout.layers(model, "vision")
     needed = layer % (len(blocks) + 1)  # hidden_states[0] is the embedding output
-    hidden = tower.embeddings(pixel_values)
+    hidden = layout.vision_transformer(model).embeddings(pixel_values)
     for block in blocks[:needed]:
         hidden = block(hidden, None)
     return hidden
@@ -42,34 +47,33 @@ def tower_hidden(tower, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
 
 def _tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected patch features [n, side*side, d] of crops or frames [n, 3, S, S]."""
-    inner = model.model
-    hidden = tower_hidden(inner.vision_tower, pixel_values, model.config.vision_feature_layer)
+    hidden = tower_hidden(model, pixel_values, model.config.vision_feature_layer)
     if model.config.vision_feature_select_strategy == "default":
         hidden = hidden[:, 1:]
-    return inner.multi_modal_projector(hidden)
+    return layout.projector(model)(hidden)
 
 
 def image_features(model, feats, crops_per_image, image_sizes, anyres) -> list[torch.Tensor]:
     """One [tokens, d] tensor per image, in batch order, from its crops' projected features."""
-    inner = model.model
+    newline = layout.image_newline(model)
     out = []
     for crops, size, is_anyres in zip(feats.split(list(crops_per_image)), image_sizes, anyres):
         if is_anyres:
-            packed, _ = inner.pack_image_features(
-                [crops], size[None], image_newline=inner.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio
+            packed, _ = layout.core(model).pack_image_features(
+                [crops], size[None], image_newline=newline, vision_aspect_ratio=model.config.vision_aspect_ratio
             )
             out.append(packed[0])
         else:
-            out.append(torch.cat([crops[0], inner.image_newline[None].to(crops)], dim=0))
+            out.append(torch.cat([crops[0], newline[None].to(crops)], dim=0))
     return out
 
 
 def video_features(model, feats, frames_per_video) -> list[torch.Tensor]:
     """One [frames * pooled + 1, d] tensor per video from its frames' projected features: 2x2-pooled, one newline."""
-    inner = model.model
-    pooled = inner.apply_pooling(feats)
+    pooled = layout.core(model).apply_pooling(feats)
+    newline = layout.image_newline(model)
     return [
-        torch.cat([v.flatten(0, 1), inner.image_newline[None].to(v)], dim=0)
+        torch.cat([v.flatten(0, 1), newline[None].to(v)], dim=0)
         for v in pooled.split(list(frames_per_video))
     ]
 
@@ -105,7 +109,7 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch
         side = model.config.vision_config.image_size
         dummy = _tower_features(model, torch.zeros(1, 3, side, side, device=embeds.device))
         # Zero contribution, but the tower, projector and newline stay in the graph.
-        return embeds + 0 * (dummy.sum() + model.model.image_newline.sum()).to(embeds.dtype)
+        return embeds + 0 * (dummy.sum() + layout.image_newline(model).sum()).to(embeds.dtype)
     feats = _tower_features(model, torch.cat(media))
     if images is not None:
         image_feats, feats = feats[: images.shape[0]], feats[images.shape[0] :]
@@ -119,13 +123,13 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch
 
 def padded_hidden(model, batch: dict) -> torch.Tensor:
     """The LLM's final hidden states [B, L, d] of a padded batch."""
-    return model.model.language_model(
+    return layout.language_model(model)(
         inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
-    return model.lm_head(padded_hidden(model, batch))
+    return layout.lm_head(model)(padded_hidden(model, batch))
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,79 +142,22 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss * mask, mask
 
 
-@dataclass(frozen=True)
-class ForwardOptions:
-    """The model config's performance keys (conf/model/*.yaml); see docs/PERFORMANCE.md."""
-
-    packing: bool = False
-    max_tokens: int = 16384  # per packed row
-    loss: str = "full"  # full: one logits tensor; chunked: chunked (CPU) or Liger fused (CUDA) linear CE
-    loss_chunk: int = 1024
-    attn_implementation: str = "auto"  # auto: ov_varlen when packing on CUDA in bf16/fp16, else sdpa
-    activation_checkpointing: tuple[str, ...] = ()
-    checkpoint_every: int = 1
-    compile: bool = False  # torch.compile each tower and LLM layer
-    # Whether the model computes in bf16/fp16 (trainer.precision); varlen attention needs it.
-    half_precision: bool = True
-
-    @classmethod
-    def from_config(cls, cfg, precision=None) -> "ForwardOptions":
-        """From a `model` config node and the trainer's precision (null: assume bf16 or fp16)."""
-        names = set(cls.__dataclass_fields__) - {"half_precision"}
-        values = {k: cfg[k] for k in names if cfg.get(k) is not None}
-        modules = values.get("activation_checkpointing", ())
-        values["activation_checkpointing"] = (modules,) if isinstance(modules, str) else tuple(modules)
-        values["half_precision"] = precision is None or str(precision).startswith(("bf16", "16"))
-        options = cls(**values)
-        problems = options.problems()
-        if problems:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
-        return options
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.loss not in LOSSES:
-            out.append(f"model.loss={self.loss!r}; allowed: {list(LOSSES)}")
-        if self.attn_implementation not in ATTENTION:
-            out.append(f"model.attn_implementation={self.attn_implementation!r}; allowed: {list(ATTENTION)}")
-        if self.attn_implementation == VARLEN and not self.packing:
-            out.append(f"model.attn_implementation={VARLEN} needs model.packing=true")
-        if self.attn_implementation == VARLEN and varlen_attn is None:
-            out.append(f"model.attn_implementation={VARLEN}: this torch has no torch.nn.attention.varlen")
-        if self.attn_implementation == VARLEN and not self.half_precision:
-            out.append(f"model.attn_implementation={VARLEN} runs in bf16/fp16 only: set trainer.precision=bf16-true or bf16-mixed")
-        if not isinstance(self.compile, bool):
-            out.append(f"model.compile={self.compile!r} must be true or false")
-        unknown = sorted(set(self.activation_checkpointing) - set(CHECKPOINTABLE))
-        if unknown:
-            out.append(f"model.activation_checkpointing has {unknown}; allowed: {list(CHECKPOINTABLE)}")
-        for key in ("max_tokens", "loss_chunk", "checkpoint_every"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                out.append(f"model.{key}={getattr(self, key)!r} must be a positive integer")
-        return out
-
-    def attention(self) -> str:
-        if self.attn_implementation != "auto":
-            return self.attn_implementation
-        usable = self.packing and self.half_precision and torch.cuda.is_available() and varlen_attn is not None
-        return VARLEN if usable else "sdpa"
-
-    def prepare(self, model) -> None:
-        """Set the model up once, before any strategy wraps it: attention implementation, activation
-        checkpointing, then compilation (each layer compiled with its checkpointing switch in place)."""
-        set_attention(model, self.attention())
-        apply_activation_checkpointing(model, self.activation_checkpointing, self.checkpoint_every)
-        if self.compile:
-            for module in CHECKPOINTABLE:
-                for layer in module_layers(model, module):
-                    layer.compile(dynamic=True)  # packed rows change length every step
+def prepare_model(model, options: ForwardOptions) -> None:
+    """Set the model up once, before any strategy wraps it: attention implementation, activation
+    checkpointing, then compilation (each layer compiled with its checkpointing switch in place)."""
+    set_attention(model, options.attention())
+    apply_activation_checkpointing(model, options.activation_checkpointing, options.checkpoint_every)
+    if options.compile:
+        for module in CHECKPOINTABLE:
+            for layer in layout.layers(model, module):
+                layer.compile(dynamic=True)  # packed rows change length every step
 
 
 def _supervised_hidden(model, batch: dict, options: ForwardOptions):
     """Final hidden states [N, d] of the supervised positions, their targets [N] and where each sits in the
     padded batch [N] (flat index b * L + t), in that order: grouped by sample in batch order."""
     if options.packing:
-        packed = pack(batch, options.max_tokens)
+        packed = pack_into_rows(batch, options.max_tokens)
         hidden = language_model_hidden(model, embed_inputs(model, batch, packed), packed)
         targets, source = packed.targets, packed.source
     else:
@@ -226,7 +173,7 @@ def _supervised_hidden(model, batch: dict, options: ForwardOptions):
 def _through_head(model, fn, *args):
     """fn(head weight, *args), run as the LM head's forward: sharding wrappers (ZeRO-3, FSDP) gather the
     weight around a module's forward (and its backward), not around a bare read of the parameter."""
-    head = model.lm_head
+    head = layout.lm_head(model)
     head.forward = lambda *a: fn(head.weight, *a)
     try:
         return head(*args)

@@ -21,6 +21,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ov_train.constants import IGNORE_INDEX, VARLEN
+from ov_train.model import layout
+
 try:
     from torch.nn.attention.varlen import varlen_attn
 
@@ -28,9 +31,6 @@ try:
     _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
 except ImportError:
     varlen_attn, _VARLEN_PARAMS = None, frozenset()
-
-IGNORE_INDEX = -100
-VARLEN = "ov_varlen"
 
 
 def _gather(padded: torch.Tensor, source: torch.Tensor, fill) -> torch.Tensor:
@@ -68,7 +68,7 @@ def plan_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
-def pack(batch: dict, max_tokens: int) -> PackedBatch:
+def pack_into_rows(batch: dict, max_tokens: int) -> PackedBatch:
     """Pack a right-padded batch (ov_train.data.samples.collate) into rows of up to `max_tokens`."""
     ids = batch["input_ids"]
     batch_size, padded_len = ids.shape
@@ -110,11 +110,11 @@ def pack(batch: dict, max_tokens: int) -> PackedBatch:
 
 def language_model_hidden(model, embeds: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     """Final hidden states [R, L, d] of the packed rows, each sample isolated."""
-    lm = model.model.language_model
+    lm = layout.language_model(model)
     kwargs = {"inputs_embeds": embeds, "position_ids": packed.position_ids, "use_cache": False}
     if lm.config._attn_implementation == VARLEN:
         # A ready mask per layer type makes transformers skip building one; varlen needs none.
-        kwargs["attention_mask"] = {kind: None for kind in set(lm.config.layer_types)}
+        kwargs["attention_mask"] = dict.fromkeys(set(lm.config.layer_types))
         kwargs.update(
             cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
             max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen,
@@ -174,4 +174,4 @@ AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 def set_attention(model, implementation: str) -> None:
     """Attention of the language model: sdpa, eager, flex_attention or ov_varlen (CUDA, packed)."""
-    model.model.language_model.config._attn_implementation = implementation
+    layout.language_model(model).config._attn_implementation = implementation

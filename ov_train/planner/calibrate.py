@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,19 +73,20 @@ def _peak(device: torch.device) -> int:
     return _status("VmHWM:")
 
 
-def measure(model_cfg, parts: dict, samples, options, device: torch.device, dtype: torch.dtype) -> int:
+def measure(model_plan, parts: dict, samples, options, device: torch.device, dtype: torch.dtype) -> int:
     """Bytes the step adds at its peak above the weights: batch, activations, gradients (real weights)."""
     from ov_train.model.build import build_model
+    from ov_train.model.forward import prepare_model
     from ov_train.model.parts import apply_stage
     from ov_train.planner.trace import _ours_step
     from ov_train.planner.workload import collated
     from ov_train.utils.paths import cache_dir
 
     torch.manual_seed(0)
-    model, _ = build_model(model_cfg, cache_dir())
+    model, _ = build_model(replace(model_plan, route="random"), cache_dir())
     model.to(device=device, dtype=dtype).train()
     apply_stage(model, parts)
-    options.prepare(model)
+    prepare_model(model, options)
     side = model.config.vision_config.image_size
     ids = (model.config.image_token_id, model.config.video_token_id)
     pixels = lambda n: torch.zeros((n, 3, side, side), device=device, dtype=dtype)  # noqa: E731
@@ -102,18 +104,18 @@ def measure(model_cfg, parts: dict, samples, options, device: torch.device, dtyp
 
 
 def calibrate(model: str, tokens: int, checkpoint: str | None = None, device: str = "cpu") -> dict:
-    from ov_train.planner.cli import compose
+    from ov_train.config.compose import compose
     from ov_train.planner.estimate import Setup, meta_model, step_samples
     from ov_train.planner.trace import COMPUTE, trace_step
     from ov_train.vision.geometry import VisionGeometry
 
     cfg = compose(overrides(model, tokens, checkpoint, device))
     setup = Setup.from_config(cfg)
-    meta = meta_model(cfg.model)
+    meta = meta_model(setup.model)
     samples = step_samples(setup, VisionGeometry.from_model_config(meta.config))
     trace = trace_step(meta, setup.parts, samples, setup.options, setup.engine.compute, setup.path, setup.fused_loss)
     dtype = COMPUTE[setup.engine.compute][0]
-    measured = measure(cfg.model, setup.parts, samples, setup.options, torch.device(device), dtype)
+    measured = measure(setup.model, setup.parts, samples, setup.options, torch.device(device), dtype)
     planned = trace.activations_with_gradients
     return {
         "model": model, "tokens": tokens, "device": setup.device.name,

@@ -3,23 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from ov_train.config.compose import compose
+
 USAGE = """usage: ov-train plan [OVERRIDE ...] [--json]
 
 Plans one training step of the composed configuration (the same overrides as training: model=, stage=,
 strategy=, trainer.devices=, ...) on plan.device (h100, h200, a100_80g, a100_40g, l40s, b200, cpu; default:
 this machine's GPU): memory per device (weights, gradients, optimizer state, activations, the loss's working
 set, peak) and the step time at plan.mfu. --json prints one JSON object."""
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def main(argv: list[str]) -> int:

@@ -21,17 +21,18 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ov_train.model.adapters import ADAPTED, AdapterSettings, stage_lrs
-from ov_train.model.forward import ForwardOptions
+from ov_train.config.adapter import AdapterPlan
+from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
+from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
+from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, run_adapter_plan, strategy_plan
+from ov_train.constants import ADAPTED, VARLEN
 from ov_train.model.loss import fused_available
-from ov_train.model.packing import VARLEN, varlen_attn
 from ov_train.planner.devices import Device, DeviceError, resolve
-from ov_train.planner.state import Counts, Engine, count, engine_from_config, model_state
+from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state
 from ov_train.planner.trace import Trace, trace_step
 from ov_train.planner.workload import ONEVISION_MIX, Sample, fill
-from ov_train.strategies import world_size
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
@@ -69,69 +70,57 @@ def plan_problems(plan) -> list[str]:
     return out
 
 
-def _gpu_precision(cfg, world: int) -> str:
-    """trainer.precision, or what ov_train.strategies.default_precision picks on GPUs: bf16-true on one GPU with
-    the auto strategy, bf16-mixed otherwise (tests/unit/test_planner.py holds the two together)."""
-    if cfg.trainer.get("precision"):
-        return str(cfg.trainer.precision)
-    return "bf16-true" if world == 1 and cfg.strategy.name == "auto" else "bf16-mixed"
-
-
-def _step_tokens(cfg) -> tuple[int, str]:
+def _step_tokens(cfg, recipe: RecipeSpec | None) -> tuple[int, str]:
     """Tokens of one step's batch per device, and where the figure comes from."""
-    if cfg.plan.get("tokens"):
+    if cfg.plan.tokens:
         return int(cfg.plan.tokens), "plan.tokens"
-    if cfg.data.get("max_tokens_per_batch"):
+    if cfg.data.max_tokens_per_batch:
         return int(cfg.data.max_tokens_per_batch), "data.max_tokens_per_batch"
-    recipe = _recipe(cfg)
     if recipe is not None and recipe.max_tokens_per_batch:
         return int(recipe.max_tokens_per_batch), f"recipe {recipe.name}'s max_tokens_per_batch"
-    if cfg.model.get("packing"):
+    if cfg.model.packing:
         return int(cfg.model.max_tokens), "model.max_tokens (no token budget: one packed row; plan.tokens sets it)"
     return int(cfg.stage.max_length), "stage.max_length (no token budget: one sample)"
 
 
-def _recipe(cfg):
-    from ov_train.data.recipe import RecipeError, load_recipe
-
-    # Shards need not exist to read the mix; synthetic data leaves data.root null until it is generated.
-    root = "." if OmegaConf.is_missing(cfg.data, "root") else cfg.data.root or "."
+def _recipe(cfg) -> RecipeSpec | None:
+    """The recipe file's mix and budget (its shards need not exist)."""
     try:
-        return load_recipe(str(cfg.data.recipe), root, require_shards=False)
+        return read_recipe(str(cfg.data.recipe))[0]
     except (RecipeError, OSError):
         return None
 
 
-def _shares(cfg) -> dict[str, float]:
-    if cfg.plan.get("modality"):
+def _shares(cfg, recipe: RecipeSpec | None) -> dict[str, float]:
+    if cfg.plan.modality:
         return {cfg.plan.modality: 1.0}
-    recipe = _recipe(cfg)
-    shares = recipe.shares("modality") if recipe is not None else {}
+    try:
+        shares = recipe.shares("modality") if recipe is not None else {}
+    except ValueError:  # weights the run plan refuses
+        shares = {}
     return shares or dict(ONEVISION_MIX)
 
 
-def meta_model(model_cfg):
-    """The model of a `model` config node on the meta device: no weights are read or allocated."""
+def meta_model(model: ModelPlan):
+    """The plan's model on the meta device: no weights are read or allocated (an export's or checkpoint's config
+    when the route has one, else the configured geometry)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     from ov_train.model.build import build_model
 
-    route = model_cfg.get("init_from") or model_cfg.get("pretrained")
-    if route and (Path(route) / "config.json").is_file():
+    if model.route in ("export", "pretrained") and (Path(model.source) / "config.json").is_file():
         with torch.device("meta"):
-            return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_pretrained(route))
-    geometry = OmegaConf.merge(model_cfg, {"pretrained": None, "init_from": None, "vision_tower": None, "llm": None,
-                                           "random_init": True})
+            return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_pretrained(model.source))
     with torch.device("meta"):
-        return build_model(geometry, cache_dir())[0]
+        return build_model(replace(model, route="random"), cache_dir())[0]
 
 
 @dataclass(frozen=True)
 class Setup:
     """Everything the plan depends on, resolved from a composed config for one device kind."""
 
-    model_cfg: dict
-    parts: dict
+    model: ModelPlan
+    parts: dict  # learning rate per part (the run plan's); > 0: trains
     device: Device
     engine: Engine
     options: ForwardOptions
@@ -142,12 +131,12 @@ class Setup:
     shares: dict
     anyres: bool
     max_frames: int
-    adapter: dict | None  # the adapter settings (AdapterSettings.to_dict) and each part's mode; None: adapter=none
+    adapter: AdapterPlan | None  # the run's adapters (config/adapter.py); None: adapter=none
     mfu: float
     reserve_gib: float
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "Setup":
+    def from_config(cls, cfg: DictConfig) -> Setup:
         problems = plan_problems(cfg.plan)
         if problems:
             raise PlanError("invalid plan config:\n  " + "\n  ".join(problems))
@@ -156,37 +145,32 @@ class Setup:
             device = resolve(plan.get("device"), str(cfg.trainer.accelerator), plan.get("memory_gib"))
         except DeviceError as err:
             raise PlanError(str(err)) from err
-        world = world_size(cfg.trainer)
+        strategy = strategy_plan(cfg)
         path = plan.get("path") or "ov_train"
         on_cpu = device.kind == "cpu"
-        precision = str(cfg.trainer.get("precision") or "32-true") if on_cpu else _gpu_precision(cfg, world)
+        # The precision the run would take on the planned device (the run plan's rule, asked about that device).
+        precision = str(cfg.trainer.precision or default_precision(cfg.trainer, strategy.name, on_gpu=not on_cpu))
         if path == "stock":
             precision = "bf16-mixed"  # the public recipe: fp32 weights under bf16 autocast
-        engine = engine_from_config(cfg, world, precision)
-        options = ForwardOptions.from_config(cfg.model, precision)
+        engine = engine_from_plan(strategy, precision, int(cfg.trainer.accumulate_grad_batches or 1))
+        options, _ = ForwardOptions.from_config(cfg.model, precision)
         if path == "stock":
             # The stock forward: padded (one sample), sdpa, full logits; checkpointing as the model config says.
             options = replace(options, packing=False, loss="full", attn_implementation="sdpa")
         if options.attn_implementation == "auto":
-            usable = not on_cpu and options.packing and options.half_precision and varlen_attn is not None
+            usable = not on_cpu and options.packing and options.half_precision and HAS_VARLEN
             options = replace(options, attn_implementation=VARLEN if usable else "sdpa")
-        tokens, tokens_from = _step_tokens(cfg)
+        recipe = _recipe(cfg)
+        tokens, tokens_from = _step_tokens(cfg, recipe)
+        adapter = run_adapter_plan(cfg)
         return cls(
-            model_cfg=OmegaConf.to_container(cfg.model, resolve=True), parts=dict(cfg.stage.parts), device=device,
+            model=model_plan(cfg.model), parts=optim_plan(cfg, adapter).part_lrs, device=device,
             engine=engine, options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
-            tokens_from=tokens_from, shares=_shares(cfg), anyres=str(cfg.stage.image_strategy).startswith("anyres"),
-            max_frames=int(cfg.stage.max_frames), adapter=_adapter(cfg),
+            tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=str(cfg.stage.image_strategy).startswith("anyres"),
+            max_frames=int(cfg.stage.max_frames), adapter=adapter,
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
         )
-
-
-def _adapter(cfg: DictConfig) -> dict | None:
-    """The run's adapter config (ov_train.model.adapters) as the plan counts it, or None under adapter=none."""
-    settings = AdapterSettings.from_config(cfg.get("adapter"))
-    if not settings.enabled:
-        return None
-    return {"settings": settings.to_dict(), "modes": settings.modes(dict(cfg.stage.parts))}
 
 
 def _liger_expected() -> bool:
@@ -273,10 +257,10 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "precision": e.precision,
         "compute": e.compute,
         "path": setup.path,
-        "model": setup.model_cfg.get("name"),
+        "model": setup.model.name,
         "parameters": counts.total,
         "trainable_parameters": counts.trainable,
-        "adapter": setup.adapter and {"kind": setup.adapter["settings"]["kind"], "r": setup.adapter["settings"]["r"]},
+        "adapter": setup.adapter and {"kind": setup.adapter.kind, "r": setup.adapter.r},
         "weights_gib": _gib(state.weights),
         "gradients_gib": _gib(state.gradients),
         "masters_gib": _gib(state.masters),
@@ -310,21 +294,19 @@ def plan_setup(setup: Setup) -> dict:
     """Trace (or read the cached trace of) the step and evaluate it."""
     from ov_train.model.parts import apply_stage
 
-    model = meta_model(OmegaConf.create(setup.model_cfg))
+    model = meta_model(setup.model)
     geometry = VisionGeometry.from_model_config(model.config)
     all_samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
-    adapter = None
-    if setup.adapter:
-        adapter = (AdapterSettings.from_dict(setup.adapter["settings"]), setup.adapter["modes"])
-    # Parts the adapter config freezes train nothing; adapted parts' own weights are frozen in count().
-    apply_stage(model, stage_lrs(setup.parts, adapter[1]) if adapter else setup.parts)
-    counts = count(model, adapter)
+    # Parts the adapter config freezes train nothing (setup.parts has them at 0); adapted parts' own weights are
+    # frozen in count().
+    apply_stage(model, setup.parts)
+    counts = count(model, setup.adapter)
     work = TokenCounts(
         images=sum(sum(s.crops) for s in all_samples), tokens=sum(s.tokens for s in all_samples),
         pairs=sum(s.tokens * (s.tokens + 1) / 2 for s in all_samples),
     )
     # Adapted parts compute no gradients of their own weights (a trained copy does).
-    trains = {p for p in counts.trainable_parts if (adapter and adapter[1].get(p)) != ADAPTED}
+    trains = {p for p in counts.trainable_parts if not (setup.adapter and setup.adapter.modes[p] == ADAPTED)}
     flops = ModelFlops.from_config(model.config).train_step(work, trains)
     trace, cached = cached_trace(setup, model, step_samples(setup, geometry))
     out = evaluate(setup, trace, counts, work, flops)

@@ -10,7 +10,10 @@ nor optimizer state: ov_train.model.parts):
 | DDP | as one device | as one device | | 8T | gradient buckets, one more gradient copy (gradient_as_bucket_view is off) |
 | ZeRO-1 / ZeRO-2 (bf16) | 2P | 2T (ZeRO-1), 2T/N (ZeRO-2) | 4T/N | 8T/N | reduce buckets (x2 with overlap_comm) |
 | ZeRO-3 (bf16) | 2P/N | 2T/N | 4T/N | 8T/N | reduce buckets; two gathered layers (the one running, the one prefetched) |
-| FSDP2 (bf16-mixed) | 4P/N (fp32 shards) | 4T/N (fp32) | | 8T/N | the root unit gathered in bf16 all step; two gathered layers; one layer's gradients unsharded (bf16) and in fp32 for the reduce-scatter |
+| FSDP2 (bf16-mixed) | 4P/N (fp32 shards) | 4T/N (fp32) | | 8T/N | root unit in bf16; two gathered layers; one layer's gradients whole (1) |
+
+(1) the root unit is gathered in bf16 all step; one layer's gradients are unsharded, in bf16 and in fp32 for the
+reduce-scatter.
 
 Offloading (`offload_optimizer`) moves masters, moments and ZeRO-2/3 gradient partitions to host memory;
 `offload_parameters` (ZeRO-3) the weight shards. ZeRO-3 also gathers the largest layer and the largest module
@@ -25,12 +28,15 @@ trained whole beside adapters is a trained copy (PEFT's modules_to_save) of its 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
-import re
-
-from ov_train.model.adapters import ADAPTED, COPY, WHOLE, AdapterSettings, target_pattern
-from ov_train.model.parts import part_of
+from ov_train.config.adapter import AdapterPlan
+from ov_train.config.run_plan import StrategyPlan
+from ov_train.constants import ADAPTED, COPY
+from ov_train.model import layout
+from ov_train.model.adapters import target_pattern
+from ov_train.model.layout import part_of
 
 LAYER_CLASSES = ("SiglipEncoderLayer", "Qwen2DecoderLayer")  # the units FSDP2Strategy shards (ov_train.strategies)
 
@@ -52,25 +58,25 @@ class Counts:
         return asdict(self)
 
 
-def adapter_parameters(model, settings: AdapterSettings, modes: dict[str, str]) -> dict[str, int]:
+def adapter_parameters(model, adapter: AdapterPlan) -> dict[str, int]:
     """Parameters the adapters add per part: r x (in + out) per adapted linear module (+ out for DoRA's magnitude),
     and the whole copy of a part trained beside adapters."""
-    out = {part: 0 for part in modes}
-    pattern = target_pattern(model, settings, modes)
+    out = dict.fromkeys(adapter.modes, 0)
+    pattern = target_pattern(model, adapter)
     for name, module in model.named_modules():
         if pattern and re.fullmatch(pattern, name) and hasattr(module, "in_features"):
-            extra = module.out_features if settings.kind == "dora" else 0
-            out[part_of(f"{name}.weight")] += settings.r * (module.in_features + module.out_features) + extra
-    for part, mode in modes.items():
+            extra = module.out_features if adapter.kind == "dora" else 0
+            out[part_of(f"{name}.weight")] += adapter.r * (module.in_features + module.out_features) + extra
+    for part, mode in adapter.modes.items():
         if mode == COPY:
-            out[part] += sum(p.numel() for p in getattr(model.model, WHOLE[part]).parameters())
+            out[part] += sum(p.numel() for p in layout.whole_module(model, part).parameters())
     return out
 
 
-def count(model, adapter: tuple[AdapterSettings, dict] | None = None) -> Counts:
-    """Counts of `model` with requires_grad as the stage set it (ov_train.model.parts.apply_stage); with `adapter`
-    (settings, each part's mode), the adapted parts' own weights frozen and the adapters added."""
-    settings, modes = adapter or (None, {})
+def count(model, adapter: AdapterPlan | None = None) -> Counts:
+    """Counts of `model` with requires_grad as the stage set it (ov_train.model.parts.apply_stage); with `adapter`,
+    the adapted parts' own weights frozen and the adapters added."""
+    modes = adapter.modes if adapter else {}
     groups: dict[str, int] = {}
     total = trainable = 0
     for name, param in model.named_parameters():
@@ -79,7 +85,7 @@ def count(model, adapter: tuple[AdapterSettings, dict] | None = None) -> Counts:
         if param.requires_grad and modes.get(part) not in (ADAPTED, COPY):
             trainable += param.numel()
             groups[part] = groups.get(part, 0) + param.numel()
-    added = adapter_parameters(model, settings, modes) if settings else {}
+    added = adapter_parameters(model, adapter) if adapter else {}
     adapters = sum(added.values())
     for part, n in added.items():
         if n:
@@ -193,18 +199,17 @@ def model_state(c: Counts, e: Engine) -> ModelState:
     raise ValueError(f"unknown engine {e.name!r}")
 
 
-def engine_from_config(cfg, world: int, precision: str) -> Engine:
-    """The Engine of a composed config (strategy and trainer nodes) on `world` devices."""
-    s = cfg.strategy
-    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    if s.name == "deepspeed":
+def engine_from_plan(strategy: StrategyPlan, precision: str, accumulate: int = 1) -> Engine:
+    """The Engine of the run plan's strategy on its world of devices."""
+    s, world = strategy.settings, strategy.world_size
+    if strategy.name == "deepspeed":
         return Engine(
-            "zero", world, precision, int(s.stage), bool(s.offload_optimizer), bool(s.offload_parameters),
-            reduce_bucket=int(s.reduce_bucket_size), allgather_bucket=int(s.allgather_bucket_size),
-            overlap_comm=bool(s.overlap_comm), accumulate=accumulate,
+            "zero", world, precision, int(s["stage"]), bool(s["offload_optimizer"]), bool(s["offload_parameters"]),
+            reduce_bucket=int(s["reduce_bucket_size"]), allgather_bucket=int(s["allgather_bucket_size"]),
+            overlap_comm=bool(s["overlap_comm"]), accumulate=accumulate,
         )
-    if s.name == "fsdp2":
-        return Engine("fsdp2", world, precision, reshard_after_forward=bool(s.reshard_after_forward), accumulate=accumulate)
+    if strategy.name == "fsdp2":
+        return Engine("fsdp2", world, precision, reshard_after_forward=bool(s["reshard_after_forward"]), accumulate=accumulate)
     # auto: Lightning runs DDP on several devices
-    name = "ddp" if s.name == "ddp" or world > 1 else "single"
+    name = "ddp" if strategy.name == "ddp" or world > 1 else "single"
     return Engine(name, world, precision, accumulate=accumulate)

@@ -14,8 +14,8 @@ import time
 
 from tqdm import tqdm
 
-from ov_train.planner.cli import compose
-from ov_train.planner.devices import DEVICES
+from ov_train.config.compose import compose
+from ov_train.devices import DEVICES
 from ov_train.planner.estimate import Setup, plan_setup
 
 MODELS = {"ov_qwen2_0_5b": "OV-0.5B", "ov_qwen2_7b": "OV-7B", "ov_qwen2_72b": "OV-72B"}

@@ -35,7 +35,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ov_train.model.forward as forward_module
-from ov_train.model.forward import ForwardOptions, sample_losses
+from ov_train.config.options import ForwardOptions
+from ov_train.model import layout
+from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.parts import apply_stage
 from ov_train.planner.workload import Sample, collated
 
@@ -220,13 +222,13 @@ def trace_step(
         model.to_empty(device="cpu")
     model.train()
     apply_stage(model, parts)
-    options.prepare(model)  # attention and checkpointing (the stock path's options say sdpa and full logits)
+    prepare_model(model, options)  # attention and checkpointing (the stock path's options say sdpa and full logits)
     input_dtype = torch.float32 if autocast_dtype else weight_dtype  # Lightning casts the batch under bf16-true only
     side = model.config.vision_config.image_size
     tracker = _StepTracker(model)
     # The loss's span: from the LM head's forward to the loss (the head's forward in ov_train's path, the end of
     # the model's forward in the stock one), and from the start of backward to the end of the head's backward.
-    head = model.lm_head
+    head = layout.lm_head(model)
     hooks = [head.register_forward_pre_hook(tracker.loss_begin), head.register_full_backward_hook(tracker.loss_end)]
     hooks.append((model if path == "stock" else head).register_forward_hook(tracker.loss_end))
     hooks += tracker.handles
@@ -255,8 +257,8 @@ def trace_step(
         from ov_train.model.packing import plan_rows
 
         lengths = batch["attention_mask"].sum(1).tolist()
-        layout = plan_rows(lengths, options.max_tokens)
-        rows, row_tokens = len(layout), max(sum(lengths[i] for i in row) for row in layout)
+        packed_rows = plan_rows(lengths, options.max_tokens)
+        rows, row_tokens = len(packed_rows), max(sum(lengths[i] for i in row) for row in packed_rows)
     elif path == "ov_train":
         rows, row_tokens = batch["input_ids"].shape
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

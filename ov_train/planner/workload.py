@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ov_train.constants import IGNORE_INDEX, MODALITIES
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_tokens, video_tokens
 
-IGNORE_INDEX = -100
 PROMPT_TOKENS = 64  # system prompt, turn markers and the question
 REPLY_TOKENS = 192  # supervised answer tokens per sample
 MAX_IMAGES = 12  # the recipe's multi-image samples hold up to 12 images
@@ -29,7 +29,9 @@ MAX_IMAGES = 12  # the recipe's multi-image samples hold up to 12 images
 # 8,019, 7,269, 4,744, 2,929 and 1,485 tokens.
 IMAGE_SIZES = ((3000, 800), (1080, 1920), (1024, 768), (480, 640), (384, 384))
 ONEVISION_MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
-MODALITIES = ("video", "multi_image", "single_image", "text")  # most tower work per token first
+# The modalities in the order a step's budget is filled: most tower work per token first.
+FILL_ORDER = ("video", "multi_image", "single_image", "text")
+assert sorted(FILL_ORDER) == sorted(MODALITIES)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def fill(tokens: int, shares: dict[str, float], geom: VisionGeometry, max_frames
     """Samples filling `tokens`: each modality's share with its largest samples, the remainder as text."""
     total = sum(shares.values())
     samples: list[Sample] = []
-    for modality in MODALITIES:
+    for modality in FILL_ORDER:
         budget = int(tokens * shares.get(modality, 0.0) / total)
         while budget > 0:
             sample = _sample(modality, budget, geom, max_frames, anyres)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
-IGNORE_INDEX = -100
-TEMPLATES = ("plain", "qwen_1_5")
+from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS, TEMPLATES
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-MEDIA_TOKENS = ("<image>", "<video>")
 
 ROLES = {
     "human": "user",

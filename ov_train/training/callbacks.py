@@ -11,9 +11,14 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+)
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ov_train.config.run_plan import RunPlan, previous_of
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger
@@ -80,11 +85,6 @@ class AtomicCheckpoints(Callback):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.trust)
 
 
-def previous_of(path: Path) -> Path:
-    """Where save_whole keeps the previous checkpoint for the instant between its two renames."""
-    return path.with_name(f".{path.name}.previous")
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -98,7 +98,7 @@ def save_whole(trainer, path, save=None) -> None:
     Single files go through AtomicCheckpointIO. DeepSpeed and FSDP write from every rank, in place, often a
     directory: they write beside the target instead, then rank 0 moves the target to `.<name>.previous`,
     renames the new one over it and deletes the previous one. A kill between those renames leaves only the
-    previous checkpoint, which resolve_ckpt_path (ov_train.run) then resumes from.
+    previous checkpoint, which resolve_ckpt_path (ov_train.config.run_plan) then resumes from.
     """
     save = save or trainer.save_checkpoint
     path = Path(path)
@@ -197,15 +197,15 @@ class SaveOnSigterm(Callback):
             log.warning("SIGTERM: saved %s at step %d; exiting", self.path, trainer.global_step)
 
 
-def build_callbacks(cfg, run_dir: Path) -> list:
-    ckpt = cfg.checkpoint
-    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
-    last = Path(checkpoints.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+def build_callbacks(plan: RunPlan) -> list:
+    ckpt, paths = plan.checkpoint, plan.paths
+    checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
     return [
         checkpoints,
         AtomicCheckpoints(ckpt.trust),
-        SaveOnSigterm(last),
-        TrainingMetrics(cfg.metrics.peak_tflops),
-        ValidationPredictions(run_dir / "predictions", cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
-        StreamState.for_run(cfg, run_dir),
+        SaveOnSigterm(paths.last_checkpoint),
+        TrainingMetrics(plan.peak_tflops),
+        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
+                              plan.predictions.max_new_tokens),
+        StreamState(paths.consumed_keys if plan.data.record_keys else None),
     ]

@@ -9,12 +9,12 @@ import lightning as L
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
-from ov_train.data.batching import HeldOutBatches, TokenBudget, TrainBatches
+from ov_train.config.run_plan import DataPlan
+from ov_train.data.batching import HeldOutBatches, TrainBatches
 from ov_train.data.parquet_source import with_indexes
-from ov_train.data.recipe import load_recipe
-from ov_train.data.remote import IOSettings
+from ov_train.data.recipe import Recipe
 from ov_train.data.samples import SampleProcessor, collate
-from ov_train.data.stream import MAX_SKIPS_IN_A_ROW, MixedStream, ValStream
+from ov_train.data.stream import MixedStream, ValStream
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,27 +31,24 @@ def init_worker(worker_id: int, rank: int, seed: bool) -> None:
 
 
 class OneVisionData(L.LightningDataModule):
-    def __init__(self, data_cfg, stage_cfg, tokenizer, geometry, seed: int = 0):
+    """The plan's data (`recipe`: its sources located, ov_train.data.prepare) as train and held-out loaders."""
+
+    def __init__(self, plan: DataPlan, recipe: Recipe, tokenizer, geometry):
         super().__init__()
-        self.cfg = data_cfg
-        self.io = IOSettings.from_config(data_cfg.get("io"))
+        self.plan = plan
         # Parquet sources get their index (convert's checks, once) before any stream reads them.
-        self.recipe = with_indexes(load_recipe(data_cfg.recipe, data_cfg.root, io=self.io),
-                                   data_cfg.get("index_dir"), tokenizer, self.io)
-        # The data config's budget wins over the recipe's.
-        max_tokens = data_cfg.get("max_tokens_per_batch") or self.recipe.max_tokens_per_batch
-        self.budget = TokenBudget(max_tokens, data_cfg.get("batch_size"))
+        self.recipe = with_indexes(recipe, plan.index_dir, tokenizer, plan.io)
+        self.budget = plan.budget
+        samples = plan.samples
         self.process = SampleProcessor(
             tokenizer=tokenizer,
             geometry=geometry,
-            template=stage_cfg.template,
-            image_strategy=stage_cfg.image_strategy,
-            max_frames=stage_cfg.max_frames,
-            max_length=stage_cfg.max_length,
+            template=samples.template,
+            image_strategy=samples.image_strategy,
+            max_frames=samples.max_frames,
+            max_length=samples.max_length,
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
-        self.seed = seed
-        self._max_skips = int(data_cfg.get("max_skips_in_a_row", MAX_SKIPS_IN_A_ROW))
         self._resume: tuple[dict, int] = ({}, 0)
         self._train: TrainBatches | None = None
         mix = ", ".join(f"{name} {100 * share:.1f}%" for name, share in self.recipe.shares("name").items())
@@ -61,7 +58,7 @@ class OneVisionData(L.LightningDataModule):
     def resume_stream(self, states: dict[int, dict], consumed: int, readers: int) -> None:
         """Continue each logical reader from its saved state when the train loader next starts its workers
         (StreamState hands the states over on resume and at every epoch start)."""
-        now = self.trainer.world_size * max(1, int(self.cfg.num_workers))
+        now = self.trainer.world_size * max(1, self.plan.num_workers)
         if readers != now:
             log.warning(
                 "the checkpoint's data streams ran on %d readers (ranks x loader workers), this run has %d:"
@@ -73,7 +70,7 @@ class OneVisionData(L.LightningDataModule):
             self._train.resume(states, consumed)
 
     def _loader(self, dataset, persistent: bool):
-        workers = int(self.cfg.num_workers)
+        workers = self.plan.num_workers
         # seed_everything(workers=True) sets PL_SEED_WORKERS, for which Lightning adds its worker_init_fn.
         seed = bool(int(os.environ.get("PL_SEED_WORKERS", 0)))
         init = partial(init_worker, rank=self.trainer.global_rank if self.trainer is not None else 0, seed=seed)
@@ -83,13 +80,15 @@ class OneVisionData(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        make_stream = partial(MixedStream, self.recipe.sources, self.process, self.seed, int(self.cfg.shuffle_buffer),
-                              max_skips_in_a_row=self._max_skips, io=self.io)
+        plan = self.plan
+        make_stream = partial(MixedStream, self.recipe.sources, self.process, plan.seed, plan.shuffle_buffer,
+                              max_skips_in_a_row=plan.max_skips_in_a_row, io=plan.io)
         self._train = TrainBatches(make_stream, self.budget, self.collate)
         self._train.resume(*self._resume)
         # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
-        held_out = ValStream(self.recipe.sources, self.process, self.cfg.val_samples, self._max_skips, self.io)
+        held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row,
+                             self.plan.io)
         return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)

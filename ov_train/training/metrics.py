@@ -16,12 +16,13 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
+from ov_train import devices
+from ov_train.constants import IGNORE_INDEX
 from ov_train.eval.inference import generate_replies
 from ov_train.model.forward import embed_inputs
-from ov_train.model.parts import part_of
-from ov_train.model.tokenizer import load_tokenizer
+from ov_train.model.layout import part_of
 from ov_train.text.chat_template import stop_token_ids
-from ov_train.text.template import IGNORE_INDEX
+from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.utils.logging import get_logger
 from ov_train.vision.geometry import VisionGeometry
@@ -43,6 +44,16 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def remaining_time(elapsed: float, done: int, left: int) -> str:
+    """The time `left` more steps take at the pace of the `done` ones so far, as 1h02m, 4m05s or 12s."""
+    if done <= 0:
+        return "?"
+    seconds = round(elapsed / done * left)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
 def logs_at(trainer, step: int) -> bool:
     """Whether Lightning writes the logged values of this optimizer step (1-based) to the loggers."""
     return step % trainer.log_every_n_steps == 0
@@ -56,10 +67,19 @@ class TrainingMetrics(Callback):
     counts stay on the device between logging steps, so measuring adds no per-step synchronisation.
     """
 
-    def __init__(self, peak_tflops: float):
-        self.peak_flops = peak_tflops * 1e12  # per device
+    def __init__(self, peak_tflops: float | None = None):
+        self.peak_tflops = peak_tflops  # per device; None: the table's figure for the device found at setup
 
     def setup(self, trainer, pl_module, stage):
+        peak = self.peak_tflops
+        if peak is None:
+            on_gpu = pl_module.device.type == "cuda"
+            name = torch.cuda.get_device_name(pl_module.device) if on_gpu else None
+            memory = torch.cuda.get_device_properties(pl_module.device).total_memory / 2**30 if on_gpu else None
+            peak, kind = devices.peak_tflops(name, memory)
+            log.info("MFU against %s: %.0f TFLOP/s per device (%s peak; metrics.peak_tflops overrides)",
+                     name or "this CPU", peak, kind)
+        self.peak_flops = peak * 1e12
         model = pl_module.model
         self.flops = ModelFlops.from_config(model.config)
         self.trainable = {part_of(name) for name, p in model.named_parameters() if p.requires_grad}
@@ -69,6 +89,7 @@ class TrainingMetrics(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._seen_step = trainer.global_step
+        self._run_start, self._run_first_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._start is None:
@@ -119,7 +140,9 @@ class TrainingMetrics(Callback):
         shown = ({"train/loss": float(loss)} if loss is not None else {}) | metrics
         # One line per logging step: readable in SLURM logs, where progress bars are not.
         values = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
-        log.info("step %d/%d  %s", trainer.global_step, trainer.max_steps, values)
+        eta = remaining_time(time.perf_counter() - self._run_start, trainer.global_step - self._run_first_step,
+                             trainer.max_steps - trainer.global_step)
+        log.info("step %d/%d (eta %s)  %s", trainer.global_step, trainer.max_steps, eta, values)
         self._counts, self._grad_norms, self._start = None, {}, time.perf_counter()
 
 
@@ -159,7 +182,7 @@ class ValidationPredictions(Callback):
             log.warning("eval.generate: off under %s, whose weights no single rank holds", type(trainer.strategy).__name__)
             self.generate = False
         if self.generate:
-            self.stops = stop_token_ids(self.tokenizer, pl_module.stage.template)
+            self.stops = stop_token_ids(self.tokenizer, pl_module.template)
             self.geometry = VisionGeometry.from_model_config(config)
 
     def on_validation_epoch_start(self, trainer, pl_module):

@@ -7,9 +7,12 @@ from functools import partial
 import lightning as L
 import torch
 
-from ov_train.data.recipe import MODALITIES
-from ov_train.model.adapters import AdapterRun, adapted_parts, stage_lrs
-from ov_train.model.forward import ForwardOptions, sample_losses
+from ov_train.config.adapter import AdapterPlan
+from ov_train.config.options import ForwardOptions
+from ov_train.config.run_plan import OptimPlan
+from ov_train.constants import MODALITIES
+from ov_train.model.adapters import dropout_seed
+from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training.optim import build_adamw
 from ov_train.training.schedule import warmup_cosine
@@ -17,40 +20,35 @@ from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-NONFINITE = ("skip", "stop")
 # This many non-finite batches in a row means the weights themselves are broken: skipping on would train nothing.
 MAX_NONFINITE_IN_A_ROW = 10
 
 
 class OneVisionModule(L.LightningModule):
     def __init__(
-        self, model, stage, lr_scale: float, total_steps: int, tokenizer_dir: str | None = None,
-        forward_options: ForwardOptions | None = None, nonfinite: str = "skip", identity: dict | None = None,
-        adapter: AdapterRun | None = None, seed: int = 0,
+        self, model, optim: OptimPlan, forward_options: ForwardOptions | None = None, tokenizer_dir: str | None = None,
+        nonfinite: str = "skip", identity: dict | None = None, template: str | None = None,
+        adapter: AdapterPlan | None = None, seed: int = 0,
     ):
         super().__init__()
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite={nonfinite!r}; allowed: {list(NONFINITE)}")
         self.tokenizer_dir = tokenizer_dir
-        # What a resume must match (stage, model, geometry, max_steps: run.py's run_identity), kept in checkpoints.
-        self.identity = identity
+        # What a resume must match (the plan's identity: stage, model, geometry, max_steps), kept in checkpoints,
+        # and the chat template the export renders.
+        self.identity, self.template = identity, template
         self.model = model.train()  # from_pretrained hands models back in eval mode
-        self.stage = stage
-        self.total_steps = total_steps
+        self.optim = optim
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
-        self.forward_options.prepare(model)
-        self.lr_scale = lr_scale
-        # With adapters (ov_train.model.adapters, placed before): the parts the adapter config freezes get no
-        # learning rate, and in adapted parts only PEFT's tensors train. Checkpoints then hold the trainable
-        # tensors only (the base comes from model.*), so loading them is not strict (on_load_checkpoint checks).
+        prepare_model(model, self.forward_options)
+        # With adapters (placed before, model/adapter_io.py): in adapted parts only PEFT's tensors train, and
+        # checkpoints hold the trainable tensors only (the base comes from the record), so loading them is not strict
+        # (on_load_checkpoint checks them).
         self.adapter, self.seed = adapter, seed
-        self.part_lrs = stage_lrs(dict(stage.parts), adapter.modes) if adapter else dict(stage.parts)
-        self.adapted = adapted_parts(adapter.modes) if adapter else ()
         self.strict_loading = adapter is None
         # Freezing happens here, once, before any strategy wraps the model.
-        _, self.part_rows = apply_stage(model, self.part_lrs, lr_scale, stage.weight_decay, self.adapted)
-        log.info("trainable parts for stage %s:\n%s", stage.name, format_table(self.part_rows))
+        _, self.part_rows = apply_stage(model, optim.part_lrs, optim.weight_decay, optim.adapted)
+        self.parameter_table = format_table(self.part_rows)
+        log.info("trainable and frozen parameters:\n%s", self.parameter_table)
         # Per modality: loss sum, supervised tokens, correct answers, chance, samples.
         self._val = defaultdict(lambda: torch.zeros(5, dtype=torch.float64))
         # What a non-finite training loss does (see _skip_nonfinite); skipped batches are counted.
@@ -64,10 +62,10 @@ class OneVisionModule(L.LightningModule):
         return sample_losses(self.model, batch, self.forward_options, predict)
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.adapter and self.adapter.settings.dropout > 0:
+        if self.adapter and self.adapter.dropout > 0:
             # Adapter dropout draws from the global generator: seeding it per step and rank makes a resumed run draw
             # the masks an uninterrupted one draws.
-            torch.manual_seed(self.adapter.step_seed(self.seed, self.global_step, self.global_rank))
+            torch.manual_seed(dropout_seed(self.seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx):
         sums, counts, _ = self._losses(batch)
@@ -142,7 +140,7 @@ class OneVisionModule(L.LightningModule):
     def on_validation_epoch_end(self):
         stats = torch.stack([self._val[m] for m in MODALITIES])
         if self.trainer.world_size > 1:
-            stats = self.all_gather(stats.to(self.device)).reshape(-1, len(MODALITIES), 5).sum(0).cpu()
+            stats = self.trainer.strategy.reduce(stats.to(self.device), reduce_op="sum").cpu()
         total = stats.sum(0)
         if total[4] == 0:
             return
@@ -156,10 +154,9 @@ class OneVisionModule(L.LightningModule):
             if s[4] > 0:
                 self.val_metrics[f"val/loss_{m}"] = float(s[0] / s[1].clamp_min(1))
                 self.val_metrics[f"val/accuracy_{m}"] = float(s[2] / s[4])
-        self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, rank_zero_only=True)
-
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, param in self.named_parameters() if param.requires_grad}
+        # Every rank holds the same summed totals: sync_dist averages equal values (and is what Lightning
+        # expects of epoch-level metrics under several processes).
+        self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat
@@ -167,7 +164,7 @@ class OneVisionModule(L.LightningModule):
         recipe = getattr(getattr(self._trainer, "datamodule", None), "recipe", None)
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
-            "stage": self.stage.name, "template": self.stage.template,
+            "stage": (self.identity or {}).get("stage"), "template": self.template,
             "recipe": getattr(recipe, "name", None), "data_mix": recipe.shares("name") if recipe else {},
             "val_metrics": dict(getattr(self, "val_metrics", {})),
         }
@@ -192,6 +189,9 @@ class OneVisionModule(L.LightningModule):
             raise RuntimeError(f"the checkpoint's trainable tensors do not fit this run's adapters: missing {missing},"
                                f" unexpected {unexpected}")
 
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
     def configure_model(self):
         # FSDP2 (ov_train.strategies.FSDP2Strategy) shards here: after the process group exists, before the optimizer.
         parallelize = getattr(self.trainer.strategy, "parallelize", None)
@@ -200,11 +200,11 @@ class OneVisionModule(L.LightningModule):
 
     def configure_optimizers(self):
         # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
-        groups, _ = apply_stage(self.model, self.part_lrs, self.lr_scale, self.stage.weight_decay, self.adapted)
+        groups, _ = apply_stage(self.model, self.optim.part_lrs, self.optim.weight_decay, self.optim.adapted)
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
         optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
-        lam = partial(warmup_cosine, total_steps=self.total_steps, warmup_ratio=self.stage.warmup_ratio)
+        lam = partial(warmup_cosine, total_steps=self.optim.total_steps, warmup_ratio=self.optim.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -33,10 +33,6 @@ class StreamState(Callback):
         self._labels: dict[str, list[str]] = {}
         self._datamodule = None
 
-    @classmethod
-    def for_run(cls, cfg, run_dir: Path) -> "StreamState":
-        return cls(Path(run_dir) / "consumed_keys.jsonl" if cfg.data.get("record_keys") else None)
-
     def setup(self, trainer, pl_module, stage):
         self._datamodule = trainer.datamodule
         for source in getattr(self._datamodule, "recipe", None) or ():
@@ -44,7 +40,9 @@ class StreamState(Callback):
             self._labels[source.name] = [f"mix_{source.name}"] + [f"mix_{kind}_{value}" for kind, value in groups if value]
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._hand_over()
+        # Overfitting (trainer.overfit_batches) wants the same batches every epoch: the streams start over.
+        if not trainer.overfit_batches:
+            self._hand_over()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         where = batch.get("stream_state")

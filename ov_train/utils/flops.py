@@ -29,8 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Parts in forward order; the names are those of ov_train.model.parts.
-FORWARD_ORDER = ("vision_tower", "projector", "llm")
+from ov_train.constants import PARTS
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class ModelFlops:
     llm_per_pair: float  # attention scores and weighted sum, for one (query, key) pair, all layers
 
     @classmethod
-    def from_config(cls, config) -> "ModelFlops":
+    def from_config(cls, config) -> ModelFlops:
         """Forward FLOPs of a LlavaOnevisionConfig's parts."""
         v, t = config.vision_config, config.text_config
         patches = (v.image_size // v.patch_size) ** 2
@@ -85,7 +84,7 @@ class ModelFlops:
         """Forward + backward FLOPs of training on `counts` with the parts in `trainable` learning."""
         total, grad_flows = 0.0, False
         forward = self.forward(counts)
-        for part in FORWARD_ORDER:
+        for part in PARTS:  # in forward order
             trains = part in trainable
             grad_flows = grad_flows or trains
             matmuls, attention = forward[part]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 
 def rank() -> int:
@@ -22,3 +23,31 @@ def get_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, _RankZeroInfo) for f in logger.filters):
         logger.addFilter(_RankZeroInfo())
     return logger
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def tidy_library_output() -> None:
+    """Once per process, before the Trainer is built: what libraries print that is not about this run.
+
+    - `lightning` gives its package logger a console handler of its own *and* lets records through to the root
+      logger, which under Hydra prints them again (and writes train.log): its own handler goes when the root has one.
+    - Lightning's Trainer advertises cloud services at info level ("💡 Tip: ... litlogger"): filtered out.
+    - Lightning 2.6 builds torch's deprecated `LeafSpec` in its own pytree helper (a FutureWarning per run that no
+      change of ours can fix): ignored.
+    - Under trainer.overfit_batches Lightning takes every iterable loader for a shuffled one and says it turns
+      shuffling off; ours shuffle inside the stream, which restarts at the same point each epoch: ignored.
+    """
+    package = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for handler in [h for h in package.handlers if type(h) is logging.StreamHandler]:
+            package.removeHandler(handler)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"You requested to overfit but enabled \w+ dataloader shuffling")

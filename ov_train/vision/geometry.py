@@ -22,15 +22,25 @@ class VisionGeometry:
     @classmethod
     def from_model_config(cls, config) -> "VisionGeometry":
         """Read the geometry the model itself uses from a LlavaOnevisionConfig."""
-        aspect = config.vision_aspect_ratio
-        if not aspect.startswith(_ANYRES_PREFIX):
-            raise ValueError(f"unsupported vision_aspect_ratio {aspect!r}; expected 'anyres_max_N'")
         return cls(
             image_size=config.vision_config.image_size,
             patch_size=config.vision_config.patch_size,
             grid_pinpoints=tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints),
-            max_crops=int(aspect[len(_ANYRES_PREFIX):]),
+            max_crops=max_crops(config.vision_aspect_ratio),
         )
+
+    @classmethod
+    def of(cls, image_size: int, patch_size: int, vision_aspect_ratio: str) -> "VisionGeometry":
+        """The geometry a model config's keys describe (model.vision, model.vision_aspect_ratio), with the
+        default anyres grid model/build.py gives the model."""
+        return cls(image_size, patch_size, default_pinpoints(image_size), max_crops(vision_aspect_ratio))
+
+
+def max_crops(vision_aspect_ratio: str) -> int:
+    """The N of anyres_max_N."""
+    if not vision_aspect_ratio.startswith(_ANYRES_PREFIX):
+        raise ValueError(f"unsupported vision_aspect_ratio {vision_aspect_ratio!r}; expected 'anyres_max_N'")
+    return int(vision_aspect_ratio[len(_ANYRES_PREFIX):])
 
 
 def default_pinpoints(image_size: int, max_grid: int = 6) -> tuple[tuple[int, int], ...]:

@@ -7,10 +7,16 @@ import pytest
 import torch
 
 import ov_train.model.forward as forward
+from ov_train.config.options import ForwardOptions
+from ov_train.constants import VARLEN
 from ov_train.data.samples import collate
-from ov_train.model.forward import ForwardOptions, forward_logits, sample_losses, token_losses
+from ov_train.model.forward import (
+    forward_logits,
+    prepare_model,
+    sample_losses,
+    token_losses,
+)
 from ov_train.model.loss import fused_available
-from ov_train.model.packing import VARLEN
 from ov_train.run import train
 from tests.conftest import SMALL_DATA, compose_config
 
@@ -54,7 +60,7 @@ def test_varlen_bf16_packed_matches_each_sample_alone(mixed_batch, reference, ma
     model = copy.deepcopy(base).cuda().to(torch.bfloat16).train()
     options = ForwardOptions(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=64)
     assert options.attention() == VARLEN
-    options.prepare(model)
+    prepare_model(model, options)
     sums, counts, _ = sample_losses(model, _to(batch, "cuda", torch.bfloat16), options)
     (sums.sum() / counts.sum()).backward()
     ref_sums, ref_grads = reference
@@ -69,7 +75,7 @@ def test_sdpa_packed_fp32_on_cuda_is_exact(mixed_batch, reference):
     base, _, batch = mixed_batch
     model = copy.deepcopy(base).cuda().train()
     options = ForwardOptions(packing=True, max_tokens=100, loss="chunked", loss_chunk=3, attn_implementation="sdpa")
-    options.prepare(model)
+    prepare_model(model, options)
     sums, counts, _ = sample_losses(model, _to(batch, "cuda"), options)
     (sums.sum() / counts.sum()).backward()
     ref_sums, ref_grads = reference
@@ -87,7 +93,7 @@ def test_liger_fused_loss_matches_chunked(mixed_batch, monkeypatch):
     for fused in (True, False):
         monkeypatch.setattr(forward, "fused_available", lambda device, fused=fused: fused)
         model = copy.deepcopy(base).cuda().train()
-        options.prepare(model)
+        prepare_model(model, options)
         sums, counts, _ = sample_losses(model, batch, options)
         (sums.sum() / counts.sum()).backward()
         results.append((sums.detach(), _grads(model)))
@@ -119,14 +125,15 @@ def test_qlora_trains_adapters_on_4bit_llm_weights(tmp_path, small_data_root):
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from ov_train.model.checkpointing import module_layers
-    from ov_train.run import adapter_run, build_for_training
+    from ov_train.config.run_plan import resolve_plan
+    from ov_train.model.adapter_io import build_for_training
+    from ov_train.model.layout import layers
 
     run_dir = tmp_path / "run"
     cfg = compose_config([f"data.root={small_data_root}", *SMALL_DATA, "trainer.max_steps=4", "adapter=qlora"],
                          run_dir=run_dir)
-    model, _ = build_for_training(cfg, adapter_run(cfg))
-    quantized = [m for m in module_layers(model, "llm").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    model, _, _ = build_for_training(resolve_plan(cfg))
+    quantized = [m for m in layers(model, "llm").modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 7 * cfg.model.text.num_hidden_layers
     assert all(m.weight.dtype == torch.uint8 and m.weight.device.type == "cuda" for m in quantized)
     del model

@@ -10,12 +10,20 @@ import sys
 import pytest
 import torch
 
-from ov_train.config import ConfigError
+from ov_train.config.run_plan import ConfigError
+from ov_train.model.adapter_io import (
+    adapted_from_checkpoint,
+    adapter_record,
+    build_for_training,
+    init_from_adapters,
+    rebuild_base,
+)
 from ov_train.model.forward import forward_logits
-from ov_train.run import adapter_run, build_for_training, check_init_from, check_resume, train
-from ov_train.tools.export import adapted_from_checkpoint, adapter_record, rebuild_base
-from tests.conftest import REPO, SMALL_DATA, compose_config
+from ov_train.run import check, train
+from tests.conftest import REPO, SMALL_DATA, compose_config, plan_of
 from tests.integration.test_train import _held_out_batch
+
+pytestmark = pytest.mark.slow
 
 
 def checkpoint(run_dir) -> dict:
@@ -52,7 +60,7 @@ def test_checkpoint_holds_the_trainable_tensors_and_their_optimizer_state_only(l
     assert len(optimizer["state"]) == len(trainable) == sum(len(g["params"]) for g in optimizer["param_groups"])
     assert {g["name"] for g in optimizer["param_groups"]} == {"projector", "llm"}
     # What the base was: model.* (the tiny random init) and the seed that rebuilds it.
-    assert record.base["seed"] == 0 and record.base["model"]["random_init"] is True
+    assert record.base["seed"] == 0 and record.base["model"]["route"] == "random"
     assert record.modes == {"vision_tower": "frozen", "projector": "copy", "llm": "adapters"}
     assert ckpt["ov_train"]["run"]["adapter"]["kind"] == "lora"
 
@@ -133,27 +141,30 @@ def test_init_from_an_adapter_checkpoint_or_a_merged_export(lora_runs, small_dat
     ckpt = straight / "checkpoints" / "last.ckpt"
     stored = checkpoint(straight)["state_dict"]
     # adapter=lora: the adapters go on training from the checkpoint's tensors, on the same base.
-    cfg = compose_config(overrides(small_data_root, f"model.init_from={ckpt}"))
-    source = check_init_from(cfg)
-    adapter = adapter_run(cfg, source)
-    assert adapter.base == source.base and adapter.base["model"]["init_from"] is None
-    model, _ = build_for_training(cfg, adapter, continuing=True)
+    plan = plan_of(overrides(small_data_root, f"model.init_from={ckpt}"))
+    source, problems = init_from_adapters(plan)
+    assert not problems and source.base["model"]["route"] == "random"
+    assert plan.adapter.base["model"]["route"] == "checkpoint"  # this run's own model.*, for its resumes
+    model, _, adapter = build_for_training(plan, source)
+    assert adapter.base == source.base  # what its checkpoints record: the base the adapters sit on
     state = model.state_dict()
     assert all(torch.equal(state[k.removeprefix("model.")], v) for k, v in stored.items())
     # Other adapter settings cannot continue them.
-    with pytest.raises(ConfigError, match="adapter.r|its adapters"):
-        check_init_from(compose_config(overrides(small_data_root, f"model.init_from={ckpt}", "adapter.r=8")))
+    with pytest.raises(ConfigError, match="its adapters"):
+        check(plan_of(overrides(small_data_root, f"model.init_from={ckpt}", "adapter.r=8")))
     # adapter=none: the checkpoint merged into its base, i.e. the run's merged export, trains whole.
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    cfg = compose_config([*overrides(small_data_root, f"model.init_from={ckpt}"), "adapter=none"])
-    assert check_init_from(cfg) is None
-    model, _ = build_for_training(cfg, adapter_run(cfg))
+    plan = plan_of([*overrides(small_data_root, f"model.init_from={ckpt}"), "adapter=none"])
+    source, problems = init_from_adapters(plan)
+    assert not problems and plan.adapter is None
+    model, _, adapter = build_for_training(plan, source)
+    assert adapter is None
     export = LlavaOnevisionForConditionalGeneration.from_pretrained(straight / "export").state_dict()
     assert all(torch.equal(v, export[k]) for k, v in model.state_dict().items())
     # A merged export with new adapters on it.
-    cfg = compose_config(overrides(small_data_root, f"model.init_from={straight / 'export'}"))
-    model, _ = build_for_training(cfg, adapter_run(cfg))
+    plan = plan_of(overrides(small_data_root, f"model.init_from={straight / 'export'}"))
+    model, _, _ = build_for_training(plan, init_from_adapters(plan)[0])
     assert any(".lora_A." in n for n, _ in model.named_parameters())
 
 
@@ -162,29 +173,11 @@ def test_resume_refuses_other_adapters_or_another_base(lora_runs, small_data_roo
     resume = f"ckpt_path={straight / 'checkpoints' / 'last.ckpt'}"
     for extra, message in ((["adapter.alpha=8"], "adapter: the checkpoint's"), (["seed=1"], "adapters' base"),
                            (["adapter=none"], "adapter: the checkpoint's")):
-        cfg = compose_config(overrides(small_data_root, resume, *extra))
         with pytest.raises(ConfigError, match=message):
-            check_resume(cfg, adapter_run(cfg))
+            check(plan_of(overrides(small_data_root, resume, *extra)))
 
 
 # ---------------------------------------------------------------- 2 CPU processes under each engine
-
-
-def expected_groups(cfg) -> list[dict]:
-    """What a fresh model of the config holds in its optimizer groups once the adapters are placed."""
-    from ov_train.model.adapters import AdapterSettings, adapted_parts, stage_lrs, wrap
-    from ov_train.model.build import build_model
-    from ov_train.model.parts import apply_stage
-    from ov_train.utils.paths import cache_dir
-
-    settings = AdapterSettings.from_config(cfg.adapter)
-    modes = settings.modes(dict(cfg.stage.parts))
-    model, _ = build_model(cfg.model, cache_dir(), seed=cfg.seed)
-    wrap(model, settings, modes)
-    groups, _ = apply_stage(model, stage_lrs(dict(cfg.stage.parts), modes), cfg.model.lr_scale, 0.0,
-                            adapted_parts(modes))
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [{"name": g["name"], "lr": g["lr"], "params": {names[id(p)]: p.numel() for p in g["params"]}} for g in groups]
 
 
 # FSDP2 reads trainable-only sharded checkpoints through ov_train's own code (strategies.FSDP2Strategy), so it resumes
@@ -196,7 +189,7 @@ def test_adapters_under_each_engine(tmp_path, small_data_root, strategy, adapter
     checkpoint. With `resume`: 1 step, then `ckpt_path=last` to 2, every rank going on where it stopped."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from tests.integration.test_strategies import ZERO3_ALL, probe_records, run_train, train_overrides
+    from tests.integration.test_strategies import ZERO3_ALL, expected_groups, probe_records, run_train, train_overrides
 
     run_dir = tmp_path / "run"
     args = [*train_overrides(small_data_root, "onevision", 2, run_dir), f"strategy={strategy}", f"adapter={adapter}",

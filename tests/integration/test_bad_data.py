@@ -5,6 +5,9 @@ from ov_train.data.stream import StreamError
 from ov_train.run import train
 from tests.conftest import SMALL_DATA, compose_config
 
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def test_max_length_below_every_sample_stops_the_run_naming_the_reason(tmp_path, small_data_root):
     # stage.max_length=8 used to log a skip per sample, thousands of them, and never reach a step.

@@ -24,6 +24,9 @@ from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_dashboards import wandb_records
 
+# Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 STEPS = 40
 HELD_OUT = 16  # the small data's held-out samples per source; metrics.predictions=16 puts all of them in the table
 

@@ -13,15 +13,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-from ov_train.config import ConfigError
+from ov_train.config.run_plan import ConfigError
+from ov_train.model.checkpoint_io import checkpoint_format
 from ov_train.model.forward import forward_logits
-from ov_train.model.parts import part_of
+from ov_train.model.layout import part_of
 from ov_train.run import train
-from ov_train.tools.export import checkpoint_format
 from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_strategies import probe_records, run_train, train_overrides
 from tests.integration.test_train import _held_out_batch
+
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def fsdp2_run(tmp_path_factory, small_data_root):
     root = tmp_path_factory.mktemp("fsdp2")
     run_dir = root / "run"
     overrides = [*train_overrides(small_data_root, "onevision", 3, run_dir), "strategy=fsdp2", "trainer.devices=2"]
-    stop_at_2 = ["+trainer.limit_train_batches=2", "+trainer.max_epochs=1", "+trainer.limit_val_batches=0"]
+    stop_at_2 = ["+trainer.limit_train_batches=2", "+trainer.max_epochs=1", "trainer.limit_val_batches=0"]
     run_train([*overrides, *stop_at_2], run_dir, root / "first")
     run_train([*overrides, "ckpt_path=last"], run_dir, root / "resumed")
     return root

@@ -13,10 +13,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2
 
+from ov_train.config.run_plan import logger_plan
 from ov_train.run import train
-from ov_train.training.loggers import build_logger, run_identity
+from ov_train.training.loggers import build_logger
 from ov_train.training.metrics import ValidationPredictions
 from tests.conftest import CONF, SMALL_DATA, compose_config
+
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 STEPS = 3
 PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device", "perf/mfu")
@@ -148,7 +152,8 @@ def test_sweep_runs_are_grouped_by_sweep_directory(tmp_path):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # as Hydra does inside each job
     try:
-        assert run_identity(cfg) == ("pretrain-tiny-3", str(tmp_path))
+        logger = logger_plan(cfg)
+        assert (logger.run_name, logger.group) == ("pretrain-tiny-3", str(tmp_path))
     finally:
         HydraConfig.instance().cfg = None
 
@@ -184,8 +189,9 @@ def tensorboard_and_mlflow_run(tmp_path_factory, small_data_root):
     build_logger from its own `logger` config: one training run for both."""
     import ov_train.run
 
-    def both(cfg, run_dir):
-        return [build_logger(compose_config(overrides(small_data_root, kind)), run_dir) for kind in ("tensorboard", "mlflow")]
+    def both(plan, run_dir, config):
+        kinds = ("tensorboard", "mlflow")
+        return [build_logger(logger_plan(compose_config(overrides(small_data_root, kind))), run_dir, config) for kind in kinds]
 
     run_dir = tmp_path_factory.mktemp("tb_mlflow")
     with pytest.MonkeyPatch.context() as patch:

@@ -27,6 +27,9 @@ from tests.conftest import compose_config
 from tests.helpers import raw_sample
 from tests.processes import run_one
 
+# Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 ENGINES = {"ddp": [], "fsdp2": [], "deepspeed_zero3": ["strategy.param_persistence_threshold=0"]}
 # Each gradient may differ from one process's by this fraction of its largest entry (float32 reduction order; ddp
 # and fsdp2 agree bit for bit, ZeRO-3 to about 1e-6). Tensors whose gradient is zero in exact arithmetic (the
@@ -101,24 +104,25 @@ def train_engine(name: str, overrides: list[str]) -> dict | None:
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from ov_train.config.run_plan import resolve_plan
     from ov_train.model.build import build_model
-    from ov_train.model.forward import ForwardOptions
+    from ov_train.model.forward import prepare_model
     from ov_train.strategies import build_strategy
     from ov_train.training.module import OneVisionModule
     from ov_train.utils.paths import cache_dir
 
-    cfg = compose_config(["stage=onevision", f"strategy={name}", "trainer.accelerator=cpu", "trainer.devices=2", *overrides])
+    plan = resolve_plan(compose_config(["stage=onevision", f"strategy={name}", "trainer.accelerator=cpu", "trainer.devices=2",
+                                        "trainer.max_steps=2", *overrides]))
     L.seed_everything(0)  # the same initial weights on both ranks
-    model, tokenizer = build_model(cfg.model, cache_dir())
-    reference, _ = build_model(cfg.model, cache_dir())
-    reference_options = ForwardOptions.from_config(cfg.model, "32-true")
-    reference_options.prepare(reference)
+    model, tokenizer = build_model(plan.model, cache_dir())
+    reference, _ = build_model(plan.model, cache_dir())
+    prepare_model(reference, plan.forward)
     batches = modality_batches(model, tokenizer)
     order = ["text", "video"] if os.environ["RANK"] == "0" else ["video", "text"]  # torchrun's rank
-    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, 2, forward_options=ForwardOptions.from_config(cfg.model, "32-true"))
-    check = CompareGradients(reference.train(), batches, reference_options)
+    module = OneVisionModule(model, plan.optim, plan.forward)
+    check = CompareGradients(reference.train(), batches, plan.forward)
     trainer = L.Trainer(
-        strategy=build_strategy(cfg), accelerator="cpu", devices=2, precision="32-true", max_steps=2,
+        strategy=build_strategy(plan.strategy), accelerator="cpu", devices=2, precision="32-true", max_steps=2,
         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, callbacks=[check],
     )

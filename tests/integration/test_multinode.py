@@ -15,9 +15,17 @@ import pytest
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_dashboards import read_wandb_run
 from tests.integration.test_strategies import (
-    expected_groups, layer_names, probe_records, train_command, train_overrides, with_probe,
+    expected_groups,
+    layer_names,
+    probe_records,
+    train_command,
+    train_overrides,
+    with_probe,
 )
 from tests.processes import free_port, run_together
+
+# Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def srun_environment(node: int, nodes: int, job_id: str) -> dict[str, str]:
@@ -73,7 +81,7 @@ def one_process_reference(tmp_path_factory, small_data_root):
     root = tmp_path_factory.mktemp("reference")
     overrides = [
         "stage=onevision", "trainer.max_steps=2", f"data.root={small_data_root}", *SMALL_DATA, "data.num_workers=2",
-        "trainer.accumulate_grad_batches=2", "data.record_keys=true", "export=false", "+trainer.limit_val_batches=2",
+        "trainer.accumulate_grad_batches=2", "data.record_keys=true", "export=false", "trainer.limit_val_batches=2",
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run, "build_callbacks", with_probe(root / "probe"))
@@ -86,7 +94,7 @@ def test_two_nodes_started_like_srun_train_as_one_job(tmp_path, small_data_root,
     run_dir = tmp_path / "run"
     overrides = [
         *train_overrides(small_data_root, "onevision", 2, run_dir), f"strategy={strategy}", f"logger={logger}",
-        "data.record_keys=true", "export=false", "+trainer.limit_val_batches=2",
+        "data.record_keys=true", "export=false", "trainer.limit_val_batches=2",
     ]
     run_as_srun(overrides, tmp_path)
 

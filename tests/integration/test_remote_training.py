@@ -15,6 +15,9 @@ from tests.fixtures_data import conversation, image_bytes, write_jsonl, write_pa
 from tests.servers import AWS_ENV, http_server, s3_server, upload_tree
 from tests.unit.test_parquet_source import released_rows
 
+# Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 OWN_DATA = ["data=recipe", "data.num_workers=0", "data.batch_size=4", "data.shuffle_buffer=16", "data.val_samples=4",
             "data.io.backoff_s=0.1", "data.io.timeout_s=10", "logger=none", "trainer.enable_progress_bar=false",
             "export=false"]

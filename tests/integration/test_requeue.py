@@ -21,6 +21,9 @@ import ov_train.run as run
 from ov_train.training.callbacks import build_callbacks
 from tests.conftest import SMALL_DATA, compose_config
 
+# Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 STEPS = 4
 
 
@@ -28,7 +31,7 @@ def overrides(data_root) -> list[str]:
     return [
         f"data.root={data_root}", *SMALL_DATA, "export=false", f"trainer.max_steps={STEPS}",
         # Validate at steps 2 and 4, 2 batches each: a signal after the first batch lands inside one.
-        "trainer.val_check_interval=2", "+trainer.limit_val_batches=2", "data.record_keys=true", "ckpt_path=auto",
+        "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "data.record_keys=true", "ckpt_path=auto",
     ]
 
 
@@ -54,7 +57,7 @@ class SigtermAt(Callback):
 
 def train(cfg, *extra_callbacks):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "build_callbacks", lambda c, d: [*build_callbacks(c, d), *extra_callbacks])
+        patch.setattr(run, "build_callbacks", lambda plan: [*build_callbacks(plan), *extra_callbacks])
         return run.train(cfg)
 
 

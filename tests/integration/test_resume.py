@@ -9,6 +9,9 @@ import torch
 from ov_train.run import train
 from tests.conftest import SMALL_DATA, compose_config
 
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def consumed(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "consumed_keys.jsonl").read_text().splitlines()]
@@ -23,7 +26,7 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, pr
     overrides = [
         f"data.root={small_data_root}", *SMALL_DATA, "logger=csv", "export=false", "trainer.max_steps=6",
         f"trainer.precision={precision}",
-        f"data.num_workers={workers}", "data.record_keys=true", "+trainer.limit_val_batches=0",
+        f"data.num_workers={workers}", "data.record_keys=true", "trainer.limit_val_batches=0",
         # Small blocks and a budget that closes some batches before batch_size: resume points fall
         # mid-block and right after a sample that did not fit.
         "data.shuffle_buffer=16", "data.max_tokens_per_batch=400",
@@ -55,7 +58,8 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, pr
     assert a["callbacks"]["StreamState"]["consumed"] == 6
 
     # The realized mix is logged: each modality's share of the samples consumed so far.
-    rows = list(csv.DictReader(open(next(straight.rglob("metrics.csv")))))
+    with open(next(straight.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     last = [r for r in rows if r.get("data/mix_modality_video")][-1]
     keys = [k for r in consumed(straight) for k in r["keys"]]
     for modality in ("single_image", "multi_image", "video"):
@@ -69,9 +73,9 @@ def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path
     with what differs, before the model is built, instead of a jumping learning rate, a run that trains nothing,
     or a tensor size error."""
     import ov_train.run as run
-    from ov_train.config import ConfigError
+    from ov_train.config.run_plan import ConfigError
 
-    base = [f"data.root={small_data_root}", *SMALL_DATA, "export=false", "+trainer.limit_val_batches=0", "trainer.max_steps=1"]
+    base = [f"data.root={small_data_root}", *SMALL_DATA, "export=false", "trainer.limit_val_batches=0", "trainer.max_steps=1"]
     train(compose_config(base, run_dir=tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["ov_train"]["run"] == {
@@ -82,7 +86,7 @@ def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path
     def heavy(*args, **kwargs):
         raise AssertionError("the model was built before the resume was checked")
 
-    monkeypatch.setattr(run, "build_model", heavy)
+    monkeypatch.setattr(run, "build_for_training", heavy)
     cases = {
         "trainer.max_steps=3": ["trainer.max_steps: the checkpoint's run has 1, this one 3", "trainer.max_steps=1"],
         "stage=pretrain": ["stage: the checkpoint's 'onevision', this run's 'pretrain'"],

@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 
+from ov_train.config.run_plan import resolve_plan
+from ov_train.data.prepare import prepare_data
 from ov_train.model.build import build_model
-from ov_train.run import train
 from ov_train.training import module as module_py
 from ov_train.training.callbacks import AtomicCheckpointIO, AtomicCheckpoints
 from ov_train.training.datamodule import OneVisionData
@@ -24,6 +25,9 @@ from ov_train.training.module import OneVisionModule
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import REPO, SMALL_DATA, compose_config
+
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -163,10 +167,10 @@ class Recorded(Logger):
 def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], steps: int = 3, logger=False):
     """Train the tiny model for `steps` batches; in the batches numbered `poisoned`, the loss of every sample
     of the first sample's modality becomes NaN. Returns the module and the watch."""
-    cfg = compose_config([f"data.root={small_data_root}", *SMALL_DATA])
-    model, tokenizer = build_model(cfg.model, cache_dir())
-    data = OneVisionData(cfg.data, cfg.stage, tokenizer, VisionGeometry.from_model_config(model.config), cfg.seed)
-    module = OneVisionModule(model, cfg.stage, cfg.model.lr_scale, steps, nonfinite=nonfinite)
+    plan = resolve_plan(compose_config([f"data.root={small_data_root}", *SMALL_DATA, f"trainer.max_steps={steps}"]))
+    model, tokenizer = build_model(plan.model, cache_dir())
+    data = OneVisionData(plan.data, prepare_data(plan.data), tokenizer, VisionGeometry.from_model_config(model.config))
+    module = OneVisionModule(model, plan.optim, plan.forward, nonfinite=nonfinite)
     losses, calls = module._losses, []
 
     def with_nans(batch, predict=False):

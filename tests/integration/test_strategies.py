@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import open_dict
 
-from ov_train.config import ConfigError, validate
+from ov_train.config.run_plan import ConfigError, model_plan, optim_plan, resolve_plan, strategy_plan
 from ov_train.strategies import DeepSpeedCPUStrategy, FSDP2Strategy, build_strategy
 from tests.conftest import CONF, SMALL_DATA, compose_config
 from tests.processes import run_one
@@ -61,13 +61,19 @@ def optimizer_groups(optimizer, named_params) -> list[dict]:
 
 
 def expected_groups(cfg) -> list[dict]:
-    """What apply_stage decides for a fresh model of the same config."""
+    """What apply_stage decides for a fresh model of the same config (its adapters placed, if any)."""
+    from ov_train.config.run_plan import run_adapter_plan
+    from ov_train.model.adapters import wrap
     from ov_train.model.build import build_model
     from ov_train.model.parts import apply_stage
     from ov_train.utils.paths import cache_dir
 
-    model, _ = build_model(cfg.model, cache_dir())
-    groups, _ = apply_stage(model, dict(cfg.stage.parts), cfg.model.lr_scale, cfg.stage.weight_decay)
+    model, _ = build_model(model_plan(cfg.model), cache_dir())
+    adapter = run_adapter_plan(cfg)
+    if adapter:
+        wrap(model, adapter)
+    optim = optim_plan(cfg, adapter)
+    groups, _ = apply_stage(model, optim.part_lrs, optim.weight_decay, optim.adapted)
     names = {id(p): n for n, p in model.named_parameters()}
     return [{"name": g["name"], "lr": g["lr"], "params": {names[id(p)]: p.numel() for p in g["params"]}} for g in groups]
 
@@ -75,12 +81,12 @@ def expected_groups(cfg) -> list[dict]:
 def layer_names(cfg) -> list[str]:
     """Module names of the SigLIP layers, then the Qwen2 layers, of a fresh model of the config."""
     from ov_train.model.build import build_model
-    from ov_train.model.checkpointing import module_layers
+    from ov_train.model.layout import layers
     from ov_train.utils.paths import cache_dir
 
-    model, _ = build_model(cfg.model, cache_dir())
+    model, _ = build_model(model_plan(cfg.model), cache_dir())
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] for part in ("vision", "llm") for layer in module_layers(model, part)]
+    return [names[id(layer)] for part in ("vision", "llm") for layer in layers(model, part)]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -163,7 +169,7 @@ def with_probe(out: Path, sigterm_at_step: int | None = None):
     """A `build_callbacks` that adds a Probe to the run's own callbacks (patch it over ov_train.run.build_callbacks)."""
     from ov_train.training.callbacks import build_callbacks
 
-    return lambda cfg, run_dir: [*build_callbacks(cfg, run_dir), Probe(str(out), sigterm_at_step)]
+    return lambda plan: [*build_callbacks(plan), Probe(str(out), sigterm_at_step)]
 
 
 # ---------------------------------------------------------------- subprocess runs
@@ -193,7 +199,7 @@ def run_train(overrides: list[str], run_dir: Path, probe: Path, sigterm_at_step:
 @pytest.mark.parametrize("name", STRATEGY_CONFIGS)
 def test_every_strategy_config_builds_its_lightning_engine(name):
     cfg = compose_config([f"strategy={name}", "trainer.devices=2"])
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(strategy_plan(cfg))
     s = cfg.strategy
     if s.name == "auto":
         assert strategy == "auto"
@@ -215,7 +221,7 @@ def _problems(overrides: list[str], **strategy) -> str:
     with open_dict(cfg):
         cfg.strategy.update(strategy)
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        resolve_plan(cfg)
     return str(err.value)
 
 
@@ -227,7 +233,7 @@ def test_bad_strategy_settings_fail_before_any_work():
     assert "trainer.devices='auto'" in _problems(["strategy=fsdp2", "trainer.devices=auto"])
     assert "nccl needs GPUs" in _problems(["strategy=ddp", "trainer.accelerator=cpu"], process_group_backend="nccl")
     # DeepSpeed runs on CPU too now: a CPU config is valid.
-    validate(compose_config(["strategy=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2"]))
+    resolve_plan(compose_config(["strategy=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2"]))
 
 
 # ---------------------------------------------------------------- DeepSpeed through Lightning, 2 CPU processes
@@ -256,7 +262,7 @@ def trained_full_weights(probe: Path) -> dict[str, torch.Tensor]:
 
 def assert_consolidates_to(ckpt: Path, trained: dict[str, torch.Tensor]) -> None:
     """The sharded checkpoint consolidates (on one CPU process) to exactly the weights the engine trained."""
-    from ov_train.tools.export import model_from_checkpoint
+    from ov_train.model.checkpoint_io import model_from_checkpoint
 
     model, _ = model_from_checkpoint(ckpt)
     state = dict(model.named_parameters())
@@ -271,13 +277,14 @@ def zero3_run(tmp_path_factory, small_data_root):
     root = tmp_path_factory.mktemp("zero3")
     overrides = [
         *train_overrides(small_data_root, "onevision", 3, root / "run"), "strategy=deepspeed_zero3", ZERO3_ALL,
-        "trainer.devices=2", "ckpt_path=auto", "+trainer.limit_val_batches=2", "export=false",
+        "trainer.devices=2", "ckpt_path=auto", "trainer.limit_val_batches=2", "export=false",
     ]
     run_train(overrides, root / "run", root / "first", sigterm_at_step=2)
     run_train(overrides, root / "run", root / "resumed")
     return root, compose_config(overrides)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_keeps_the_groups(zero3_run):
     root, cfg = zero3_run
     expected = expected_groups(cfg)
@@ -286,8 +293,9 @@ def test_deepspeed_zero3_keeps_the_groups(zero3_run):
         assert {g["name"]: g["lr"] for g in record["groups"]} == pytest.approx(RATES["onevision"])
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
-    from ov_train.tools.export import checkpoint_metadata
+    from ov_train.model.checkpoint_io import checkpoint_metadata
 
     root, _ = zero3_run
     first_end, resumed_start = probe_records(root / "first", "end"), probe_records(root / "resumed", "start")
@@ -301,6 +309,7 @@ def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
     assert checkpoint_metadata(root / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_data_root, tmp_path):
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
@@ -325,6 +334,7 @@ def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_d
 
 
 # Offloading pretrain: the optimizer holds the projector only, the frozen tower and LLM stay out of it.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "stage"),
     [("deepspeed_zero2", "onevision"), ("deepspeed_zero2_offload", "pretrain"), ("deepspeed_zero3_offload", "onevision")],
@@ -335,7 +345,7 @@ def test_deepspeed_keeps_the_groups_and_its_checkpoint_consolidates(tmp_path, sm
         pytest.skip(why)
     overrides = [
         *train_overrides(small_data_root, stage, 2, tmp_path / "run"), f"strategy={strategy}", ZERO3_ALL,
-        "trainer.devices=2", "+trainer.limit_val_batches=2", "export=false",
+        "trainer.devices=2", "trainer.limit_val_batches=2", "export=false",
     ]
     run_train(overrides, tmp_path / "run", tmp_path / "probe")
     expected = expected_groups(compose_config(overrides))

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, SMALL_DATA
 from tests.integration.test_dashboards import read_wandb_run
 from tests.processes import run_one
+
+# A sweep of training runs: `pytest -m 'not slow'` leaves it out.
+pytestmark = pytest.mark.slow
 
 RATES = ("1e-5", "2e-5")
 
@@ -24,7 +28,7 @@ def test_a_local_submitit_sweep_runs_one_job_per_value_each_on_two_processes(tmp
     command = [
         sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=local", f"stage.parts.llm={','.join(RATES)}",
         f"hydra.sweep.dir={sweep}", f"data.root={small_data_root}", *SMALL_DATA, "logger=wandb",
-        "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.limit_val_batches=2",
+        "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.limit_val_batches=2",
         "export=false", "data.record_keys=true",
     ]
     run_one(command, tmp_path / "sweep.log", timeout=420, cwd=tmp_path)

@@ -3,16 +3,23 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+from transformers import (
+    AutoTokenizer,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+)
 
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.data.stream import ValStream
 from ov_train.model.forward import forward_logits
-from ov_train.model.parts import part_of
+from ov_train.model.layout import part_of
 from ov_train.run import train
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import SMALL_DATA, compose_config
+
+# Training runs: `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def run_stage(tmp_path, small_data_root, stage, *extra, steps=3):

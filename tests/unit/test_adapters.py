@@ -8,25 +8,22 @@ import re
 import pytest
 import torch
 
-from ov_train.config import ConfigError, validate
-from ov_train.model.adapters import AdapterSettings, adapted_parts, stage_lrs, target_pattern, wrap
+from ov_train.config.run_plan import ConfigError, resolve_plan
+from ov_train.model.adapters import merged, target_pattern, wrap
 from ov_train.model.forward import forward_logits, token_losses
-from ov_train.model.parts import apply_stage, format_table, is_adapter_weight, part_of
-from ov_train.tools.export import merged
-from tests.conftest import compose_config
+from ov_train.model.layout import is_adapter_weight, part_of
+from ov_train.model.parts import apply_stage, format_table
+from tests.conftest import compose_config, plan_of
 
 LLM_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def adapted(base, overrides: list[str]):
-    """A copy of `base` with the config's adapters placed and the stage applied: (peft model, model, groups, rows)."""
-    cfg = compose_config(overrides)
-    settings = AdapterSettings.from_config(cfg.adapter)
-    modes = settings.modes(dict(cfg.stage.parts))
+    """A copy of `base` with the plan's adapters placed and the stage applied: (peft model, model, groups, rows)."""
+    plan = plan_of(overrides)
     model = copy.deepcopy(base)
-    peft_model = wrap(model, settings, modes)
-    groups, rows = apply_stage(model, stage_lrs(dict(cfg.stage.parts), modes), cfg.model.lr_scale,
-                               cfg.stage.weight_decay, adapted_parts(modes))
+    peft_model = wrap(model, plan.adapter)
+    groups, rows = apply_stage(model, plan.optim.part_lrs, plan.optim.weight_decay, plan.optim.adapted)
     return peft_model, model, groups, rows
 
 
@@ -98,8 +95,9 @@ def test_adapters_sit_exactly_on_the_listed_modules_of_each_part(base, overrides
 
 
 def test_target_pattern_is_one_regex_per_adapted_part(base):
-    settings = AdapterSettings.from_config(compose_config(["adapter=lora", "adapter.targets.llm=[q_proj]"]).adapter)
-    pattern = target_pattern(base, settings, {"llm": "adapters", "projector": "copy", "vision_tower": "frozen"})
+    adapter = plan_of(["adapter=lora", "adapter.targets.llm=[q_proj]"]).adapter
+    assert adapter.modes == {"llm": "adapters", "projector": "copy", "vision_tower": "frozen"}
+    pattern = target_pattern(base, adapter)
     matched = [n for n, _ in base.named_modules() if re.fullmatch(pattern, n)]
     assert matched == [f"model.language_model.layers.{i}.self_attn.q_proj" for i in range(3)]
 
@@ -132,7 +130,7 @@ def _perturbed(peft_model):
     return peft_model
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", pytest.param("dora", marks=pytest.mark.slow)])  # DoRA: about 8 s
 def test_merged_model_is_stock_and_equals_the_adapted_one(base, batch, kind, tmp_path):
     from peft import PeftModel
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -157,7 +155,7 @@ def test_merged_model_is_stock_and_equals_the_adapted_one(base, batch, kind, tmp
 
 def _problems(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as err:
-        validate(compose_config(overrides))
+        resolve_plan(compose_config(overrides))
     return str(err.value)
 
 
@@ -170,7 +168,7 @@ def test_configs_that_cannot_work_fail_before_any_work_naming_the_key():
     message = _problems(["adapter=qlora", "trainer.accelerator=cpu", "strategy=deepspeed_zero3"])
     assert "adapter=qlora needs CUDA" in message and "adapter=qlora with strategy.stage=3 (ZeRO-3)" in message
     assert "adapter.targets.llm=full" in _problems(["adapter=lora", "adapter.targets.llm=full"])
-    assert "adapter.targets.head: no such part" in _problems(["adapter=lora", "+adapter.targets.head=full"])
+    assert "adapter.targets.head: no such setting" in _problems(["adapter=lora", "+adapter.targets.head=full"])
     assert "adapter.r=0" in _problems(["adapter=lora", "adapter.r=0"])
     assert "adapter.dropout=1.5" in _problems(["adapter=dora", "adapter.dropout=1.5"])
     assert "adapter.name='ia3'" in _problems(["adapter=lora", "adapter.name=ia3"])
@@ -178,4 +176,13 @@ def test_configs_that_cannot_work_fail_before_any_work_naming_the_key():
         ["adapter=lora", "adapter.targets.llm=frozen", "adapter.targets.projector=frozen"])
     # The defaults are valid on CPU.
     for name in ("none", "lora", "dora"):
-        validate(compose_config([f"adapter={name}", "trainer.accelerator=cpu"]))
+        resolve_plan(compose_config([f"adapter={name}", "trainer.accelerator=cpu"]))
+
+
+def test_keys_of_another_adapter_or_no_part_fail_while_composing():
+    from hydra.errors import ConfigCompositionException
+
+    for overrides in (["adapter=none", "adapter.r=8"], ["adapter=lora", "adapter.quant_type=nf4"],
+                      ["adapter=lora", "adapter.targets.head=full"], ["adapter=lora", "adapter.r=many"]):
+        with pytest.raises(ConfigCompositionException, match="adapter"):
+            compose_config(overrides)

@@ -7,7 +7,12 @@ import re
 import pytest
 
 from ov_train.bench import main
-from ov_train.bench.mixture import MIXTURE, synthetic_mixture, token_counts, write_mixture_shards
+from ov_train.bench.mixture import (
+    MIXTURE,
+    synthetic_mixture,
+    token_counts,
+    write_mixture_shards,
+)
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.training.metrics import batch_counts
@@ -23,9 +28,10 @@ LOADER_HTTP = re.compile(r"^loader/http\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)
 ADAPTER = re.compile(r"^(ov_train full|lora r=16)\s+trainable\s+([\d,]+)\s+optimizer state ([\d.]+) GiB\s+peak memory ([\d.]+)")
 
 
+@pytest.mark.slow
 def test_tiny_bench_prints_positive_figures(capsys, tmp_path):
-    results = main(["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512", "--json",
-                    str(tmp_path / "b.json"), "--adapter", "lora"])
+    args = ["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512", "--adapter", "lora"]
+    results = main([*args, "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out.splitlines()
     lines = [m.groups() for m in map(FIGURES.match, out) if m]
     assert [(name, rows) for name, *_, rows in lines] == [
@@ -42,7 +48,9 @@ def test_tiny_bench_prints_positive_figures(capsys, tmp_path):
     full_params, lora_params = int(full[1].replace(",", "")), int(lora[1].replace(",", ""))
     assert full_params == results[1]["trainable_params"] and lora_params == results[3]["trainable_params"]
     assert 0 < lora_params < full_params / 5
-    assert results[3]["optimizer_state_gib"] == pytest.approx(results[1]["optimizer_state_gib"] * lora_params / full_params, rel=1e-3)  # + a step counter per tensor
+    # AdamW's state in proportion to the trainable parameters (+ a step counter per tensor).
+    expected = results[1]["optimizer_state_gib"] * lora_params / full_params
+    assert results[3]["optimizer_state_gib"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
@@ -56,6 +64,7 @@ def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
     assert ours == batch_counts(collate(examples, tokenizer.pad_token_id))[:3].tolist()
 
 
+@pytest.mark.slow
 def test_tiny_loader_bench_prints_positive_figures(capsys):
     """No model: the tiny mixture's shards stream through training's loader, in-process, read from the local disk
     and then over HTTP from a loopback server: both throughputs printed."""

@@ -16,13 +16,14 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoProcessor, GenerationConfig, LlavaOnevisionConfig, PreTrainedTokenizerFast
 
+from ov_train.config.run_plan import model_plan
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.video import decode_video, encode_mp4
 from ov_train.eval.inference import load_processor
 from ov_train.model.build import build_model
-from ov_train.model.tokenizer import _corpus
+from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.text.template import IGNORE_INDEX
-from ov_train.tools.export import export_pretrained
+from ov_train.text.tokenizer import _corpus
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import compose_config
 from tests.helpers import noise_png
@@ -103,7 +104,7 @@ def last_reply_start(labels: list[int]) -> int:
 
 def make_export(tmp_path_factory, tokenizer_dir, template: str):
     overrides = [f"model.tokenizer={tokenizer_dir}"] if tokenizer_dir else []
-    model, tokenizer = build_model(compose_config(overrides).model, tmp_path_factory.getbasetemp() / "ov_cache")
+    model, tokenizer = build_model(model_plan(compose_config(overrides).model), tmp_path_factory.getbasetemp() / "ov_cache")
     out = export_pretrained(model, tokenizer, tmp_path_factory.mktemp("export") / template, template=template)
     return out, tokenizer, VisionGeometry.from_model_config(model.config)
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ov_train.config import ConfigError
+from ov_train.config.run_plan import ConfigError, model_plan
 from ov_train.model.build import build_model
+from ov_train.model.checkpoint_io import checkpoint_metadata
 from ov_train.run import train
-from ov_train.tools.export import checkpoint_metadata
 from ov_train.tools.export import main as ov_export
 from ov_train.training.callbacks import AtomicCheckpointIO
 from tests.conftest import compose_config
@@ -65,7 +65,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(checkpoint, tmp_
 
     cfg = compose_config([f"model.init_from={evil}"])
     with pytest.raises(ValueError, match="refused to load"):
-        build_model(cfg.model, tmp_path, trust_checkpoint=False)
+        build_model(model_plan(cfg.model, trust=False), tmp_path)
 
     # Resuming: checked before any work, and Lightning's own load (through our CheckpointIO) refuses it too,
     # even where the environment turns torch's weights_only default off.
@@ -85,7 +85,7 @@ def test_trust_checkpoint_loads_what_weights_only_refuses(checkpoint, tmp_path, 
     assert "it asks for datetime.date" in export_refused(capsys, odd, tmp_path / "out")
     assert ov_export([str(odd), str(tmp_path / "out"), "--trust-checkpoint"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    model, _ = build_model(compose_config([f"model.init_from={odd}"]).model, tmp_path, trust_checkpoint=True)
+    model, _ = build_model(model_plan(compose_config([f"model.init_from={odd}"]).model, trust=True), tmp_path)
     assert torch.equal(model.lm_head.weight, checkpoint["state_dict"]["model.lm_head.weight"])
 
 
@@ -116,6 +116,7 @@ def test_not_a_checkpoint_gets_a_message_naming_the_file(checkpoint, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_are_checked_pickle_by_pickle(checkpoint, tmp_path):
     """FSDP2 (torch.distributed.checkpoint) and DeepSpeed directories: every pickle that Lightning, DCP or
     DeepSpeed would unpickle later, some with weights_only=False, is read safely first."""

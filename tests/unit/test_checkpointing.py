@@ -1,15 +1,15 @@
 """Activation checkpointing per module (exact, and really applied) and which vision-tower layers run."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from ov_train.model.checkpointing import apply_activation_checkpointing, module_layers
-from ov_train.model.forward import ForwardOptions, sample_losses, tower_hidden
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+from ov_train.config.options import ForwardOptions
+from ov_train.config.run_plan import ConfigError
+from ov_train.model.checkpointing import apply_activation_checkpointing
+from ov_train.model.forward import prepare_model, sample_losses, tower_hidden
+from ov_train.model.layout import layers as module_layers
+from tests.conftest import compose_config, plan_of
 
 
 def _count_forwards(layer, calls: dict, key: str):
@@ -38,6 +38,7 @@ def _loss_and_calls(model, batch):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modules, every", [(("vision", "llm"), 1), (("llm",), 2), (("vision",), 1)])
 def test_checkpointing_is_exact_and_recomputes_the_selected_layers(mixed_batch, modules, every):
     base, _, batch = mixed_batch
@@ -65,8 +66,9 @@ def test_switching_off_and_unknown_modules(mixed_batch):
     apply_activation_checkpointing(model, ["llm"])
     assert apply_activation_checkpointing(model, []) == []
     assert not any(layer.gradient_checkpointing for layer in module_layers(model, "llm"))
-    with pytest.raises(ValueError, match="unknown module"):
-        apply_activation_checkpointing(model, ["projector"])
+    # Names are the plan's to check, before any model is built.
+    with pytest.raises(ConfigError, match=r"model.activation_checkpointing has \['projector'\]; allowed"):
+        plan_of(["model.activation_checkpointing=[projector]"])
 
 
 def _tower_calls(tower, pixel_values, run):
@@ -87,7 +89,7 @@ def test_tower_computes_nothing_past_the_feature_layer(mixed_batch, layer):
     tower = model.model.vision_tower
     pixels = batch["pixel_values"][:3]
     stock, stock_ran = _tower_calls(tower, pixels, lambda t, x: t(x, output_hidden_states=True).hidden_states[layer])
-    ours, ours_ran = _tower_calls(tower, pixels, lambda t, x: tower_hidden(t, x, layer))
+    ours, ours_ran = _tower_calls(tower, pixels, lambda t, x: tower_hidden(model, x, layer))
     assert torch.allclose(ours, stock, atol=1e-6)
     layers = len(tower.encoder.layers)
     # The stock call runs every layer and the post-layernorm whatever layer is read; ours stops at it.
@@ -100,9 +102,10 @@ def test_configs_drop_siglips_unused_last_layer(mixed_batch):
     # read the last kept one, so with tower_hidden every layer that runs is used.
     assert mixed_batch[0].config.vision_feature_layer == -1
     for name in ("ov_qwen2_0_5b", "ov_qwen2_7b", "ov_qwen2_72b"):
-        assert OmegaConf.load(CONF / f"{name}.yaml").vision.num_hidden_layers == 26, name
+        assert compose_config([f"model={name}"]).model.vision.num_hidden_layers == 26, name
 
 
+@pytest.mark.slow
 def test_compiled_layers_match_eager_under_checkpointing(mixed_batch, tiny_model_and_tokenizer):
     """model.compile=true: every tower and LLM layer goes through torch.compile (inductor), here with the LLM's
     layers checkpointed too; losses and gradients equal eager ones, on two batches of other lengths."""
@@ -116,7 +119,7 @@ def test_compiled_layers_match_eager_under_checkpointing(mixed_batch, tiny_model
     eager = copy.deepcopy(base).train()
     compiled = copy.deepcopy(base).train()
     options = ForwardOptions(packing=True, loss="chunked", activation_checkpointing=("llm",), compile=True)
-    options.prepare(compiled)
+    prepare_model(compiled, options)
     counters.clear()
     for batch in batches:
         results = []

@@ -1,12 +1,14 @@
-"""Every shipped config composes; bad configs fail before any work with a message naming the key."""
+"""Every shipped config composes; bad configs fail before any work with a message naming the key: unknown keys
+and wrong types while Hydra composes (the schema), wrong values when the plan is resolved."""
 from pathlib import Path
 
 import pytest
-from hydra.errors import MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import open_dict
 
-from ov_train.config import ConfigError, validate
-from ov_train.data.recipe import RecipeError, load_recipe
+from ov_train.config.recipe import RecipeError
+from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan
+from ov_train.data.recipe import load_recipe
 from tests.conftest import CONF, compose_config
 
 STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
@@ -28,7 +30,7 @@ def test_the_four_stages_ship():
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_composes_with_recipe_values(stage):
     cfg = compose_config([f"stage={stage}"], run_dir=Path("/tmp/x"))
-    validate(cfg)
+    resolve_plan(cfg)
     assert dict(cfg.stage.parts) == EXPECTED_PARTS[stage]
     assert cfg.stage.template == ("plain" if stage == "pretrain" else "qwen_1_5")
     assert cfg.stage.image_strategy == ("single_crop" if stage == "pretrain" else "anyres_max_9")
@@ -40,7 +42,7 @@ def test_stage_composes_with_recipe_values(stage):
 @pytest.mark.parametrize("logger", LOGGERS)
 def test_model_and_logger_options_compose(model, logger):
     cfg = compose_config([f"model={model}", f"logger={logger}", "model.random_init=true"], run_dir=Path("/tmp/x"))
-    validate(cfg)
+    resolve_plan(cfg)
     assert cfg.model.name == model and cfg.logger.name == logger
 
 
@@ -63,7 +65,7 @@ def test_unknown_stage_is_named():
 def _invalid(overrides, *fragments):
     cfg = compose_config(overrides, run_dir=Path("/tmp/x"))
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        resolve_plan(cfg)
     for fragment in fragments:
         assert fragment in str(err.value)
 
@@ -135,21 +137,38 @@ def test_data_and_run_keys_are_checked():
     )
 
 
+@pytest.mark.parametrize("override, key, why", [
+    ("trainer.max_step=2", "trainer.max_step", "Key 'max_step' not in 'TrainerConfig'"),
+    ("strategy.stage=3", "strategy.stage", "Key 'stage' not in 'StrategyConfig'"),  # a DeepSpeed key under auto
+    ("data.val_samples=all", "data.val_samples", "'all' of type 'str' could not be converted to Integer"),
+    ("model.compile=sometimes", "model.compile", "'sometimes' is not a valid bool"),
+])
+def test_typos_and_wrong_types_fail_at_composition(override, key, why):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([override])
+    message = f"{err.value}\n{err.value.__cause__}"
+    assert key in message and why in message, message
+
+
+def test_other_lightning_trainer_arguments_pass_with_a_plus():
+    plan = resolve_plan(compose_config(["+trainer.deterministic=true"], run_dir=Path("/tmp/x")))
+    assert plan.trainer["deterministic"] is True
+    _invalid(["+trainer.max_step=2"], "trainer.max_step: not a Lightning Trainer argument")
+    # Elsewhere `+` adds nothing the schema lacks.
+    _invalid(["+data.synthetic.colour=red"], "data.synthetic.colour: no such setting; allowed: ['train_per_subset'")
+
+
 def test_real_data_needs_a_root():
     _invalid(["data=recipe"], "data.root is required")
 
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path):
-    from ov_train.run import resolve_ckpt_path
-
-    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
-    resolve_ckpt_path(cfg)
-    assert cfg.ckpt_path is None
+    assert resolve_ckpt_path("auto", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
-    resolve_ckpt_path(cfg)
-    assert cfg.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    resumed = resolve_plan(compose_config(["ckpt_path=auto"], run_dir=tmp_path)).ckpt_path
+    assert resumed == str(tmp_path / "checkpoints" / "last.ckpt")
 
 
 def test_precision_and_compile_combinations_are_checked():
@@ -158,10 +177,10 @@ def test_precision_and_compile_combinations_are_checked():
         ["strategy=fsdp2", "trainer.devices=2", "trainer.precision=bf16-true"],
         "trainer.precision=bf16-true with strategy=fsdp2", "bf16-mixed",
     )
-    _invalid(["model.attn_implementation=ov_varlen", "trainer.precision=32-true"], "model.attn_implementation=ov_varlen runs in bf16/fp16 only")
-    _invalid(["model.compile=yes"], "model.compile='yes' must be true or false")
+    _invalid(["model.attn_implementation=ov_varlen", "trainer.precision=32-true"],
+             "model.attn_implementation=ov_varlen runs in bf16/fp16 only")
     _invalid(["strategy=deepspeed_zero3", "model.compile=true"], "model.compile=true with ZeRO-3")
-    validate(compose_config(["model.compile=true", "trainer.precision=bf16-true"], run_dir=Path("/tmp/x")))
+    resolve_plan(compose_config(["model.compile=true", "trainer.precision=bf16-true"], run_dir=Path("/tmp/x")))
 
 
 @pytest.fixture
@@ -172,8 +191,8 @@ def train_without_work(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("work started before the config was checked")
 
-    monkeypatch.setattr(run, "build_model", reached)
-    monkeypatch.setattr(run, "prepare_synthetic", reached)
+    monkeypatch.setattr(run, "build_for_training", reached)
+    monkeypatch.setattr(run, "prepare_data", reached)
     return run.train
 
 
@@ -195,12 +214,9 @@ BAD_DATA = {
     "inf weight": (inf_weight_recipe, ["sources[1]: weight=inf must be a positive, finite number"]),
     "shuffle": (lambda tmp, root: ["data.shuffle_buffer=0"], ["data.shuffle_buffer=0 must be an integer >= 1"]),
     "val samples": (lambda tmp, root: ["data.val_samples=0"], ["data.val_samples=0 must be an integer >= 1 or null"]),
-    "val type": (lambda tmp, root: ["data.val_samples=all"], ["data.val_samples='all' must be an integer >= 1 or null"]),
     "skip limit": (lambda tmp, root: ["data.max_skips_in_a_row=0"], ["data.max_skips_in_a_row=0 must be an integer >= 1"]),
-    "synthetic": (lambda tmp, root: ["data.synthetic.image_px=4", "data.synthetic.val_per_subset=0", "seed=-1",
-                                     "+data.synthetic.colour=red"],
-                  ["data.synthetic.image_px=4 must be an integer >= 16", "data.synthetic.val_per_subset=0", "seed=-1",
-                   "data.synthetic.colour: no such setting"]),
+    "synthetic": (lambda tmp, root: ["data.synthetic.image_px=4", "data.synthetic.val_per_subset=0", "seed=-1"],
+                  ["data.synthetic.image_px=4 must be an integer >= 16", "data.synthetic.val_per_subset=0", "seed=-1"]),
 }
 
 
@@ -221,4 +237,4 @@ def test_a_synthetic_root_holding_other_settings_is_named(tmp_path, small_data_r
     with pytest.raises(ConfigError, match=r"data.root='.*': .* holds synthetic data of other settings .*data.root=null"):
         train_without_work(cfg)
     # Left to the cache (data.root=null), the same settings validate: they get a directory of their own.
-    validate(compose_config([], run_dir=tmp_path / "run"))
+    resolve_plan(compose_config([], run_dir=tmp_path / "run"))

@@ -15,11 +15,17 @@ from ov_train.data.convert import convert
 from ov_train.data.formats import open_input, select
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.stream import read_tar
-from ov_train.model.tokenizer import build_tiny_tokenizer
+from ov_train.text.tokenizer import build_tiny_tokenizer
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from ov_train.vision.tokens import image_tokens, video_tokens
 from tests.fixtures_data import (
-    conversation, image_bytes, make_llava_dataset, write_data_yaml, write_jsonl, write_llava_json, write_parquet,
+    conversation,
+    image_bytes,
+    make_llava_dataset,
+    write_data_yaml,
+    write_jsonl,
+    write_llava_json,
+    write_parquet,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,7 +200,7 @@ def test_missing_input_or_media_root_is_a_clear_error(dataset, tmp_path, capsys)
     assert f"INPUT {missing} does not exist" in err and "Traceback" not in err
     assert main(["convert", str(dataset["input"]), "--media-root", str(tmp_path / "media"), "--out", str(tmp_path / "o")]) == 1
     assert f"--media-root {tmp_path / 'media'} does not exist" in capsys.readouterr().err
-    run = subprocess.run([sys.executable, "-m", "ov_train.data.convert", str(missing), "--out", str(tmp_path / "o")],
+    run = subprocess.run([sys.executable, "-m", "ov_train.data.cli", "convert", str(missing), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 1 and "does not exist" in run.stderr and "Traceback" not in run.stderr
 
@@ -215,9 +221,11 @@ def test_format_from_extension_or_forced(tmp_path, capsys):
 def test_parquet_is_read_in_row_batches_and_split_by_bytes(tmp_path, monkeypatch):
     png = image_bytes(480, 640, "PNG")
     rows = [
-        {"id": "p0", "conversations": conversation("<image>\nWhat is it?"), "data_source": "charts", "image": {"bytes": png, "path": "a.png"}},
+        {"id": "p0", "conversations": conversation("<image>\nWhat is it?"), "data_source": "charts",
+         "image": {"bytes": png, "path": "a.png"}},
         {"id": "p1", "conversations": conversation("Say hi."), "data_source": "text_src", "image": None},
-        {"id": "p2", "conversations": conversation("<image>\nQ?"), "data_source": "charts", "image": {"bytes": b"not an image", "path": "b.png"}},
+        {"id": "p2", "conversations": conversation("<image>\nQ?"), "data_source": "charts",
+         "image": {"bytes": b"not an image", "path": "b.png"}},
         {"id": "p3", "conversations": [{"from": "gpt", "value": "Only me."}], "data_source": "charts", "image": None},
         {"id": "p4", "conversations": conversation("<image>\nAgain?"), "data_source": "charts", "image": {"bytes": png, "path": "c.png"}},
     ]

@@ -15,10 +15,16 @@ from ov_train.data.cli import main
 from ov_train.data.convert import convert
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.stream import read_tar
-from ov_train.model.tokenizer import build_tiny_tokenizer
+from ov_train.text.tokenizer import build_tiny_tokenizer
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from tests.fixtures_data import (
-    conversation, image_bytes, video_bytes, write_data_yaml, write_image, write_jsonl, write_llava_json, write_video,
+    conversation,
+    video_bytes,
+    write_data_yaml,
+    write_image,
+    write_jsonl,
+    write_llava_json,
+    write_video,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +83,7 @@ def test_media_outside_the_root_is_rejected_and_never_read(escape, tmp_path, cap
     out = tmp_path / "out"
     assert main(["convert", str(escape["input"]), "--media-root", str(escape["media"]), "--out", str(out),
                  "--workers", "1"]) == 0
-    assert _rejects(out) == {**{rid: "outside_media_root" for rid in OUTSIDE}, "a_folder": "missing_image",
+    assert _rejects(out) == {**dict.fromkeys(OUTSIDE, "outside_media_root"), "a_folder": "missing_image",
                              "nul_byte": "missing_image"}
     assert [s["id"] for s in _index(out)["samples"]] == ["ok", "ok_dotdot_inside", "ok_symlink_inside"]
     assert escape["secret"] not in _shard_bytes(out) and b"root:" not in _shard_bytes(out)
@@ -197,11 +203,12 @@ def test_a_line_of_invalid_utf8_is_a_malformed_line(tmp_path):
 # ---------------------------------------------------------------- workers die with a killed convert
 
 
+@pytest.mark.slow
 def test_workers_exit_when_convert_is_killed(tmp_path):
     write_image(tmp_path / "media/big.jpg", 600, 800)  # a few ms to decode: the job lasts seconds
     path = write_jsonl(tmp_path / "t.jsonl", [_image_record(f"i{i}", "big.jpg") for i in range(300)])
     out = tmp_path / "out"
-    parent = subprocess.Popen([sys.executable, "-m", "ov_train.data.convert", str(path), "--out", str(out),
+    parent = subprocess.Popen([sys.executable, "-m", "ov_train.data.cli", "convert", str(path), "--out", str(out),
                                "--media-root", str(tmp_path / "media"), "--samples-per-shard", "4", "--workers", "2"],
                               cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,12 +15,10 @@ from ov_train.eval import evaluate as evaluate_module
 from ov_train.eval.evaluate import EvalSource, eval_sources, evaluate, read_rows, write_metrics
 from ov_train.eval.inference import load_export
 from ov_train.eval.metrics import score
-from ov_train.model.build import build_model
+from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.tools import chat as chat_module
 from ov_train.tools.chat import main as ov_chat
 from ov_train.tools.eval import main as ov_eval
-from ov_train.tools.export import export_pretrained
-from tests.conftest import compose_config
 from tests.helpers import noise_png
 
 COLOURS = ["red", "green", "blue", "yellow"]

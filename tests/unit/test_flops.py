@@ -2,25 +2,32 @@
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
+from ov_train.config.run_plan import model_plan
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import ValStream
 from ov_train.model.build import build_model
 from ov_train.model.forward import forward_logits
-from ov_train.model.parts import apply_stage, part_of
+from ov_train.model.layout import part_of
+from ov_train.model.parts import apply_stage
 from ov_train.training.metrics import batch_counts
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from ov_train.vision.tokens import anyres_tokens, best_resolution
-from tests.conftest import compose_config
+from tests.conftest import compose_config, plan_of
 
 
 @pytest.fixture(scope="module")
 def eager_model(_offline_cache):
     # Eager attention runs as matrix products, which the counter sees (CPU sdpa kernels it does not count).
-    model, tokenizer = build_model(compose_config([]).model, _offline_cache)
+    model, tokenizer = build_model(plan_of([]).model, _offline_cache)
     model.set_attn_implementation("eager")
     return model, tokenizer
 
@@ -55,6 +62,7 @@ def test_forward_flops_equal_the_flop_counter(eager_model, one_sample_batches):
         assert ours == pytest.approx(counter.get_total_flops(), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "mid", "onevision"])
 def test_training_flops_follow_what_each_stage_trains(eager_model, one_sample_batches, stage):
     """Forward + backward as counted by torch, with the stage's parts frozen: within 2%.
@@ -63,7 +71,7 @@ def test_training_flops_follow_what_each_stage_trains(eager_model, one_sample_ba
     skips: half the projector when it trains behind a frozen tower, a large share only in the tiny model.
     """
     model, _ = eager_model
-    apply_stage(model, dict(compose_config([f"stage={stage}"]).stage.parts))
+    apply_stage(model, plan_of([f"stage={stage}"]).optim.part_lrs)
     trainable = {part_of(n) for n, p in model.named_parameters() if p.requires_grad}
     flops = ModelFlops.from_config(model.config)
     for batch in one_sample_batches:
@@ -83,10 +91,10 @@ def test_a_frozen_tower_costs_one_forward():
 
 
 def _meta_model(name: str):
-    cfg = compose_config([f"model={name}"]).model
+    plan = model_plan(compose_config([f"model={name}"]).model)
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(vision_use_head=False, **cfg.vision).to_dict(),
-        text_config=Qwen2Config(**cfg.text).to_dict(),
+        vision_config=SiglipVisionConfig(vision_use_head=False, **plan.vision).to_dict(),
+        text_config=Qwen2Config(**plan.text).to_dict(),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )

@@ -1,7 +1,7 @@
 import pytest
 
-from ov_train.model.tokenizer import build_tiny_tokenizer
 from ov_train.text.template import IGNORE_INDEX, TemplateError, encode_conversation
+from ov_train.text.tokenizer import build_tiny_tokenizer
 
 IMAGE, VIDEO = "<image>", "<video>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

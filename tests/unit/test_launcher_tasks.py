@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
-from ov_train.config import ConfigError, validate
+from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.strategies import adopt_launcher_tasks
 from tests.conftest import CONF, compose_config
 
@@ -35,7 +35,7 @@ def submitit_local_task(env, task: int, tasks: int) -> None:
 
 def test_local_submitit_tasks_are_adopted_by_lightning(env):
     submitit_local_task(env, task=1, tasks=2)
-    validate(compose_config(["trainer.accelerator=cpu", "trainer.devices=2"]))
+    resolve_plan(compose_config(["trainer.accelerator=cpu", "trainer.devices=2"]))
     adopt_launcher_tasks()
     lightning = LightningEnvironment()
     assert lightning.creates_processes_externally  # Lightning will not start processes of its own
@@ -46,18 +46,18 @@ def test_local_submitit_tasks_are_adopted_by_lightning(env):
 def test_a_job_with_fewer_tasks_than_devices_is_refused(env):
     submitit_local_task(env, task=0, tasks=1)  # the plugin's submitit_local: one task per job
     with pytest.raises(ConfigError, match=r"= 2 but this submitit job has 1 task.*hydra.launcher.tasks_per_node=2"):
-        validate(compose_config(["trainer.accelerator=cpu", "trainer.devices=2"]))
+        resolve_plan(compose_config(["trainer.accelerator=cpu", "trainer.devices=2"]))
 
 
 def test_slurm_tasks_are_left_to_lightnings_slurm_environment(env):
     for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8",
                        "SLURM_JOB_NAME": "ov", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}.items():
         env.setenv(key, value)
-    validate(compose_config(["trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=cpu"]))
+    resolve_plan(compose_config(["trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=cpu"]))
     adopt_launcher_tasks()
     assert "LOCAL_RANK" not in os.environ and SLURMEnvironment.detect()
     with pytest.raises(ConfigError, match="= 8 but this submitit job has 16 task"):
-        validate(compose_config(["trainer.devices=8", "trainer.accelerator=cpu"]))
+        resolve_plan(compose_config(["trainer.devices=8", "trainer.accelerator=cpu"]))
 
 
 def test_a_multirun_of_several_processes_needs_a_launcher_that_starts_them(env, tmp_path):
@@ -67,7 +67,7 @@ def test_a_multirun_of_several_processes_needs_a_launcher_that_starts_them(env, 
     HydraConfig.instance().set_config(cfg)  # as Hydra does inside each job of the basic launcher
     try:
         with pytest.raises(ConfigError, match="need a launcher that starts them: hydra/launcher=local"):
-            validate(compose_config(["trainer.accelerator=cpu", "trainer.devices=2"]))
-        validate(compose_config(["trainer.accelerator=cpu", "trainer.devices=1"]))
+            resolve_plan(compose_config(["trainer.accelerator=cpu", "trainer.devices=2"]))
+        resolve_plan(compose_config(["trainer.accelerator=cpu", "trainer.devices=1"]))
     finally:
         HydraConfig.instance().cfg = None

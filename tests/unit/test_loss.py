@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ov_train.model.forward import ForwardOptions, sample_losses
+from ov_train.config.options import ForwardOptions
+from ov_train.constants import IGNORE_INDEX
+from ov_train.model.forward import sample_losses
 from ov_train.model.loss import chunked_cross_entropy, fused_available
-from ov_train.model.packing import IGNORE_INDEX
 
 TOKENS, VOCAB, DIM, CHUNK = 300, 4096, 24, 64
 

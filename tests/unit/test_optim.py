@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from ov_train.strategies import default_precision, devices_per_node
+from ov_train.config.options import default_precision, devices_per_node
 from ov_train.training.optim import MasterWeightAdamW, build_adamw
 from tests.conftest import compose_config
 
@@ -117,7 +117,8 @@ def _visible_gpus(monkeypatch, gpus: int) -> None:
 )
 def test_default_precision(monkeypatch, overrides, gpus, expected):
     _visible_gpus(monkeypatch, gpus)
-    assert default_precision(compose_config(overrides)) == expected
+    cfg = compose_config(overrides)
+    assert default_precision(cfg.trainer, cfg.strategy.name) == expected
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,18 @@ import torch
 import torch.nn.functional as F
 
 import ov_train.model.packing as packing
+from ov_train.config.options import ForwardOptions
+from ov_train.config.run_plan import ConfigError
+from ov_train.constants import IGNORE_INDEX, VARLEN
 from ov_train.data.samples import collate
-from ov_train.model.forward import ForwardOptions, embed_inputs, forward_logits, sample_losses, token_losses
-from ov_train.model.packing import IGNORE_INDEX, VARLEN, language_model_hidden, pack, set_attention
-from tests.conftest import CONF
+from ov_train.model.forward import (
+    embed_inputs,
+    forward_logits,
+    sample_losses,
+    token_losses,
+)
+from ov_train.model.packing import language_model_hidden, pack_into_rows, set_attention
+from tests.conftest import CONF, compose_config, plan_of
 
 # One row for the whole batch; rows of at most 100 tokens (the 175-token sample gets its own row).
 ROWS = {"one_row": 100_000, "several_rows": 100}
@@ -33,7 +41,7 @@ def _supervised(examples):
 @pytest.mark.parametrize("max_tokens", ROWS.values(), ids=ROWS.keys())
 def test_layout(mixed_batch, max_tokens):
     _, examples, batch = mixed_batch
-    packed = pack(batch, max_tokens)
+    packed = pack_into_rows(batch, max_tokens)
     lengths = [len(e["input_ids"]) for e in examples]
     flat = lambda t: t.flatten().tolist()  # noqa: E731
     ids, pos, tgt, smp = flat(packed.input_ids), flat(packed.position_ids), flat(packed.targets), flat(packed.sample)
@@ -98,7 +106,7 @@ def test_equality_needs_the_isolation(mixed_batch, alone):
     model, examples, batch = mixed_batch
     alone_sums = alone[0]
     model.eval()
-    packed = pack(batch, ROWS["one_row"])
+    packed = pack_into_rows(batch, ROWS["one_row"])
     leaky = dataclasses.replace(packed, position_ids=torch.arange(packed.input_ids.shape[1])[None])
     with torch.no_grad():
         hidden = language_model_hidden(model, embed_inputs(model, batch, packed), leaky)[0]
@@ -153,6 +161,7 @@ class ReferenceVarlen:
         return torch.cat(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signature", [
     {"window_size", "scale", "enable_gqa"},  # torch >= 2.12
     {"window_size", "scale"},  # 2.10 / 2.11: no grouped-query attention, k/v heads repeated
@@ -193,12 +202,12 @@ def test_varlen_attention_under_autocast(mixed_batch, monkeypatch):
 
 
 def test_options_from_config_and_yaml():
-    from omegaconf import OmegaConf
-
     for path in sorted((CONF / "model").glob("*.yaml")):
-        assert ForwardOptions.from_config(OmegaConf.load(path)).problems() == [], path.name
-    bad = {"loss": "fused", "attn_implementation": VARLEN, "activation_checkpointing": ["projector"], "loss_chunk": 0}
-    with pytest.raises(ValueError) as err:
-        ForwardOptions.from_config(OmegaConf.create(bad))
+        options, problems = ForwardOptions.from_config(compose_config([f"model={path.stem}"]).model, "bf16-true")
+        assert problems == [] and options.packing, path.name
+    bad = ["model.loss=fused", f"model.attn_implementation={VARLEN}", "model.activation_checkpointing=[projector]",
+           "model.loss_chunk=0", "trainer.precision=32-true"]
+    with pytest.raises(ConfigError) as err:
+        plan_of(bad)
     for key in ("model.loss", "model.attn_implementation", "model.activation_checkpointing", "model.loss_chunk"):
         assert key in str(err.value)

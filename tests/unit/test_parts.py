@@ -7,10 +7,13 @@ import re
 import pytest
 import torch
 
+from ov_train.config.run_plan import ConfigError, model_plan
+from ov_train.constants import PARTS
 from ov_train.model.build import build_model
 from ov_train.model.forward import forward_logits, token_losses
-from ov_train.model.parts import PARTS, UNUSED, apply_stage, format_table, part_of
-from tests.conftest import CONF, compose_config
+from ov_train.model.layout import UNUSED, part_of
+from ov_train.model.parts import apply_stage, format_table
+from tests.conftest import CONF, compose_config, plan_of
 
 STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
 PREFIXES = {
@@ -64,7 +67,8 @@ def test_apply_stage_per_stage_config(stage, model):
     cfg = compose_config([f"stage={stage}"])
     lr_scale = float(cfg.model.lr_scale)
     assert lr_scale == 100.0  # the tiny model scales fine-tuning learning rates
-    groups, rows = apply_stage(model, dict(cfg.stage.parts), lr_scale, cfg.stage.weight_decay)
+    optim = plan_of([f"stage={stage}"]).optim
+    groups, rows = apply_stage(model, optim.part_lrs, optim.weight_decay)
 
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -97,7 +101,7 @@ def test_apply_stage_per_stage_config(stage, model):
 
 
 def test_lr_scale_one_gives_the_stage_learning_rates(model):
-    groups, _ = apply_stage(model, dict(compose_config(["stage=onevision"]).stage.parts), 1.0, 0.1)
+    groups, _ = apply_stage(model, plan_of(["stage=onevision", "model.lr_scale=1"]).optim.part_lrs, 0.1)
     assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == {
         "vision_tower": (2e-6, 0.1),
         "projector": (1e-5, 0.1),
@@ -107,7 +111,7 @@ def test_lr_scale_one_gives_the_stage_learning_rates(model):
 
 def test_tied_embeddings_are_one_llm_tensor(_offline_cache):
     torch.manual_seed(0)
-    tied, _ = build_model(compose_config(["model.text.tie_word_embeddings=true"]).model, _offline_cache)
+    tied, _ = build_model(model_plan(compose_config(["model.text.tie_word_embeddings=true"]).model), _offline_cache)
     assert tied.lm_head.weight is tied.get_input_embeddings().weight
     groups, rows = apply_stage(tied, {"llm": 1e-5})
     (llm,) = groups
@@ -131,11 +135,12 @@ STEP_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_adamw_step_touches_only_trainable_tensors(case, model, batch):
-    cfg = compose_config([f"stage={case}"] if STEP_CASES[case] is None else [])
-    part_lrs = dict(cfg.stage.parts) if STEP_CASES[case] is None else STEP_CASES[case]
-    groups, _ = apply_stage(model, part_lrs, float(cfg.model.lr_scale), cfg.stage.weight_decay)
+    plan = plan_of([f"stage={case}"] if STEP_CASES[case] is None else [])
+    part_lrs = plan.optim.part_lrs if STEP_CASES[case] is None else STEP_CASES[case]
+    groups, _ = apply_stage(model, part_lrs, plan.optim.weight_decay)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(groups)
 
@@ -165,25 +170,28 @@ def test_adamw_step_touches_only_trainable_tensors(case, model, batch):
 # Errors
 
 
-def test_unknown_part_is_named_with_the_allowed_parts(model):
-    flags = [p.requires_grad for p in model.parameters()]
-    with pytest.raises((KeyError, ValueError)) as err:
-        apply_stage(model, {"projector": 1e-3, "mm_projector": 1e-3})
+# The plan checks the learning rates once, before any model exists; apply_stage takes them as they are.
+
+
+def test_unknown_part_is_named_with_the_allowed_parts():
+    with pytest.raises(ConfigError) as err:
+        plan_of(["stage=pretrain", "+stage.parts.mm_projector=1e-3"])
     msg = str(err.value)
-    assert "mm_projector" in msg and all(part in msg for part in PARTS)
-    assert [p.requires_grad for p in model.parameters()] == flags  # nothing was changed
+    assert "stage.parts.mm_projector: no such part" in msg and all(part in msg for part in PARTS)
 
 
-@pytest.mark.parametrize("part_lrs", [{"vision_tower": 0, "projector": 0.0, "llm": 0}, {}, {"projector": None}])
-def test_nothing_trainable_raises(part_lrs, model):
-    with pytest.raises(ValueError, match="nothing trainable"):
-        apply_stage(model, part_lrs)
+@pytest.mark.parametrize("overrides", [["stage.parts.vision_tower=0", "stage.parts.projector=0", "stage.parts.llm=0"],
+                                       ["stage=pretrain", "stage.parts.projector=0.0"]])
+def test_nothing_trainable_is_refused(overrides):
+    with pytest.raises(ConfigError, match="no part has a learning rate > 0, so nothing would train"):
+        plan_of(overrides)
 
 
-@pytest.mark.parametrize("kwargs", [{"part_lrs": {"llm": -1e-5}}, {"part_lrs": {"llm": 1e-5}, "lr_scale": 0.0}])
-def test_negative_lr_or_scale_raises(kwargs, model):
-    with pytest.raises(ValueError, match="llm|lr_scale"):
-        apply_stage(model, **kwargs)
+@pytest.mark.parametrize("override, message", [("stage.parts.llm=-1e-5", "stage.parts.llm=-1e-05: learning rate must"),
+                                               ("model.lr_scale=0", "model.lr_scale=0.0 must be > 0")])
+def test_negative_lr_or_scale_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_of([override])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +205,7 @@ def _table_rows(table: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("stage", ["pretrain", "onevision"])
 def test_format_table(stage, model):
     cfg = compose_config([f"stage={stage}"])
-    _, rows = apply_stage(model, dict(cfg.stage.parts), float(cfg.model.lr_scale))
+    _, rows = apply_stage(model, plan_of([f"stage={stage}"]).optim.part_lrs)
     table = format_table(rows)
     lines = table.splitlines()
     assert lines[0].split() == ["part", "state", "lr", "params", "tensors"]

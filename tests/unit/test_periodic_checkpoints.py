@@ -6,11 +6,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ov_train.config import ConfigError, validate
-from ov_train.training.callbacks import AtomicCheckpoints, PeriodicCheckpoint, build_callbacks
+from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan
+from ov_train.training.callbacks import (
+    AtomicCheckpoints,
+    PeriodicCheckpoint,
+    build_callbacks,
+)
 from tests.conftest import compose_config
 
 
@@ -54,26 +59,28 @@ def test_minutes_and_steps_both_trigger(tmp_path):
 
 def test_the_default_run_writes_checkpoints_while_it_trains(tmp_path):
     cfg = compose_config([], run_dir=tmp_path)
-    (periodic,) = [c for c in build_callbacks(cfg, tmp_path) if isinstance(c, PeriodicCheckpoint)]
+    (periodic,) = [c for c in build_callbacks(resolve_plan(cfg)) if isinstance(c, PeriodicCheckpoint)]
     assert 0 < periodic._every_n_train_steps < cfg.trainer.max_steps
     assert periodic._train_time_interval.total_seconds() == 60 * cfg.checkpoint.every_minutes
 
 
 def test_bad_checkpoint_keys_are_named(tmp_path):
     cfg = compose_config(
-        ["checkpoint.every_n_steps=0", "checkpoint.every_minutes=soon", "checkpoint.keep=-1", "checkpoint.trust=maybe"],
-        run_dir=tmp_path,
+        ["checkpoint.every_n_steps=0", "checkpoint.every_minutes=-5", "checkpoint.keep=-1"], run_dir=tmp_path,
     )
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        resolve_plan(cfg)
     for text in (
         "checkpoint.every_n_steps=0 must be a positive integer or null",
-        "checkpoint.every_minutes='soon' must be a positive number or null",
+        "checkpoint.every_minutes=-5.0 must be a positive number or null",
         "checkpoint.keep=-1 must be an integer >= 0",
-        "checkpoint.trust='maybe' must be true or false",
     ):
         assert text in str(err.value)
-    validate(compose_config(["checkpoint.every_n_steps=null", "checkpoint.every_minutes=null"], run_dir=tmp_path))
+    # Types are the schema's: composition refuses them, naming the key.
+    for override in ("checkpoint.every_minutes=soon", "checkpoint.trust=maybe"):
+        with pytest.raises(ConfigCompositionException, match=override.split("=")[0]):
+            compose_config([override])
+    resolve_plan(compose_config(["checkpoint.every_n_steps=null", "checkpoint.every_minutes=null"], run_dir=tmp_path))
 
 
 def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkeypatch):
@@ -83,7 +90,6 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from ov_train.run import resolve_ckpt_path
     from ov_train.training import callbacks
     from ov_train.training.callbacks import save_whole
 
@@ -122,9 +128,8 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
         save_whole(trainer, last, shards(4))
     monkeypatch.undo()
     assert not last.exists()
-    cfg = compose_config(["ckpt_path=auto"], run_dir=tmp_path)
-    resolve_ckpt_path(cfg)
-    assert cfg.ckpt_path == str(tmp_path / "checkpoints" / ".last.ckpt.previous")
-    assert steps_in(Path(cfg.ckpt_path)) == {"3"}
+    resumed = resolve_ckpt_path("auto", tmp_path)
+    assert resumed == str(tmp_path / "checkpoints" / ".last.ckpt.previous")
+    assert steps_in(Path(resumed)) == {"3"}
     save_whole(trainer, last, shards(5))
     assert steps_in(last) == {"5"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]

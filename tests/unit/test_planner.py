@@ -11,12 +11,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ov_train.planner.estimate import PlanError, Setup, _gpu_precision, meta_model, step_samples
-from ov_train.planner.trace import trace_step
+from ov_train.config.run_plan import model_plan, optim_plan
+from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples
 from ov_train.planner.report import preflight
 from ov_train.planner.state import Counts, Engine, count, model_state
+from ov_train.planner.trace import trace_step
 from ov_train.planner.workload import ONEVISION_MIX, REPLY_TOKENS, fill
-from ov_train.strategies import default_precision, world_size
 from ov_train.vision.geometry import VisionGeometry
 from tests.conftest import REPO, SMALL_DATA, compose_config
 
@@ -46,44 +46,49 @@ def test_model_state_per_engine(engine, expected):
 
 def test_counts_follow_the_adapter_config():
     """The planner counts what adapter=lora / dora place (the same numbers PEFT's model has), not a rank of its own."""
-    from ov_train.model.adapters import AdapterSettings, adapted_parts, stage_lrs, wrap
+    from ov_train.config.run_plan import run_adapter_plan
+    from ov_train.model.adapters import wrap
     from ov_train.model.build import build_model
     from ov_train.model.parts import apply_stage
     from ov_train.utils.paths import cache_dir
 
     cfg = compose_config([])
-    model = meta_model(cfg.model)
-    apply_stage(model, dict(cfg.stage.parts))
+    model = meta_model(model_plan(cfg.model))
+    apply_stage(model, optim_plan(cfg).part_lrs)
     full = count(model)
     llm = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.language_model.", "lm_head.")))
     assert full.total == sum(p.numel() for p in model.parameters()) and full.largest_group == llm
     for kind in ("lora", "dora"):
         cfg = compose_config([f"adapter={kind}", "adapter.r=8", "adapter.targets.vision_tower=[fc1]"])
-        settings = AdapterSettings.from_config(cfg.adapter)
-        modes = settings.modes(dict(cfg.stage.parts))
-        planned = meta_model(cfg.model)
-        apply_stage(planned, stage_lrs(dict(cfg.stage.parts), modes))
-        counts = count(planned, (settings, modes))
-        real, _ = build_model(cfg.model, cache_dir(), seed=0)
-        wrap(real, settings, modes)
-        apply_stage(real, stage_lrs(dict(cfg.stage.parts), modes), adapted=adapted_parts(modes))
+        adapter, optim = run_adapter_plan(cfg), optim_plan(cfg, run_adapter_plan(cfg))
+        planned = meta_model(model_plan(cfg.model))
+        apply_stage(planned, optim.part_lrs)
+        counts = count(planned, adapter)
+        real, _ = build_model(model_plan(cfg.model), cache_dir(), seed=0)
+        wrap(real, adapter)
+        apply_stage(real, optim.part_lrs, adapted=optim.adapted)
         assert counts.total == sum(p.numel() for p in real.parameters())
         assert counts.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
         assert counts.adapters == counts.trainable  # the projector as a trained copy, the rest adapters
         assert counts.largest_group < llm and set(counts.trainable_parts) == {"vision_tower", "projector", "llm"}
 
 
-def test_gpu_precision_is_default_precisions_choice(monkeypatch):
-    # The planner decides the GPU precision off the GPU; it must be what training picks on one.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
+    # The planner decides the GPU precision off the GPU; it must be what the run plan picks on one.
+    from ov_train.config.run_plan import resolve_plan
+
     for overrides in ([], ["trainer.devices=2"], ["strategy=ddp"], ["strategy=fsdp2", "trainer.devices=2"]):
-        cfg = compose_config(["trainer.accelerator=gpu", *overrides])
-        assert _gpu_precision(cfg, world_size(cfg.trainer)) == default_precision(cfg), overrides
+        cfg = compose_config(["trainer.accelerator=gpu", "plan.device=h100", *overrides])
+        planned = Setup.from_config(cfg).engine.precision
+        with monkeypatch.context() as gpus:
+            gpus.setattr(torch.cuda, "is_available", lambda: True)
+            gpus.setattr(torch.cuda, "device_count", lambda: 8)
+            assert planned == resolve_plan(cfg).precision, overrides
 
 
 def test_workload_fills_the_budget_in_the_recipes_proportions():
     cfg = compose_config(["model=ov_qwen2_0_5b"])
-    geometry = VisionGeometry.from_model_config(meta_model(cfg.model).config)
+    geometry = VisionGeometry.from_model_config(meta_model(model_plan(cfg.model)).config)
     samples = fill(32768, ONEVISION_MIX, geometry, max_frames=32, anyres=True)
     assert sum(s.tokens for s in samples) == 32768
     by = {m: sum(s.tokens for s in samples if s.modality == m) for m in ONEVISION_MIX}
@@ -93,6 +98,7 @@ def test_workload_fills_the_budget_in_the_recipes_proportions():
     assert video.crops == (32,) and video.visual == (32 * 196 + 1,) and video.reply == REPLY_TOKENS
 
 
+@pytest.mark.slow
 def test_trace_against_a_measured_cpu_run():
     # The same step on real tensors (tiny geometry, 2,048 tokens, fp32, sdpa, chunked loss), measured by the
     # process's resident set: the fake-tensor trace must predict it.
@@ -113,7 +119,7 @@ def test_fused_loss_stand_in_keeps_a_head_gradient_per_sample():
     cfg = compose_config(["plan.device=h100", "plan.tokens=1024", "model.max_tokens=1024"])
     setup = Setup.from_config(cfg)
     assert setup.fused_loss and setup.options.attention() == "ov_varlen" and setup.engine.compute == "bf16"
-    model = meta_model(cfg.model)
+    model = meta_model(setup.model)
     vocab, width = model.lm_head.weight.shape
     samples = step_samples(setup, VisionGeometry.from_model_config(model.config))
     trace = trace_step(model, setup.parts, samples, setup.options, "bf16", "ov_train", fused_loss=True)
@@ -153,6 +159,7 @@ def test_preflight_override_goes_ahead(tmp_path, caplog):
     assert fits["fits"] is True and fits["device_gib"] == 79.1
 
 
+@pytest.mark.slow
 def test_cli_plan_json_keys():
     script = shutil.which("ov-train") or str(Path(sys.executable).parent / "ov-train")
     out = subprocess.run([script, "plan", "plan.device=h200", "trainer.devices=2", "strategy=fsdp2", "--json"],
@@ -171,7 +178,7 @@ def test_cli_names_a_bad_key(capsys):
 
     assert main(["plan.device=h300", "plan.mfu=2"]) == 2
     err = capsys.readouterr().err
-    assert "plan.mfu=2 must be a number in (0, 1]" in err
+    assert "plan.mfu=2.0 must be a number in (0, 1]" in err
     assert main(["plan.device=h300"]) == 2
     assert "plan.device='h300'; allowed:" in capsys.readouterr().err
 
@@ -182,7 +189,7 @@ def test_stock_path_holds_full_logits():
     cfg = compose_config(["plan.device=h100", "plan.path=stock", "plan.tokens=1024", "model.max_tokens=1024"])
     setup = Setup.from_config(cfg)
     assert setup.engine.compute == "mixed" and not setup.options.packing and setup.options.loss == "full"
-    model = meta_model(cfg.model)
+    model = meta_model(setup.model)
     vocab = model.lm_head.weight.shape[0]
     samples = step_samples(setup, VisionGeometry.from_model_config(model.config))
     assert len(samples) == 1

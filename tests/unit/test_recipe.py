@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from ov_train.data.recipe import RecipeError, load_recipe, normalised
+from ov_train.config.recipe import RecipeError, normalised
+from ov_train.data.recipe import load_recipe
 from ov_train.data.shard_writer import ShardWriter
 from tests.conftest import compose_config
 

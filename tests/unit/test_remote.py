@@ -7,8 +7,10 @@ import time
 
 import pytest
 
+from ov_train.config.options import IOSettings
+from ov_train.config.run_plan import ConfigError
 from ov_train.data.recipe import RecipeError, Source, load_recipe
-from ov_train.data.remote import IOSettings, io_problems, redact, redact_text
+from ov_train.data.remote import redact, redact_text
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.sources import ShardUnreadable, samples
 from ov_train.data.stream import MixedStream, ValStream, read_tar
@@ -200,12 +202,20 @@ def test_credentials_never_reach_names_logs_or_errors(tree, http, tmp_path, capl
 
 
 def test_io_settings_are_checked_by_key():
-    assert io_problems({"retries": 3, "backoff_s": 0.5, "timeout_s": 10}) == []
-    problems = io_problems({"retries": -1, "backoff_s": "x", "timeout_s": 0, "retry": 2})
-    assert problems[0].startswith("data.io.retry: no such setting")
-    assert any(p.startswith("data.io.retries=-1 must be an integer >= 0") for p in problems)
-    assert any(p.startswith("data.io.backoff_s='x' must be a finite number") for p in problems)
-    assert any(p.startswith("data.io.timeout_s=0 would fail every request") for p in problems)
+    from hydra.errors import ConfigCompositionException
+
+    from tests.conftest import compose_config, plan_of
+
+    assert plan_of(["data.io.retries=3", "data.io.backoff_s=0.5", "data.io.timeout_s=10"]).data.io == IOSettings(3, 0.5, 10)
+    with pytest.raises(ConfigError) as err:
+        plan_of(["data.io.retries=-1", "data.io.timeout_s=0", "+data.io.retry=2"])
+    problems = str(err.value)
+    assert "data.io.retry: no such setting" in problems
+    assert "data.io.retries=-1 must be an integer >= 0" in problems
+    assert "data.io.timeout_s=0 would fail every request" in problems
+    # Types are the schema's, refused while Hydra composes.
+    with pytest.raises(ConfigCompositionException, match="data.io.backoff_s"):
+        compose_config(["data.io.backoff_s=x"])
 
 
 def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path):

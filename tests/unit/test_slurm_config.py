@@ -47,6 +47,7 @@ def test_two_nodes_of_eight_gpus_follow_the_trainer_and_instantiate_without_subm
     assert launcher.params["timeout_min"] == 600
 
 
+@pytest.mark.slow
 def test_train_py_composes_a_slurm_sweep_job():
     command = [sys.executable, "train.py", "hydra/launcher=slurm", "trainer.num_nodes=2", "trainer.devices=8",
                "stage.parts.llm=2e-5", "--cfg", "all", "--resolve"]

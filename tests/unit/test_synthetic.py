@@ -248,8 +248,9 @@ def test_a_root_of_other_settings_is_refused_not_overwritten(tmp_path):
 
 @pytest.fixture
 def default_root(tmp_path, monkeypatch):
-    """data.root after prepare_synthetic on the shipped data config (root left to the cache), tiny settings."""
-    from ov_train.run import prepare_synthetic
+    """The data root the plan of the shipped data config prepares (root left to the cache), tiny settings."""
+    from ov_train.config.run_plan import resolve_plan
+    from ov_train.data.prepare import prepare_root
     from tests.conftest import compose_config
 
     monkeypatch.setenv("OV_TRAIN_CACHE", str(tmp_path))
@@ -259,8 +260,7 @@ def default_root(tmp_path, monkeypatch):
         cfg = copy.deepcopy(base)
         for key, value in changes.items():
             OmegaConf.update(cfg, key.replace("__", "."), value)
-        prepare_synthetic(cfg)
-        return Path(cfg.data.root)
+        return Path(prepare_root(resolve_plan(cfg).data))
 
     return prepare
 
@@ -317,10 +317,9 @@ def test_shard_writer_rolls_over_and_writes_webdataset_layout(tmp_path):
 
 
 def test_shard_writer_interrupt_leaves_nothing(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with ShardWriter(tmp_path, "part", samples_per_shard=2) as writer:
-            for i in range(3):
-                writer.write({"__key__": f"s{i}", "json": {"i": i}})
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, "part", samples_per_shard=2) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"s{i}", "json": {"i": i}})
+        raise KeyboardInterrupt
     # The first shard was complete and stays; the partial second one is gone.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-000000.tar"]

@@ -111,7 +111,7 @@ def test_frame_indices_short_clip_and_validity():
         indices = video_frame_indices(total, fps, cap)
         assert 1 <= len(indices) <= cap
         assert indices == sorted(set(indices))
-        assert 0 <= indices[0] and indices[-1] < total
+        assert indices[0] >= 0 and indices[-1] < total
 
 
 # ---- parity with a tiny stock model ------------------------------------------------------------

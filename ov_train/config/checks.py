@@ -1,0 +1,261 @@
+"""Value checks of the composed config, run before any work; every problem is a line that names its key.
+
+The schema (config/schema.py) has already refused unknown keys and wrong types; these are the values a
+type cannot rule out: a negative learning rate, a template that does not exist, a strategy that needs GPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ov_train.config.options import devices_per_node, world_size
+from ov_train.constants import NONFINITE, PARTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
+
+STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
+LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+# What the dashboards beyond W&B and CSV import (any one of them), installed with the `loggers` extra.
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+
+
+def missing_package(kind: str) -> str | None:
+    """The package `logger=kind` needs and lacks here, or None."""
+    from importlib.util import find_spec
+
+    needed = LOGGER_PACKAGES.get(kind, ())
+    return needed[0] if needed and not any(find_spec(name) for name in needed) else None
+
+
+def missing_problems(cfg) -> list[str]:
+    """Mandatory values (`???`) nobody set; the other checks need them, so these come alone."""
+    problems = []
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        if key == "data.root":
+            problems.append(f"data.root is required for data={cfg.data.name}: the directory the recipe's sources are"
+                            " relative to (data.root=DIR)")
+        else:
+            problems.append(f"{key} is required: set {key}=VALUE, or choose a config that sets it")
+    return problems
+
+
+def added_key_problems(node, where: str = "") -> list[str]:
+    """Keys added with `+key=value` where the schema has no such setting (composition lets `+` through on purpose:
+    for Lightning Trainer arguments, which trainer_problems checks, and for stage.parts, which stage_problems does)."""
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind) or kind.__name__ == "TrainerConfig":
+        return []
+    fields = [f.name for f in dataclasses.fields(kind)]
+    problems = [f"{where}{key}: no such setting; allowed: {fields}" for key in node if key not in fields]
+    for key in node:
+        if key in fields and OmegaConf.is_config(node._get_node(key)) and not node._get_node(key)._is_missing():
+            problems += added_key_problems(node[key], f"{where}{key}.")
+    return problems
+
+
+def stage_problems(stage) -> list[str]:
+    problems = []
+    for part, lr in stage.parts.items():
+        if part not in PARTS:
+            problems.append(f"stage.parts.{part}: no such part; allowed: {sorted(PARTS)}")
+        elif lr < 0:
+            problems.append(f"stage.parts.{part}={lr!r}: learning rate must be a number >= 0 (0 freezes the part)")
+    if not any(lr > 0 for lr in stage.parts.values()):
+        problems.append("stage.parts: no part has a learning rate > 0, so nothing would train")
+    if stage.template not in TEMPLATES:
+        problems.append(f"stage.template={stage.template!r}; allowed: {list(TEMPLATES)}")
+    if stage.image_strategy != "single_crop" and not re.fullmatch(r"anyres_max_\d+", stage.image_strategy):
+        problems.append(f"stage.image_strategy={stage.image_strategy!r}; allowed: single_crop, anyres_max_N (e.g. anyres_max_9)")
+    for key in ("max_length", "max_frames"):
+        if stage[key] < 1:
+            problems.append(f"stage.{key}={stage[key]!r} must be a positive integer")
+    if not 0 <= stage.warmup_ratio < 1:
+        problems.append(f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
+    return problems
+
+
+def model_problems(model) -> list[str]:
+    problems = []
+    for key in ("pretrained", "vision_tower", "llm", "init_from", "tokenizer"):
+        value = model.get(key)
+        if value and not Path(value).exists():
+            problems.append(f"model.{key}={value!r}: path does not exist")
+    if bool(model.vision_tower) != bool(model.llm):
+        problems.append("model.vision_tower and model.llm: give both (SigLIP + Qwen2 route) or neither")
+    has_weights = any(model.get(k) for k in ("pretrained", "vision_tower", "init_from"))
+    if not has_weights and not model.random_init:
+        problems.append(
+            f"model={model.name}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
+            " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
+        )
+    if not model.lr_scale > 0:
+        problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
+    return problems
+
+
+def strategy_problems(strategy, trainer) -> list[str]:
+    name = strategy.name
+    if name not in STRATEGIES:
+        configs = "auto, ddp, deepspeed_zero2[_offload], deepspeed_zero3[_offload], fsdp2"
+        return [f"strategy.name={name!r}; allowed: {list(STRATEGIES)} (strategy={configs})"]
+    problems = []
+    if name == "deepspeed":
+        if strategy.stage not in (1, 2, 3):
+            problems.append(f"strategy.stage={strategy.stage!r}; allowed: 1, 2, 3 (ZeRO stages)")
+        if strategy.offload_parameters and strategy.stage != 3:
+            problems.append(
+                f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{strategy.stage} does not shard weights)"
+            )
+    devices = trainer.devices
+    counted = isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 or OmegaConf.is_list(devices) and len(devices) > 0
+    if name == "fsdp2" and not counted:
+        problems.append(f"trainer.devices={devices!r}: strategy=fsdp2 needs a device count (or list) to size its mesh")
+    if name != "auto" and strategy.get("process_group_backend") == "nccl" and trainer.accelerator == "cpu":
+        problems.append("strategy.process_group_backend=nccl needs GPUs; with trainer.accelerator=cpu use gloo (or null)")
+    return problems + launcher_problems(trainer)
+
+
+def launcher_tasks() -> int | None:
+    """How many processes the submitit job running this process started (hydra/launcher=local, submitit_local or
+    slurm); None outside such a job."""
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if executor == "local":
+        return int(os.environ["SUBMITIT_LOCAL_NTASKS"])
+    if executor == "slurm":
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def launcher_problems(trainer_cfg) -> list[str]:
+    """What keeps Lightning from adopting this job's processes (reported before any work)."""
+    tasks, processes = launcher_tasks(), world_size(trainer_cfg)
+    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
+            " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
+        ]
+    if tasks is not None and tasks != processes:
+        per_node = devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator))
+        return [
+            f"trainer.devices x trainer.num_nodes = {processes} but this submitit job has {tasks} task(s): use"
+            " hydra/launcher=local or slurm, whose tasks follow the trainer (or hydra.launcher.tasks_per_node="
+            f"{per_node})"
+        ]
+    return []
+
+
+def precision_problems(precision: str, cfg) -> list[str]:
+    problems = []
+    if precision in ("16-true", "16"):
+        problems.append(
+            f"trainer.precision={precision}: fp16 weights without loss scaling underflow; use bf16-true (fp32 master"
+            " weights in the optimizer), bf16-mixed or 16-mixed"
+        )
+    strategy = cfg.strategy.name
+    if strategy == "fsdp2" and precision == "bf16-true":
+        problems.append(
+            "trainer.precision=bf16-true with strategy=fsdp2 would shard bf16 weights with no fp32 copy; use"
+            " bf16-mixed, under which FSDP2 computes in bf16 from fp32 shards"
+        )
+    if cfg.model.compile and strategy == "deepspeed" and cfg.strategy.stage == 3:
+        problems.append("model.compile=true with ZeRO-3: its per-module weight gathering breaks the graphs; use fsdp2 or ZeRO-2")
+    return problems
+
+
+def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = False) -> list[str]:
+    if (nullable and value is None) or (value is not None and value >= minimum):
+        return []
+    allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
+    return [f"{key}={value!r} must be {allowed} ({meaning})"]
+
+
+def data_problems(data, seed: int) -> list[str]:
+    """The data node's own values (the recipe and its shards are checked where they are read)."""
+    problems = (
+        _at_least("data.num_workers", data.num_workers, 0, "loader processes per rank; 0 loads in the main one")
+        + _at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
+        + _at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
+        + _at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,
+                    "unusable samples in a row that stop the stream")
+        + _at_least("seed", seed, 0, "it seeds the model, the data streams and the synthetic data")
+    )
+    if data.name == SYNTHETIC:
+        minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": SYNTHETIC_MIN_PX}
+        for key, minimum in minimums.items():
+            problems += _at_least(f"data.synthetic.{key}", data.synthetic[key], minimum, "synthetic data settings")
+    elif not data.root:
+        problems.append(
+            f"data.root is required for data={data.name}: the directory the recipe's sources are relative to"
+        )
+    budget, batch = data.max_tokens_per_batch, data.batch_size
+    if budget is not None and budget < 1:
+        problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
+    if batch is not None and batch < 1:
+        problems.append(f"data.batch_size={batch!r} must be a positive integer or null (with a token budget)")
+    return problems
+
+
+def io_problems(io) -> list[str]:
+    """Values of data.io (its keys and types are the schema's)."""
+    problems = []
+    if io.retries < 0:
+        problems.append(f"data.io.retries={io.retries!r} must be an integer >= 0 (attempts after a failed read)")
+    for key in ("backoff_s", "timeout_s"):
+        value = io[key]
+        if not 0 <= value < math.inf:
+            problems.append(f"data.io.{key}={value!r} must be a finite number >= 0 (seconds)")
+    if io.timeout_s == 0:
+        problems.append("data.io.timeout_s=0 would fail every request; give seconds > 0")
+    return problems
+
+
+def checkpoint_problems(ckpt) -> list[str]:
+    problems = []
+    if ckpt.every_n_steps is not None and ckpt.every_n_steps < 1:
+        problems.append(f"checkpoint.every_n_steps={ckpt.every_n_steps!r} must be a positive integer or null (off)")
+    if ckpt.every_minutes is not None and ckpt.every_minutes <= 0:
+        problems.append(f"checkpoint.every_minutes={ckpt.every_minutes!r} must be a positive number or null (off)")
+    if ckpt.keep < 0:
+        problems.append(f"checkpoint.keep={ckpt.keep!r} must be an integer >= 0 (earlier checkpoints kept besides last.ckpt)")
+    return problems
+
+
+def trainer_problems(trainer) -> list[str]:
+    problems = []
+    if trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={trainer.max_steps!r} must be a positive integer (training streams have no epochs)")
+    # Only to read its signature: keys added with +trainer.NAME.
+    from lightning.pytorch import Trainer
+
+    unknown = sorted(set(trainer) - set(inspect.signature(Trainer).parameters))
+    if unknown:
+        problems.append(f"trainer.{unknown[0]}: not a Lightning Trainer argument" + (f" (nor {unknown[1:]})" if unknown[1:] else ""))
+    return problems
+
+
+def run_problems(cfg) -> list[str]:
+    problems = []
+    if cfg.nonfinite not in NONFINITE:
+        problems.append(f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}")
+    peak = cfg.metrics.peak_tflops
+    if peak is not None and peak <= 0:
+        problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null")
+    if cfg.logger.name not in LOGGERS:
+        problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
+    elif package := missing_package(cfg.logger.name):
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: pip install 'ov_train[loggers]'")
+    if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
+        problems.append(f"logger.mode={cfg.logger.mode!r}; allowed: {list(WANDB_MODES)}")
+    return problems

@@ -1,0 +1,136 @@
+"""Small settings objects of the run plan that the lower layers take as they are: the forward pass's
+performance options, how data reads retry, the batches' token budget, and the parallel world and precision the
+trainer runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from ov_train.constants import ATTENTION, CHECKPOINTABLE, LOSSES, VARLEN
+
+try:
+    from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (only whether it exists matters here)
+
+    HAS_VARLEN = True
+except ImportError:
+    HAS_VARLEN = False
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """The model config's performance keys (conf/model/*.yaml); see docs/PERFORMANCE.md."""
+
+    packing: bool = False
+    max_tokens: int = 16384  # per packed row
+    loss: str = "full"  # full: one logits tensor; chunked: chunked (CPU) or Liger fused (CUDA) linear CE
+    loss_chunk: int = 1024
+    attn_implementation: str = "auto"  # auto: ov_varlen when packing on CUDA in bf16/fp16, else sdpa
+    activation_checkpointing: tuple[str, ...] = ()
+    checkpoint_every: int = 1
+    compile: bool = False  # torch.compile each tower and LLM layer
+    # Whether the model computes in bf16/fp16 (trainer.precision); varlen attention needs it.
+    half_precision: bool = True
+
+    @classmethod
+    def from_config(cls, model_cfg, precision: str | None) -> tuple[ForwardOptions, list[str]]:
+        """From a `model` config node and the trainer's precision (None: assume bf16 or fp16), with its problems."""
+        names = set(cls.__dataclass_fields__) - {"half_precision"}
+        values = {k: model_cfg[k] for k in names if model_cfg.get(k) is not None}
+        values["activation_checkpointing"] = tuple(values.get("activation_checkpointing", ()))
+        values["half_precision"] = precision is None or str(precision).startswith(("bf16", "16"))
+        options = cls(**values)
+        return options, options.problems()
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.loss not in LOSSES:
+            out.append(f"model.loss={self.loss!r}; allowed: {list(LOSSES)}")
+        if self.attn_implementation not in ATTENTION:
+            out.append(f"model.attn_implementation={self.attn_implementation!r}; allowed: {list(ATTENTION)}")
+        if self.attn_implementation == VARLEN and not self.packing:
+            out.append(f"model.attn_implementation={VARLEN} needs model.packing=true")
+        if self.attn_implementation == VARLEN and not HAS_VARLEN:
+            out.append(f"model.attn_implementation={VARLEN}: this torch has no torch.nn.attention.varlen")
+        if self.attn_implementation == VARLEN and not self.half_precision:
+            out.append(f"model.attn_implementation={VARLEN} runs in bf16/fp16 only: set trainer.precision=bf16-true or bf16-mixed")
+        unknown = sorted(set(self.activation_checkpointing) - set(CHECKPOINTABLE))
+        if unknown:
+            out.append(f"model.activation_checkpointing has {unknown}; allowed: {list(CHECKPOINTABLE)}")
+        for key in ("max_tokens", "loss_chunk", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                out.append(f"model.{key}={getattr(self, key)!r} must be a positive integer")
+        return out
+
+    def attention(self) -> str:
+        """The attention implementation `auto` stands for on this machine."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        usable = self.packing and self.half_precision and torch.cuda.is_available() and HAS_VARLEN
+        return VARLEN if usable else "sdpa"
+
+
+@dataclass(frozen=True)
+class IOSettings:
+    """How reads of shards and parquet files behave (`data.io.*`): attempts after the first, the first backoff
+    (doubling each attempt), and the connect / read timeout of one request."""
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """What closes a batch: padded tokens (samples x longest) and/or samples; the plan ensures one is set."""
+
+    max_tokens: int | None = None  # padded tokens per batch; None: no token limit
+    max_samples: int | None = None  # samples per batch; None: no sample limit
+
+    def admits(self, count: int, longest: int, length: int) -> bool:
+        """Whether a batch of `count` samples, the longest `longest` tokens, takes one more of `length`.
+        An empty batch takes anything, so a sample over the budget goes alone."""
+        if count == 0:
+            return True
+        n = count + 1
+        tokens_ok = self.max_tokens is None or n * max(longest, length) <= self.max_tokens
+        return tokens_ok and (self.max_samples is None or n <= self.max_samples)
+
+    def full(self, count: int, longest: int) -> bool:
+        """No further sample can join: even one no longer than the longest would break the budget."""
+        return not self.admits(count, longest, 1)
+
+
+def devices_per_node(devices, accelerator: str = "auto") -> int:
+    """How many devices Lightning runs on per node for `trainer.devices` (int, list, "auto", "-1", "2" or "0,1")."""
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        # "auto" and -1 mean every visible GPU; on the CPU Lightning runs one process.
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if on_gpu else 1
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    return int(text)
+
+
+def world_size(trainer_cfg) -> int:
+    return devices_per_node(trainer_cfg.devices, str(trainer_cfg.accelerator)) * int(trainer_cfg.num_nodes)
+
+
+def default_precision(trainer_cfg, strategy_name: str, on_gpu: bool | None = None) -> str:
+    """trainer.precision when the config leaves it null.
+
+    One GPU: bf16 weights with fp32 masters in the optimizer (ov_train.training.optim), so no autocast
+    re-casts. Several: bf16-mixed, so DDP reduces fp32 gradients, and DeepSpeed and FSDP2 (bf16 compute on
+    fp32 shards) keep fp32 weights of their own. CPU: fp32. `on_gpu`: whether the run has GPUs (None: this
+    machine's answer; the planner asks about the GPUs it plans for).
+    """
+    if on_gpu is None:
+        on_gpu = trainer_cfg.accelerator != "cpu" and torch.cuda.is_available()
+    if not on_gpu:
+        return "32-true"
+    one_gpu = world_size(trainer_cfg) == 1
+    return "bf16-true" if one_gpu and strategy_name == "auto" else "bf16-mixed"

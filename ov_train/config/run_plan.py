@@ -1,0 +1,410 @@
+"""The run plan: the composed config resolved once into every decision of a run.
+
+`resolve_plan(cfg)` checks every value (config/checks.py, config/adapter.py), converts each setting once (precision,
+forward options, recipe and token budget, part learning rates, adapters, strategy, run paths, resume target) and
+returns a
+frozen RunPlan. Everything downstream takes its piece of the plan: model/build.py the ModelPlan, the data
+module the DataPlan, the LightningModule the OptimPlan and ForwardOptions, strategies.py the StrategyPlan.
+A config with problems raises ConfigError listing all of them, each by key, before any work.
+
+This module sits on the ground floor of the package: it reads files (the recipe, whether paths exist) but
+imports nothing above ov_train.config.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ov_train.config import checks
+from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
+from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
+from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
+from ov_train.constants import PARTS, SYNTHETIC
+
+
+class ConfigError(ValueError):
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        return cls("invalid config:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Everything a run writes, under its run directory."""
+
+    run_dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def export(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.run_dir / "tokenizer"
+
+    @property
+    def predictions(self) -> Path:
+        return self.run_dir / "predictions"
+
+    @property
+    def summary(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    @property
+    def parameters(self) -> Path:
+        return self.run_dir / "parameters.txt"
+
+    @property
+    def consumed_keys(self) -> Path:
+        return self.run_dir / "consumed_keys.jsonl"
+
+
+def previous_of(path: Path) -> Path:
+    """Where a sharded checkpoint's previous version waits while the new one is renamed into place."""
+    return path.with_name(f".{path.name}.previous")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """How to build the model: `route` is export | checkpoint | pretrained | compose | random."""
+
+    name: str
+    route: str
+    source: str | None  # what the route reads: init_from, pretrained, or None
+    vision_tower: str | None
+    llm: str | None
+    tokenizer: str | None
+    vision: dict  # SiglipVisionConfig keys (random route)
+    text: dict  # Qwen2Config keys (random route)
+    vision_aspect_ratio: str
+    trust_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """How a raw sample becomes model input (the stage's text and vision settings)."""
+
+    template: str
+    image_strategy: str
+    max_frames: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class SyntheticPlan:
+    train_per_subset: int
+    val_per_subset: int
+    image_px: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    recipe: RecipeSpec
+    root: str | None  # data.root; None with synthetic data: a cache directory per setting
+    synthetic: SyntheticPlan | None  # None: the user's shards
+    budget: TokenBudget
+    samples: SamplePlan
+    num_workers: int
+    shuffle_buffer: int
+    val_samples: int | None
+    max_skips_in_a_row: int
+    record_keys: bool
+    seed: int
+    io: IOSettings = IOSettings()
+    index_dir: str | None = None  # where parquet sources' indexes are built on first read
+
+
+@dataclass(frozen=True)
+class OptimPlan:
+    part_lrs: dict[str, float]  # every part, learning rate with model.lr_scale applied; 0: frozen (by the adapters too)
+    weight_decay: float
+    warmup_ratio: float
+    total_steps: int
+    adapted: tuple[str, ...] = ()  # parts in which only PEFT's tensors train (config/adapter.py), their own frozen
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    name: str
+    world_size: int
+    settings: dict = field(default_factory=dict)  # the strategy node's other keys
+    micro_batch_size: int = 1  # what DeepSpeed reports per GPU (batches are built in the loader)
+    trainable_only: bool = False  # checkpoints hold the trainable tensors only (adapters: the base comes from model.*)
+
+
+@dataclass(frozen=True)
+class LoggerPlan:
+    kind: str  # wandb | csv | tensorboard | mlflow | none
+    run_name: str  # `<stage>-<model>`, plus `-<job number>` in a multirun
+    group: str
+    display_name: str = ""  # the dashboards' name: run_name, plus the job's swept values in a multirun
+    mode: str | None = None  # W&B
+    project: str | None = None  # W&B
+    tracking_uri: str | None = None  # MLflow
+    experiment: str | None = None  # MLflow
+
+
+@dataclass(frozen=True)
+class PredictionsPlan:
+    """The held-out samples shown at each validation, and whether their greedy replies are generated too."""
+
+    per_modality: int
+    generate: bool = False
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    every_n_steps: int | None
+    every_minutes: float | None
+    keep: int
+    trust: bool
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    stage: str
+    model: ModelPlan
+    data: DataPlan
+    forward: ForwardOptions
+    optim: OptimPlan
+    adapter: AdapterPlan | None  # None: adapter=none
+    precision: str
+    strategy: StrategyPlan
+    trainer: dict  # Lightning Trainer arguments (precision resolved)
+    logger: LoggerPlan
+    checkpoint: CheckpointPlan
+    paths: RunPaths | None  # None outside a run (no run directory)
+    ckpt_path: str | None  # the checkpoint to resume, `last` / `auto` resolved
+    identity: dict  # what a resume must share with the run that wrote the checkpoint
+    nonfinite: str
+    peak_tflops: float | None  # None: the device's own (ov_train/devices.py)
+    predictions: PredictionsPlan
+    seed: int
+    export: bool
+    config: dict  # the resolved config, for the dashboards
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None:
+    """`last`: this run directory's checkpoints/last.ckpt, which must exist; `auto`: it if it exists, else a fresh
+    start (what a requeued SLURM job wants). Both mean resuming in the first run's hydra.run.dir."""
+    if ckpt_path not in ("last", "auto"):
+        return ckpt_path
+    if run_dir is None:
+        raise ConfigError(f"ckpt_path={ckpt_path} needs a run directory")
+    last = RunPaths(run_dir).last_checkpoint
+    if not last.exists() and previous_of(last).exists():
+        # Killed between save_whole's two renames: the previous checkpoint is the last whole one.
+        last = previous_of(last)
+    if last.exists():
+        return str(last)
+    if ckpt_path == "auto":
+        return None
+    raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
+
+
+def run_identity(cfg: DictConfig, adapter: AdapterPlan | None = None) -> dict:
+    """What a resume must share with the run that wrote the checkpoint (kept in its `ov_train` metadata); with
+    adapters, their settings and the base they sit on as well."""
+    identity = {
+        "stage": cfg.stage.name,
+        "model": cfg.model.name,
+        "geometry": OmegaConf.to_container(OmegaConf.masked_copy(cfg.model, ["vision", "text"]), resolve=True),
+        "max_steps": cfg.trainer.max_steps,
+    }
+    if adapter:
+        identity.update(adapter=adapter.settings(), base=adapter.base)
+    return identity
+
+
+def model_plan(model, trust: bool = False) -> ModelPlan:
+    """The build route of a `model` node, in the order a user would expect: an earlier stage's export or checkpoint,
+    a OneVision checkpoint, a SigLIP tower + a Qwen2 LLM, random weights."""
+    if model.init_from:
+        route = "export" if (Path(model.init_from) / "config.json").is_file() else "checkpoint"
+    elif model.pretrained:
+        route = "pretrained"
+    elif model.vision_tower and model.llm:
+        route = "compose"
+    else:
+        route = "random"
+    text = {k: v for k, v in OmegaConf.to_container(model.text, resolve=True).items() if v is not None}
+    return ModelPlan(
+        name=model.name, route=route, source=model.init_from or model.pretrained, vision_tower=model.vision_tower,
+        llm=model.llm, tokenizer=model.tokenizer, vision=OmegaConf.to_container(model.vision, resolve=True),
+        text=text, vision_aspect_ratio=model.vision_aspect_ratio, trust_checkpoint=trust,
+    )
+
+
+def _recipe(data) -> tuple[RecipeSpec | None, list[str]]:
+    try:
+        spec, problems = read_recipe(str(data.recipe))
+    except RecipeError as err:
+        spec, problems = None, err.problems
+    where = f"data.recipe={data.recipe}"
+    problems = [p if p.startswith("data.recipe") else f"{where}: {p}" for p in problems]
+    if spec and data.batch_size is None and data.max_tokens_per_batch is None and spec.max_tokens_per_batch is None:
+        problems.append("data.batch_size and data.max_tokens_per_batch are both null (nor does the recipe set a budget)")
+    return spec, problems
+
+
+def data_plan(cfg: DictConfig, spec: RecipeSpec) -> DataPlan:
+    data, stage = cfg.data, cfg.stage
+    synthetic = None
+    if data.name == SYNTHETIC:
+        synthetic = SyntheticPlan(**OmegaConf.to_container(data.synthetic), seed=cfg.seed)
+    # The data config's budget wins over the recipe's.
+    budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
+    samples = SamplePlan(stage.template, stage.image_strategy, stage.max_frames, stage.max_length)
+    return DataPlan(
+        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
+        max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
+        io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir,
+    )
+
+
+def stage_lrs(cfg: DictConfig) -> dict[str, float]:
+    """Every part's learning rate as the stage gives it, model.lr_scale applied; 0: frozen."""
+    return {p: float(cfg.stage.parts.get(p) or 0.0) * cfg.model.lr_scale for p in PARTS}
+
+
+def base_record(model: ModelPlan, seed: int) -> dict:
+    """What an adapter run's frozen base is, for resumes and ov-export to rebuild it (model/adapter_io.py): the
+    model plan with its paths made absolute (trusting a checkpoint is the reader's choice), and the seed."""
+    node = asdict(model)
+    node.pop("trust_checkpoint")
+    for key in ("source", "vision_tower", "llm", "tokenizer"):
+        if node[key]:
+            node[key] = str(Path(node[key]).resolve())
+    return {"model": node, "seed": seed}
+
+
+def run_adapter_plan(cfg: DictConfig) -> AdapterPlan | None:
+    """The run's adapters against its stage (None under adapter=none); the values were checked by resolve_plan."""
+    return adapter_plan(cfg.adapter, stage_lrs(cfg), base_record(model_plan(cfg.model), cfg.seed))
+
+
+def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None) -> OptimPlan:
+    """The stage's learning rates and schedule; parts the adapters freeze get 0."""
+    part_lrs = adapter.part_lrs(stage_lrs(cfg)) if adapter else stage_lrs(cfg)
+    return OptimPlan(part_lrs, cfg.stage.weight_decay, cfg.stage.warmup_ratio, cfg.trainer.max_steps,
+                     adapter.adapted if adapter else ())
+
+
+def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None) -> StrategyPlan:
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
+    return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1,
+                        trainable_only=adapter is not None)
+
+
+def _multirun():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+
+def swept_overrides(hydra) -> list[str]:
+    """This multirun job's overrides of the keys the sweep varies (`key=value`), in command-line order.
+
+    A job only sees its own overrides; which keys were swept (`k=a,b`, ranges, choices, or the sweeper's
+    `params`) is in the sweep's multirun.yaml, which Hydra writes before it launches any job.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        sweep = OmegaConf.load(Path(hydra.sweep.dir) / "multirun.yaml").hydra
+    except OSError:
+        return []
+    parser = OverridesParser.create()
+    swept = {o.key_or_group for o in parser.parse_overrides(list(sweep.overrides.task)) if o.is_sweep_override()}
+    swept |= set(sweep.sweeper.get("params") or {})
+    return [o.input_line for o in parser.parse_overrides(list(hydra.overrides.task)) if o.key_or_group in swept]
+
+
+def logger_plan(cfg: DictConfig) -> LoggerPlan:
+    """Runs are named `<stage>-<model>`, plus `-<job number>` inside a Hydra multirun, where the dashboards' run
+    names also carry the job's values of the swept keys (`onevision-tiny-1 stage.parts.llm=2e-5`). They are grouped
+    by the sweep directory in a multirun (every job of one sweep side by side), else by stage, unless logger.group
+    says otherwise (MLflow, which has no groups, gets it as the `group` tag)."""
+    name, group = f"{cfg.stage.name}-{cfg.model.name}", cfg.stage.name
+    swept = []
+    if hydra := _multirun():
+        # The job number is set when the launcher starts the job (a composed-only multirun config lacks it).
+        num = OmegaConf.select(hydra, "job.num", throw_on_missing=False)
+        name, group = (f"{name}-{num}" if num is not None else name), str(hydra.sweep.dir)
+        swept = swept_overrides(hydra)
+    logger = cfg.logger
+    return LoggerPlan(
+        kind=logger.name, run_name=name, group=logger.get("group") or group,
+        display_name=f"{name} {','.join(swept)}" if swept else name, mode=logger.get("mode"),
+        project=logger.get("project"), tracking_uri=logger.get("tracking_uri"), experiment=logger.get("experiment"),
+    )
+
+
+def resolve_plan(cfg: DictConfig) -> RunPlan:
+    """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key."""
+    missing = checks.missing_problems(cfg)
+    if missing:
+        raise ConfigError.of(missing)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    precision = cfg.trainer.precision or default_precision(cfg.trainer, cfg.strategy.name)
+    forward, forward_problems = ForwardOptions.from_config(cfg.model, precision)
+    spec, recipe_problems = _recipe(cfg.data)
+    problems = (
+        checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + checks.model_problems(cfg.model)
+        + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
+        + checks.io_problems(cfg.data.io)
+        + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
+        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer)
+        + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
+    )
+    ckpt_path = None
+    try:
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    except ConfigError as err:
+        problems.append(str(err))
+    if ckpt_path and not Path(ckpt_path).exists():
+        problems.append(f"ckpt_path={ckpt_path!r}: checkpoint does not exist")
+    if problems:
+        raise ConfigError.of(problems)
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer["precision"] = precision
+    if trainer.get("val_check_interval") is None:
+        trainer["val_check_interval"] = trainer["max_steps"]
+    adapter = run_adapter_plan(cfg)
+    return RunPlan(
+        stage=cfg.stage.name,
+        model=model_plan(cfg.model, cfg.checkpoint.trust),
+        data=data_plan(cfg, spec),
+        forward=forward,
+        optim=optim_plan(cfg, adapter),
+        adapter=adapter,
+        precision=precision,
+        strategy=strategy_plan(cfg, adapter),
+        trainer=trainer,
+        logger=logger_plan(cfg),
+        checkpoint=CheckpointPlan(**OmegaConf.to_container(cfg.checkpoint)),
+        paths=RunPaths(run_dir) if run_dir else None,
+        ckpt_path=ckpt_path,
+        identity=run_identity(cfg, adapter),
+        nonfinite=cfg.nonfinite,
+        peak_tflops=cfg.metrics.peak_tflops,
+        predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
+        seed=cfg.seed,
+        export=cfg.export,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )

@@ -1,0 +1,313 @@
+"""The config schema: typed dataclasses registered as Hydra structured configs.
+
+Hydra merges every YAML of `ov_train/conf` (and every command-line override) onto these types while it
+composes, so an unknown key (`trainer.max_step=2`), a wrong type (`data.batch_size=many`) or a key of
+another option (`strategy.stage=3` under `strategy=ddp`) stops the run at composition, with the full key
+named, before anything is built. Values (a learning rate below 0, a template that does not exist) are
+checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`.
+
+Groups whose options carry different keys (strategy, data, logger, adapter) have one class per option, each a
+subclass of the group's base; an option's YAML names its class in its defaults list (`schema_ddp`).
+Lightning Trainer arguments the schema does not list pass through with `+trainer.NAME=VALUE`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    # Learning rate per part; a part absent or at 0 is frozen.
+    parts: dict[str, float] = field(default_factory=dict)
+    template: str = MISSING
+    max_length: int = MISSING
+    image_strategy: str = MISSING
+    max_frames: int = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    recipe: str = MISSING
+
+
+@dataclass
+class VisionTowerConfig:
+    """SiglipVisionConfig keys of the tower's geometry."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    image_size: int = MISSING
+    patch_size: int = MISSING
+
+
+@dataclass
+class LanguageModelConfig:
+    """Qwen2Config keys of the LLM's geometry; null leaves Qwen2Config's default (vocab_size: the tokenizer's)."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    vocab_size: Optional[int] = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: Optional[int] = None
+    rope_theta: Optional[float] = None
+    rms_norm_eps: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: Optional[str] = None
+    vision_tower: Optional[str] = None
+    llm: Optional[str] = None
+    init_from: Optional[str] = None
+    tokenizer: Optional[str] = None
+    random_init: bool = False
+    lr_scale: float = 1.0
+    vision_aspect_ratio: str = "anyres_max_9"
+    packing: bool = True
+    max_tokens: int = 16384
+    loss: str = "chunked"
+    loss_chunk: int = 2048
+    attn_implementation: str = "auto"
+    activation_checkpointing: list[str] = field(default_factory=list)
+    checkpoint_every: int = 1
+    compile: bool = False
+    vision: VisionTowerConfig = MISSING
+    text: LanguageModelConfig = MISSING
+
+
+@dataclass
+class IOConfig:
+    """Reads of shards and parquet files: attempts after a failed one, the first backoff, a request's timeout."""
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    recipe: str = MISSING
+    root: Optional[str] = MISSING
+    batch_size: Optional[int] = None
+    max_tokens_per_batch: Optional[int] = None
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    max_skips_in_a_row: int = 1000
+    io: IOConfig = field(default_factory=IOConfig)
+    # Where parquet sources' indexes are built on first read (null: nowhere; they must have one).
+    index_dir: Optional[str] = None
+    val_samples: Optional[int] = None
+    record_keys: bool = False
+
+
+@dataclass
+class SyntheticSettings:
+    train_per_subset: int = 2000
+    val_per_subset: int = 200
+    image_px: int = 32
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    root: Optional[str] = None  # a cache directory per setting
+    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+
+
+@dataclass
+class DistributedStrategyConfig(StrategyConfig):
+    process_group_backend: Optional[str] = None
+
+
+@dataclass
+class DDPConfig(DistributedStrategyConfig):
+    find_unused_parameters: bool = False
+    bucket_cap_mb: Optional[int] = None
+
+
+@dataclass
+class DeepSpeedConfig(DistributedStrategyConfig):
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    pin_memory: bool = True
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class FSDP2Config(DistributedStrategyConfig):
+    reshard_after_forward: bool = True
+    save_distributed_checkpoint: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer arguments, passed through as they are (`precision: null` is resolved by the plan)."""
+
+    max_steps: int = MISSING
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: Optional[str] = None
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    val_check_interval: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    detect_anomaly: bool = False
+    profiler: Optional[str] = None
+    overfit_batches: Any = 0.0  # an int counts batches, a float is a fraction (Lightning's reading)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    mode: str = "offline"
+    project: str = "ov_train"
+    group: Optional[str] = None
+
+
+@dataclass
+class MLflowLoggerConfig(LoggerConfig):
+    tracking_uri: Optional[str] = None
+    experiment: str = "ov_train"
+    group: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    """`adapter=none`: every part trains whole or stays frozen, as the stage says."""
+
+    name: str = "none"
+
+
+@dataclass
+class AdapterTargets:
+    """Per part: a list of module names that get adapters (inside its layers), `full` (trains whole as the stage
+    says) or `frozen` (whatever the stage says). config/adapter.py checks the values."""
+
+    vision_tower: Any = "frozen"
+    projector: Any = "frozen"
+    llm: Any = "frozen"
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """`adapter=lora` / `adapter=dora` (PEFT)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: AdapterTargets = field(default_factory=AdapterTargets)
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """`adapter=qlora`: LoRA on an LLM whose linear layers are 4-bit (bitsandbytes)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = 500
+    every_minutes: Optional[float] = 60.0
+    keep: int = 0
+    trust: bool = False
+
+
+@dataclass
+class MetricsConfig:
+    # null: the peak of the device the run finds (ov_train/devices.py).
+    peak_tflops: Optional[float] = None
+    predictions: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Greedy generation for the validation table (ov_train/training/metrics.py)."""
+
+    generate: bool = False
+    max_new_tokens: int = 32
+
+
+@dataclass
+class PlanConfig:
+    """The memory and time planner (`ov-train plan`, the preflight); ov_train/planner checks the values."""
+
+    device: Optional[str] = None
+    enforce: bool = True
+    path: str = "ov_train"
+    mfu: float = 0.4
+    tokens: Optional[int] = None
+    modality: Optional[str] = None
+    reserve_gib: float = 2.0
+    memory_gib: Optional[float] = None
+
+
+@dataclass
+class Config:
+    stage: StageConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    adapter: AdapterConfig = MISSING
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: Optional[str] = None
+    export: bool = True
+    nonfinite: str = "skip"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+# Option schemas, named in each option's defaults list.
+GROUP_SCHEMAS = {
+    "strategy": {"schema_auto": StrategyConfig, "schema_ddp": DDPConfig, "schema_deepspeed": DeepSpeedConfig,
+                 "schema_fsdp2": FSDP2Config},
+    "data": {"schema_synthetic": SyntheticDataConfig, "schema_recipe": DataConfig},
+    "logger": {"schema_logger": LoggerConfig, "schema_wandb": WandbLoggerConfig, "schema_mlflow": MLflowLoggerConfig},
+    "adapter": {"schema_adapter": AdapterConfig, "schema_lora": LoraConfig, "schema_qlora": QLoraConfig},
+}
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore (done on import; storing again replaces the same entries)."""
+    store = ConfigStore.instance()
+    store.store(name="ov_train_schema", node=Config)
+    for group, options in GROUP_SCHEMAS.items():
+        for name, node in options.items():
+            store.store(group=group, name=name, node=node)
+
+
+register()

@@ -1,0 +1,55 @@
+"""Names and values every layer agrees on, defined once (the ground floor: imports nothing of ov_train)."""
+from __future__ import annotations
+
+# Label of a position that carries no loss (torch's cross_entropy default ignore_index).
+IGNORE_INDEX = -100
+
+# Sample modalities, as recipes, shards and metrics name them.
+MODALITIES = ("single_image", "multi_image", "video", "text")
+
+# Trainable parts of the model, in forward order (what model.layout maps onto parameter names).
+PARTS = ("vision_tower", "projector", "llm")
+
+# Placeholders in conversation text, each expanded to the visual tokens of one image or one video.
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+MEDIA_TOKENS = (IMAGE_TOKEN, VIDEO_TOKEN)
+
+# Chat templates (text/template.py renders them).
+TEMPLATES = ("plain", "qwen_1_5")
+
+# data.name of the embedded synthetic data, and the smallest image side its drawings fit in.
+SYNTHETIC, SYNTHETIC_MIN_PX = "synthetic", 16
+
+# Formats a recipe source's files are read in (data/sources.py): WebDataset tars, or parquet in the OneVision layout.
+WEBDATASET, PARQUET = "webdataset", "parquet"
+FORMATS = (WEBDATASET, PARQUET)
+
+# What a non-finite training loss does: skip the update, or stop the run.
+NONFINITE = ("skip", "stop")
+
+# Loss implementations: full logits, or chunked / fused linear cross-entropy (model/loss.py).
+LOSSES = ("full", "chunked")
+
+# The attention implementation ov_train registers with transformers (torch varlen over packed rows).
+VARLEN = "ov_varlen"
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention", VARLEN)
+
+# Modules whose layers activation checkpointing may wrap (model/layout.py names their layer lists).
+CHECKPOINTABLE = ("vision", "llm")
+
+# Adapters (adapter=...; config/adapter.py checks them, model/adapters.py places them through PEFT).
+ADAPTERS = ("none", "lora", "dora", "qlora")
+# A part's adapter.targets value besides a module list: trained whole as the stage says, or frozen whatever it says.
+FULL, FROZEN = "full", "frozen"
+# A part's mode once resolved against the stage: adapters on listed modules, a whole trained copy beside them, frozen.
+ADAPTED, COPY = "adapters", "copy"
+# The linear modules of each part that can carry adapters, as transformers names them (SigLIP, projector, Qwen2).
+ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
+    "vision_tower": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "projector": ("linear_1", "linear_2"),
+    "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+# Parts a PEFT copy (modules_to_save) can train whole beside adapters; the LLM trains through adapters or not at all.
+COPYABLE = ("vision_tower", "projector")
+# 4-bit data types of adapter=qlora (bitsandbytes).
+QUANT_TYPES = ("nf4", "fp4")

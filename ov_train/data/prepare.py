@@ -1,0 +1,38 @@
+"""Before training: the data plan's shards checked, generated (synthetic data) and located."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ov_train.config.run_plan import DataPlan
+from ov_train.data.recipe import Recipe, locate
+from ov_train.data.synthetic import ensure_synthetic, occupied, synthetic_root
+from ov_train.utils.redact import redact
+
+
+def data_problems(plan: DataPlan) -> list[str]:
+    """What stops this data from being used, found without generating or reading a sample: a synthetic data.root
+    that holds something else, or sources of the user's recipe without train shards."""
+    if plan.synthetic is not None:
+        settings = asdict(plan.synthetic)
+        occupant = occupied(synthetic_root(plan.root, **settings), **settings) if plan.root else None
+        if occupant:
+            return [f"data.root={plan.root!r}: {occupant}; choose another, or data.root=null for a cache directory"
+                    " per setting"]
+        return []
+    _, missing = locate(plan.recipe, plan.root, require_shards=True, io=plan.io)
+    return [f"data.recipe={plan.recipe.name} (data.root={redact(str(plan.root))}): {p}" for p in missing]
+
+
+def prepare_root(plan: DataPlan) -> str:
+    """The directory the recipe's sources are relative to: data.root, or the synthetic data of the plan's setting,
+    found or generated (once per setting: concurrent ranks and runs queue on a file lock)."""
+    if plan.synthetic is None:
+        return plan.root
+    settings = asdict(plan.synthetic)
+    return str(ensure_synthetic(synthetic_root(plan.root, **settings), **settings))
+
+
+def prepare_data(plan: DataPlan) -> Recipe:
+    """The recipe with its shards located under prepare_root."""
+    recipe, _ = locate(plan.recipe, prepare_root(plan), require_shards=False, io=plan.io)
+    return recipe

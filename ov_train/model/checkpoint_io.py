@@ -1,0 +1,318 @@
+"""Checkpoint I/O, in one place: read any checkpoint ov_train writes, write a Hugging Face export.
+
+Reading: a single Lightning file, a DeepSpeed ZeRO directory or an FSDP2 (torch.distributed.checkpoint)
+directory; every pickle in it is unpickled as tensors and plain data only, unless the caller trusts it
+(ov_train/utils/safe_load.py). Used by model.init_from (model/build.py), resume checks and the final
+export (run.py) and `ov-export` (tools/export.py); adapter checkpoints, which hold the trainable tensors only, are
+read through here by model/adapter_io.py.
+
+Writing: `export_pretrained` writes a directory (model, tokenizer, processor settings) that stock
+transformers loads.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import LlavaOnevisionImageProcessorPil
+
+from ov_train.constants import IMAGE_TOKEN, VIDEO_TOKEN
+from ov_train.model.model_card import model_card
+from ov_train.text.chat_template import chat_template, stop_token_ids
+from ov_train.utils.logging import get_logger
+from ov_train.utils.safe_load import (
+    TRUST_HINT,
+    CheckpointError,
+    load_dcp_metadata,
+    load_file,
+    load_source,
+)
+from ov_train.vision.geometry import VisionGeometry
+
+log = get_logger(__name__)
+
+
+def processor_settings(geometry: VisionGeometry) -> dict:
+    size = {"height": geometry.image_size, "width": geometry.image_size}
+    return {
+        "size": size,
+        "image_grid_pinpoints": [list(p) for p in geometry.grid_pinpoints],
+        "image_mean": list(geometry.image_mean),
+        "image_std": list(geometry.image_std),
+    }
+
+
+def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qwen_1_5", card: dict | None = None) -> Path:
+    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry.
+
+    `template` is the stage's chat template: the export's chat template renders it for the stock processor,
+    and its config and generation config stop generation where training's replies end. `card` holds the
+    facts of the model card (README.md; model/model_card.py: card_facts).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _generation_ids(model, tokenizer, template):
+        model.save_pretrained(out)
+    _save_tokenizer(tokenizer, chat_template(template), out)
+    geometry = VisionGeometry.from_model_config(model.config)
+    settings = processor_settings(geometry)
+    LlavaOnevisionImageProcessorPil(**settings).save_pretrained(out)
+    # The video processor needs torchvision to be built; its settings are plain data, written as such.
+    video = {
+        "video_processor_type": "LlavaOnevisionVideoProcessor",
+        "size": settings["size"],
+        "image_mean": settings["image_mean"],
+        "image_std": settings["image_std"],
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "resample": 3,
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    processor = {
+        "processor_class": "LlavaOnevisionProcessor",
+        "num_image_tokens": geometry.side * geometry.side,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "vision_aspect_ratio": model.config.vision_aspect_ratio,
+        "image_token": IMAGE_TOKEN,
+        "video_token": VIDEO_TOKEN,
+    }
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
+    return out
+
+
+@contextmanager
+def _generation_ids(model, tokenizer, template: str):
+    """End-of-reply and padding ids in the model config and the generation config while the model is saved, so
+    that `generate` stops where training's replies stop and pads batches with the tokenizer's pad token; the
+    caller's model keeps its own."""
+    stop = stop_token_ids(tokenizer, template)
+    eos = stop[0] if len(stop) == 1 else stop
+    configs = (model.config, model.config.text_config, model.generation_config)  # tools read any of them
+    keys = ("eos_token_id", "pad_token_id")
+    own = [{k: getattr(c, k) for k in keys if hasattr(c, k)} for c in configs]
+    for config in configs:
+        config.eos_token_id, config.pad_token_id = eos, tokenizer.pad_token_id
+    try:
+        yield
+    finally:
+        for config, values in zip(configs, own):
+            for key in keys:
+                if key in values:
+                    setattr(config, key, values[key])
+                else:
+                    delattr(config, key)
+
+
+def _save_tokenizer(tokenizer, template_text: str, out: Path) -> None:
+    """save_pretrained with the export's chat template (written as chat_template.jinja, which the processor
+    reads too); the caller's tokenizer keeps its own."""
+    own = tokenizer.chat_template
+    tokenizer.chat_template = template_text
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = own
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """`file` (a Lightning checkpoint), `deepspeed` (a ZeRO checkpoint directory) or `fsdp2` (a distributed one)."""
+    path = Path(path)
+    if path.is_file():
+        return "file"
+    if (path / "latest").is_file():
+        return "deepspeed"
+    if (path / ".metadata").is_file():
+        return "fsdp2"
+    raise CheckpointError(
+        f"{path}: not a checkpoint (neither a file, nor a DeepSpeed directory with 'latest',"
+        " nor a torch.distributed.checkpoint directory with '.metadata')"
+    )
+
+
+def _inside(root: Path, name: str) -> Path:
+    """root/name, refusing names (read from the checkpoint itself) that lead out of root."""
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{root}: names {name!r}, outside the checkpoint directory")
+    return target
+
+
+def _deepspeed_files(path: Path) -> list[Path]:
+    """The tag directory's files, rank 0's model states (the Lightning checkpoint minus weights and optimizer) first."""
+    tag_dir = _inside(path, (path / "latest").read_text().strip())
+    files = sorted(tag_dir.glob("*.pt"), key=lambda f: (not f.name.endswith("model_states.pt"), f.name))
+    if not files or not files[0].name.endswith("model_states.pt"):
+        raise CheckpointError(f"{tag_dir}: a DeepSpeed checkpoint directory without *model_states.pt")
+    return files
+
+
+def _check_dcp(path: Path, trust: bool) -> None:
+    """A torch.distributed.checkpoint directory's pickles: `.metadata`, and its non-tensor entries (torch.save
+    records inside the .distcp files), which torch's default load planner unpickles with weights_only=False."""
+    metadata = load_dcp_metadata(path / ".metadata", trust=trust)
+    if trust:
+        return
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        MetadataIndex,
+    )
+
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata):
+            continue  # tensors are read as raw storage, with weights_only=True
+        info = metadata.storage_data[MetadataIndex(fqn)]
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{path}: entry {fqn} is stored transformed, so it cannot be checked; {TRUST_HINT}")
+        with open(_inside(path, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            load_source(io.BytesIO(f.read(info.length)), f"{path / info.relative_path} (entry {fqn})")
+
+
+def checkpoint_metadata(path: str | Path, trust: bool = False) -> dict:
+    """The Lightning checkpoint's entries other than weights and optimizer state (global_step, ov_train, ...).
+
+    Every pickle of the checkpoint is read here with weights_only (unless `trust`), so what Lightning, DeepSpeed
+    and torch.distributed.checkpoint unpickle afterwards, some of it with weights_only=False, was checked first.
+    """
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "deepspeed":
+        model_states, *others = _deepspeed_files(path)
+        for f in others:
+            load_file(f, trust=trust, deepspeed=True)
+        meta = load_file(model_states, trust=trust, deepspeed=True)
+    elif kind == "fsdp2":
+        _check_dcp(path, trust)
+        meta = load_file(path / "meta.pt", trust=trust)  # Lightning's name (lightning.fabric.utilities.load)
+    else:
+        meta = load_file(path, trust=trust)
+    if not isinstance(meta, dict) or (kind == "file" and "state_dict" not in meta):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return meta
+
+
+def load_weights(path: Path, kind: str, model, trust: bool = False, trainable_only: bool = False) -> None:
+    """Fill `model` with the checkpoint's fp32 weights: every tensor must be there, and nothing else; with
+    `trainable_only` (an adapter checkpoint), exactly the tensors that train (requires_grad), the rest staying as
+    the model was built (its base). The checkpoint's pickles were checked by checkpoint_metadata."""
+    wanted = {k for k, p in model.named_parameters() if p.requires_grad} if trainable_only else set(model.state_dict())
+    if kind == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+
+        # Read in place into full tensors, without a process group: no_dist reassembles every shard here.
+        current = model.state_dict(keep_vars=True)
+        target = {"state_dict": {f"model.{k}": current[k].data for k in wanted}}
+        stored = {k for k in load_dcp_metadata(path / ".metadata", trust=trust).state_dict_metadata if k.startswith("state_dict.")}
+        expected = {f"state_dict.{k}" for k in target["state_dict"]}
+        if stored != expected:
+            missing, unexpected = sorted(expected - stored)[:5], sorted(stored - expected)[:5]
+            raise CheckpointError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        with warnings.catch_warnings():
+            # torch warns that it "assumes" a single-process load even when no_dist asks for one.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(target, checkpoint_id=path, no_dist=True)
+        return
+    if kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+
+        # The fp32 master weights, gathered from every rank's optimizer partition (ZeRO-2 and ZeRO-3 alike).
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), exclude_frozen_parameters=trainable_only)
+    else:
+        state = load_file(path, trust=trust)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if trainable_only and set(state) != wanted:
+        missing, unexpected = sorted(wanted - set(state))[:5], sorted(set(state) - wanted)[:5]
+        raise CheckpointError(f"{path}: its trainable tensors do not fit its adapters: missing {missing}, unexpected"
+                              f" {unexpected}")
+    try:
+        model.load_state_dict(state, strict=not trainable_only)
+    except RuntimeError as err:  # missing, unexpected or differently sized tensors, all listed
+        raise CheckpointError(f"{path}: weights do not fit the model recorded in it: {err}") from None
+
+
+def ov_train_metadata(path: str | Path, trust: bool = False) -> dict:
+    """The checkpoint's `ov_train` entry (model config, tokenizer, run identity, adapters, ...)."""
+    meta = checkpoint_metadata(path, trust).get("ov_train")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{path}: not an ov_train checkpoint (no 'ov_train' metadata with the model config)")
+    return meta
+
+
+def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
+    """Rebuild the trained model from any full checkpoint ov_train writes (file, DeepSpeed or FSDP2 directory).
+
+    Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process. Nothing in
+    the checkpoint is unpickled beyond tensors and plain data unless `trust`; CheckpointError says what is wrong.
+    Adapter checkpoints hold no base: model/adapter_io.py puts them back on theirs.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    path = Path(ckpt_path)
+    kind = checkpoint_format(path)
+    meta = ov_train_metadata(path, trust)
+    if meta.get("adapter"):
+        raise CheckpointError(f"{ckpt_path}: an adapter checkpoint (adapter={meta['adapter']['kind']}), without its base"
+                              " weights; ov-export merges it into its base (ov_train.model.adapter_io)")
+    try:
+        config = LlavaOnevisionConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt_path}: its model config does not load: {err}") from None
+    model = LlavaOnevisionForConditionalGeneration(config)
+    load_weights(path, kind, model, trust)
+    return model, meta.get("tokenizer_dir")
+
+
+def _flat(tree: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}") if isinstance(value, dict) else {f"{prefix}.{key}": value})
+    return out
+
+
+def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list[str]:
+    """Why `ckpt_path` cannot be resumed by a run of `identity` (the plan's: stage, model and its geometry, the
+    adapters and their base, max_steps: the learning-rate schedule spans max_steps, so another value would make it
+    jump, or with fewer steps than done end the run at once). Reads only the checkpoint's pickles (tensors stay on disk)."""
+    try:
+        meta = checkpoint_metadata(ckpt_path, trust=trust)
+    except CheckpointError as err:
+        return [f"ckpt_path={ckpt_path}: {err}"]
+    stored = (meta.get("ov_train") or {}).get("run")
+    if stored is None:
+        log.warning("ckpt_path=%s records no run identity (an older checkpoint): resuming unchecked", ckpt_path)
+        return []
+    problems = [
+        f"{key}: the checkpoint's {stored.get(key)!r}, this run's {identity[key]!r}"
+        for key in ("stage", "model") if stored.get(key) != identity[key]
+    ]
+    if not problems:
+        before, after = _flat(stored.get("geometry") or {}, "model"), _flat(identity["geometry"], "model")
+        problems += [
+            f"{key}: the checkpoint's {before.get(key)!r}, this run's {after.get(key)!r}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)
+        ]
+    for key, what in (("adapter", "adapter"), ("base", "the adapters' base (model.* and seed)")):
+        if stored.get(key) != identity.get(key):
+            problems.append(f"{what}: the checkpoint's {stored.get(key)!r}, this run's {identity.get(key)!r}")
+    if stored.get("max_steps") != identity["max_steps"]:
+        problems.append(
+            f"trainer.max_steps: the checkpoint's run has {stored.get('max_steps')}, this one {identity['max_steps']}"
+            f" (at step {meta.get('global_step')}); the learning-rate schedule spans max_steps, so resume with"
+            f" trainer.max_steps={stored.get('max_steps')}, or train on from it in a new run with model.init_from=CKPT"
+        )
+    if problems:
+        return [f"ckpt_path={ckpt_path} is not a checkpoint of this run:\n    " + "\n    ".join(problems)]
+    log.info("resuming from %s at step %s", ckpt_path, meta.get("global_step"))
+    return []
