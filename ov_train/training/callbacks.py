@@ -152,7 +152,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
 
 class SaveOnSigterm(Callback):
-    """On SIGTERM (preemption, scancel, a time limit's warning) save `path` and let the process exit 0.
+    """On SIGTERM (preemption, scancel, a time limit's warning) save `path` and let the process exit 0; on the
+    first Ctrl-C (SIGINT) the same, exiting 130 as an interrupted command does (a second Ctrl-C stops at once,
+    unsaved, as Lightning does).
 
     The signal is only noted when it arrives; before the next optimizer step the ranks agree (one all-reduce,
     the same call on every rank) and all stop there, the step in progress finished, and this saves, so the
@@ -161,40 +163,48 @@ class SaveOnSigterm(Callback):
     desynchronises the ranks (gloo aborts on a size mismatch; NCCL hangs).
     """
 
+    EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT}
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._pending = False
+        self._pending: int | None = None  # the signal noted
         self._trainer = None
 
     def on_train_start(self, trainer, pl_module):
         # Lightning installs its handlers just before training starts (and restores the earlier ones at teardown).
-        self._trainer, self._pending = trainer, False
+        self._trainer, self._pending = trainer, None
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._notice)
+            for signum in self.EXIT_CODES:
+                signal.signal(signum, self._notice)
 
     def _notice(self, signum, frame) -> None:
-        if not self._pending:
-            log.warning("SIGTERM: saving %s once the step in progress ends, then exiting", self.path)
+        if self._pending is None:
+            name = signal.Signals(signum).name
+            log.warning("%s: saving %s once the step in progress ends, then exiting", name, self.path)
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
             launcher = self._trainer.strategy.launcher
             if launcher is not None:  # ranks Lightning started itself hear of it too
                 launcher.kill(signum)
-        self._pending = True
+            self._pending = signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx % trainer.accumulate_grad_batches:
             return  # only between optimizer steps, so the saved state resumes exactly
-        pending = self._pending
+        pending = self._pending is not None
         if trainer.world_size > 1:
             flag = torch.tensor(float(pending), device=pl_module.device)
             pending = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
         if pending:
             # Before the next step, on every rank at once (the batch is not consumed: the stream resumes with it).
-            raise SIGTERMException
+            # SIGTERMException is a SystemExit: its code is the process's exit status.
+            raise SIGTERMException(self.EXIT_CODES.get(self._pending, 0))
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):
             save_whole(trainer, self.path)
-            log.warning("SIGTERM: saved %s at step %d; exiting", self.path, trainer.global_step)
+            name = signal.Signals(self._pending or signal.SIGTERM).name
+            log.warning("%s: saved %s at step %d; exiting", name, self.path, trainer.global_step)
 
 
 def build_callbacks(plan: RunPlan) -> list:

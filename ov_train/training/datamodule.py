@@ -21,11 +21,13 @@ log = get_logger(__name__)
 
 
 def init_worker(worker_id: int, rank: int, seed: bool) -> None:
-    """Loader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker that died of it
-    would crash the main process ("DataLoader worker killed by signal") before it saves at the step boundary.
+    """Loader workers ignore SIGTERM and SIGINT: a scheduler signals the whole process group (as Ctrl-C does the
+    terminal's), and a worker that died of it would crash the main process ("DataLoader worker killed by signal")
+    before it saves at the step boundary.
     The main process shuts its workers down as it exits. `seed`: Lightning's own worker seeding, which a loader
     with a worker_init_fn does not get otherwise."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if seed:
         pl_worker_init_function(worker_id, rank)
 

@@ -94,7 +94,8 @@ def wait_for(process, output, done, timeout: float = 180) -> None:
 def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, small_data_root, launch):
     """kill -9 of every process right after the first periodic save; the requeued job (ckpt_path=auto) goes on
     from that step, rewrites last.ckpt in place, and on SIGTERM to its whole process group, loader workers
-    included, saves at a step boundary and exits 0; so does the next one, signalled in its main process only."""
+    included, saves at a step boundary and exits 0; so does the next one, signalled in its main process only,
+    and the last, interrupted by Ctrl-C (exit 130)."""
     run_dir, max_steps = tmp_path / "run", 1000
     checkpoints, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.ckpt"
     overrides = [
@@ -128,8 +129,18 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, small_
     again.send_signal(signal.SIGTERM)
     assert again.wait(timeout=120) == 0, output.read_text()[-3000:]
     assert f"resuming from {last} at step {step}" in output.read_text()
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] > step
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+
+    # Ctrl-C at a terminal signals the foreground group, loader workers included: saved too, exit 130.
+    output = tmp_path / "interrupted.txt"
+    interrupted = launch(run_dir, output, *overrides, "ckpt_path=auto")
+    wait_for(interrupted, output, lambda: f"step {step + 1}/{max_steps}" in output.read_text())
+    os.killpg(interrupted.pid, signal.SIGINT)
+    assert interrupted.wait(timeout=120) == 130, output.read_text()[-3000:]
+    log = output.read_text()
+    assert "SIGINT: saved" in log and "DataLoader worker" not in log and "Traceback" not in log
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] > step
 
 
 class ParameterWatch(Callback):
