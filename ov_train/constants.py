@@ -50,3 +50,20 @@ SINGLE_CROP = ("pad", "square")
 
 # Video frame sampling (stage.frame_sampling): one frame every round(fps / video_fps), or always max_frames, evenly.
 FRAME_SAMPLINGS = ("fps", "uniform")
+
+# Adapters (adapter=...; config/adapter.py checks them, model/adapters.py places them through PEFT).
+ADAPTERS = ("none", "lora", "dora", "qlora")
+# A part's adapter.targets value besides a module list: trained whole as the stage says, or frozen whatever it says.
+FULL, FROZEN = "full", "frozen"
+# A part's mode once resolved against the stage: adapters on listed modules, a whole trained copy beside them, frozen.
+ADAPTED, COPY = "adapters", "copy"
+# The linear modules of each part that can carry adapters, as transformers names them (SigLIP, projector, Qwen2).
+ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
+    "vision_tower": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "projector": ("linear_1", "linear_2"),
+    "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+# Parts a PEFT copy (modules_to_save) can train whole beside adapters; the LLM trains through adapters or not at all.
+COPYABLE = ("vision_tower", "projector")
+# 4-bit data types of adapter=qlora (bitsandbytes).
+QUANT_TYPES = ("nf4", "fp4")

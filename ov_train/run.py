@@ -12,11 +12,11 @@ import time
 import lightning as L
 from omegaconf import DictConfig
 
+from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.data.prepare import data_problems, prepare_data
-from ov_train.model.build import build_model
-from ov_train.model.checkpoint_io import checkpoint_metadata, export_pretrained, model_from_checkpoint, resume_problems
-from ov_train.model.model_card import card_facts
+from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
+from ov_train.model.checkpoint_io import resume_problems
 from ov_train.planner.report import preflight
 from ov_train.strategies import build_strategy
 from ov_train.training.callbacks import build_callbacks, save_whole
@@ -26,7 +26,6 @@ from ov_train.training.module import OneVisionModule
 from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
-from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import apply_to_model_config
 
@@ -36,14 +35,17 @@ NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
-def check(plan: RunPlan) -> None:
-    """What the plan alone cannot see: the data's shards (or the synthetic data's directory) and the checkpoint
-    to resume. Reads no sample and no tensor."""
+def check(plan: RunPlan) -> AdapterPlan | None:
+    """What the plan alone cannot see: the data's shards (or the synthetic data's directory), the checkpoint to
+    resume and a model.init_from adapter checkpoint, whose adapters it returns. Reads no sample and no tensor."""
     problems = data_problems(plan.data)
     if plan.ckpt_path:
         problems += resume_problems(plan.ckpt_path, plan.identity, plan.checkpoint.trust)
+    source, init_problems = init_from_adapters(plan)
+    problems += init_problems
     if problems:
         raise ConfigError.of(problems)
+    return source
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:
@@ -63,7 +65,7 @@ def build_trainer(plan: RunPlan) -> L.Trainer:
 def train(cfg: DictConfig) -> dict:
     tidy_library_output()
     plan = resolve_plan(cfg)
-    check(plan)
+    source = check(plan)
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
     preflight(cfg)
@@ -74,14 +76,14 @@ def train(cfg: DictConfig) -> dict:
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(plan.seed, workers=True)
     recipe = prepare_data(plan.data)
-    model, tokenizer = build_model(plan.model, cache_dir())
+    model, tokenizer, adapter = build_for_training(plan, source)
     # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
     apply_to_model_config(model.config, plan.data.samples.media)
     data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
     tokenizer.save_pretrained(paths.tokenizer)
     module = OneVisionModule(
         model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity,
-        template=plan.data.samples.template,
+        template=plan.data.samples.template, adapter=adapter, seed=plan.seed,
     )
     if rank() == 0:
         paths.parameters.write_text(module.parameter_table + "\n")
@@ -94,10 +96,9 @@ def train(cfg: DictConfig) -> dict:
         save_whole(trainer, paths.last_checkpoint)
     if not trainer.is_global_zero:
         return {}
-    if plan.export:
-        facts = card_facts(checkpoint_metadata(paths.last_checkpoint, plan.checkpoint.trust))
-        trained = model_from_checkpoint(paths.last_checkpoint, plan.checkpoint.trust)[0]
-        export_pretrained(trained, tokenizer, paths.export, plan.data.samples.template, facts)
+    if plan.export:  # with adapters: merged, and export/adapter/ in PEFT's format
+        export_checkpoint(paths.last_checkpoint, paths.export, tokenizer, plan.checkpoint.trust,
+                          template=plan.data.samples.template)
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": plan.stage,

@@ -13,7 +13,9 @@ Both sharded engines gather a submodule's weights around its calls and need ever
 The training forward (ov_train.model.forward) runs the tower and projector exactly once per step on every rank,
 over all crops and frames of its batch or over one dummy crop for a text-only batch; the units FSDP2 shards are
 model/layout.py's `shard_units`. ZeRO-3 likewise sees the same calls on every rank whatever the batches hold.
-Settings come from the plan's StrategyPlan (ov_train.config.run_plan), which has checked them.
+Settings come from the plan's StrategyPlan (ov_train.config.run_plan), which has checked them. With adapters
+(`trainable_only`) every engine writes checkpoints of the trainable tensors and their optimizer state only: DDP
+through the LightningModule's on_save_checkpoint, DeepSpeed with exclude_frozen_parameters, FSDP2 below.
 """
 from __future__ import annotations
 
@@ -28,11 +30,54 @@ from ov_train.model import layout
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """ModelParallelStrategy with every process in one data-parallel (FSDP2) mesh dimension, no tensor parallelism."""
+    """ModelParallelStrategy with every process in one data-parallel (FSDP2) mesh dimension, no tensor parallelism.
 
-    def __init__(self, world_size: int, reshard_after_forward: bool, **kwargs):
+    With `trainable_only` (adapters: the frozen base comes from model.*), checkpoints hold the tensors that train
+    and their optimizer state only, sharded or whole.
+    """
+
+    def __init__(self, world_size: int, reshard_after_forward: bool, trainable_only: bool = False, **kwargs):
         super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, **kwargs)
         self.reshard_after_forward = reshard_after_forward
+        self.trainable_only = trainable_only
+
+    def lightning_module_state_dict(self) -> dict:
+        if not self.trainable_only:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True,
+                                   ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Lightning's loading, except that a sharded checkpoint of trainable tensors only is read into those
+        (Lightning's asks the checkpoint for every tensor of the model)."""
+        from pathlib import Path
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not (self.trainable_only and path.is_dir()):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(ignore_frozen_params=True, cpu_offload=True)
+        state = {"state_dict": get_model_state_dict(self.model, options=options)}
+        state.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, opt, options=options)
+                      for i, opt in enumerate(self.optimizers)})
+        dcp.load(state, checkpoint_id=path)  # fails naming any trainable tensor the checkpoint lacks
+        # Not strict: the frozen base is not in the checkpoint (it was built from model.*).
+        set_model_state_dict(self.model, state.pop("state_dict"),
+                             options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            set_optimizer_state_dict(self.model, optimizer, state.pop(f"optimizer_{i}"), options=options)
+        return torch.load(path / "meta.pt", weights_only=weights_only)  # Lightning's metadata file
 
     def parallelize(self, module: torch.nn.Module) -> None:
         """fully_shard each unit the layout names (SigLIP and Qwen2 layers), then the LightningModule as the root,
@@ -140,10 +185,11 @@ def build_strategy(plan: StrategyPlan):
             # Step bundles (data.samples_per_step) step by hand, and Lightning refuses gradient_clip_val under manual
             # optimization: DeepSpeed clips by its own config instead.
             config["gradient_clipping"] = plan.gradient_clipping
-        return DeepSpeedCPUStrategy(config=config, process_group_backend=s["process_group_backend"])
+        return DeepSpeedCPUStrategy(config=config, process_group_backend=s["process_group_backend"],
+                                    exclude_frozen_parameters=plan.trainable_only)
     return FSDP2Strategy(
         world_size=plan.world_size,
-        reshard_after_forward=bool(s["reshard_after_forward"]),
+        reshard_after_forward=bool(s["reshard_after_forward"]), trainable_only=plan.trainable_only,
         save_distributed_checkpoint=bool(s["save_distributed_checkpoint"]),
         process_group_backend=s["process_group_backend"],
     )

@@ -2,8 +2,8 @@
 # Every GPU-only check and the performance figures of docs/PERFORMANCE.md, on a CUDA machine. Results go to
 # $OUT (default gpu_results/): device.txt, phases.txt, a log per phase and the benchmarks' JSON. Each phase
 # has its own time limit and a failing phase does not stop the next, so a cut-short run still brings back
-# what finished. Phases: bench (at most 4 min) and loader (2 min), then tests (2.5 min) and compile (3.5 min):
-# two calls of under 6 minutes each where one command may run 10; plan (2.5 min) on its own, a third call.
+# what finished. Phases: bench (at most 4.5 min) and loader (2 min), then tests (2.5 min) and compile (3.5 min):
+# two calls of under 7 minutes each where one command may run 10; plan (2.5 min) on its own, a third call.
 #
 #   bash scripts/gpu_check.sh --fetch          # on a machine with PyPI: the wheels an offline GPU image lacks, into .whl/
 #   bash scripts/gpu_check.sh bench loader     # on the GPU machine, from the repo root, with .whl/ beside it
@@ -16,11 +16,12 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fetch" ]]; then
     set -e
     bash ../shared/device/wheels.sh >/dev/null
-    # Only what these checks import: PyAV makes the synthetic videos; hydra 1.3 wants omegaconf 2.3.
+    # Only what these checks import: PyAV makes the synthetic videos; hydra 1.3 wants omegaconf 2.3; bitsandbytes
+    # QLoRA's 4-bit weights (tests/gpu). The image has peft.
     rm -f .whl/deepspeed-* .whl/pydantic* .whl/annotated_types-* .whl/typing_inspection-* .whl/hjson-* .whl/omegaconf-*
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "av==18.1.0" "omegaconf==2.3.0" 2>&1 | grep -v "is ignored" || true
+        -d .whl "av==18.1.0" "omegaconf==2.3.0" "bitsandbytes>=0.45" 2>&1 | grep -v "is ignored" || true
     du -sh .whl
     exit 0
 fi
@@ -59,8 +60,10 @@ phase() {  # phase NAME SECONDS COMMAND...: if asked for, run it with a limit, l
     python3 -c "import liger_kernel; print('liger-kernel', getattr(liger_kernel, '__version__', 'installed'))" 2>&1 | tail -1
 } >"$out/device.txt" 2>&1
 
-# Side by side in one process: the public recipe's path, then ours at 8k, 16k and 32k tokens per row.
-phase bench 240 python3 -m ov_train.bench --samples 16 --max-tokens 8192,16384,32768 "${tiny[@]}" --json "$out/bench.json"
+# Side by side in one process: the public recipe's path, then ours at 8k, 16k and 32k tokens per row, then ours at 8k
+# through LoRA (adapter=lora's targets, rank 16): trainable parameters, optimizer state and peak memory against full.
+phase bench 270 python3 -m ov_train.bench --samples 16 --max-tokens 8192,16384,32768 --adapter lora "${tiny[@]}" \
+    --json "$out/bench.json"
 # The data loader alone on this machine's cores, and what it delivers against what the GPU consumes.
 workers=$([[ ${#tiny[@]} -gt 0 ]] && echo 0 || echo "$(nproc)")
 phase loader 120 python3 -m ov_train.bench --loader --loader-workers "$workers" "${tiny[@]}" --json "$out/loader.json"

@@ -2,6 +2,7 @@
 
     python -m ov_train.bench                 # OV-0.5B geometry (random init) on the GPU
     python -m ov_train.bench --tiny          # tiny geometry on CPU, seconds (CI)
+    python -m ov_train.bench --adapter lora  # and a LoRA row: trainable parameters, optimizer state, peak memory
     python -m ov_train.bench --loader        # the data loader alone: what it delivers per second
     python -m ov_train.bench --both          # model bench and loader; ratio loader / ov_train tokens/s
     python -m ov_train.bench --goals DIR     # the goals against the --json results in DIR
@@ -17,6 +18,9 @@ Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0%
   optionally each layer torch.compile'd and activation checkpointing.
 Printed per path: tokens/s (real tokens, no padding), MFU (model FLOPs of those tokens by
 ov_train.utils.flops, every part training), peak memory, and the ratios ov_train / stock.
+--adapter lora (or dora) adds ov_train's path with the adapters `adapter=lora` places (conf/shared/adapter_lora.yaml,
+rank --adapter-rank) on the same samples, against the full fine-tuning row: trainable parameters,
+optimizer-state bytes and peak memory.
 
 --loader writes the same mixture into temporary WebDataset shards laid out as the onevision recipe
 expects and streams them through training's own loader (OneVisionData: recipe sources, MixedStream,
@@ -61,6 +65,9 @@ def _parse(argv):
     p.add_argument("--loss-chunk", type=int, default=None, help="rows per chunked-loss chunk (default: the model config's)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator (default: the GPU's bf16 peak in ov_train/devices.py, or measured on CPU)")
+    p.add_argument("--adapter", choices=("lora", "dora"), default=None,
+                   help="also train through these adapters (conf/shared/adapter_lora.yaml's targets) and compare with full fine-tuning")
+    p.add_argument("--adapter-rank", type=int, default=None, help="the adapters' rank (default: conf/shared/adapter_lora.yaml's)")
     p.add_argument("--loader", action="store_true", help="benchmark the data loader alone (no model)")
     p.add_argument("--both", action="store_true", help="the model bench and the loader bench, and their tokens/s ratio")
     p.add_argument("--loader-workers", type=int, default=None, help="loader worker processes (default 8; 0 with --tiny)")
@@ -98,7 +105,7 @@ def main(argv=None) -> list:
     if with_model:
         results += model_bench(args, cfg, model, tokenizer)
     if args.both:
-        loader, ours = results[0], results[-1]
+        loader, ours = results[0], [r for r in results if r["name"] == "ov_train"][-1]
         print(f"loader / ov_train tokens/s {loader['tokens_per_s'] / ours['tokens_per_s']:.2f}x (goal: at least 1.5x)")
     if args.json:
         args.json.write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "results": results}, indent=2))

@@ -95,6 +95,10 @@ def _run(name, step, optimizer, groups, args, device, flops, tokens) -> dict:
         "tokens_per_s": total_tokens / elapsed,
         "mfu": total_flops / elapsed / (args.peak_tflops * 1e12),
         "peak_gib": _peak_gib(device),
+        "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+        # AdamW's moments (and fp32 masters under bf16): what training checkpoints besides the trainable weights.
+        "optimizer_state_gib": sum(t.nelement() * t.element_size() for state in optimizer.state.values()
+                                   for t in state.values() if isinstance(t, torch.Tensor)) / 2**30,
     }
 
 
@@ -167,8 +171,42 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
         ours["max_tokens"] = max_tokens
         _print(ours, stock)
         results.append(ours)
+    if args.adapter:
+        results.append(_adapter_row(args, model, results[1], lambda opt, name, step: _run(
+            name, step, opt, groups, args, device, flops, tokens), lambda ex, o: _ours_step(model, ex, pad_id, device, o)))
     if len(row_sizes) > 1:
-        rates = [r["tokens_per_s"] for r in results[1:]]
+        rates = [r["tokens_per_s"] for r in results[1:] if r["name"] == "ov_train"]
         print(f"ov_train tokens/s across rows of {min(row_sizes)}..{max(row_sizes)}: slowest {100 * (1 - min(rates) / max(rates)):.1f}% "
               "below fastest (goal: within 15%)")
     return results
+
+
+def _adapter_row(args, model, full: dict, run, step) -> dict:
+    """ov_train's path again at the first row size, with `--adapter` placed as `adapter=<kind>` places it (every part
+    training in the full row: here the LLM through adapters, the projector a trained copy, the tower frozen); prints
+    trainable parameters, optimizer state and peak memory against full fine-tuning."""
+    from ov_train.model.adapters import wrap
+    from ov_train.model.parts import apply_stage
+
+    adapter = adapter_plan_of(args.adapter, args.adapter_rank)
+    wrap(model, adapter)
+    groups, _ = apply_stage(model, adapter.part_lrs(dict.fromkeys(PARTS, 1e-5)), adapted=adapter.adapted)
+    options = _ours(args, full["max_tokens"])
+    row = run(build_adamw(groups), args.adapter, lambda ex: step(ex, options))
+    row["max_tokens"] = full["max_tokens"]
+    for r in (full, row):
+        print(f"{r['name'] + ' ' + ('full' if r is full else f'r={adapter.r}'):<14} trainable {r['trainable_params']:>13,}"
+              f"  optimizer state {r['optimizer_state_gib']:.4f} GiB  peak memory {r['peak_gib']:.2f} GiB"
+              f"  tokens/s {r['tokens_per_s']:.1f}")
+    print(f"{'ratio':<14} trainable {row['trainable_params'] / full['trainable_params']:.4f}x  optimizer state "
+          f"{row['optimizer_state_gib'] / full['optimizer_state_gib']:.4f}x  peak memory {row['peak_gib'] / full['peak_gib']:.2f}x")
+    return row
+
+
+def adapter_plan_of(kind: str, rank: int | None):
+    """`adapter=<kind>`'s settings (conf/shared/adapter_lora.yaml: targets, alpha, dropout), at `rank`, with every part training."""
+    from ov_train.config.adapter import adapter_plan
+    from ov_train.config.compose import compose
+
+    node = compose([f"adapter={kind}", *([f"adapter.r={rank}"] if rank else [])]).adapter
+    return adapter_plan(node, dict.fromkeys(PARTS, 1e-5), base={})

@@ -1,7 +1,8 @@
 """The run plan: the composed config resolved once into every decision of a run.
 
-`resolve_plan(cfg)` checks every value (config/checks.py), converts each setting once (precision, forward
-options, recipe and token budget, part learning rates, strategy, run paths, resume target) and returns a
+`resolve_plan(cfg)` checks every value (config/checks.py, config/adapter.py), converts each setting once (precision,
+forward options, recipe and token budget, part learning rates, adapters, strategy, run paths, resume target) and
+returns a
 frozen RunPlan. Everything downstream takes its piece of the plan: model/build.py the ModelPlan, the data
 module the DataPlan, the LightningModule the OptimPlan and ForwardOptions, strategies.py the StrategyPlan.
 A config with problems raises ConfigError listing all of them, each by key, before any work.
@@ -12,12 +13,13 @@ imports nothing above ov_train.config.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config import checks
+from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
@@ -147,11 +149,12 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class OptimPlan:
-    part_lrs: dict[str, float]  # every part, learning rate with model.lr_scale applied; 0: frozen
+    part_lrs: dict[str, float]  # every part, learning rate with model.lr_scale applied; 0: frozen (by the adapters too)
     weight_decay: float
     warmup_ratio: float
     total_steps: int
     step: StepPlan = StepPlan()
+    adapted: tuple[str, ...] = ()  # parts in which only PEFT's tensors train (config/adapter.py), their own frozen
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class StrategyPlan:
     settings: dict = field(default_factory=dict)  # the strategy node's other keys
     micro_batch_size: int = 1  # what DeepSpeed reports per GPU (batches are built in the loader)
     gradient_clipping: float | None = None  # DeepSpeed's own clipping, under manual optimization (step bundles)
+    trainable_only: bool = False  # checkpoints hold the trainable tensors only (adapters: the base comes from model.*)
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ class RunPlan:
     data: DataPlan
     forward: ForwardOptions
     optim: OptimPlan
+    adapter: AdapterPlan | None  # None: adapter=none
     precision: str
     strategy: StrategyPlan
     trainer: dict  # Lightning Trainer arguments (precision resolved)
@@ -233,15 +238,18 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None
     raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
 
 
-def run_identity(cfg: DictConfig, max_steps: int | None = None) -> dict:
+def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
     """What a resume must share with the run that wrote the checkpoint (kept in its `ov_train` metadata);
-    `max_steps`: the plan's, when data.epochs derived it."""
-    return {
+    `max_steps`: the plan's, when data.epochs derived it; with adapters, their settings and the base they sit on."""
+    identity = {
         "stage": cfg.stage.name,
         "model": cfg.model.name,
         "geometry": OmegaConf.to_container(OmegaConf.masked_copy(cfg.model, ["vision", "text"]), resolve=True),
         "max_steps": max_steps or cfg.trainer.max_steps,
     }
+    if adapter:
+        identity.update(adapter=adapter.settings(), base=adapter.base)
+    return identity
 
 
 def model_plan(model, trust: bool = False) -> ModelPlan:
@@ -311,17 +319,40 @@ def max_steps(cfg: DictConfig, step: StepPlan) -> int:
     return step.derived_max_steps or cfg.trainer.max_steps
 
 
-def optim_plan(cfg: DictConfig, step: StepPlan = StepPlan()) -> OptimPlan:
-    scale = cfg.model.lr_scale
-    part_lrs = {p: float(cfg.stage.parts.get(p) or 0.0) * scale for p in PARTS}
-    return OptimPlan(part_lrs, cfg.stage.weight_decay, cfg.stage.warmup_ratio, max_steps(cfg, step), step)
+def stage_lrs(cfg: DictConfig) -> dict[str, float]:
+    """Every part's learning rate as the stage gives it, model.lr_scale applied; 0: frozen."""
+    return {p: float(cfg.stage.parts.get(p) or 0.0) * cfg.model.lr_scale for p in PARTS}
 
 
-def strategy_plan(cfg: DictConfig, step: StepPlan = StepPlan()) -> StrategyPlan:
+def base_record(model: ModelPlan, seed: int) -> dict:
+    """What an adapter run's frozen base is, for resumes and ov-export to rebuild it (model/adapter_io.py): the
+    model plan with its paths made absolute (trusting a checkpoint is the reader's choice), and the seed."""
+    node = asdict(model)
+    node.pop("trust_checkpoint")
+    for key in ("source", "vision_tower", "llm", "tokenizer"):
+        if node[key]:
+            node[key] = str(Path(node[key]).resolve())
+    return {"model": node, "seed": seed}
+
+
+def run_adapter_plan(cfg: DictConfig) -> AdapterPlan | None:
+    """The run's adapters against its stage (None under adapter=none); the values were checked by resolve_plan."""
+    return adapter_plan(cfg.adapter, stage_lrs(cfg), base_record(model_plan(cfg.model), cfg.seed))
+
+
+def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> OptimPlan:
+    """The stage's learning rates and schedule; parts the adapters freeze get 0."""
+    part_lrs = adapter.part_lrs(stage_lrs(cfg)) if adapter else stage_lrs(cfg)
+    return OptimPlan(part_lrs, cfg.stage.weight_decay, cfg.stage.warmup_ratio, max_steps(cfg, step), step,
+                     adapter.adapted if adapter else ())
+
+
+def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> StrategyPlan:
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     # Step bundles step by hand: DeepSpeed clips by its config (0: off), the Trainer's gradient_clip_val is dropped.
     clipping = (cfg.trainer.gradient_clip_val or 0.0) if step.manual and cfg.strategy.name == "deepspeed" else None
-    return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, clipping)
+    return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, clipping,
+                        trainable_only=adapter is not None)
 
 
 def _multirun():
@@ -386,6 +417,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None) + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer)
+        + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
     )
     ckpt_path = None
     try:
@@ -405,20 +437,22 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         trainer.pop("gradient_clip_val", None)  # Lightning refuses it under manual optimization: StepPlan.clip_val
     if trainer.get("val_check_interval") is None:
         trainer["val_check_interval"] = trainer["max_steps"]
+    adapter = run_adapter_plan(cfg)
     return RunPlan(
         stage=cfg.stage.name,
         model=model_plan(cfg.model, cfg.checkpoint.trust),
         data=data_plan(cfg, spec, media),
         forward=forward,
-        optim=optim_plan(cfg, step),
+        optim=optim_plan(cfg, adapter, step),
+        adapter=adapter,
         precision=precision,
-        strategy=strategy_plan(cfg, step),
+        strategy=strategy_plan(cfg, adapter, step),
         trainer=trainer,
         logger=logger_plan(cfg),
         checkpoint=CheckpointPlan(**OmegaConf.to_container(cfg.checkpoint)),
         paths=RunPaths(run_dir) if run_dir else None,
         ckpt_path=ckpt_path,
-        identity=run_identity(cfg, trainer["max_steps"]),
+        identity=run_identity(cfg, trainer["max_steps"], adapter),
         nonfinite=cfg.nonfinite,
         peak_tflops=cfg.metrics.peak_tflops,
         predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),

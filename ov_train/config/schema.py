@@ -6,7 +6,7 @@ another option (`strategy.stage=3` under `strategy=ddp`) stops the run at compos
 named, before anything is built. Values (a learning rate below 0, a template that does not exist) are
 checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`.
 
-Groups whose options carry different keys (strategy, data, logger) have one class per option, each a
+Groups whose options carry different keys (strategy, data, logger, adapter) have one class per option, each a
 subclass of the group's base; an option's YAML names its class in its defaults list (`schema_ddp`).
 Lightning Trainer arguments the schema does not list pass through with `+trainer.NAME=VALUE`.
 """
@@ -216,6 +216,41 @@ class MLflowLoggerConfig(LoggerConfig):
 
 
 @dataclass
+class AdapterConfig:
+    """`adapter=none`: every part trains whole or stays frozen, as the stage says."""
+
+    name: str = "none"
+
+
+@dataclass
+class AdapterTargets:
+    """Per part: a list of module names that get adapters (inside its layers), `full` (trains whole as the stage
+    says) or `frozen` (whatever the stage says). config/adapter.py checks the values."""
+
+    vision_tower: Any = "frozen"
+    projector: Any = "frozen"
+    llm: Any = "frozen"
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """`adapter=lora` / `adapter=dora` (PEFT)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: AdapterTargets = field(default_factory=AdapterTargets)
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """`adapter=qlora`: LoRA on an LLM whose linear layers are 4-bit (bitsandbytes)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: Optional[int] = 500
     every_minutes: Optional[float] = 60.0
@@ -248,8 +283,6 @@ class PlanConfig:
     mfu: float = 0.4
     tokens: Optional[int] = None
     modality: Optional[str] = None
-    lora: bool = False
-    lora_rank: int = 16
     reserve_gib: float = 2.0
     memory_gib: Optional[float] = None
 
@@ -262,6 +295,7 @@ class Config:
     strategy: StrategyConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    adapter: AdapterConfig = MISSING
     seed: int = 0
     ckpt_path: Optional[str] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -279,6 +313,7 @@ GROUP_SCHEMAS = {
                  "schema_fsdp2": FSDP2Config},
     "data": {"schema_synthetic": SyntheticDataConfig, "schema_recipe": DataConfig},
     "logger": {"schema_logger": LoggerConfig, "schema_wandb": WandbLoggerConfig, "schema_mlflow": MLflowLoggerConfig},
+    "adapter": {"schema_adapter": AdapterConfig, "schema_lora": LoraConfig, "schema_qlora": QLoraConfig},
 }
 
 

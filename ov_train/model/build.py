@@ -101,18 +101,28 @@ def _fit_vocab(model, tokenizer) -> None:
     model.config.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 
 
-def build_model(plan: ModelPlan, cache_dir: str | Path):
+def checkpoint_tokenizer(plan: ModelPlan, tokenizer_dir: str | None):
+    """The tokenizer of a model initialised from a checkpoint: model.tokenizer, else the one the checkpoint records."""
+    if not plan.tokenizer and not (tokenizer_dir and Path(tokenizer_dir).exists()):
+        raise ValueError(f"model.init_from={plan.source}: its tokenizer {tokenizer_dir!r} is gone; set model.tokenizer")
+    return load_tokenizer(plan.tokenizer or tokenizer_dir)
+
+
+def build_model(plan: ModelPlan, cache_dir: str | Path, seed: int | None = None):
     """Return (model, tokenizer) along the plan's route; weights in fp32 (precision is the trainer's job).
-    An `init_from` checkpoint is unpickled beyond tensors and plain data only when the plan trusts it."""
+    An `init_from` checkpoint is unpickled beyond tensors and plain data only when the plan trusts it.
+
+    With `seed`, torch's generator is seeded first: random weights, and the embedding rows added for new tokens,
+    are then the same on every build, so an adapter run's frozen base can be rebuilt from its record."""
+    if seed is not None:
+        torch.manual_seed(seed)
     if plan.route == "export":
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(plan.source, dtype=torch.float32)
         tokenizer = load_tokenizer(plan.tokenizer or plan.source)
         log.info("initialised from earlier stage export %s", plan.source)
     elif plan.route == "checkpoint":
         model, tokenizer_dir = model_from_checkpoint(plan.source, trust=plan.trust_checkpoint)
-        if not plan.tokenizer and not (tokenizer_dir and Path(tokenizer_dir).exists()):
-            raise ValueError(f"model.init_from={plan.source}: its tokenizer {tokenizer_dir!r} is gone; set model.tokenizer")
-        tokenizer = load_tokenizer(plan.tokenizer or tokenizer_dir)
+        tokenizer = checkpoint_tokenizer(plan, tokenizer_dir)
         log.info("initialised from checkpoint %s", plan.source)
     elif plan.route == "pretrained":
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(plan.source, dtype=torch.float32)

@@ -3,7 +3,8 @@
 Reading: a single Lightning file, a DeepSpeed ZeRO directory or an FSDP2 (torch.distributed.checkpoint)
 directory; every pickle in it is unpickled as tensors and plain data only, unless the caller trusts it
 (ov_train/utils/safe_load.py). Used by model.init_from (model/build.py), resume checks and the final
-export (run.py) and `ov-export` (tools/export.py).
+export (run.py) and `ov-export` (tools/export.py); adapter checkpoints, which hold the trainable tensors only, are
+read through here by model/adapter_io.py.
 
 Writing: `export_pretrained` writes a directory (model, tokenizer, processor settings) that stock
 transformers loads.
@@ -202,18 +203,21 @@ def checkpoint_metadata(path: str | Path, trust: bool = False) -> dict:
     return meta
 
 
-def _load_weights(path: Path, kind: str, model, trust: bool = False) -> None:
-    """Fill `model` with the checkpoint's full fp32 weights; every tensor must be there, and nothing else.
-    The checkpoint's pickles were checked by checkpoint_metadata."""
+def load_weights(path: Path, kind: str, model, trust: bool = False, trainable_only: bool = False) -> None:
+    """Fill `model` with the checkpoint's fp32 weights: every tensor must be there, and nothing else; with
+    `trainable_only` (an adapter checkpoint), exactly the tensors that train (requires_grad), the rest staying as
+    the model was built (its base). The checkpoint's pickles were checked by checkpoint_metadata."""
+    wanted = {k for k, p in model.named_parameters() if p.requires_grad} if trainable_only else set(model.state_dict())
     if kind == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
         # Read in place into full tensors, without a process group: no_dist reassembles every shard here.
-        target = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+        current = model.state_dict(keep_vars=True)
+        target = {"state_dict": {f"model.{k}": current[k].data for k in wanted}}
         stored = {k for k in load_dcp_metadata(path / ".metadata", trust=trust).state_dict_metadata if k.startswith("state_dict.")}
-        wanted = {f"state_dict.{k}" for k in target["state_dict"]}
-        if stored != wanted:
-            missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
+        expected = {f"state_dict.{k}" for k in target["state_dict"]}
+        if stored != expected:
+            missing, unexpected = sorted(expected - stored)[:5], sorted(stored - expected)[:5]
             raise CheckpointError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
         with warnings.catch_warnings():
             # torch warns that it "assumes" a single-process load even when no_dist asks for one.
@@ -226,20 +230,34 @@ def _load_weights(path: Path, kind: str, model, trust: bool = False) -> None:
         )
 
         # The fp32 master weights, gathered from every rank's optimizer partition (ZeRO-2 and ZeRO-3 alike).
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), exclude_frozen_parameters=trainable_only)
     else:
         state = load_file(path, trust=trust)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if trainable_only and set(state) != wanted:
+        missing, unexpected = sorted(wanted - set(state))[:5], sorted(set(state) - wanted)[:5]
+        raise CheckpointError(f"{path}: its trainable tensors do not fit its adapters: missing {missing}, unexpected"
+                              f" {unexpected}")
     try:
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+        model.load_state_dict(state, strict=not trainable_only)
     except RuntimeError as err:  # missing, unexpected or differently sized tensors, all listed
         raise CheckpointError(f"{path}: weights do not fit the model recorded in it: {err}") from None
 
 
+def ov_train_metadata(path: str | Path, trust: bool = False) -> dict:
+    """The checkpoint's `ov_train` entry (model config, tokenizer, run identity, adapters, ...)."""
+    meta = checkpoint_metadata(path, trust).get("ov_train")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{path}: not an ov_train checkpoint (no 'ov_train' metadata with the model config)")
+    return meta
+
+
 def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
-    """Rebuild the trained model from any checkpoint ov_train writes (file, DeepSpeed or FSDP2 directory).
+    """Rebuild the trained model from any full checkpoint ov_train writes (file, DeepSpeed or FSDP2 directory).
 
     Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process. Nothing in
     the checkpoint is unpickled beyond tensors and plain data unless `trust`; CheckpointError says what is wrong.
+    Adapter checkpoints hold no base: model/adapter_io.py puts them back on theirs.
     """
     from transformers import (
         LlavaOnevisionConfig,
@@ -248,15 +266,16 @@ def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
 
     path = Path(ckpt_path)
     kind = checkpoint_format(path)
-    meta = checkpoint_metadata(path, trust).get("ov_train")
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise CheckpointError(f"{ckpt_path}: not an ov_train checkpoint (no 'ov_train' metadata with the model config)")
+    meta = ov_train_metadata(path, trust)
+    if meta.get("adapter"):
+        raise CheckpointError(f"{ckpt_path}: an adapter checkpoint (adapter={meta['adapter']['kind']}), without its base"
+                              " weights; ov-export merges it into its base (ov_train.model.adapter_io)")
     try:
         config = LlavaOnevisionConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt_path}: its model config does not load: {err}") from None
     model = LlavaOnevisionForConditionalGeneration(config)
-    _load_weights(path, kind, model, trust)
+    load_weights(path, kind, model, trust)
     return model, meta.get("tokenizer_dir")
 
 
@@ -268,9 +287,9 @@ def _flat(tree: dict, prefix: str) -> dict:
 
 
 def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list[str]:
-    """Why `ckpt_path` cannot be resumed by a run of `identity` (the plan's: stage, model and its geometry,
-    max_steps: the learning-rate schedule spans max_steps, so another value would make it jump, or with fewer
-    steps than done end the run at once). Reads only the checkpoint's pickles (tensors stay on disk)."""
+    """Why `ckpt_path` cannot be resumed by a run of `identity` (the plan's: stage, model and its geometry, the
+    adapters and their base, max_steps: the learning-rate schedule spans max_steps, so another value would make it
+    jump, or with fewer steps than done end the run at once). Reads only the checkpoint's pickles (tensors stay on disk)."""
     try:
         meta = checkpoint_metadata(ckpt_path, trust=trust)
     except CheckpointError as err:
@@ -289,6 +308,9 @@ def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list
             f"{key}: the checkpoint's {before.get(key)!r}, this run's {after.get(key)!r}"
             for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)
         ]
+    for key, what in (("adapter", "adapter"), ("base", "the adapters' base (model.* and seed)")):
+        if stored.get(key) != identity.get(key):
+            problems.append(f"{what}: the checkpoint's {stored.get(key)!r}, this run's {identity.get(key)!r}")
     if stored.get("max_steps") != identity["max_steps"]:
         problems.append(
             f"trainer.max_steps: the checkpoint's run has {stored.get('max_steps')}, this one {identity['max_steps']}"

@@ -1,8 +1,9 @@
 """Where things sit inside LlavaOnevisionForConditionalGeneration: the one module that walks its attribute paths.
 
 It names the parts (vision tower, projector, LLM) by parameter name, the layer lists of the tower and the
-LLM, the units FSDP2 shards, the layers activation checkpointing may wrap, and the tensors OneVision never
-reads. Strategies, checkpointing, the forward pass, freezing and building ask here; a transformers release
+LLM, the units FSDP2 shards, the layers activation checkpointing may wrap, the tensors OneVision never
+reads, and where PEFT's adapters go and how PEFT names what it adds (model/adapters.py places them).
+Strategies, checkpointing, the forward pass, freezing, adapters and building ask here; a transformers release
 that moves a module changes this file only.
 
 Sharding units: FSDP2 shards each SigLIP encoder layer and each Qwen2 decoder layer as a unit of its own;
@@ -30,10 +31,16 @@ assert tuple(PART_PATTERNS) == PARTS
 # Tensors LLaVA-OneVision never runs: image features are the tower's last kept layer *before* SigLIP's
 # post_layernorm, and the pooling head is not used. They stay frozen in every stage: they would get no
 # gradient, so an optimizer would only carry them, and DDP (find_unused_parameters=False) fails on them.
+# (Under adapters a tower trained whole is PEFT's copy: `vision_tower.modules_to_save.default.` and the frozen
+# `vision_tower.original_module.` prefix the same names.)
 UNUSED: tuple[str, ...] = (
-    r"^model\.vision_tower\.(vision_model\.)?post_layernorm\.",
-    r"^model\.vision_tower\.(vision_model\.)?head\.",
+    r"^model\.vision_tower\.((modules_to_save\.\w+|original_module)\.)?(vision_model\.)?post_layernorm\.",
+    r"^model\.vision_tower\.((modules_to_save\.\w+|original_module)\.)?(vision_model\.)?head\.",
 )
+# Tensors PEFT adds: LoRA / DoRA matrices and magnitudes, and the trained copy of a module trained whole beside
+# adapters (modules_to_save). In an adapted part only these train; the rest is frozen base.
+PEFT_COPY = r"\.modules_to_save\."
+ADAPTER_WEIGHTS: tuple[str, ...] = (r"\.lora_[A-Za-z_]+\.", PEFT_COPY)
 
 
 def part_of(name: str) -> str:
@@ -46,6 +53,14 @@ def part_of(name: str) -> str:
 
 def is_unused(name: str) -> bool:
     return any(re.search(p, name) for p in UNUSED)
+
+
+def is_adapter_weight(name: str) -> bool:
+    return any(re.search(p, name) for p in ADAPTER_WEIGHTS)
+
+
+def is_peft_copy(name: str) -> bool:
+    return re.search(PEFT_COPY, name) is not None
 
 
 def core(model) -> nn.Module:
@@ -96,3 +111,27 @@ def layers(model, module: str) -> nn.ModuleList:
 def shard_units(model) -> list[nn.Module]:
     """What FSDP2 shards as units of their own, before the root: every tower layer, then every LLM layer."""
     return [*layers(model, "vision"), *layers(model, "llm")]
+
+
+def module_name(model, module: nn.Module) -> str:
+    """`module`'s qualified name inside `model`."""
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def adapter_scope(model, part: str) -> tuple[str, bool]:
+    """Where a part's adapter target modules are looked for: (the qualified name of the module holding them,
+    whether they sit inside its numbered layers). The tower's and the LLM's are inside their layer lists (not the
+    tower's head, nor the LLM's head); the projector's are its own linear layers."""
+    if part == "projector":
+        return module_name(model, projector(model)), False
+    return module_name(model, layers(model, "vision" if part == "vision_tower" else "llm")), True
+
+
+def whole_module(model, part: str) -> nn.Module:
+    """The module a part trained whole beside adapters is (PEFT copies it: modules_to_save); the projector part's
+    image_newline is a bare parameter PEFT cannot copy, so under adapters it keeps its base value."""
+    if part == "vision_tower":
+        return vision_tower(model)
+    if part == "projector":
+        return projector(model)
+    raise ValueError(f"the {part} has no module PEFT trains whole; it trains through adapters or stays frozen")

@@ -23,11 +23,12 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig
 
+from ov_train.config.adapter import AdapterPlan, adapter_problems
 from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
-from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, strategy_plan
-from ov_train.constants import VARLEN
+from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, run_adapter_plan, stage_lrs, strategy_plan
+from ov_train.constants import ADAPTED, VARLEN
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
 from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state
@@ -57,7 +58,7 @@ def plan_problems(plan) -> list[str]:
     mfu = plan.get("mfu", 0.4)
     if not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
         out.append(f"plan.mfu={mfu!r} must be a number in (0, 1]")
-    for key in ("tokens", "lora_rank"):
+    for key in ("tokens",):
         value = plan.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             out.append(f"plan.{key}={value!r} must be a positive integer or null")
@@ -132,7 +133,7 @@ class Setup:
     shares: dict
     anyres: bool
     max_frames: int
-    lora_rank: int | None
+    adapter: AdapterPlan | None  # the run's adapters (config/adapter.py); None: adapter=none
     mfu: float
     reserve_gib: float
     image: ImageSettings = ImageSettings()  # the stage's image strategy and grid
@@ -165,14 +166,18 @@ class Setup:
         recipe = _recipe(cfg)
         tokens, tokens_from = _step_tokens(cfg, recipe)
         media, media_problems = read_media(cfg.stage)
-        if media_problems:
-            raise PlanError("invalid stage config:\n  " + "\n  ".join(media_problems))
+        # The run's own checks of these nodes (resolve_plan), less what depends on this machine.
+        problems = media_problems + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy,
+                                                     str(cfg.trainer.accelerator), machine=False)
+        if problems:
+            raise PlanError("invalid config:\n  " + "\n  ".join(problems))
+        adapter = run_adapter_plan(cfg)
         return cls(
-            model=model_plan(cfg.model), parts=optim_plan(cfg).part_lrs, device=device,
+            model=model_plan(cfg.model), parts=optim_plan(cfg, adapter).part_lrs, device=device,
             engine=engine, options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
             tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=media.image.anyres,
-            max_frames=media.video.max_frames, lora_rank=int(plan.lora_rank) if plan.get("lora") else None,
+            max_frames=media.video.max_frames, adapter=adapter,
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
             image=media.image,
         )
@@ -239,7 +244,7 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
     e = setup.engine
     state = model_state(counts, e)
     # Full gradients already held when the step starts: accumulation, the stock path's batch-1 accumulation, and
-    # LoRA (the trace's gradients are the full model's, its own are the adapters').
+    # adapters (the trace's gradients are the full model's, its own are the adapters').
     held = e.accumulate > 1 or setup.path == "stock" or counts.adapters > 0
     if e.grads_traced and not held:
         transient = trace.activations_with_gradients
@@ -265,7 +270,7 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "model": setup.model.name,
         "parameters": counts.total,
         "trainable_parameters": counts.trainable,
-        "lora_rank": setup.lora_rank,
+        "adapter": setup.adapter and {"kind": setup.adapter.kind, "r": setup.adapter.r},
         "weights_gib": _gib(state.weights),
         "gradients_gib": _gib(state.gradients),
         "masters_gib": _gib(state.masters),
@@ -303,13 +308,16 @@ def plan_setup(setup: Setup) -> dict:
     apply_to_model_config(model.config, MediaSettings(setup.image))  # the stage's anyres N and grid, as training
     geometry = VisionGeometry.from_model_config(model.config)
     all_samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
+    # Parts the adapter config freezes train nothing (setup.parts has them at 0); adapted parts' own weights are
+    # frozen in count().
     apply_stage(model, setup.parts)
-    counts = count(model, setup.lora_rank)
+    counts = count(model, setup.adapter)
     work = TokenCounts(
         images=sum(sum(s.crops) for s in all_samples), tokens=sum(s.tokens for s in all_samples),
         pairs=sum(s.tokens * (s.tokens + 1) / 2 for s in all_samples),
     )
-    trains = set(counts.trainable_parts) - ({"llm"} if counts.adapters else set())  # adapters: no LLM weight gradients
+    # Adapted parts compute no gradients of their own weights (a trained copy does).
+    trains = {p for p in counts.trainable_parts if not (setup.adapter and setup.adapter.modes[p] == ADAPTED)}
     flops = ModelFlops.from_config(model.config).train_step(work, trains)
     trace, cached = cached_trace(setup, model, step_samples(setup, geometry))
     out = evaluate(setup, trace, counts, work, flops)

@@ -22,7 +22,8 @@ ROWS = (
 
 def format_plan(plan: dict) -> str:
     samples = ", ".join(f"{n} {m}" for m, n in plan.get("samples", {}).items() if n)
-    lora = f", LoRA rank {plan['lora_rank']}" if plan.get("lora_rank") else ""
+    adapter = plan.get("adapter")
+    lora = f", adapter={adapter['kind']} r={adapter['r']}" if adapter else ""
     lines = [
         f"plan: {plan['model']} ({plan['parameters'] / 1e9:.2f}B parameters, {plan['trainable_parameters'] / 1e9:.2f}B "
         f"trained{lora}), {plan['path']} path, {plan['strategy']} on {plan['devices']} x {plan['device']} "

@@ -22,18 +22,22 @@ bf16 gradients that MasterWeightAdamW steps with, and AdamW's foreach intermedia
 parameter of the largest group); ZeRO-1/2 step on an fp32 copy of each group's gradient partition, then
 all-gather the weights in buckets; ZeRO-3 on an fp32 copy of one sub-group (10^9 elements) at a time.
 
-LoRA (`plan.lora=true`): the LLM's own weights are frozen and rank-r adapters train on its attention and MLP
-projections (r x (in + out) parameters per projection); the other parts train as the stage says.
+Adapters (the run's `adapter` config, ov_train.model.adapters): an adapted part's own weights are frozen and rank-r
+adapters train on its listed modules (r x (in + out) parameters each, plus `out` for DoRA's magnitudes); a part
+trained whole beside adapters is a trained copy (PEFT's modules_to_save) of its module; a frozen part trains nothing.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
+from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import StrategyPlan
+from ov_train.constants import ADAPTED, COPY
 from ov_train.model import layout
+from ov_train.model.adapters import target_pattern
 from ov_train.model.layout import part_of
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_CLASSES = ("SiglipEncoderLayer", "Qwen2DecoderLayer")  # the units FSDP2Strategy shards (ov_train.strategies)
 
 
@@ -47,36 +51,45 @@ class Counts:
     largest_layer: int  # parameters of the largest SigLIP or Qwen2 layer: one FSDP2 / ZeRO-3 gather
     root: int  # parameters outside those layers: FSDP2's root unit
     largest_other: int  # the largest module outside the layers (embeddings, LM head): a ZeRO-3 gather
-    adapters: int = 0  # LoRA parameters (in total and trainable)
+    adapters: int = 0  # parameters the adapters add: adapters and trained copies (in total and trainable)
     trainable_parts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def lora_adapters(model, rank: int) -> dict[str, int]:
-    """Adapter parameters per LLM projection a LoRA of `rank` would add: rank x (in + out) each."""
-    out = {}
-    for name, module in layout.language_model(model).named_modules():
-        if name.rsplit(".", 1)[-1] in LORA_TARGETS and hasattr(module, "in_features"):
-            out[name] = rank * (module.in_features + module.out_features)
+def adapter_parameters(model, adapter: AdapterPlan) -> dict[str, int]:
+    """Parameters the adapters add per part: r x (in + out) per adapted linear module (+ out for DoRA's magnitude),
+    and the whole copy of a part trained beside adapters."""
+    out = dict.fromkeys(adapter.modes, 0)
+    pattern = target_pattern(model, adapter)
+    for name, module in model.named_modules():
+        if pattern and re.fullmatch(pattern, name) and hasattr(module, "in_features"):
+            extra = module.out_features if adapter.kind == "dora" else 0
+            out[part_of(f"{name}.weight")] += adapter.r * (module.in_features + module.out_features) + extra
+    for part, mode in adapter.modes.items():
+        if mode == COPY:
+            out[part] += sum(p.numel() for p in layout.whole_module(model, part).parameters())
     return out
 
 
-def count(model, lora_rank: int | None = None) -> Counts:
-    """Counts of `model` with requires_grad as the stage set it (ov_train.model.parts.apply_stage); with
-    `lora_rank`, the LLM's weights frozen and adapters added."""
+def count(model, adapter: AdapterPlan | None = None) -> Counts:
+    """Counts of `model` with requires_grad as the stage set it (ov_train.model.parts.apply_stage); with `adapter`,
+    the adapted parts' own weights frozen and the adapters added."""
+    modes = adapter.modes if adapter else {}
     groups: dict[str, int] = {}
     total = trainable = 0
     for name, param in model.named_parameters():
         total += param.numel()
         part = part_of(name)
-        if param.requires_grad and not (lora_rank and part == "llm"):
+        if param.requires_grad and modes.get(part) not in (ADAPTED, COPY):
             trainable += param.numel()
             groups[part] = groups.get(part, 0) + param.numel()
-    adapters = sum(lora_adapters(model, lora_rank).values()) if lora_rank else 0
-    if adapters:
-        groups["llm"] = adapters
+    added = adapter_parameters(model, adapter) if adapter else {}
+    adapters = sum(added.values())
+    for part, n in added.items():
+        if n:
+            groups[part] = groups.get(part, 0) + n
     layers = [m for m in model.modules() if type(m).__name__ in LAYER_CLASSES]
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     in_layers = {id(p) for layer in layers for p in layer.parameters()}

@@ -29,7 +29,7 @@ def plan_cell(model: str, lora: bool, strategy: str, tokens: int, gpus: int) -> 
     nodes = gpus // 8
     cfg = compose([
         f"model={model}", f"strategy={strategy}", "trainer.devices=8", f"trainer.num_nodes={nodes}",
-        f"plan.tokens={tokens}", f"model.max_tokens={tokens}", f"plan.lora={str(lora).lower()}", "plan.device=h100",
+        f"plan.tokens={tokens}", f"model.max_tokens={tokens}", f"adapter={'lora' if lora else 'none'}", "plan.device=h100",
     ])
     return plan_setup(Setup.from_config(cfg))
 

@@ -1,12 +1,13 @@
-"""`ov-export CKPT OUT`: a Hugging Face directory from any checkpoint ov_train writes (ov_train/model/checkpoint_io.py)."""
+"""`ov-export CKPT OUT`: a Hugging Face directory from any checkpoint ov_train writes (ov_train/model/checkpoint_io.py);
+an adapter checkpoint merged into its base, with its adapters in PEFT's format in OUT/adapter/
+(ov_train/model/adapter_io.py)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ov_train.constants import TEMPLATES
-from ov_train.model.checkpoint_io import checkpoint_metadata, export_pretrained, model_from_checkpoint
-from ov_train.model.model_card import card_facts
+from ov_train.model.adapter_io import export_checkpoint
 from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.safe_load import CheckpointError
 
@@ -26,19 +27,23 @@ def main(argv: list[str] | None = None) -> int:
         "--template", choices=TEMPLATES,
         help="the chat template the model was trained with (default: the one recorded in the checkpoint, else qwen_1_5)",
     )
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="an adapter checkpoint: write only its adapters, in PEFT's format (PeftModel.from_pretrained)")
+    parser.add_argument("--base", help="an adapter checkpoint's base model, a Hugging Face directory (default: rebuilt"
+                        " from what the checkpoint records: model.pretrained, ..., or the seed of a random init)")
     args = parser.parse_args(argv)
     if not Path(args.ckpt).exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
+    if args.base and not Path(args.base).is_dir():
+        parser.error(f"--base {args.base}: not a directory")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        parser.error(f"tokenizer directory not found: {args.tokenizer!r}")
     try:
-        model, tokenizer_dir = model_from_checkpoint(args.ckpt, trust=args.trust_checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        export_checkpoint(args.ckpt, args.out, tokenizer, args.trust_checkpoint, args.base, args.adapter_only,
+                          args.template)
     except (CheckpointError, OSError) as err:
         parser.error(str(err))
-    tokenizer_dir = args.tokenizer or tokenizer_dir
-    if not tokenizer_dir or not Path(tokenizer_dir).exists():
-        parser.error(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
-    facts = card_facts(checkpoint_metadata(args.ckpt, trust=args.trust_checkpoint))
-    template = args.template or facts["template"] or "qwen_1_5"
-    export_pretrained(model, load_tokenizer(tokenizer_dir), args.out, template=template, card=facts)
     print(f"exported {args.ckpt} -> {args.out}")
     return 0
 

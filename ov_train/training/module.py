@@ -7,9 +7,11 @@ from functools import partial
 import lightning as L
 import torch
 
+from ov_train.config.adapter import AdapterPlan
 from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import OptimPlan
 from ov_train.constants import MODALITIES
+from ov_train.model.adapters import dropout_seed
 from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
@@ -28,6 +30,7 @@ class OneVisionModule(L.LightningModule):
     def __init__(
         self, model, optim: OptimPlan, forward_options: ForwardOptions | None = None, tokenizer_dir: str | None = None,
         nonfinite: str = "skip", identity: dict | None = None, template: str | None = None,
+        adapter: AdapterPlan | None = None, seed: int = 0,
     ):
         super().__init__()
         self.tokenizer_dir = tokenizer_dir
@@ -43,8 +46,13 @@ class OneVisionModule(L.LightningModule):
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
         prepare_model(model, self.forward_options)
+        # With adapters (placed before, model/adapter_io.py): in adapted parts only PEFT's tensors train, and
+        # checkpoints hold the trainable tensors only (the base comes from the record), so loading them is not strict
+        # (on_load_checkpoint checks them).
+        self.adapter, self.seed = adapter, seed
+        self.strict_loading = adapter is None
         # Freezing happens here, once, before any strategy wraps the model.
-        _, self.part_rows = apply_stage(model, optim.part_lrs, optim.weight_decay)
+        _, self.part_rows = apply_stage(model, optim.part_lrs, optim.weight_decay, optim.adapted)
         self.parameter_table = format_table(self.part_rows)
         log.info("trainable and frozen parameters:\n%s", self.parameter_table)
         # Per modality: loss sum, supervised tokens, correct answers, chance, samples.
@@ -58,6 +66,12 @@ class OneVisionModule(L.LightningModule):
     def _losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
         return sample_losses(self.model, batch, self.forward_options, predict)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.adapter and self.adapter.dropout > 0:
+            # Adapter dropout draws from the global generator: seeding it per step and rank makes a resumed run draw
+            # the masks an uninterrupted one draws.
+            torch.manual_seed(dropout_seed(self.seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx):
         if "micro_batches" in batch:
@@ -168,6 +182,29 @@ class OneVisionModule(L.LightningModule):
             "recipe": getattr(recipe, "name", None), "data_mix": recipe.shares("name") if recipe else {},
             "val_metrics": dict(getattr(self, "val_metrics", {})),
         }
+        if self.adapter:
+            # The adapter settings and what the base was: resumes and ov-export rebuild the frozen base from it.
+            checkpoint["ov_train"]["adapter"] = self.adapter.to_dict()
+            keep = self._trainable_keys()
+            if "state_dict" in checkpoint:  # DeepSpeed writes weights itself (exclude_frozen_parameters)
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            weights = sum(_nbytes(v) for v in checkpoint.get("state_dict", {}).values())
+            optimizer = sum(_nbytes(v) for v in checkpoint.get("optimizer_states", []))
+            log.info("checkpoint at step %d: %d trainable tensors, %.2f MiB of weights and %.2f MiB of optimizer state"
+                     " (this rank's share under sharded engines); the base is not saved", self.global_step, len(keep),
+                     weights / 2**20, optimizer / 2**20)
+
+    def on_load_checkpoint(self, checkpoint):
+        if not self.adapter or "state_dict" not in checkpoint:  # sharded engines load (and check) the weights themselves
+            return
+        stored, wanted = set(checkpoint["state_dict"]), self._trainable_keys()
+        if stored != wanted:
+            missing, unexpected = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
+            raise RuntimeError(f"the checkpoint's trainable tensors do not fit this run's adapters: missing {missing},"
+                               f" unexpected {unexpected}")
+
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
 
     def configure_model(self):
         # FSDP2 (ov_train.strategies.FSDP2Strategy) shards here: after the process group exists, before the optimizer.
@@ -177,10 +214,21 @@ class OneVisionModule(L.LightningModule):
 
     def configure_optimizers(self):
         # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
-        groups, _ = apply_stage(self.model, self.optim.part_lrs, self.optim.weight_decay)
+        groups, _ = apply_stage(self.model, self.optim.part_lrs, self.optim.weight_decay, self.optim.adapted)
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
         optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
         lam = partial(warmup_cosine, total_steps=self.optim.total_steps, warmup_ratio=self.optim.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the tensors in a nested structure (a state dict, an optimizer state)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.nelement() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return 0

@@ -1,5 +1,5 @@
 """The GPU-only paths, run on a CUDA machine (scripts/gpu_check.sh) and skipped elsewhere: torch's varlen
-attention kernel, Liger's fused linear cross-entropy, bf16 weights with fp32 masters, per-layer compile."""
+attention kernel, Liger's fused linear cross-entropy, bf16 weights with fp32 masters, per-layer compile, QLoRA."""
 import copy
 import json
 
@@ -116,3 +116,33 @@ def test_training_on_one_gpu_uses_bf16_weights_with_fp32_masters(tmp_path, small
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert summary["steps"] == 20 and summary["val_loss"] is not None
     assert json.loads((run_dir / "summary.json").read_text())["val_loss"] < 7.0  # ln(vocab 1,033) = 6.94 at chance
+
+
+def test_qlora_trains_adapters_on_4bit_llm_weights(tmp_path, small_data_root):
+    """adapter=qlora: every linear layer of the LLM's layers in 4 bits (bitsandbytes), LoRA adapters on them trained
+    in bf16 with fp32 masters; the checkpoint holds the adapters (and the projector's copy) only; the export merges
+    them into the base rebuilt in full precision, and export/adapter/ is PEFT's format."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from ov_train.config.run_plan import resolve_plan
+    from ov_train.model.adapter_io import build_for_training
+    from ov_train.model.layout import layers
+
+    run_dir = tmp_path / "run"
+    cfg = compose_config([f"data.root={small_data_root}", *SMALL_DATA, "trainer.max_steps=4", "adapter=qlora"],
+                         run_dir=run_dir)
+    model, _, _ = build_for_training(resolve_plan(cfg))
+    quantized = [m for m in layers(model, "llm").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7 * cfg.model.text.num_hidden_layers
+    assert all(m.weight.dtype == torch.uint8 and m.weight.device.type == "cuda" for m in quantized)
+    del model
+    summary = train(cfg)
+    assert summary["steps"] == 4 and summary["val_loss"] is not None
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all(".lora_" in k or ".modules_to_save." in k for k in ckpt["state_dict"])
+    masters = [s["master"] for s in ckpt["optimizer_states"][0]["state"].values()]
+    assert len(masters) == len(ckpt["state_dict"]) and all(m.dtype == torch.float32 for m in masters)
+    _, info = LlavaOnevisionForConditionalGeneration.from_pretrained(run_dir / "export", output_loading_info=True)
+    assert not any(info.values())
+    assert (run_dir / "export" / "adapter" / "adapter_model.safetensors").is_file()

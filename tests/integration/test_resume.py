@@ -86,7 +86,7 @@ def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path
     def heavy(*args, **kwargs):
         raise AssertionError("the model was built before the resume was checked")
 
-    monkeypatch.setattr(run, "build_model", heavy)
+    monkeypatch.setattr(run, "build_for_training", heavy)
     cases = {
         "trainer.max_steps=3": ["trainer.max_steps: the checkpoint's run has 1, this one 3", "trainer.max_steps=1"],
         "stage=pretrain": ["stage: the checkpoint's 'onevision', this run's 'pretrain'"],

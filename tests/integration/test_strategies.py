@@ -61,14 +61,19 @@ def optimizer_groups(optimizer, named_params) -> list[dict]:
 
 
 def expected_groups(cfg) -> list[dict]:
-    """What apply_stage decides for a fresh model of the same config."""
+    """What apply_stage decides for a fresh model of the same config (its adapters placed, if any)."""
+    from ov_train.config.run_plan import run_adapter_plan
+    from ov_train.model.adapters import wrap
     from ov_train.model.build import build_model
     from ov_train.model.parts import apply_stage
     from ov_train.utils.paths import cache_dir
 
     model, _ = build_model(model_plan(cfg.model), cache_dir())
-    optim = optim_plan(cfg)
-    groups, _ = apply_stage(model, optim.part_lrs, optim.weight_decay)
+    adapter = run_adapter_plan(cfg)
+    if adapter:
+        wrap(model, adapter)
+    optim = optim_plan(cfg, adapter)
+    groups, _ = apply_stage(model, optim.part_lrs, optim.weight_decay, optim.adapted)
     names = {id(p): n for n, p in model.named_parameters()}
     return [{"name": g["name"], "lr": g["lr"], "params": {names[id(p)]: p.numel() for p in g["params"]}} for g in groups]
 

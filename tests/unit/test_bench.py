@@ -25,18 +25,32 @@ LOADER = re.compile(r"^loader\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers
 LOADER_HTTP = re.compile(r"^loader/http\s+samples/s ([\d.]+)\s+tokens/s ([\d.]+)\s+workers (\d+)\s+cpus (\d+)$")
 
 
+ADAPTER = re.compile(r"^(ov_train full|lora r=16)\s+trainable\s+([\d,]+)\s+optimizer state ([\d.]+) GiB\s+peak memory ([\d.]+)")
+
+
 @pytest.mark.slow
 def test_tiny_bench_prints_positive_figures(capsys, tmp_path):
-    args = ["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512"]
+    args = ["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512", "--adapter", "lora"]
     results = main([*args, "--json", str(tmp_path / "b.json")])
-    lines = [m.groups() for m in map(FIGURES.match, capsys.readouterr().out.splitlines()) if m]
+    out = capsys.readouterr().out.splitlines()
+    lines = [m.groups() for m in map(FIGURES.match, out) if m]
     assert [(name, rows) for name, *_, rows in lines] == [
         ("stock", None), ("ov_train", "128"), ("ratio", "128"), ("ov_train", "512"), ("ratio", "512"),
     ]
     for _, *figures, _ in lines:
         assert all(float(f) > 0 for f in figures)
-    assert [(r["name"], r.get("max_tokens")) for r in results] == [("stock", None), ("ov_train", 128), ("ov_train", 512)]
+    assert [(r["name"], r.get("max_tokens")) for r in results] == [
+        ("stock", None), ("ov_train", 128), ("ov_train", 512), ("lora", 128)]
     assert json.loads((tmp_path / "b.json").read_text())["results"] == results
+    # --adapter lora: the same path through LoRA (the LLM's adapters, a trained projector copy, a frozen tower) against
+    # full fine-tuning at rows of 128: far fewer trainable parameters, optimizer state in proportion.
+    (full, lora) = [m.groups() for m in map(ADAPTER.match, out) if m]
+    full_params, lora_params = int(full[1].replace(",", "")), int(lora[1].replace(",", ""))
+    assert full_params == results[1]["trainable_params"] and lora_params == results[3]["trainable_params"]
+    assert 0 < lora_params < full_params / 5
+    # AdamW's state in proportion to the trainable parameters (+ a step counter per tensor).
+    expected = results[1]["optimizer_state_gib"] * lora_params / full_params
+    assert results[3]["optimizer_state_gib"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):

@@ -193,7 +193,7 @@ def train_without_work(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("work started before the config was checked")
 
-    monkeypatch.setattr(run, "build_model", reached)
+    monkeypatch.setattr(run, "build_for_training", reached)
     monkeypatch.setattr(run, "prepare_data", reached)
     return run.train
 

@@ -44,22 +44,33 @@ def test_model_state_per_engine(engine, expected):
     assert (s.weights, s.gradients, s.masters, s.optimizer, s.buffers, s.step_working_set, s.host) == expected
 
 
-def test_counts_and_lora_adapters():
+def test_counts_follow_the_adapter_config():
+    """The planner counts what adapter=lora / dora place (the same numbers PEFT's model has), not a rank of its own."""
+    from ov_train.config.run_plan import run_adapter_plan
+    from ov_train.model.adapters import wrap
+    from ov_train.model.build import build_model
+    from ov_train.model.parts import apply_stage
+    from ov_train.utils.paths import cache_dir
+
     cfg = compose_config([])
     model = meta_model(model_plan(cfg.model))
-    from ov_train.model.parts import apply_stage
-
     apply_stage(model, optim_plan(cfg).part_lrs)
-    full, lora = count(model), count(model, lora_rank=8)
-    t = model.config.text_config
-    head = t.hidden_size // t.num_attention_heads
-    q, kv, d, f = t.num_attention_heads * head, t.num_key_value_heads * head, t.hidden_size, t.intermediate_size
-    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)  # q, k, v, o, gate, up, down
-    assert lora.adapters == 8 * per_layer * t.num_hidden_layers
+    full = count(model)
     llm = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.language_model.", "lm_head.")))
-    assert full.total == sum(p.numel() for p in model.parameters())
-    assert lora.trainable == full.trainable - llm + lora.adapters
-    assert full.largest_group == llm and lora.largest_group < llm and "llm" in lora.trainable_parts
+    assert full.total == sum(p.numel() for p in model.parameters()) and full.largest_group == llm
+    for kind in ("lora", "dora"):
+        cfg = compose_config([f"adapter={kind}", "adapter.r=8", "adapter.targets.vision_tower=[fc1]"])
+        adapter, optim = run_adapter_plan(cfg), optim_plan(cfg, run_adapter_plan(cfg))
+        planned = meta_model(model_plan(cfg.model))
+        apply_stage(planned, optim.part_lrs)
+        counts = count(planned, adapter)
+        real, _ = build_model(model_plan(cfg.model), cache_dir(), seed=0)
+        wrap(real, adapter)
+        apply_stage(real, optim.part_lrs, adapted=optim.adapted)
+        assert counts.total == sum(p.numel() for p in real.parameters())
+        assert counts.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
+        assert counts.adapters == counts.trainable  # the projector as a trained copy, the rest adapters
+        assert counts.largest_group < llm and set(counts.trainable_parts) == {"vision_tower", "projector", "llm"}
 
 
 def test_gpu_precision_is_the_run_plans_choice(monkeypatch):

@@ -1,0 +1,158 @@
+"""Adapter checkpoints: what they record, their base rebuilt, the adapters put back on it (to export, merge or go
+on training), and a run's model built with its adapters.
+
+An adapter run's checkpoints hold the trainable tensors and their optimizer state only; `ov_train.adapter` records
+the AdapterPlan (config/adapter.py) with the base the adapters sit on: the model plan (paths absolute) and the seed,
+which decides random weights and the embedding rows added for new tokens. The base is rebuilt from that record
+(model/build.py), or read from a Hugging Face directory of it (`ov-export --base DIR`). Reading the checkpoint
+itself is model/checkpoint_io.py's; placing adapters is model/adapters.py's.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ov_train.config.adapter import AdapterPlan
+from ov_train.config.run_plan import ModelPlan, RunPlan
+from ov_train.constants import PARTS
+from ov_train.model.adapters import merged, wrap
+from ov_train.model.build import build_model, checkpoint_tokenizer
+from ov_train.model.checkpoint_io import (
+    checkpoint_format,
+    checkpoint_metadata,
+    export_pretrained,
+    load_weights,
+    model_from_checkpoint,
+    ov_train_metadata,
+)
+from ov_train.model.model_card import card_facts
+from ov_train.model.parts import apply_stage
+from ov_train.text.tokenizer import load_tokenizer
+from ov_train.utils.logging import get_logger
+from ov_train.utils.paths import cache_dir
+from ov_train.utils.safe_load import CheckpointError
+from ov_train.vision.settings import CONFIG_KEY
+
+log = get_logger(__name__)
+
+
+def adapter_record(ckpt_path: str | Path, trust: bool = False) -> AdapterPlan | None:
+    """The adapters a checkpoint records, with their base; None for a full checkpoint."""
+    record = ov_train_metadata(Path(ckpt_path), trust).get("adapter")
+    return AdapterPlan.from_dict(record) if record else None
+
+
+def base_plan(adapter: AdapterPlan, trust: bool = False, base_dir: str | Path | None = None,
+              tokenizer_dir: str | None = None) -> ModelPlan:
+    """How to build the adapters' base: as recorded, or from `base_dir`, a Hugging Face directory of it."""
+    plan = ModelPlan(**adapter.base["model"], trust_checkpoint=trust)
+    if base_dir is None:
+        return plan
+    return replace(plan, route="pretrained", source=str(base_dir), vision_tower=None, llm=None,
+                   tokenizer=tokenizer_dir or plan.tokenizer)
+
+
+def rebuild_base(adapter: AdapterPlan, trust: bool = False, base_dir: str | Path | None = None,
+                 tokenizer_dir: str | None = None):
+    """The base model the adapters trained on (its random weights and new embedding rows drawn from the seed)."""
+    model, _ = build_model(base_plan(adapter, trust, base_dir, tokenizer_dir), cache_dir(), seed=adapter.base["seed"])
+    return model
+
+
+def _base_path(adapter: AdapterPlan, base_dir=None) -> str | None:
+    """What PEFT's adapter_config.json names as the base (base_model_name_or_path)."""
+    return str(base_dir) if base_dir else adapter.base["model"]["source"]
+
+
+def adapted_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir: str | Path | None = None,
+                            quantize: bool = False):
+    """An adapter checkpoint on its base: (PeftModel with the trained tensors loaded, tokenizer_dir, AdapterPlan).
+    With `quantize` (QLoRA runs going on), the base LLM is quantized as in training."""
+    path = Path(ckpt_path)
+    meta = ov_train_metadata(path, trust)
+    adapter = adapter_record(path, trust)
+    if adapter is None:
+        raise CheckpointError(f"{path}: a full checkpoint, without adapters")
+    model = rebuild_base(adapter, trust, base_dir, meta.get("tokenizer_dir"))
+    peft_model = wrap(model, adapter, _base_path(adapter, base_dir), quantize=quantize)
+    # What trained is what the checkpoint holds: the same rule as training's (model/parts.py).
+    apply_stage(model, adapter.part_lrs(dict.fromkeys(PARTS, 1.0)), adapted=adapter.adapted)
+    load_weights(path, checkpoint_format(path), model, trust, trainable_only=True)
+    return peft_model, meta.get("tokenizer_dir"), adapter
+
+
+def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, base_dir=None,
+                      adapter_only: bool = False, template: str | None = None) -> Path:
+    """Write a checkpoint's export: a stock Hugging Face directory; for an adapter checkpoint merged, with the
+    adapters in PEFT's format in OUT/adapter/ (`adapter_only`: OUT holds just those). `tokenizer` defaults to the
+    one the checkpoint records, `template` to the chat template it records (else qwen_1_5)."""
+    path, out = Path(ckpt_path), Path(out_dir)
+    meta = ov_train_metadata(path, trust)
+    if meta.get("adapter"):
+        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir)
+        if adapter_only:
+            peft_model.save_pretrained(out)
+            return out
+        peft_model.save_pretrained(out / "adapter")
+        model = merged(peft_model)
+        _trained_media(model.config, meta.get("model_config") or {})
+    elif adapter_only:
+        raise CheckpointError(f"{path}: a full checkpoint, without adapters; drop --adapter-only")
+    else:
+        model, tokenizer_dir = model_from_checkpoint(path, trust)
+    if tokenizer is None:
+        if not tokenizer_dir or not Path(tokenizer_dir).exists():
+            raise CheckpointError(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
+        tokenizer = load_tokenizer(tokenizer_dir)
+    facts = card_facts(checkpoint_metadata(path, trust=trust))
+    return export_pretrained(model, tokenizer, out, template=template or facts["template"] or "qwen_1_5", card=facts)
+
+
+def _trained_media(config, trained: dict) -> None:
+    """The stage's image settings as training had them (vision/settings.py put them in the run's model config);
+    the base rebuilt from the record has the geometry's defaults, and the export's processor files follow these."""
+    for key in ("vision_aspect_ratio", "image_grid_pinpoints", CONFIG_KEY):
+        if key in trained:
+            setattr(config, key, trained[key])
+
+
+def init_from_adapters(plan: RunPlan) -> tuple[AdapterPlan | None, list[str]]:
+    """The adapters a model.init_from checkpoint holds (None: an export or a full checkpoint), and why this run
+    cannot go on training them. Under adapter=none the checkpoint is merged into its base and trains whole; under
+    adapters they go on training, so they must place the same tensors (kind, r, alpha, targets, the parts' modes).
+    Reads only the checkpoint's pickles."""
+    if plan.model.route != "checkpoint":
+        return None, []
+    try:
+        source = adapter_record(plan.model.source, plan.checkpoint.trust)
+    except CheckpointError as err:
+        return None, [f"model.init_from={plan.model.source}: {err}"]
+    if source and plan.adapter and not plan.adapter.same_weights(source):
+        return source, [
+            f"model.init_from={plan.model.source}: its adapters ({source.settings()}) are not this run's"
+            f" (adapter={plan.adapter.kind}: {plan.adapter.settings()}); continue them with the same adapter.*"
+            " settings, or start from its merged export (model.init_from=RUN/export)"
+        ]
+    return source, []
+
+
+def build_for_training(plan: RunPlan, source: AdapterPlan | None = None):
+    """(model, tokenizer, the adapters to record in checkpoints): model.* built, then the plan's adapters placed
+    (PEFT, in place). A model.init_from adapter checkpoint (`source`, from init_from_adapters) comes back on its base
+    with its trained tensors: merged under adapter=none, its adapters going on training (on its base) otherwise."""
+    adapter, trust = plan.adapter, plan.checkpoint.trust
+    quantize = adapter is not None and adapter.kind == "qlora"
+    if source:
+        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(plan.model.source, trust, quantize=quantize)
+        tokenizer = checkpoint_tokenizer(plan.model, tokenizer_dir)
+        if adapter is None:
+            log.info("initialised from adapter checkpoint %s, merged into its base", plan.model.source)
+            return merged(peft_model), tokenizer, None
+        log.info("continuing the adapters of %s", plan.model.source)
+        return peft_model.base_model.model, tokenizer, replace(adapter, base=source.base)
+    # With adapters, seeded as the base is when it is rebuilt from the record.
+    model, tokenizer = build_model(plan.model, cache_dir(), seed=plan.seed if adapter else None)
+    if adapter:
+        wrap(model, adapter, _base_path(adapter), quantize=quantize)
+        log.info("adapter=%s placed (r=%d): %s", adapter.kind, adapter.r, adapter.modes)
+    return model, tokenizer, adapter
