@@ -74,6 +74,7 @@ def adapted_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir
     if adapter is None:
         raise CheckpointError(f"{path}: a full checkpoint, without adapters")
     model = rebuild_base(adapter, trust, base_dir, meta.get("tokenizer_dir"))
+    _trained_media(model.config, meta.get("model_config") or {})
     peft_model = wrap(model, adapter, _base_path(adapter, base_dir), quantize=quantize)
     # What trained is what the checkpoint holds: the same rule as training's (model/parts.py).
     apply_stage(model, adapter.part_lrs(dict.fromkeys(PARTS, 1.0)), adapted=adapter.adapted)
@@ -95,7 +96,6 @@ def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, b
             return out
         peft_model.save_pretrained(out / "adapter")
         model = merged(peft_model)
-        _trained_media(model.config, meta.get("model_config") or {})
     elif adapter_only:
         raise CheckpointError(f"{path}: a full checkpoint, without adapters; drop --adapter-only")
     else:

@@ -108,7 +108,12 @@ def test_export_is_merged_stock_and_its_adapter_dir_is_peft_format(lora_runs, sm
     subprocess.run([sys.executable, "-c", STOCK_LOAD, str(export), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
                    check=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""})
     assert torch.allclose(torch.load(tmp_path / "out.pt"), reference, atol=1e-5, rtol=1e-4)
-    assert "peft" not in (export / "config.json").read_text().lower()
+    config = json.loads((export / "config.json").read_text())
+    assert "peft" not in json.dumps(config).lower()
+    # The stage's image settings as training recorded them, not the rebuilt base's defaults.
+    trained = checkpoint(straight)["ov_train"]["model_config"]
+    assert config["ov_train_media"] == trained["ov_train_media"]
+    assert config["image_grid_pinpoints"] == trained["image_grid_pinpoints"]
     # PeftModel.from_pretrained(base, export/adapter) over the base model gives the same logits.
     again = PeftModel.from_pretrained(rebuild_base(record), export / "adapter").eval()
     with torch.no_grad():
