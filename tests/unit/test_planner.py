@@ -196,3 +196,14 @@ def test_stock_path_holds_full_logits():
     trace = trace_step(model, setup.parts, samples, setup.options, "mixed", "stock", fused_loss=False)
     assert trace.row_tokens == samples[0].tokens
     assert trace.loss >= samples[0].tokens * vocab * (2 + 4)  # bf16 logits and their fp32 copy
+
+
+def test_plans_check_the_adapter_and_media_nodes_as_a_run_does_but_plan_qlora_off_cuda():
+    # A config the run would refuse is refused by the plan too, naming the key; qlora's need for CUDA and
+    # bitsandbytes is the target machine's, not this one's.
+    for bad, key in (["adapter=lora", "adapter.targets.llm=[foo]"], "adapter.targets.llm"), (
+            ["stage.image_strategy=anyres_max_0"], "stage.image_strategy"):
+        with pytest.raises(PlanError, match=key):
+            Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", *bad]))
+    setup = Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"]))
+    assert setup.adapter.kind == "qlora"
