@@ -5,6 +5,8 @@ import logging
 import os
 import warnings
 
+import torch
+
 
 def rank() -> int:
     for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
@@ -40,6 +42,8 @@ def tidy_library_output() -> None:
       change of ours can fix): ignored.
     - Under trainer.overfit_batches Lightning takes every iterable loader for a shuffled one and says it turns
       shuffling off; ours shuffle inside the stream, which restarts at the same point each epoch: ignored.
+    - DeepSpeed, imported by transformers' and PEFT's checks in runs that never use it, warns on a machine without
+      CUDA that it falls back to the CPU: that choice is made explicit (DS_ACCELERATOR=cpu), so it need not warn.
     """
     package = logging.getLogger("lightning")
     if logging.getLogger().handlers:
@@ -49,5 +53,7 @@ def tidy_library_output() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):
             logger.addFilter(_NoTips())
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"You requested to overfit but enabled \w+ dataloader shuffling")
