@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
@@ -26,6 +27,7 @@ from ov_train.training.module import OneVisionModule
 from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
+from ov_train.utils.redact import redact_files
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import apply_to_model_config
 
@@ -46,6 +48,18 @@ def check(plan: RunPlan) -> AdapterPlan | None:
     if problems:
         raise ConfigError.of(problems)
     return source
+
+
+def hydra_files() -> list[Path]:
+    """The files Hydra wrote for this job (.hydra/*.yaml) and its sweep (multirun.yaml): the command line as typed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra = HydraConfig.get()
+    files = list((Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")) if hydra.output_subdir else []
+    sweep = OmegaConf.select(hydra, "sweep.dir", throw_on_missing=False)
+    return files + ([Path(sweep) / "multirun.yaml"] if sweep else [])
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:
@@ -74,6 +88,8 @@ def train(cfg: DictConfig) -> dict:
     start = time.time()
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
+        redact_files(hydra_files())
     L.seed_everything(plan.seed, workers=True)
     recipe = prepare_data(plan.data)
     model, tokenizer, adapter = build_for_training(plan, source)

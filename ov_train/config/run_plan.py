@@ -24,6 +24,7 @@ from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
 from ov_train.constants import PARTS, SYNTHETIC
+from ov_train.utils.redact import redact_text, redact_tree
 
 
 class ConfigError(ValueError):
@@ -395,7 +396,7 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
     logger = cfg.logger
     return LoggerPlan(
         kind=logger.name, run_name=name, group=logger.get("group") or group,
-        display_name=f"{name} {','.join(swept)}" if swept else name, mode=logger.get("mode"),
+        display_name=redact_text(f"{name} {','.join(swept)}") if swept else name, mode=logger.get("mode"),
         project=logger.get("project"), tracking_uri=logger.get("tracking_uri"), experiment=logger.get("experiment"),
     )
 
@@ -458,5 +459,6 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
         seed=cfg.seed,
         export=cfg.export,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        # What dashboards get: URLs without their credentials (the data reads use cfg's own values).
+        config=redact_tree(OmegaConf.to_container(cfg, resolve=True)),
     )

@@ -8,12 +8,14 @@ directory: `csv/<name>/metrics.csv`, `tensorboard/<name>/`, `mlruns/` (MLflow's 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ov_train.config.run_plan import LoggerPlan
+from ov_train.utils.redact import redact_text
 
 
 class RunWandbLogger(WandbLogger):
@@ -33,9 +35,14 @@ class RunWandbLogger(WandbLogger):
 def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
     """`config`: the resolved config, so runs of a sweep compare by the values they differ in."""
     if plan.kind == "wandb":
+        # W&B records the command line in its run metadata; one naming a URL with credentials keeps none.
+        import wandb
+
+        argv = " ".join(sys.argv)
+        settings = {"settings": wandb.Settings(x_disable_meta=True)} if redact_text(argv) != argv else {}
         return RunWandbLogger(
             project=plan.project, name=plan.display_name, group=plan.group, mode=plan.mode, save_dir=str(run_dir),
-            config=config,
+            config=config, **settings,
         )
     if plan.kind == "csv":
         return CSVLogger(str(run_dir), name="csv", version=plan.run_name)

@@ -24,3 +24,30 @@ def redact_text(text: str) -> str:
     return _QUERY.sub(r"\1", _USERINFO.sub("", str(text)))
 
 
+
+
+def redact_tree(value):
+    """A config tree (dicts, lists, strings) with every URL inside it redacted: what dashboards may be given."""
+    if isinstance(value, dict):
+        return {k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_tree(v) for v in value)
+    return redact_text(value) if isinstance(value, str) else value
+
+
+def redact_files(paths) -> None:
+    """Rewrite text files that name a URL with credentials (Hydra's .hydra/*.yaml and multirun.yaml keep the
+    command line as typed), replacing each file in one rename so a reader never sees half of it."""
+    import os
+    from pathlib import Path
+
+    for path in map(Path, paths):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        clean = redact_text(text)
+        if clean != text:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(clean)
+            os.replace(tmp, path)

@@ -135,3 +135,23 @@ def test_a_run_completes_past_a_shard_whose_server_drops_the_connection(small_da
                                        run_dir=tmp_path / "run"))  # one block holds both shards
     assert summary["steps"] == 2 and summary["skipped_samples"].get("shard_unreadable") == 1
     assert server.requests["/drop/single_image/train-000000.tar"] >= 2
+
+
+def test_credentials_in_a_url_stay_out_of_the_run_directory_and_the_dashboard(small_data_root, tmp_path):
+    """train.py as a user runs it, data.root with user:password@ and a ?token: Hydra's own .hydra/*.yaml and the
+    W&B run (its config) carry the location redacted; the run itself reads with the credentials."""
+    import sys
+
+    from tests.processes import run_one
+
+    secret = "hunter2-in-url"
+    with http_server(small_data_root) as server:
+        root = server.url.replace("http://", f"http://me:{secret}@")
+        run_one([sys.executable, "train.py", "data=recipe", "data.recipe=synthetic_onevision", f"data.root={root}",
+                 "trainer.max_steps=1", "data.num_workers=0", "data.batch_size=4", "data.val_samples=1",
+                 "logger=wandb", "trainer.enable_progress_bar=false", "export=false",
+                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "log", timeout=120, env={"WANDB_MODE": "offline"})
+    assert server.requests  # it read through the server
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file() and any((tmp_path / "run" / "wandb").rglob("*.wandb"))
+    assert "http://127.0.0.1" in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+    assert secret not in files_text(tmp_path / "run") and secret not in (tmp_path / "log").read_text()
