@@ -24,11 +24,20 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"ov-train plan: unknown option(s) {unknown}\n{USAGE}", file=sys.stderr)
         return 2
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from ov_train.planner.estimate import PlanError
     from ov_train.planner.report import format_plan, plan_config
 
     try:
-        plan = plan_config(compose(overrides))
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # a typo or a missing option, as training names it
+        cause = f"\n{err.__cause__}" if err.__cause__ else ""
+        print(f"ov-train plan: {err}{cause}", file=sys.stderr)
+        return 2
+    try:
+        plan = plan_config(cfg)
     except PlanError as err:
         print(f"ov-train plan: {err}", file=sys.stderr)
         return 2

@@ -181,6 +181,13 @@ def test_cli_names_a_bad_key(capsys):
     assert "plan.mfu=2.0 must be a number in (0, 1]" in err
     assert main(["plan.device=h300"]) == 2
     assert "plan.device='h300'; allowed:" in capsys.readouterr().err
+    # What Hydra refuses while composing (a typo, an option that does not exist): one line naming it, no traceback.
+    assert main(["plan.device=h100", "trainer.max_step=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ov-train plan: ") and "Key 'max_step' not in 'TrainerConfig'" in err and "Traceback" not in err
+    assert main(["plan.device=h100", "strategy=zero9"]) == 2
+    err = capsys.readouterr().err
+    assert "Could not find 'strategy/zero9'" in err and "Available options" in err
 
 
 def test_stock_path_holds_full_logits():
