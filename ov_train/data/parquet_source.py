@@ -24,7 +24,7 @@ from ov_train.constants import PARQUET
 from ov_train.data.convert import MediaRoot, Reject, build_sample, shipped_token_geometry, text_token_counts
 from ov_train.data.formats import PARQUET_BATCH_ROWS, Item, parquet_items, parquet_missing_columns
 from ov_train.data.inspect import summarise
-from ov_train.data.remote import filesystem, is_remote, parquet_file, read_bytes, redact, retrying, upload
+from ov_train.data.remote import filesystem, is_remote, parquet_file, read_bytes, redact, redact_text, retrying, upload
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -77,7 +77,7 @@ def fingerprint(location: str, io: IOSettings) -> dict:
 
 
 def _index_file(location: str, tokenizer, io: IOSettings, bar) -> tuple[dict, list[dict], list[dict]]:
-    parquet = retrying(lambda: parquet_file(location, io), f"open {redact(location)}", io)
+    parquet = parquet_file(location, io)
     missing = parquet_missing_columns(parquet)
     if missing:
         raise ParquetIndexError(f"{redact(location)}: parquet lacks column(s) {missing}")
@@ -107,12 +107,25 @@ def _index_file(location: str, tokenizer, io: IOSettings, bar) -> tuple[dict, li
     return info, samples, rejects
 
 
+def _index_read(location: str, tokenizer, io: IOSettings, bar) -> tuple[dict, list[dict], list[dict]]:
+    """_index_file, read again from the start after a failed read (data.io); a file that stays unreadable is
+    named, whatever the client raised (an FSTimeoutError has no message)."""
+    try:
+        return retrying(lambda: _index_file(location, tokenizer, io, bar), f"index {redact(location)}", io,
+                        fatal=(ParquetIndexError,))
+    except (ParquetIndexError, FileNotFoundError):
+        raise
+    except Exception as err:  # OSError, timeouts, aiohttp / botocore errors, a truncated file...
+        raise ParquetIndexError(f"{redact(location)}: unreadable after {io.retries + 1} attempt(s): "
+                                f"{type(err).__name__}: {redact_text(err)}") from None
+
+
 def build_index(files: list[str], tokenizer, io: IOSettings = IOSettings()) -> dict:
     """convert's index.json for parquet files (`ov-data inspect` reads it), with each file's rows and rejects."""
     files_info, samples, rejects = {}, [], []
     with tqdm(unit="row", desc="ov-data index", disable=None) as bar:
         for location in files:
-            info, more, lost = _index_file(location, tokenizer, io, bar)
+            info, more, lost = _index_read(location, tokenizer, io, bar)
             files_info[redact(location)] = info
             samples += more
             rejects += lost

@@ -122,13 +122,13 @@ def _read_all(location: str, io: IOSettings) -> bytes:
         return f.read()
 
 
-def retrying(call: Callable[[], T], what: str, io: IOSettings) -> T:
+def retrying(call: Callable[[], T], what: str, io: IOSettings, fatal: tuple[type[Exception], ...] = ()) -> T:
     """call(), tried again io.retries times after a failure, waiting backoff_s, 2 x backoff_s, ...
-    Files that do not exist are not retried."""
+    Files that do not exist (and `fatal` errors) are not retried."""
     for attempt in range(io.retries + 1):
         try:
             return call()
-        except FileNotFoundError:
+        except (FileNotFoundError, *fatal):
             raise
         except Exception as err:  # clients raise OSError, aiohttp and botocore errors, timeouts...
             if attempt == io.retries:

@@ -142,3 +142,34 @@ def test_parquet_sources_on_s3_and_their_problems(parquet_dir, tmp_path, tokeniz
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_and_tokenizer):
     return tiny_model_and_tokenizer[1]
+
+
+def test_a_parquet_file_that_stays_unreadable_while_indexing_is_named(parquet_dir, tokenizer, capsys, monkeypatch):
+    """Indexing reads every row: a connection dropped half-way or a server that never answers is retried, then
+    refused with the file named (not a bare client error such as an empty FSTimeoutError); a first failed request
+    is retried and indexes like the local file."""
+    import time
+
+    from ov_train.config.options import IOSettings
+    from ov_train.data.parquet_source import ParquetIndexError, build_index
+    from tests.servers import http_server
+
+    io = IOSettings(retries=1, backoff_s=0.05, timeout_s=1.0)
+    name = "charts/train-00000-of-00002.parquet"
+    local = build_index([str(parquet_dir / name)], tokenizer, io)
+    with http_server(parquet_dir) as server:
+        flaky = build_index([f"{server.url}/flaky/{name}"], tokenizer, io)
+        assert [s["id"] for s in flaky["samples"]] == [s["id"] for s in local["samples"]]
+        for fault in ("drop", "hang"):
+            start = time.monotonic()
+            with pytest.raises(ParquetIndexError) as err:
+                build_index([f"{server.url}/{fault}/{name}"], tokenizer, io)
+            assert str(err.value).startswith(f"{server.url}/{fault}/{name}: unreadable after 2 attempt(s)"), err.value
+            assert time.monotonic() - start < 10
+        # ov-data index says the same and exits 1 (its reads use the default data.io settings: no backoff here).
+        import types
+
+        from ov_train.data import remote
+        monkeypatch.setattr(remote, "time", types.SimpleNamespace(sleep=lambda s: None))
+        assert main(["index", f"{server.url}/drop/{name}"]) == 1
+        assert f"ov-data index: error: {server.url}/drop/{name}: unreadable after" in capsys.readouterr().err
