@@ -228,3 +228,11 @@ def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path):
         load_recipe(str(tmp_path / "r.yaml"), "", io=IOSettings(retries=0, timeout_s=2))
     assert "sources[0] (g): cannot list gs://bucket/shards" in str(err.value)
     assert "sources[1] (h): cannot list hf://datasets/none/such" in str(err.value)
+
+
+def test_the_dashboards_config_names_urls_without_credentials_the_reads_keep_them():
+    from tests.conftest import plan_of
+
+    plan = plan_of(["data.root='http://u:pw@127.0.0.1:1/x?token=pw'"])
+    assert plan.config["data"]["root"] == "http://127.0.0.1:1/x"  # what W&B, TensorBoard and MLflow get
+    assert plan.data.root == "http://u:pw@127.0.0.1:1/x?token=pw"  # what the data reads use
