@@ -402,7 +402,7 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
 
 def resolve_plan(cfg: DictConfig) -> RunPlan:
     """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key."""
-    missing = checks.missing_problems(cfg)
+    missing = checks.missing_problems(cfg) or checks.world_problems(cfg.trainer)
     if missing:
         raise ConfigError.of(missing)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
@@ -416,7 +416,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None) + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
-        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer)
+        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
     )
     ckpt_path = None

@@ -240,3 +240,35 @@ def test_a_synthetic_root_holding_other_settings_is_named(tmp_path, small_data_r
         train_without_work(cfg)
     # Left to the cache (data.root=null), the same settings validate: they get a directory of their own.
     resolve_plan(compose_config([], run_dir=tmp_path / "run"))
+
+
+BAD_TRAINER = {
+    # Each used to pass the checks and fail only after the data and the model were built (ZeroDivisionError,
+    # Lightning's own ValueError), or to train wrongly: a negative clip value flips every gradient's sign.
+    "trainer.precision=bf17": "trainer.precision='bf17'; allowed:",
+    "trainer.devices=0": "trainer.devices=0 must",
+    "trainer.devices=abc": "trainer.devices='abc' must",
+    "trainer.num_nodes=0": "trainer.num_nodes=0 must be an integer >= 1",
+    "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0 must be an integer >= 1",
+    "trainer.log_every_n_steps=0": "trainer.log_every_n_steps=0 must be an integer >= 1",
+    "trainer.val_check_interval=0": "trainer.val_check_interval=0 must be",
+    "trainer.val_check_interval=0.5": "trainer.val_check_interval=0.5 must be",  # Lightning: no epochs, no fraction
+    "trainer.val_check_interval=1:00": "trainer.val_check_interval='1:00' must be",
+    "trainer.gradient_clip_val=-1": "trainer.gradient_clip_val=-1.0 must be",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD_TRAINER))
+def test_bad_trainer_values_stop_train_before_any_work(tmp_path, train_without_work, override):
+    cfg = compose_config([override], run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        train_without_work(cfg)
+    assert BAD_TRAINER[override] in str(err.value), str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_trainer_values_lightning_accepts_pass():
+    for overrides in (["trainer.precision=bf16-mixed"], ["trainer.precision=32"], ["trainer.devices=auto"],
+                      ["trainer.val_check_interval=5"], ["trainer.val_check_interval=00:00:10:00"],
+                      ["trainer.gradient_clip_val=null"], ["trainer.accelerator=cpu", "trainer.devices=[0]"]):
+        resolve_plan(compose_config(overrides, run_dir=Path("/tmp/x")))
