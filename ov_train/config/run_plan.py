@@ -24,6 +24,9 @@ from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
 from ov_train.constants import PARTS, SYNTHETIC
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class ConfigError(ValueError):
@@ -234,6 +237,9 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None
     if last.exists():
         return str(last)
     if ckpt_path == "auto":
+        # Said, since a run directory other than the first run's (the default one is timestamped) finds nothing.
+        log.info("ckpt_path=auto: no checkpoint at %s, starting fresh (a resume runs in the first run's hydra.run.dir)",
+                 last)
         return None
     raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
 

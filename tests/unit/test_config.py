@@ -1,5 +1,6 @@
 """Every shipped config composes; bad configs fail before any work with a message naming the key: unknown keys
 and wrong types while Hydra composes (the schema), wrong values when the plan is resolved."""
+import logging
 from pathlib import Path
 
 import pytest
@@ -164,8 +165,12 @@ def test_real_data_needs_a_root():
     _invalid(["data=recipe"], "data.root is required")
 
 
-def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path):
-    assert resolve_ckpt_path("auto", tmp_path) is None
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path, caplog):
+    # Fresh, and said so: `ckpt_path=auto` in another run directory (the default one is timestamped) finds nothing.
+    with caplog.at_level(logging.INFO, logger="ov_train.config.run_plan"):
+        assert resolve_ckpt_path("auto", tmp_path) is None
+    assert f"ckpt_path=auto: no checkpoint at {tmp_path / 'checkpoints' / 'last.ckpt'}, starting fresh" in caplog.text
+    assert "hydra.run.dir" in caplog.text
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
