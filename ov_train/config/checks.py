@@ -94,8 +94,27 @@ def model_problems(model) -> list[str]:
             f"model={model.name}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
+    problems += geometry_problems(model)
     if not model.lr_scale > 0:
         problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
+    return problems
+
+
+def geometry_problems(model) -> list[str]:
+    """The tower's and the LLM's sizes: positive, and heads that split the width (Q, then K/V, groups)."""
+    problems = []
+    for part in ("vision", "text"):
+        for key, value in model[part].items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                problems += _at_least(f"model.{part}.{key}", value, 1, "a size of the model's geometry")
+    if problems:
+        return problems
+    splits = [("vision", "num_attention_heads", "hidden_size"), ("text", "num_attention_heads", "hidden_size"),
+              ("text", "num_key_value_heads", "num_attention_heads")]
+    for part, divisor, whole in splits:
+        if model[part][whole] % model[part][divisor]:
+            problems.append(f"model.{part}.{divisor}={model[part][divisor]} must divide model.{part}.{whole}="
+                            f"{model[part][whole]}")
     return problems
 
 
@@ -331,6 +350,8 @@ def run_problems(cfg) -> list[str]:
     problems = []
     if cfg.nonfinite not in NONFINITE:
         problems.append(f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}")
+    problems += _at_least("metrics.predictions", cfg.metrics.predictions, 0, "held-out samples shown per modality")
+    problems += _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1, "tokens generated per reply")
     peak = cfg.metrics.peak_tflops
     if peak is not None and peak <= 0:
         problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null")

@@ -260,6 +260,13 @@ BAD_TRAINER = {
     "trainer.val_check_interval=0.5": "trainer.val_check_interval=0.5 must be",  # Lightning: no epochs, no fraction
     "trainer.val_check_interval=1:00": "trainer.val_check_interval='1:00' must be",
     "trainer.gradient_clip_val=-1": "trainer.gradient_clip_val=-1.0 must be",
+    # The model's geometry and the prediction table: they used to fail inside the model's build or forward
+    # ("The size of tensor a (5) must match the size of tensor b (4)"), or train with a negative table size.
+    "model.text.num_attention_heads=5": "model.text.num_attention_heads=5 must divide model.text.hidden_size=192",
+    "model.text.num_key_value_heads=3": "model.text.num_key_value_heads=3 must divide model.text.num_attention_heads=4",
+    "model.vision.hidden_size=-1": "model.vision.hidden_size=-1 must be an integer >= 1",
+    "metrics.predictions=-1": "metrics.predictions=-1 must be an integer >= 0",
+    "eval.max_new_tokens=0": "eval.max_new_tokens=0 must be an integer >= 1",
 }
 
 
