@@ -115,6 +115,12 @@ def train(cfg: DictConfig) -> dict:
     if plan.export:  # with adapters: merged, and export/adapter/ in PEFT's format
         export_checkpoint(paths.last_checkpoint, paths.export, tokenizer, plan.checkpoint.trust,
                           template=plan.data.samples.template)
+    if plan.ckpt_path and trainer.global_step == getattr(module, "resumed_step", None) and paths.summary.exists():
+        # A requeue (ckpt_path=auto) of a run that had finished: no step trained and no validation ran, so the
+        # summary of the run that trained it stays as it is.
+        log.info("ckpt_path=%s is at step %d of trainer.max_steps=%d: nothing left to train; %s kept",
+                 plan.ckpt_path, trainer.global_step, plan.trainer["max_steps"], paths.summary)
+        return json.loads(paths.summary.read_text())
     metrics = getattr(module, "val_metrics", {})
     summary = {
         "stage": plan.stage,

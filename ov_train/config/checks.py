@@ -94,8 +94,27 @@ def model_problems(model) -> list[str]:
             f"model={model.name}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
+    problems += geometry_problems(model)
     if not model.lr_scale > 0:
         problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
+    return problems
+
+
+def geometry_problems(model) -> list[str]:
+    """The tower's and the LLM's sizes: positive, and heads that split the width (Q, then K/V, groups)."""
+    problems = []
+    for part in ("vision", "text"):
+        for key, value in model[part].items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                problems += _at_least(f"model.{part}.{key}", value, 1, "a size of the model's geometry")
+    if problems:
+        return problems
+    splits = [("vision", "num_attention_heads", "hidden_size"), ("text", "num_attention_heads", "hidden_size"),
+              ("text", "num_key_value_heads", "num_attention_heads")]
+    for part, divisor, whole in splits:
+        if model[part][whole] % model[part][divisor]:
+            problems.append(f"model.{part}.{divisor}={model[part][divisor]} must divide model.{part}.{whole}="
+                            f"{model[part][whole]}")
     return problems
 
 
@@ -264,8 +283,58 @@ def checkpoint_problems(ckpt) -> list[str]:
     return problems
 
 
-def trainer_problems(trainer) -> list[str]:
+def world_problems(trainer) -> list[str]:
+    """trainer.devices and trainer.num_nodes, which the other checks count the world from, so these come alone."""
+    try:
+        per_node = devices_per_node(trainer.devices, "cpu")
+    except (TypeError, ValueError):
+        per_node = 0
+    problems = [] if per_node >= 1 else [
+        f"trainer.devices={trainer.devices!r} must be a positive count, -1 or auto (every visible GPU), or a list"
+        " of device indices"
+    ]
+    return problems + _at_least("trainer.num_nodes", trainer.num_nodes, 1, "machines of the run")
+
+
+def _lightning_precisions() -> list[str]:
+    """The precision values Lightning's Trainer accepts, read from its own type (strings: the schema's type)."""
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    return [str(value) for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)]
+
+
+def _val_check_problems(interval) -> list[str]:
+    """null, a number of optimizer steps, or Lightning's time-based 'DD:HH:MM:SS' (or timedelta kwargs); a fraction
+    of an epoch means nothing to a stream without epochs."""
+    if interval is None or (isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1):
+        return []
+    if isinstance(interval, str) or OmegaConf.is_dict(interval):
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+        from lightning.pytorch.trainer.setup import _parse_time_interval_seconds
+
+        try:
+            if _parse_time_interval_seconds(OmegaConf.to_container(interval) if OmegaConf.is_dict(interval) else interval) > 0:
+                return []
+        except (TypeError, ValueError, MisconfigurationException):
+            pass
+    return [f"trainer.val_check_interval={interval!r} must be a number of optimizer steps (an integer >= 1), a"
+            " duration ('DD:HH:MM:SS') or null (once, at the end)"]
+
+
+def trainer_problems(trainer, precision: str) -> list[str]:
+    """Values Lightning would refuse (or divide by) only once the data and the model are built."""
     problems = []
+    if precision not in _lightning_precisions():
+        problems.append(f"trainer.precision={precision!r}; allowed: {_lightning_precisions()} or null")
+    problems += _at_least("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, 1,
+                          "batches per optimizer step")
+    problems += _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, "steps between metrics lines")
+    problems += _val_check_problems(trainer.val_check_interval)
+    clip = trainer.gradient_clip_val
+    if clip is not None and not clip >= 0:  # a negative norm would flip every gradient's sign
+        problems.append(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 (0: no clipping) or null")
     if trainer.max_steps < 1:
         problems.append(f"trainer.max_steps={trainer.max_steps!r} must be a positive integer (training streams have no epochs)")
     # Only to read its signature: keys added with +trainer.NAME.
@@ -281,6 +350,8 @@ def run_problems(cfg) -> list[str]:
     problems = []
     if cfg.nonfinite not in NONFINITE:
         problems.append(f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}")
+    problems += _at_least("metrics.predictions", cfg.metrics.predictions, 0, "held-out samples shown per modality")
+    problems += _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1, "tokens generated per reply")
     peak = cfg.metrics.peak_tflops
     if peak is not None and peak <= 0:
         problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null")

@@ -24,7 +24,10 @@ from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
 from ov_train.constants import PARTS, SYNTHETIC
+from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact_text, redact_tree
+
+log = get_logger(__name__)
 
 
 class ConfigError(ValueError):
@@ -235,6 +238,9 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None
     if last.exists():
         return str(last)
     if ckpt_path == "auto":
+        # Said, since a run directory other than the first run's (the default one is timestamped) finds nothing.
+        log.info("ckpt_path=auto: no checkpoint at %s, starting fresh (a resume runs in the first run's hydra.run.dir)",
+                 last)
         return None
     raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
 
@@ -403,7 +409,7 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
 
 def resolve_plan(cfg: DictConfig) -> RunPlan:
     """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key."""
-    missing = checks.missing_problems(cfg)
+    missing = checks.missing_problems(cfg) or checks.world_problems(cfg.trainer)
     if missing:
         raise ConfigError.of(missing)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
@@ -417,7 +423,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None) + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
-        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer)
+        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
     )
     ckpt_path = None

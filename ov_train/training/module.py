@@ -195,6 +195,7 @@ class OneVisionModule(L.LightningModule):
                      weights / 2**20, optimizer / 2**20)
 
     def on_load_checkpoint(self, checkpoint):
+        self.resumed_step = checkpoint.get("global_step", 0)  # train() tells a resume with nothing left to train
         if not self.adapter or "state_dict" not in checkpoint:  # sharded engines load (and check) the weights themselves
             return
         stored, wanted = set(checkpoint["state_dict"]), self._trainable_keys()

@@ -40,7 +40,9 @@ def _deepspeed_globals() -> list:
 
 def _refusal(name: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
     message = str(err)
-    found = re.search(r"GLOBAL (\S+) was not an allowed global", message) or re.search(r"global (\S+) is not allowed", message)
+    found = (re.search(r"GLOBAL (\S+) was not an allowed global", message)
+             or re.search(r"unsupported GLOBAL (\S+) whose module", message)  # os, subprocess...: blocked outright
+             or re.search(r"global (\S+) is not allowed", message))
     if found is None:  # an opcode or a call weights_only does not allow: damage, or a handmade pickle
         reason = re.search(r"WeightsUnpickler error: (.*)", message)
         return CheckpointError(

@@ -47,6 +47,27 @@ def test_console_script_answers(script, tmp_path):
     assert expected in result.stdout
 
 
+def test_a_users_config_directory_adds_to_the_shipped_one(tmp_path):
+    """README, Quickstart: --config-dir DIR and hydra.searchpath=[file://DIR] add the user's files; Hydra searches
+    them after the shipped configs, so a file named like a shipped one is shadowed by it."""
+    conf = tmp_path / "my_conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "my_run.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /stage: mid\nseed: 7\n")
+    (conf / "stage").mkdir()
+    (conf / "stage" / "onevision.yaml").write_text("name: mine\n")
+    module, _, function = SCRIPTS["ov-train"].partition(":")
+    code = f"import sys; from {module} import {function}; sys.argv = ['ov-train', *sys.argv[1:]]; sys.exit({function}())"
+    for where in (["--config-dir", str(conf)], [f"hydra.searchpath=[file://{conf}]"]):
+        result = subprocess.run([sys.executable, "-c", code, *where, "experiment=my_run", "--cfg", "job"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "\nseed: 7\n" in result.stdout and "  name: mid\n" in result.stdout
+        shadowed = subprocess.run([sys.executable, "-c", code, *where, "stage=onevision", "--cfg", "job"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert "  name: onevision\n" in shadowed.stdout and "name: mine" not in shadowed.stdout
+
+
 def test_a_wheel_trains_from_any_directory(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(REPO / "ov_train", source / "ov_train", ignore=shutil.ignore_patterns("__pycache__"))

@@ -99,3 +99,14 @@ def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path
             train(compose_config([*base, override, *extra, "ckpt_path=last"], run_dir=tmp_path))  # the later value wins
         assert f"ckpt_path={last} is not a checkpoint of this run" in str(err.value)
         assert all(text in str(err.value) for text in expected), str(err.value)
+
+
+def test_a_requeue_of_a_finished_run_keeps_its_summary(tmp_path, small_data_root):
+    """ckpt_path=auto after the run ended (a requeued job that had finished): nothing trains, and the summary of the
+    run that trained it (its held-out accuracy) is not replaced by an empty one."""
+    overrides = [f"data.root={small_data_root}", *SMALL_DATA, "export=false", "trainer.max_steps=1",
+                 "data.val_samples=4", "ckpt_path=auto"]
+    first = train(compose_config(overrides, run_dir=tmp_path))
+    assert first["val_accuracy"] is not None and first["steps"] == 1
+    again = train(compose_config(overrides, run_dir=tmp_path))
+    assert again == first == json.loads((tmp_path / "summary.json").read_text())

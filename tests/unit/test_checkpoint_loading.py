@@ -4,6 +4,7 @@ a message naming it, not a traceback."""
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 from pathlib import Path
 
@@ -76,6 +77,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(checkpoint, tmp_
     with pytest.raises(ValueError, match="refused to load"):
         AtomicCheckpointIO().load_checkpoint(evil)
     assert not marker.exists()
+
+
+class RunsShell:
+    """The classic payload: os.system, whose module torch's weights-only unpickler blocks outright."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_shell_payload_is_refused_naming_what_it_asks_for(checkpoint, tmp_path, capsys):
+    evil = tmp_path / "shell.ckpt"
+    torch.save(with_metadata(checkpoint, note=RunsShell()), evil)
+    err = export_refused(capsys, evil, tmp_path / "out")
+    assert f"{evil}: refused to load: it asks for {os.system.__module__}.system" in err and "--trust-checkpoint" in err
 
 
 def test_trust_checkpoint_loads_what_weights_only_refuses(checkpoint, tmp_path, capsys):

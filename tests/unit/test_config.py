@@ -1,5 +1,6 @@
 """Every shipped config composes; bad configs fail before any work with a message naming the key: unknown keys
 and wrong types while Hydra composes (the schema), wrong values when the plan is resolved."""
+import logging
 from pathlib import Path
 
 import pytest
@@ -164,8 +165,12 @@ def test_real_data_needs_a_root():
     _invalid(["data=recipe"], "data.root is required")
 
 
-def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path):
-    assert resolve_ckpt_path("auto", tmp_path) is None
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path, caplog):
+    # Fresh, and said so: `ckpt_path=auto` in another run directory (the default one is timestamped) finds nothing.
+    with caplog.at_level(logging.INFO, logger="ov_train.config.run_plan"):
+        assert resolve_ckpt_path("auto", tmp_path) is None
+    assert f"ckpt_path=auto: no checkpoint at {tmp_path / 'checkpoints' / 'last.ckpt'}, starting fresh" in caplog.text
+    assert "hydra.run.dir" in caplog.text
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
@@ -240,3 +245,42 @@ def test_a_synthetic_root_holding_other_settings_is_named(tmp_path, small_data_r
         train_without_work(cfg)
     # Left to the cache (data.root=null), the same settings validate: they get a directory of their own.
     resolve_plan(compose_config([], run_dir=tmp_path / "run"))
+
+
+BAD_TRAINER = {
+    # Each used to pass the checks and fail only after the data and the model were built (ZeroDivisionError,
+    # Lightning's own ValueError), or to train wrongly: a negative clip value flips every gradient's sign.
+    "trainer.precision=bf17": "trainer.precision='bf17'; allowed:",
+    "trainer.devices=0": "trainer.devices=0 must",
+    "trainer.devices=abc": "trainer.devices='abc' must",
+    "trainer.num_nodes=0": "trainer.num_nodes=0 must be an integer >= 1",
+    "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0 must be an integer >= 1",
+    "trainer.log_every_n_steps=0": "trainer.log_every_n_steps=0 must be an integer >= 1",
+    "trainer.val_check_interval=0": "trainer.val_check_interval=0 must be",
+    "trainer.val_check_interval=0.5": "trainer.val_check_interval=0.5 must be",  # Lightning: no epochs, no fraction
+    "trainer.val_check_interval=1:00": "trainer.val_check_interval='1:00' must be",
+    "trainer.gradient_clip_val=-1": "trainer.gradient_clip_val=-1.0 must be",
+    # The model's geometry and the prediction table: they used to fail inside the model's build or forward
+    # ("The size of tensor a (5) must match the size of tensor b (4)"), or train with a negative table size.
+    "model.text.num_attention_heads=5": "model.text.num_attention_heads=5 must divide model.text.hidden_size=192",
+    "model.text.num_key_value_heads=3": "model.text.num_key_value_heads=3 must divide model.text.num_attention_heads=4",
+    "model.vision.hidden_size=-1": "model.vision.hidden_size=-1 must be an integer >= 1",
+    "metrics.predictions=-1": "metrics.predictions=-1 must be an integer >= 0",
+    "eval.max_new_tokens=0": "eval.max_new_tokens=0 must be an integer >= 1",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD_TRAINER))
+def test_bad_trainer_values_stop_train_before_any_work(tmp_path, train_without_work, override):
+    cfg = compose_config([override], run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        train_without_work(cfg)
+    assert BAD_TRAINER[override] in str(err.value), str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_trainer_values_lightning_accepts_pass():
+    for overrides in (["trainer.precision=bf16-mixed"], ["trainer.precision=32"], ["trainer.devices=auto"],
+                      ["trainer.val_check_interval=5"], ["trainer.val_check_interval=00:00:10:00"],
+                      ["trainer.gradient_clip_val=null"], ["trainer.accelerator=cpu", "trainer.devices=[0]"]):
+        resolve_plan(compose_config(overrides, run_dir=Path("/tmp/x")))

@@ -214,3 +214,16 @@ def test_plans_check_the_adapter_and_media_nodes_as_a_run_does_but_plan_qlora_of
             Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", *bad]))
     setup = Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"]))
     assert setup.adapter.kind == "qlora"
+
+
+def test_cli_plans_an_experiment_of_the_users_config_directory(tmp_path, capsys):
+    """`ov-train plan` takes the overrides training takes, --config-dir (README, Quickstart) included."""
+    from ov_train.planner.cli import main
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  devices: 2\nstrategy:\n  name: ddp\n")
+    for where in (["--config-dir", str(tmp_path)], [f"--config-dir={tmp_path}"], ["-cd", str(tmp_path)]):
+        assert main([*where, "experiment=mine", "plan.device=h200", "--json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["devices"] == 2
+    assert main(["--config-dir", str(tmp_path / "nope"), "plan.device=h200"]) == 2
+    assert f"--config-dir {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
