@@ -2,7 +2,7 @@
 the memory and time planner.
 
     ov-train stage=onevision                          # the embedded default, from any directory
-    ov-train --config-dir ~/my_conf experiment=mine   # your own config directory, searched before the shipped one
+    ov-train --config-dir ~/my_conf experiment=mine   # your own config directory, added to the shipped one
     ov-train plan model=ov_qwen2_7b trainer.devices=8 # memory and time of a step, nothing trained
 """
 from __future__ import annotations
@@ -18,9 +18,20 @@ from ov_train.resources import CONF_DIR
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from ov_train.run import train  # after Hydra has parsed the command line: --help and --cfg stay quick
+    # Imported after Hydra has parsed the command line: --help and --cfg stay quick.
+    from ov_train.config.recipe import RecipeError
+    from ov_train.config.run_plan import ConfigError
+    from ov_train.planner.estimate import PlanError
+    from ov_train.run import train
+    from ov_train.utils.logging import get_logger
+    from ov_train.utils.safe_load import CheckpointError
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, RecipeError, PlanError, CheckpointError) as err:
+        # These name the culprit and what is allowed; a traceback of our own frames above them would bury that.
+        get_logger("ov_train").error("%s", err)
+        sys.exit(1)
 
 
 def main() -> None:

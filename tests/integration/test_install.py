@@ -101,3 +101,13 @@ def test_a_wheel_trains_from_any_directory(tmp_path):
     # The first hour: no warnings, deprecations or tips from the libraries on a run that does nothing unusual.
     noise = [line for line in (result.stdout + result.stderr).splitlines() if re.search(r"warn|deprecat|tip\b", line, re.I)]
     assert not noise, noise
+
+
+def test_a_config_value_error_is_one_message_not_a_traceback(tmp_path):
+    # Checked before any work (no model, no data): the message names the key; nothing of our own frames above it.
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "trainer.max_steps=-2",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "trainer.max_steps=-2 must be a positive integer" in output
+    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
