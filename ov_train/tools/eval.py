@@ -6,14 +6,16 @@ samples already in predictions.jsonl.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from ov_train.data.synthetic import synthetic_root
 from ov_train.eval.evaluate import eval_sources, evaluate
 from ov_train.eval.inference import ExportError, check_export, load_export, require_torchvision
 from ov_train.eval.metrics import METRICS
-from ov_train.utils.paths import cache_dir
 
 
 def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
@@ -21,6 +23,23 @@ def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def default_root(export: str | Path) -> Path:
+    """Where a recipe's sources start when --root is not given: the data the run that wrote `export` read (its
+    .hydra/config.yaml beside the export: data.root, or its synthetic data set, one cache directory per setting),
+    else the default run's synthetic data set."""
+    run_config = Path(os.path.abspath(export)).parent / ".hydra" / "config.yaml"  # a symlinked export: its run
+    if run_config.is_file():
+        cfg = OmegaConf.load(run_config)
+    else:
+        from ov_train.config.compose import compose
+
+        cfg = compose([])
+    data = cfg.data
+    if data.get("synthetic") is None:
+        return Path(data.root)
+    return synthetic_root(data.root, **OmegaConf.to_container(data.synthetic), seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         help="score every source with this metric (default: each recipe source's `metric:`, else exact_match)",
     )
     parser.add_argument(
-        "--root", default=str(cache_dir() / "synthetic"),
-        help="where a recipe's relative source paths start (default: the embedded synthetic shards, %(default)s)",
+        "--root", help="where a recipe's relative source paths start (default: the data of the run that wrote"
+        " EXPORT, from RUN/.hydra/config.yaml, else the default run's synthetic shards)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     args = parser.parse_args(argv)
@@ -53,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_export(args.export)
         require_torchvision("ov-eval")
-        sources = eval_sources(args.data, args.root, args.metric)
+        sources = eval_sources(args.data, args.root or default_root(args.export), args.metric)
     except (ExportError, ValueError) as err:
         parser.error(str(err))
     out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem

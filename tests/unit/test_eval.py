@@ -186,3 +186,32 @@ def test_model_card_code_runs(random_export, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.endswith("\n")  # its print ran (a random model's reply may be blank)
+
+
+def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data(
+    random_export, small_data_root, tmp_path, monkeypatch
+):
+    """`ov-eval RUN/export synthetic_onevision` without --root: the held-out shards of the data the run trained on
+    (its synthetic settings, or its data.root), else those of the default run's settings."""
+    from dataclasses import asdict
+
+    from ov_train.data.synthetic import synthetic_root
+    from ov_train.tools.eval import default_root
+    from tests.conftest import plan_of
+
+    default = plan_of([]).data
+    assert default_root(random_export) == synthetic_root(default.root, **asdict(default.synthetic))
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "export").symlink_to(random_export, target_is_directory=True)
+    config = "seed: 3\ndata:\n  root: null\n  synthetic: {train_per_subset: 64, val_per_subset: 16, image_px: 32}\n"
+    (run / ".hydra" / "config.yaml").write_text(config)
+    assert default_root(run / "export") == synthetic_root(None, 64, 16, 32, 3)
+    (run / ".hydra" / "config.yaml").write_text(config.replace("root: null", f"root: {small_data_root}"))
+    assert default_root(run / "export") == small_data_root
+    seen = {}
+    monkeypatch.setattr("ov_train.tools.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    monkeypatch.setattr("ov_train.tools.eval.eval_sources", lambda data, root, metric: seen.setdefault("root", root))
+    with pytest.raises(SystemExit):
+        ov_eval([str(run / "export"), "synthetic_onevision"])
+    assert seen["root"] == small_data_root
