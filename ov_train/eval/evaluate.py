@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from ov_train.data.recipe import load_recipe
 from ov_train.data.stream import read_tar
 from ov_train.eval.inference import (
     conversation_messages,
+    export_video,
     generate_replies,
     processor_inputs,
     sample_media,
@@ -40,6 +41,7 @@ class EvalSource:
     shards: tuple[str, ...]
     metric: str
     modality: str | None = None
+    video: tuple[tuple[str, object], ...] = ()  # the recipe source's own video settings, as training read them
 
 
 def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list[EvalSource]:
@@ -53,13 +55,13 @@ def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list
             raise ValueError(f"{path}: no .tar shards (expected an ov-data shard directory)")
         return [EvalSource(path.name, tuple(map(str, shards)), metric or DEFAULT_METRIC)]
     recipe = load_recipe(data, root, require_shards=False)
-    sources = []
+    sources, videos = [], {spec.name: spec.video for spec in recipe.spec.sources}
     for s in recipe:
         if not s.val_shards:
             log.warning("source %s of recipe %s has no held-out shards (val-*.tar): not evaluated", s.name, recipe.name)
             continue
         chosen = metric or (check_metric(s.metric, f"recipe {recipe.name}: source {s.name}") if s.metric else DEFAULT_METRIC)
-        sources.append(EvalSource(s.name, s.val_shards, chosen, s.modality))
+        sources.append(EvalSource(s.name, s.val_shards, chosen, s.modality, videos.get(s.name, ())))
     if not sources:
         raise ValueError(f"recipe {recipe.name}: no source has held-out shards (val-*.tar) under {root}")
     return sources
@@ -113,9 +115,10 @@ class Pending:
 
 
 class Evaluator:
-    def __init__(self, processor, model, out_dir: Path, max_new_tokens: int, max_frames: int):
+    def __init__(self, processor, model, out_dir: Path, max_new_tokens: int, max_frames: int | None):
         self.processor, self.model = processor, model
         self.max_new_tokens, self.max_frames = max_new_tokens, max_frames
+        self.video = export_video(model.config)  # the export's stage's frame sampling
         self.path = Path(out_dir) / PREDICTIONS
         self.skipped: dict[str, int] = {}
 
@@ -123,7 +126,8 @@ class Evaluator:
         try:
             meta = json.loads(raw["json"])
             messages, reference = conversation_messages(meta["conversations"])
-            images, frames = sample_media(raw, self.max_frames)
+            video = replace(self.video, **dict(source.video))
+            images, frames = sample_media(raw, replace(video, max_frames=self.max_frames or video.max_frames))
         except (KeyError, ValueError) as err:  # malformed json, no reply, unreadable media
             log.warning("skipping %s: %s", sample_id, err)
             reason = type(err).__name__
@@ -160,7 +164,7 @@ def scored(row: dict) -> dict:
 
 
 def evaluate(processor, model, sources: list[EvalSource], out_dir: str | Path, max_samples: int | None = None,
-             batch_size: int = 8, max_new_tokens: int = 128, max_frames: int = 32, logger=None) -> dict:
+             batch_size: int = 8, max_new_tokens: int = 128, max_frames: int | None = None, logger=None) -> dict:
     """Generate, score and write predictions.jsonl and metrics.json under `out_dir`; returns the metrics.
     `logger`, a Lightning logger (the run's), also gets the metrics and, for W&B, the predictions table."""
     out = Path(out_dir)

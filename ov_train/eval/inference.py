@@ -5,6 +5,7 @@ reply means the same thing everywhere: the generated tokens before the first end
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ov_train.config.media import VideoSettings
 from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.video import decode_video
 from ov_train.text.template import ROLES
@@ -85,13 +87,25 @@ def open_image(data: bytes | str | Path, name: str) -> Image.Image:
         raise ExportError(f"cannot read image {name}: {err}") from err
 
 
-def sample_media(raw: dict, max_frames: int) -> tuple[list[Image.Image], np.ndarray | None]:
+def export_video(config, max_frames: int | None = None) -> VideoSettings:
+    """How the export's last stage sampled video frames (config.json's `ov_train_media`; the stage defaults for an
+    export that does not record it), with `max_frames` as the cap when given: tools feed the frames training fed."""
+    media = config.get("ov_train_media") if isinstance(config, dict) else getattr(config, "ov_train_media", None)
+    video = VideoSettings(**((media or {}).get("video") or {}))
+    return dataclasses.replace(video, max_frames=max_frames) if max_frames else video
+
+
+def read_frames(data: bytes, video: VideoSettings, name: str) -> np.ndarray:
+    return decode_video(data, video.max_frames, name, video.fps, video.sampling, video.frame_size)[0]
+
+
+def sample_media(raw: dict, video: VideoSettings) -> tuple[list[Image.Image], np.ndarray | None]:
     """The images (img0, img1, ... in order) and the video frames of a raw shard sample, decoded as training does."""
     key = raw.get("__key__", "?")
     fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
     images = [open_image(raw[f], f"{key}.{f}") for f in fields]
-    video = next((f for f in VIDEO_FIELDS if f in raw), None)
-    frames = decode_video(raw[video], max_frames, name=f"{key}.{video}")[0] if video else None
+    field = next((f for f in VIDEO_FIELDS if f in raw), None)
+    frames = read_frames(raw[field], video, f"{key}.{field}") if field else None
     return images, frames
 
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, help="at most this many samples per source")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
-    parser.add_argument("--max-frames", type=int, default=32, help="video frames, 1 per second at most (default 32)")
+    parser.add_argument("--max-frames", type=int, help="most video frames (default: the export's stage's, ov_train_media)")
     parser.add_argument(
         "--metric", choices=sorted(METRICS),
         help="score every source with this metric (default: each recipe source's `metric:`, else exact_match)",

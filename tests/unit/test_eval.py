@@ -87,11 +87,12 @@ def test_recipe_sources_choose_their_metric(tmp_path, small_data_root):
     recipe.write_text(
         "sources:\n"
         "  - {name: si, path: single_image, modality: single_image, weight: 1, metric: multiple_choice}\n"
-        "  - {name: vid, path: video, modality: video, weight: 1}\n"
+        "  - {name: vid, path: video, modality: video, weight: 1, video: {max_frames: 2}}\n"
         "  - {name: noval, path: 'text/train-*.tar', modality: text, weight: 1}\n"  # a glob: no held-out split
     )
     sources = eval_sources(str(recipe), small_data_root)
     assert [(s.name, s.metric, len(s.shards)) for s in sources] == [("si", "multiple_choice", 1), ("vid", "exact_match", 1)]
+    assert [s.video for s in sources] == [(), (("max_frames", 2),)]  # a source's own video settings, as training
     assert {s.metric for s in eval_sources(str(recipe), small_data_root, metric="anls")} == {"anls"}
     recipe.write_text("sources:\n  - {name: si, path: single_image, modality: single_image, weight: 1, metric: bleu}\n")
     with pytest.raises(ValueError, match="source si: metric='bleu'; allowed"):
@@ -215,3 +216,47 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     with pytest.raises(SystemExit):
         ov_eval([str(run / "export"), "synthetic_onevision"])
     assert seen["root"] == small_data_root
+
+
+def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_model_and_tokenizer, tmp_path):
+    """A stage with its own video settings (4 frames spread uniformly, decoded at 16 px): ov-eval and ov-chat feed
+    the frames training fed (config.json's ov_train_media), not 1 frame per second of the clip."""
+    import copy
+
+    import numpy as np
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from ov_train.data.samples import SampleProcessor
+    from ov_train.data.video import encode_mp4
+    from ov_train.eval.inference import export_video, sample_media
+    from ov_train.tools.chat import read_video
+    from ov_train.vision.geometry import VisionGeometry
+    from ov_train.vision.preprocess import preprocess_frames
+    from ov_train.vision.settings import apply_to_model_config
+    from tests.conftest import plan_of
+    from tests.helpers import raw_sample
+
+    model, tokenizer = tiny_model_and_tokenizer
+    media = plan_of(["stage.max_frames=4", "stage.frame_sampling=uniform", "stage.frame_size=16"]).data.samples.media
+    config = copy.deepcopy(model.config)
+    apply_to_model_config(config, media)
+    export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
+    video = export_video(LlavaOnevisionConfig.from_pretrained(export))
+    clip = encode_mp4(np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8), fps=2)
+    raw = raw_sample("v", "<video>\nWhich way?", "left", video=clip)
+    geometry = VisionGeometry.from_model_config(config)
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)(raw)["frames"]
+    _, frames = sample_media(raw, video)
+    assert frames.shape == (4, 16, 16, 3) and torch.equal(preprocess_frames(frames, geometry), trained)
+    # ov-eval: the export's settings, a recipe source's own laid over them, --max-frames over both.
+    from types import SimpleNamespace
+
+    from ov_train.eval.evaluate import Evaluator
+
+    stub = SimpleNamespace(config=LlavaOnevisionConfig.from_pretrained(export))
+    for source_video, cap, expected in [((), None, 4), ((("max_frames", 2),), None, 2), ((("max_frames", 2),), 3, 3)]:
+        source = EvalSource("clips", (), "exact_match", "video", source_video)
+        pending = Evaluator(None, stub, tmp_path, 4, cap).pending(source, "clips/v", raw)
+        assert pending.frames.shape[0] == expected
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    assert np.array_equal(read_video(str(tmp_path / "clip.mp4"), video), frames)
