@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ov_train.data.video import decode_video
 from ov_train.text.template import ROLES
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.preprocess import resize_frames
+from ov_train.vision.settings import inference_refusal
 
 
 class ExportError(ValueError):
@@ -44,12 +46,16 @@ def check_export(path: str | Path) -> Path:
     if not config.is_file():
         raise ExportError(f"{path}: no config.json, so not a Hugging Face export (RUN/export or ov-export's output)")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        settings = json.loads(config.read_text())
     except ValueError as err:
         raise ExportError(f"{config}: not valid JSON ({err})") from err
+    model_type = settings.get("model_type")
     if model_type != "llava_onevision":
         raise ExportError(f"{path}: model_type {model_type!r}, expected 'llava_onevision'")
     missing = [f for f in ("preprocessor_config.json", "processor_config.json") if not (path / f).is_file()]
+    refusal = inference_refusal(SimpleNamespace(**settings))  # a single-crop stage: no processor files by design
+    if missing and refusal:
+        raise ExportError(f"{path}: {refusal}; chat with or evaluate an export of an anyres_max_N stage")
     if missing:
         raise ExportError(f"{path}: no {', '.join(missing)}; re-export it with ov-export")
     return path

@@ -260,3 +260,24 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
         assert pending.frames.shape[0] == expected
     (tmp_path / "clip.mp4").write_bytes(clip)
     assert np.array_equal(read_video(str(tmp_path / "clip.mp4"), video), frames)
+
+
+def test_tools_say_why_a_single_crop_stage_export_has_no_processor(tiny_model_and_tokenizer, tmp_path, capsys):
+    """A stage-1 export (stage.image_strategy=square) has no processor files by design: ov-chat and ov-eval say so,
+    rather than send the user to re-export it (which writes the same directory)."""
+    import copy
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from ov_train.vision.settings import apply_to_model_config
+    from tests.conftest import plan_of
+
+    model, tokenizer = tiny_model_and_tokenizer
+    config = copy.deepcopy(model.config)
+    apply_to_model_config(config, plan_of(["stage=pretrain"]).data.samples.media)
+    export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
+    for tool, argv in ((ov_chat, [str(export), "hi"]), (ov_eval, [str(export), str(tmp_path)])):
+        with pytest.raises(SystemExit):
+            tool(argv)
+        err = capsys.readouterr().err
+        assert "stage.image_strategy=square" in err and "model.init_from" in err and "re-export" not in err
