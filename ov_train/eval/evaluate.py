@@ -33,6 +33,9 @@ from ov_train.utils.logging import get_logger
 log = get_logger(__name__)
 
 PREDICTIONS, METRICS = "predictions.jsonl", "metrics.json"
+GENERATED_BY = "generated_by.json"  # what the rows of predictions.jsonl were generated with
+RECORD_NAMES = {"export": "export", "weights": "export weights", "max_new_tokens": "--max-new-tokens",
+                "max_frames": "--max-frames"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,31 @@ def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list
     if not sources:
         raise ValueError(f"recipe {recipe.name}: no source has held-out shards (val-*.tar) under {root}")
     return sources
+
+
+def generation_record(export: str | Path, max_new_tokens: int, max_frames: int | None) -> dict:
+    """What a reply depends on besides its sample: the export (its path, its weight files' sizes and modification
+    times, so a re-export or a longer run is told apart) and the generation settings."""
+    export = Path(export).resolve()
+    weights = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(export.glob("*.safetensors"))}
+    return {"export": str(export), "weights": weights, "max_new_tokens": max_new_tokens, "max_frames": max_frames}
+
+
+def claim_out_dir(out: str | Path, record: dict) -> None:
+    """Record what this evaluation generates with, after checking that the predictions already in `out` were
+    generated the same way: a rerun skips those samples, so another export's replies would pass for this one's."""
+    out = Path(out)
+    record_path = out / GENERATED_BY
+    if (out / PREDICTIONS).is_file() and record_path.is_file():
+        before = json.loads(record_path.read_text())
+        changed = [RECORD_NAMES[k] for k in record if before.get(k) != record[k]]
+        if changed:
+            raise ValueError(
+                f"{out / PREDICTIONS} holds replies generated with another {', '.join(changed)} ({record_path}); "
+                "a rerun would count them as this export's: give another --out, or delete that directory"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
 
 
 def held_out(sources: list[EvalSource], max_samples: int | None) -> Iterator[tuple[EvalSource, str, Callable[[], dict]]]:

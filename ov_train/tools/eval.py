@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ov_train.data.synthetic import synthetic_root
-from ov_train.eval.evaluate import eval_sources, evaluate
+from ov_train.eval.evaluate import claim_out_dir, eval_sources, evaluate, generation_record
 from ov_train.eval.inference import ExportError, check_export, load_export, require_torchvision
 from ov_train.eval.metrics import METRICS
 
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         check_export(args.export)
         require_torchvision("ov-eval")
         sources = eval_sources(args.data, args.root or default_root(args.export), args.metric)
+        out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem
+        claim_out_dir(out, generation_record(args.export, args.max_new_tokens, args.max_frames))
     except (ExportError, ValueError) as err:
         parser.error(str(err))
-    out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem
     device, dtype = device_and_dtype(args.device)
     processor, model = load_export(args.export, "ov-eval", device, dtype)
     metrics = evaluate(

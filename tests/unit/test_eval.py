@@ -281,3 +281,24 @@ def test_tools_say_why_a_single_crop_stage_export_has_no_processor(tiny_model_an
             tool(argv)
         err = capsys.readouterr().err
         assert "stage.image_strategy=square" in err and "model.init_from" in err and "re-export" not in err
+
+
+def test_rerun_refuses_predictions_of_another_export_or_settings(random_export, small_data_root, tmp_path, capsys):
+    """A rerun skips the samples already in predictions.jsonl: after the export changed (a longer run, a re-export)
+    or with other generation settings, those rows are not this export's replies, so ov-eval refuses the directory."""
+    import os
+    import shutil
+
+    export = shutil.copytree(random_export, tmp_path / "export")
+    argv = [str(export), str(small_data_root / "text"), "--out", str(tmp_path / "out"), "--max-samples", "2"]
+    assert ov_eval([*argv, "--max-new-tokens", "2"]) == 0
+    assert ov_eval([*argv, "--max-new-tokens", "2"]) == 0  # the same export and settings: resumes
+    for change, culprit in [("--max-new-tokens 3", "--max-new-tokens"), ("weights", "export weights")]:
+        if change == "weights":
+            (weights,) = export.glob("*.safetensors")
+            os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        with pytest.raises(SystemExit):
+            ov_eval([*argv, "--max-new-tokens", change.split()[-1] if change != "weights" else "2"])
+        err = capsys.readouterr().err
+        assert f"holds replies generated with another {culprit}" in err and "give another --out" in err
+    assert len(read_rows(tmp_path / "out" / "predictions.jsonl")) == 2  # nothing was lost
