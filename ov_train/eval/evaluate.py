@@ -21,6 +21,7 @@ from ov_train.data.recipe import load_recipe
 from ov_train.data.stream import read_tar
 from ov_train.eval.inference import (
     conversation_messages,
+    export_placement,
     export_video,
     generate_replies,
     processor_inputs,
@@ -147,13 +148,14 @@ class Evaluator:
         self.processor, self.model = processor, model
         self.max_new_tokens, self.max_frames = max_new_tokens, max_frames
         self.video = export_video(model.config)  # the export's stage's frame sampling
+        self.placement = export_placement(model.config)  # and its <image> placement
         self.path = Path(out_dir) / PREDICTIONS
         self.skipped: dict[str, int] = {}
 
     def pending(self, source: EvalSource, sample_id: str, raw: dict) -> Pending | None:
         try:
             meta = json.loads(raw["json"])
-            messages, reference = conversation_messages(meta["conversations"])
+            messages, reference = conversation_messages(meta["conversations"], self.placement)
             video = replace(self.video, **dict(source.video))
             images, frames = sample_media(raw, replace(video, max_frames=self.max_frames or video.max_frames))
         except (KeyError, ValueError) as err:  # malformed json, no reply, unreadable media

@@ -19,7 +19,7 @@ from PIL import Image
 from ov_train.config.media import VideoSettings
 from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.video import decode_video
-from ov_train.text.template import ROLES
+from ov_train.text.template import ROLES, media_first
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.preprocess import resize_frames
 from ov_train.vision.settings import inference_refusal
@@ -101,6 +101,12 @@ def export_video(config, max_frames: int | None = None) -> VideoSettings:
     return dataclasses.replace(video, max_frames=max_frames) if max_frames else video
 
 
+def export_placement(config) -> str:
+    """Where the export's stage put a turn's single <image>/<video> (ov_train_media's media_placement; `as_is` for
+    an export that does not record it)."""
+    return (getattr(config, "ov_train_media", None) or {}).get("media_placement", "as_is")
+
+
 def read_frames(data: bytes, video: VideoSettings, name: str) -> np.ndarray:
     return decode_video(data, video.max_frames, name, video.fps, video.sampling, video.frame_size)[0]
 
@@ -121,10 +127,14 @@ def training_frames(frames: np.ndarray, model) -> np.ndarray:
     return resize_frames(frames, VisionGeometry.from_model_config(model.config))
 
 
-def conversation_messages(conversations: list[dict]) -> tuple[list[dict], str]:
+def conversation_messages(conversations: list[dict], placement: str = "as_is") -> tuple[list[dict], str]:
     """LLaVA turns -> (processor messages before the last reply, the last reply). String contents are LLaVA's own
-    text ("<image>\\nWhat is it?"), which the export's chat template renders as training did."""
-    messages = [{"role": ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in conversations]
+    text ("<image>\\nWhat is it?"), which the export's chat template renders as training did; `placement` `front`
+    first moves a turn's single placeholder to its start, as training's stage.media_placement=front did."""
+    place = media_first if placement == "front" else (lambda text: text)
+    messages = [{"role": ROLES.get(t.get("from"), t.get("from")),
+                 "content": place(t["value"]) if isinstance(t.get("value"), str) else t.get("value")}
+                for t in conversations]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError("conversation has no gpt (assistant) turn to evaluate")

@@ -302,3 +302,39 @@ def test_rerun_refuses_predictions_of_another_export_or_settings(random_export, 
         err = capsys.readouterr().err
         assert f"holds replies generated with another {culprit}" in err and "give another --out" in err
     assert len(read_rows(tmp_path / "out" / "predictions.jsonl")) == 2  # nothing was lost
+
+
+@pytest.mark.parametrize("placement", ["front", "as_is"])
+def test_ov_eval_places_a_turns_image_as_the_exports_stage_did(tiny_model_and_tokenizer, tmp_path, placement):
+    """Data with its <image> after the question: training (stage.media_placement=front, the default) moved it to
+    the front; ov-eval's prompt ids are training's, for either placement the export records."""
+    import copy
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from ov_train.data.samples import SampleProcessor
+    from ov_train.eval.evaluate import Evaluator
+    from ov_train.eval.inference import load_processor
+    from ov_train.text.template import IGNORE_INDEX
+    from ov_train.vision.geometry import VisionGeometry
+    from ov_train.vision.settings import apply_to_model_config
+    from tests.conftest import plan_of
+    from tests.helpers import raw_sample
+
+    model, tokenizer = tiny_model_and_tokenizer
+    samples = plan_of([f"stage.media_placement={placement}"]).data.samples
+    config = copy.deepcopy(model.config)
+    apply_to_model_config(config, samples.media, samples.placement)
+    export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
+    raw = raw_sample("s", "What colour is the shape? <image>", "red", images=[noise_png(40, 30, 1)])
+    geometry = VisionGeometry.from_model_config(config)
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=samples.media,
+                              placement=placement)(raw)
+    labels = trained["labels"].tolist()
+    prompt_ids = trained["input_ids"].tolist()[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
+    processor = load_processor(export)
+    stub = SimpleNamespace(config=LlavaOnevisionConfig.from_pretrained(export))
+    pending = Evaluator(processor, stub, tmp_path, 4, None).pending(EvalSource("s", (), "exact_match"), "s/s", raw)
+    prompt = processor.apply_chat_template(pending.messages, add_generation_prompt=True)
+    assert processor(text=prompt, images=[pending.images], return_tensors="pt")["input_ids"][0].tolist() == prompt_ids
