@@ -94,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
     recipe = prepare_data(plan.data)
     model, tokenizer, adapter = build_for_training(plan, source)
     # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
-    apply_to_model_config(model.config, plan.data.samples.media)
+    apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)
     data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
     tokenizer.save_pretrained(paths.tokenizer)
     module = OneVisionModule(

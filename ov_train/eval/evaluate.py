@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from ov_train.data.recipe import load_recipe
 from ov_train.data.stream import read_tar
 from ov_train.eval.inference import (
     conversation_messages,
+    export_placement,
+    export_video,
     generate_replies,
     processor_inputs,
     sample_media,
@@ -32,6 +34,9 @@ from ov_train.utils.logging import get_logger
 log = get_logger(__name__)
 
 PREDICTIONS, METRICS = "predictions.jsonl", "metrics.json"
+GENERATED_BY = "generated_by.json"  # what the rows of predictions.jsonl were generated with
+RECORD_NAMES = {"export": "export", "weights": "export weights", "max_new_tokens": "--max-new-tokens",
+                "max_frames": "--max-frames"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class EvalSource:
     shards: tuple[str, ...]
     metric: str
     modality: str | None = None
+    video: tuple[tuple[str, object], ...] = ()  # the recipe source's own video settings, as training read them
 
 
 def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list[EvalSource]:
@@ -53,16 +59,41 @@ def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list
             raise ValueError(f"{path}: no .tar shards (expected an ov-data shard directory)")
         return [EvalSource(path.name, tuple(map(str, shards)), metric or DEFAULT_METRIC)]
     recipe = load_recipe(data, root, require_shards=False)
-    sources = []
+    sources, videos = [], {spec.name: spec.video for spec in recipe.spec.sources}
     for s in recipe:
         if not s.val_shards:
             log.warning("source %s of recipe %s has no held-out shards (val-*.tar): not evaluated", s.name, recipe.name)
             continue
         chosen = metric or (check_metric(s.metric, f"recipe {recipe.name}: source {s.name}") if s.metric else DEFAULT_METRIC)
-        sources.append(EvalSource(s.name, s.val_shards, chosen, s.modality))
+        sources.append(EvalSource(s.name, s.val_shards, chosen, s.modality, videos.get(s.name, ())))
     if not sources:
         raise ValueError(f"recipe {recipe.name}: no source has held-out shards (val-*.tar) under {root}")
     return sources
+
+
+def generation_record(export: str | Path, max_new_tokens: int, max_frames: int | None) -> dict:
+    """What a reply depends on besides its sample: the export (its path, its weight files' sizes and modification
+    times, so a re-export or a longer run is told apart) and the generation settings."""
+    export = Path(export).resolve()
+    weights = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(export.glob("*.safetensors"))}
+    return {"export": str(export), "weights": weights, "max_new_tokens": max_new_tokens, "max_frames": max_frames}
+
+
+def claim_out_dir(out: str | Path, record: dict) -> None:
+    """Record what this evaluation generates with, after checking that the predictions already in `out` were
+    generated the same way: a rerun skips those samples, so another export's replies would pass for this one's."""
+    out = Path(out)
+    record_path = out / GENERATED_BY
+    if (out / PREDICTIONS).is_file() and record_path.is_file():
+        before = json.loads(record_path.read_text())
+        changed = [RECORD_NAMES[k] for k in record if before.get(k) != record[k]]
+        if changed:
+            raise ValueError(
+                f"{out / PREDICTIONS} holds replies generated with another {', '.join(changed)} ({record_path}); "
+                "a rerun would count them as this export's: give another --out, or delete that directory"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
 
 
 def held_out(sources: list[EvalSource], max_samples: int | None) -> Iterator[tuple[EvalSource, str, Callable[[], dict]]]:
@@ -113,17 +144,20 @@ class Pending:
 
 
 class Evaluator:
-    def __init__(self, processor, model, out_dir: Path, max_new_tokens: int, max_frames: int):
+    def __init__(self, processor, model, out_dir: Path, max_new_tokens: int, max_frames: int | None):
         self.processor, self.model = processor, model
         self.max_new_tokens, self.max_frames = max_new_tokens, max_frames
+        self.video = export_video(model.config)  # the export's stage's frame sampling
+        self.placement = export_placement(model.config)  # and its <image> placement
         self.path = Path(out_dir) / PREDICTIONS
         self.skipped: dict[str, int] = {}
 
     def pending(self, source: EvalSource, sample_id: str, raw: dict) -> Pending | None:
         try:
             meta = json.loads(raw["json"])
-            messages, reference = conversation_messages(meta["conversations"])
-            images, frames = sample_media(raw, self.max_frames)
+            messages, reference = conversation_messages(meta["conversations"], self.placement)
+            video = replace(self.video, **dict(source.video))
+            images, frames = sample_media(raw, replace(video, max_frames=self.max_frames or video.max_frames))
         except (KeyError, ValueError) as err:  # malformed json, no reply, unreadable media
             log.warning("skipping %s: %s", sample_id, err)
             reason = type(err).__name__
@@ -160,7 +194,7 @@ def scored(row: dict) -> dict:
 
 
 def evaluate(processor, model, sources: list[EvalSource], out_dir: str | Path, max_samples: int | None = None,
-             batch_size: int = 8, max_new_tokens: int = 128, max_frames: int = 32, logger=None) -> dict:
+             batch_size: int = 8, max_new_tokens: int = 128, max_frames: int | None = None, logger=None) -> dict:
     """Generate, score and write predictions.jsonl and metrics.json under `out_dir`; returns the metrics.
     `logger`, a Lightning logger (the run's), also gets the metrics and, for W&B, the predictions table."""
     out = Path(out_dir)

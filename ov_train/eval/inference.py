@@ -5,20 +5,24 @@ reply means the same thing everywhere: the generated tokens before the first end
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ov_train.config.media import VideoSettings
 from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.video import decode_video
-from ov_train.text.template import ROLES
+from ov_train.text.template import ROLES, media_first
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.preprocess import resize_frames
+from ov_train.vision.settings import inference_refusal
 
 
 class ExportError(ValueError):
@@ -42,12 +46,16 @@ def check_export(path: str | Path) -> Path:
     if not config.is_file():
         raise ExportError(f"{path}: no config.json, so not a Hugging Face export (RUN/export or ov-export's output)")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        settings = json.loads(config.read_text())
     except ValueError as err:
         raise ExportError(f"{config}: not valid JSON ({err})") from err
+    model_type = settings.get("model_type")
     if model_type != "llava_onevision":
         raise ExportError(f"{path}: model_type {model_type!r}, expected 'llava_onevision'")
     missing = [f for f in ("preprocessor_config.json", "processor_config.json") if not (path / f).is_file()]
+    refusal = inference_refusal(SimpleNamespace(**settings))  # a single-crop stage: no processor files by design
+    if missing and refusal:
+        raise ExportError(f"{path}: {refusal}; chat with or evaluate an export of an anyres_max_N stage")
     if missing:
         raise ExportError(f"{path}: no {', '.join(missing)}; re-export it with ov-export")
     return path
@@ -85,13 +93,31 @@ def open_image(data: bytes | str | Path, name: str) -> Image.Image:
         raise ExportError(f"cannot read image {name}: {err}") from err
 
 
-def sample_media(raw: dict, max_frames: int) -> tuple[list[Image.Image], np.ndarray | None]:
+def export_video(config, max_frames: int | None = None) -> VideoSettings:
+    """How the export's last stage sampled video frames (config.json's `ov_train_media`; the stage defaults for an
+    export that does not record it), with `max_frames` as the cap when given: tools feed the frames training fed."""
+    media = config.get("ov_train_media") if isinstance(config, dict) else getattr(config, "ov_train_media", None)
+    video = VideoSettings(**((media or {}).get("video") or {}))
+    return dataclasses.replace(video, max_frames=max_frames) if max_frames else video
+
+
+def export_placement(config) -> str:
+    """Where the export's stage put a turn's single <image>/<video> (ov_train_media's media_placement; `as_is` for
+    an export that does not record it)."""
+    return (getattr(config, "ov_train_media", None) or {}).get("media_placement", "as_is")
+
+
+def read_frames(data: bytes, video: VideoSettings, name: str) -> np.ndarray:
+    return decode_video(data, video.max_frames, name, video.fps, video.sampling, video.frame_size)[0]
+
+
+def sample_media(raw: dict, video: VideoSettings) -> tuple[list[Image.Image], np.ndarray | None]:
     """The images (img0, img1, ... in order) and the video frames of a raw shard sample, decoded as training does."""
     key = raw.get("__key__", "?")
     fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
     images = [open_image(raw[f], f"{key}.{f}") for f in fields]
-    video = next((f for f in VIDEO_FIELDS if f in raw), None)
-    frames = decode_video(raw[video], max_frames, name=f"{key}.{video}")[0] if video else None
+    field = next((f for f in VIDEO_FIELDS if f in raw), None)
+    frames = read_frames(raw[field], video, f"{key}.{field}") if field else None
     return images, frames
 
 
@@ -101,10 +127,14 @@ def training_frames(frames: np.ndarray, model) -> np.ndarray:
     return resize_frames(frames, VisionGeometry.from_model_config(model.config))
 
 
-def conversation_messages(conversations: list[dict]) -> tuple[list[dict], str]:
+def conversation_messages(conversations: list[dict], placement: str = "as_is") -> tuple[list[dict], str]:
     """LLaVA turns -> (processor messages before the last reply, the last reply). String contents are LLaVA's own
-    text ("<image>\\nWhat is it?"), which the export's chat template renders as training did."""
-    messages = [{"role": ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in conversations]
+    text ("<image>\\nWhat is it?"), which the export's chat template renders as training did; `placement` `front`
+    first moves a turn's single placeholder to its start, as training's stage.media_placement=front did."""
+    place = media_first if placement == "front" else (lambda text: text)
+    messages = [{"role": ROLES.get(t.get("from"), t.get("from")),
+                 "content": place(t["value"]) if isinstance(t.get("value"), str) else t.get("value")}
+                for t in conversations]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError("conversation has no gpt (assistant) turn to evaluate")

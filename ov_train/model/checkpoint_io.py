@@ -59,8 +59,9 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
         model.save_pretrained(out)
     _save_tokenizer(tokenizer, chat_template(template), out)
     refusal = inference_refusal(model.config)  # the last stage's image setting, recorded in the model config
-    if refusal:  # no processor files, nor a model card that would load them
+    if refusal:  # no processor files; the card says what the export is for
         log.warning("%s: %s", out, refusal)
+        (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out, refusal=refusal))
         return out
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)

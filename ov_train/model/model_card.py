@@ -62,8 +62,16 @@ def _number(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def model_card(name: str, template: str, facts: dict, path: str | Path = ".") -> str:
-    """README.md text for an export directory; facts missing from `facts` are left out."""
+NO_PROCESSOR = """## Use
+
+This export has no processor files: {refusal}. Continue training from it, e.g.
+`ov-train stage=mid model.init_from={path}`.
+"""
+
+
+def model_card(name: str, template: str, facts: dict, path: str | Path = ".", refusal: str | None = None) -> str:
+    """README.md text for an export directory; facts missing from `facts` are left out. `refusal`: why the stock
+    processor cannot feed it (a single-crop stage), which replaces the usage section."""
     about = [
         ("stage", facts.get("stage")), ("chat template", template), ("recipe", facts.get("recipe")),
         ("optimizer steps", facts.get("steps")),
@@ -83,5 +91,5 @@ def model_card(name: str, template: str, facts: dict, path: str | Path = ".") ->
             "## Held-out metrics\n\nAt the last validation: `val/accuracy` counts samples whose every reply token "
             "greedy decoding reproduces.\n\n" + _table(("metric", "value"), rows)
         )
-    parts.append(USAGE.format(path=path, template=template))
+    parts.append(NO_PROCESSOR.format(refusal=refusal, path=path) if refusal else USAGE.format(path=path, template=template))
     return "\n".join(parts)

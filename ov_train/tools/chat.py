@@ -7,19 +7,23 @@ end of input ends it); the media belong to the first turn and stay in the conver
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from ov_train.data.video import VideoDecodeError, decode_video
+from ov_train.config.media import VideoSettings
+from ov_train.data.video import VideoDecodeError
 from ov_train.eval.inference import (
     ExportError,
     check_export,
+    export_video,
     generate_replies,
     load_export,
     open_image,
     processor_inputs,
+    read_frames,
     require_torchvision,
     sampling_kwargs,
     training_frames,
@@ -50,7 +54,8 @@ class Chat:
         return answer
 
 
-def read_video(path: str, max_frames: int):
+def read_video(path: str, video: VideoSettings):
+    """The frames of a video file, sampled as the export's stage sampled them."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError as err:
@@ -58,7 +63,7 @@ def read_video(path: str, max_frames: int):
     except OSError as err:
         raise ExportError(f"cannot read video {path}: {err}") from err
     try:
-        return decode_video(data, max_frames, name=path)[0]
+        return read_frames(data, video, path)
     except VideoDecodeError as err:  # its message names the file
         raise ExportError(f"cannot read video: {err}") from err
 
@@ -68,23 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export", help="a Hugging Face export (RUN/export, or ov-export's output)")
     parser.add_argument("prompt", nargs="?", help="one question; without it, an interactive conversation")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    parser.add_argument("--video", help="a video file (1 frame per second, at most --max-frames)")
+    parser.add_argument("--video", help="a video file, its frames sampled as the export's stage did (ov_train_media)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (default 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampling")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
-    parser.add_argument("--max-frames", type=int, default=32, help="most video frames (default 32)")
+    parser.add_argument("--max-frames", type=int, help="most video frames (default: the export's stage's)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     args = parser.parse_intermixed_args(argv)  # the prompt may follow --image options
-    if args.max_new_tokens < 1 or args.max_frames < 1:
+    if args.max_new_tokens < 1 or (args.max_frames is not None and args.max_frames < 1):
         parser.error("--max-new-tokens and --max-frames must be positive integers")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
     # Every input is checked before the model loads.
     try:
-        check_export(args.export)
+        config = json.loads((check_export(args.export) / "config.json").read_text())
         images = [open_image(Path(p), p) for p in args.image]
-        frames = read_video(args.video, args.max_frames) if args.video else None
+        frames = read_video(args.video, export_video(config, args.max_frames)) if args.video else None
         require_torchvision("ov-chat")
     except ExportError as err:
         parser.error(str(err))

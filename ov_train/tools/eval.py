@@ -6,14 +6,16 @@ samples already in predictions.jsonl.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from ov_train.eval.evaluate import eval_sources, evaluate
+from ov_train.data.synthetic import synthetic_root
+from ov_train.eval.evaluate import claim_out_dir, eval_sources, evaluate, generation_record
 from ov_train.eval.inference import ExportError, check_export, load_export, require_torchvision
 from ov_train.eval.metrics import METRICS
-from ov_train.utils.paths import cache_dir
 
 
 def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
@@ -21,6 +23,23 @@ def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def default_root(export: str | Path) -> Path:
+    """Where a recipe's sources start when --root is not given: the data the run that wrote `export` read (its
+    .hydra/config.yaml beside the export: data.root, or its synthetic data set, one cache directory per setting),
+    else the default run's synthetic data set."""
+    run_config = Path(os.path.abspath(export)).parent / ".hydra" / "config.yaml"  # a symlinked export: its run
+    if run_config.is_file():
+        cfg = OmegaConf.load(run_config)
+    else:
+        from ov_train.config.compose import compose
+
+        cfg = compose([])
+    data = cfg.data
+    if data.get("synthetic") is None:
+        return Path(data.root)
+    return synthetic_root(data.root, **OmegaConf.to_container(data.synthetic), seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, help="at most this many samples per source")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
-    parser.add_argument("--max-frames", type=int, default=32, help="video frames, 1 per second at most (default 32)")
+    parser.add_argument("--max-frames", type=int, help="most video frames (default: the export's stage's, ov_train_media)")
     parser.add_argument(
         "--metric", choices=sorted(METRICS),
         help="score every source with this metric (default: each recipe source's `metric:`, else exact_match)",
     )
     parser.add_argument(
-        "--root", default=str(cache_dir() / "synthetic"),
-        help="where a recipe's relative source paths start (default: the embedded synthetic shards, %(default)s)",
+        "--root", help="where a recipe's relative source paths start (default: the data of the run that wrote"
+        " EXPORT, from RUN/.hydra/config.yaml, else the default run's synthetic shards)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     args = parser.parse_args(argv)
@@ -53,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_export(args.export)
         require_torchvision("ov-eval")
-        sources = eval_sources(args.data, args.root, args.metric)
+        sources = eval_sources(args.data, args.root or default_root(args.export), args.metric)
+        out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem
+        claim_out_dir(out, generation_record(args.export, args.max_new_tokens, args.max_frames))
     except (ExportError, ValueError) as err:
         parser.error(str(err))
-    out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem
     device, dtype = device_and_dtype(args.device)
     processor, model = load_export(args.export, "ov-eval", device, dtype)
     metrics = evaluate(

@@ -9,15 +9,16 @@ from ov_train.constants import SINGLE_CROP
 CONFIG_KEY = "ov_train_media"
 
 
-def apply_to_model_config(config, media: MediaSettings) -> None:
+def apply_to_model_config(config, media: MediaSettings, placement: str | None = None) -> None:
     """Set the model config to the stage's anyres N and grid (the forward packs features by them, and exports
-    carry them), and record the stage's media settings under CONFIG_KEY."""
+    carry them), and record the stage's media settings under CONFIG_KEY, with `placement` (stage.media_placement)
+    when given, so ov-eval places a turn's <image> as training did."""
     if media.image.anyres:
         config.vision_aspect_ratio = media.image.strategy
         pinpoints = media.image.pinpoints(config.vision_config.image_size)
         if pinpoints is not None:
             config.image_grid_pinpoints = [list(p) for p in pinpoints]
-    setattr(config, CONFIG_KEY, media.to_dict())
+    setattr(config, CONFIG_KEY, {**media.to_dict(), **({"media_placement": placement} if placement else {})})
 
 
 def inference_refusal(config) -> str | None:

@@ -87,11 +87,12 @@ def test_recipe_sources_choose_their_metric(tmp_path, small_data_root):
     recipe.write_text(
         "sources:\n"
         "  - {name: si, path: single_image, modality: single_image, weight: 1, metric: multiple_choice}\n"
-        "  - {name: vid, path: video, modality: video, weight: 1}\n"
+        "  - {name: vid, path: video, modality: video, weight: 1, video: {max_frames: 2}}\n"
         "  - {name: noval, path: 'text/train-*.tar', modality: text, weight: 1}\n"  # a glob: no held-out split
     )
     sources = eval_sources(str(recipe), small_data_root)
     assert [(s.name, s.metric, len(s.shards)) for s in sources] == [("si", "multiple_choice", 1), ("vid", "exact_match", 1)]
+    assert [s.video for s in sources] == [(), (("max_frames", 2),)]  # a source's own video settings, as training
     assert {s.metric for s in eval_sources(str(recipe), small_data_root, metric="anls")} == {"anls"}
     recipe.write_text("sources:\n  - {name: si, path: single_image, modality: single_image, weight: 1, metric: bleu}\n")
     with pytest.raises(ValueError, match="source si: metric='bleu'; allowed"):
@@ -186,3 +187,154 @@ def test_model_card_code_runs(random_export, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.endswith("\n")  # its print ran (a random model's reply may be blank)
+
+
+def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data(
+    random_export, small_data_root, tmp_path, monkeypatch
+):
+    """`ov-eval RUN/export synthetic_onevision` without --root: the held-out shards of the data the run trained on
+    (its synthetic settings, or its data.root), else those of the default run's settings."""
+    from dataclasses import asdict
+
+    from ov_train.data.synthetic import synthetic_root
+    from ov_train.tools.eval import default_root
+    from tests.conftest import plan_of
+
+    default = plan_of([]).data
+    assert default_root(random_export) == synthetic_root(default.root, **asdict(default.synthetic))
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "export").symlink_to(random_export, target_is_directory=True)
+    config = "seed: 3\ndata:\n  root: null\n  synthetic: {train_per_subset: 64, val_per_subset: 16, image_px: 32}\n"
+    (run / ".hydra" / "config.yaml").write_text(config)
+    assert default_root(run / "export") == synthetic_root(None, 64, 16, 32, 3)
+    (run / ".hydra" / "config.yaml").write_text(config.replace("root: null", f"root: {small_data_root}"))
+    assert default_root(run / "export") == small_data_root
+    seen = {}
+    monkeypatch.setattr("ov_train.tools.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    monkeypatch.setattr("ov_train.tools.eval.eval_sources", lambda data, root, metric: seen.setdefault("root", root))
+    with pytest.raises(SystemExit):
+        ov_eval([str(run / "export"), "synthetic_onevision"])
+    assert seen["root"] == small_data_root
+
+
+def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_model_and_tokenizer, tmp_path):
+    """A stage with its own video settings (4 frames spread uniformly, decoded at 16 px): ov-eval and ov-chat feed
+    the frames training fed (config.json's ov_train_media), not 1 frame per second of the clip."""
+    import copy
+
+    import numpy as np
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from ov_train.data.samples import SampleProcessor
+    from ov_train.data.video import encode_mp4
+    from ov_train.eval.inference import export_video, sample_media
+    from ov_train.tools.chat import read_video
+    from ov_train.vision.geometry import VisionGeometry
+    from ov_train.vision.preprocess import preprocess_frames
+    from ov_train.vision.settings import apply_to_model_config
+    from tests.conftest import plan_of
+    from tests.helpers import raw_sample
+
+    model, tokenizer = tiny_model_and_tokenizer
+    media = plan_of(["stage.max_frames=4", "stage.frame_sampling=uniform", "stage.frame_size=16"]).data.samples.media
+    config = copy.deepcopy(model.config)
+    apply_to_model_config(config, media)
+    export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
+    video = export_video(LlavaOnevisionConfig.from_pretrained(export))
+    clip = encode_mp4(np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8), fps=2)
+    raw = raw_sample("v", "<video>\nWhich way?", "left", video=clip)
+    geometry = VisionGeometry.from_model_config(config)
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)(raw)["frames"]
+    _, frames = sample_media(raw, video)
+    assert frames.shape == (4, 16, 16, 3) and torch.equal(preprocess_frames(frames, geometry), trained)
+    # ov-eval: the export's settings, a recipe source's own laid over them, --max-frames over both.
+    from types import SimpleNamespace
+
+    from ov_train.eval.evaluate import Evaluator
+
+    stub = SimpleNamespace(config=LlavaOnevisionConfig.from_pretrained(export))
+    for source_video, cap, expected in [((), None, 4), ((("max_frames", 2),), None, 2), ((("max_frames", 2),), 3, 3)]:
+        source = EvalSource("clips", (), "exact_match", "video", source_video)
+        pending = Evaluator(None, stub, tmp_path, 4, cap).pending(source, "clips/v", raw)
+        assert pending.frames.shape[0] == expected
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    assert np.array_equal(read_video(str(tmp_path / "clip.mp4"), video), frames)
+
+
+def test_tools_say_why_a_single_crop_stage_export_has_no_processor(tiny_model_and_tokenizer, tmp_path, capsys):
+    """A stage-1 export (stage.image_strategy=square) has no processor files by design: ov-chat and ov-eval say so,
+    rather than send the user to re-export it (which writes the same directory)."""
+    import copy
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from ov_train.vision.settings import apply_to_model_config
+    from tests.conftest import plan_of
+
+    model, tokenizer = tiny_model_and_tokenizer
+    config = copy.deepcopy(model.config)
+    apply_to_model_config(config, plan_of(["stage=pretrain"]).data.samples.media)
+    export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
+    for tool, argv in ((ov_chat, [str(export), "hi"]), (ov_eval, [str(export), str(tmp_path)])):
+        with pytest.raises(SystemExit):
+            tool(argv)
+        err = capsys.readouterr().err
+        assert "stage.image_strategy=square" in err and "model.init_from" in err and "re-export" not in err
+
+
+def test_rerun_refuses_predictions_of_another_export_or_settings(random_export, small_data_root, tmp_path, capsys):
+    """A rerun skips the samples already in predictions.jsonl: after the export changed (a longer run, a re-export)
+    or with other generation settings, those rows are not this export's replies, so ov-eval refuses the directory."""
+    import os
+    import shutil
+
+    export = shutil.copytree(random_export, tmp_path / "export")
+    argv = [str(export), str(small_data_root / "text"), "--out", str(tmp_path / "out"), "--max-samples", "2"]
+    assert ov_eval([*argv, "--max-new-tokens", "2"]) == 0
+    assert ov_eval([*argv, "--max-new-tokens", "2"]) == 0  # the same export and settings: resumes
+    for change, culprit in [("--max-new-tokens 3", "--max-new-tokens"), ("weights", "export weights")]:
+        if change == "weights":
+            (weights,) = export.glob("*.safetensors")
+            os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        with pytest.raises(SystemExit):
+            ov_eval([*argv, "--max-new-tokens", change.split()[-1] if change != "weights" else "2"])
+        err = capsys.readouterr().err
+        assert f"holds replies generated with another {culprit}" in err and "give another --out" in err
+    assert len(read_rows(tmp_path / "out" / "predictions.jsonl")) == 2  # nothing was lost
+
+
+@pytest.mark.parametrize("placement", ["front", "as_is"])
+def test_ov_eval_places_a_turns_image_as_the_exports_stage_did(tiny_model_and_tokenizer, tmp_path, placement):
+    """Data with its <image> after the question: training (stage.media_placement=front, the default) moved it to
+    the front; ov-eval's prompt ids are training's, for either placement the export records."""
+    import copy
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from ov_train.data.samples import SampleProcessor
+    from ov_train.eval.evaluate import Evaluator
+    from ov_train.eval.inference import load_processor
+    from ov_train.text.template import IGNORE_INDEX
+    from ov_train.vision.geometry import VisionGeometry
+    from ov_train.vision.settings import apply_to_model_config
+    from tests.conftest import plan_of
+    from tests.helpers import raw_sample
+
+    model, tokenizer = tiny_model_and_tokenizer
+    samples = plan_of([f"stage.media_placement={placement}"]).data.samples
+    config = copy.deepcopy(model.config)
+    apply_to_model_config(config, samples.media, samples.placement)
+    export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
+    raw = raw_sample("s", "What colour is the shape? <image>", "red", images=[noise_png(40, 30, 1)])
+    geometry = VisionGeometry.from_model_config(config)
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=samples.media,
+                              placement=placement)(raw)
+    labels = trained["labels"].tolist()
+    prompt_ids = trained["input_ids"].tolist()[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
+    processor = load_processor(export)
+    stub = SimpleNamespace(config=LlavaOnevisionConfig.from_pretrained(export))
+    pending = Evaluator(processor, stub, tmp_path, 4, None).pending(EvalSource("s", (), "exact_match"), "s/s", raw)
+    prompt = processor.apply_chat_template(pending.messages, add_generation_prompt=True)
+    assert processor(text=prompt, images=[pending.images], return_tensors="pt")["input_ids"][0].tolist() == prompt_ids

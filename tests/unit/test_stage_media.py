@@ -236,3 +236,7 @@ def test_export_of_a_single_crop_stage_refuses_processor_files(tiny_model_and_to
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert not (out / "preprocessor_config.json").exists() and not (out / "processor_config.json").exists()
     assert "stage.image_strategy=square" in caplog.text and "no processor files" in caplog.text
+    # Its model card still says what it is, and how it is used: as the next stage's start, not for chat.
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "stage.image_strategy=square" in card
+    assert f"model.init_from={out}" in card and "AutoProcessor" not in card and "ov-chat" not in card
