@@ -227,12 +227,18 @@ def data_problems(data, seed: int) -> list[str]:
     return problems
 
 
-def step_problems(data, trainer, unit: str | None) -> list[str]:
+def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> list[str]:
     """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read)."""
     per_step, epochs = data.samples_per_step, data.epochs
     problems = []
     if per_step is not None:
         world = world_size(trainer)
+        if strategy == "fsdp2":
+            # FSDP2 reshards the root's parameters (embeddings, projector, norms) after a step's first backward, and
+            # the next micro-batch's forward reads them sharded: not supported until that is solved.
+            problems.append(f"data.samples_per_step={per_step} with strategy=fsdp2 is not supported (a step's second"
+                            " micro-batch would read resharded parameters); use ddp or deepspeed_zero2/3, or"
+                            " data.samples_per_step=null")
         if per_step < 1:
             problems.append(f"data.samples_per_step={per_step!r} must be an integer >= 1 (a global batch in samples) or null")
         elif per_step % world:

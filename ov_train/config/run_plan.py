@@ -421,7 +421,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
         + checks.model_problems(cfg.model)
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
-        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None) + checks.io_problems(cfg.data.io)
+        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name) + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))

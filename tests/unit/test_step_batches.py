@@ -91,6 +91,8 @@ def test_epochs_derive_max_steps_from_the_recipe_sample_counts(tmp_path):
     (["data.samples_per_step=0"], "data.samples_per_step=0 must be an integer >= 1"),
     (["data.samples_per_step=8", "trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 with data.s"),
     (["data.epochs=0", "data.samples_per_step=8"], "data.epochs=0.0 must be a number > 0"),
+    (["data.samples_per_step=8", "strategy=fsdp2", "trainer.devices=2", "trainer.accelerator=cpu"],
+     "data.samples_per_step=8 with strategy=fsdp2 is not supported"),
 ])
 def test_bad_step_settings_are_refused_by_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
