@@ -253,6 +253,7 @@ def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: Adapter
         "model": cfg.model.name,
         "geometry": OmegaConf.to_container(OmegaConf.masked_copy(cfg.model, ["vision", "text"]), resolve=True),
         "max_steps": max_steps or cfg.trainer.max_steps,
+        "seed": cfg.seed,  # the data order, the shuffle buffers and dropout follow it
     }
     if adapter:
         identity.update(adapter=adapter.settings(), base=adapter.base)

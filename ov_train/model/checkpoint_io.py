@@ -289,7 +289,7 @@ def _flat(tree: dict, prefix: str) -> dict:
 
 def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list[str]:
     """Why `ckpt_path` cannot be resumed by a run of `identity` (the plan's: stage, model and its geometry, the
-    adapters and their base, max_steps: the learning-rate schedule spans max_steps, so another value would make it
+    adapters and their base, the seed, max_steps: the learning-rate schedule spans max_steps, so another value would make it
     jump, or with fewer steps than done end the run at once). Reads only the checkpoint's pickles (tensors stay on disk)."""
     try:
         meta = checkpoint_metadata(ckpt_path, trust=trust)
@@ -312,6 +312,11 @@ def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list
     for key, what in (("adapter", "adapter"), ("base", "the adapters' base (model.* and seed)")):
         if stored.get(key) != identity.get(key):
             problems.append(f"{what}: the checkpoint's {stored.get(key)!r}, this run's {identity.get(key)!r}")
+    if "seed" in stored and stored["seed"] != identity["seed"]:  # checkpoints before it was recorded: unchecked
+        problems.append(
+            f"seed: the checkpoint's run has seed={stored['seed']}, this one seed={identity['seed']}; the data order"
+            f" and dropout follow it, so an exact resume needs seed={stored['seed']}"
+        )
     if stored.get("max_steps") != identity["max_steps"]:
         problems.append(
             f"trainer.max_steps: the checkpoint's run has {stored.get('max_steps')}, this one {identity['max_steps']}"

@@ -69,7 +69,7 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, pr
 
 
 def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path, small_data_root, monkeypatch):
-    """The checkpoint records its run (stage, model and geometry, max_steps); a resume that differs is refused
+    """The checkpoint records its run (stage, model and geometry, max_steps, seed); a resume that differs is refused
     with what differs, before the model is built, instead of a jumping learning rate, a run that trains nothing,
     or a tensor size error."""
     import ov_train.run as run
@@ -79,7 +79,7 @@ def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path
     train(compose_config(base, run_dir=tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["ov_train"]["run"] == {
-        "stage": "onevision", "model": "tiny", "max_steps": 1,
+        "stage": "onevision", "model": "tiny", "max_steps": 1, "seed": 0,
         "geometry": {"vision": dict(compose_config([]).model.vision), "text": dict(compose_config([]).model.text)},
     }
 
@@ -92,6 +92,7 @@ def test_resume_refuses_another_schedule_stage_or_model_before_any_work(tmp_path
         "stage=pretrain": ["stage: the checkpoint's 'onevision', this run's 'pretrain'"],
         "model.text.hidden_size=256": ["model.text.hidden_size: the checkpoint's 192, this run's 256"],
         "model=ov_qwen2_0_5b": ["model: the checkpoint's 'tiny', this run's 'ov_qwen2_0_5b'"],
+        "seed=1": ["seed: the checkpoint's run has seed=0, this one seed=1", "an exact resume needs seed=0"],
     }
     for override, expected in cases.items():
         extra = ["model.random_init=true"] if override.startswith("model=") else []
