@@ -35,13 +35,13 @@ from tqdm import tqdm
 from ov_train.config.compose import compose
 from ov_train.config.options import IOSettings
 from ov_train.constants import IMAGE_TOKEN, MEDIA_TOKENS, VIDEO_TOKEN
-from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path, write_atomic
+from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path
 from ov_train.data.formats import InputError, Item, detect_format, open_input
 from ov_train.data.inspect import summarise
 from ov_train.data.remote import is_remote, redact, remote_size, upload
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
-from ov_train.utils.paths import cache_dir
+from ov_train.utils.paths import cache_dir, write_atomic
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.tokens import (
     anyres_tokens,

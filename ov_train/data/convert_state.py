@@ -10,11 +10,11 @@ Every file appears under its final name only when complete (temp + rename).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ov_train.data.formats import InputError
 from ov_train.utils.logging import get_logger
+from ov_train.utils.paths import write_atomic
 
 log = get_logger(__name__)
 
@@ -26,12 +26,6 @@ _SHARDS = [f"{prefix}-[0-9]*-[0-9]*.tar" for prefix in (SHARD_PREFIX, VAL_PREFIX
 
 def part_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / PARTS_DIR / f"part-{index:06d}.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def finished(out: Path, index: int) -> bool:

@@ -26,6 +26,7 @@ from ov_train.data.formats import PARQUET_BATCH_ROWS, Item, parquet_items, parqu
 from ov_train.data.inspect import summarise
 from ov_train.data.remote import filesystem, is_remote, parquet_file, read_bytes, redact, redact_text, retrying, upload
 from ov_train.utils.logging import get_logger
+from ov_train.utils.paths import write_atomic
 
 log = get_logger(__name__)
 
@@ -152,11 +153,8 @@ def write_index(index: dict, location: str, io: IOSettings = IOSettings()) -> No
         finally:
             tmp.unlink(missing_ok=True)
         return
-    path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(location), text)
 
 
 # ---------------------------------------------------------------- using

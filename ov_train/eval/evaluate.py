@@ -30,6 +30,7 @@ from ov_train.eval.inference import (
 )
 from ov_train.eval.metrics import DEFAULT_METRIC, check_metric, score, summarize
 from ov_train.utils.logging import get_logger
+from ov_train.utils.paths import write_atomic
 
 log = get_logger(__name__)
 
@@ -231,9 +232,7 @@ def write_metrics(out: Path, sources: list[EvalSource], selected: set[str], skip
     atomically, and summarise the selected rows."""
     metric = {s.name: s.metric for s in sources}
     rows = [scored({**r, "metric": metric.get(r["source"], r["metric"])}) for r in read_rows(out / PREDICTIONS)]
-    tmp = out / f".{PREDICTIONS}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / PREDICTIONS)
+    write_atomic(out / PREDICTIONS, "".join(json.dumps(r) + "\n" for r in rows))
     chosen = [r for r in rows if r["id"] in selected]
     metrics = {
         "samples": len(chosen),

@@ -1,4 +1,4 @@
-"""Where ov_train keeps what it builds once and reuses (tokenizer, synthetic shards)."""
+"""Where ov_train keeps what it builds once and reuses (tokenizer, synthetic shards), and writing a file whole."""
 from __future__ import annotations
 
 import os
@@ -7,3 +7,11 @@ from pathlib import Path
 
 def cache_dir() -> Path:
     return Path(os.environ.get("OV_TRAIN_CACHE", Path.home() / ".cache" / "ov_train"))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it over it: a reader (or a kill) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

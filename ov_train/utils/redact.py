@@ -3,7 +3,10 @@ files (data/remote.py installs a log record factory that applies it to every rec
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from ov_train.utils.paths import write_atomic
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 _QUERY = re.compile(r"(://[^\s'\"?#]*)\?[^\s'\"#]*")
@@ -24,8 +27,6 @@ def redact_text(text: str) -> str:
     return _QUERY.sub(r"\1", _USERINFO.sub("", str(text)))
 
 
-
-
 def redact_tree(value):
     """A config tree (dicts, lists, strings) with every URL inside it redacted: what dashboards may be given."""
     if isinstance(value, dict):
@@ -38,9 +39,6 @@ def redact_tree(value):
 def redact_files(paths) -> None:
     """Rewrite text files that name a URL with credentials (Hydra's .hydra/*.yaml and multirun.yaml keep the
     command line as typed), replacing each file in one rename so a reader never sees half of it."""
-    import os
-    from pathlib import Path
-
     for path in map(Path, paths):
         try:
             text = path.read_text()
@@ -48,6 +46,4 @@ def redact_files(paths) -> None:
             continue
         clean = redact_text(text)
         if clean != text:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(clean)
-            os.replace(tmp, path)
+            write_atomic(path, clean)
