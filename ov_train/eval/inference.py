@@ -22,7 +22,7 @@ from ov_train.data.video import decode_video
 from ov_train.text.template import ROLES, media_first
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.preprocess import resize_frames
-from ov_train.vision.settings import inference_refusal
+from ov_train.vision.settings import inference_refusal, recorded_media
 
 
 class ExportError(ValueError):
@@ -96,15 +96,14 @@ def open_image(data: bytes | str | Path, name: str) -> Image.Image:
 def export_video(config, max_frames: int | None = None) -> VideoSettings:
     """How the export's last stage sampled video frames (config.json's `ov_train_media`; the stage defaults for an
     export that does not record it), with `max_frames` as the cap when given: tools feed the frames training fed."""
-    media = config.get("ov_train_media") if isinstance(config, dict) else getattr(config, "ov_train_media", None)
-    video = VideoSettings(**((media or {}).get("video") or {}))
+    video = VideoSettings(**(recorded_media(config).get("video") or {}))
     return dataclasses.replace(video, max_frames=max_frames) if max_frames else video
 
 
 def export_placement(config) -> str:
     """Where the export's stage put a turn's single <image>/<video> (ov_train_media's media_placement; `as_is` for
     an export that does not record it)."""
-    return (getattr(config, "ov_train_media", None) or {}).get("media_placement", "as_is")
+    return recorded_media(config).get("media_placement", "as_is")
 
 
 def read_frames(data: bytes, video: VideoSettings, name: str) -> np.ndarray:

@@ -21,13 +21,20 @@ def apply_to_model_config(config, media: MediaSettings, placement: str | None = 
     setattr(config, CONFIG_KEY, {**media.to_dict(), **({"media_placement": placement} if placement else {})})
 
 
+def recorded_media(config) -> dict:
+    """The stage's media settings a model config records (apply_to_model_config), from a config object or a
+    config.json dict; {} for one that records none."""
+    media = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
+    return media or {}
+
+
 def inference_refusal(config) -> str | None:
     """Why the stock LlavaOnevisionProcessor could not feed this model as it was trained (None: it can).
 
     Stock transformers cuts every single image as anyres (by the config's vision_aspect_ratio and
     image_grid_pinpoints, which exports carry) and always adds the newline; a stage that cut single images
     into one crop (pad, square) has no equivalent there, so its export gets no processor files."""
-    media = getattr(config, CONFIG_KEY, None) or {}
+    media = recorded_media(config)
     strategy = media.get("image_strategy")
     if strategy not in SINGLE_CROP:
         return None
