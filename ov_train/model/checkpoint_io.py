@@ -22,7 +22,7 @@ from transformers import LlavaOnevisionImageProcessorPil
 from ov_train.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from ov_train.model.model_card import model_card
 from ov_train.text.chat_template import chat_template, stop_token_ids
-from ov_train.utils.logging import get_logger
+from ov_train.utils.logging import get_logger, settle_deepspeed_accelerator
 from ov_train.utils.safe_load import (
     TRUST_HINT,
     CheckpointError,
@@ -55,6 +55,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    settle_deepspeed_accelerator()  # save_pretrained imports DeepSpeed (through accelerate)
     with _generation_ids(model, tokenizer, template):
         model.save_pretrained(out)
     _save_tokenizer(tokenizer, chat_template(template), out)

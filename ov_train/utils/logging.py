@@ -32,6 +32,14 @@ class _NoTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
+def settle_deepspeed_accelerator() -> None:
+    """Before DeepSpeed is imported (checkpoint reading imports it for its pickled classes, save_pretrained through
+    accelerate): on a machine without CUDA it would fall back to the CPU and warn that it did; that choice is made
+    explicit (DS_ACCELERATOR=cpu), so it need not warn."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def tidy_library_output() -> None:
     """Once per process, before the Trainer is built: what libraries print that is not about this run.
 
@@ -42,8 +50,7 @@ def tidy_library_output() -> None:
       change of ours can fix): ignored.
     - Under trainer.overfit_batches Lightning takes every iterable loader for a shuffled one and says it turns
       shuffling off; ours shuffle inside the stream, which restarts at the same point each epoch: ignored.
-    - DeepSpeed, imported by transformers' and PEFT's checks in runs that never use it, warns on a machine without
-      CUDA that it falls back to the CPU: that choice is made explicit (DS_ACCELERATOR=cpu), so it need not warn.
+    - DeepSpeed's accelerator notice (settle_deepspeed_accelerator): Lightning's DeepSpeed strategy imports it too.
     """
     package = logging.getLogger("lightning")
     if logging.getLogger().handlers:
@@ -53,7 +60,6 @@ def tidy_library_output() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):
             logger.addFilter(_NoTips())
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    settle_deepspeed_accelerator()
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"You requested to overfit but enabled \w+ dataloader shuffling")

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import torch
 
-from ov_train.utils.logging import get_logger
+from ov_train.utils.logging import get_logger, settle_deepspeed_accelerator
 
 log = get_logger(__name__)
 
@@ -31,6 +31,7 @@ class CheckpointError(ValueError):
 
 def _deepspeed_globals() -> list:
     """Classes DeepSpeed pickles into its ZeRO optimizer states (plain data holders; their modules are trusted code)."""
+    settle_deepspeed_accelerator()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

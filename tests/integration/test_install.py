@@ -99,8 +99,13 @@ def test_a_wheel_trains_from_any_directory(tmp_path):
     assert (run_dir / "train.log").is_file() and (run_dir / "parameters.txt").is_file()
     assert (run_dir / "export" / "config.json").is_file()
     # The first hour: no warnings, deprecations or tips from the libraries on a run that does nothing unusual.
-    noise = [line for line in (result.stdout + result.stderr).splitlines() if re.search(r"warn|deprecat|tip\b", line, re.I)]
-    assert not noise, noise
+    exported = subprocess.run([str(site / "bin" / "ov-export"), str(run_dir / "checkpoints" / "last.ckpt"),
+                               str(elsewhere / "again")], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    assert (elsewhere / "again" / "config.json").is_file()
+    for output in (result.stdout + result.stderr, exported.stdout + exported.stderr):
+        noise = [line for line in output.splitlines() if re.search(r"warn|deprecat|tip\b", line, re.I)]
+        assert not noise, noise
 
 
 def test_a_config_value_error_is_one_message_not_a_traceback(tmp_path):
