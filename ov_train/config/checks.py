@@ -80,12 +80,18 @@ def stage_problems(stage) -> list[str]:
     return problems
 
 
+MODEL_PATHS = ("pretrained", "vision_tower", "llm", "init_from", "tokenizer")
+
+
+def missing_paths(named: dict[str, str | None]) -> dict[str, str]:
+    """The paths of `named` (config key -> path, None: unset) that do not exist. Every model path is a local one
+    (there is no hub here): transformers would take a missing one for a hub repo id and say so instead."""
+    return {key: str(path) for key, path in named.items() if path and not Path(path).exists()}
+
+
 def model_problems(model) -> list[str]:
-    problems = []
-    for key in ("pretrained", "vision_tower", "llm", "init_from", "tokenizer"):
-        value = model.get(key)
-        if value and not Path(value).exists():
-            problems.append(f"model.{key}={value!r}: path does not exist")
+    missing = missing_paths({f"model.{key}": model.get(key) for key in MODEL_PATHS})
+    problems = [f"{key}={path!r}: path does not exist" for key, path in missing.items()]
     if bool(model.vision_tower) != bool(model.llm):
         problems.append("model.vision_tower and model.llm: give both (SigLIP + Qwen2 route) or neither")
     has_weights = any(model.get(k) for k in ("pretrained", "vision_tower", "init_from"))

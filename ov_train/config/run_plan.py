@@ -94,6 +94,16 @@ class ModelPlan:
     text: dict  # Qwen2Config keys (random route)
     vision_aspect_ratio: str
     trust_checkpoint: bool = False
+    # model.pretrained beside a model.init_from adapter checkpoint: the base its adapters go on, instead of the one
+    # the checkpoint records (model/adapter_io.py); not part of what a resume compares (base_record).
+    base_dir: str | None = None
+
+    def paths(self) -> dict[str, str | None]:
+        """The paths this plan builds from, by the config key that names each."""
+        source = "model.init_from" if self.route in ("export", "checkpoint") else "model.pretrained"
+        named = {source: self.source, "model.vision_tower": self.vision_tower, "model.llm": self.llm,
+                 "model.tokenizer": self.tokenizer}
+        return {**named, "model.pretrained": self.base_dir} if self.base_dir else named
 
 
 @dataclass(frozen=True)
@@ -276,6 +286,7 @@ def model_plan(model, trust: bool = False) -> ModelPlan:
         name=model.name, route=route, source=model.init_from or model.pretrained, vision_tower=model.vision_tower,
         llm=model.llm, tokenizer=model.tokenizer, vision=OmegaConf.to_container(model.vision, resolve=True),
         text=text, vision_aspect_ratio=model.vision_aspect_ratio, trust_checkpoint=trust,
+        base_dir=model.pretrained if model.init_from else None,
     )
 
 
@@ -337,6 +348,7 @@ def base_record(model: ModelPlan, seed: int) -> dict:
     model plan with its paths made absolute (trusting a checkpoint is the reader's choice), and the seed."""
     node = asdict(model)
     node.pop("trust_checkpoint")
+    node.pop("base_dir")
     for key in ("source", "vision_tower", "llm", "tokenizer"):
         if node[key]:
             node[key] = str(Path(node[key]).resolve())

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ov_train.config.adapter import AdapterPlan
-from ov_train.config.run_plan import ModelPlan, RunPlan
+from ov_train.config.checks import missing_paths
+from ov_train.config.run_plan import ModelPlan, RunPlan, base_record
 from ov_train.constants import PARTS
 from ov_train.model.adapters import merged, wrap
 from ov_train.model.build import build_model, checkpoint_tokenizer
@@ -35,11 +36,19 @@ from ov_train.vision.settings import CONFIG_KEY
 
 log = get_logger(__name__)
 
+# How each tool names a base directory and a tokenizer in place of the ones a checkpoint records.
+EXPORT_OPTIONS = ("--base DIR", "--tokenizer DIR")
+RUN_OPTIONS = ("model.pretrained=DIR", "model.tokenizer=DIR")
+
+
+def recorded_adapters(meta: dict) -> AdapterPlan | None:
+    """The adapters a checkpoint's `ov_train` metadata records, with their base; None for a full checkpoint."""
+    return AdapterPlan.from_dict(meta["adapter"]) if meta.get("adapter") else None
+
 
 def adapter_record(ckpt_path: str | Path, trust: bool = False) -> AdapterPlan | None:
     """The adapters a checkpoint records, with their base; None for a full checkpoint."""
-    record = ov_train_metadata(Path(ckpt_path), trust).get("adapter")
-    return AdapterPlan.from_dict(record) if record else None
+    return recorded_adapters(ov_train_metadata(Path(ckpt_path), trust))
 
 
 def base_plan(adapter: AdapterPlan, trust: bool = False, base_dir: str | Path | None = None,
@@ -59,21 +68,43 @@ def rebuild_base(adapter: AdapterPlan, trust: bool = False, base_dir: str | Path
     return model
 
 
+def base_problems(adapter: AdapterPlan, where: str, options: tuple[str, str] = EXPORT_OPTIONS,
+                  base_dir: str | Path | None = None, tokenizer_dir: str | None = None) -> list[str]:
+    """Why the adapters' base cannot be built here: a path it would read that does not exist (a base moved since
+    training), named by the key that recorded it, and how to point at it instead (`options`: the tool's ways to name
+    a base directory and a tokenizer). Checked before anything is built, so a missing path never reaches
+    transformers, which would take it for a hub repo id."""
+    missing = missing_paths(base_plan(adapter, base_dir=base_dir, tokenizer_dir=tokenizer_dir).paths())
+    if base_dir is None:
+        return [f"{where}: the base its adapters were trained on is gone: the checkpoint records {key}={path!r},"
+                f" which does not exist; move it back, or name a Hugging Face directory of the base with {options[0]}"
+                for key, path in missing.items()]
+    return [f"{where}: the tokenizer its base is built with, {path!r}, does not exist; name one with {options[1]}"
+            if key == "model.tokenizer" else f"{key}={path!r}: path does not exist" for key, path in missing.items()]
+
+
 def _base_path(adapter: AdapterPlan, base_dir=None) -> str | None:
     """What PEFT's adapter_config.json names as the base (base_model_name_or_path)."""
     return str(base_dir) if base_dir else adapter.base["model"]["source"]
 
 
 def adapted_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir: str | Path | None = None,
-                            quantize: bool = False):
+                            quantize: bool = False, tokenizer_dir: str | None = None,
+                            options: tuple[str, str] = EXPORT_OPTIONS):
     """An adapter checkpoint on its base: (PeftModel with the trained tensors loaded, tokenizer_dir, AdapterPlan).
-    With `quantize` (QLoRA runs going on), the base LLM is quantized as in training."""
+    With `quantize` (QLoRA runs going on), the base LLM is quantized as in training. A base from `base_dir` is
+    built with `tokenizer_dir` (default: the one the checkpoint records). A base path that is gone is a
+    CheckpointError naming it and `options` (base_problems)."""
     path = Path(ckpt_path)
     meta = ov_train_metadata(path, trust)
-    adapter = adapter_record(path, trust)
+    adapter = recorded_adapters(meta)
     if adapter is None:
         raise CheckpointError(f"{path}: a full checkpoint, without adapters")
-    model = rebuild_base(adapter, trust, base_dir, meta.get("tokenizer_dir"))
+    tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
+    problems = base_problems(adapter, str(path), options, base_dir, tokenizer_dir)
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    model = rebuild_base(adapter, trust, base_dir, tokenizer_dir)
     _trained_media(model.config, meta.get("model_config") or {})
     peft_model = wrap(model, adapter, _base_path(adapter, base_dir), quantize=quantize)
     # What trained is what the checkpoint holds: the same rule as training's (model/parts.py).
@@ -85,12 +116,16 @@ def adapted_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir
 def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, base_dir=None,
                       adapter_only: bool = False, template: str | None = None) -> Path:
     """Write a checkpoint's export: a stock Hugging Face directory; for an adapter checkpoint merged, with the
-    adapters in PEFT's format in OUT/adapter/ (`adapter_only`: OUT holds just those). `tokenizer` defaults to the
-    one the checkpoint records, `template` to the chat template it records (else qwen_1_5)."""
+    adapters in PEFT's format in OUT/adapter/ (`adapter_only`: OUT holds just those). `tokenizer` (a tokenizer or
+    its directory, which then also builds a base from `base_dir`) defaults to the one the checkpoint records,
+    `template` to the chat template it records (else qwen_1_5)."""
     path, out = Path(ckpt_path), Path(out_dir)
     meta = ov_train_metadata(path, trust)
+    given_dir = str(tokenizer) if isinstance(tokenizer, (str, Path)) else None
+    if given_dir:
+        tokenizer = load_tokenizer(given_dir)
     if meta.get("adapter"):
-        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir)
+        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir, tokenizer_dir=given_dir)
         if adapter_only:
             peft_model.save_pretrained(out)
             return out
@@ -123,17 +158,23 @@ def init_from_adapters(plan: RunPlan) -> tuple[AdapterPlan | None, list[str]]:
     Reads only the checkpoint's pickles."""
     if plan.model.route != "checkpoint":
         return None, []
+    where = f"model.init_from={plan.model.source}"
     try:
-        source = adapter_record(plan.model.source, plan.checkpoint.trust)
+        meta = ov_train_metadata(plan.model.source, plan.checkpoint.trust)
     except CheckpointError as err:
-        return None, [f"model.init_from={plan.model.source}: {err}"]
-    if source and plan.adapter and not plan.adapter.same_weights(source):
-        return source, [
-            f"model.init_from={plan.model.source}: its adapters ({source.settings()}) are not this run's"
+        return None, [f"{where}: {err}"]
+    source = recorded_adapters(meta)
+    if source is None:
+        return None, []
+    problems = base_problems(source, where, RUN_OPTIONS, plan.model.base_dir,
+                             plan.model.tokenizer or meta.get("tokenizer_dir"))
+    if plan.adapter and not plan.adapter.same_weights(source):
+        problems.append(
+            f"{where}: its adapters ({source.settings()}) are not this run's"
             f" (adapter={plan.adapter.kind}: {plan.adapter.settings()}); continue them with the same adapter.*"
             " settings, or start from its merged export (model.init_from=RUN/export)"
-        ]
-    return source, []
+        )
+    return source, problems
 
 
 def build_for_training(plan: RunPlan, source: AdapterPlan | None = None):
@@ -143,13 +184,22 @@ def build_for_training(plan: RunPlan, source: AdapterPlan | None = None):
     adapter, trust = plan.adapter, plan.checkpoint.trust
     quantize = adapter is not None and adapter.kind == "qlora"
     if source:
-        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(plan.model.source, trust, quantize=quantize)
+        base_dir = plan.model.base_dir
+        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(plan.model.source, trust, base_dir, quantize,
+                                                               plan.model.tokenizer, RUN_OPTIONS)
         tokenizer = checkpoint_tokenizer(plan.model, tokenizer_dir)
+        if base_dir:
+            log.info("the adapters of %s go on model.pretrained=%s, not on the base the checkpoint records",
+                     plan.model.source, base_dir)
         if adapter is None:
             log.info("initialised from adapter checkpoint %s, merged into its base", plan.model.source)
             return merged(peft_model), tokenizer, None
         log.info("continuing the adapters of %s", plan.model.source)
-        return peft_model.base_model.model, tokenizer, replace(adapter, base=source.base)
+        # Their checkpoints record the base they now sit on (model.pretrained's, if given) for ov-export and merges.
+        base = source.base if not base_dir else base_record(
+            base_plan(source, base_dir=base_dir, tokenizer_dir=plan.model.tokenizer or tokenizer_dir),
+            source.base["seed"])
+        return peft_model.base_model.model, tokenizer, replace(adapter, base=base)
     # With adapters, seeded as the base is when it is rebuilt from the record.
     model, tokenizer = build_model(plan.model, cache_dir(), seed=plan.seed if adapter else None)
     if adapter:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ov_train.constants import TEMPLATES
 from ov_train.model.adapter_io import export_checkpoint
-from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.safe_load import CheckpointError
 
 
@@ -18,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         "ckpt", help="a checkpoint written by ov_train (RUN/checkpoints/last.ckpt: a file, or a DeepSpeed / FSDP2 directory)"
     )
     parser.add_argument("out", help="output directory for the Hugging Face export")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint; with"
+                        " --base, it also builds the base)")
     parser.add_argument(
         "--trust-checkpoint", action="store_true",
         help="unpickle the checkpoint fully, objects of any class included (that can run code: only for files you trust)",
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer and not Path(args.tokenizer).exists():
         parser.error(f"tokenizer directory not found: {args.tokenizer!r}")
     try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        export_checkpoint(args.ckpt, args.out, tokenizer, args.trust_checkpoint, args.base, args.adapter_only,
+        export_checkpoint(args.ckpt, args.out, args.tokenizer, args.trust_checkpoint, args.base, args.adapter_only,
                           args.template)
     except (CheckpointError, OSError) as err:
         parser.error(str(err))

@@ -1,9 +1,11 @@
 """LoRA runs end to end: checkpoints of the trainable tensors only, exact resume, the merged export (stock
 transformers, PEFT not even importable), PEFT's format over the base, ov-export --adapter-only / --base,
-model.init_from an adapter checkpoint or a merged export, and resumes refused for other adapters or another base."""
+model.init_from an adapter checkpoint or a merged export, a base moved away named (and pointed at), and resumes refused
+for other adapters or another base."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -171,6 +173,71 @@ def test_init_from_an_adapter_checkpoint_or_a_merged_export(lora_runs, small_dat
     plan = plan_of(overrides(small_data_root, f"model.init_from={straight / 'export'}"))
     model, _, _ = build_for_training(plan, init_from_adapters(plan)[0])
     assert any(".lora_A." in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def moved_base(tmp_path_factory, small_data_root, _offline_cache):
+    """(checkpoint, where its base was, where it is now): 2 LoRA steps on a OneVision directory (model.pretrained),
+    which was then moved."""
+    from ov_train.model.build import build_model
+
+    root = tmp_path_factory.mktemp("moved")
+    torch.manual_seed(5)
+    model, tokenizer = build_model(plan_of([]).model, _offline_cache)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    args = [f"data.root={small_data_root}", *SMALL_DATA, "adapter=lora", "trainer.max_steps=2", "export=false",
+            "+trainer.limit_val_batches=0", f"model.pretrained={root / 'base'}"]
+    train(compose_config(args, run_dir=root / "run"))
+    (root / "base").rename(root / "moved")
+    return root / "run" / "checkpoints" / "last.ckpt", root / "base", root / "moved"
+
+
+def _base_gone(text: str, ckpt, base, how: str) -> bool:
+    """The message names the checkpoint, the key that recorded the base, the directory, and how to point at it."""
+    return all(part in text for part in (str(ckpt), f"model.pretrained='{base}'", "does not exist", how)) and \
+        "Repo id" not in text
+
+
+def test_init_from_an_adapter_checkpoint_whose_base_moved(moved_base, small_data_root, tmp_path):
+    ckpt, base, moved = moved_base
+    args = [f"data.root={small_data_root}", *SMALL_DATA, "adapter=lora", "trainer.max_steps=1",
+            f"model.init_from={ckpt}"]
+    done = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    console = done.stdout + done.stderr
+    assert done.returncode == 1, console[-3000:]
+    assert _base_gone(console, ckpt, base, "model.pretrained=DIR"), console[-3000:]
+    assert "Traceback" not in console and not (tmp_path / "run" / "tokenizer").exists()  # before any work
+    # model.pretrained=DIR names the base: the adapters go on training on it, and their checkpoints record it.
+    plan = plan_of([*args, f"model.pretrained={moved}"])
+    source = check(plan)
+    model, _, adapter = build_for_training(plan, source)
+    assert adapter.base["model"]["source"] == str(moved) and adapter.base["seed"] == source.base["seed"]
+    state, stored = model.state_dict(), checkpoint(ckpt.parents[1])["state_dict"]
+    assert all(torch.equal(state[k.removeprefix("model.")], v) for k, v in stored.items())
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    on_disk = LlavaOnevisionForConditionalGeneration.from_pretrained(moved).state_dict()
+    frozen = [k for k in on_disk if "vision_tower" in k]  # the tower is frozen: the base's own weights
+    assert frozen and all(torch.equal(state[k], on_disk[k]) for k in frozen)
+
+
+def test_ov_export_of_an_adapter_checkpoint_whose_base_moved(moved_base, tmp_path):
+    ckpt, base, moved = moved_base
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "ov_train.tools.export", str(ckpt), str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _base_gone(done.stderr, ckpt, base, "--base DIR"), done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([*command, "--base", str(moved)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    _, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values())
 
 
 def test_resume_refuses_other_adapters_or_another_base(lora_runs, small_data_root):

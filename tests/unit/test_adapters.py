@@ -186,3 +186,29 @@ def test_keys_of_another_adapter_or_no_part_fail_while_composing():
                       ["adapter=lora", "adapter.targets.head=full"], ["adapter=lora", "adapter.r=many"]):
         with pytest.raises(ConfigCompositionException, match="adapter"):
             compose_config(overrides)
+
+
+@pytest.mark.parametrize("route", ["pretrained", "compose"])
+def test_a_recorded_base_that_is_gone_is_named_by_its_key(tmp_path, route):
+    """A checkpoint's base record (what an adapter run wrote) whose directories were moved: each one is named by the
+    key that recorded it, with how to point at the base, for ov-export and for model.init_from; nothing is built."""
+    from ov_train.model.adapter_io import EXPORT_OPTIONS, RUN_OPTIONS, base_problems
+
+    keys = ["model.pretrained"] if route == "pretrained" else ["model.vision_tower", "model.llm"]
+    for key in keys:
+        (tmp_path / key).mkdir()
+    record = plan_of(["adapter=lora", *(f"{key}={tmp_path / key}" for key in keys), "model.random_init=false"]).adapter
+    assert base_problems(record, "CKPT") == []
+    for key in keys:
+        (tmp_path / key).rmdir()
+    problems = base_problems(record, "CKPT")
+    assert [p.split(" which")[0] for p in problems] == [
+        f"CKPT: the base its adapters were trained on is gone: the checkpoint records {key}='{tmp_path / key}',"
+        for key in keys]
+    assert all(p.endswith("with --base DIR") for p in problems)
+    assert all(p.endswith("with model.pretrained=DIR") for p in base_problems(record, "CKPT", RUN_OPTIONS))
+    # A base directory given instead: built from it, with the tokenizer named (the one it records, else yours).
+    assert base_problems(record, "CKPT", EXPORT_OPTIONS, tmp_path, str(tmp_path)) == []
+    assert base_problems(record, "CKPT", EXPORT_OPTIONS, tmp_path, str(tmp_path / "gone")) == [
+        f"CKPT: the tokenizer its base is built with, '{tmp_path / 'gone'}', does not exist; name one with"
+        " --tokenizer DIR"]

@@ -80,6 +80,10 @@ def test_learning_rate_for_a_missing_part():
 def test_missing_checkpoint_paths():
     _invalid(["model.pretrained=/nonexistent/ov"], "model.pretrained", "/nonexistent/ov", "does not exist")
     _invalid(["model.init_from=/nonexistent/export"], "model.init_from")
+    # A typo'd relative path is a local path that does not exist, not a hub repo id (there is no hub here).
+    _invalid(["model.vision_tower=google/siglip-typo", "model.llm=Qwen/Qwen2-typo"],
+             "model.vision_tower='google/siglip-typo': path does not exist",
+             "model.llm='Qwen/Qwen2-typo': path does not exist")
     _invalid(["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path")
 
 
