@@ -145,8 +145,8 @@ class Pending:
 
 
 class Evaluator:
-    def __init__(self, processor, model, out_dir: Path, max_new_tokens: int, max_frames: int | None):
-        self.processor, self.model = processor, model
+    def __init__(self, processor, prompts, model, out_dir: Path, max_new_tokens: int, max_frames: int | None):
+        self.processor, self.prompts, self.model = processor, prompts, model  # prompts: inference.ChatPrompts
         self.max_new_tokens, self.max_frames = max_new_tokens, max_frames
         self.video = export_video(model.config)  # the export's stage's frame sampling
         self.placement = export_placement(model.config)  # and its <image> placement
@@ -173,8 +173,7 @@ class Evaluator:
         return Pending(row, messages, images, frames)
 
     def run_batch(self, batch: list[Pending]) -> list[dict]:
-        template = self.processor.apply_chat_template
-        prompts = [template(p.messages, add_generation_prompt=True) for p in batch]
+        prompts = [self.prompts(p.messages) for p in batch]
         inputs = processor_inputs(self.processor, self.model, prompts, [p.images for p in batch], [p.frames for p in batch])
         replies = generate_replies(self.model, inputs, self.max_new_tokens)
         rows = []
@@ -194,13 +193,14 @@ def scored(row: dict) -> dict:
     return {**row, "score": value, "correct": value == 1.0, "exact_match": exact == 1.0}
 
 
-def evaluate(processor, model, sources: list[EvalSource], out_dir: str | Path, max_samples: int | None = None,
+def evaluate(processor, prompts, model, sources: list[EvalSource], out_dir: str | Path, max_samples: int | None = None,
              batch_size: int = 8, max_new_tokens: int = 128, max_frames: int | None = None, logger=None) -> dict:
     """Generate, score and write predictions.jsonl and metrics.json under `out_dir`; returns the metrics.
-    `logger`, a Lightning logger (the run's), also gets the metrics and, for W&B, the predictions table."""
+    (processor, prompts, model) are load_export's. `logger`, a Lightning logger (the run's), also gets the metrics
+    and, for W&B, the predictions table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runner = Evaluator(processor, model, out, max_new_tokens, max_frames)
+    runner = Evaluator(processor, prompts, model, out, max_new_tokens, max_frames)
     done = {r["id"] for r in read_rows(runner.path)}
     # A first pass reads only tar headers: the ids, for the progress bar and the metrics.
     selected = [sample_id for _, sample_id, _ in held_out(sources, max_samples)]

@@ -1,7 +1,8 @@
 """Stock inference on an export: AutoProcessor + LlavaOnevisionForConditionalGeneration.generate.
 
 ov-chat, ov-eval and the validation generation (training/metrics.py) all end in `generate_replies`, so a
-reply means the same thing everywhere: the generated tokens before the first end-of-reply id.
+reply means the same thing everywhere: the generated tokens before the first end-of-reply id. ov-chat's and
+ov-eval's prompts come from the export's chat template through `ChatPrompts`, each render bounded in time.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import dataclasses
 import importlib.util
 import io
 import json
+import multiprocessing
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,15 +74,106 @@ def load_processor(path: str | Path):
     return processor
 
 
+# Longest a chat template may take to render one conversation (ours take about a millisecond).
+RENDER_LIMIT_S = 1.0
+# What a template renders at load time: an image, a reply and a follow-up question, then the generation prompt.
+PROBE = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+    {"role": "user", "content": [{"type": "text", "text": "And its size?"}]},
+]
+# Where a processor's chat template can come from in an export, as transformers looks for it.
+TEMPLATE_FILES = ("processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def template_file(path: str | Path, template) -> Path:
+    """The file of export `path` that holds the processor's chat template `template` (the export itself if none
+    does, e.g. a chat_templates/ directory)."""
+    text = template.get("default") if isinstance(template, dict) else template
+    for name in TEMPLATE_FILES:
+        file = Path(path) / name
+        if file.is_file():
+            held = file.read_text() if file.suffix == ".jinja" else json.loads(file.read_text()).get("chat_template")
+            if held == text:
+                return file
+    return Path(path)
+
+
+def _render_forever(processor, conn) -> None:
+    """The renderer process: a conversation in, (True, its prompt) or (False, the error) out, until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the tool's to handle; this process is killed
+    while True:
+        try:
+            messages = conn.recv()
+        except EOFError:  # the tool ended
+            return
+        try:
+            conn.send((True, processor.apply_chat_template(messages, add_generation_prompt=True)))
+        except Exception as err:  # a template error, reported in the tool
+            conn.send((False, f"{type(err).__name__}: {err}"))
+
+
+class ChatPrompts:
+    """Prompts from an export's chat template: `processor.apply_chat_template(messages, add_generation_prompt=True)`,
+    each render given RENDER_LIMIT_S. A template is a program from the export, and transformers' Jinja sandbox
+    bounds neither loops nor the size of what it builds: nested loops render for hours. A thread cannot be
+    stopped and an alarm cannot cut into one long C call (a sort of a huge list), so rendering runs in a process of
+    its own, forked from the tool (the processor as loaded, nothing copied or re-imported), which is killed when a
+    render runs over: the template is then refused, naming its file. The template renders PROBE once here, so a
+    bad one is refused before the model loads."""
+
+    def __init__(self, processor, export: str | Path):
+        self.source = template_file(export, processor.chat_template)
+        context = multiprocessing.get_context("fork")  # the processor as it is, at no start-up cost
+        self._conn, child = context.Pipe()
+        self._renderer = context.Process(target=_render_forever, args=(processor, child), daemon=True,
+                                         name="chat-template")
+        self._renderer.start()
+        child.close()
+        try:
+            self(PROBE)
+        except ExportError:
+            self.close()
+            raise
+
+    def __call__(self, messages: list[dict]) -> str:
+        if not self._renderer.is_alive():
+            raise ExportError(f"{self.source}: its chat template was refused")
+        self._conn.send(messages)
+        if not self._conn.poll(RENDER_LIMIT_S):
+            self.close()
+            raise ExportError(
+                f"{self.source}: its chat template did not render a conversation of {len(messages)} messages in"
+                f" {RENDER_LIMIT_S:g} s (ours take milliseconds), so it is refused: loops that run away? Re-export"
+                " with ov-export, or write chat_template.jinja anew"
+            )
+        try:
+            ok, prompt = self._conn.recv()
+        except EOFError:
+            self.close()
+            raise ExportError(f"{self.source}: rendering its chat template ended the renderer") from None
+        if not ok:
+            raise ExportError(f"{self.source}: its chat template fails on a conversation of {len(messages)}"
+                              f" messages: {prompt}")
+        return prompt
+
+    def close(self) -> None:
+        if self._renderer.is_alive():
+            self._renderer.kill()
+        self._renderer.join()
+
+
 def load_export(path: str | Path, tool: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(processor, model in eval mode) of an export, after checking it is one and that torchvision is there."""
+    """(processor, its ChatPrompts, model in eval mode) of an export, after checking it is one and that torchvision
+    is there; its chat template is tried (ChatPrompts) before the model loads."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     path = check_export(path)
     require_torchvision(tool)
     processor = load_processor(path)
+    prompts = ChatPrompts(processor, path)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
-    return processor, model.to(device).eval()
+    return processor, prompts, model.to(device).eval()
 
 
 def open_image(data: bytes | str | Path, name: str) -> Image.Image:

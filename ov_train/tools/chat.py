@@ -34,8 +34,8 @@ from ov_train.tools.eval import device_and_dtype
 class Chat:
     """A conversation with one export: the media go with the first user turn."""
 
-    def __init__(self, processor, model, images: list, frames, max_new_tokens: int, **sampling):
-        self.processor, self.model = processor, model
+    def __init__(self, processor, prompts, model, images: list, frames, max_new_tokens: int, **sampling):
+        self.processor, self.prompts, self.model = processor, prompts, model
         self.images, self.frames = images, None if frames is None else training_frames(frames, model)
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.messages: list[dict] = []
@@ -46,7 +46,7 @@ class Chat:
             media = [{"type": "image"}] * len(self.images) + ([{"type": "video"}] if self.frames is not None else [])
             content = media + content
         self.messages.append({"role": "user", "content": content})
-        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        prompt = self.prompts(self.messages)
         inputs = processor_inputs(self.processor, self.model, [prompt], [self.images], [self.frames])
         ids = generate_replies(self.model, inputs, self.max_new_tokens, **self.sampling)[0]
         answer = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -94,22 +94,31 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         parser.error(str(err))
     device, dtype = device_and_dtype(args.device)
-    processor, model = load_export(args.export, "ov-chat", device, dtype)
-    torch.manual_seed(args.seed)
-    chat = Chat(processor, model, images, frames, args.max_new_tokens, **sampling_kwargs(args.temperature, args.top_p))
-    if args.prompt is not None:
-        print(chat.reply(args.prompt))
-        return 0
+    try:  # the export's chat template too: refused before the model loads, or at any turn it runs over
+        processor, prompts, model = load_export(args.export, "ov-chat", device, dtype)
+        torch.manual_seed(args.seed)
+        chat = Chat(processor, prompts, model, images, frames, args.max_new_tokens,
+                    **sampling_kwargs(args.temperature, args.top_p))
+        converse(chat, args.prompt)
+    except ExportError as err:
+        parser.error(str(err))
+    return 0
+
+
+def converse(chat: Chat, prompt: str | None) -> None:
+    """One reply to `prompt`, or a conversation on standard input until an empty line or its end."""
+    if prompt is not None:
+        print(chat.reply(prompt))
+        return
     interactive = sys.stdin.isatty()
     while True:
         try:
             text = input("you> " if interactive else "")
         except EOFError:
-            break
+            return
         if not text.strip():
-            break
+            return
         print(("model> " if interactive else "") + chat.reply(text), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

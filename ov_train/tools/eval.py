@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError) as err:
         parser.error(str(err))
     device, dtype = device_and_dtype(args.device)
-    processor, model = load_export(args.export, "ov-eval", device, dtype)
-    metrics = evaluate(
-        processor, model, sources, out, max_samples=args.max_samples, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, max_frames=args.max_frames,
-    )
+    try:  # the export's chat template too: refused before the model loads, or at the sample it runs over on
+        processor, prompts, model = load_export(args.export, "ov-eval", device, dtype)
+        metrics = evaluate(
+            processor, prompts, model, sources, out, max_samples=args.max_samples, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, max_frames=args.max_frames,
+        )
+    except ExportError as err:
+        parser.error(str(err))
     print(f"{'source':<24} {'metric':<18} {'samples':>8} {'score':>8} {'exact':>8}")
     for name, m in metrics["by_source"].items():
         print(f"{name:<24} {str(m['metric']):<18} {m['samples']:>8} {m['score']:>8.4f} {m['exact_match']:>8.4f}")

@@ -3,9 +3,12 @@ source, clear errors, resuming (a rerun generates only the samples predictions.j
 keeps its first turn's media. The trained default run's export: tests/integration/test_chat_eval.py."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
+import signal
+import time
 
 import pytest
 import torch
@@ -106,7 +109,7 @@ def random_export(tmp_path_factory, tiny_model_and_tokenizer):
 
 
 def test_rerun_generates_only_what_predictions_lack(random_export, small_data_root, tmp_path, monkeypatch):
-    processor, model = load_export(random_export, "test")
+    processor, prompts, model = load_export(random_export, "test")
     sources = eval_sources(str(small_data_root / "multi_image"), small_data_root)
     generated = []
 
@@ -118,7 +121,7 @@ def test_rerun_generates_only_what_predictions_lack(random_export, small_data_ro
     real = evaluate_module.generate_replies
     monkeypatch.setattr(evaluate_module, "generate_replies", counting)
     logger = CSVLogger(tmp_path / "csv", name="run")  # a run's logger gets the metrics too
-    first = evaluate(processor, model, sources, tmp_path, max_samples=3, batch_size=2, max_new_tokens=3, logger=logger)
+    first = evaluate(processor, prompts, model, sources, tmp_path, max_samples=3, batch_size=2, max_new_tokens=3, logger=logger)
     assert first["samples"] == 3 and sum(generated) == 3
     (csv,) = (tmp_path / "csv").rglob("metrics.csv")
     assert csv.read_text().splitlines()[0].split(",")[:3] == ["eval/exact_match", "eval/modality/multi_image", "eval/score"]
@@ -127,13 +130,13 @@ def test_rerun_generates_only_what_predictions_lack(random_export, small_data_ro
     with open(path, "a") as f:
         f.write('{"id": "multi_image/cut sho')  # a kill in the middle of a write
     generated.clear()
-    second = evaluate(processor, model, sources, tmp_path, max_samples=5, batch_size=2, max_new_tokens=3)
+    second = evaluate(processor, prompts, model, sources, tmp_path, max_samples=5, batch_size=2, max_new_tokens=3)
     assert second["samples"] == 5 and sum(generated) == 2
     after = read_rows(path)
     assert [r["id"] for r in after] == [r["id"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
     assert [r["prediction"] for r in after[:3]] == [r["prediction"] for r in before]
     # Batches are left-padded: a sample's greedy reply does not depend on what it was batched with.
-    evaluate(processor, model, sources, tmp_path / "alone", max_samples=3, batch_size=1, max_new_tokens=3)
+    evaluate(processor, prompts, model, sources, tmp_path / "alone", max_samples=3, batch_size=1, max_new_tokens=3)
     assert [r["prediction"] for r in read_rows(tmp_path / "alone" / "predictions.jsonl")] == [r["prediction"] for r in before]
 
 
@@ -256,7 +259,7 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
     stub = SimpleNamespace(config=LlavaOnevisionConfig.from_pretrained(export))
     for source_video, cap, expected in [((), None, 4), ((("max_frames", 2),), None, 2), ((("max_frames", 2),), 3, 3)]:
         source = EvalSource("clips", (), "exact_match", "video", source_video)
-        pending = Evaluator(None, stub, tmp_path, 4, cap).pending(source, "clips/v", raw)
+        pending = Evaluator(None, None, stub, tmp_path, 4, cap).pending(source, "clips/v", raw)
         assert pending.frames.shape[0] == expected
     (tmp_path / "clip.mp4").write_bytes(clip)
     assert np.array_equal(read_video(str(tmp_path / "clip.mp4"), video), frames)
@@ -335,6 +338,89 @@ def test_ov_eval_places_a_turns_image_as_the_exports_stage_did(tiny_model_and_to
     prompt_ids = trained["input_ids"].tolist()[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
     processor = load_processor(export)
     stub = SimpleNamespace(config=LlavaOnevisionConfig.from_pretrained(export))
-    pending = Evaluator(processor, stub, tmp_path, 4, None).pending(EvalSource("s", (), "exact_match"), "s/s", raw)
+    pending = Evaluator(processor, None, stub, tmp_path, 4, None).pending(EvalSource("s", (), "exact_match"), "s/s", raw)
     prompt = processor.apply_chat_template(pending.messages, add_generation_prompt=True)
     assert processor(text=prompt, images=[pending.images], return_tensors="pt")["input_ids"][0].tolist() == prompt_ids
+
+
+# Nested loops: 10^10 steps, hours in transformers' Jinja sandbox (which allows ranges up to 100000).
+RUNAWAY = "{%- for i in range(100000) -%}{%- for j in range(100000) -%}{%- endfor -%}{%- endfor -%}"
+
+
+def hostile_copy(export, tmp_path, template: str):
+    """A copy of `export` whose chat_template.jinja is `template`."""
+    import shutil
+
+    copy = tmp_path / "hostile"
+    shutil.copytree(export, copy)
+    (copy / "chat_template.jinja").write_text(template)
+    return copy
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail, rather than hang, if the block runs longer than `seconds` (an alarm cuts into a Python loop)."""
+    def expire(*_):
+        raise AssertionError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_chat_prompts_render_as_the_processor_does_and_bound_every_render(random_export, tmp_path):
+    from ov_train.eval.inference import PROBE, RENDER_LIMIT_S, ChatPrompts, ExportError, load_processor
+
+    processor = load_processor(random_export)
+    start = time.monotonic()
+    prompts = ChatPrompts(processor, random_export)
+    print(f"ChatPrompts of our template (fork + probe render): {time.monotonic() - start:.3f} s (a loaded machine)")
+    assert prompts.source == random_export / "chat_template.jinja"
+    conversation = [*PROBE, {"role": "assistant", "content": "Small."}, {"role": "user", "content": "<image>\nAnd?"}]
+    for messages in (PROBE, conversation):
+        assert prompts(messages) == processor.apply_chat_template(messages, add_generation_prompt=True)
+    prompts.close()
+    # Runaway loops, at load (the probe) or only on a longer conversation than the probe's: refused in about
+    # RENDER_LIMIT_S, naming the file, and the template stays refused.
+    ours = (random_export / "chat_template.jinja").read_text()
+    later = "{%- if messages | length > 3 -%}" + RUNAWAY + "{%- endif -%}" + ours
+    for template, probe_passes in ((RUNAWAY + ours, False), (later, True)):
+        hostile = hostile_copy(random_export, tmp_path / str(probe_passes), template)
+        start = time.monotonic()
+        with deadline(60), pytest.raises(ExportError) as err:
+            prompts = ChatPrompts(load_processor(hostile), hostile)
+            assert probe_passes and prompts(PROBE)
+            prompts(conversation)
+        assert time.monotonic() - start < RENDER_LIMIT_S + 4
+        assert str(err.value).startswith(f"{hostile / 'chat_template.jinja'}: its chat template did not render a"
+                                         f" conversation of {5 if probe_passes else 3} messages in 1 s")
+        if probe_passes:
+            with pytest.raises(ExportError, match="its chat template was refused"):
+                prompts(PROBE)
+    # A range the sandbox refuses fails at load, with the sandbox's reason.
+    hostile = hostile_copy(random_export, tmp_path / "range", "{% for i in range(10**6) %}{% endfor %}")
+    with pytest.raises(ExportError, match=r"chat_template.jinja: its chat template fails on a conversation of 3"
+                                          r" messages: OverflowError: Range too big"):
+        ChatPrompts(load_processor(hostile), hostile)
+
+
+def test_ov_chat_and_ov_eval_refuse_a_runaway_chat_template_before_loading_the_model(
+    random_export, small_data_root, tmp_path, monkeypatch, capsys
+):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    hostile = hostile_copy(random_export, tmp_path, RUNAWAY + "{% for i in range(10**6) %}{% endfor %}")
+    monkeypatch.setattr(LlavaOnevisionForConditionalGeneration, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model loaded"))
+    for tool, argv in ((ov_chat, [str(hostile), "hi"]),
+                       (ov_eval, [str(hostile), str(small_data_root / "multi_image"), "--out", str(tmp_path / "e")])):
+        start = time.monotonic()
+        with deadline(60), pytest.raises(SystemExit) as exit:
+            tool(argv)
+        assert exit.value.code == 2 and time.monotonic() - start < 10
+        err = capsys.readouterr().err
+        assert f"{hostile / 'chat_template.jinja'}: its chat template did not render a conversation" in err
