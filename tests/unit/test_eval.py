@@ -372,18 +372,21 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_chat_prompts_render_as_the_processor_does_and_bound_every_render(random_export, tmp_path):
+def test_chat_prompts_render_as_the_processor_does_and_bound_every_render(random_export, tiny_model_and_tokenizer,
+                                                                         tmp_path):
     from ov_train.eval.inference import PROBE, RENDER_LIMIT_S, ChatPrompts, ExportError, load_processor
 
-    processor = load_processor(random_export)
-    start = time.monotonic()
-    prompts = ChatPrompts(processor, random_export)
-    print(f"ChatPrompts of our template (fork + probe render): {time.monotonic() - start:.3f} s (a loaded machine)")
-    assert prompts.source == random_export / "chat_template.jinja"
     conversation = [*PROBE, {"role": "assistant", "content": "Small."}, {"role": "user", "content": "<image>\nAnd?"}]
-    for messages in (PROBE, conversation):
-        assert prompts(messages) == processor.apply_chat_template(messages, add_generation_prompt=True)
-    prompts.close()
+    plain = export_pretrained(*tiny_model_and_tokenizer, tmp_path / "plain", template="plain")
+    for export in (random_export, plain):  # our templates: qwen_1_5, plain
+        processor = load_processor(export)
+        start = time.monotonic()
+        prompts = ChatPrompts(processor, export)
+        print(f"ChatPrompts of {export.name} (fork + probe render): {time.monotonic() - start:.3f} s")
+        assert prompts.source == export / "chat_template.jinja"
+        for messages in (PROBE, conversation):
+            assert prompts(messages) == processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompts.close()
     # Runaway loops, at load (the probe) or only on a longer conversation than the probe's: refused in about
     # RENDER_LIMIT_S, naming the file, and the template stays refused.
     ours = (random_export / "chat_template.jinja").read_text()
