@@ -10,7 +10,8 @@ import pytest
 from ov_train.config.options import IOSettings
 from ov_train.config.run_plan import ConfigError
 from ov_train.data.recipe import RecipeError, Source, load_recipe
-from ov_train.data.remote import redact, redact_text
+from ov_train.data.remote import ServerError, read_bytes, redact, redact_text
+from ov_train.data.remote import glob as remote_glob
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.sources import ShardUnreadable, samples
 from ov_train.data.stream import MixedStream, ValStream, read_tar
@@ -74,7 +75,7 @@ def test_recipes_list_remote_folders_brace_patterns_and_pipes(tree, http, root_k
             else f"pipe:cat {tree}/a/train-{{000000..000002}}.tar")
     (tmp_path / "r.yaml").write_text(f"sources:\n  - {{name: a, path: '{path}', val: '{http.url}/a/val-000000.tar',"
                                      " modality: text, weight: 1}\n")
-    a = load_recipe(str(tmp_path / "r.yaml"), "/nowhere").sources[0]
+    a = load_recipe(str(tmp_path / "r.yaml"), "/nowhere", allow_pipe=root_kind == "pipe").sources[0]
     assert len(a.train_shards) == 3 and a.val_shards == (f"{http.url}/a/val-000000.tar",)
     first = [s["__key__"] for shard in a.train_shards for s in read_tar(shard)]
     assert first == [f"a{i:03d}" for i in range(12)]
@@ -218,10 +219,23 @@ def test_io_settings_are_checked_by_key():
         compose_config(["data.io.backoff_s=x"])
 
 
-def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path):
+def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     from ov_train.data import remote
 
-    assert all(remote.wds_gopen.gopen_schemes[s] is remote._gopen_fsspec for s in ("s3", "gs", "hf", "https"))
+    opened = []
+    fake = SimpleNamespace(open=lambda path, mode, **kw: opened.append(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(remote, "filesystem", lambda location, io: (fake, location))
+        urls = ["s3://b/x.tar", "gs://b/x.tar", "hf://datasets/o/d/x.tar", "https://h/x.tar"]
+        for url in urls:
+            remote.open_stream(url, FAST)
+    assert opened == urls
+    # webdataset's own openers for other schemes start curl, gsutil or ais: refused by name, nothing started.
+    for url in ("sftp://h/x.tar", "ais://b/x.tar"):
+        with pytest.raises(ValueError, match=f"{url}: cannot read .* locations; allowed: local paths, file://"):
+            remote.open_stream(url, FAST)
     (tmp_path / "r.yaml").write_text("sources:\n  - {name: g, path: 'gs://bucket/shards', modality: text, weight: 1}\n"
                                      "  - {name: h, path: 'hf://datasets/none/such', modality: text, weight: 1}\n")
     with pytest.raises(RecipeError) as err:  # no gcsfs here, and the hub is offline: each is named, nothing hangs
@@ -236,3 +250,29 @@ def test_the_dashboards_config_names_urls_without_credentials_the_reads_keep_the
     plan = plan_of(["data.root='http://u:pw@127.0.0.1:1/x?token=pw'"])
     assert plan.config["data"]["root"] == "http://127.0.0.1:1/x"  # what W&B, TensorBoard and MLflow get
     assert plan.data.root == "http://u:pw@127.0.0.1:1/x?token=pw"  # what the data reads use
+
+
+def test_a_server_error_is_named_as_such_and_retried_a_404_stays_not_found(tree, http, caplog):
+    """HTTP 500 came out as FileNotFoundError (fsspec's name for any failed request): a server error now says its
+    status and the URL, without credentials, and is retried per data.io; a 404 is still a missing file."""
+    secret = "s3cret-pw"
+    base = http.url.replace("http://", f"http://me:{secret}@")
+    shard = f"{http.url}/error/a/train-000000.tar"
+    with caplog.at_level(logging.WARNING), pytest.raises(ShardUnreadable) as err:
+        list(samples("webdataset", f"{base}/error/a/train-000000.tar", io=FAST))
+    assert str(err.value) == (f"{shard}: unreadable after 3 attempt(s): ServerError: server error: HTTP 500 Internal"
+                              f" Server Error from {shard}")
+    retried = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retried) == FAST.retries and all(f"HTTP 500 Internal Server Error from {shard}" in m for m in retried)
+    assert "FileNotFoundError" not in caplog.text and secret not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(ServerError, match=f"HTTP 500 .* from {http.url}/error/a/"):
+        read_bytes(f"{base}/error/a/index.json", FAST)  # an index, a parquet source's file: after its retries
+    assert len(caplog.records) == FAST.retries and secret not in caplog.text
+    with pytest.raises(ServerError, match="HTTP 500"):
+        remote_glob(f"{base}/error/a/*.tar", FAST)
+    with pytest.raises(FileNotFoundError):  # not found, and not retried
+        read_bytes(f"{http.url}/a/no-such-index.json", FAST)
+    with pytest.raises(ShardUnreadable, match="FileNotFoundError"):
+        list(samples("webdataset", f"{http.url}/a/train-999999.tar", io=IOSettings(retries=0)))
+
