@@ -40,13 +40,13 @@ def default_root(export: str | Path) -> str | Path | None:
 
         cfg = compose([])
     data = cfg.data
+    root = data.get("root")
+    if root is not None and is_pipe(str(root)):  # with synthetic data too: their recipe's paths are joined onto it
+        raise ValueError(f"{run_config}: data.root={redact_text(root)!r} is a shell command (pipe:); ov-eval runs no"
+                         " command from a run directory: give --root (typed by you, it may be a pipe:)")
     if data.get("synthetic") is None:
-        root = data.get("root")
-        if root is not None and is_pipe(str(root)):
-            raise ValueError(f"{run_config}: data.root={redact_text(root)!r} is a shell command (pipe:); ov-eval runs no"
-                             " command from a run directory: give --root (typed by you, it may be a pipe:)")
         return None if root is None else str(root)
-    return synthetic_root(data.root, **OmegaConf.to_container(data.synthetic), seed=cfg.seed)
+    return synthetic_root(root, **OmegaConf.to_container(data.synthetic), seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ def is_remote(location: str) -> bool:
 
 
 def is_relative(path: str) -> bool:
-    """A path that data.root is joined onto: neither a URL, a command nor an absolute path."""
-    return not (is_remote(path) or Path(path).is_absolute())
+    """A path that data.root is joined onto: neither a URL (file:// included), a command nor an absolute path."""
+    return not (scheme(path) or Path(path).is_absolute())
 
 
 def join(root: str | None, path: str) -> str:

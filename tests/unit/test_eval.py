@@ -236,6 +236,11 @@ def test_ov_eval_runs_no_command_from_a_run_directory(random_export, small_data_
     assert exit_.value.code != 0
     err = capsys.readouterr().err
     assert f"{run / '.hydra' / 'config.yaml'}: data.root='pipe:touch {marker}" in err and "give --root" in err
+    synthetic = {"root": root, "synthetic": {"train_per_subset": 4, "val_per_subset": 2, "image_px": 32}}
+    (run / ".hydra" / "config.yaml").write_text(json.dumps({"seed": 0, "data": synthetic}))
+    with pytest.raises(SystemExit):  # a synthetic run's data.root: the shipped recipe's paths are joined onto it
+        ov_eval([str(run / "export"), "synthetic_onevision", "--max-samples", "1", "--out", str(tmp_path / "out")])
+    assert "is a shell command (pipe:)" in capsys.readouterr().err
     assert not marker.exists()
     assert ov_eval([*argv, "--root", root]) == 0
     assert marker.exists() and len(read_rows(tmp_path / "out" / "predictions.jsonl")) == 1
