@@ -20,12 +20,15 @@ from moto import server as moto_server
 class _Handler(SimpleHTTPRequestHandler):
     """Files under the served folder; a path under /drop/ sends half the file then closes the connection, under
     /hang/ answers nothing for as long as the server lives, under /flaky/ fails (503) its first request, under
-    /slow/ answers after a second."""
+    /slow/ answers after a second, under /error/ fails (500) every request, HEAD included."""
 
     def log_message(self, *args):  # quiet: requests are counted, not printed
         pass
 
     def do_HEAD(self):  # sizes answer at once, whatever the path's fault
+        if self.path.startswith("/error/"):
+            self.send_error(500, "broken on purpose")
+            return
         self.path = self.path.removeprefix("/flaky").removeprefix("/drop").removeprefix("/slow").removeprefix("/hang")
         super().do_HEAD()
 
@@ -33,6 +36,9 @@ class _Handler(SimpleHTTPRequestHandler):
         server = self.server
         server.requests[self.path] += 1
         server.arrivals.append((self.path, time.monotonic()))
+        if self.path.startswith("/error/"):
+            self.send_error(500, "broken on purpose")
+            return
         if self.path.startswith("/slow/"):
             server.stopping.wait(1.0)
         if self.path.startswith("/hang/"):

@@ -35,11 +35,7 @@ def missing_problems(cfg) -> list[str]:
     """Mandatory values (`???`) nobody set; the other checks need them, so these come alone."""
     problems = []
     for key in sorted(OmegaConf.missing_keys(cfg)):
-        if key == "data.root":
-            problems.append(f"data.root is required for data={cfg.data.name}: the directory the recipe's sources are"
-                            " relative to (data.root=DIR)")
-        else:
-            problems.append(f"{key} is required: set {key}=VALUE, or choose a config that sets it")
+        problems.append(f"{key} is required: set {key}=VALUE, or choose a config that sets it")
     return problems
 
 
@@ -221,10 +217,7 @@ def data_problems(data, seed: int) -> list[str]:
         minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": SYNTHETIC_MIN_PX}
         for key, minimum in minimums.items():
             problems += _at_least(f"data.synthetic.{key}", data.synthetic[key], minimum, "synthetic data settings")
-    elif not data.root:
-        problems.append(
-            f"data.root is required for data={data.name}: the directory the recipe's sources are relative to"
-        )
+    # data.root: config/recipe.py (root_problems), which knows whether the recipe has relative paths.
     budget, batch = data.max_tokens_per_batch, data.batch_size
     if budget is not None and budget < 1:
         problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")

@@ -11,7 +11,10 @@ A recipe YAML holds `sources` and optional batching settings:
 `path` is a directory holding train-*.tar (and val-*.tar for held-out samples), a glob (it has * ? or [) or
 a brace pattern (`shards-{000000..000099}.tar`) of train shards, or a `pipe:` command (brace patterns expand
 to one command per shard); locally, at an `https://` URL, or at `s3://`, `gs://`, `hf://` through fsspec.
-Relative paths resolve against `data.root` (a folder or a URL). `val` names held-out shards the same way.
+Relative paths resolve against `data.root` (a folder or a URL), which only a recipe with some relative path
+needs. `val` names held-out shards the same way. A `pipe:` command in a recipe file (path, val or index) is
+refused unless the user opts in (data.allow_pipe=true; ov-eval --allow-pipe): a recipe received from
+someone else must not run commands.
 `format: parquet` reads parquet files in the released OneVision layout (a directory's `*.parquet`) without
 conversion; `index` names an `ov-data index` file for them; `metric` says how ov-eval scores the source.
 Each source gives `weight` or `samples` (samples drawn per epoch-equivalent), and one recipe uses one of the
@@ -34,7 +37,8 @@ import yaml
 from ov_train.config.media import MediaSettingError, VideoSettings
 from ov_train.constants import FORMATS, MODALITIES, PARQUET, WEBDATASET
 from ov_train.resources import RECIPE_DIR
-from ov_train.utils.redact import redact
+from ov_train.utils.locations import is_pipe, is_relative
+from ov_train.utils.redact import redact, redact_text
 
 SOURCE_KEYS = {"name", "path", "val", "format", "index", "modality", "category", "weight", "samples", "metric", "video"}
 RECIPE_KEYS = {"sources", "max_tokens_per_batch"}
@@ -203,6 +207,34 @@ def read_recipe(name_or_path: str) -> tuple[RecipeSpec, list[str]]:
     elif not problems and sum(float(s.weight) for s in sources) == math.inf:
         problems.append(f"{path.name}: the {unit}s sum to infinity; scale them down (only their ratios matter)")
     return RecipeSpec(path.stem, path, tuple(sources), budget, unit), problems
+
+
+def _locations(spec: RecipeSpec):
+    """(source, key, value) of every location a recipe file names: each source's path, val and index."""
+    for s in spec.sources:
+        for key in ("path", "val", "index"):
+            value = getattr(s, key)
+            if value:
+                yield s, key, str(value)
+
+
+def pipe_problems(spec: RecipeSpec, opt_in: str = "data.allow_pipe=true") -> list[str]:
+    """The recipe file's `pipe:` commands, each a problem naming the file, source and key: a command runs only when
+    the user opted in (`opt_in`), never because a file says so."""
+    return [f"{s.where} ({s.name}): {key}={redact_text(value)!r} is a shell command (pipe:); commands in a recipe"
+            f" file run only with {opt_in}" for s, key, value in _locations(spec) if is_pipe(value)]
+
+
+def root_problems(spec: RecipeSpec, root: str | None, key: str = "data.root") -> list[str]:
+    """`key` (the root relative source paths start from) is needed when, and only when, some path or val is
+    relative; the problem names the first such source."""
+    if root:
+        return []
+    for s, field, value in _locations(spec):
+        if field != "index" and is_relative(value):
+            return [f"{key} is required: {s.where} ({s.name}) has the relative {field}={redact(value)!r}; set {key}="
+                    "DIR or URL (where relative source paths start), or make every source path absolute or a URL"]
+    return []
 
 
 def parse_recipe(name_or_path: str) -> RecipeSpec:

@@ -22,7 +22,7 @@ from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
-from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
+from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.constants import PARTS, SYNTHETIC
 from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact_text, redact_tree
@@ -295,8 +295,12 @@ def _recipe(data) -> tuple[RecipeSpec | None, list[str]]:
         spec, problems = read_recipe(str(data.recipe))
     except RecipeError as err:
         spec, problems = None, err.problems
+    if spec and not data.allow_pipe:
+        problems += pipe_problems(spec)
     where = f"data.recipe={data.recipe}"
     problems = [p if p.startswith("data.recipe") else f"{where}: {p}" for p in problems]
+    if spec and data.name != SYNTHETIC:  # synthetic sources start in the generated data set
+        problems += root_problems(spec, data.root)
     if spec and data.batch_size is None and data.max_tokens_per_batch is None and spec.max_tokens_per_batch is None:
         problems.append("data.batch_size and data.max_tokens_per_batch are both null (nor does the recipe set a budget)")
     return spec, problems

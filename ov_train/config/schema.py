@@ -109,7 +109,11 @@ class IOConfig:
 class DataConfig:
     name: str = MISSING
     recipe: str = MISSING
-    root: Optional[str] = MISSING
+    # Where the recipe's relative source paths start (a folder or URL); needed only when some path is relative.
+    root: Optional[str] = None
+    # Let the recipe file's `pipe:` paths run: they are shell commands, so a recipe from elsewhere (or a run
+    # directory's config) runs none unless the user says so here. A `pipe:` data.root is the user's own.
+    allow_pipe: bool = False
     batch_size: Optional[int] = None
     max_tokens_per_batch: Optional[int] = None
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.

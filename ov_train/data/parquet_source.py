@@ -24,7 +24,17 @@ from ov_train.constants import PARQUET
 from ov_train.data.convert import MediaRoot, Reject, build_sample, shipped_token_geometry, text_token_counts
 from ov_train.data.formats import PARQUET_BATCH_ROWS, Item, parquet_items, parquet_missing_columns
 from ov_train.data.inspect import summarise
-from ov_train.data.remote import filesystem, is_remote, parquet_file, read_bytes, redact, redact_text, retrying, upload
+from ov_train.data.remote import (
+    filesystem,
+    is_remote,
+    named_errors,
+    parquet_file,
+    read_bytes,
+    redact,
+    redact_text,
+    retrying,
+    upload,
+)
 from ov_train.utils.logging import get_logger
 from ov_train.utils.paths import write_atomic
 
@@ -72,7 +82,12 @@ def row_sample(item: Item, location: str, row: int, rejected: str | None = None)
 def fingerprint(location: str, io: IOSettings) -> dict:
     """Size and version (ETag or modification time) of a file: an index holds for the files it was built from."""
     fs, path = filesystem(location, io)
-    info = retrying(lambda: fs.info(path), f"stat {redact(location)}", io)
+
+    def stat():
+        with named_errors(location):
+            return fs.info(path)
+
+    info = retrying(stat, f"stat {redact(location)}", io)
     version = next((info.get(k) for k in ("ETag", "etag", "mtime", "LastModified", "last_modified") if info.get(k)), "")
     return {"size": info.get("size"), "version": str(version)}
 

@@ -20,7 +20,8 @@ def data_problems(plan: DataPlan) -> list[str]:
                     " per setting"]
         return []
     _, missing = locate(plan.recipe, plan.root, require_shards=True, io=plan.io)
-    return [f"data.recipe={plan.recipe.name} (data.root={redact(str(plan.root))}): {p}" for p in missing]
+    where = f"data.recipe={plan.recipe.name}" + (f" (data.root={redact(str(plan.root))})" if plan.root else "")
+    return [f"{where}: {p}" for p in missing]
 
 
 def prepare_root(plan: DataPlan) -> str:

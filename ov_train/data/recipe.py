@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ov_train.config.options import IOSettings
-from ov_train.config.recipe import RecipeError, RecipeSpec, SourceSpec, read_recipe
+from ov_train.config.recipe import RecipeError, RecipeSpec, SourceSpec, pipe_problems, read_recipe, root_problems
 from ov_train.constants import FORMATS, PARQUET, WEBDATASET
 from ov_train.data import remote
 from ov_train.utils.redact import redact, redact_text
@@ -63,9 +63,9 @@ def locations(path: str, root: str | Path, fmt: str = WEBDATASET, split: str = "
     """The shards a recipe path names, and the problem with them ("" when there is none): a directory's
     `train-*.tar` (`val-*.tar` for split="val"; `*.parquet` for parquet), a glob's matches, a brace pattern's
     or a file's names (`check`: all must exist), a `pipe:` command. Listing errors (an unreachable server) propagate."""
-    full = remote.join(str(root) if root is not None else "", path)
+    full = remote.join(root, path)
     shown = redact(full)
-    if full.startswith("pipe:"):
+    if remote.is_pipe(full):
         return remote.expand(full), ""
     found, named, problems = [], [], []
     for name in remote.expand(full):
@@ -100,11 +100,12 @@ def _shards(src: SourceSpec, root, io: IOSettings, check: bool) -> tuple[tuple, 
         if src.val is not None:
             held, problem = locations(src.val, root, src.format, "val", io, check)
             problems += [f"val: {problem}"] if problem else []
-        elif src.format == WEBDATASET and not (remote.has_glob(path) or "{" in path or path.startswith("pipe:")
+        elif src.format == WEBDATASET and not (remote.has_glob(path) or "{" in path
+                                               or remote.is_pipe(remote.join(root, path))
                                                or path.endswith(SHARD_SUFFIXES)):
             held, _ = locations(path, root, src.format, "val", io, check)  # a folder's val-*.tar, when it has some
     except Exception as err:  # an unreachable server, missing credentials, an unknown protocol...
-        where = redact(remote.join(str(root) if root is not None else "", path))
+        where = redact(remote.join(root, path))
         return (), (), [f"cannot list {where}: {type(err).__name__}: {redact_text(err)}"]
     return tuple(train), tuple(held), problems
 
@@ -123,11 +124,16 @@ def locate(spec: RecipeSpec, root: str | Path, require_shards: bool = True,
     return Recipe(spec, tuple(sources)), problems
 
 
-def load_recipe(name_or_path: str, root: str | Path, require_shards: bool = True,
-                io: IOSettings = IOSettings()) -> Recipe:
-    """Read and locate a recipe; every problem of the file and its shards is reported at once."""
+def load_recipe(name_or_path: str, root: str | Path | None, require_shards: bool = True,
+                io: IOSettings = IOSettings(), allow_pipe: bool = False, root_key: str = "data.root",
+                pipe_key: str = "data.allow_pipe=true") -> Recipe:
+    """Read and locate a recipe; every problem of the file and its shards is reported at once: among them the
+    file's `pipe:` commands (unless `allow_pipe`; locating runs none) and relative paths without a root. `root_key`
+    and `pipe_key` say how the caller's user gives a root and opts in (ov-eval: --root, --allow-pipe)."""
     spec, problems = read_recipe(name_or_path)
-    recipe, missing = locate(spec, root, require_shards, io)
+    unrooted = root_problems(spec, root, root_key)
+    problems += ([] if allow_pipe else pipe_problems(spec, pipe_key)) + unrooted
+    recipe, missing = locate(spec, root, require_shards, io) if not unrooted else (None, [])
     if problems or missing:
         raise RecipeError(problems + missing)
     return recipe

@@ -1,10 +1,13 @@
 """Where data lives: local paths, `https://`, `s3://`, `gs://`, `hf://` (through fsspec) and `pipe:` commands.
 
-Opening goes through webdataset's `gopen`: its dispatch table gets an fsspec opener for the object-store and
-HTTP schemes (with connect and read timeouts, instead of the `curl` subprocesses it ships, which have none),
-while local files and `pipe:` stay webdataset's own. Credentials come from each client's usual environment
-and config files (AWS_* variables and ~/.aws for S3, ~/.netrc or user:password in a URL for HTTP...); every
-location that reaches a log, an error or a file is `redact`ed first.
+`open_stream` picks the opener from the location's scheme (utils/locations.py): local files directly, the
+object-store and HTTP schemes through fsspec (with connect and read timeouts, instead of the `curl`
+subprocesses webdataset's gopen ships, which have none), and only `pipe:` through webdataset's pipe opener,
+a shell. Which `pipe:` locations may get that far is the recipe checks' decision (config/recipe.py:
+pipe_problems). A server's error status is named as such (ServerError), never as a missing file.
+Credentials come from each client's usual environment and config files (AWS_* variables and ~/.aws for S3,
+~/.netrc or user:password in a URL for HTTP...); every location that reaches a log, an error or a file is
+`redact`ed first.
 """
 from __future__ import annotations
 
@@ -13,19 +16,21 @@ import io as _io
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import braceexpand
 import fsspec
 
 from ov_train.config.options import IOSettings
+from ov_train.utils.locations import is_pipe, is_remote, join, scheme  # noqa: F401  (join: the readers' import)
 from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact, redact_text
 
 log = get_logger(__name__)
-# The module, not the function of that name that `webdataset` exports.
+# The module, not the function of that name that `webdataset` exports (its pipe opener is used).
 wds_gopen = importlib.import_module("webdataset.gopen")
 
 FSSPEC_SCHEMES = ("http", "https", "s3", "s3a", "gs", "gcs", "hf")
@@ -55,26 +60,6 @@ if not getattr(logging.getLogRecordFactory(), "redacts", False):
     logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
 
 
-def scheme(location: str) -> str:
-    if str(location).startswith("pipe:"):
-        return "pipe"
-    return urlsplit(str(location)).scheme if "://" in str(location) else ""
-
-
-def is_remote(location: str) -> bool:
-    """Read through fsspec or a pipe, rather than from a local path."""
-    return scheme(location) not in ("", "file")
-
-
-def join(root: str, path: str) -> str:
-    """`path` under `root` unless it is absolute or a URL itself."""
-    if is_remote(path) or Path(path).is_absolute() or not root:
-        return path
-    if is_remote(str(root)):
-        return str(root).rstrip("/") + "/" + path
-    return str(Path(root) / path)
-
-
 # ---------------------------------------------------------------- opening
 
 def storage_options(protocol: str, io: IOSettings) -> dict:
@@ -94,23 +79,64 @@ def filesystem(location: str, io: IOSettings = IOSettings()):
     return fsspec.core.url_to_fs(location, **storage_options(scheme(location), io))
 
 
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, io: IOSettings | None = None, **_):
-    """webdataset gopen handler for the fsspec schemes: a streaming file, bounded by io.timeout_s."""
-    fs, path = filesystem(url, io or IOSettings())
-    if scheme(url) in ("http", "https") and mode == "rb":
-        return fs.open(path, mode, block_size=0)  # one streaming GET: servers need not support ranges
-    return fs.open(path, mode)
+class ServerError(OSError):
+    """A request the server answered with an error status other than 404 (a 500, a 503, a 403...): named with
+    its status and the location (redacted), and retried like any failed read; a 404 stays FileNotFoundError."""
 
 
-for _scheme in FSSPEC_SCHEMES:
-    wds_gopen.gopen_schemes[_scheme] = _gopen_fsspec
+def _status(err: BaseException) -> int | None:
+    """The status a server answered a failed request with, found along the error's causes: fsspec's HTTP client
+    reports any failed request as FileNotFoundError raised from aiohttp's response error, which holds it
+    (botocore's ClientError holds it in its response)."""
+    from aiohttp import ClientResponseError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ClientResponseError):
+            return seen.status
+        response = getattr(seen, "response", None)
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def named_errors(location: str):
+    """Requests to `location` whose failure says what the server answered (ServerError), not "not found"."""
+    try:
+        yield
+    except Exception as err:
+        status = _status(err)
+        if status is None or status == 404 or status < 400:
+            raise
+        try:
+            phrase = f" {HTTPStatus(status).phrase}"
+        except ValueError:
+            phrase = ""
+        # `from None`: the client's own errors spell the URL with its credentials.
+        raise ServerError(f"server error: HTTP {status}{phrase} from {redact(location)}") from None
 
 
 def open_stream(location: str, io: IOSettings, mode: str = "rb"):
-    """Open a local path, URL or `pipe:` command through webdataset's gopen."""
-    if scheme(location) in FSSPEC_SCHEMES:
-        return wds_gopen.gopen(location, mode, io=io)
-    return wds_gopen.gopen(location, mode)
+    """Open a local path, a URL (through fsspec: a streaming file whose requests io.timeout_s bounds) or a
+    `pipe:` command (webdataset's pipe opener, through a shell). The kind is decided here, by
+    utils.locations.scheme: webdataset's own dispatch would also start curl, gsutil or ais for other schemes and
+    take ` pipe:...` or `PIPE:...` for commands."""
+    kind = scheme(location)
+    if kind == "":
+        return open(location, mode)
+    if kind == "pipe":
+        return wds_gopen.gopen_pipe(location, mode)
+    if kind not in (*FSSPEC_SCHEMES, "file"):
+        allowed = ", ".join(f"{s}://" for s in ("file", *FSSPEC_SCHEMES))
+        raise ValueError(f"{redact(location)}: cannot read {kind}:// locations; allowed: local paths, {allowed}, pipe:")
+    fs, path = filesystem(location, io)
+    with named_errors(location):
+        if kind in ("http", "https") and mode == "rb":
+            return fs.open(path, mode, block_size=0)  # one streaming GET: servers need not support ranges
+        return fs.open(path, mode)
 
 
 def read_bytes(location: str, io: IOSettings = IOSettings()) -> bytes:
@@ -154,7 +180,12 @@ def expand(location: str) -> list[str]:
 def glob(pattern: str, io: IOSettings = IOSettings()) -> list[str]:
     """Sorted locations matching a glob, as full URLs for remote ones; [] when none match."""
     fs, path = filesystem(pattern, io)
-    found = retrying(lambda: fs.glob(path), f"list {redact(pattern)}", io)
+
+    def listing():
+        with named_errors(pattern):
+            return fs.glob(path)
+
+    found = retrying(listing, f"list {redact(pattern)}", io)
     if not is_remote(pattern):
         return sorted(found)
     return sorted(fs.unstrip_protocol(p) if "://" not in p else p for p in found)
@@ -170,8 +201,12 @@ def existing(locations: list[str], io: IOSettings = IOSettings()) -> list[str]:
     found = []
     for parent, names in by_parent.items():
         fs, path = filesystem(parent, io)
-        listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in retrying(lambda fs=fs, path=path: fs.ls(path, detail=False),
-                                                                       f"list {redact(parent)}", io)}
+
+        def listing(fs=fs, path=path, parent=parent):
+            with named_errors(parent):
+                return fs.ls(path, detail=False)
+
+        listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in retrying(listing, f"list {redact(parent)}", io)}
         found += [x for x in names if x.rsplit("/", 1)[-1] in listed]
     return found
 
@@ -188,7 +223,8 @@ def upload(local: Path, location: str, io: IOSettings = IOSettings()) -> None:
 def remote_size(location: str, io: IOSettings = IOSettings()) -> int | None:
     fs, path = filesystem(location, io)
     try:
-        return int(fs.info(path).get("size"))
+        with named_errors(location):
+            return int(fs.info(path).get("size"))
     except (FileNotFoundError, TypeError):
         return None
 
@@ -201,7 +237,8 @@ def parquet_file(location: str, io: IOSettings):
     if scheme(location) == "":
         return pq.ParquetFile(location)
     fs, path = filesystem(location, io)
-    handle = fs.open(path, "rb")
+    with named_errors(location):
+        handle = fs.open(path, "rb")
     try:
         return pq.ParquetFile(handle)
     except ValueError as err:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from PIL import Image
@@ -28,6 +30,35 @@ class SampleError(ValueError):
         self.reason = reason
 
 
+# An image field: img0.jpg, img1.png, ... (convert writes img{N}.{ext}); N orders a sample's images.
+_IMAGE_FIELD = re.compile(r"img(\d+)(\..*)?")
+# A json member holds the conversation, escaped (a character outside the BMP is 12 bytes of \uXXXX\uXXXX), and
+# the sample's other fields; one larger than this per character the conversation may have, plus the slack, is
+# passed over unread.
+JSON_BYTES_PER_CHAR, JSON_SLACK = 12, 1 << 20
+
+
+def image_fields(raw: dict) -> list[str]:
+    """A raw sample's image fields in image order; SampleError `bad_media_name` for an img* field without its
+    number (f1.imgx.png, f1.img.png): no order could place it."""
+    numbers = {}
+    for field in raw:
+        if field.startswith("img"):
+            match = _IMAGE_FIELD.fullmatch(field)
+            if match is None:
+                raise SampleError("bad_media_name", f"sample {raw.get('__key__', '?')}: member field {field!r} is not"
+                                                    " imgN.EXT (N: the image's number, as convert writes it)")
+            numbers[field] = int(match.group(1))
+    return sorted(numbers, key=numbers.get)
+
+
+def text_chars(conversations) -> int:
+    """Characters of a conversation's text values (what tokenizing costs)."""
+    if not isinstance(conversations, list):
+        return 0
+    return sum(len(t["value"]) for t in conversations if isinstance(t, dict) and isinstance(t.get("value"), str))
+
+
 @dataclass(frozen=True)
 class SampleProcessor:
     tokenizer: object
@@ -47,18 +78,48 @@ class SampleProcessor:
             image = ImageSettings.from_stage({"image_strategy": self.image_strategy})
             object.__setattr__(self, "media", MediaSettings(image, VideoSettings(max_frames=self.max_frames)))
 
+    @cached_property
+    def token_chars(self) -> int:
+        """Characters one token stands for at most: twice the tokenizer's longest vocabulary entry. A byte-level
+        BPE token (Qwen2's) covers at most its entry's bytes, and a character takes at least one byte, except that
+        NFC normalisation composes at most 3 characters into a 2-byte one; hence the factor 2."""
+        return 2 * max(len(entry) for entry in self.tokenizer.get_vocab())
+
+    @property
+    def max_text_chars(self) -> int:
+        """A conversation longer than this has more than max_length tokens whatever it says: it is skipped
+        (too_long_text) rather than tokenized whole and cut."""
+        return self.max_length * self.token_chars
+
+    @property
+    def member_limits(self) -> dict[str, int]:
+        """Bytes a shard member may have for a sample of max_length tokens, by field: the readers pass larger
+        ones over unread (data/sources.py), counted as oversized_<field>."""
+        return {"json": JSON_BYTES_PER_CHAR * self.max_text_chars + JSON_SLACK}
+
     def __call__(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
         if "__skip__" in raw:  # a parquet row that the conversion checks reject (parquet_source.row_sample)
             raise SampleError(raw["__skip__"], f"sample {key}: {raw.get('__detail__', raw['__skip__'])}")
+        limit = self.member_limits["json"]
+        if isinstance(raw.get("json"), (bytes, str)) and len(raw["json"]) > limit:  # read whole (a parquet row)
+            raise SampleError("oversized_json", f"sample {key}: json of {len(raw['json']):,} bytes is over the"
+                                                f" {limit:,} a sample of stage.max_length={self.max_length} may hold")
         try:
             meta = json.loads(raw["json"])
         except (KeyError, ValueError) as err:
             raise SampleError("malformed_json", f"sample {key}: bad or missing json ({err})") from err
-        image_fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
-        mode = self.media.image.crop_mode(len(image_fields))
+        if not isinstance(meta, dict):
+            raise SampleError("malformed_json", f"sample {key}: json is a {type(meta).__name__}, not an object")
+        chars = text_chars(meta.get("conversations"))
+        if chars > self.max_text_chars:
+            raise SampleError("too_long_text", f"sample {key}: {chars:,} characters of text are over"
+                                               f" {self.max_text_chars:,}, more than stage.max_length={self.max_length}"
+                                               f" tokens at {self.token_chars} characters per token at most")
+        fields = image_fields(raw)
+        mode = self.media.image.crop_mode(len(fields))
         images = []
-        for field in image_fields:
+        for field in fields:
             try:
                 with Image.open(io.BytesIO(raw[field])) as im:
                     images.append(preprocess_image(im, self.geometry, mode=mode))
@@ -78,10 +139,10 @@ class SampleProcessor:
             visual.append(video_tokens(frames.shape[0], self.geometry, newline=self.media.image.newline))
         try:
             enc = encode_conversation(self.tokenizer, meta["conversations"], self.template, visual, self.placement)
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError, AttributeError) as err:  # not a list of {from, value} turns
             raise SampleError("bad_conversation", f"sample {key}: {err}") from err
         ids, labels = self._truncate(key, enc.input_ids, enc.labels)
-        options = meta.get("options") or []
+        options = meta.get("options") if isinstance(meta.get("options"), list) else []
         return {
             "key": key,
             "modality": meta.get("modality", "text"),

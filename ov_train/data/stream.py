@@ -2,7 +2,8 @@
 
 A training stream belongs to one logical reader (one per rank x loader worker) and is a pure
 function of (seed, reader id, state): every random choice comes from a generator seeded by counters
-that the state holds, so a stream rebuilt from `state()` continues with exactly the same samples.
+that the state holds, so a stream rebuilt from `state()` continues with exactly the same samples. Shards that
+stay unreadable are set aside for the rest of the run (SetAside), and the state holds them too.
 
 Unusable samples are skipped and counted, but not without end: `max_skips_in_a_row` skips with no usable
 sample between them (from the whole stream or from one source) stop it with a StreamError that names the
@@ -41,7 +42,8 @@ MAX_SKIPS_IN_A_ROW = 1000
 # Skips logged one by one before they are only summarised, and the summary's period.
 SKIPS_LOGGED, SKIP_SUMMARY_EVERY = 5, 1000
 # The config key behind a skip reason, where one setting causes it.
-REASON_KEYS = {"too_long": "max_length", "no_supervised_tokens": "max_length"}
+REASON_KEYS = {"too_long": "max_length", "no_supervised_tokens": "max_length", "too_long_text": "max_length",
+               "oversized_json": "max_length"}
 
 
 class StreamError(RuntimeError):
@@ -92,6 +94,12 @@ class Skips:
         return ", ".join(parts)
 
 
+def member_limits(process) -> dict | None:
+    """Bytes a shard member may have for this sample processor, by field (SampleProcessor.member_limits: what a
+    sample of stage.max_length can hold); None for a processor without limits."""
+    return getattr(process, "member_limits", None)
+
+
 def read_tar(path: str, io: IOSettings = IOSettings()) -> Iterator[dict]:
     """Samples of one WebDataset shard (a path, URL or pipe: command): members `key.field` grouped by key."""
     for _, sample in shard_samples(WEBDATASET, path, io=io):
@@ -116,22 +124,55 @@ def _rng(seed: int, *counters: int) -> np.random.Generator:
     return np.random.default_rng([seed, *counters])
 
 
+class SetAside:
+    """Shards one reader gave up on (still unreadable after data.io's retries), not tried again for the rest of
+    the run: {redacted shard: [epoch, entry]}, the epoch it failed in and the first entry it did not deliver.
+
+    After that epoch the shard is skipped unopened. In that epoch it is read no further than that entry, which
+    only a stream resumed from a state of that epoch does again: it reads what the first run read. The set is
+    part of the stream state, so a resumed stream skips what the first one did. Each logical reader keeps its
+    own: readers share no sample, so they need not agree (each one that meets the shard tries it once).
+    """
+
+    def __init__(self, given: dict | None = None):
+        self.shards: dict[str, list[int]] = {k: list(v) for k, v in (given or {}).items()}
+
+    def end(self, shard: str, epoch: int) -> int | None:
+        """Where reading `shard` stops in `epoch`: 0 skips it, None reads it all."""
+        mark = self.shards.get(shard)
+        return None if mark is None else 0 if epoch > mark[0] else mark[1]
+
+    def add(self, shard: str, epoch: int, entry: int) -> None:
+        self.shards[shard] = [epoch, entry]
+
+    def state(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in self.shards.items()}
+
+
 def _share(source: Source, shards: tuple[str, ...], order: np.ndarray, reader: int, readers: int,
-           start: tuple[int, int], io: IOSettings, unreadable: Callable[[str], None]):
+           start: tuple[int, int], io: IOSettings, unreadable: Callable[[str], None], aside: SetAside,
+           epoch: int = 0, limits: dict | None = None):
     """This reader's disjoint share of one epoch, from `start` = (shard position, entry in that shard):
     yields ((position, entry), raw sample). Whole shards when there are enough, else every readers-th sample.
-    A shard that stays unreadable after its retries is reported to `unreadable` and passed over."""
+    A shard that stays unreadable after its retries is set aside (SetAside), logged once and reported to
+    `unreadable`. `limits`: bytes a tar member may have, by field (SampleProcessor.member_limits)."""
     striding = len(shards) < readers
     mine = order if striding else order[reader::readers]
     for position in range(start[0], len(mine)):
         first = start[1] if position == start[0] else 0
         wanted = partial(_strided, position, reader, readers) if striding else None
+        shard = shards[mine[position]]
+        name = redact(shard)
+        end = aside.end(name, epoch)
+        if end is not None and first >= end:
+            continue
         try:
-            for entry, raw in shard_samples(source.format, shards[mine[position]], first, wanted, io,
-                                            source.rejects.get(redact(shards[mine[position]]))):
+            for entry, raw in shard_samples(source.format, shard, first, wanted, io, source.rejects.get(name), limits,
+                                            end):
                 yield (position, entry), raw
         except ShardUnreadable as err:
-            log.warning("skipping shard of source %s: %s", source.name, err)
+            aside.add(name, epoch, err.entry)
+            log.warning("setting aside a shard of source %s for the rest of the run: %s", source.name, err)
             unreadable(str(err))
 
 
@@ -150,25 +191,27 @@ class _SourceCursor:
     """
 
     def __init__(self, source: Source, seed: int, reader: int, readers: int, block: int, position=None,
-                 io: IOSettings = IOSettings(), unreadable: Callable[[str], None] = lambda why: None):
+                 io: IOSettings = IOSettings(), unreadable: Callable[[str], None] = lambda why: None,
+                 set_aside: dict | None = None, limits: dict | None = None):
         self.source, self.seed, self.reader, self.readers, self.block = source, seed, reader, readers, block
-        self.io, self.unreadable, self.lost = io, unreadable, 0
+        self.io, self.unreadable, self.limits = io, unreadable, limits
         self.tag = zlib.crc32(source.name.encode())
         self.position = list(position or [0, 0, 0, 0, 0])
+        # Shards set aside (live, in the read-ahead thread), and as they were once the current block was read:
+        # the state that goes with a position in that block, since re-reading it must meet the same set.
+        self.aside = SetAside(set_aside)
+        self.aside_state = self.aside.state()
 
-    def _lose(self, why: str) -> None:
-        self.lost += 1
-        self.unreadable(why)
-
-    def _read_block(self, entries, start: list[int]) -> tuple[list[dict], list[int]]:
-        """The next `block` raw samples of this epoch, and the (shard position, entry) after them."""
+    def _read_block(self, entries, start: list[int]) -> tuple[list[dict], list[int], dict]:
+        """The next `block` raw samples of this epoch, the (shard position, entry) after them, and the shards set
+        aside by then."""
         raws, after = [], start
         for (shard, entry), raw in entries:
             raws.append(raw)
             after = [shard, entry + 1]
             if len(raws) == self.block:
                 break
-        return raws, after
+        return raws, after, self.aside.state()
 
     def __iter__(self) -> Iterator[dict]:
         epoch, index, offset, *start = self.position
@@ -178,10 +221,10 @@ class _SourceCursor:
             while True:
                 order = _rng(self.seed, _SHARDS, self.tag, epoch).permutation(len(self.source.train_shards))
                 entries = _share(self.source, self.source.train_shards, order, self.reader, self.readers,
-                                 tuple(start), self.io, self._lose)
+                                 tuple(start), self.io, self.unreadable, self.aside, epoch, self.limits)
                 ahead = pool.submit(self._read_block, entries, start)
                 while True:
-                    raws, after = ahead.result()
+                    raws, after, self.aside_state = ahead.result()
                     if not raws:
                         break
                     ahead = pool.submit(self._read_block, entries, after)
@@ -192,7 +235,8 @@ class _SourceCursor:
                     index, offset, start = index + 1, 0, after
                     self.position = [epoch, index, 0, *start]
                 if index == 0:
-                    lost = f"; {self.lost} of its shards were unreadable" if self.lost else ""
+                    lost = len(self.aside.shards)
+                    lost = f"; {lost} of its shards were unreadable and set aside" if lost else ""
                     raise RuntimeError(
                         f"source {self.source.name!r} has no training samples for reader {self.reader} of"
                         f" {self.readers} (fewer samples than loader workers x ranks?){lost}"
@@ -209,12 +253,14 @@ class MixedStream:
                  reader: int = 0, readers: int = 1, state: dict | None = None,
                  max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW, io: IOSettings = IOSettings()):
         state = state or {}
-        positions = state.get("sources", {})
+        positions, aside = state.get("sources", {}), state.get("set_aside", {})
         self.sources, self.process, self.seed, self.reader = list(sources), process, seed, reader
         self.max_skips_in_a_row = max_skips_in_a_row
         self._unreadable: deque = deque()  # shards given up (by read-ahead threads) since the last example
+        limits = member_limits(process)
         self.cursors = [
-            _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name), io, self._lose)
+            _SourceCursor(s, seed, reader, readers, shuffle_buffer, positions.get(s.name), io, self._lose,
+                          aside.get(s.name), limits)
             for s in self.sources
         ]
         # Finite positive weights, or every deck could come out empty and the draw never end.
@@ -226,7 +272,9 @@ class MixedStream:
         self._unreadable.append(why)
 
     def state(self) -> dict:
-        return {"deck": [self.deck, self.dealt], "sources": {c.source.name: list(c.position) for c in self.cursors}}
+        state = {"deck": [self.deck, self.dealt], "sources": {c.source.name: list(c.position) for c in self.cursors}}
+        aside = {c.source.name: c.aside_state for c in self.cursors if c.aside_state}
+        return {**state, "set_aside": aside} if aside else state
 
     def _cards(self, deck: int) -> np.ndarray:
         """Source indices of one deck, shuffled: floor((d + 1) * DECK * share) - floor(d * DECK * share) of each."""
@@ -273,14 +321,19 @@ class ValStream(IterableDataset):
                  max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW, io: IOSettings = IOSettings()):
         self.sources, self.process, self.limit = sources, process, limit
         self.max_skips_in_a_row, self.io = max_skips_in_a_row, io
+        # Held-out shards given up on in one pass are skipped in the later ones (the loader's persistent workers
+        # keep their copy of this stream from pass to pass); `passes` counts them, as epochs count training's.
+        self.aside, self.passes = SetAside(), 0
 
     def __iter__(self):
         reader, readers = reader_slot()
         skips = Skips("held-out sample", self.process, self.max_skips_in_a_row)
+        limits, self.passes = member_limits(self.process), self.passes + 1
         for source in self.sources:
             order = np.arange(len(source.val_shards))
             used = 0
-            held_out = _share(source, source.val_shards, order, reader, readers, (0, 0), self.io, lambda why: None)
+            held_out = _share(source, source.val_shards, order, reader, readers, (0, 0), self.io, lambda why: None,
+                              self.aside, self.passes, limits)
             for seen, (_, raw) in enumerate(held_out):
                 if self.limit is not None and seen >= self.limit:
                     break

@@ -49,8 +49,10 @@ class EvalSource:
     video: tuple[tuple[str, object], ...] = ()  # the recipe source's own video settings, as training read them
 
 
-def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list[EvalSource]:
-    """What DATA names: a shard directory (one source) or a recipe's sources with held-out shards."""
+def eval_sources(data: str, root: str | Path | None, metric: str | None = None,
+                 allow_pipe: bool = False) -> list[EvalSource]:
+    """What DATA names: a shard directory (one source) or a recipe's sources with held-out shards (a recipe's
+    `pipe:` commands only with `allow_pipe`, ov-eval's --allow-pipe)."""
     if metric is not None:
         check_metric(metric, "--metric")
     path = Path(data)
@@ -59,7 +61,8 @@ def eval_sources(data: str, root: str | Path, metric: str | None = None) -> list
         if not shards:
             raise ValueError(f"{path}: no .tar shards (expected an ov-data shard directory)")
         return [EvalSource(path.name, tuple(map(str, shards)), metric or DEFAULT_METRIC)]
-    recipe = load_recipe(data, root, require_shards=False)
+    recipe = load_recipe(data, root, require_shards=False, allow_pipe=allow_pipe, root_key="--root",
+                         pipe_key="--allow-pipe")
     sources, videos = [], {spec.name: spec.video for spec in recipe.spec.sources}
     for s in recipe:
         if not s.val_shards:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ov_train.config.media import VideoSettings
-from ov_train.data.samples import VIDEO_FIELDS
+from ov_train.data.samples import VIDEO_FIELDS, image_fields
 from ov_train.data.video import decode_video
 from ov_train.text.template import ROLES, media_first
 from ov_train.vision.geometry import VisionGeometry
@@ -207,8 +207,7 @@ def read_frames(data: bytes, video: VideoSettings, name: str) -> np.ndarray:
 def sample_media(raw: dict, video: VideoSettings) -> tuple[list[Image.Image], np.ndarray | None]:
     """The images (img0, img1, ... in order) and the video frames of a raw shard sample, decoded as training does."""
     key = raw.get("__key__", "?")
-    fields = sorted((f for f in raw if f.startswith("img")), key=lambda f: int(f[3:].split(".")[0]))
-    images = [open_image(raw[f], f"{key}.{f}") for f in fields]
+    images = [open_image(raw[f], f"{key}.{f}") for f in image_fields(raw)]
     field = next((f for f in VIDEO_FIELDS if f in raw), None)
     frames = read_frames(raw[field], video, f"{key}.{field}") if field else None
     return images, frames

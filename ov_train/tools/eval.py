@@ -16,6 +16,8 @@ from ov_train.data.synthetic import synthetic_root
 from ov_train.eval.evaluate import claim_out_dir, eval_sources, evaluate, generation_record
 from ov_train.eval.inference import ExportError, check_export, load_export, require_torchvision
 from ov_train.eval.metrics import METRICS
+from ov_train.utils.locations import is_pipe
+from ov_train.utils.redact import redact_text
 
 
 def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
@@ -25,10 +27,11 @@ def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def default_root(export: str | Path) -> Path:
+def default_root(export: str | Path) -> str | Path | None:
     """Where a recipe's sources start when --root is not given: the data the run that wrote `export` read (its
     .hydra/config.yaml beside the export: data.root, or its synthetic data set, one cache directory per setting),
-    else the default run's synthetic data set."""
+    else the default run's synthetic data set. A run directory is not the user's word: a `pipe:` data.root in it
+    (a shell command) is refused, naming the file."""
     run_config = Path(os.path.abspath(export)).parent / ".hydra" / "config.yaml"  # a symlinked export: its run
     if run_config.is_file():
         cfg = OmegaConf.load(run_config)
@@ -37,9 +40,13 @@ def default_root(export: str | Path) -> Path:
 
         cfg = compose([])
     data = cfg.data
+    root = data.get("root")
+    if root is not None and is_pipe(str(root)):  # with synthetic data too: their recipe's paths are joined onto it
+        raise ValueError(f"{run_config}: data.root={redact_text(root)!r} is a shell command (pipe:); ov-eval runs no"
+                         " command from a run directory: give --root (typed by you, it may be a pipe:)")
     if data.get("synthetic") is None:
-        return Path(data.root)
-    return synthetic_root(data.root, **OmegaConf.to_container(data.synthetic), seed=cfg.seed)
+        return None if root is None else str(root)
+    return synthetic_root(root, **OmegaConf.to_container(data.synthetic), seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         "--root", help="where a recipe's relative source paths start (default: the data of the run that wrote"
         " EXPORT, from RUN/.hydra/config.yaml, else the default run's synthetic shards)",
     )
+    parser.add_argument(
+        "--allow-pipe", action="store_true",
+        help="run the recipe's pipe: paths (shell commands; refused by default, since a recipe may come from anyone)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     args = parser.parse_args(argv)
     for name in ("max_samples", "batch_size", "max_new_tokens", "max_frames"):
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_export(args.export)
         require_torchvision("ov-eval")
-        sources = eval_sources(args.data, args.root or default_root(args.export), args.metric)
+        root = args.root if args.root is not None else default_root(args.export)
+        sources = eval_sources(args.data, root, args.metric, args.allow_pipe)
         out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem
         claim_out_dir(out, generation_record(args.export, args.max_new_tokens, args.max_frames))
     except (ExportError, ValueError) as err:

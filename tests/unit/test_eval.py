@@ -215,10 +215,38 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     assert default_root(run / "export") == small_data_root
     seen = {}
     monkeypatch.setattr("ov_train.tools.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
-    monkeypatch.setattr("ov_train.tools.eval.eval_sources", lambda data, root, metric: seen.setdefault("root", root))
+    monkeypatch.setattr("ov_train.tools.eval.eval_sources", lambda data, root, metric, allow_pipe: seen.setdefault("root", root))
     with pytest.raises(SystemExit):
         ov_eval([str(run / "export"), "synthetic_onevision"])
     assert seen["root"] == small_data_root
+
+
+def test_ov_eval_runs_no_command_from_a_run_directory(random_export, small_data_root, tmp_path, capsys):
+    """A received run directory whose .hydra/config.yaml says data.root: "pipe:touch MARKER; cat SHARD #": joined onto
+    the recipe's paths, webdataset ran it through a shell. ov-eval refuses it before any work, naming the file and
+    the key; typed as --root, the same root is the user's own command and runs."""
+    marker = tmp_path / "ran"
+    root = f"pipe:touch {marker}; cat {small_data_root / 'multi_image' / 'val-000000.tar'} #"
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "export").symlink_to(random_export, target_is_directory=True)
+    (run / ".hydra" / "config.yaml").write_text(json.dumps({"seed": 0, "data": {"root": root}}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sources:\n  - {name: m, path: multi_image, val: val.tar, modality: multi_image, weight: 1}\n")
+    argv = [str(run / "export"), str(recipe), "--max-samples", "1", "--max-new-tokens", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        ov_eval(argv)
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert f"{run / '.hydra' / 'config.yaml'}: data.root='pipe:touch {marker}" in err and "give --root" in err
+    synthetic = {"root": root, "synthetic": {"train_per_subset": 4, "val_per_subset": 2, "image_px": 32}}
+    (run / ".hydra" / "config.yaml").write_text(json.dumps({"seed": 0, "data": synthetic}))
+    with pytest.raises(SystemExit):  # a synthetic run's data.root: the shipped recipe's paths are joined onto it
+        ov_eval([str(run / "export"), "synthetic_onevision", "--max-samples", "1", "--out", str(tmp_path / "out")])
+    assert "is a shell command (pipe:)" in capsys.readouterr().err
+    assert not marker.exists()
+    assert ov_eval([*argv, "--root", root]) == 0
+    assert marker.exists() and len(read_rows(tmp_path / "out" / "predictions.jsonl")) == 1
 
 
 def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_model_and_tokenizer, tmp_path):

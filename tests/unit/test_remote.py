@@ -10,7 +10,8 @@ import pytest
 from ov_train.config.options import IOSettings
 from ov_train.config.run_plan import ConfigError
 from ov_train.data.recipe import RecipeError, Source, load_recipe
-from ov_train.data.remote import redact, redact_text
+from ov_train.data.remote import ServerError, read_bytes, redact, redact_text
+from ov_train.data.remote import glob as remote_glob
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.sources import ShardUnreadable, samples
 from ov_train.data.stream import MixedStream, ValStream, read_tar
@@ -74,7 +75,7 @@ def test_recipes_list_remote_folders_brace_patterns_and_pipes(tree, http, root_k
             else f"pipe:cat {tree}/a/train-{{000000..000002}}.tar")
     (tmp_path / "r.yaml").write_text(f"sources:\n  - {{name: a, path: '{path}', val: '{http.url}/a/val-000000.tar',"
                                      " modality: text, weight: 1}\n")
-    a = load_recipe(str(tmp_path / "r.yaml"), "/nowhere").sources[0]
+    a = load_recipe(str(tmp_path / "r.yaml"), "/nowhere", allow_pipe=root_kind == "pipe").sources[0]
     assert len(a.train_shards) == 3 and a.val_shards == (f"{http.url}/a/val-000000.tar",)
     first = [s["__key__"] for shard in a.train_shards for s in read_tar(shard)]
     assert first == [f"a{i:03d}" for i in range(12)]
@@ -131,7 +132,7 @@ def test_a_dead_shard_is_retried_then_skipped_and_counted(tree, http, fault, cap
     assert [m.split("; ")[-1] for m in retried] == ["retry 1 of 2 in 0.1 s", "retry 2 of 2 in 0.2 s"]  # doubling
     assert http.requests[f"/{fault}/a/train-000002.tar"] >= 1 + FAST.retries
     assert time.monotonic() - start < 15  # timeouts, not a hang
-    named = [r.getMessage() for r in caplog.records if "skipping shard of source a" in r.getMessage()]
+    named = [r.getMessage() for r in caplog.records if "setting aside a shard of source a" in r.getMessage()]
     assert len(named) == 1 and f"{http.url}/{fault}/a/train-000002.tar: unreadable after 3 attempt(s)" in named[0]
 
 
@@ -198,7 +199,7 @@ def test_credentials_never_reach_names_logs_or_errors(tree, http, tmp_path, capl
     dead = Source(source.name, "text", 1.0, (f"{root}/drop/a/train-000000.tar", *source.train_shards), ())
     with caplog.at_level(logging.DEBUG):
         list(itertools.islice(iter(MixedStream([dead], stub_process, shuffle_buffer=2, io=FAST)), 11))
-    assert "skipping shard" in caplog.text and secret not in caplog.text
+    assert "setting aside a shard" in caplog.text and secret not in caplog.text
 
 
 def test_io_settings_are_checked_by_key():
@@ -218,10 +219,23 @@ def test_io_settings_are_checked_by_key():
         compose_config(["data.io.backoff_s=x"])
 
 
-def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path):
+def test_gs_and_hf_take_the_fsspec_route_and_their_failures_are_named(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     from ov_train.data import remote
 
-    assert all(remote.wds_gopen.gopen_schemes[s] is remote._gopen_fsspec for s in ("s3", "gs", "hf", "https"))
+    opened = []
+    fake = SimpleNamespace(open=lambda path, mode, **kw: opened.append(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(remote, "filesystem", lambda location, io: (fake, location))
+        urls = ["s3://b/x.tar", "gs://b/x.tar", "hf://datasets/o/d/x.tar", "https://h/x.tar"]
+        for url in urls:
+            remote.open_stream(url, FAST)
+    assert opened == urls
+    # webdataset's own openers for other schemes start curl, gsutil or ais: refused by name, nothing started.
+    for url in ("sftp://h/x.tar", "ais://b/x.tar"):
+        with pytest.raises(ValueError, match=f"{url}: cannot read .* locations; allowed: local paths, file://"):
+            remote.open_stream(url, FAST)
     (tmp_path / "r.yaml").write_text("sources:\n  - {name: g, path: 'gs://bucket/shards', modality: text, weight: 1}\n"
                                      "  - {name: h, path: 'hf://datasets/none/such', modality: text, weight: 1}\n")
     with pytest.raises(RecipeError) as err:  # no gcsfs here, and the hub is offline: each is named, nothing hangs
@@ -236,3 +250,84 @@ def test_the_dashboards_config_names_urls_without_credentials_the_reads_keep_the
     plan = plan_of(["data.root='http://u:pw@127.0.0.1:1/x?token=pw'"])
     assert plan.config["data"]["root"] == "http://127.0.0.1:1/x"  # what W&B, TensorBoard and MLflow get
     assert plan.data.root == "http://u:pw@127.0.0.1:1/x?token=pw"  # what the data reads use
+
+
+def test_a_server_error_is_named_as_such_and_retried_a_404_stays_not_found(tree, http, caplog):
+    """HTTP 500 came out as FileNotFoundError (fsspec's name for any failed request): a server error now says its
+    status and the URL, without credentials, and is retried per data.io; a 404 is still a missing file."""
+    secret = "s3cret-pw"
+    base = http.url.replace("http://", f"http://me:{secret}@")
+    shard = f"{http.url}/error/a/train-000000.tar"
+    with caplog.at_level(logging.WARNING), pytest.raises(ShardUnreadable) as err:
+        list(samples("webdataset", f"{base}/error/a/train-000000.tar", io=FAST))
+    assert str(err.value) == (f"{shard}: unreadable after 3 attempt(s): ServerError: server error: HTTP 500 Internal"
+                              f" Server Error from {shard}")
+    retried = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retried) == FAST.retries and all(f"HTTP 500 Internal Server Error from {shard}" in m for m in retried)
+    assert "FileNotFoundError" not in caplog.text and secret not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(ServerError, match=f"HTTP 500 .* from {http.url}/error/a/"):
+        read_bytes(f"{base}/error/a/index.json", FAST)  # an index, a parquet source's file: after its retries
+    assert len(caplog.records) == FAST.retries and secret not in caplog.text
+    with pytest.raises(ServerError, match="HTTP 500"):
+        remote_glob(f"{base}/error/a/*.tar", FAST)
+    with pytest.raises(FileNotFoundError):  # not found, and not retried
+        read_bytes(f"{http.url}/a/no-such-index.json", FAST)
+    with pytest.raises(ShardUnreadable, match="FileNotFoundError"):
+        list(samples("webdataset", f"{http.url}/a/train-999999.tar", io=IOSettings(retries=0)))
+
+
+def test_a_stalled_shard_is_set_aside_for_the_rest_of_the_run(tree, http, caplog):
+    """A shard whose server never answers costs its retries once per run, not once per epoch: it is set aside,
+    counted and logged once, and the set is part of the stream state, so a resumed stream skips it too and draws
+    what the uninterrupted one draws."""
+    io = IOSettings(retries=1, backoff_s=0.05, timeout_s=0.5)
+    stalled = f"{http.url}/hang/a/train-000002.tar"
+    source = Source("a", "text", 1.0, (stalled, *shard_source(http.url, tree).train_shards), ())
+
+    def run(**kw):
+        return MixedStream([source], stub_process, seed=0, shuffle_buffer=3, io=io, **kw)
+
+    straight = run()
+    it = iter(straight)
+    before = http.requests["/hang/a/train-000002.tar"]  # (the module's server counts for every test)
+    with caplog.at_level(logging.WARNING):
+        first = list(itertools.islice(it, 2 * 8 + 3))  # two epochs of the good shards' 8 samples, and some
+    state = straight.state()
+    rest = keys(itertools.islice(it, 2 * 8))
+    assert http.requests["/hang/a/train-000002.tar"] - before == 1 + io.retries  # four epochs, one try
+    assert sum(e["skipped"].get("shard_unreadable", 0) for e in first) == 1
+    assert len([r for r in caplog.records if "setting aside" in r.getMessage()]) == 1
+    assert state["set_aside"] == {"a": {stalled: [0, 0]}}
+    assert keys(itertools.islice(iter(run(state=state)), 2 * 8)) == rest
+    assert http.requests["/hang/a/train-000002.tar"] - before == 1 + io.retries  # nor did the resumed stream try it
+
+
+def test_resume_in_the_epoch_a_shard_failed_in_reads_what_the_first_run_read(tree, http, caplog):
+    """A shard dropped half-way delivered its first 3 samples before it was set aside: a stream resumed from any
+    state of that epoch reads it up to there again (and no further, so no retry), then continues as the
+    uninterrupted stream did."""
+    source = Source("a", "text", 1.0, (f"{http.url}/drop/a/train-000002.tar",
+                                       *shard_source(http.url, tree).train_shards), ())
+
+    def run(**kw):
+        return MixedStream([source], stub_process, seed=0, shuffle_buffer=2, io=FAST, **kw)
+
+    straight = run()
+    it = iter(straight)
+    states, drawn = [], []
+    for example in itertools.islice(it, 11):  # epoch 0: 8 good samples and 3 from the dropped shard
+        drawn.append(example["key"])
+        states.append(straight.state())
+    drawn += keys(itertools.islice(it, 8))
+    assert sorted(drawn[:11]) == [f"a{i:03d}" for i in range(11)] and "a008" not in drawn[11:]
+    reread, after_failure = 0, [(k, state) for k, state in enumerate(states, 1) if "set_aside" in state]
+    assert after_failure
+    for k, state in after_failure:  # (a state from before the failure meets the shard as the first run did)
+        caplog.clear()
+        before = http.requests["/drop/a/train-000002.tar"]
+        with caplog.at_level(logging.WARNING):
+            assert keys(itertools.islice(iter(run(state=state)), 19 - k)) == drawn[k:], f"resumed after {k}"
+        assert not caplog.records, f"resumed after {k}"  # read no further than before: it did not fail again
+        reread += http.requests["/drop/a/train-000002.tar"] - before
+    assert reread >= 1  # some resumed block held the dropped shard's first samples, and read them again
