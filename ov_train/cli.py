@@ -23,6 +23,7 @@ def _train(cfg: DictConfig) -> None:
     from ov_train.config.run_plan import ConfigError
     from ov_train.planner.estimate import PlanError
     from ov_train.run import train
+    from ov_train.training.loader_workers import stop_loader_workers
     from ov_train.utils.logging import get_logger
     from ov_train.utils.safe_load import CheckpointError
 
@@ -32,6 +33,9 @@ def _train(cfg: DictConfig) -> None:
         # These name the culprit and what is allowed; a traceback of our own frames above them would bury that.
         get_logger("ov_train").error("%s", err)
         sys.exit(1)
+    finally:
+        # Whatever ended train(), no loader worker may keep this process from exiting (a no-op when none is left).
+        stop_loader_workers()
 
 
 def main() -> None:

@@ -207,6 +207,23 @@ class SaveOnSigterm(Callback):
             log.warning("%s: saved %s at step %d; exiting", name, self.path, trainer.global_step)
 
 
+class StopRanksOnError(Callback):
+    """An error on a rank ends the ranks this process started (`trainer.devices` > 1 with no scheduler starting
+    them): one stuck in a collective would otherwise wait for the failed rank until the process group's timeout
+    (NCCL does not notice a dead peer). Lightning does so itself on Ctrl-C only. Ranks a scheduler started (srun,
+    torchrun) are the scheduler's to stop: the launcher has none of them.
+
+    The error is logged first: once a rank it started has died, Lightning's watch over them kills this process
+    too, maybe before the error reaches the console."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        launcher = trainer.strategy.launcher
+        if trainer.world_size == 1 or launcher is None or not isinstance(exception, Exception):
+            return  # SIGTERMException (every rank saves and exits) and KeyboardInterrupt (Lightning's) stop by themselves
+        log.error("rank %d: %s: %s", trainer.global_rank, type(exception).__name__, exception)
+        launcher.kill(signal.SIGKILL)
+
+
 def build_callbacks(plan: RunPlan) -> list:
     ckpt, paths = plan.checkpoint, plan.paths
     checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
@@ -214,6 +231,7 @@ def build_callbacks(plan: RunPlan) -> list:
         checkpoints,
         AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(paths.last_checkpoint),
+        StopRanksOnError(),
         TrainingMetrics(plan.peak_tflops),
         ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
                               plan.predictions.max_new_tokens),
