@@ -1,4 +1,4 @@
-"""train(cfg): plan -> checks -> data -> model -> fit -> export -> summary.json.
+"""train(cfg): plan -> run directory lock -> checks -> data -> model -> fit -> export -> summary.json.
 
 The composed config is resolved once into a RunPlan (ov_train.config.run_plan); every step below takes its
 piece of it. Anything wrong with the config, the data or the checkpoint to resume stops the run before the
@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config.adapter import AdapterPlan
-from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
+from ov_train.config.run_plan import ConfigError, RunPaths, RunPlan, resolve_plan
 from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
 from ov_train.model.checkpoint_io import resume_problems
 from ov_train.planner.report import preflight
-from ov_train.strategies import build_strategy
+from ov_train.strategies import adopt_launcher_tasks, build_strategy
 from ov_train.training.callbacks import build_callbacks, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
@@ -28,6 +29,7 @@ from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
 from ov_train.utils.redact import redact_files
+from ov_train.utils.run_lock import hold_run_dir
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import apply_to_model_config
 
@@ -78,7 +80,15 @@ def build_trainer(plan: RunPlan) -> L.Trainer:
 
 def train(cfg: DictConfig) -> dict:
     tidy_library_output()
-    plan = resolve_plan(cfg)
+    # The ranks of a submitit job are known before anything reads them (the lock, rank-aware logging).
+    adopt_launcher_tasks()
+    # The job holds its run directory through rank 0 (its ranks share it); a second run there stops before any work.
+    lock = RunPaths(Path(cfg.run_dir)).lock if cfg.run_dir and rank() == 0 else None
+    with hold_run_dir(lock) if lock else nullcontext():
+        return _train(cfg, resolve_plan(cfg))
+
+
+def _train(cfg: DictConfig, plan: RunPlan) -> dict:
     source = check(plan)
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.

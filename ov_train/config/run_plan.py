@@ -74,6 +74,11 @@ class RunPaths:
     def consumed_keys(self) -> Path:
         return self.run_dir / "consumed_keys.jsonl"
 
+    @property
+    def lock(self) -> Path:
+        """Held by the run using the directory (ov_train.utils.run_lock)."""
+        return self.run_dir / ".ov_train.lock"
+
 
 def previous_of(path: Path) -> Path:
     """Where a sharded checkpoint's previous version waits while the new one is renamed into place."""
