@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -39,17 +40,21 @@ NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
-def check(plan: RunPlan) -> AdapterPlan | None:
+def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None]:
     """What the plan alone cannot see: the data's shards (or the synthetic data's directory), the checkpoint to
-    resume and a model.init_from adapter checkpoint, whose adapters it returns. Reads no sample and no tensor."""
+    resume and a model.init_from adapter checkpoint, whose adapters it returns with the plan. The plan's ckpt_path
+    becomes the newest of its checkpoints that reads (`ckpt_path=auto` / `last` fall back past one that does not).
+    Reads no sample and no tensor."""
     problems = data_problems(plan.data)
     if plan.ckpt_path:
-        problems += resume_problems(plan.ckpt_path, plan.identity, plan.checkpoint.trust)
+        ckpt_path, resume = resume_problems((plan.ckpt_path, *plan.ckpt_fallbacks), plan.identity, plan.checkpoint.trust)
+        plan = replace(plan, ckpt_path=ckpt_path, ckpt_fallbacks=())
+        problems += resume
     source, init_problems = init_from_adapters(plan)
     problems += init_problems
     if problems:
         raise ConfigError.of(problems)
-    return source
+    return plan, source
 
 
 def hydra_files() -> list[Path]:
@@ -89,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, plan: RunPlan) -> dict:
-    source = check(plan)
+    plan, source = check(plan)
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
     preflight(cfg)

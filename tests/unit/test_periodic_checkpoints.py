@@ -1,5 +1,6 @@
 """Checkpoints while training runs: `last.ckpt` every checkpoint.every_n_steps and/or every_minutes, rewritten in
-place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front."""
+place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front; a resume
+falls back past a checkpoint that does not read."""
 import os
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan
+from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan, resume_candidates
+from ov_train.model.checkpoint_io import resume_problems
 from ov_train.training.callbacks import (
     AtomicCheckpoints,
     PeriodicCheckpoint,
@@ -133,3 +135,32 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
     assert steps_in(Path(resumed)) == {"3"}
     save_whole(trainer, last, shards(5))
     assert steps_in(last) == {"5"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+IDENTITY = {"stage": "onevision", "model": "tiny", "geometry": {}, "max_steps": 8, "seed": 0}
+
+
+def test_auto_resumes_the_newest_checkpoint_that_reads(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for step in (2, 10, 4):
+        torch.save({"state_dict": {}, "global_step": step, "ov_train": {"run": IDENTITY}}, checkpoints / f"step={step}.ckpt")
+    (checkpoints / "step=old.ckpt").write_bytes(b"not ours")
+    last = checkpoints / "last.ckpt"
+    last.write_bytes((checkpoints / "step=10.ckpt").read_bytes()[:300])  # cut short: a full disk, a copy interrupted
+    assert resume_candidates(tmp_path) == [last, *(checkpoints / f"step={n}.ckpt" for n in (10, 4, 2))]
+    plan = resolve_plan(compose_config(["ckpt_path=auto"], run_dir=tmp_path))
+    assert (plan.ckpt_path, plan.ckpt_fallbacks) == (str(last), tuple(str(checkpoints / f"step={n}.ckpt") for n in (10, 4, 2)))
+
+    (checkpoints / "step=10.ckpt").write_bytes(b"PK\x03\x04 damaged")
+    with caplog.at_level("INFO"):
+        chosen, problems = resume_problems((plan.ckpt_path, *plan.ckpt_fallbacks), IDENTITY)
+    assert (chosen, problems) == (str(checkpoints / "step=4.ckpt"), [])
+    assert (f"skipped {last}: not a torch checkpoint (no zip archive: a different kind of file, or truncated);"
+            f" {checkpoints / 'step=10.ckpt'}: not a torch checkpoint") in caplog.text
+    assert f"resuming from {checkpoints / 'step=4.ckpt'}, the newest checkpoint that reads" in caplog.text
+    # None that reads: each one named, and nothing resumed.
+    chosen, problems = resume_problems((str(last), str(checkpoints / "step=10.ckpt")), IDENTITY)
+    assert problems == [f"ckpt_path={last}: {last}: not a torch checkpoint (no zip archive: a different kind of file,"
+                        f" or truncated); {checkpoints / 'step=10.ckpt'}: not a torch checkpoint (no zip archive: a"
+                        " different kind of file, or truncated)"]
