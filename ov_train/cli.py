@@ -23,6 +23,7 @@ def _train(cfg: DictConfig) -> None:
     from ov_train.config.run_plan import ConfigError
     from ov_train.planner.estimate import PlanError
     from ov_train.run import train
+    from ov_train.training.callbacks import CheckpointWriteError
     from ov_train.training.loader_workers import stop_loader_workers
     from ov_train.utils.logging import get_logger
     from ov_train.utils.run_lock import RunDirBusy
@@ -30,7 +31,7 @@ def _train(cfg: DictConfig) -> None:
 
     try:
         train(cfg)
-    except (ConfigError, RecipeError, PlanError, CheckpointError, RunDirBusy) as err:
+    except (ConfigError, RecipeError, PlanError, CheckpointError, RunDirBusy, CheckpointWriteError) as err:
         # These name the culprit and what is allowed; a traceback of our own frames above them would bury that.
         get_logger("ov_train").error("%s", err)
         sys.exit(1)

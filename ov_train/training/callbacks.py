@@ -27,6 +27,24 @@ from ov_train.utils.safe_load import load_file
 log = get_logger(__name__)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint the filesystem would not take (no space left, a file-size limit): its target is as before."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: the checkpoint was not written; {Path(self.filename).name} is as it was before"
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError (with an errno) behind `err`, itself or in its chain of causes; None if none."""
+    seen = set()
+    while isinstance(err, Exception) and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint file beside its target, syncs it, then renames it over the target.
 
@@ -59,9 +77,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
-        except BaseException:
+        except BaseException as err:
             partial.unlink(missing_ok=True)
-            raise
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            # torch.save reports a failed write (a full disk, a file-size limit) as an "enforce fail" of its zip
+            # writer, the OSError only in its context.
+            raise CheckpointWriteError(cause.errno, cause.strerror, str(path)) from None
         # The rename itself lives in the directory: sync it too, or a crash could still undo it.
         directory = os.open(path.parent, os.O_RDONLY)
         try:

@@ -3,6 +3,7 @@ print its message and Hydra's error line, then hang for ever in the interpreter'
 SIGTERM multiprocessing stops them with, since they must outlive a group SIGTERM)."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -62,6 +63,23 @@ def test_a_data_error_under_ddp_on_two_processes_exits_non_zero(tmp_path, small_
                                   "trainer.accelerator=cpu", "trainer.devices=2")
     assert rc not in (None, 0), f"exit {rc} after {took:.0f} s (None: still running)\n{output[-3000:]}"
     assert "training samples in a row skipped: too_long" in output
+
+
+def test_a_checkpoint_the_disk_will_not_take_exits_1_naming_it(tmp_path, small_data_root):
+    """A file-size limit (ulimit -f, SIGXFSZ ignored as a shell trap does) below the first checkpoint's size: one
+    line says which file and why, instead of torch's "enforce fail" traceback."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", "trainer.max_steps=2", "export=false",
+               "checkpoint.every_n_steps=1", *small_data(small_data_root, 0)]
+    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 4096; exec "$@"', "limited", *command]  # 4 MiB
+    rc, left = exit_of(limited, tmp_path / "output.txt", timeout=BOUND_S)
+    output = (tmp_path / "output.txt").read_text()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert rc == 1 and not left, output[-3000:]
+    assert (f"[Errno {errno.EFBIG}] File too large: '{last}': the checkpoint was not written; last.ckpt is as it was"
+            " before") in output
+    assert "enforce fail" not in output and "Traceback" not in output
+    assert not last.exists() and not list(last.parent.iterdir())  # nothing half-written left behind
 
 
 def test_an_error_on_rank_0_alone_ends_the_rank_it_started(tmp_path, small_data_root):

@@ -1,7 +1,11 @@
 """Checkpoints while training runs: `last.ckpt` every checkpoint.every_n_steps and/or every_minutes, rewritten in
 place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front; a resume
-falls back past a checkpoint that does not read."""
+falls back past a checkpoint that does not read; a save the disk will not take is named, the previous one kept."""
+import errno
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -13,12 +17,15 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan, resume_candidates
 from ov_train.model.checkpoint_io import resume_problems
+from ov_train.training import callbacks
 from ov_train.training.callbacks import (
+    AtomicCheckpointIO,
     AtomicCheckpoints,
+    CheckpointWriteError,
     PeriodicCheckpoint,
     build_callbacks,
 )
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 
 
 class Saves(Callback):
@@ -164,3 +171,62 @@ def test_auto_resumes_the_newest_checkpoint_that_reads(tmp_path, caplog):
     assert problems == [f"ckpt_path={last}: {last}: not a torch checkpoint (no zip archive: a different kind of file,"
                         f" or truncated); {checkpoints / 'step=10.ckpt'}: not a torch checkpoint (no zip archive: a"
                         " different kind of file, or truncated)"]
+
+
+@pytest.mark.slow  # a process of its own: ~5 s
+def test_a_file_size_limit_hit_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_path):
+    # A file-size limit (ulimit -f) in a process of its own; SIGXFSZ ignored, the write fails with EFBIG.
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from ov_train.training.callbacks import AtomicCheckpointIO, CheckpointWriteError
+        io = AtomicCheckpointIO()
+        io.save_checkpoint({{"global_step": 1, "w": torch.zeros(10)}}, "{tmp_path}/last.ckpt")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+        try:
+            io.save_checkpoint({{"global_step": 2, "w": torch.zeros(1_000_000)}}, "{tmp_path}/last.ckpt")
+        except CheckpointWriteError as err:
+            print(err)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    last = tmp_path / "last.ckpt"
+    assert result.stdout.strip() == (f"[Errno {errno.EFBIG}] File too large: '{last}': the checkpoint was not written;"
+                                     " last.ckpt is as it was before"), result.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class FillsUp:
+    """A file opened for writing on a disk that is full after `room` bytes."""
+
+    def __init__(self, path, mode: str, room: int = 2_000):
+        self.f, self.room = open(path, mode), room  # noqa: SIM115 - closed by __exit__, as open()'s file is
+
+    def write(self, data) -> int:
+        if self.room < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
+    io, last = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, last)
+    monkeypatch.setattr(callbacks, "open", FillsUp, raising=False)
+    with pytest.raises(CheckpointWriteError) as err:
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(10_000)}, last)
+    assert str(err.value) == (f"[Errno {errno.ENOSPC}] No space left on device: '{last}': the checkpoint was not"
+                              " written; last.ckpt is as it was before")
+    monkeypatch.undo()
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
