@@ -87,6 +87,8 @@ def train(cfg: DictConfig) -> dict:
     tidy_library_output()
     # The ranks of a submitit job are known before anything reads them (the lock, rank-aware logging).
     adopt_launcher_tasks()
+    if rank() == 0:  # Hydra's files hold the command line as typed, whatever follows (a refusal, a config error)
+        redact_files(hydra_files())
     # The job holds its run directory through rank 0 (its ranks share it); a second run there stops before any work.
     lock = RunPaths(Path(cfg.run_dir)).lock if cfg.run_dir and rank() == 0 else None
     with hold_run_dir(lock) if lock else nullcontext():
@@ -103,8 +105,6 @@ def _train(cfg: DictConfig, plan: RunPlan) -> dict:
     start = time.time()
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    if rank() == 0:
-        redact_files(hydra_files())
     L.seed_everything(plan.seed, workers=True)
     recipe = prepare_data(plan.data)
     model, tokenizer, adapter = build_for_training(plan, source)
