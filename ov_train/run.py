@@ -1,4 +1,4 @@
-"""train(cfg): plan -> run directory lock -> checks -> data -> model -> fit -> export -> summary.json.
+"""train(cfg): plan -> checks -> run directory lock -> data -> model -> fit -> export -> summary.json.
 
 The composed config is resolved once into a RunPlan (ov_train.config.run_plan); every step below takes its
 piece of it. Anything wrong with the config, the data or the checkpoint to resume stops the run before the
@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config.adapter import AdapterPlan
-from ov_train.config.run_plan import ConfigError, RunPaths, RunPlan, resolve_plan
+from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
 from ov_train.model.checkpoint_io import resume_problems
@@ -89,17 +89,17 @@ def train(cfg: DictConfig) -> dict:
     adopt_launcher_tasks()
     if rank() == 0:  # Hydra's files hold the command line as typed, whatever follows (a refusal, a config error)
         redact_files(hydra_files())
-    # The job holds its run directory through rank 0 (its ranks share it); a second run there stops before any work.
-    lock = RunPaths(Path(cfg.run_dir)).lock if cfg.run_dir and rank() == 0 else None
-    with hold_run_dir(lock) if lock else nullcontext():
-        return _train(cfg, resolve_plan(cfg))
-
-
-def _train(cfg: DictConfig, plan: RunPlan) -> dict:
-    plan, source = check(plan)
+    plan, source = check(resolve_plan(cfg))
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
     preflight(cfg)
+    # The job holds its run directory through rank 0 (its ranks share it) from its first write to its end; a second
+    # run there stops here.
+    with hold_run_dir(plan.paths.lock) if rank() == 0 else nullcontext():
+        return _run(cfg, plan, source)
+
+
+def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     if plan.optim.step.max_steps_from:
         log.info("%s", plan.optim.step.max_steps_from)
     start = time.time()
