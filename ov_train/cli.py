@@ -23,15 +23,21 @@ def _train(cfg: DictConfig) -> None:
     from ov_train.config.run_plan import ConfigError
     from ov_train.planner.estimate import PlanError
     from ov_train.run import train
+    from ov_train.training.callbacks import CheckpointWriteError
+    from ov_train.training.loader_workers import stop_loader_workers
     from ov_train.utils.logging import get_logger
+    from ov_train.utils.run_lock import RunDirBusy
     from ov_train.utils.safe_load import CheckpointError
 
     try:
         train(cfg)
-    except (ConfigError, RecipeError, PlanError, CheckpointError) as err:
+    except (ConfigError, RecipeError, PlanError, CheckpointError, RunDirBusy, CheckpointWriteError) as err:
         # These name the culprit and what is allowed; a traceback of our own frames above them would bury that.
         get_logger("ov_train").error("%s", err)
         sys.exit(1)
+    finally:
+        # Whatever ended train(), no loader worker may keep this process from exiting (a no-op when none is left).
+        stop_loader_workers()
 
 
 def main() -> None:

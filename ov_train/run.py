@@ -1,4 +1,4 @@
-"""train(cfg): plan -> checks -> data -> model -> fit -> export -> summary.json.
+"""train(cfg): plan -> checks -> run directory lock -> data -> model -> fit -> export -> summary.json.
 
 The composed config is resolved once into a RunPlan (ov_train.config.run_plan); every step below takes its
 piece of it. Anything wrong with the config, the data or the checkpoint to resume stops the run before the
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +21,7 @@ from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
 from ov_train.model.checkpoint_io import resume_problems
 from ov_train.planner.report import preflight
-from ov_train.strategies import build_strategy
+from ov_train.strategies import adopt_launcher_tasks, build_strategy
 from ov_train.training.callbacks import build_callbacks, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
@@ -28,6 +30,7 @@ from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
 from ov_train.utils.redact import redact_files
+from ov_train.utils.run_lock import hold_run_dir
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import apply_to_model_config
 
@@ -37,17 +40,21 @@ NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
-def check(plan: RunPlan) -> AdapterPlan | None:
+def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None]:
     """What the plan alone cannot see: the data's shards (or the synthetic data's directory), the checkpoint to
-    resume and a model.init_from adapter checkpoint, whose adapters it returns. Reads no sample and no tensor."""
+    resume and a model.init_from adapter checkpoint, whose adapters it returns with the plan. The plan's ckpt_path
+    becomes the newest of its checkpoints that reads (`ckpt_path=auto` / `last` fall back past one that does not).
+    Reads no sample and no tensor."""
     problems = data_problems(plan.data)
     if plan.ckpt_path:
-        problems += resume_problems(plan.ckpt_path, plan.identity, plan.checkpoint.trust)
+        ckpt_path, resume = resume_problems((plan.ckpt_path, *plan.ckpt_fallbacks), plan.identity, plan.checkpoint.trust)
+        plan = replace(plan, ckpt_path=ckpt_path, ckpt_fallbacks=())
+        problems += resume
     source, init_problems = init_from_adapters(plan)
     problems += init_problems
     if problems:
         raise ConfigError.of(problems)
-    return source
+    return plan, source
 
 
 def hydra_files() -> list[Path]:
@@ -78,18 +85,26 @@ def build_trainer(plan: RunPlan) -> L.Trainer:
 
 def train(cfg: DictConfig) -> dict:
     tidy_library_output()
-    plan = resolve_plan(cfg)
-    source = check(plan)
+    # The ranks of a submitit job are known before anything reads them (the lock, rank-aware logging).
+    adopt_launcher_tasks()
+    if rank() == 0:  # Hydra's files hold the command line as typed, whatever follows (a refusal, a config error)
+        redact_files(hydra_files())
+    plan, source = check(resolve_plan(cfg))
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
     preflight(cfg)
+    # The job holds its run directory through rank 0 (its ranks share it) from its first write to its end; a second
+    # run there stops here.
+    with hold_run_dir(plan.paths.lock) if rank() == 0 else nullcontext():
+        return _run(cfg, plan, source)
+
+
+def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     if plan.optim.step.max_steps_from:
         log.info("%s", plan.optim.step.max_steps_from)
     start = time.time()
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    if rank() == 0:
-        redact_files(hydra_files())
     L.seed_everything(plan.seed, workers=True)
     recipe = prepare_data(plan.data)
     model, tokenizer, adapter = build_for_training(plan, source)

@@ -52,6 +52,41 @@ def run_one(args: list[str], log: Path, timeout: float = 300, env: dict | None =
     run_together([(args, env or {})], [log], timeout, cwd)
 
 
+def exit_of(args: list[str], log: Path, timeout: float, linger: float = 20, env: dict | None = None,
+            cwd: Path = REPO) -> tuple[int | None, list[str]]:
+    """Run `args` in its own session: its exit status (None: still running after `timeout` s) and the command lines
+    of what it started (loader workers, other ranks) still running `linger` s after it exited. Then whatever is
+    left of the session is killed."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+        return rc, left_behind(proc.pid, linger)
+    except subprocess.TimeoutExpired:
+        return None, []
+    finally:
+        _kill(proc)
+
+
+def left_behind(session: int, grace: float) -> list[str]:
+    """The command lines of processes of `session` still alive (not zombies) after `grace` s."""
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for p in psutil.process_iter(["pid", "status", "cmdline"]):
+            try:
+                if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(" ".join(p.info["cmdline"] or []))
+            except (ProcessLookupError, PermissionError):
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
 def free_port(low: int = 15000, high: int = 25000) -> int:
     """A TCP port in [low, high) that nothing listens on now."""
     for port in range(low + os.getpid() % 1000, high):

@@ -74,6 +74,11 @@ class RunPaths:
     def consumed_keys(self) -> Path:
         return self.run_dir / "consumed_keys.jsonl"
 
+    @property
+    def lock(self) -> Path:
+        """Held by the run using the directory (ov_train.utils.run_lock)."""
+        return self.run_dir / ".ov_train.lock"
+
 
 def previous_of(path: Path) -> Path:
     """Where a sharded checkpoint's previous version waits while the new one is renamed into place."""
@@ -225,6 +230,7 @@ class RunPlan:
     checkpoint: CheckpointPlan
     paths: RunPaths | None  # None outside a run (no run directory)
     ckpt_path: str | None  # the checkpoint to resume, `last` / `auto` resolved
+    ckpt_fallbacks: tuple[str, ...]  # `last` / `auto`: the older ones to resume if ckpt_path does not read
     identity: dict  # what a resume must share with the run that wrote the checkpoint
     nonfinite: str
     peak_tflops: float | None  # None: the device's own (ov_train/devices.py)
@@ -234,25 +240,40 @@ class RunPlan:
     config: dict  # the resolved config, for the dashboards
 
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None:
-    """`last`: this run directory's checkpoints/last.ckpt, which must exist; `auto`: it if it exists, else a fresh
-    start (what a requeued SLURM job wants). Both mean resuming in the first run's hydra.run.dir."""
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """What `ckpt_path=auto` / `last` may resume in `run_dir`, newest first, those that exist: checkpoints/last.ckpt;
+    its .previous (a sharded save killed between its renames leaves it as the last whole one); the step=N.ckpt
+    that checkpoint.keep kept, highest N first. The newest that reads is resumed (run.check)."""
+    paths = RunPaths(run_dir)
+    kept = [(int(step), p) for p in paths.checkpoints.glob("step=*.ckpt")
+            if (step := p.name.removeprefix("step=").removesuffix(".ckpt")).isdigit()]
+    newest_kept = [p for _, p in sorted(kept, reverse=True)]
+    return [p for p in (paths.last_checkpoint, previous_of(paths.last_checkpoint), *newest_kept) if p.exists()]
+
+
+def resume_targets(ckpt_path: str | None, run_dir: Path | None) -> tuple[str, ...]:
+    """The checkpoints to resume, newest first (run.check resumes the first that reads; none: a fresh start).
+    A path: itself. `last`: this run directory's resume_candidates, of which there must be one; `auto`: those, or
+    none (what a requeued SLURM job wants). Both mean resuming in the first run's hydra.run.dir."""
     if ckpt_path not in ("last", "auto"):
-        return ckpt_path
+        return (ckpt_path,) if ckpt_path else ()
     if run_dir is None:
         raise ConfigError(f"ckpt_path={ckpt_path} needs a run directory")
+    candidates = tuple(map(str, resume_candidates(run_dir)))
+    if candidates:
+        return candidates
     last = RunPaths(run_dir).last_checkpoint
-    if not last.exists() and previous_of(last).exists():
-        # Killed between save_whole's two renames: the previous checkpoint is the last whole one.
-        last = previous_of(last)
-    if last.exists():
-        return str(last)
     if ckpt_path == "auto":
         # Said, since a run directory other than the first run's (the default one is timestamped) finds nothing.
         log.info("ckpt_path=auto: no checkpoint at %s, starting fresh (a resume runs in the first run's hydra.run.dir)",
                  last)
-        return None
+        return ()
     raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None:
+    """The checkpoint `ckpt_path` resumes first (resume_targets), or None."""
+    return next(iter(resume_targets(ckpt_path, run_dir)), None)
 
 
 def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
@@ -443,11 +464,12 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
     )
-    ckpt_path = None
+    targets = ()
     try:
-        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        targets = resume_targets(cfg.ckpt_path, run_dir)
     except ConfigError as err:
         problems.append(str(err))
+    ckpt_path, *fallbacks = targets or (None,)
     if ckpt_path and not Path(ckpt_path).exists():
         problems.append(f"ckpt_path={ckpt_path!r}: checkpoint does not exist")
     if problems:
@@ -476,6 +498,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         checkpoint=CheckpointPlan(**OmegaConf.to_container(cfg.checkpoint)),
         paths=RunPaths(run_dir) if run_dir else None,
         ckpt_path=ckpt_path,
+        ckpt_fallbacks=tuple(fallbacks),
         identity=run_identity(cfg, trainer["max_steps"], adapter),
         nonfinite=cfg.nonfinite,
         peak_tflops=cfg.metrics.peak_tflops,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -288,18 +289,27 @@ def _flat(tree: dict, prefix: str) -> dict:
     return out
 
 
-def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list[str]:
-    """Why `ckpt_path` cannot be resumed by a run of `identity` (the plan's: stage, model and its geometry, the
-    adapters and their base, the seed, max_steps: the learning-rate schedule spans max_steps, so another value would make it
-    jump, or with fewer steps than done end the run at once). Reads only the checkpoint's pickles (tensors stay on disk)."""
-    try:
-        meta = checkpoint_metadata(ckpt_path, trust=trust)
-    except CheckpointError as err:
-        return [f"ckpt_path={ckpt_path}: {err}"]
+def resume_problems(candidates: Sequence[str], identity: dict, trust: bool = False) -> tuple[str, list[str]]:
+    """The checkpoint to resume, the first of `candidates` (newest first) that reads, and why a run of `identity`
+    cannot resume it (the plan's: stage, model and its geometry, the adapters and their base, the seed, max_steps:
+    the learning-rate schedule spans max_steps, so another value would make it jump, or with fewer steps than done
+    end the run at once). One that does not read (truncated, damaged, refused) is skipped, saying why. Reads only
+    the checkpoints' pickles (tensors stay on disk)."""
+    unread = []
+    for ckpt_path in candidates:
+        try:
+            meta = checkpoint_metadata(ckpt_path, trust=trust)
+            break
+        except CheckpointError as err:
+            unread.append(str(err))
+    else:
+        return candidates[0], [f"ckpt_path={candidates[0]}: {'; '.join(unread)}"]
+    if unread:
+        log.warning("skipped %s; resuming from %s, the newest checkpoint that reads", "; ".join(unread), ckpt_path)
     stored = (meta.get("ov_train") or {}).get("run")
     if stored is None:
         log.warning("ckpt_path=%s records no run identity (an older checkpoint): resuming unchecked", ckpt_path)
-        return []
+        return ckpt_path, []
     problems = [
         f"{key}: the checkpoint's {stored.get(key)!r}, this run's {identity[key]!r}"
         for key in ("stage", "model") if stored.get(key) != identity[key]
@@ -325,6 +335,6 @@ def resume_problems(ckpt_path: str, identity: dict, trust: bool = False) -> list
             f" trainer.max_steps={stored.get('max_steps')}, or train on from it in a new run with model.init_from=CKPT"
         )
     if problems:
-        return [f"ckpt_path={ckpt_path} is not a checkpoint of this run:\n    " + "\n    ".join(problems)]
+        return ckpt_path, [f"ckpt_path={ckpt_path} is not a checkpoint of this run:\n    " + "\n    ".join(problems)]
     log.info("resuming from %s at step %s", ckpt_path, meta.get("global_step"))
-    return []
+    return ckpt_path, []

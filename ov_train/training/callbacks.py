@@ -27,6 +27,24 @@ from ov_train.utils.safe_load import load_file
 log = get_logger(__name__)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint the filesystem would not take (no space left, a file-size limit): its target is as before."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: the checkpoint was not written; {Path(self.filename).name} is as it was before"
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError (with an errno) behind `err`, itself or in its chain of causes; None if none."""
+    seen = set()
+    while isinstance(err, Exception) and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint file beside its target, syncs it, then renames it over the target.
 
@@ -59,9 +77,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
-        except BaseException:
+        except BaseException as err:
             partial.unlink(missing_ok=True)
-            raise
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            # torch.save reports a failed write (a full disk, a file-size limit) as an "enforce fail" of its zip
+            # writer, the OSError only in its context.
+            raise CheckpointWriteError(cause.errno, cause.strerror, str(path)) from None
         # The rename itself lives in the directory: sync it too, or a crash could still undo it.
         directory = os.open(path.parent, os.O_RDONLY)
         try:
@@ -207,6 +230,23 @@ class SaveOnSigterm(Callback):
             log.warning("%s: saved %s at step %d; exiting", name, self.path, trainer.global_step)
 
 
+class StopRanksOnError(Callback):
+    """An error on a rank ends the ranks this process started (`trainer.devices` > 1 with no scheduler starting
+    them): one stuck in a collective would otherwise wait for the failed rank until the process group's timeout
+    (NCCL does not notice a dead peer). Lightning does so itself on Ctrl-C only. Ranks a scheduler started (srun,
+    torchrun) are the scheduler's to stop: the launcher has none of them.
+
+    The error is logged first: once a rank it started has died, Lightning's watch over them kills this process
+    too, maybe before the error reaches the console."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        launcher = trainer.strategy.launcher
+        if trainer.world_size == 1 or launcher is None or not isinstance(exception, Exception):
+            return  # SIGTERMException (every rank saves and exits) and KeyboardInterrupt (Lightning's) stop by themselves
+        log.error("rank %d: %s: %s", trainer.global_rank, type(exception).__name__, exception)
+        launcher.kill(signal.SIGKILL)
+
+
 def build_callbacks(plan: RunPlan) -> list:
     ckpt, paths = plan.checkpoint, plan.paths
     checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
@@ -214,6 +254,7 @@ def build_callbacks(plan: RunPlan) -> list:
         checkpoints,
         AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(paths.last_checkpoint),
+        StopRanksOnError(),
         TrainingMetrics(plan.peak_tflops),
         ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
                               plan.predictions.max_new_tokens),

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import os
-import signal
 from functools import partial
 
 import lightning as L
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ov_train.config.run_plan import DataPlan
@@ -15,21 +13,10 @@ from ov_train.data.parquet_source import with_indexes
 from ov_train.data.recipe import Recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import MixedStream, ValStream
+from ov_train.training.loader_workers import init_worker, main_exiting
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def init_worker(worker_id: int, rank: int, seed: bool) -> None:
-    """Loader workers ignore SIGTERM and SIGINT: a scheduler signals the whole process group (as Ctrl-C does the
-    terminal's), and a worker that died of it would crash the main process ("DataLoader worker killed by signal")
-    before it saves at the step boundary.
-    The main process shuts its workers down as it exits. `seed`: Lightning's own worker seeding, which a loader
-    with a worker_init_fn does not get otherwise."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if seed:
-        pl_worker_init_function(worker_id, rank)
 
 
 class OneVisionData(L.LightningDataModule):
@@ -77,7 +64,8 @@ class OneVisionData(L.LightningDataModule):
         workers = self.plan.num_workers
         # seed_everything(workers=True) sets PL_SEED_WORKERS, for which Lightning adds its worker_init_fn.
         seed = bool(int(os.environ.get("PL_SEED_WORKERS", 0)))
-        init = partial(init_worker, rank=self.trainer.global_rank if self.trainer is not None else 0, seed=seed)
+        init = partial(init_worker, rank=self.trainer.global_rank if self.trainer is not None else 0, seed=seed,
+                       exiting=main_exiting())
         return DataLoader(
             dataset, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
             worker_init_fn=init if workers else None,

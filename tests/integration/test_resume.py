@@ -111,3 +111,20 @@ def test_a_requeue_of_a_finished_run_keeps_its_summary(tmp_path, small_data_root
     assert first["val_accuracy"] is not None and first["steps"] == 1
     again = train(compose_config(overrides, run_dir=tmp_path))
     assert again == first == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_auto_falls_back_past_a_truncated_last_ckpt_to_the_newest_kept_one(tmp_path, small_data_root, caplog):
+    overrides = [f"data.root={small_data_root}", *SMALL_DATA, "export=false", "trainer.max_steps=4",
+                 "trainer.limit_val_batches=0", "checkpoint.every_n_steps=1", "checkpoint.keep=1", "ckpt_path=auto"]
+    train(compose_config([*overrides, "+trainer.limit_train_batches=2", "+trainer.max_epochs=1"], run_dir=tmp_path))
+    checkpoints = tmp_path / "checkpoints"
+    last, kept = checkpoints / "last.ckpt", checkpoints / "step=2.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=2.ckpt"]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short (a full disk, an interrupted copy)
+
+    with caplog.at_level("INFO"):
+        summary = train(compose_config(overrides, run_dir=tmp_path))
+    assert (f"skipped {last}: not a torch checkpoint (no zip archive: a different kind of file, or truncated);"
+            f" resuming from {kept}, the newest checkpoint that reads") in caplog.text
+    assert f"resuming from {kept} at step 2" in caplog.text
+    assert summary["steps"] == 4 and checkpoint(tmp_path)["global_step"] == 4  # last.ckpt whole again

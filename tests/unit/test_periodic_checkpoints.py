@@ -1,6 +1,11 @@
 """Checkpoints while training runs: `last.ckpt` every checkpoint.every_n_steps and/or every_minutes, rewritten in
-place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front."""
+place on resume, plus the `keep` most recent as step=<N>.ckpt; the checkpoint keys are checked up front; a resume
+falls back past a checkpoint that does not read; a save the disk will not take is named, the previous one kept."""
+import errno
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -10,13 +15,17 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan
+from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan, resume_candidates
+from ov_train.model.checkpoint_io import resume_problems
+from ov_train.training import callbacks
 from ov_train.training.callbacks import (
+    AtomicCheckpointIO,
     AtomicCheckpoints,
+    CheckpointWriteError,
     PeriodicCheckpoint,
     build_callbacks,
 )
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 
 
 class Saves(Callback):
@@ -133,3 +142,91 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
     assert steps_in(Path(resumed)) == {"3"}
     save_whole(trainer, last, shards(5))
     assert steps_in(last) == {"5"} and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+IDENTITY = {"stage": "onevision", "model": "tiny", "geometry": {}, "max_steps": 8, "seed": 0}
+
+
+def test_auto_resumes_the_newest_checkpoint_that_reads(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for step in (2, 10, 4):
+        torch.save({"state_dict": {}, "global_step": step, "ov_train": {"run": IDENTITY}}, checkpoints / f"step={step}.ckpt")
+    (checkpoints / "step=old.ckpt").write_bytes(b"not ours")
+    last = checkpoints / "last.ckpt"
+    last.write_bytes((checkpoints / "step=10.ckpt").read_bytes()[:300])  # cut short: a full disk, a copy interrupted
+    assert resume_candidates(tmp_path) == [last, *(checkpoints / f"step={n}.ckpt" for n in (10, 4, 2))]
+    plan = resolve_plan(compose_config(["ckpt_path=auto"], run_dir=tmp_path))
+    assert (plan.ckpt_path, plan.ckpt_fallbacks) == (str(last), tuple(str(checkpoints / f"step={n}.ckpt") for n in (10, 4, 2)))
+
+    (checkpoints / "step=10.ckpt").write_bytes(b"PK\x03\x04 damaged")
+    with caplog.at_level("INFO"):
+        chosen, problems = resume_problems((plan.ckpt_path, *plan.ckpt_fallbacks), IDENTITY)
+    assert (chosen, problems) == (str(checkpoints / "step=4.ckpt"), [])
+    assert (f"skipped {last}: not a torch checkpoint (no zip archive: a different kind of file, or truncated);"
+            f" {checkpoints / 'step=10.ckpt'}: not a torch checkpoint") in caplog.text
+    assert f"resuming from {checkpoints / 'step=4.ckpt'}, the newest checkpoint that reads" in caplog.text
+    # None that reads: each one named, and nothing resumed.
+    chosen, problems = resume_problems((str(last), str(checkpoints / "step=10.ckpt")), IDENTITY)
+    assert problems == [f"ckpt_path={last}: {last}: not a torch checkpoint (no zip archive: a different kind of file,"
+                        f" or truncated); {checkpoints / 'step=10.ckpt'}: not a torch checkpoint (no zip archive: a"
+                        " different kind of file, or truncated)"]
+
+
+@pytest.mark.slow  # a process of its own: ~5 s
+def test_a_file_size_limit_hit_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_path):
+    # A file-size limit (ulimit -f) in a process of its own; SIGXFSZ ignored, the write fails with EFBIG.
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from ov_train.training.callbacks import AtomicCheckpointIO, CheckpointWriteError
+        io = AtomicCheckpointIO()
+        io.save_checkpoint({{"global_step": 1, "w": torch.zeros(10)}}, "{tmp_path}/last.ckpt")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+        try:
+            io.save_checkpoint({{"global_step": 2, "w": torch.zeros(1_000_000)}}, "{tmp_path}/last.ckpt")
+        except CheckpointWriteError as err:
+            print(err)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    last = tmp_path / "last.ckpt"
+    assert result.stdout.strip() == (f"[Errno {errno.EFBIG}] File too large: '{last}': the checkpoint was not written;"
+                                     " last.ckpt is as it was before"), result.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class FillsUp:
+    """A file opened for writing on a disk that is full after `room` bytes."""
+
+    def __init__(self, path, mode: str, room: int = 2_000):
+        self.f, self.room = open(path, mode), room  # noqa: SIM115 - closed by __exit__, as open()'s file is
+
+    def write(self, data) -> int:
+        if self.room < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
+    io, last = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, last)
+    monkeypatch.setattr(callbacks, "open", FillsUp, raising=False)
+    with pytest.raises(CheckpointWriteError) as err:
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(10_000)}, last)
+    assert str(err.value) == (f"[Errno {errno.ENOSPC}] No space left on device: '{last}': the checkpoint was not"
+                              " written; last.ckpt is as it was before")
+    monkeypatch.undo()
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
