@@ -45,6 +45,12 @@ def test_two_nodes_of_eight_gpus_follow_the_trainer_and_instantiate_without_subm
     assert launcher.params["gpus_per_node"] == launcher.params["tasks_per_node"] == cfg.trainer.devices == 8
     assert (launcher.params["partition"], launcher.params["account"]) == ("gpu", "proj")
     assert launcher.params["timeout_min"] == 600
+    # A task that fails ends the others (srun reads SLURM_KILL_BAD_EXIT as --kill-on-bad-exit): in the job script.
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    script = _make_sbatch_string(command="python -m x", folder="/tmp/f", **{
+        k: v for k, v in launcher.params.items() if k in ("nodes", "setup", "additional_parameters", "partition")})
+    assert script.index("export SLURM_KILL_BAD_EXIT=1") < script.index("srun")
 
 
 @pytest.mark.slow
