@@ -1,9 +1,10 @@
 """The training forward pass: visual features scattered into the token embeddings, then per-token loss.
 
 It runs the stock modules of LlavaOnevisionForConditionalGeneration (tower, projector, anyres packing,
-video pooling, Qwen2) in one tower call per batch, then packs each image's features on its own, so a
-batch can mix anyres single images, single-crop images and videos of different lengths. tests/unit/test_forward.py proves it equal to
-the stock forward wherever the stock forward accepts the same batch.
+Qwen2; the video pooling is vision/pooling.py's, the stock one at stride 2) in one tower call per batch,
+then packs each image's features on its own, so a batch can mix anyres single images, single-crop images
+and videos of different lengths. tests/unit/test_forward.py proves it equal to the stock forward wherever
+the stock forward accepts the same batch.
 
 `sample_losses` is the training entry point: per-sample loss sums, optionally on a packed batch
 (ov_train.model.packing) and with a linear cross-entropy that never holds full logits
@@ -29,6 +30,7 @@ from ov_train.model.packing import (
     pack_into_rows,
     set_attention,
 )
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL, arrange_video, pool_frames
 
 
 def tower_hidden(model, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -72,17 +74,15 @@ def image_features(model, feats, crops_per_image, image_sizes, anyres, ends_row=
     return out
 
 
-def video_features(model, feats, frames_per_video, ends_row=None) -> list[torch.Tensor]:
-    """One [frames * pooled (+ 1), d] tensor per video from its frames' projected features: 2x2-pooled, one
-    newline unless its `ends_row` flag says not."""
-    pooled = layout.core(model).apply_pooling(feats)
+def video_features(model, feats, frames_per_video, ends_row=None, pool: int = DEFAULT_POOL,
+                   newline_layout: str = DEFAULT_NEWLINE) -> list[torch.Tensor]:
+    """One [tokens, d] tensor per video from its frames' projected features: pooled by `pool`, newlines placed as
+    `newline_layout` (vision/pooling.py, which vision/tokens.py counts by), none where its `ends_row` flag says not."""
+    pooled = pool_frames(feats, model.config.vision_config.image_size // model.config.vision_config.patch_size, pool)
     newline = layout.image_newline(model)
     ends_row = [True] * len(frames_per_video) if ends_row is None else ends_row
-    return [
-        torch.cat([v.flatten(0, 1), newline[None].to(v)], dim=0) if ends
-        else v.flatten(0, 1) + 0 * newline.sum().to(v)  # newline kept in the graph (DDP)
-        for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)
-    ]
+    return [arrange_video(v, newline, newline_layout if ends else "no_token")
+            for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)]
 
 
 def _scatter(embeds, batch: dict, packed: PackedBatch | None, token_id: int, feats: list[torch.Tensor], what: str):
