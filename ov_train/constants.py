@@ -33,6 +33,9 @@ LOSSES = ("full", "chunked")
 # The attention implementation ov_train registers with transformers (torch varlen over packed rows).
 VARLEN = "ov_varlen"
 ATTENTION = ("auto", "sdpa", "eager", "flex_attention", VARLEN)
+# The attention ov_train registers under sequence parallelism (parallel/sequence.py): Ulysses all-to-all around the
+# packed rows' per-sample attention.
+ULYSSES = "ov_ulysses"
 
 # Modules whose layers activation checkpointing may wrap (model/layout.py names their layer lists).
 CHECKPOINTABLE = ("vision", "llm")
