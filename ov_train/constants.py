@@ -33,6 +33,9 @@ LOSSES = ("full", "chunked")
 # The attention implementation ov_train registers with transformers (torch varlen over packed rows).
 VARLEN = "ov_varlen"
 ATTENTION = ("auto", "sdpa", "eager", "flex_attention", VARLEN)
+# The attention ov_train registers under sequence parallelism (parallel/sequence.py): Ulysses all-to-all around the
+# packed rows' per-sample attention.
+ULYSSES = "ov_ulysses"
 
 # Modules whose layers activation checkpointing may wrap (model/layout.py names their layer lists).
 CHECKPOINTABLE = ("vision", "llm")
@@ -47,6 +50,10 @@ LOSS_WEIGHTINGS = ("token", "sample")
 
 # Single-crop image strategies besides anyres_max_N: a padded square crop + newline, or a squashed crop, no newline.
 SINGLE_CROP = ("pad", "square")
+
+# Where a video's newline embeddings go (vision/pooling.py; the public code's mm_newline_position): one after the
+# video, one after every pooled row of every frame, one after every frame, none.
+VIDEO_NEWLINES = ("one_token", "grid", "frame", "no_token")
 
 # Video frame sampling (stage.frame_sampling): one frame every round(fps / video_fps), or always max_frames, evenly.
 FRAME_SAMPLINGS = ("fps", "uniform")

@@ -1,9 +1,10 @@
 """The training forward pass: visual features scattered into the token embeddings, then per-token loss.
 
 It runs the stock modules of LlavaOnevisionForConditionalGeneration (tower, projector, anyres packing,
-video pooling, Qwen2) in one tower call per batch, then packs each image's features on its own, so a
-batch can mix anyres single images, single-crop images and videos of different lengths. tests/unit/test_forward.py proves it equal to
-the stock forward wherever the stock forward accepts the same batch.
+Qwen2; the video pooling is vision/pooling.py's, the stock one at stride 2) in one tower call per batch,
+then packs each image's features on its own, so a batch can mix anyres single images, single-crop images
+and videos of different lengths. tests/unit/test_forward.py proves it equal to the stock forward wherever
+the stock forward accepts the same batch.
 
 `sample_losses` is the training entry point: per-sample loss sums, optionally on a packed batch
 (ov_train.model.packing) and with a linear cross-entropy that never holds full logits
@@ -29,6 +30,7 @@ from ov_train.model.packing import (
     pack_into_rows,
     set_attention,
 )
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL, arrange_video, pool_frames
 
 
 def tower_hidden(model, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -72,17 +74,15 @@ def image_features(model, feats, crops_per_image, image_sizes, anyres, ends_row=
     return out
 
 
-def video_features(model, feats, frames_per_video, ends_row=None) -> list[torch.Tensor]:
-    """One [frames * pooled (+ 1), d] tensor per video from its frames' projected features: 2x2-pooled, one
-    newline unless its `ends_row` flag says not."""
-    pooled = layout.core(model).apply_pooling(feats)
+def video_features(model, feats, frames_per_video, ends_row=None, pool: int = DEFAULT_POOL,
+                   newline_layout: str = DEFAULT_NEWLINE) -> list[torch.Tensor]:
+    """One [tokens, d] tensor per video from its frames' projected features: pooled by `pool`, newlines placed as
+    `newline_layout` (vision/pooling.py, which vision/tokens.py counts by), none where its `ends_row` flag says not."""
+    pooled = pool_frames(feats, model.config.vision_config.image_size // model.config.vision_config.patch_size, pool)
     newline = layout.image_newline(model)
     ends_row = [True] * len(frames_per_video) if ends_row is None else ends_row
-    return [
-        torch.cat([v.flatten(0, 1), newline[None].to(v)], dim=0) if ends
-        else v.flatten(0, 1) + 0 * newline.sum().to(v)  # newline kept in the graph (DDP)
-        for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)
-    ]
+    return [arrange_video(v, newline, newline_layout if ends else "no_token")
+            for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)]
 
 
 def _scatter(embeds, batch: dict, packed: PackedBatch | None, token_id: int, feats: list[torch.Tensor], what: str):
@@ -102,12 +102,13 @@ def _scatter(embeds, batch: dict, packed: PackedBatch | None, token_id: int, fea
     return embeds.masked_scatter(mask[..., None], values)
 
 
-def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch.Tensor:
+def embed_inputs(model, batch: dict, packed: PackedBatch | None = None, encode=_tower_features) -> torch.Tensor:
     """Token embeddings with the visual features in place, in the padded or (given `packed`) packed layout.
 
     The tower and projector run exactly once per call, over every crop and frame of the batch (one dummy
     crop when it has none): ZeRO-3 and FSDP gather their weights per call and need every rank to make
-    the same calls, and data-parallel gradients then always cover the same parameters.
+    the same calls, and data-parallel gradients then always cover the same parameters. `encode(model, pixels)`:
+    the tower and projector (frame-parallel under sequence parallelism, parallel/frames.py).
     """
     embeds = model.get_input_embeddings()(batch["input_ids"] if packed is None else packed.input_ids)
     images, frames = batch.get("pixel_values"), batch.get("video_frames")
@@ -117,7 +118,7 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None) -> torch
         dummy = _tower_features(model, torch.zeros(1, 3, side, side, device=embeds.device))
         # Zero contribution, but the tower, projector and newline stay in the graph.
         return embeds + 0 * (dummy.sum() + layout.image_newline(model).sum()).to(embeds.dtype)
-    feats = _tower_features(model, torch.cat(media))
+    feats = encode(model, torch.cat(media))
     if images is not None:
         image_feats, feats = feats[: images.shape[0]], feats[images.shape[0] :]
         per_image = image_features(model, image_feats, batch["crops_per_image"], batch["image_sizes"],
@@ -161,12 +162,14 @@ def prepare_model(model, options: ForwardOptions) -> None:
                 layer.compile(dynamic=True)  # packed rows change length every step
 
 
-def _supervised_hidden(model, batch: dict, options: ForwardOptions):
+def _supervised_hidden(model, batch: dict, options: ForwardOptions, parallel=None):
     """Final hidden states [N, d] of the supervised positions, their targets [N] and where each sits in the
-    padded batch [N] (flat index b * L + t), in that order: grouped by sample in batch order."""
-    if options.packing:
-        packed = pack_into_rows(batch, options.max_tokens)
-        hidden = language_model_hidden(model, embed_inputs(model, batch, packed), packed)
+    padded batch [N] (flat index b * L + t), in that order: grouped by sample in batch order. Under sequence
+    parallelism (`parallel`, parallel/sequence.py) only those of this rank's shard of the row."""
+    if options.packing or parallel is not None:
+        packed = pack_into_rows(batch, options.max_tokens) if parallel is None else parallel.pack(batch)
+        encode = _tower_features if parallel is None else parallel.encoder(_tower_features)
+        hidden = language_model_hidden(model, embed_inputs(model, batch, packed, encode), packed)
         targets, source = packed.targets, packed.source
     else:
         hidden = padded_hidden(model, batch)
@@ -189,25 +192,31 @@ def _through_head(model, fn, *args):
         del head.forward  # back to the class's forward
 
 
-def sample_losses(model, batch: dict, options: ForwardOptions, predict: bool = False):
+def sample_losses(model, batch: dict, options: ForwardOptions, predict: bool = False, parallel=None):
     """Per sample: loss sum [B], supervised tokens [B] and, with `predict`, the greedy prediction of each
-    next token [B, L-1] (IGNORE_INDEX where unsupervised, so it compares equal to labels[:, 1:]), else None."""
+    next token [B, L-1] (IGNORE_INDEX where unsupervised, so it compares equal to labels[:, 1:]), else None.
+    `parallel`: this rank's sequence-parallel group (parallel/sequence.py); what is returned is then the whole
+    group's, as one process would compute it on the batch."""
     size, length = batch["input_ids"].shape
-    if not options.packing and options.loss == "full":
+    if parallel is None and not options.packing and options.loss == "full":
         logits = forward_logits(model, batch)
         losses, mask = token_losses(logits, batch["labels"])
         preds = logits[:, :-1].argmax(-1).masked_fill(~mask, IGNORE_INDEX) if predict else None
         return losses.sum(1), mask.sum(1), preds
-    hidden, targets, source = _supervised_hidden(model, batch, options)
+    hidden, targets, source = _supervised_hidden(model, batch, options, parallel)
     sample = source // length
     counts = torch.bincount(sample, minlength=size)
     if options.loss == "chunked" and not predict and fused_available(hidden.device):
         sums = _through_head(model, lambda w, h, t: fused_cross_entropy_sums(h, w, t, counts.tolist()), hidden, targets)
-        return sums, counts, None
-    chunk = options.loss_chunk if options.loss == "chunked" else None
-    losses, preds = _through_head(model, lambda w, h, t: chunked_cross_entropy(h, w, t, chunk, predict), hidden, targets)
-    sums = losses.new_zeros(size).index_add(0, sample, losses)
+        preds = None
+    else:
+        chunk = options.loss_chunk if options.loss == "chunked" else None
+        losses, preds = _through_head(model, lambda w, h, t: chunked_cross_entropy(h, w, t, chunk, predict), hidden, targets)
+        sums = losses.new_zeros(size).index_add(0, sample, losses)
     if predict:
         # Position t of sample b predicts label t + 1: grid cell (b, t) of the padded layout, last column dropped.
         preds = targets.new_full((size * length,), IGNORE_INDEX).index_copy(0, source, preds).view(size, length)[:, :-1]
+    if parallel is not None:
+        sums, counts = parallel.reduce(sums, counts)
+        preds = None if preds is None else parallel.reduce_predictions(preds)
     return sums, counts, preds

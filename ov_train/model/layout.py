@@ -65,7 +65,7 @@ def is_peft_copy(name: str) -> bool:
 
 def core(model) -> nn.Module:
     """The LlavaOnevisionModel inside: it holds the tower, the projector, image_newline and the LLM, and the
-    stock anyres packing (`pack_image_features`) and video pooling (`apply_pooling`)."""
+    stock anyres packing (`pack_image_features`)."""
     return model.model
 
 

@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ov_train.constants import IGNORE_INDEX, VARLEN
+from ov_train.constants import IGNORE_INDEX, ULYSSES, VARLEN
 from ov_train.model import layout
 
 try:
@@ -112,8 +112,9 @@ def language_model_hidden(model, embeds: torch.Tensor, packed: PackedBatch) -> t
     """Final hidden states [R, L, d] of the packed rows, each sample isolated."""
     lm = layout.language_model(model)
     kwargs = {"inputs_embeds": embeds, "position_ids": packed.position_ids, "use_cache": False}
-    if lm.config._attn_implementation == VARLEN:
-        # A ready mask per layer type makes transformers skip building one; varlen needs none.
+    if lm.config._attn_implementation in (VARLEN, ULYSSES):
+        # A ready mask per layer type makes transformers skip building one; varlen and the Ulysses row attention
+        # (isolating samples by cu_seqlens) need none.
         kwargs["attention_mask"] = dict.fromkeys(set(lm.config.layer_types))
         kwargs.update(
             cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,

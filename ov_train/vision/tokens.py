@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL, video_token_count
 
 
 def best_resolution(height: int, width: int, geom: VisionGeometry) -> tuple[int, int]:
@@ -56,10 +57,11 @@ def single_crop_tokens(geom: VisionGeometry, newline: bool = True) -> int:
     return geom.side * geom.side + int(newline)
 
 
-def video_tokens(num_frames: int, geom: VisionGeometry, newline: bool = True) -> int:
-    """Each frame is 2x2-pooled (ceil on odd sides); one newline closes the whole video (none under `square`)."""
-    pooled_side = math.ceil(geom.side / 2)
-    return num_frames * pooled_side**2 + int(newline)
+def video_tokens(num_frames: int, geom: VisionGeometry, newline: bool = True, pool: int = DEFAULT_POOL,
+                 layout: str = DEFAULT_NEWLINE) -> int:
+    """Each frame pooled by `pool` (2: 2x2, ceil on odd sides), newlines placed as `layout` (vision/pooling.py;
+    default one after the whole video); none at all when `newline` is off (image_strategy=square)."""
+    return video_token_count(num_frames, geom.side, pool, layout if newline else "no_token")
 
 
 def video_frame_indices(total_frames: int, fps: float, max_frames: int, video_fps: float = 1.0,

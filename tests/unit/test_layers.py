@@ -14,12 +14,13 @@ FLOORS = [
     ("ground", ["ov_train.constants", "ov_train.devices", "ov_train.resources", "ov_train.utils"]),
     ("plan", ["ov_train.config"]),
     ("vision and text", ["ov_train.vision", "ov_train.text"]),
-    ("model and data", ["ov_train.model", "ov_train.data"]),
+    ("model and data", ["ov_train.model", "ov_train.data", "ov_train.parallel"]),
     ("training and evaluation", ["ov_train.training", "ov_train.strategies", "ov_train.eval"]),
     ("run and tools", ["ov_train.run", "ov_train.cli", "ov_train.tools", "ov_train.bench", "ov_train.planner"]),
 ]
-# Packages of one floor that must not know each other: nothing in model/ knows about shards, nor data/ about models.
-STRANGERS = [("ov_train.model", "ov_train.data")]
+# Packages of one floor that must not know each other: nothing in model/ (or parallel/) knows about shards, nor data/
+# about models.
+STRANGERS = [("ov_train.model", "ov_train.data"), ("ov_train.parallel", "ov_train.data")]
 
 
 def _modules() -> dict[str, Path]:
