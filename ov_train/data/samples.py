@@ -76,11 +76,7 @@ class SampleProcessor:
                 raise SampleError("corrupt_video", str(err)) from err
             frames = preprocess_frames(array, self.geometry)
             visual.append(video_tokens(frames.shape[0], self.geometry, newline=self.media.image.newline))
-        try:
-            enc = encode_conversation(self.tokenizer, meta["conversations"], self.template, visual, self.placement)
-        except (KeyError, ValueError) as err:
-            raise SampleError("bad_conversation", f"sample {key}: {err}") from err
-        ids, labels = self._truncate(key, enc.input_ids, enc.labels)
+        ids, labels = self.encode(key, meta.get("conversations"), visual)
         options = meta.get("options") or []
         return {
             "key": key,
@@ -89,9 +85,18 @@ class SampleProcessor:
             "labels": torch.tensor(labels, dtype=torch.long),
             "images": images,
             "frames": frames,
+            "visual_tokens": visual,  # per image, then the video: what another conversation on these media needs
             "video_newline": self.media.image.newline,
             "chance": 1.0 / len(options) if options else 0.0,
         }
+
+    def encode(self, key: str, conversations, visual: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation whose media take `visual` tokens each, cut to max_length."""
+        try:
+            enc = encode_conversation(self.tokenizer, conversations, self.template, visual, self.placement)
+        except (KeyError, ValueError) as err:
+            raise SampleError("bad_conversation", f"sample {key}: {err}") from err
+        return self._truncate(key, enc.input_ids, enc.labels)
 
     def _truncate(self, key, ids, labels):
         if len(ids) <= self.max_length:
