@@ -13,13 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ov_train.data.pair_records import REJECTED
 from ov_train.data.samples import SampleError, SampleProcessor, collate
-
-REJECTED = "rejected"  # the shard json's key of the rejected reply
-
-
-def is_pair(meta: dict) -> bool:
-    return isinstance(meta, dict) and REJECTED in meta
 
 
 @dataclass(frozen=True)
