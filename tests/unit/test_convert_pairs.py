@@ -13,8 +13,10 @@ import pytest
 
 from ov_train.data.cli import main
 from ov_train.data.convert import convert
+from ov_train.data.formats import parquet_items
 from ov_train.data.pairs import PairProcessor
-from ov_train.data.samples import SampleProcessor
+from ov_train.data.parquet_source import build_index, row_sample
+from ov_train.data.samples import SampleError, SampleProcessor
 from ov_train.data.stream import read_tar
 from ov_train.text.tokenizer import build_tiny_tokenizer
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
@@ -206,3 +208,25 @@ def test_a_preference_parquet_needs_both_reply_columns(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist([{"prompt": "Q?", "chosen": "A."}]), path)
     assert main(["convert", str(path), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
     assert "lacks column(s) ['rejected']" in capsys.readouterr().err
+
+
+def test_training_reads_a_preference_parquet_directly(tmp_path, tokenizer):
+    """A recipe's parquet source (no conversion): `ov-data index` accounts for the pairs, and each row becomes the
+    pair sample convert would write, or a skip by convert's reason."""
+    path = _write_hf_parquet(tmp_path / "prefs.parquet")
+    index = build_index([str(path)], tokenizer)
+    assert index["totals"]["pairs"] == index["totals"]["samples"] == 3
+    assert sorted(index["files"][str(path)]["rejected"].values()) == [
+        "corrupt_image", "identical_replies", "missing_reply", "placeholder_mismatch"]
+    process = PairProcessor(SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5",
+                                            "anyres_max_9", max_frames=8, max_length=8192))
+    read, skipped = {}, {}
+    for row, item in parquet_items(pq.ParquetFile(path), path.name):
+        try:
+            example = process(row_sample(item, str(path), row))
+            read[item.record["id"]] = len(example["rejected_input_ids"])
+        except SampleError as err:
+            skipped[item.record["id"]] = err.reason
+    assert set(read) == {"h_img", "h_two", "h_implicit"} and all(n > 0 for n in read.values())
+    assert skipped == {"h_same": "identical_replies", "h_no_rejected": "missing_reply", "h_count": "placeholder_mismatch",
+                       "h_corrupt": "corrupt_image"}
