@@ -11,6 +11,8 @@ the stock forward wherever the stock forward accepts the same batch.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -93,7 +95,7 @@ def _for_sequences(feats: list[torch.Tensor], batch: dict, per_owner: str) -> li
     if owners is None:
         return feats
     counts = batch[per_owner]  # media per owning sample
-    starts = [sum(counts[:i]) for i in range(len(counts))]
+    starts = [0, *itertools.accumulate(counts)]
     return [feats[starts[o] + k] for o in owners for k in range(counts[o])]
 
 
