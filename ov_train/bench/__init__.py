@@ -6,6 +6,7 @@
     python -m ov_train.bench --loader        # the data loader alone: what it delivers per second
     python -m ov_train.bench --both          # model bench and loader; ratio loader / ov_train tokens/s
     python -m ov_train.bench --goals DIR     # the goals against the --json results in DIR
+    python -m ov_train.bench --pairs         # DPO steps: each pair's media encoded once against twice (bench/pairs.py)
 
 Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0% multi-image,
 25.9% video) for the same steps of `--samples` samples each:
@@ -42,6 +43,7 @@ import torch
 from ov_train.bench.goals import report
 from ov_train.bench.loader import loader_bench
 from ov_train.bench.model import model_bench
+from ov_train.bench.pairs import pair_bench
 from ov_train.config.compose import compose
 from ov_train.config.run_plan import model_plan
 from ov_train.constants import CHECKPOINTABLE
@@ -73,6 +75,8 @@ def _parse(argv):
     p.add_argument("--loader-workers", type=int, default=None, help="loader worker processes (default 8; 0 with --tiny)")
     p.add_argument("--loader-samples", type=int, default=None, help="samples written to shards (default 16 per worker, at least 32)")
     p.add_argument("--loader-batches", type=int, default=None, help="timed loader batches (default 32; 2 with --tiny)")
+    p.add_argument("--pairs", action="store_true",
+                   help="DPO steps on preference pairs: the media encoded once per pair against twice (bench/pairs.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--goals", type=Path, default=None, metavar="DIR",
@@ -103,7 +107,7 @@ def main(argv=None) -> list:
     if args.loader:
         results += loader_bench(args, tokenizer, VisionGeometry.from_model_config(model.config))
     if with_model:
-        results += model_bench(args, cfg, model, tokenizer)
+        results += (pair_bench if args.pairs else model_bench)(args, cfg, model, tokenizer)
     if args.both:
         loader, ours = results[0], [r for r in results if r["name"] == "ov_train"][-1]
         print(f"loader / ov_train tokens/s {loader['tokens_per_s'] / ours['tokens_per_s']:.2f}x (goal: at least 1.5x)")

@@ -97,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ov-data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    summary = "LLaVA data (JSON, JSONL, data YAML, parquet) -> WebDataset shards, index.json, rejects.jsonl"
+    summary = ("LLaVA data (JSON, JSONL, data YAML, parquet; conversations or preference pairs) -> WebDataset shards, "
+               "index.json, rejects.jsonl")
     cmd = commands.add_parser("convert", help=summary, description=summary)
-    cmd.add_argument("input", help="LLaVA .json / .jsonl, LLaVA-NeXT data .yaml, or .parquet with image bytes")
+    cmd.add_argument("input", help="LLaVA .json / .jsonl, LLaVA-NeXT data .yaml, or .parquet with image bytes; records "
+                                   "with chosen/rejected replies (LLaVA-NeXT's DPO JSON, Hugging Face's preference "
+                                   "layout) become preference pairs")
     cmd.add_argument("--out", required=True, help="output folder for shards, index.json and rejects.jsonl; or a "
                                                   "remote location (s3://...) they are uploaded to whole when done")
     cmd.add_argument("--media-root", help="folder the image/video paths are relative to (default: INPUT's folder); "

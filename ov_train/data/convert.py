@@ -1,4 +1,5 @@
-"""`ov-data convert`: LLaVA data (JSON, JSONL, data YAML, parquet) -> WebDataset shards, index.json, rejects.jsonl.
+"""`ov-data convert`: LLaVA data (JSON, JSONL, data YAML, parquet; conversations or preference pairs) -> WebDataset
+shards, index.json, rejects.jsonl.
 
 Shards are planned from the input order: chunk k holds input items [k*S, (k+1)*S) (S =
 --samples-per-shard) and becomes `train-{k:06d}-000000.tar` (more pieces only when
@@ -36,8 +37,9 @@ from ov_train.config.compose import compose
 from ov_train.config.options import IOSettings
 from ov_train.constants import IMAGE_TOKEN, MEDIA_TOKENS, VIDEO_TOKEN
 from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path
-from ov_train.data.formats import InputError, Item, detect_format, open_input
+from ov_train.data.formats import InputError, Item, Reject, detect_format, is_preference, open_input
 from ov_train.data.inspect import summarise
+from ov_train.data.pair_records import REJECTED, preference_texts, preference_turns
 from ov_train.data.remote import is_remote, redact, remote_size, upload
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
@@ -56,14 +58,6 @@ TOKEN_MODEL, TOKEN_STAGE = "ov_qwen2_0_5b", "onevision"
 _IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _MEDIA = re.compile("|".join(re.escape(t) for t in MEDIA_TOKENS))
 _HUMAN, _GPT = {"human", "user"}, {"gpt", "assistant"}
-
-
-class Reject(Exception):
-    """A record that is skipped; `reason` is the counter it goes under in rejects.jsonl."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -133,11 +127,15 @@ def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry) 
     record = item.record
     if not isinstance(record, dict):
         raise Reject("malformed_line", f"expected a JSON object, got {type(record).__name__}")
-    conversations = _conversation(record.get("conversations"))
+    preference = is_preference(record)
+    conversations = None if preference else _conversation(record.get("conversations"))
     image_refs, video_ref = _media_refs(record)
     if image_refs and video_ref:
         raise Reject("mixed_media", "a record with both images and a video is not supported")
     n_images = len(item.image_bytes) if item.image_bytes is not None else len(image_refs)
+    if preference:  # the prompt and the chosen reply, checked as a conversation; the rejected reply beside
+        turns, rejected = preference_turns(record, n_images, video_ref is not None)
+        conversations = _conversation(turns)
     conversations = _check_placeholders(conversations, n_images, video_ref is not None)
 
     sample = {"__key__": key}
@@ -154,6 +152,9 @@ def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry) 
         entry.update(modality="text", visual_tokens=0)
 
     meta = {"id": entry["id"], "modality": entry["modality"], "conversations": conversations, "source": item.source}
+    if preference:
+        meta[REJECTED] = rejected
+        entry["pair"] = True
     if video_ref:
         meta["video_container"] = entry["video"]["container"]
     meta.update({k: record[k] for k in ("task", "options", "answer") if k in record})
@@ -319,15 +320,23 @@ def held_out_positions(holdout: int | float | None, total: int, seed: int) -> fr
     return frozenset(random.Random(f"holdout/{seed}").sample(range(total), count))
 
 
+def _record_texts(record) -> list[str]:
+    """A record's turn texts (a preference record's: its prompt's turns and both replies)."""
+    if is_preference(record):
+        return preference_texts(record)
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        return []
+    return [t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+
+
 def text_token_counts(tokenizer, items: list[Item]) -> list[int]:
     """Tokens of each record's turn texts with the media placeholders removed (0 for malformed records)."""
     owners, texts = [], []
     for i, item in enumerate(items):
-        turns = item.record.get("conversations") if isinstance(item.record, dict) else None
-        for turn in turns if isinstance(turns, list) else []:
-            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                owners.append(i)
-                texts.append(_MEDIA.sub("", turn["value"]))
+        for text in _record_texts(item.record):
+            owners.append(i)
+            texts.append(_MEDIA.sub("", text))
     counts = [0] * len(items)
     if texts:
         # split_special_tokens: like the training template, data text never becomes special tokens.

@@ -1,4 +1,5 @@
-"""Readers of the input formats people hold LLaVA data in: LLaVA JSON / JSONL, LLaVA-NeXT data YAML, parquet.
+"""Readers of the input formats people hold LLaVA data in: LLaVA JSON / JSONL, LLaVA-NeXT data YAML, parquet; each
+record a conversation or a preference pair (`is_preference`).
 
 Every reader yields `Item`s in a fixed order (the conversion plans its shards from that order)
 and never judges a record beyond parsing it: validation belongs to the conversion.
@@ -23,6 +24,23 @@ HEAD_BYTES = 1 << 20  # how much of an input file its fingerprint hashes
 
 class InputError(ValueError):
     """The input as a whole cannot be read (missing file, unparsable JSON, bad YAML entry)."""
+
+
+class Reject(Exception):
+    """A record that is skipped; `reason` is the counter it goes under in rejects.jsonl."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# A record naming either is a preference record (data/pair_records.py reads both of its layouts).
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+def is_preference(record) -> bool:
+    """Whether a record is a preference pair (a prompt, a chosen and a rejected reply) rather than a conversation."""
+    return isinstance(record, dict) and any(k in record for k in PREFERENCE_KEYS)
 
 
 @dataclass
@@ -186,12 +204,16 @@ def _parquet(path: Path) -> Input:
 
 
 def parquet_missing_columns(parquet) -> list[str]:
-    return sorted({"conversations"} - set(parquet.schema_arrow.names))
+    """Columns a parquet file lacks: `conversations` (the OneVision layout), or `chosen` and `rejected` once it has
+    either (Hugging Face's preference layout)."""
+    names = set(parquet.schema_arrow.names)
+    return sorted(set(PREFERENCE_KEYS if names & set(PREFERENCE_KEYS) else ("conversations",)) - names)
 
 
 def parquet_items(parquet, name: str, first: int = 0) -> Iterator[tuple[int, Item]]:
     """(row, Item) of a parquet file from row `first` on; whole row groups before it are not read."""
-    columns = [c for c in ("id", "conversations", "data_source", "image") if c in parquet.schema_arrow.names]
+    known = ("id", "conversations", "data_source", "image", "images", "prompt", *PREFERENCE_KEYS)
+    columns = [c for c in known if c in parquet.schema_arrow.names]
     groups, row = [], 0
     for g in range(parquet.metadata.num_row_groups):
         size = parquet.metadata.row_group(g).num_rows
@@ -210,8 +232,12 @@ def parquet_items(parquet, name: str, first: int = 0) -> Iterator[tuple[int, Ite
 
 
 def _parquet_item(values: dict, name: str, row: int) -> Item:
-    record = {"id": values.get("id"), "conversations": values.get("conversations")}
-    images = _parquet_images(values.get("image"))
+    if is_preference(values):
+        record = {k: values.get(k) for k in ("id", "prompt", *PREFERENCE_KEYS) if k in values}
+    else:
+        record = {"id": values.get("id"), "conversations": values.get("conversations")}
+    # Hugging Face's preference sets name a list of images `images`; the OneVision layout one image `image`.
+    images = _parquet_images(values["images"] if values.get("images") is not None else values.get("image"))
     embedded = [img["bytes"] for img in images if img.get("bytes")]
     if len(embedded) == len(images):
         image_bytes = embedded

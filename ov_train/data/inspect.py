@@ -34,6 +34,7 @@ def summarise(samples: list[dict], rejects: list[dict]) -> dict:
         tokens_by_modality[s["modality"]]["visual"] += s["visual_tokens"]
     return {
         "samples": len(samples),
+        "pairs": sum(1 for s in samples if s.get("pair")),  # preference samples: a prompt, a chosen and a rejected reply
         "by_modality": {m: by_modality[m] for m in MODALITIES},
         "text_tokens": sum(text),
         "visual_tokens": sum(visual),
@@ -64,7 +65,10 @@ def inspect_dir(location: str | Path, io: IOSettings = IOSettings()) -> dict:
 
 def format_report(stats: dict) -> str:
     """A readable table of summarise()'s output."""
-    lines = [f"{stats['samples']:,} samples" + (f" in {stats['shards']:,} shards" if "shards" in stats else ""), ""]
+    lines = [f"{stats['samples']:,} samples" + (f" in {stats['shards']:,} shards" if "shards" in stats else "")]
+    if stats.get("pairs"):
+        lines.append(f"of which {stats['pairs']:,} preference pairs (text tokens count the prompt and both replies)")
+    lines.append("")
     lines.append(f"{'modality':<14}{'samples':>10}{'text tokens':>15}{'visual tokens':>16}")
     for m in MODALITIES:
         tokens = stats["tokens_by_modality"][m]

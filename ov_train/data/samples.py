@@ -111,11 +111,7 @@ class SampleProcessor:
             raise SampleError("malformed_json", f"sample {key}: bad or missing json ({err})") from err
         if not isinstance(meta, dict):
             raise SampleError("malformed_json", f"sample {key}: json is a {type(meta).__name__}, not an object")
-        chars = text_chars(meta.get("conversations"))
-        if chars > self.max_text_chars:
-            raise SampleError("too_long_text", f"sample {key}: {chars:,} characters of text are over"
-                                               f" {self.max_text_chars:,}, more than stage.max_length={self.max_length}"
-                                               f" tokens at {self.token_chars} characters per token at most")
+        self.check_text(key, meta.get("conversations"))  # before any media is decoded
         fields = image_fields(raw)
         mode = self.media.image.crop_mode(len(fields))
         images = []
@@ -137,11 +133,7 @@ class SampleProcessor:
                 raise SampleError("corrupt_video", str(err)) from err
             frames = preprocess_frames(array, self.geometry)
             visual.append(video_tokens(frames.shape[0], self.geometry, newline=self.media.image.newline))
-        try:
-            enc = encode_conversation(self.tokenizer, meta["conversations"], self.template, visual, self.placement)
-        except (KeyError, ValueError, TypeError, AttributeError) as err:  # not a list of {from, value} turns
-            raise SampleError("bad_conversation", f"sample {key}: {err}") from err
-        ids, labels = self._truncate(key, enc.input_ids, enc.labels)
+        ids, labels = self.encode(key, meta.get("conversations"), visual)
         options = meta.get("options") if isinstance(meta.get("options"), list) else []
         return {
             "key": key,
@@ -150,9 +142,26 @@ class SampleProcessor:
             "labels": torch.tensor(labels, dtype=torch.long),
             "images": images,
             "frames": frames,
+            "visual_tokens": visual,  # per image, then the video: what another conversation on these media needs
             "video_newline": self.media.image.newline,
             "chance": 1.0 / len(options) if options else 0.0,
         }
+
+    def check_text(self, key: str, conversations) -> None:
+        chars = text_chars(conversations)
+        if chars > self.max_text_chars:
+            raise SampleError("too_long_text", f"sample {key}: {chars:,} characters of text are over"
+                                               f" {self.max_text_chars:,}, more than stage.max_length={self.max_length}"
+                                               f" tokens at {self.token_chars} characters per token at most")
+
+    def encode(self, key: str, conversations, visual: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation whose media take `visual` tokens each, cut to max_length."""
+        self.check_text(key, conversations)
+        try:
+            enc = encode_conversation(self.tokenizer, conversations, self.template, visual, self.placement)
+        except (KeyError, ValueError, TypeError, AttributeError) as err:  # not a list of {from, value} turns
+            raise SampleError("bad_conversation", f"sample {key}: {err}") from err
+        return self._truncate(key, enc.input_ids, enc.labels)
 
     def _truncate(self, key, ids, labels):
         if len(ids) <= self.max_length:

@@ -12,6 +12,8 @@ the stock forward accepts the same batch.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +87,18 @@ def video_features(model, feats, frames_per_video, ends_row=None, pool: int = DE
             for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)]
 
 
+def _for_sequences(feats: list[torch.Tensor], batch: dict, per_owner: str) -> list[torch.Tensor]:
+    """The features each sequence places, in batch order. A batch whose `media_owner` says which sample's media each
+    sequence reads (a preference pair's chosen and rejected share their prompt's) carries those media once:
+    their features are computed once and placed in every sequence that reads them."""
+    owners = batch.get("media_owner")
+    if owners is None:
+        return feats
+    counts = batch[per_owner]  # media per owning sample
+    starts = [0, *itertools.accumulate(counts)]
+    return [feats[starts[o] + k] for o in owners for k in range(counts[o])]
+
+
 def _scatter(embeds, batch: dict, packed: PackedBatch | None, token_id: int, feats: list[torch.Tensor], what: str):
     if not feats:
         return embeds
@@ -123,9 +137,11 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None, encode=_
         image_feats, feats = feats[: images.shape[0]], feats[images.shape[0] :]
         per_image = image_features(model, image_feats, batch["crops_per_image"], batch["image_sizes"],
                                    batch["image_anyres"], batch.get("image_newline"))
+        per_image = _for_sequences(per_image, batch, "images_per_sample")
         embeds = _scatter(embeds, batch, packed, model.config.image_token_id, per_image, "images")
     if frames is not None:
         per_video = video_features(model, feats, batch["frames_per_video"], batch.get("video_newline"))
+        per_video = _for_sequences(per_video, batch, "videos_per_sample")
         embeds = _scatter(embeds, batch, packed, model.config.video_token_id, per_video, "videos")
     return embeds
 

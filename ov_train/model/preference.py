@@ -1,0 +1,123 @@
+"""Preference losses (DPO and relatives) from per-sequence log-probabilities, and those log-probabilities
+from the training forward.
+
+Inputs are, per pair, the summed log-probabilities of the chosen and rejected replies under the policy and the
+reference model, and the replies' token counts. Every formula is TRL's (tests/unit/test_preference_loss.py runs
+TRL's own code on the same numbers):
+
+- `sigmoid`: DPO, -log sigmoid(beta * delta) with delta = (policy - reference)[chosen] - (...)[rejected]. With
+  `label_smoothing` e > 0 it is the conservative DPO (cDPO) of TRL's DPOTrainer before 1.0 and of LLaVA-NeXT's
+  DPO trainer: -(1 - e) log sigmoid(beta * delta) - e log sigmoid(-beta * delta).
+- `ipo`: (delta' - 1 / (2 beta))^2, delta' with each log-ratio divided by its reply's token count (as TRL and
+  LLaVA-NeXT's IPO do).
+- `hinge`: relu(1 - beta * delta).
+- `sigmoid_sft`: `sigmoid` plus `sft_weight` times the NLL of the chosen replies, averaged over all chosen reply
+  tokens of the batch (pooled, not per sequence): TRL's loss_type=["sigmoid", "sft"] with loss_weights=[1, w], the
+  MPO recipe's generation term, and LLaVA-NeXT's `gamma` term.
+
+The batch loss is the mean over pairs of the pair losses (plus the SFT term). Rewards are beta * (policy -
+reference) of each reply, summed over its tokens (also under `ipo`), as TRL logs them; accuracy counts pairs whose
+chosen reward is strictly greater.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ov_train.config.options import ForwardOptions
+from ov_train.model.forward import sample_losses
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_sft")
+SMOOTHED = ("sigmoid", "sigmoid_sft")  # the losses label smoothing applies to
+
+
+@dataclass(frozen=True)
+class PreferenceSettings:
+    """`stage.preference.*`. Defaults: LLaVA-NeXT's OneVision DPO script (scripts/train/dpo_ov7b.sh: sigmoid loss,
+    beta 0.1, no label smoothing)."""
+
+    loss: str = "sigmoid"  # one of PREFERENCE_LOSSES
+    beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
+    label_smoothing: float = 0.0  # cDPO: the probability that a pair's preference is flipped, in [0, 0.5)
+    sft_weight: float = 1.0  # sigmoid_sft: weight of the chosen replies' NLL (TRL's MPO example and LLaVA-NeXT's default)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.loss not in PREFERENCE_LOSSES:
+            out.append(f"stage.preference.loss={self.loss!r}; allowed: {list(PREFERENCE_LOSSES)}")
+        if not self.beta > 0:
+            out.append(f"stage.preference.beta={self.beta!r} must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            out.append(f"stage.preference.label_smoothing={self.label_smoothing!r} must be in [0, 0.5)")
+        elif self.label_smoothing and self.loss not in SMOOTHED:
+            out.append(f"stage.preference.label_smoothing={self.label_smoothing!r} applies to loss {list(SMOOTHED)} only, "
+                       f"not {self.loss!r}: set it to 0")
+        if self.loss == "sigmoid_sft" and not self.sft_weight > 0:
+            out.append(f"stage.preference.sft_weight={self.sft_weight!r} must be positive with loss=sigmoid_sft")
+        return out
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Summed log-probabilities of each pair's chosen and rejected reply [N] under one model."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+@dataclass
+class PreferenceOutput:
+    loss: torch.Tensor  # scalar: the batch's loss, TRL's number
+    pair_losses: torch.Tensor  # [N] the preference term per pair (the SFT term is not per pair)
+    sft: torch.Tensor | None  # scalar: the chosen replies' mean token NLL (sigmoid_sft), unweighted
+    chosen_rewards: torch.Tensor  # [N] beta * (policy - reference), detached
+    rejected_rewards: torch.Tensor  # [N]
+    margins: torch.Tensor  # [N] chosen - rejected reward
+    accuracies: torch.Tensor  # [N] 1.0 where the chosen reward is the greater
+
+
+def preference_loss(settings: PreferenceSettings, policy: PairLogps, reference: PairLogps,
+                    chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> PreferenceOutput:
+    """The loss of a batch of N pairs and its reward metrics; `*_tokens` [N]: the replies' supervised tokens."""
+    problems = settings.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    beta, smoothing = settings.beta, settings.label_smoothing
+    chosen_ratio = policy.chosen - reference.chosen
+    rejected_ratio = policy.rejected - reference.rejected
+    if settings.loss == "ipo":
+        delta = chosen_ratio / chosen_tokens.clamp_min(1) - rejected_ratio / rejected_tokens.clamp_min(1)
+        pair_losses = (delta - 1 / (2 * beta)) ** 2
+    elif settings.loss == "hinge":
+        pair_losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    else:
+        logits = beta * (chosen_ratio - rejected_ratio)
+        pair_losses = -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
+    loss = pair_losses.mean()
+    sft = None
+    if settings.loss == "sigmoid_sft":
+        sft = -policy.chosen.sum() / chosen_tokens.sum().clamp_min(1)
+        loss = loss + settings.sft_weight * sft
+    chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return PreferenceOutput(
+        loss=loss, pair_losses=pair_losses, sft=sft, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+        margins=chosen_rewards - rejected_rewards, accuracies=(chosen_rewards > rejected_rewards).float(),
+    )
+
+
+def sequence_logps(model, batch: dict, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of the batch: the summed log-probability of its supervised (reply) tokens [B] and their count
+    [B], by the training forward (packing and the chunked or fused cross-entropy as `options` say: no full logits).
+    The loss sums of sample_losses are these negated."""
+    sums, counts, _ = sample_losses(model, batch, options)
+    return -sums, counts
+
+
+def pair_logps(model, batch: dict, options: ForwardOptions) -> tuple[PairLogps, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of a pair batch (its first half the chosen sequences, its second the rejected ones, as
+    ov_train.data.pairs.collate_pairs lays them out) and the chosen and rejected token counts."""
+    logps, counts = sequence_logps(model, batch, options)
+    half = logps.shape[0] // 2
+    return PairLogps(logps[:half], logps[half:]), counts[:half], counts[half:]
