@@ -211,7 +211,7 @@ def test_init_from_an_adapter_checkpoint_whose_base_moved(moved_base, small_data
     assert "Traceback" not in console and not (tmp_path / "run" / "tokenizer").exists()  # before any work
     # model.pretrained=DIR names the base: the adapters go on training on it, and their checkpoints record it.
     plan = plan_of([*args, f"model.pretrained={moved}"])
-    source = check(plan)
+    plan, source = check(plan)
     model, _, adapter = build_for_training(plan, source)
     assert adapter.base["model"]["source"] == str(moved) and adapter.base["seed"] == source.base["seed"]
     state, stored = model.state_dict(), checkpoint(ckpt.parents[1])["state_dict"]
