@@ -40,8 +40,13 @@ def loader(dataset, workers: int = 1) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=init)
 
 
-def workers_alive() -> list:
-    return [p for p in multiprocessing.active_children() if p.daemon]
+def workers_alive(before: frozenset = frozenset()) -> list:
+    """Daemon children started since `before` (other tests of this process may keep loaders of their own)."""
+    return [p for p in multiprocessing.active_children() if p.daemon and p.pid not in before]
+
+
+def pids() -> frozenset:
+    return frozenset(p.pid for p in workers_alive())
 
 
 def test_an_error_raised_in_a_worker_lets_the_process_exit():
@@ -67,22 +72,24 @@ def test_an_error_raised_in_a_worker_lets_the_process_exit():
 
 
 def test_a_worker_ignores_sigterm_while_its_main_process_runs():
+    before = pids()
     batches = iter(loader(Counting()))
     assert next(batches) == 0
-    (worker,) = workers_alive()
+    (worker,) = workers_alive(before)
     os.kill(worker.pid, signal.SIGTERM)  # a scheduler's SIGTERM to the whole process group
     time.sleep(0.5)
     assert worker.is_alive() and [next(batches) for _ in range(3)] == [1, 2, 3]
     del batches
-    assert not workers_alive()
+    assert not workers_alive(before)
 
 
 @pytest.mark.parametrize("deaf", [False, True])
 def test_stop_loader_workers_ends_them_within_its_grace(deaf):
+    before = pids()
     batches = iter(loader(Counting(fail_at=2, deaf=deaf), workers=2))
     with pytest.raises(ValueError, match="bad sample 2"):
         list(batches)  # the iterator stays referenced, its workers waiting for work
-    assert len(workers_alive()) == 2
+    assert len(workers_alive(before)) == 2
     start = time.monotonic()
     stop_loader_workers(grace_s=1.0)
     assert not workers_alive() and time.monotonic() - start < 5
