@@ -88,3 +88,12 @@ def mixed_batch(tiny_model_and_tokenizer):
     ]
     examples = [process(r) for r in raws]
     return model, examples, collate(examples, tokenizer.pad_token_id)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Loader workers a failed test left behind ignore a group SIGTERM; multiprocessing's exit would wait on them
+    for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends."""
+    from ov_train.training.loader_workers import stop_loader_workers
+
+    stop_loader_workers(grace_s=2.0)
+

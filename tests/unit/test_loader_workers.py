@@ -87,11 +87,13 @@ def test_a_worker_ignores_sigterm_while_its_main_process_runs():
 def test_stop_loader_workers_ends_them_within_its_grace(deaf):
     before = pids()
     batches = iter(loader(Counting(fail_at=2, deaf=deaf), workers=2))
-    with pytest.raises(ValueError, match="bad sample 2"):
-        list(batches)  # the iterator stays referenced, its workers waiting for work
-    assert len(workers_alive(before)) == 2
-    start = time.monotonic()
-    stop_loader_workers(grace_s=1.0)
+    try:
+        with pytest.raises(ValueError, match="bad sample 2"):
+            list(batches)  # the iterator stays referenced, its workers waiting for work
+        assert len(workers_alive(before)) == 2
+    finally:  # deaf workers left alive would keep this process from exiting
+        start = time.monotonic()
+        stop_loader_workers(grace_s=1.0)
     assert not workers_alive() and time.monotonic() - start < 5
     assert not main_exiting().value  # a later job's workers ignore a group SIGTERM again
     del batches
