@@ -96,8 +96,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         for layer in layout.shard_units(module.model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(module, mesh=mesh, mp_policy=policy)
-        for method in ("training_step", "validation_step"):
-            register_fsdp_forward_method(module, method)
+        # The module's forward is `losses` (every micro-batch of a step, each validation batch): the root's weights
+        # are gathered around each call, the backward runs after it, as FSDP2's gradient accumulation expects.
+        register_fsdp_forward_method(module, "losses")
 
 
 class DeepSpeedCPUStrategy(DeepSpeedStrategy):
@@ -181,10 +182,8 @@ def build_strategy(plan: StrategyPlan):
         )
     if plan.name == "deepspeed":
         config = deepspeed_config(s, plan.micro_batch_size)
-        if plan.gradient_clipping is not None:
-            # Step bundles (data.samples_per_step) step by hand, and Lightning refuses gradient_clip_val under manual
-            # optimization: DeepSpeed clips by its own config instead.
-            config["gradient_clipping"] = plan.gradient_clipping
+        # The engine clips inside its step (Lightning's DeepSpeed precision leaves the module's clipping call to it).
+        config["gradient_clipping"] = plan.gradient_clipping or 0.0
         return DeepSpeedCPUStrategy(config=config, process_group_backend=s["process_group_backend"],
                                     exclude_frozen_parameters=plan.trainable_only)
     return FSDP2Strategy(

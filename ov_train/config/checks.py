@@ -226,29 +226,18 @@ def data_problems(data, seed: int) -> list[str]:
     return problems
 
 
-def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> list[str]:
+def step_problems(data, trainer, unit: str | None) -> list[str]:
     """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read)."""
     per_step, epochs = data.samples_per_step, data.epochs
     problems = []
     if per_step is not None:
         world = world_size(trainer)
-        if strategy == "fsdp2":
-            # FSDP2 reshards the root's parameters (embeddings, projector, norms) after a step's first backward, and
-            # the next micro-batch's forward reads them sharded: not supported until that is solved.
-            problems.append(f"data.samples_per_step={per_step} with strategy=fsdp2 is not supported (a step's second"
-                            " micro-batch would read resharded parameters); use ddp or deepspeed_zero2/3, or"
-                            " data.samples_per_step=null")
         if per_step < 1:
             problems.append(f"data.samples_per_step={per_step!r} must be an integer >= 1 (a global batch in samples) or null")
         elif per_step % world:
             problems.append(
                 f"data.samples_per_step={per_step} does not divide over {world} processes (trainer.num_nodes x"
                 f" trainer.devices); every rank takes the same share: use a multiple of {world}"
-            )
-        if trainer.accumulate_grad_batches != 1:
-            problems.append(
-                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} with data.samples_per_step: must be 1"
-                " (a step's micro-batches accumulate by themselves)"
             )
     if epochs is not None:
         if not 0 < epochs < math.inf:
@@ -333,8 +322,11 @@ def trainer_problems(trainer, precision: str) -> list[str]:
     problems = []
     if precision not in _lightning_precisions():
         problems.append(f"trainer.precision={precision!r}; allowed: {_lightning_precisions()} or null")
-    problems += _at_least("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, 1,
-                          "batches per optimizer step")
+    if trainer.accumulate_grad_batches != 1:
+        # Every step is taken by hand (training/step.py), which Lightning's own accumulation does not serve.
+        problems.append(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches!r}: must be 1; a larger"
+                        " optimizer step is data.samples_per_step (a global batch in samples, accumulated over"
+                        " token-budget micro-batches)")
     problems += _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, "steps between metrics lines")
     problems += _val_check_problems(trainer.val_check_interval)
     clip = trainer.gradient_clip_val

@@ -152,18 +152,14 @@ class StepPlan:
     """What one optimizer step holds and how its loss is weighed (stage.loss_weighting, data.samples_per_step)."""
 
     loss_weighting: str = "token"
-    # A global batch in samples, stepped by hand over its micro-batches (training/accumulate.py); None: every
-    # token-budget batch is a step, under Lightning's automatic optimization.
+    # A global batch in samples, a bundle of micro-batches (training/step.py); None: every token-budget batch is a step.
     samples_per_step: int | None = None
-    # Under manual optimization the module clips (Lightning refuses gradient_clip_val there); DeepSpeed clips itself.
+    # trainer.gradient_clip_val: the norm every step clips to (training/module.py; DeepSpeed's engine by its config);
+    # None: no clipping. Steps are taken by hand, so Lightning's Trainer never gets it.
     clip_val: float | None = None
     # trainer.max_steps as data.epochs sets it, and the sum for the log; None: trainer.max_steps as configured.
     derived_max_steps: int | None = None
     max_steps_from: str | None = None
-
-    @property
-    def manual(self) -> bool:
-        return self.samples_per_step is not None
 
 
 @dataclass(frozen=True)
@@ -182,7 +178,7 @@ class StrategyPlan:
     world_size: int
     settings: dict = field(default_factory=dict)  # the strategy node's other keys
     micro_batch_size: int = 1  # what DeepSpeed reports per GPU (batches are built in the loader)
-    gradient_clipping: float | None = None  # DeepSpeed's own clipping, under manual optimization (step bundles)
+    gradient_clipping: float | None = None  # StepPlan.clip_val, which DeepSpeed's engine applies inside its step
     trainable_only: bool = False  # checkpoints hold the trainable tensors only (adapters: the base comes from model.*)
 
 
@@ -353,9 +349,8 @@ def step_plan(cfg: DictConfig, spec: RecipeSpec | None) -> StepPlan:
         steps = max(1, math.ceil(data.epochs * samples / data.samples_per_step))
         max_steps_from = (f"trainer.max_steps = ceil({data.epochs:g} epoch(s) x {samples} samples (recipe {spec.name})"
                           f" / {data.samples_per_step} samples per step) = {steps}")
-    # Under DeepSpeed the engine clips by its own config (strategy_plan).
-    clip = cfg.trainer.gradient_clip_val if data.samples_per_step and cfg.strategy.name != "deepspeed" else None
-    return StepPlan(cfg.stage.loss_weighting, data.samples_per_step, clip, steps, max_steps_from)
+    return StepPlan(cfg.stage.loss_weighting, data.samples_per_step, cfg.trainer.gradient_clip_val or None, steps,
+                    max_steps_from)
 
 
 def max_steps(cfg: DictConfig, step: StepPlan) -> int:
@@ -394,9 +389,7 @@ def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPl
 
 def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> StrategyPlan:
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
-    # Step bundles step by hand: DeepSpeed clips by its config (0: off), the Trainer's gradient_clip_val is dropped.
-    clipping = (cfg.trainer.gradient_clip_val or 0.0) if step.manual and cfg.strategy.name == "deepspeed" else None
-    return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, clipping,
+    return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, step.clip_val,
                         trainable_only=adapter is not None)
 
 
@@ -459,7 +452,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
         + checks.model_problems(cfg.model)
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
-        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name) + checks.io_problems(cfg.data.io)
+        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None) + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
@@ -479,8 +472,9 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer["precision"] = precision
     trainer["max_steps"] = max_steps(cfg, step)
-    if step.manual:
-        trainer.pop("gradient_clip_val", None)  # Lightning refuses it under manual optimization: StepPlan.clip_val
+    # Every step is taken by hand (training/step.py), where Lightning refuses both: StepPlan holds what they were.
+    trainer.pop("gradient_clip_val", None)
+    trainer.pop("accumulate_grad_batches", None)
     if trainer.get("val_check_interval") is None:
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)

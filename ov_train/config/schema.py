@@ -187,7 +187,9 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     precision: Optional[str] = None
+    # Not handed to the Trainer: steps are taken by hand (training/step.py), which clips to this norm (null or 0: off).
     gradient_clip_val: Optional[float] = 1.0
+    # Refused unless 1 (config/checks.py): data.samples_per_step makes a larger optimizer step.
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     val_check_interval: Any = None

@@ -3,7 +3,7 @@
 Each rank takes exactly samples_per_step / world_size samples per step from its stream and splits them into
 token-budget micro-batches (first fit, longest first: the fewest, fullest micro-batches); the item carries them
 all, with the stream's state right after the step's last sample, so a checkpoint always falls between steps and
-resumes exactly. ov_train.training.accumulate runs the micro-batches and steps once.
+resumes exactly. ov_train.training.step runs the micro-batches and steps once.
 """
 from __future__ import annotations
 

@@ -212,8 +212,7 @@ class SaveOnSigterm(Callback):
             self._pending = signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx % trainer.accumulate_grad_batches:
-            return  # only between optimizer steps, so the saved state resumes exactly
+        # Each batch is one optimizer step (training/step.py): this is between steps, so the saved state resumes exactly.
         pending = self._pending is not None
         if trainer.world_size > 1:
             flag = torch.tensor(float(pending), device=pl_module.device)

@@ -13,10 +13,9 @@ from ov_train.config.run_plan import OptimPlan
 from ov_train.constants import MODALITIES
 from ov_train.model.adapters import dropout_seed
 from ov_train.model.forward import prepare_model, sample_losses
-from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
-from ov_train.training.accumulate import accumulated_step
 from ov_train.training.optim import build_adamw
+from ov_train.training.step import training_step
 from ov_train.training.schedule import warmup_cosine
 from ov_train.utils.logging import get_logger
 
@@ -39,10 +38,10 @@ class OneVisionModule(L.LightningModule):
         self.identity, self.template = identity, template
         self.model = model.train()  # from_pretrained hands models back in eval mode
         self.optim = optim
-        # stage.loss_weighting: token or sample (model/loss.py: weighted_loss). data.samples_per_step: each batch is a
-        # step bundle of micro-batches (training/accumulate.py), stepped by hand.
+        # stage.loss_weighting: token or sample (model/loss.py: weighted_loss). Every step is taken by hand
+        # (training/step.py): a token-budget batch, or with data.samples_per_step a bundle of micro-batches.
         self.loss_weighting = optim.step.loss_weighting
-        self.automatic_optimization = not optim.step.manual
+        self.automatic_optimization = False
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
         prepare_model(model, self.forward_options)
@@ -63,8 +62,10 @@ class OneVisionModule(L.LightningModule):
         self._nonfinite_in_a_row = 0
         self._drop_gradients = False
 
-    def _losses(self, batch, predict: bool = False):
-        """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
+    def losses(self, batch, predict: bool = False):
+        """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1].
+
+        The module's forward: FSDP2 gathers the root's weights around each call (ov_train.strategies)."""
         return sample_losses(self.model, batch, self.forward_options, predict)
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -74,14 +75,9 @@ class OneVisionModule(L.LightningModule):
             torch.manual_seed(dropout_seed(self.seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx):
-        if "micro_batches" in batch:
-            return accumulated_step(self, batch, batch_idx)
-        sums, counts, _ = self._losses(batch)
-        loss = weighted_loss(sums, counts, self.loss_weighting)
-        self._log_training(loss, sums / counts.clamp_min(1), batch["modality"], batch_idx)
-        return loss
+        return training_step(self, batch, batch_idx)
 
-    def _log_training(self, loss, per_sample, modalities: list[str], batch_idx: int) -> None:
+    def log_training(self, loss, per_sample, modalities: list[str], batch_idx: int) -> None:
         bs = len(modalities)
         by_modality = {}
         for modality in sorted(set(modalities)):
@@ -132,13 +128,13 @@ class OneVisionModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._drop_gradients = False
         elif self.optim.step.clip_val:
-            # Manual optimization (step bundles) only; after the callbacks' hooks, so the logged gradient norms
-            # stay the ones before clipping.
+            # The one clipping call (DeepSpeed's precision leaves it to the engine, which clips by its config: see
+            # ov_train.strategies); after the callbacks' hooks, so the logged gradient norms are before clipping.
             self.clip_gradients(optimizer, gradient_clip_val=self.optim.step.clip_val, gradient_clip_algorithm="norm")
 
     def validation_step(self, batch, batch_idx):
         # A sample counts as answered when greedy decoding would reproduce its whole reply.
-        sums, counts, predictions = self._losses(batch, predict=True)
+        sums, counts, predictions = self.losses(batch, predict=True)
         correct = (predictions == batch["labels"][:, 1:]).all(1)  # both IGNORE_INDEX where unsupervised
         hits = correct.double()
         for i, modality in enumerate(batch["modality"]):

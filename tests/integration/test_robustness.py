@@ -182,7 +182,7 @@ def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], ste
     model, tokenizer = build_model(plan.model, cache_dir())
     data = OneVisionData(plan.data, prepare_data(plan.data), tokenizer, VisionGeometry.from_model_config(model.config))
     module = OneVisionModule(model, plan.optim, plan.forward, nonfinite=nonfinite)
-    losses, calls = module._losses, []
+    losses, calls = module.losses, []
 
     def with_nans(batch, predict=False):
         sums, counts, extra = losses(batch, predict)
@@ -192,12 +192,12 @@ def fit_with_nan_losses(small_data_root, nonfinite: str, poisoned: set[int], ste
         calls.append(batch["modality"])
         return sums, counts, extra
 
-    module._losses = with_nans
+    module.losses = with_nans
     watch = ParameterWatch()
     trainer = L.Trainer(
         max_steps=steps, callbacks=[watch], logger=logger, log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", gradient_clip_val=1.0,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
     )
     trainer.fit(module, datamodule=data)
     return module, watch

@@ -277,7 +277,7 @@ BAD_TRAINER = {
     "trainer.devices=0": "trainer.devices=0 must",
     "trainer.devices=abc": "trainer.devices='abc' must",
     "trainer.num_nodes=0": "trainer.num_nodes=0 must be an integer >= 1",
-    "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0 must be an integer >= 1",
+    "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0: must be 1; a larger optimizer step is",
     "trainer.log_every_n_steps=0": "trainer.log_every_n_steps=0 must be an integer >= 1",
     "trainer.val_check_interval=0": "trainer.val_check_interval=0 must be",
     "trainer.val_check_interval=0.5": "trainer.val_check_interval=0.5 must be",  # Lightning: no epochs, no fraction
