@@ -13,6 +13,7 @@ from ov_train.data.parquet_source import with_indexes
 from ov_train.data.recipe import Recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import MixedStream, ValStream
+from ov_train.training.held_out import EvenHeldOut
 from ov_train.training.loader_workers import init_worker, main_exiting
 from ov_train.utils.logging import get_logger
 
@@ -84,4 +85,5 @@ class OneVisionData(L.LightningDataModule):
     def val_dataloader(self):
         held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row,
                              self.plan.io)
-        return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)
+        # Every rank validates as many batches as the rank with the most (sharded engines need them all in each forward).
+        return EvenHeldOut(self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True))
