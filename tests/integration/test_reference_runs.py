@@ -1,7 +1,7 @@
 """The reference mode end to end (the experiments' composition: test_experiments.py): experiment configs train 2 steps
 at tiny size; data.samples_per_step holds its global batch in 1 process and in 2 DDP processes, whose micro-batch
-counts differ from rank to rank without hanging, and ZeRO-3 accumulates them to DDP's weights; step bundles resume
-exactly."""
+counts differ from rank to rank without hanging, and ZeRO-3 and FSDP2 accumulate them to DDP's weights; step bundles
+resume exactly."""
 import json
 
 import pytest
@@ -74,6 +74,23 @@ def test_deepspeed_accumulates_the_step_bundles_as_ddp_does(ddp_run, tmp_path, s
     assert by_rank_and_step(consumed(run_dir)) == by_rank_and_step(consumed(ddp_run[0]))
     assert weights.keys() == ddp_weights.keys()
     apart = [k for k in weights if not torch.allclose(weights[k], ddp_weights[k], atol=1e-4, rtol=0)]
+    assert not apart, apart[:5]
+
+
+def test_fsdp2_step_bundles_equal_ddp(ddp_run, tmp_path, small_data_root):
+    """FSDP2 on the same data: each micro-batch's forward gathers the root's weights again, gradients are reduced in
+    the step's last backward only (set_requires_gradient_sync), the held-out batches are evened out across ranks, so
+    the run ends (no hang after the last step) with DDP's weights, from the shards of both ranks."""
+    from tests.integration.test_checkpoints import trained_weights
+
+    ddp_dir, ddp_weights = ddp_run
+    run_dir, _ = _two_process_run(tmp_path, small_data_root, "fsdp2")
+    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] is not None  # validated at the end
+    by_rank_and_step = lambda records: sorted(records, key=lambda r: (r["rank"], r["step"]))  # noqa: E731
+    assert by_rank_and_step(consumed(run_dir)) == by_rank_and_step(consumed(ddp_dir))
+    weights = trained_weights(tmp_path / "probe")
+    assert weights.keys() == ddp_weights.keys()
+    apart = [k for k in weights if not torch.allclose(weights[k], ddp_weights[k], atol=1e-5, rtol=0)]
     assert not apart, apart[:5]
 
 
