@@ -36,17 +36,20 @@ class FSDP2Strategy(ModelParallelStrategy):
     and their optimizer state only, sharded or whole.
     """
 
-    def __init__(self, world_size: int, reshard_after_forward: bool, trainable_only: bool = False, **kwargs):
-        super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, **kwargs)
+    def __init__(self, world_size: int, reshard_after_forward: bool, trainable_only: bool = False,
+                 save_distributed_checkpoint: bool = True, **kwargs):
+        super().__init__(data_parallel_size=world_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.reshard_after_forward = reshard_after_forward
         self.trainable_only = trainable_only
+        self.save_distributed = save_distributed_checkpoint  # the checkpoint's form: sharded, or one whole file
 
     def lightning_module_state_dict(self) -> dict:
         if not self.trainable_only:
             return super().lightning_module_state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True,
+        options = StateDictOptions(full_state_dict=not self.save_distributed, cpu_offload=True,
                                    ignore_frozen_params=True)
         return get_model_state_dict(self.model, options=options)
 

@@ -290,15 +290,6 @@ def world_problems(trainer) -> list[str]:
     return problems + _at_least("trainer.num_nodes", trainer.num_nodes, 1, "machines of the run")
 
 
-def _lightning_precisions() -> list[str]:
-    """The precision values Lightning's Trainer accepts, read from its own type (strings: the schema's type)."""
-    from typing import get_args
-
-    from lightning.fabric.connector import _PRECISION_INPUT
-
-    return [str(value) for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)]
-
-
 def _val_check_problems(interval) -> list[str]:
     """null, a number of optimizer steps, or Lightning's time-based 'DD:HH:MM:SS' (or timedelta kwargs); a fraction
     of an epoch means nothing to a stream without epochs."""
@@ -306,10 +297,11 @@ def _val_check_problems(interval) -> list[str]:
         return []
     if isinstance(interval, str) or OmegaConf.is_dict(interval):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
-        from lightning.pytorch.trainer.setup import _parse_time_interval_seconds
+
+        from ov_train.utils.lightning_internals import time_interval_seconds
 
         try:
-            if _parse_time_interval_seconds(OmegaConf.to_container(interval) if OmegaConf.is_dict(interval) else interval) > 0:
+            if time_interval_seconds(OmegaConf.to_container(interval) if OmegaConf.is_dict(interval) else interval) > 0:
                 return []
         except (TypeError, ValueError, MisconfigurationException):
             pass
@@ -320,8 +312,10 @@ def _val_check_problems(interval) -> list[str]:
 def trainer_problems(trainer, precision: str) -> list[str]:
     """Values Lightning would refuse (or divide by) only once the data and the model are built."""
     problems = []
-    if precision not in _lightning_precisions():
-        problems.append(f"trainer.precision={precision!r}; allowed: {_lightning_precisions()} or null")
+    from ov_train.utils.lightning_internals import trainer_precisions
+
+    if precision not in trainer_precisions():
+        problems.append(f"trainer.precision={precision!r}; allowed: {trainer_precisions()} or null")
     if trainer.accumulate_grad_batches != 1:
         # Every step is taken by hand (training/step.py), which Lightning's own accumulation does not serve.
         problems.append(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches!r}: must be 1; a larger"

@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import (
     DeepSpeedStrategy,
@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ov_train.config.run_plan import RunPlan, previous_of
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.stream_state import StreamState
+from ov_train.utils.lightning_internals import HookedModelCheckpoint
 from ov_train.utils.logging import get_logger
 from ov_train.utils.safe_load import load_file
 
@@ -142,7 +143,7 @@ def save_whole(trainer, path, save=None) -> None:
     trainer.strategy.barrier("save_whole")
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
+class PeriodicCheckpoint(HookedModelCheckpoint):
     """`last.ckpt` every `every_n_steps` optimizer steps and every `every_minutes` (either may be off), overwritten
     in place, plus the `keep` most recent earlier ones as `step=N.ckpt`.
 
@@ -160,7 +161,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
             every_n_epochs=0, enable_version_counter=False,
         )
         # ModelCheckpoint's constructor takes one trigger; its on_train_batch_end saves when either is due.
-        self._every_n_train_steps = int(every_n_steps or 0)
+        self.set_every_n_steps(every_n_steps)
 
     @property
     def state_key(self) -> str:
@@ -168,10 +169,10 @@ class PeriodicCheckpoint(ModelCheckpoint):
         return type(self).__name__
 
     def saved_at(self, step: int) -> bool:
-        return self._last_global_step_saved == step
+        return self.last_saved_step == step
 
-    def _save_checkpoint(self, trainer, filepath):
-        save_whole(trainer, filepath, lambda target: super(PeriodicCheckpoint, self)._save_checkpoint(trainer, str(target)))
+    def write(self, trainer, filepath, save):
+        save_whole(trainer, filepath, save)
 
 
 class SaveOnSigterm(Callback):

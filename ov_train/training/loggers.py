@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ov_train.config.run_plan import LoggerPlan
+from ov_train.utils.lightning_internals import wandb_init_arguments
 from ov_train.utils.redact import redact_text
 
 
@@ -24,7 +25,7 @@ class RunWandbLogger(WandbLogger):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         # Lightning 2.6 always passes `anonymous` (None here) to wandb.init, which warns that the setting is gone.
-        self._wandb_init.pop("anonymous", None)
+        wandb_init_arguments(self).pop("anonymous", None)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -14,8 +14,8 @@ from ov_train.constants import MODALITIES
 from ov_train.model.adapters import dropout_seed
 from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.parts import apply_stage, format_table
+from ov_train.training import step
 from ov_train.training.optim import build_adamw
-from ov_train.training.step import training_step
 from ov_train.training.schedule import warmup_cosine
 from ov_train.utils.logging import get_logger
 
@@ -75,7 +75,7 @@ class OneVisionModule(L.LightningModule):
             torch.manual_seed(dropout_seed(self.seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx):
-        return training_step(self, batch, batch_idx)
+        return step.training_step(self, batch, batch_idx)
 
     def log_training(self, loss, per_sample, modalities: list[str], batch_idx: int) -> None:
         bs = len(modalities)
@@ -173,7 +173,7 @@ class OneVisionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat
         # template, model card): ov-export reads it.
-        recipe = getattr(getattr(self._trainer, "datamodule", None), "recipe", None)
+        recipe = getattr(getattr(attached_trainer(self), "datamodule", None), "recipe", None)
         checkpoint["ov_train"] = {
             "model_config": self.model.config.to_dict(), "tokenizer_dir": self.tokenizer_dir, "run": self.identity,
             "stage": (self.identity or {}).get("stage"), "template": self.template,
@@ -215,11 +215,19 @@ class OneVisionModule(L.LightningModule):
         # Groups from the parameters as the strategy left them: fully_shard swaps each one for its sharded version.
         groups, _ = apply_stage(self.model, self.optim.part_lrs, self.optim.weight_decay, self.optim.adapted)
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
-        optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
+        optimizer = build_adamw(groups, getattr(attached_trainer(self), "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
         lam = partial(warmup_cosine, total_steps=self.optim.total_steps, warmup_ratio=self.optim.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The module's Trainer, or None outside one (where LightningModule.trainer raises)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
 
 
 def _nbytes(tree) -> int:

@@ -41,7 +41,9 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         bar = self.train_progress_bar
         step = trainer.global_step
-        if bar is not None and not bar.disable and self._should_update(step, bar.total):
+        if bar is None or bar.disable:
+            return
+        if self.refresh_rate > 0 and (step % self.refresh_rate == 0 or step == bar.total):  # as TQDMProgressBar's
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
 

@@ -1,7 +1,7 @@
 """Multi-node, started the way SLURM starts it: 2 "nodes" x 1 process on the loopback interface, each task started
 with the environment `srun` gives it and `trainer.num_nodes=2 trainer.devices=1`, for ddp and fsdp2. Lightning's
 SLURMEnvironment adopts the tasks (nothing respawned): both ranks train, into one run directory and one logger run,
-and the per-step losses equal those of one process that accumulates the same global batches.
+and the per-step losses equal those of one node of 2 processes on the same global batches.
 
 The tasks run `python -m tests.integration.test_strategies` (train.py plus the probe of test_strategies.py).
 """
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL_DATA, compose_config
+from tests.conftest import compose_config
 from tests.integration.test_dashboards import read_wandb_run
 from tests.integration.test_strategies import (
     expected_groups,
     layer_names,
     probe_records,
+    run_train,
     train_command,
     train_overrides,
-    with_probe,
 )
 from tests.processes import free_port, run_together
 
@@ -54,43 +54,39 @@ def run_as_srun(overrides: list[str], root: Path, nodes: int = 2) -> None:
     run_together(commands, [root / f"node{n}.log" for n in range(nodes)], timeout=300, cwd=root)
 
 
-def consumed_by_step(run_dir: Path, micro_batches: int = 1) -> list[set]:
-    """The sample keys each optimizer step consumed, from data.record_keys (all ranks, or all micro-batches)."""
+def consumed_by_step(run_dir: Path) -> list[set]:
+    """The sample keys each optimizer step consumed, from data.record_keys (all ranks)."""
     steps: dict[int, set] = {}
     for line in (run_dir / "consumed_keys.jsonl").read_text().splitlines():
         record = json.loads(line)
-        steps.setdefault((record["batch"] - 1) // micro_batches, set()).update(record["keys"])
+        steps.setdefault(record["batch"] - 1, set()).update(record["keys"])
     return [steps[k] for k in sorted(steps)]
 
 
-def losses_by_step(records: list[dict], micro_batches: int = 1) -> list[float]:
-    """Mean training loss of each optimizer step over every rank's (or micro-batch's) batch."""
+def losses_by_step(records: list[dict]) -> list[float]:
+    """Mean training loss of each optimizer step over every rank's batch."""
     per_step: dict[int, list[float]] = {}
     for record in records:
         for batch_idx, loss in record["losses"]:
-            per_step.setdefault(batch_idx // micro_batches, []).append(loss)
+            per_step.setdefault(batch_idx, []).append(loss)
     return [sum(v) / len(v) for _, v in sorted(per_step.items())]
 
 
 @pytest.fixture(scope="module")
-def one_process_reference(tmp_path_factory, small_data_root):
-    """The same global batches in one process: its 2 loader workers are the 2 ranks' readers (ov_train.data.stream
-    numbers readers rank x worker), and each step accumulates one batch of each."""
-    import ov_train.run as run
-
+def one_node_reference(tmp_path_factory, small_data_root):
+    """The same run on one node of 2 DDP processes (Lightning starts the second): the same readers (ov_train.data.stream
+    numbers them rank x worker), so the same global batches, whatever launched the ranks."""
     root = tmp_path_factory.mktemp("reference")
     overrides = [
-        "stage=onevision", "trainer.max_steps=2", f"data.root={small_data_root}", *SMALL_DATA, "data.num_workers=2",
-        "trainer.accumulate_grad_batches=2", "data.record_keys=true", "export=false", "trainer.limit_val_batches=2",
+        *train_overrides(small_data_root, "onevision", 2, root / "run"), "strategy=ddp", "trainer.devices=2",
+        "data.record_keys=true", "export=false", "trainer.limit_val_batches=2",
     ]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "build_callbacks", with_probe(root / "probe"))
-        run.train(compose_config(overrides, run_dir=root / "run"))
+    run_train(overrides, root / "run", root / "probe")
     return root
 
 
 @pytest.mark.parametrize(("strategy", "logger"), [("ddp", "wandb"), ("fsdp2", "csv")])
-def test_two_nodes_started_like_srun_train_as_one_job(tmp_path, small_data_root, one_process_reference, strategy, logger):
+def test_two_nodes_started_like_srun_train_as_one_job(tmp_path, small_data_root, one_node_reference, strategy, logger):
     run_dir = tmp_path / "run"
     overrides = [
         *train_overrides(small_data_root, "onevision", 2, run_dir), f"strategy={strategy}", f"logger={logger}",
@@ -117,10 +113,10 @@ def test_two_nodes_started_like_srun_train_as_one_job(tmp_path, small_data_root,
         (version,) = (run_dir / "csv").iterdir()
         assert (version / "metrics.csv").is_file()
 
-    # The same global batches as one process accumulating both readers' batches, and the same losses: the ranks
-    # average gradients over gloo where one process sums micro-batches, so they agree to float32 rounding.
-    reference = one_process_reference
-    assert consumed_by_step(run_dir) == consumed_by_step(reference / "run", micro_batches=2)
+    # The same global batches as one node of 2 DDP processes, and the same losses (FSDP2 reduces the gradients
+    # DDP all-reduces, so they agree to float32 rounding).
+    reference = one_node_reference
+    assert consumed_by_step(run_dir) == consumed_by_step(reference / "run")
     ours = losses_by_step(records)
-    theirs = losses_by_step(probe_records(reference / "probe", "end"), micro_batches=2)
+    theirs = losses_by_step(probe_records(reference / "probe", "end"))
     assert len(ours) == 2 and ours == pytest.approx(theirs, rel=1e-5)

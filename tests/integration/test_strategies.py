@@ -148,8 +148,7 @@ class Probe(Callback):
         self._write(trainer, "start")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # Lightning hands back the loss divided by the accumulation factor.
-        self.losses.append([batch_idx, float(outputs["loss"]) * trainer.accumulate_grad_batches])
+        self.losses.append([batch_idx, float(outputs["loss"])])  # each batch is one step (training/step.py)
         if trainer.global_step == self.sigterm_at_step and trainer.is_global_zero and not trainer.received_sigterm:
             os.kill(os.getpid(), signal.SIGTERM)
 
