@@ -476,6 +476,8 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     trainer.pop("gradient_clip_val", None)
     trainer.pop("accumulate_grad_batches", None)
     if trainer.get("val_check_interval") is None:
+        # null: once, at the end. Lightning's int val_check_interval counts training batches (check_val_every_n_epoch
+        # is None, run.py), and every batch is one optimizer step (training/step.py), so this is the last step.
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
     return RunPlan(
