@@ -57,38 +57,48 @@ def modality_batches(model, tokenizer) -> dict[str, dict]:
     }
 
 
-def full_tensors(strategy, named: list[tuple[str, torch.nn.Parameter]]) -> tuple[dict, dict]:
-    """Every rank's full weights and (rank-averaged) gradients of the trainable parameters; all ranks call it."""
+def full_weights(strategy, named: list[tuple[str, torch.nn.Parameter]]) -> dict:
+    """Every rank's full weights; all ranks call it, outside a forward (ZeRO-3 cannot release a gathered weight that
+    a running forward holds, and each step runs inside the engine's forward under manual optimization)."""
     if getattr(strategy, "zero_stage_3", False):
         import deepspeed
-        from deepspeed.utils import safe_get_full_grad
 
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            weights = {n: p.detach().clone() for n, p in named}
-        return weights, {n: safe_get_full_grad(p).clone() for n, p in named if p.requires_grad}
+            return {n: p.detach().clone() for n, p in named}
+    return {n: _full(p.detach()).clone() for n, p in named}
 
-    def full(t):
-        return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards are DTensors
 
-    weights = {n: full(p.detach()).clone() for n, p in named}
-    return weights, {n: full(p.grad).clone() for n, p in named if p.requires_grad}
+def full_gradients(strategy, named: list[tuple[str, torch.nn.Parameter]]) -> dict:
+    """Every rank's full (rank-averaged) gradients of the trainable parameters; all ranks call it."""
+    if getattr(strategy, "zero_stage_3", False):
+        from deepspeed.utils import safe_get_full_grad
+
+        return {n: safe_get_full_grad(p).clone() for n, p in named if p.requires_grad}
+    return {n: _full(p.grad).clone() for n, p in named if p.requires_grad}
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards are DTensors
 
 
 class CompareGradients(Callback):
     """Before each optimizer step: this step's gradients against one process's over both ranks' batches, as
-    {name: [largest difference, largest one-process gradient]} per step."""
+    {name: [largest difference, largest one-process gradient]} per step (the weights read as the step starts)."""
 
     def __init__(self, reference, batches: dict, options):
         self.reference, self.batches, self.options = reference, batches, options
         self.errors: list[dict] = []
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights = full_weights(trainer.strategy, list(pl_module.model.named_parameters()))
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         from ov_train.model.forward import sample_losses
 
-        weights, grads = full_tensors(trainer.strategy, list(pl_module.model.named_parameters()))
+        grads = full_gradients(trainer.strategy, list(pl_module.model.named_parameters()))
         if not trainer.is_global_zero:
             return
-        self.reference.load_state_dict(weights, strict=False)
+        self.reference.load_state_dict(self.weights, strict=False)
         self.reference.zero_grad(set_to_none=True)
         losses = []
         for batch in self.batches.values():
