@@ -10,7 +10,6 @@ the public code's own conventions ((width, height) sizes and canvases, one IMAGE
 from __future__ import annotations
 
 import ast
-import copy
 import math
 import re
 
@@ -32,9 +31,9 @@ def preprocess_qwen(source: list[dict], tokenizer, has_image: bool = True) -> tu
     system and user messages masked, assistant messages labelled whole; then every 198 ("\\n"), <|im_start|> and
     <|im_end|> unmasked wherever it stands; <image> becomes IMAGE_TOKEN_INDEX."""
     roles = {"human": "user", "gpt": "assistant"}
-    tokenizer = copy.deepcopy(tokenizer)
-    if has_image:
-        tokenizer.add_tokens(["<image>"], special_tokens=True)
+    # The public code adds "<image>" as a special token to a deep copy of the tokenizer; ov_train's tokenizers have it
+    # already (ensure_special_tokens), so the copy (seconds for Qwen2's) is left out.
+    assert not has_image or "<image>" in tokenizer.get_added_vocab()
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     # The public code reads tokenizer.additional_special_tokens_ids, which for Qwen2 are these two.
     im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
