@@ -129,3 +129,29 @@ def test_reproduce_keys_are_checked_by_name():
         assert key in str(err.value)
     _, problems = read_media(compose_config(["stage=mid", "stage.public_image_grid=[2x2,1x2]"]).stage)
     assert any(p.startswith("stage.public_image_grid=") and "stage.image_grid" in p for p in problems)
+
+
+def test_a_truncating_run_feeds_the_model_what_it_packs(tiny_model_and_tokenizer):
+    """End to end on the tiny model: the data side counts an image's slots at the rounding the model config records,
+    and the forward packs exactly that many features (it refuses a mismatch); 88x110 is a size where the two
+    roundings part at the tiny geometry."""
+    import copy
+
+    from ov_train.data.samples import SampleProcessor, collate
+    from ov_train.model.forward import embed_inputs
+    from tests.helpers import noise_png, raw_sample
+
+    base, tokenizer = tiny_model_and_tokenizer
+    model = copy.deepcopy(base)
+    media = plan_of(["stage.reproduce=public_code"]).data.samples.media
+    apply_to_model_config(model.config, media)
+    geometry = VisionGeometry.from_model_config(model.config)
+    rounded = dataclasses.replace(geometry, rounding="round")
+    assert anyres_tokens(88, 110, geometry) != anyres_tokens(88, 110, rounded)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096,
+                              media=media)
+    example = process(raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(88, 110, 1)]))
+    assert example["visual_tokens"] == [anyres_tokens(88, 110, geometry)]
+    with torch.no_grad():
+        embeds = embed_inputs(model, collate([example], tokenizer.pad_token_id))
+    assert embeds.shape[1] == example["input_ids"].shape[0]
