@@ -4,6 +4,7 @@ functions; ov_train's defaults (transformers' rounding, the paper's grid order) 
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import partial
 from types import SimpleNamespace
 
@@ -155,3 +156,20 @@ def test_a_truncating_run_feeds_the_model_what_it_packs(tiny_model_and_tokenizer
     with torch.no_grad():
         embeds = embed_inputs(model, collate([example], tokenizer.pad_token_id))
     assert embeds.shape[1] == example["input_ids"].shape[0]
+
+
+def test_ov_data_convert_reproduce_counts_the_index_as_the_public_code(tmp_path):
+    from ov_train.data.cli import main
+    from tests.fixtures_data import conversation, write_image, write_jsonl
+
+    write_image(tmp_path / "media" / "wide.png", 47, 423, "PNG")
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "image": "wide.png",
+                                                   "conversations": conversation("<image>\nWhat is it?")}])
+    counts = {}
+    for reproduce in ("ov_train", "public_code"):
+        out = tmp_path / reproduce
+        assert main(["convert", str(source), "--media-root", str(tmp_path / "media"), "--out", str(out),
+                     "--workers", "1", "--reproduce", reproduce]) == 0
+        index = json.loads((out / "index.json").read_text())
+        counts[index["geometry"]["token_rounding"]] = [s["visual_tokens"] for s in index["samples"]]
+    assert counts == {"round": [NAMED[47, 423][0]], "truncate": [NAMED[47, 423][1]]}
