@@ -15,6 +15,10 @@ its own, null by default (then `stage.reproduce` decides), so one difference can
   (ceil(ratio x T) steps at lr x step / W from 0: transformers' cosine schedule, which the public trainer runs).
 - `stage.public_image_grid`: the stage's crop grids in the order the public script lists them (its ties between
   equal canvases go to the first), used instead of `stage.image_grid` under `public_code`; null: `stage.image_grid`.
+
+One difference has no key: the public code cuts a sequence at max length after inserting the visual features, where
+ov_train skips a sample whose visual tokens the cut would reach (data/samples.py), since the model refuses features
+without their slots. The public scripts' ZeRO-3 is the experiments' engine (conf/experiment/ov_qwen2_*).
 """
 from __future__ import annotations
 

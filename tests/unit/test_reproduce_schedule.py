@@ -35,3 +35,16 @@ def test_the_switch_reaches_the_optimizer_plan():
     assert plan_of([]).optim.warmup_schedule == "ov_train"
     assert plan_of(["stage.reproduce=public_code"]).optim.warmup_schedule == "transformers"
     assert plan_of(["stage.warmup_schedule=transformers"]).optim.warmup_schedule == "transformers"
+
+
+def test_the_module_steps_the_planned_schedule(tiny_model_and_tokenizer):
+    import copy
+
+    from ov_train.training.module import OneVisionModule
+
+    plan = plan_of(["stage.reproduce=public_code", "trainer.max_steps=100"])
+    module = OneVisionModule(copy.deepcopy(tiny_model_and_tokenizer[0]), plan.optim, plan.forward)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    ratio = plan.optim.warmup_ratio
+    for factor in scheduler.lr_lambdas:
+        assert [factor(s) for s in range(101)] == [public_code.cosine_lr_factor(s, 100, ratio) for s in range(101)]
