@@ -15,16 +15,18 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from ov_train.checkpoints.adapters import build_for_training, init_from_adapters
+from ov_train.checkpoints.export import export_checkpoint
+from ov_train.checkpoints.reading import resume_problems
+from ov_train.checkpoints.saving import AtomicCheckpoints, PeriodicCheckpoint, SaveOnSigterm, save_whole
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.data.prepare import data_problems, prepare_data
-from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
-from ov_train.model.checkpoint_io import resume_problems
 from ov_train.planner.report import preflight
-from ov_train.strategies import adopt_launcher_tasks, build_strategy
-from ov_train.training.callbacks import build_callbacks, save_whole
+from ov_train.strategies import StopRanksOnError, adopt_launcher_tasks, build_strategy
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
+from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.module import OneVisionModule
 from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
@@ -67,6 +69,21 @@ def hydra_files() -> list[Path]:
     files = list((Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")) if hydra.output_subdir else []
     sweep = OmegaConf.select(hydra, "sweep.dir", throw_on_missing=False)
     return files + ([Path(sweep) / "multirun.yaml"] if sweep else [])
+
+
+def build_callbacks(plan: RunPlan) -> list:
+    ckpt, paths = plan.checkpoint, plan.paths
+    checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
+    return [
+        checkpoints,
+        AtomicCheckpoints(ckpt.trust),
+        SaveOnSigterm(paths.last_checkpoint),
+        StopRanksOnError(),
+        TrainingMetrics(plan.peak_tflops),
+        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
+                              plan.predictions.max_new_tokens),
+        StreamState(paths.consumed_keys if plan.data.record_keys else None),
+    ]
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:

@@ -1,3 +1,5 @@
-from ov_train.bench import main
+import sys
 
-main()
+from ov_train.cli.bench import main
+
+main(sys.argv[1:])

@@ -6,6 +6,6 @@
 - trace.py: activation memory from tracing ov_train's own training step with fake tensors (MemTracker);
 - state.py: weights, gradients, masters and optimizer state as each engine shards them;
 - estimate.py: the two put together with the model FLOPs, for a composed config;
-- report.py: the text, and the preflight training runs first; cli.py: `ov-train plan`;
+- report.py: the text, and the preflight training runs first (`ov-train plan` is ov_train/cli/plan.py);
 - table.py: the docs' table; calibrate.py: plan against a measured CPU run; devices.py: device kinds.
 """

@@ -25,8 +25,8 @@ from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_t
 PROMPT_TOKENS = 64  # system prompt, turn markers and the question
 REPLY_TOKENS = 192  # supervised answer tokens per sample
 MAX_IMAGES = 12  # the recipe's multi-image samples hold up to 12 images
-# Height x width of the recipe's anyres examples at 384 px, most tokens first (shared/spec/llava_ov_recipe.md):
-# 8,019, 7,269, 4,744, 2,929 and 1,485 tokens.
+# Height x width of example images at 384 px, most tokens first: 8,019, 7,269, 4,744, 2,929 and 1,485 tokens under
+# anyres_max_9, as the public LLaVA-NeXT code counts them (vision/tokens.py reproduces those counts).
 IMAGE_SIZES = ((3000, 800), (1080, 1920), (1024, 768), (480, 640), (384, 384))
 ONEVISION_MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
 # The modalities in the order a step's budget is filled: most tower work per token first.

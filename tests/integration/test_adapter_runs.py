@@ -12,14 +12,14 @@ import sys
 import pytest
 import torch
 
-from ov_train.config.run_plan import ConfigError
-from ov_train.model.adapter_io import (
+from ov_train.checkpoints.adapters import (
     adapted_from_checkpoint,
     adapter_record,
     build_for_training,
     init_from_adapters,
     rebuild_base,
 )
+from ov_train.config.run_plan import ConfigError
 from ov_train.model.forward import forward_logits
 from ov_train.run import check, train
 from tests.conftest import REPO, SMALL_DATA, compose_config, plan_of
@@ -125,7 +125,7 @@ def test_export_is_merged_stock_and_its_adapter_dir_is_peft_format(lora_runs, sm
 def test_ov_export_adapter_only_and_base_dir(lora_runs, tmp_path):
     from safetensors.torch import load_file
 
-    from ov_train.tools.export import main as ov_export
+    from ov_train.cli.export import main as ov_export
 
     straight, _, _ = lora_runs
     ckpt = straight / "checkpoints" / "last.ckpt"
@@ -226,7 +226,7 @@ def test_init_from_an_adapter_checkpoint_whose_base_moved(moved_base, small_data
 def test_ov_export_of_an_adapter_checkpoint_whose_base_moved(moved_base, tmp_path):
     ckpt, base, moved = moved_base
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "ov_train.tools.export", str(ckpt), str(tmp_path / "out")]
+    command = [sys.executable, "-m", "ov_train.cli.export", str(ckpt), str(tmp_path / "out")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2, done.stderr[-3000:]
     assert _base_gone(done.stderr, ckpt, base, "--base DIR"), done.stderr[-3000:]

@@ -102,7 +102,7 @@ def test_pretrain_after_mid_changes_projector_only(tmp_path, small_data_root):
 
 
 def test_ov_export_rebuilds_the_run_export_from_the_checkpoint(onevision_run, tmp_path):
-    from ov_train.tools.export import main
+    from ov_train.cli.export import main
 
     run_dir, _ = onevision_run
     assert main([str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0

@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from ov_train.bench import main
 from ov_train.bench.mixture import (
     MIXTURE,
     synthetic_mixture,
     token_counts,
     write_mixture_shards,
 )
+from ov_train.cli.bench import main
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.training.metrics import batch_counts

@@ -16,12 +16,12 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoProcessor, GenerationConfig, LlavaOnevisionConfig, PreTrainedTokenizerFast
 
+from ov_train.checkpoints.export import export_pretrained
 from ov_train.config.run_plan import model_plan
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.video import decode_video, encode_mp4
 from ov_train.eval.inference import load_processor
 from ov_train.model.build import build_model
-from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.text.template import IGNORE_INDEX
 from ov_train.text.tokenizer import _corpus
 from ov_train.vision.geometry import VisionGeometry

@@ -7,8 +7,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import open_dict
 
+from ov_train.checkpoints.paths import resolve_ckpt_path
 from ov_train.config.recipe import RecipeError
-from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan
+from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.recipe import load_recipe
 from tests.conftest import CONF, compose_config
 
@@ -190,7 +191,7 @@ def test_a_recipe_of_absolute_sources_needs_no_root(tmp_path):
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path, caplog):
     # Fresh, and said so: `ckpt_path=auto` in another run directory (the default one is timestamped) finds nothing.
-    with caplog.at_level(logging.INFO, logger="ov_train.config.run_plan"):
+    with caplog.at_level(logging.INFO, logger="ov_train.checkpoints.paths"):
         assert resolve_ckpt_path("auto", tmp_path) is None
     assert f"ckpt_path=auto: no checkpoint at {tmp_path / 'checkpoints' / 'last.ckpt'}, starting fresh" in caplog.text
     assert "hydra.run.dir" in caplog.text

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ov_train.cli.data import main
 from ov_train.data import convert as convert_module
-from ov_train.data.cli import main
 from ov_train.data.convert import convert
 from ov_train.data.formats import open_input, select
 from ov_train.data.samples import SampleProcessor
@@ -200,7 +200,7 @@ def test_missing_input_or_media_root_is_a_clear_error(dataset, tmp_path, capsys)
     assert f"INPUT {missing} does not exist" in err and "Traceback" not in err
     assert main(["convert", str(dataset["input"]), "--media-root", str(tmp_path / "media"), "--out", str(tmp_path / "o")]) == 1
     assert f"--media-root {tmp_path / 'media'} does not exist" in capsys.readouterr().err
-    run = subprocess.run([sys.executable, "-m", "ov_train.data.cli", "convert", str(missing), "--out", str(tmp_path / "o")],
+    run = subprocess.run([sys.executable, "-m", "ov_train.cli.data", "convert", str(missing), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 1 and "does not exist" in run.stderr and "Traceback" not in run.stderr
 

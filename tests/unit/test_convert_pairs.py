@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
 from ov_train.data.convert import convert
 from ov_train.data.formats import parquet_items
 from ov_train.data.pairs import PairProcessor

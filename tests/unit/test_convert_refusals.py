@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
 from ov_train.data.convert import convert
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.stream import read_tar
@@ -208,7 +208,7 @@ def test_workers_exit_when_convert_is_killed(tmp_path):
     write_image(tmp_path / "media/big.jpg", 600, 800)  # a few ms to decode: the job lasts seconds
     path = write_jsonl(tmp_path / "t.jsonl", [_image_record(f"i{i}", "big.jpg") for i in range(300)])
     out = tmp_path / "out"
-    parent = subprocess.Popen([sys.executable, "-m", "ov_train.data.cli", "convert", str(path), "--out", str(out),
+    parent = subprocess.Popen([sys.executable, "-m", "ov_train.cli.data", "convert", str(path), "--out", str(out),
                                "--media-root", str(tmp_path / "media"), "--samples-per-shard", "4", "--workers", "2"],
                               cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,11 +19,11 @@ from transformers import (
 )
 from transformers.image_processing_utils import select_best_resolution
 
+from ov_train.checkpoints.export import export_pretrained
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, parse_grid, read_media
 from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.video import encode_mp4
-from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.text.template import encode_conversation
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from ov_train.vision.preprocess import preprocess_image
