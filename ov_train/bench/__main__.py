@@ -1,5 +1,3 @@
-import sys
-
 from ov_train.cli.bench import main
 
-main(sys.argv[1:])
+main()

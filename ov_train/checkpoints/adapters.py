@@ -37,11 +37,6 @@ def recorded_adapters(meta: dict) -> AdapterPlan | None:
     return AdapterPlan.from_dict(meta["adapter"]) if meta.get("adapter") else None
 
 
-def adapter_record(ckpt_path: str | Path, trust: bool = False) -> AdapterPlan | None:
-    """The adapters a checkpoint records, with their base; None for a full checkpoint."""
-    return recorded_adapters(ov_train_metadata(Path(ckpt_path), trust))
-
-
 def base_plan(adapter: AdapterPlan, trust: bool = False, base_dir: str | Path | None = None,
               tokenizer_dir: str | None = None) -> ModelPlan:
     """How to build the adapters' base: as recorded, or from `base_dir`, a Hugging Face directory of it."""

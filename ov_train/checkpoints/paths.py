@@ -9,13 +9,11 @@ from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-DIRECTORY = "checkpoints"  # under the run directory
-LAST = "last.ckpt"
 KEPT = "step={step}"  # ModelCheckpoint's file name pattern for the kept ones (.ckpt added)
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    return Path(run_dir) / DIRECTORY / LAST
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
 def previous_of(path: Path) -> Path:
@@ -54,8 +52,3 @@ def resume_targets(ckpt_path: str | None, run_dir: Path | None) -> tuple[str, ..
                  last)
         return ()
     raise ValueError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None:
-    """The checkpoint `ckpt_path` resumes first (resume_targets), or None."""
-    return next(iter(resume_targets(ckpt_path, run_dir)), None)

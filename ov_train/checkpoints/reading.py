@@ -1,10 +1,6 @@
-"""Read any checkpoint ov_train writes: a single Lightning file, a DeepSpeed ZeRO directory or an FSDP2
-(torch.distributed.checkpoint) directory, consolidated on CPU in one process; and the identity check of a resume.
-
-Every pickle in a checkpoint is unpickled as tensors and plain data only, unless the caller trusts it
-(checkpoints/safe_load.py). Used by model.init_from (model/build.py), resume checks (run.py), the export
-(checkpoints/export.py); adapter checkpoints, which hold the trainable tensors only, are put back on their base by
-checkpoints/adapters.py.
+"""Read any checkpoint ov_train writes (a Lightning file, a DeepSpeed ZeRO or an FSDP2 directory, consolidated on CPU
+in one process), unpickling tensors and plain data only unless trusted (safe_load.py); and a resume's identity check.
+Adapter checkpoints hold the trainable tensors only: adapters.py puts them back on their base.
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def save_whole(trainer, path, save=None) -> None:
     Single files go through AtomicCheckpointIO. DeepSpeed and FSDP write from every rank, in place, often a
     directory: they write beside the target instead, then rank 0 moves the target to `.<name>.previous`,
     renames the new one over it and deletes the previous one. A kill between those renames leaves only the
-    previous checkpoint, which resolve_ckpt_path (checkpoints/paths.py) then resumes from.
+    previous checkpoint, which ckpt_path=auto (checkpoints/paths.py) then resumes from.
     """
     save = save or trainer.save_checkpoint
     path = Path(path)

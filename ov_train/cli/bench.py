@@ -8,27 +8,10 @@
     python -m ov_train.bench --goals DIR     # the goals against the --json results in DIR
     python -m ov_train.bench --pairs         # DPO steps: each pair's media encoded once against twice (bench/pairs.py)
 
-Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0% multi-image,
-25.9% video) for the same steps of `--samples` samples each:
-- stock: batch 1 with gradient accumulation, each sample through
-  LlavaOnevisionForConditionalGeneration.forward with full logits and its loss; fp32 weights
-  (bf16 autocast on GPU), AdamW.
-- ov_train: samples packed into rows of up to `--max-tokens` (one forward/backward per row),
-  varlen attention on GPU, chunked (CPU) or Liger fused (GPU) linear cross-entropy, no tower
-  layer past the feature layer; on GPU bf16 weights with fp32 master weights in the optimizer;
-  optionally each layer torch.compile'd and activation checkpointing.
-Printed per path: tokens/s (real tokens, no padding), MFU (model FLOPs of those tokens by
-ov_train.utils.flops, every part training), peak memory, and the ratios ov_train / stock.
---adapter lora (or dora) adds ov_train's path with the adapters `adapter=lora` places (conf/shared/adapter_lora.yaml,
-rank --adapter-rank) on the same samples, against the full fine-tuning row: trainable parameters,
-optimizer-state bytes and peak memory.
-
---loader writes the same mixture into temporary WebDataset shards laid out as the onevision recipe
-expects and streams them through training's own loader (OneVisionData: recipe sources, MixedStream,
-SampleProcessor, token-budget batches) with `--loader-workers` workers and no model; printed are the
-samples/s and tokens/s (no padding) it delivers after every worker's first batch, reading the shards
-from the local disk (`loader`) and then over HTTP from a server on 127.0.0.1 (`loader/http`). The goal:
-at least 1.5x the tokens/s the GPU consumes (printed with --both).
+Both paths (stock: batch 1 with accumulation, full logits; ov_train: packed rows, fused loss, bf16 weights with fp32
+masters) train the same synthetic OneVision mixture; printed per path: tokens/s, MFU, peak memory and the ratios.
+--loader streams that mixture from shards through training's own loader, locally and over loopback HTTP. The method
+and the goals: docs/PERFORMANCE.md ("Method of the benchmark", "The data loader").
 """
 from __future__ import annotations
 

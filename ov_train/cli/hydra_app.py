@@ -12,16 +12,11 @@ from ov_train.resources import CONF_DIR
 
 
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str] | None = None) -> None:
-    """`task(cfg)` on the config Hydra composes from `argv` (default: the process's command line): overrides,
-    --config-dir, --cfg, --help, -m. `argv` stands in for sys.argv[1:] while Hydra reads it; a run that starts
-    more ranks gets argv=None, since Lightning starts them with this process's own command line."""
-    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)
-    if argv is None:
-        app()
-        return
+    """`task(cfg)` on the config Hydra composes from `argv` (overrides, --config-dir, --cfg, -m), which stands in for
+    sys.argv[1:] meanwhile; None for a run that starts ranks: Lightning starts them with this process's sys.argv."""
     saved = sys.argv
-    sys.argv = [saved[0], *argv]
+    sys.argv = saved if argv is None else [saved[0], *argv]
     try:
-        app()
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)()
     finally:
         sys.argv = saved

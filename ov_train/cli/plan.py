@@ -11,19 +11,15 @@ from ov_train.cli.hydra_app import run_hydra
 
 USAGE = """usage: ov-train plan [--config-dir DIR] [OVERRIDE ...] [--json]
 
-Plans one training step of the composed configuration (the same overrides as training: model=, stage=,
-strategy=, trainer.devices=, ...) on plan.device (h100, h200, a100_80g, a100_40g, l40s, b200, cpu; default:
-this machine's GPU): memory per device (weights, gradients, optimizer state, activations, the loss's working
-set, peak) and the step time at plan.mfu. --json prints one JSON object. Hydra's options (--cfg job, -m, ...)
-work as in training."""
+Memory per device and time of one training step of the config training would compose from the same overrides, on
+plan.device (default: this machine's GPU). --json prints one JSON object; Hydra's options work as in training."""
 # A plan is no run: no run directory, no .hydra/ files, no log file; Hydra leaves logging as it is.
 NO_RUN = ["run_dir=null", "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none",
           "hydra/hydra_logging=none"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """0: planned; 1: Hydra refused the command line (a typo, a missing option: as training says it); 2: the
-    planner refused the config (a bad plan.* value)."""
+    """0: planned; 1: Hydra refused the command line (as it does training's); 2: the planner refused the config."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)

@@ -7,7 +7,7 @@ the recipe's weights, each modality's share filled with its largest samples (the
   work per token;
 - multi_image: up to 12 images of one crop each (729 + 1 tokens);
 - single_image: the largest of the recipe's example images whose anyres tokens fit (3000x800 -> 8,019 at
-  384 px), or one crop under `single_crop`;
+  384 px), or one crop under `pad` or `square`;
 - text: text only.
 Every sample also carries a prompt (PROMPT_TOKENS, no loss) and a reply (REPLY_TOKENS, supervised).
 Visual token counts come from ov_train.vision.tokens, the model's own arithmetic.

@@ -33,10 +33,8 @@ class OneVisionData(L.LightningDataModule):
             tokenizer=tokenizer,
             geometry=geometry,
             template=samples.template,
-            image_strategy=samples.media.image.strategy,
-            max_frames=samples.media.video.max_frames,
-            max_length=samples.max_length,
             media=samples.media,
+            max_length=samples.max_length,
             placement=samples.placement,
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)

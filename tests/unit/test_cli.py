@@ -21,7 +21,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 def test_the_table_is_the_console_scripts():
     """pyproject.toml's console scripts are `ov-train` and the table's own scripts, each its command's main."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    table = {c.script: f"ov_train.cli.{c.module}:main" for c in COMMANDS.values() if c.script}
+    table = {script: f"ov_train.cli.{name}:main" for name, script in COMMANDS.items() if script}
     assert scripts == {"ov-train": "ov_train.cli:main", **table}
 
 

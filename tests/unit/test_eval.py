@@ -276,7 +276,7 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
     clip = encode_mp4(np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8), fps=2)
     raw = raw_sample("v", "<video>\nWhich way?", "left", video=clip)
     geometry = VisionGeometry.from_model_config(config)
-    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)(raw)["frames"]
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 4096)(raw)["frames"]
     _, frames = sample_media(raw, video)
     assert frames.shape == (4, 16, 16, 3) and torch.equal(preprocess_frames(frames, geometry), trained)
     # ov-eval: the export's settings, a recipe source's own laid over them, --max-frames over both.
@@ -360,7 +360,7 @@ def test_ov_eval_places_a_turns_image_as_the_exports_stage_did(tiny_model_and_to
     export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
     raw = raw_sample("s", "What colour is the shape? <image>", "red", images=[noise_png(40, 30, 1)])
     geometry = VisionGeometry.from_model_config(config)
-    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=samples.media,
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", samples.media, 4096,
                               placement=placement)(raw)
     labels = trained["labels"].tolist()
     prompt_ids = trained["input_ids"].tolist()[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from ov_train.checkpoints import saving
-from ov_train.checkpoints.paths import resolve_ckpt_path, resume_candidates
+from ov_train.checkpoints.paths import resume_candidates, resume_targets
 from ov_train.checkpoints.reading import resume_problems
 from ov_train.checkpoints.saving import AtomicCheckpointIO, AtomicCheckpoints, CheckpointWriteError, PeriodicCheckpoint
 from ov_train.config.run_plan import ConfigError, resolve_plan
@@ -132,7 +132,7 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
         save_whole(trainer, last, shards(4))
     monkeypatch.undo()
     assert not last.exists()
-    resumed = resolve_ckpt_path("auto", tmp_path)
+    resumed = resume_targets("auto", tmp_path)[0]
     assert resumed == str(tmp_path / "checkpoints" / ".last.ckpt.previous")
     assert steps_in(Path(resumed)) == {"3"}
     save_whole(trainer, last, shards(5))
