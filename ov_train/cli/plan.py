@@ -1,5 +1,5 @@
 """`ov-train plan [OVERRIDE ...] [--json]`: the plan of the configuration training would compose, composed the same
-way (cli/hydra_app.py)."""
+way (run_hydra)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from ov_train.cli.hydra_app import run_hydra
+from ov_train.cli import run_hydra
 
 USAGE = """usage: ov-train plan [--config-dir DIR] [OVERRIDE ...] [--json]
 

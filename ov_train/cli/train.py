@@ -5,7 +5,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from ov_train.cli.hydra_app import run_hydra
+from ov_train.cli import run_hydra
 
 
 def _train(cfg: DictConfig) -> None:

@@ -124,8 +124,7 @@ def _shards(src: SourceSpec, root, io: IOSettings, check: bool) -> tuple[tuple, 
 
 
 def _root_problem(root: str | Path, io: IOSettings) -> str | None:
-    """Why no shard can be under `root` at all, or None; asked once every relative source failed (a good root costs
-    no request)."""
+    """Why no shard can be under `root` at all, or None; asked once every relative source failed, never otherwise."""
     try:
         found = remote.glob(str(root).rstrip("/") + "/*", io) if remote.is_remote(str(root)) else Path(root).is_dir()
     except Exception as err:  # as in _shards
