@@ -145,6 +145,7 @@ class DataPlan:
     io: IOSettings = IOSettings()
     index_dir: str | None = None  # where parquet sources' indexes are built on first read
     samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
+    batching: str = "tokens"  # data.batching: what fills a training batch (constants.BATCHINGS)
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
+        batching=data.batching,
     )
 
 
