@@ -7,6 +7,7 @@
     python -m ov_train.bench --both          # model bench and loader; ratio loader / ov_train tokens/s
     python -m ov_train.bench --goals DIR     # the goals against the --json results in DIR
     python -m ov_train.bench --pairs         # DPO steps: each pair's media encoded once against twice (bench/pairs.py)
+    python -m ov_train.bench --balance       # 8 ranks simulated: token budget against compute budget (bench/balance.py)
 
 Both paths train the same synthetic OneVision mixture (31.2% single image, 43.0% multi-image,
 25.9% video) for the same steps of `--samples` samples each:
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ov_train.bench.balance import balance_bench
 from ov_train.bench.goals import report
 from ov_train.bench.loader import loader_bench
 from ov_train.bench.model import model_bench
@@ -77,6 +79,10 @@ def _parse(argv):
     p.add_argument("--loader-batches", type=int, default=None, help="timed loader batches (default 32; 2 with --tiny)")
     p.add_argument("--pairs", action="store_true",
                    help="DPO steps on preference pairs: the media encoded once per pair against twice (bench/pairs.py)")
+    p.add_argument("--balance", action="store_true",
+                   help="simulate data-parallel ranks on the OneVision mix: token against compute budgets (bench/balance.py)")
+    p.add_argument("--balance-ranks", type=int, default=8)
+    p.add_argument("--balance-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--goals", type=Path, default=None, metavar="DIR",
@@ -96,6 +102,11 @@ def main(argv=None) -> list:
     args = _parse(argv)
     if args.goals:
         return report(args.goals)
+    if args.balance:
+        results = balance_bench(args)
+        if args.json:
+            args.json.write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "results": results}, indent=2))
+        return results
     torch.manual_seed(args.seed)
     cfg = compose([f"model={args.model}", "model.random_init=true"]).model
     with_model = args.both or not args.loader
