@@ -119,6 +119,7 @@ class SamplePlan:
     media: MediaSettings  # image strategy and grid, video sampling (per recipe source where it says)
     max_length: int
     placement: str = "front"  # stage.media_placement
+    decode: str = "exact"  # data.decode
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
         synthetic = SyntheticPlan(**OmegaConf.to_container(data.synthetic), seed=cfg.seed)
     # The data config's budget wins over the recipe's.
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
-    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement)
+    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement, data.decode)
     per_rank = data.samples_per_step // world_size(cfg.trainer) if data.samples_per_step else None
     return DataPlan(
         recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,

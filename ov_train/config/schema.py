@@ -120,6 +120,9 @@ class DataConfig:
     # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
     # data-parallel ranks' steps cost the same; real tokens count there, not padding.
     batching: str = "tokens"
+    # How images are decoded (constants.DECODES): `exact`, in full; `fast`, a JPEG at the smallest DCT scale that
+    # still covers what its crops are resized to (vision/preprocess.py open_image; pixels differ, tokens do not).
+    decode: str = "exact"
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.
     samples_per_step: Optional[int] = None
     # Passes over the recipe's sample counts; sets trainer.max_steps (needs samples_per_step).

@@ -1,20 +1,18 @@
 """One raw shard sample (LLaVA json + media bytes) -> one model-ready example: pixels, ids, labels."""
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from PIL import Image
 
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
 from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS
 from ov_train.data.video import VIDEO_FIELD, decode_video
 from ov_train.text.template import encode_conversation
-from ov_train.vision.preprocess import preprocess_frames, preprocess_image
+from ov_train.vision.preprocess import open_image, preprocess_frames, preprocess_image
 from ov_train.vision.tokens import video_tokens
 
 # Where a sample's video is, in order: the one field `ov-data convert` writes, then the container extensions
@@ -72,6 +70,9 @@ class SampleProcessor:
     # Where a turn's single <image>/<video> goes (constants.PLACEMENTS): `front` (moved to the start, then a
     # newline, as the public LLaVA-NeXT code does) or `as_is`.
     placement: str = "front"
+    # data.decode (constants.DECODES): `exact` decodes every image in full; `fast` decodes a JPEG at the reduced
+    # size its crops need (vision/preprocess.py open_image): faster, pixels not equal.
+    decode: str = "exact"
 
     def __post_init__(self):
         if self.media is None:
@@ -117,8 +118,9 @@ class SampleProcessor:
         images = []
         for field in fields:
             try:
-                with Image.open(io.BytesIO(raw[field])) as im:
-                    images.append(preprocess_image(im, self.geometry, mode=mode))
+                im, size = open_image(raw[field], self.geometry, mode, fast=self.decode == "fast")
+                with im:
+                    images.append(preprocess_image(im, self.geometry, mode=mode, size=size))
             except Exception as err:  # PIL raises many types for broken files
                 raise SampleError("corrupt_image", f"sample {key}: cannot decode {field} ({err})") from err
         frames = None

@@ -43,6 +43,7 @@ class OneVisionData(L.LightningDataModule):
             max_length=samples.max_length,
             media=samples.media,
             placement=samples.placement,
+            decode=samples.decode,
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
         self._resume: tuple[dict, int] = ({}, 0)
