@@ -3,7 +3,8 @@
 Reading `reader[i]` frame by frame decodes every frame of a clip to keep one in 30 (3.8 CPU-s per 30 s 720p
 clip). Here the compressed packets are read once (cheap: no decoding), each sampled frame is found by its
 presentation time, and decoding starts at the key frame before it, or continues from where the previous sampled
-frame left off when no key frame lies between them; packets after the last sampled frame are never decoded.
+frame left off when no key frame lies between them; packets after the last sampled frame are never decoded, and
+between sampled frames the frames no other frame refers to (most B-frames) are skipped by the codec itself.
 Frames are numbered in presentation order, as decord numbers them, so the sampled indices
 (vision/tokens.py video_frame_indices) pick the same frames.
 
@@ -62,6 +63,9 @@ class Clip:
         decoded av.VideoFrame into the array (default: rgb24 at its own size)."""
         convert = convert or (lambda frame: frame.to_ndarray(format="rgb24"))
         wanted = {self.pts[i]: i for i in indices}
+        # Packets of wanted frames decode in full; the others only if later frames refer to them (the codec's own
+        # skip of non-reference frames, FFmpeg's skip_frame=NONREF).
+        needed = {self.position[pts] for pts in wanted}
         got: dict[int, np.ndarray] = {}
         next_packet = 0
         self.fed = 0  # packets decoded for this call
@@ -75,6 +79,7 @@ class Clip:
                 next_packet = key
             while i not in got:
                 if next_packet < len(self.packets):
+                    self.codec.skip_frame = "DEFAULT" if next_packet in needed else "NONREF"
                     decoded = self.codec.decode(self.packets[next_packet])
                     next_packet += 1
                     self.fed += 1
