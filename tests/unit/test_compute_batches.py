@@ -8,7 +8,7 @@ from ov_train.bench.balance import model_config, simulate
 from ov_train.config.options import TokenBudget
 from ov_train.data.batching import TrainBatches
 from ov_train.data.compute_batches import SampleCost, best_fit, fill_compute_batches
-from ov_train.training.metrics import rank_imbalance
+from ov_train.training.metrics import TrainingMetrics, rank_imbalance
 from ov_train.utils.flops import TokenCounts
 from tests.conftest import compose_config
 
@@ -117,6 +117,25 @@ def test_compute_budget_balances_ranks_better_than_tokens():
 def test_rank_imbalance_metric():
     flops = torch.tensor([[1.0, 2.0], [3.0, 2.0]], dtype=torch.float64)  # [ranks, steps]
     assert rank_imbalance(flops).tolist() == [1.5, 1.0]
+
+
+def test_training_metrics_gathers_step_costs_over_ranks():
+    """The callback's per-step costs, gathered from two ranks (the second's steps cost 3x then 1x the first's):
+    imbalance 1.5 and 1.0, logged as their mean and max, and the idle share 1 - mean / max."""
+
+    class TwoRanks:
+        device = torch.device("cpu")
+
+        def all_gather(self, t):
+            return torch.stack([t, t * torch.tensor([3.0, 1.0], dtype=t.dtype)])
+
+    metrics = TrainingMetrics()
+    metrics._step_flops = [torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)]
+    logged = metrics._balance(TwoRanks())
+    assert logged["perf/rank_imbalance"] == pytest.approx(1.25)
+    assert logged["perf/rank_imbalance_max"] == pytest.approx(1.5)
+    assert logged["perf/rank_idle"] == pytest.approx((1 - 1 / 1.5) / 2)
+    assert metrics._step_flops == [] and metrics._balance(TwoRanks()) == {}
 
 
 @pytest.mark.parametrize("overrides, expected", [
