@@ -83,17 +83,22 @@ def _conversation(prompt: str, modality: str, rng: np.random.Generator) -> bytes
 
 def write_media_shards(root: Path, photos: int = 150, scans_share: float = 0.1, clips: int = 12,
                        clip_seconds: float = 30.0, clip_size: tuple[int, int] = (720, 1280), seed: int = 0,
-                       per_shard: int = 8) -> dict:
+                       per_shard: int = 8, image_scale: float = 1.0) -> dict:
     """The onevision recipe's sources under ROOT/onevision/<modality>/ from realistic media: single images (one
     photo or scan each), multi-image samples (2 to 6 of them) and videos, in the 31/43/26 mix by sample. Each image
-    and clip is encoded once and reused across samples, so generation stays quick. Returns counts and sizes."""
+    and clip is encoded once and reused across samples, so generation stays quick; `image_scale` shrinks every image
+    (tests). Returns counts and sizes."""
     rng = np.random.default_rng(seed)
+
+    def scaled(size):
+        return tuple(max(16, round(side * image_scale)) for side in size)
+
     images = []
     for _ in range(photos):
         if rng.random() < scans_share:
-            images.append(jpeg(scan(*SCAN_SIZE, rng)))
+            images.append(jpeg(scan(*scaled(SCAN_SIZE), rng)))
         else:
-            images.append(jpeg(photo(*PHOTO_SIZES[rng.integers(len(PHOTO_SIZES))], rng)))
+            images.append(jpeg(photo(*scaled(PHOTO_SIZES[rng.integers(len(PHOTO_SIZES))]), rng)))
     videos = [clip(clip_seconds, *clip_size, seed=seed + k) for k in range(clips)]
     # Samples in the mix: videos limit the count (each clip once), images fill their shares.
     n_video = clips
