@@ -44,6 +44,8 @@ class OneVisionData(L.LightningDataModule):
             media=samples.media,
             placement=samples.placement,
             decode=samples.decode,
+            labels=samples.labels,
+            plain_newline=samples.plain_newline,
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
         self._resume: tuple[dict, int] = ({}, 0)
