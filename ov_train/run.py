@@ -21,6 +21,7 @@ from ov_train.checkpoints.reading import resume_problems
 from ov_train.checkpoints.saving import AtomicCheckpoints, PeriodicCheckpoint, SaveOnSigterm, save_whole
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
+from ov_train.data.compute_batches import SampleCost
 from ov_train.data.prepare import locate_shards, prepare_data
 from ov_train.data.recipe import Recipe
 from ov_train.planner.report import preflight
@@ -127,7 +128,9 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
     model, tokenizer, adapter = build_for_training(plan, source)
     # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
     apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)
-    data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
+    trainable = {part for part, lr in plan.optim.part_lrs.items() if lr > 0}
+    data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config),
+                         SampleCost.of_model(model.config, trainable))
     tokenizer.save_pretrained(paths.tokenizer)
     module = OneVisionModule(
         model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity,

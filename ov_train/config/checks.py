@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from ov_train.config import reproduce
 from ov_train.config.options import devices_per_node, world_size
-from ov_train.constants import LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
+from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
@@ -224,6 +224,14 @@ def data_problems(data, seed: int) -> list[str]:
         problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
     if batch is not None and batch < 1:
         problems.append(f"data.batch_size={batch!r} must be a positive integer or null (with a token budget)")
+    if data.decode not in DECODES:
+        problems.append(f"data.decode={data.decode!r}; allowed: {', '.join(DECODES)}")
+    if data.batching not in BATCHINGS:
+        problems.append(f"data.batching={data.batching!r}; allowed: {', '.join(BATCHINGS)}")
+    elif data.batching == "compute" and data.samples_per_step is not None:
+        problems.append(f"data.batching=compute fills each batch to a compute budget, data.samples_per_step="
+                        f"{data.samples_per_step} fixes a step's samples: set one of them (data.batching=tokens or"
+                        " data.samples_per_step=null)")
     return problems
 
 

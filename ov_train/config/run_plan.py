@@ -118,6 +118,7 @@ class SamplePlan:
     placement: str = "front"  # stage.media_placement
     labels: str = "replies"  # stage.labels, as stage.reproduce resolves it (config/reproduce.py)
     plain_newline: str = "apart"  # stage.plain_newline, likewise
+    decode: str = "exact"  # data.decode
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class DataPlan:
     io: IOSettings = IOSettings()
     index_dir: str | None = None  # where parquet sources' indexes are built on first read
     samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
+    batching: str = "tokens"  # data.batching: what fills a training batch (constants.BATCHINGS)
 
 
 @dataclass(frozen=True)
@@ -300,13 +302,14 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
     fidelity = Reproduction.from_stage(stage)
     samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement, fidelity.labels,
-                         fidelity.plain_newline)
+                         fidelity.plain_newline, data.decode)
     per_rank = data.samples_per_step // world_size(cfg.trainer) if data.samples_per_step else None
     return DataPlan(
         recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
+        batching=data.batching,
     )
 
 

@@ -125,6 +125,13 @@ class DataConfig:
     allow_pipe: bool = False
     batch_size: Optional[int] = None
     max_tokens_per_batch: Optional[int] = None
+    # What fills a batch (constants.BATCHINGS): `tokens`, padded LLM tokens up to the token budget; `compute`, training
+    # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
+    # data-parallel ranks' steps cost the same; real tokens count there, not padding.
+    batching: str = "tokens"
+    # How images are decoded (constants.DECODES): `exact`, in full; `fast`, a JPEG at the smallest DCT scale that
+    # still covers what its crops are resized to (vision/preprocess.py open_image; pixels differ, tokens do not).
+    decode: str = "exact"
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.
     samples_per_step: Optional[int] = None
     # Passes over the recipe's sample counts; sets trainer.max_steps (needs samples_per_step).
