@@ -150,6 +150,9 @@ class SyntheticDataConfig(DataConfig):
 @dataclass
 class StrategyConfig:
     name: str = MISSING
+    # Ranks sharing one packed row (Ulysses sequence parallelism, config/parallel.py): data parallel over world / N
+    # groups; N divides the world and the LLM's heads; ddp or fsdp2. 1: none.
+    sequence_parallel: int = 1
 
 
 @dataclass

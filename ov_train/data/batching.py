@@ -50,9 +50,10 @@ class TrainBatches(IterableDataset):
     """
 
     def __init__(self, make_stream: Callable, budget: TokenBudget, collate: Callable[[list[dict]], dict],
-                 samples_per_rank: int | None = None):
+                 samples_per_rank: int | None = None, replicas: int = 1):
         self.make_stream, self.budget, self.collate = make_stream, budget, collate
         self.samples_per_rank = samples_per_rank
+        self.replicas = replicas  # consecutive ranks reading the same batches (stream.reader_slot)
         self.states: dict[int, dict] = {}
         self.consumed = 0
 
@@ -60,7 +61,7 @@ class TrainBatches(IterableDataset):
         self.states, self.consumed = dict(states), consumed
 
     def __iter__(self):
-        reader, readers = reader_slot(self.consumed)
+        reader, readers = reader_slot(self.consumed, self.replicas)
         stream = self.make_stream(reader=reader, readers=readers, state=self.states.get(reader))
         if self.samples_per_rank:
             for bundle, state in step_bundles(iter(stream), self.samples_per_rank, self.budget, self.collate, stream.state):
