@@ -28,6 +28,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 
 from ov_train.config.run_plan import StrategyPlan
 from ov_train.model import layout
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -186,6 +189,9 @@ class SequenceParallelSetup(Callback):
         parallel = SequenceParallel.create(self.degree)
         parallel.apply(pl_module.model)
         pl_module.sequence_parallel = parallel
+        if trainer.is_global_zero:
+            log.info("sequence parallel: each packed row split over %d ranks (their frames and crops encoded"
+                     " frame-parallel), data parallel over %d groups", self.degree, trainer.world_size // self.degree)
 
 
 def strategy_callbacks(plan: StrategyPlan) -> list[Callback]:
