@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
-from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
+from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.constants import PARTS, SYNTHETIC
 from ov_train.utils.logging import get_logger

@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 
 from ov_train.config.adapter import AdapterPlan, adapter_problems
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, read_media
-from ov_train.config.parallel import allowed_degrees, sequence_parallel_problems
 from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
+from ov_train.config.parallel import allowed_degrees, sequence_parallel_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
 from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, run_adapter_plan, stage_lrs, strategy_plan
 from ov_train.constants import ADAPTED, VARLEN

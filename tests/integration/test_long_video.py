@@ -72,7 +72,7 @@ def test_tiny_twin_trains_on_4_processes_with_the_losses_of_one(tmp_path, small_
     records = probe_records(tmp_path / "probe", "end")
     assert [r["step"] for r in records] == [2] * 4
     # A group's two ranks trained on the same batches and hold the same (group) loss.
-    by_rank = [dict((b, loss) for b, loss in r["losses"]) for r in records]
+    by_rank = [dict(r["losses"]) for r in records]
     assert by_rank[0] == by_rank[1] and by_rank[2] == by_rank[3] and by_rank[0] != by_rank[2]
     # The batches of one process's two micro-batches per step, and its losses.
     assert consumed_by_step(run_dir) == consumed_by_step(one_process / "run", micro_batches=2)
