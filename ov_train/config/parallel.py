@@ -4,7 +4,7 @@ the frame-parallel tower, parallel/frames.py). Data parallelism then runs over w
 Checked here, by key, before any work: N divides the world size, the LLM's query heads, and divides or is a multiple
 of its key/value heads (each rank attends over heads / N heads of the whole row; DeepSpeed's Ulysses layer repeats
 key/value heads when they are fewer than N); the engine is ddp or fsdp2; the row's attention is sdpa, eager or
-ov_varlen; data.samples_per_step divides over the data-parallel groups.
+ov_varlen; data.samples_per_step divides over the data-parallel groups; eval.generate is off.
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def degree_problems(degree: int, heads: int, kv_heads: int, world: int | None = 
     return problems
 
 
-def sequence_parallel_problems(strategy, world: int, model) -> list[str]:
-    """Every problem of strategy.sequence_parallel in this config, one line each ([] for 1)."""
+def sequence_parallel_problems(strategy, world: int, model, generate: bool = False) -> list[str]:
+    """Every problem of strategy.sequence_parallel in this config, one line each ([] for 1); `generate`:
+    eval.generate, whose token-by-token generation has no row to split."""
     degree = strategy.get("sequence_parallel", 1)
     if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
         return [f"{KEY}={degree!r} must be an integer >= 1 (1: no sequence parallelism)"]
@@ -52,6 +53,9 @@ def sequence_parallel_problems(strategy, world: int, model) -> list[str]:
     if model.attn_implementation not in ROW_ATTENTION:
         problems.append(f"{KEY}={degree}: the row's attention runs in {list(ROW_ATTENTION)}, not"
                         f" model.attn_implementation={model.attn_implementation}")
+    if generate:
+        problems.append(f"{KEY}={degree} with eval.generate=true: generation runs one token at a time, which a"
+                        " sequence-parallel group cannot split; set eval.generate=false (ov-eval generates on the export)")
     return problems
 
 

@@ -468,7 +468,8 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name,
                                cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
-        + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model) + checks.io_problems(cfg.data.io)
+        + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
+        + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))

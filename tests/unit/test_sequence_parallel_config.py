@@ -45,6 +45,11 @@ def test_attention_without_a_row_form_is_refused():
     assert "model.attn_implementation=flex_attention" in text and "strategy.sequence_parallel=2" in text
 
 
+def test_generation_at_validation_is_refused():
+    text = _problems(["strategy=ddp", "strategy.sequence_parallel=2", "eval.generate=true", *CPU4])
+    assert "strategy.sequence_parallel=2 with eval.generate=true" in text
+
+
 def test_the_plan_splits_the_world_into_groups_that_share_their_data():
     plan = plan_of(["strategy=ddp", "strategy.sequence_parallel=2", "data.samples_per_step=8", *CPU4])
     assert plan.strategy.sequence_parallel == 2 and plan.data.replicas == 2
