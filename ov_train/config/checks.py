@@ -243,8 +243,10 @@ def step_problems(data, trainer, unit: str | None, strategy: str = "auto", seque
             problems.append(f"data.samples_per_step={per_step!r} must be an integer >= 1 (a global batch in samples) or null")
         elif per_step % world:
             problems.append(
-                f"data.samples_per_step={per_step} does not divide over {world} data-parallel ranks (trainer.num_nodes x"
-                f" trainer.devices / strategy.sequence_parallel); every rank takes the same share: use a multiple of"
+                f"data.samples_per_step={per_step} does not divide over {world} processes (trainer.num_nodes x"
+                f" trainer.devices); every rank takes the same share: use a multiple of {world}" if sequence_parallel <= 1
+                else f"data.samples_per_step={per_step} does not divide over {world} data-parallel groups (trainer.num_nodes"
+                f" x trainer.devices / strategy.sequence_parallel); every group takes the same share: use a multiple of"
                 f" {world}"
             )
         if trainer.accumulate_grad_batches != 1:

@@ -58,7 +58,7 @@ def test_the_plan_splits_the_world_into_groups_that_share_their_data():
     assert [type(c) for c in strategy_callbacks(plan.strategy)] == [SequenceParallelSetup]
     assert strategy_callbacks(plan_of(["strategy=ddp", *CPU4]).strategy) == []
     text = _problems(["strategy=ddp", "strategy.sequence_parallel=2", "data.samples_per_step=3", *CPU4])
-    assert "data.samples_per_step=3 does not divide over 2 data-parallel ranks" in text
+    assert "data.samples_per_step=3 does not divide over 2 data-parallel groups" in text
 
 
 def test_a_groups_ranks_read_one_stream(monkeypatch):
