@@ -3,8 +3,9 @@ the frame-parallel tower, parallel/frames.py). Data parallelism then runs over w
 
 Checked here, by key, before any work: N divides the world size, the LLM's query heads, and divides or is a multiple
 of its key/value heads (each rank attends over heads / N heads of the whole row; DeepSpeed's Ulysses layer repeats
-key/value heads when they are fewer than N); the engine is ddp or fsdp2; the row's attention is sdpa, eager or
-ov_varlen; data.samples_per_step divides over the data-parallel groups; eval.generate is off.
+key/value heads when they are fewer than N); the engine is ddp, fsdp2 or deepspeed (ZeRO-2 / ZeRO-3); the row's
+attention is sdpa, eager or ov_varlen; data.samples_per_step divides over the data-parallel groups; eval.generate
+is off.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from ov_train.constants import VARLEN
 
 KEY = "strategy.sequence_parallel"
 # Engines sequence parallelism composes with: the loss's group all-reduce scales each rank's gradient by N, and their
-# mean over all world ranks is then the mean over the world / N groups (ZeRO-style sharding: fsdp2).
-ENGINES = ("ddp", "fsdp2")
+# mean over all world ranks is then the mean over the world / N groups (FSDP2 and ZeRO shard over the whole world).
+# `auto` is left out: on one device there is no group, and on several it should be named.
+ENGINES = ("ddp", "fsdp2", "deepspeed")
 # Attention implementations the whole row's attention runs in once the heads are exchanged.
 ROW_ATTENTION = ("auto", "sdpa", "eager", VARLEN)
 
@@ -48,7 +50,7 @@ def sequence_parallel_problems(strategy, world: int, model, generate: bool = Fal
         return []
     problems = degree_problems(degree, model.text.num_attention_heads, model.text.num_key_value_heads, world)
     if strategy.name not in ENGINES:
-        problems.append(f"{KEY}={degree} runs under strategy=ddp or strategy=fsdp2 (fully sharded, ZeRO-3 style), not"
+        problems.append(f"{KEY}={degree} runs under strategy=ddp, fsdp2 or deepspeed_zero2/3 (name the engine), not"
                         f" strategy.name={strategy.name}")
     if model.attn_implementation not in ROW_ATTENTION:
         problems.append(f"{KEY}={degree}: the row's attention runs in {list(ROW_ATTENTION)}, not"

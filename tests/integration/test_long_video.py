@@ -81,3 +81,25 @@ def test_tiny_twin_trains_on_4_processes_with_the_losses_of_one(tmp_path, small_
     print(f"tiny twin losses {ours}, one process {theirs}, largest relative difference"
           f" {max(abs(a - b) / abs(b) for a, b in zip(ours, theirs)):.1e}")
     assert len(ours) == 2 and ours == pytest.approx(theirs, rel=LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize(("engine", "extra"), [("deepspeed_zero2", []), ("deepspeed_zero3", ["data.samples_per_step=4", "model.activation_checkpointing=[vision,llm]"])])
+def test_tiny_twin_under_zero_on_2_processes_has_the_losses_of_one(tmp_path, small_data_root, engine, extra):
+    """One group of 2 (no data parallelism) under DeepSpeed, ZeRO-3 also with step bundles of micro-batches and
+    activation checkpointing (its recomputed forward repeats the group's all-to-alls), against one process on the
+    same stream."""
+    import ov_train.run as run
+
+    common = ["experiment=tiny_long_video", *_common(small_data_root), *extra]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "build_callbacks", with_probe(tmp_path / "one_probe"))
+        run.train(compose_config([*common, "strategy=auto", "strategy.sequence_parallel=1", "trainer.devices=1"],
+                                 run_dir=tmp_path / "one"))
+    run_dir = tmp_path / "run"
+    run_train([*common, f"strategy={engine}", "trainer.devices=2", f"hydra.run.dir={run_dir}"], run_dir,
+              tmp_path / "probe")
+    assert consumed_by_step(run_dir) == consumed_by_step(tmp_path / "one")
+    ours = losses_by_step(probe_records(tmp_path / "probe", "end"))
+    theirs = losses_by_step(probe_records(tmp_path / "one_probe", "end"))
+    print(f"{engine} losses {ours}, one process {theirs}")
+    assert len(ours) == 2 and ours == pytest.approx(theirs, rel=LOSS_TOLERANCE)

@@ -34,10 +34,11 @@ def test_a_degree_the_heads_or_the_world_cannot_take_is_refused_by_key():
     assert "strategy.sequence_parallel=0 must be an integer >= 1" in _problems(["strategy.sequence_parallel=0"])
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "auto"])
-def test_engines_it_does_not_compose_with_are_refused_by_key(strategy):
-    text = _problems([f"strategy={strategy}", "strategy.sequence_parallel=2", *CPU4])
-    assert "strategy.sequence_parallel=2 runs under strategy=ddp or strategy=fsdp2" in text
+def test_an_engine_left_to_lightning_is_refused_by_key():
+    text = _problems(["strategy=auto", "strategy.sequence_parallel=2", *CPU4])
+    assert "strategy.sequence_parallel=2 runs under strategy=ddp, fsdp2 or deepspeed_zero2/3" in text
+    for engine in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"):
+        assert plan_of([f"strategy={engine}", "strategy.sequence_parallel=2", *CPU4]).strategy.sequence_parallel == 2
 
 
 def test_attention_without_a_row_form_is_refused():
