@@ -83,7 +83,10 @@ def test_tiny_twin_trains_on_4_processes_with_the_losses_of_one(tmp_path, small_
     assert len(ours) == 2 and ours == pytest.approx(theirs, rel=LOSS_TOLERANCE)
 
 
-@pytest.mark.parametrize(("engine", "extra"), [("deepspeed_zero2", []), ("deepspeed_zero3", ["data.samples_per_step=4", "model.activation_checkpointing=[vision,llm]"])])
+@pytest.mark.parametrize(("engine", "extra"), [
+    ("deepspeed_zero2", []),
+    ("deepspeed_zero3", ["data.samples_per_step=4", "model.activation_checkpointing=[vision,llm]"]),
+])
 def test_tiny_twin_under_zero_on_2_processes_has_the_losses_of_one(tmp_path, small_data_root, engine, extra):
     """One group of 2 (no data parallelism) under DeepSpeed, ZeRO-3 also with step bundles of micro-batches and
     activation checkpointing (its recomputed forward repeats the group's all-to-alls), against one process on the
