@@ -387,7 +387,8 @@ def suggestions(setup: Setup) -> list[dict]:
         if e.name == "fsdp2" or (e.name == "zero" and e.zero_stage == 3):
             return None
         precision = "bf16-mixed" if e.precision == "bf16-true" else e.precision
-        return replace(s, engine=Engine("zero", e.world, precision, 3, accumulate=e.accumulate))
+        return replace(s, engine=Engine("zero", e.world, precision, 3, accumulate=e.accumulate,
+                                        sequence_parallel=e.sequence_parallel))
 
     def search(s: Setup, changes: list[str], what: str, variants) -> tuple[dict | None, Setup | None]:
         """The first variant that fits, else the last one tried."""

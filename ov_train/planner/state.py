@@ -203,14 +203,13 @@ def model_state(c: Counts, e: Engine) -> ModelState:
 
 def engine_from_plan(strategy: StrategyPlan, precision: str, accumulate: int = 1) -> Engine:
     """The Engine of the run plan's strategy on its world of devices."""
-    s, world = strategy.settings, strategy.world_size
+    s, world, sp = strategy.settings, strategy.world_size, strategy.sequence_parallel
     if strategy.name == "deepspeed":
         return Engine(
             "zero", world, precision, int(s["stage"]), bool(s["offload_optimizer"]), bool(s["offload_parameters"]),
             reduce_bucket=int(s["reduce_bucket_size"]), allgather_bucket=int(s["allgather_bucket_size"]),
-            overlap_comm=bool(s["overlap_comm"]), accumulate=accumulate,
+            overlap_comm=bool(s["overlap_comm"]), accumulate=accumulate, sequence_parallel=sp,
         )
-    sp = strategy.sequence_parallel
     if strategy.name == "fsdp2":
         return Engine("fsdp2", world, precision, reshard_after_forward=bool(s["reshard_after_forward"]), accumulate=accumulate,
                       sequence_parallel=sp)
