@@ -89,3 +89,18 @@ def test_rank_share_holds_a_quarter_of_the_frames_and_tokens():
     mine = [s for s in rank_share(mixed, 4, REAL) if s.modality in ("single_image", "multi_image")]
     assert mine == images[::4]
     assert rank_share(mixed, 1, REAL) == mixed
+
+
+def test_the_long_video_experiments_resolve(tmp_path, monkeypatch):
+    twin = plan_of(["experiment=tiny_long_video"])
+    assert (twin.strategy.name, twin.strategy.world_size, twin.strategy.sequence_parallel) == ("fsdp2", 4, 2)
+    video = twin.data.samples.media.video
+    assert (video.max_frames, video.sampling, video.pool, video.newline) == (128, "uniform", 3, "grid")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/ov_qwen2_7b/onevision/export").mkdir(parents=True)
+    (tmp_path / "runs/ov_qwen2_7b/onevision/export/config.json").write_text("{}")
+    plan = resolve_plan(compose_config(["experiment=ov_qwen2_7b/long_video", f"data.root={tmp_path}"]))
+    assert (plan.strategy.name, plan.strategy.world_size, plan.strategy.sequence_parallel) == ("fsdp2", 8, 4)
+    assert plan.data.replicas == 4 and plan.data.budget.max_tokens == 131072
+    video = plan.data.samples.media.video
+    assert (video.max_frames, video.pool, video.newline) == (128, 3, "grid")
