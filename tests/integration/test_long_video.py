@@ -83,17 +83,15 @@ def test_tiny_twin_trains_on_4_processes_with_the_losses_of_one(tmp_path, small_
     assert len(ours) == 2 and ours == pytest.approx(theirs, rel=LOSS_TOLERANCE)
 
 
-@pytest.mark.parametrize(("engine", "extra"), [
-    ("deepspeed_zero2", []),
-    ("deepspeed_zero3", ["data.samples_per_step=4", "model.activation_checkpointing=[vision,llm]"]),
-])
-def test_tiny_twin_under_zero_on_2_processes_has_the_losses_of_one(tmp_path, small_data_root, engine, extra):
-    """One group of 2 (no data parallelism) under DeepSpeed, ZeRO-3 also with step bundles of micro-batches and
-    activation checkpointing (its recomputed forward repeats the group's all-to-alls), against one process on the
-    same stream."""
+def test_tiny_twin_under_zero3_on_2_processes_has_the_losses_of_one(tmp_path, small_data_root):
+    """One group of 2 (no data parallelism) under DeepSpeed ZeRO-3, with step bundles of micro-batches and activation
+    checkpointing (its recomputed forward repeats the group's all-to-alls), against one process on the same stream.
+    (ZeRO-2 measured the same by hand, README "Long video"; left out to keep the suite short.)"""
     import ov_train.run as run
 
-    common = ["experiment=tiny_long_video", *_common(small_data_root), *extra]
+    engine = "deepspeed_zero3"
+    common = ["experiment=tiny_long_video", *_common(small_data_root), "data.samples_per_step=4",
+              "model.activation_checkpointing=[vision,llm]"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run, "build_callbacks", with_probe(tmp_path / "one_probe"))
         run.train(compose_config([*common, "strategy=auto", "strategy.sequence_parallel=1", "trainer.devices=1"],
