@@ -81,6 +81,9 @@ def test_tiny_twin_trains_on_4_processes_with_the_losses_of_one(tmp_path, small_
     print(f"tiny twin losses {ours}, one process {theirs}, largest relative difference"
           f" {max(abs(a - b) / abs(b) for a, b in zip(ours, theirs)):.1e}")
     assert len(ours) == 2 and ours == pytest.approx(theirs, rel=LOSS_TOLERANCE)
+    # Validation: each group's first rank counts its batches (2 groups x 2 batches; one process: 2 batches).
+    summary, reference = (json.loads((d / "summary.json").read_text()) for d in (run_dir, one_process / "run"))
+    assert summary["val_samples"] == 2 * reference["val_samples"] > 0
 
 
 def test_tiny_twin_under_zero3_on_2_processes_has_the_losses_of_one(tmp_path, small_data_root):
