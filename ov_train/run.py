@@ -22,7 +22,7 @@ from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
 from ov_train.model.checkpoint_io import resume_problems
 from ov_train.planner.report import preflight
-from ov_train.strategies import adopt_launcher_tasks, build_strategy
+from ov_train.strategies import adopt_launcher_tasks, build_strategy, strategy_callbacks
 from ov_train.training.callbacks import build_callbacks, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
@@ -71,7 +71,7 @@ def hydra_files() -> list[Path]:
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:
-    callbacks = build_callbacks(plan)
+    callbacks = build_callbacks(plan) + strategy_callbacks(plan.strategy)
     if plan.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     return L.Trainer(
