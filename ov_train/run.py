@@ -25,7 +25,7 @@ from ov_train.data.compute_batches import SampleCost
 from ov_train.data.prepare import locate_shards, prepare_data
 from ov_train.data.recipe import Recipe
 from ov_train.planner.report import preflight
-from ov_train.strategies import StopRanksOnError, adopt_launcher_tasks, build_strategy
+from ov_train.strategies import StopRanksOnError, adopt_launcher_tasks, build_strategy, strategy_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
@@ -88,7 +88,7 @@ def build_callbacks(plan: RunPlan) -> list:
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:
-    callbacks = build_callbacks(plan)
+    callbacks = build_callbacks(plan) + strategy_callbacks(plan.strategy)
     if plan.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     return L.Trainer(

@@ -235,12 +235,13 @@ def data_problems(data, seed: int) -> list[str]:
     return problems
 
 
-def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> list[str]:
-    """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read)."""
+def step_problems(data, trainer, unit: str | None, strategy: str = "auto", sequence_parallel: int = 1) -> list[str]:
+    """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read;
+    `sequence_parallel`: ranks that share their batches, strategy.sequence_parallel)."""
     per_step, epochs = data.samples_per_step, data.epochs
     problems = []
     if per_step is not None:
-        world = world_size(trainer)
+        world = world_size(trainer) // max(1, sequence_parallel)
         if strategy == "fsdp2":
             # FSDP2 reshards the root's parameters (embeddings, projector, norms) after a step's first backward, and
             # the next micro-batch's forward reads them sharded: not supported until that is solved.
@@ -252,7 +253,10 @@ def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> li
         elif per_step % world:
             problems.append(
                 f"data.samples_per_step={per_step} does not divide over {world} processes (trainer.num_nodes x"
-                f" trainer.devices); every rank takes the same share: use a multiple of {world}"
+                f" trainer.devices); every rank takes the same share: use a multiple of {world}" if sequence_parallel <= 1
+                else f"data.samples_per_step={per_step} does not divide over {world} data-parallel groups (trainer.num_nodes"
+                f" x trainer.devices / strategy.sequence_parallel); every group takes the same share: use a multiple of"
+                f" {world}"
             )
         if trainer.accumulate_grad_batches != 1:
             problems.append(

@@ -36,6 +36,10 @@ class StageConfig:
     max_frames: int = MISSING
     frame_sampling: str = "fps"
     frame_size: Optional[int] = None
+    # Video token compression (config/media.py): each frame's features pooled by this stride (2: 196 tokens a 384 px
+    # frame, 3: 81, 4: 49), newlines one_token (after the video), grid (per pooled row), frame or no_token.
+    video_pool: int = MISSING
+    video_newline: str = MISSING
     # A turn's single <image>/<video>: moved to its start + "\n" (front, as the public code) or left (as_is).
     media_placement: str = "front"
     # The step's loss: token (mean over supervised tokens) or sample (each sample's mean, weighted equally).
@@ -162,6 +166,9 @@ class SyntheticDataConfig(DataConfig):
 @dataclass
 class StrategyConfig:
     name: str = MISSING
+    # Ranks sharing one packed row (Ulysses sequence parallelism, config/parallel.py): data parallel over world / N
+    # groups; N divides the world and the LLM's heads; ddp or fsdp2. 1: none.
+    sequence_parallel: int = 1
 
 
 @dataclass

@@ -53,9 +53,11 @@ class TrainBatches(IterableDataset):
     """
 
     def __init__(self, make_stream: Callable, budget: TokenBudget, collate: Callable[[list[dict]], dict],
-                 samples_per_rank: int | None = None, cost: Callable[[dict], float] | None = None):
+                 samples_per_rank: int | None = None, cost: Callable[[dict], float] | None = None,
+                 replicas: int = 1):
         self.make_stream, self.budget, self.collate = make_stream, budget, collate
         self.samples_per_rank, self.cost = samples_per_rank, cost
+        self.replicas = replicas  # consecutive ranks reading the same batches (stream.reader_slot)
         self.states: dict[int, dict] = {}
         self.consumed = 0
 
@@ -63,7 +65,7 @@ class TrainBatches(IterableDataset):
         self.states, self.consumed = dict(states), consumed
 
     def __iter__(self):
-        reader, readers = reader_slot(self.consumed)
+        reader, readers = reader_slot(self.consumed, self.replicas)
         saved = self.states.get(reader)
         # A compute-budget state holds the stream's state from before its held-back samples, and which draws since
         # then were batched; read under either batching, those are drawn again and dropped.

@@ -47,6 +47,7 @@ from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
 from ov_train.utils.paths import cache_dir, write_atomic
 from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
 from ov_train.vision.tokens import (
     anyres_tokens,
     single_crop_tokens,
@@ -64,10 +65,13 @@ _HUMAN, _GPT = {"human", "user"}, {"gpt", "assistant"}
 
 @dataclass(frozen=True)
 class TokenGeometry:
-    """What visual token counts depend on: the vision geometry and the most frames sampled from a video."""
+    """What visual token counts depend on: the vision geometry, the most frames sampled from a video, and how a
+    video's frames are pooled and laid out (stage.video_pool, stage.video_newline)."""
 
     vision: VisionGeometry
     max_frames: int
+    pool: int = DEFAULT_POOL
+    newline: str = DEFAULT_NEWLINE
 
     @classmethod
     def of_configs(cls, model: str = TOKEN_MODEL, stage: str = TOKEN_STAGE, reproduce: str = "ov_train") -> TokenGeometry:
@@ -77,13 +81,13 @@ class TokenGeometry:
         vision = cfg.model.vision
         geometry = VisionGeometry.of(vision.image_size, vision.patch_size, cfg.model.vision_aspect_ratio,
                                      ImageSettings.from_stage(cfg.stage).rounding)
-        return cls(geometry, cfg.stage.max_frames)
+        return cls(geometry, cfg.stage.max_frames, cfg.stage.video_pool, cfg.stage.video_newline)
 
     def index_fields(self) -> dict:
         """The `geometry` an index records its token counts at."""
         return {"image_size": self.vision.image_size, "patch_size": self.vision.patch_size,
                 "max_crops": self.vision.max_crops, "max_frames": self.max_frames,
-                "token_rounding": self.vision.rounding}
+                "token_rounding": self.vision.rounding, "video_pool": self.pool, "video_newline": self.newline}
 
 
 @functools.cache
@@ -200,7 +204,8 @@ def _add_video(sample: dict, data: bytes, name: str, tokens: TokenGeometry, fram
             raise Reject("corrupt_video", str(err)) from err
         sample.update(members)
         sampled = video["sampled_frames"] = min(video["extracted"]["frames"], tokens.max_frames)
-    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, tokens.vision)}
+    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, tokens.vision, True, tokens.pool,
+                                                                                  tokens.newline)}
 
 
 def item_id(item: Item) -> str:

@@ -13,6 +13,7 @@ from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS
 from ov_train.data.frame_extraction import frame_fields, read_frames
 from ov_train.data.video import VIDEO_FIELD, decode_video
 from ov_train.text.template import encode_conversation
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
 from ov_train.vision.preprocess import open_image, preprocess_frames, preprocess_image
 from ov_train.vision.tokens import video_frame_indices, video_tokens
 
@@ -136,7 +137,7 @@ class SampleProcessor:
             except Exception as err:  # decoders raise ValueError; PIL many types for a broken frame
                 raise SampleError("corrupt_video", str(err) if video_field else f"sample {key}: frames: {err}") from err
             frames = preprocess_frames(array, self.geometry)
-            visual.append(video_tokens(frames.shape[0], self.geometry, newline=self.media.image.newline))
+            visual.append(video_tokens(frames.shape[0], self.geometry, self.media.image.newline, video.pool, video.newline))
         ids, labels = self.encode(key, meta.get("conversations"), visual)
         options = meta.get("options") if isinstance(meta.get("options"), list) else []
         return {
@@ -148,6 +149,9 @@ class SampleProcessor:
             "frames": frames,
             "visual_tokens": visual,  # per image, then the video: what another conversation on these media needs
             "video_newline": self.media.image.newline,
+            # How the model lays the video's features out (stage.video_pool / video_newline, or its source's).
+            "video_pool": video.pool if video_field else None,
+            "video_layout": video.newline if video_field else None,
             "chance": 1.0 / len(options) if options else 0.0,
         }
 
@@ -210,6 +214,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "video_frames": torch.cat(videos) if videos else None,
         "frames_per_video": [v.shape[0] for v in videos],
         "video_newline": [e.get("video_newline", True) for e in examples if e["frames"] is not None],
+        "video_pool": [e.get("video_pool") or DEFAULT_POOL for e in examples if e["frames"] is not None],
+        "video_layout": [e.get("video_layout") or DEFAULT_NEWLINE for e in examples if e["frames"] is not None],
         "modality": [e["modality"] for e in examples],
         # Floats, not a tensor: under bf16-true Lightning casts the batch's float tensors to bf16 (1/3 -> 0.334).
         "chance": [e["chance"] for e in examples],

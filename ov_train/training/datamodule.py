@@ -56,7 +56,7 @@ class OneVisionData(L.LightningDataModule):
     def resume_stream(self, states: dict[int, dict], consumed: int, readers: int) -> None:
         """Continue each logical reader from its saved state when the train loader next starts its workers
         (StreamState hands the states over on resume and at every epoch start)."""
-        now = self.trainer.world_size * max(1, self.plan.num_workers)
+        now = self.trainer.world_size // self.plan.replicas * max(1, self.plan.num_workers)
         if readers != now:
             log.warning(
                 "the checkpoint's data streams ran on %d readers (ranks x loader workers), this run has %d:"
@@ -83,12 +83,14 @@ class OneVisionData(L.LightningDataModule):
         make_stream = partial(MixedStream, self.recipe.sources, self.process, plan.seed, plan.shuffle_buffer,
                               max_skips_in_a_row=plan.max_skips_in_a_row, io=plan.io)
         # With data.samples_per_step each train item is one optimizer step's micro-batches.
-        self._train = TrainBatches(make_stream, self.budget, self.collate, plan.samples_per_rank, self.cost)
+        # A sequence-parallel group (plan.replicas consecutive ranks) reads one stream: its ranks split each row.
+        self._train = TrainBatches(make_stream, self.budget, self.collate, plan.samples_per_rank, self.cost,
+                                   plan.replicas)
         self._train.resume(*self._resume)
         # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
         held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row,
-                             self.plan.io)
+                             self.plan.io, self.plan.replicas)
         return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)

@@ -151,7 +151,9 @@ class TrainingMetrics(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         seconds = time.perf_counter() - self._start
-        images, tokens, pairs, samples = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        # A sequence-parallel group's ranks all count the batch they share: counted once per group.
+        group = getattr(getattr(pl_module, "sequence_parallel", None), "size", 1)
+        images, tokens, pairs, samples = (trainer.strategy.reduce(self._counts, reduce_op="sum") / group).tolist()
         flops = self.flops.train_step(TokenCounts(images, tokens, pairs), self.trainable)
         metrics = {
             "perf/tokens_per_s": tokens / seconds,

@@ -61,10 +61,13 @@ class OneVisionModule(L.LightningModule):
         self.nonfinite_batches = 0
         self._nonfinite_in_a_row = 0
         self._drop_gradients = False
+        # This rank's sequence-parallel group (parallel/sequence.py), set by strategies.SequenceParallelSetup; None
+        # without sequence parallelism. The group's losses come back reduced (the group's sums and counts).
+        self.sequence_parallel = None
 
     def _losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
-        return sample_losses(self.model, batch, self.forward_options, predict)
+        return sample_losses(self.model, batch, self.forward_options, predict, parallel=self.sequence_parallel)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.adapter and self.adapter.dropout > 0:
@@ -140,7 +143,9 @@ class OneVisionModule(L.LightningModule):
         sums, counts, predictions = self._losses(batch, predict=True)
         correct = (predictions == batch["labels"][:, 1:]).all(1)  # both IGNORE_INDEX where unsupervised
         hits = correct.double()
-        for i, modality in enumerate(batch["modality"]):
+        # A sequence-parallel group's ranks hold the same batch and the same (reduced) results: its first counts them.
+        counted = self.sequence_parallel is None or self.sequence_parallel.rank == 0
+        for i, modality in enumerate(batch["modality"] if counted else []):
             self._val[modality] += torch.stack(
                 [sums[i].double(), counts[i].double(), hits[i], hits.new_tensor(batch["chance"][i]), hits.new_ones(())]
             ).cpu()
