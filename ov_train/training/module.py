@@ -44,7 +44,7 @@ class OneVisionModule(L.LightningModule):
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
         prepare_model(model, self.forward_options)
-        # With adapters (placed before, model/adapter_io.py): in adapted parts only PEFT's tensors train, and
+        # With adapters (placed before, checkpoints/adapters.py): in adapted parts only PEFT's tensors train, and
         # checkpoints hold the trainable tensors only (the base comes from the record), so loading them is not strict
         # (on_load_checkpoint checks them).
         self.adapter, self.seed = adapter, seed
@@ -60,12 +60,15 @@ class OneVisionModule(L.LightningModule):
         self.nonfinite_batches = 0
         self._nonfinite_in_a_row = 0
         self._drop_gradients = False
+        # This rank's sequence-parallel group (parallel/sequence.py), set by strategies.SequenceParallelSetup; None
+        # without sequence parallelism. The group's losses come back reduced (the group's sums and counts).
+        self.sequence_parallel = None
 
     def losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1].
 
         The module's forward: FSDP2 gathers the root's weights around each call (ov_train.strategies)."""
-        return sample_losses(self.model, batch, self.forward_options, predict)
+        return sample_losses(self.model, batch, self.forward_options, predict, parallel=self.sequence_parallel)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.adapter and self.adapter.dropout > 0:
@@ -138,7 +141,9 @@ class OneVisionModule(L.LightningModule):
             return None
         correct = (predictions == batch["labels"][:, 1:]).all(1)  # both IGNORE_INDEX where unsupervised
         hits = correct.double()
-        for i, modality in enumerate(batch["modality"]):
+        # A sequence-parallel group's ranks hold the same batch and the same (reduced) results: its first counts them.
+        counted = self.sequence_parallel is None or self.sequence_parallel.rank == 0
+        for i, modality in enumerate(batch["modality"] if counted else []):
             self._val[modality] += torch.stack(
                 [sums[i].double(), counts[i].double(), hits[i], hits.new_tensor(batch["chance"][i]), hits.new_ones(())]
             ).cpu()

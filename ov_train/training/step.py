@@ -12,7 +12,7 @@ whose number varies from step to step and rank to rank. Per step:
   told which backward ends its accumulation);
 - then optimizer.step(), inside which Lightning runs the gradient-norm callbacks and the module's
   on_before_optimizer_step (non-finite skip, clipping), and the learning rate schedule advances once.
-The SIGTERM stop is agreed between steps (training/callbacks.py: SaveOnSigterm), so a step is never cut in half.
+The SIGTERM stop is agreed between steps (checkpoints/saving.py: SaveOnSigterm), so a step is never cut in half.
 Under DeepSpeed, Lightning calls training_step through the engine's forward, so the whole step runs inside it: ZeRO-3
 then refuses to release weights gathered there (deepspeed.zero.GatheredParameters), so hooks of the step must not.
 """

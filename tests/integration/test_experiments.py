@@ -18,7 +18,9 @@ RECIPE_SAMPLES = {"pretrain": 558_000, "mid": 4_835_000, "final_image": 3_200_00
 
 
 def test_the_experiments_ship():
-    assert sorted(f"{size}/{stage}" for size in [*SIZES, "tiny_stages"] for stage in CHAIN) == EXPERIMENTS
+    chain = [f"{size}/{stage}" for size in [*SIZES, "tiny_stages"] for stage in CHAIN]
+    # Long video (README): 7B on 8 GPUs and its tiny twin, tests/integration/test_long_video.py.
+    assert sorted([*chain, "ov_qwen2_7b/long_video", "tiny_long_video"]) == EXPERIMENTS
 
 
 @pytest.mark.parametrize("size", SIZES)
