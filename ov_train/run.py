@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config.adapter import AdapterPlan
@@ -103,6 +104,9 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     if plan.optim.step.max_steps_from:
         log.info("%s", plan.optim.step.max_steps_from)
     start = time.time()
+    # Threads and workers from the CPUs this process may use, not the machine's count (ov_train.config.options).
+    torch.set_num_threads(plan.cpus.threads)
+    log.info("%s", plan.cpus.describe())
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(plan.seed, workers=True)

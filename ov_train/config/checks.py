@@ -206,7 +206,8 @@ def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = Fals
 def data_problems(data, seed: int) -> list[str]:
     """The data node's own values (the recipe and its shards are checked where they are read)."""
     problems = (
-        _at_least("data.num_workers", data.num_workers, 0, "loader processes per rank; 0 loads in the main one")
+        _at_least("data.num_workers", data.num_workers, 0,
+                    "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
         + _at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
         + _at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
         + _at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,
