@@ -55,13 +55,27 @@ def check_export(path: str | Path) -> Path:
     model_type = settings.get("model_type")
     if model_type != "llava_onevision":
         raise ExportError(f"{path}: model_type {model_type!r}, expected 'llava_onevision'")
-    missing = [f for f in ("preprocessor_config.json", "processor_config.json") if not (path / f).is_file()]
     refusal = inference_refusal(SimpleNamespace(**settings))  # a single-crop stage: no processor files by design
-    if missing and refusal:
+    if not has_image_processor(path) and refusal:
         raise ExportError(f"{path}: {refusal}; chat with or evaluate an export of an anyres_max_N stage")
-    if missing:
-        raise ExportError(f"{path}: no {', '.join(missing)}; re-export it with ov-export")
+    if not has_image_processor(path):
+        # Re-exporting is advice only for a directory ov_train wrote (config.json records its stage's media).
+        fix = ("re-export it with ov-export" if "ov_train_media" in settings else
+               "save its processor there with AutoProcessor.from_pretrained(...).save_pretrained(DIR)")
+        raise ExportError(f"{path}: no image processor settings (preprocessor_config.json, or processor_config.json"
+                          f" with an image_processor, as transformers 5 saves them); {fix}")
     return path
+
+
+def has_image_processor(path: Path) -> bool:
+    """Either layout transformers reads: preprocessor_config.json (ov-export's, transformers 4's), or the
+    image_processor inside processor_config.json (transformers 5's save_pretrained)."""
+    if (path / "preprocessor_config.json").is_file():
+        return True
+    try:
+        return "image_processor" in json.loads((path / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def load_processor(path: str | Path):

@@ -455,3 +455,29 @@ def test_ov_chat_and_ov_eval_refuse_a_runaway_chat_template_before_loading_the_m
         assert exit.value.code == 2 and time.monotonic() - start < 10
         err = capsys.readouterr().err
         assert f"{hostile / 'chat_template.jinja'}: its chat template did not render a conversation" in err
+
+
+def test_a_stock_transformers_5_directory_loads_and_answers_as_the_export(random_export, tmp_path, capsys):
+    """transformers 5's save_pretrained keeps the image processor inside processor_config.json (no
+    preprocessor_config.json): ov-chat reads that layout and answers as it does on ov-export's."""
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    stock = tmp_path / "stock"
+    LlavaOnevisionForConditionalGeneration.from_pretrained(random_export).save_pretrained(stock)
+    AutoProcessor.from_pretrained(random_export).save_pretrained(stock)
+    assert not (stock / "preprocessor_config.json").exists()
+    assert "image_processor" in json.loads((stock / "processor_config.json").read_text())
+    image = tmp_path / "image.png"
+    image.write_bytes(noise_png(48, 40, 0))
+    replies = []
+    for export in (random_export, stock):
+        assert ov_chat([str(export), "--image", str(image), "--max-new-tokens", "4", "What colour is it?"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+
+    # A directory someone else wrote, without any image processor settings: no advice to re-export it with ov-export.
+    (stock / "processor_config.json").unlink()
+    with pytest.raises(SystemExit):
+        ov_chat([str(stock), "hi"])
+    err = capsys.readouterr().err
+    assert "no image processor settings" in err and "ov-export" not in err and "save_pretrained" in err
