@@ -87,7 +87,7 @@ def test_wandb_table_shows_the_generated_reply_and_the_image(trained):
 
 def test_ov_chat_answers_a_held_out_question_as_ov_eval_does(trained, evaluated, small_data_root, tmp_path, capsys):
     run_dir, _ = trained
-    rows = {r["id"]: r for r in read_rows(evaluated / "predictions.jsonl")}
+    rows = {r["key"]: r for r in read_rows(evaluated / "predictions.jsonl")}
     source = load_recipe("synthetic_onevision", small_data_root).sources[0]
     sample = next(read_tar(source.val_shards[0]))
     image = tmp_path / "image.png"

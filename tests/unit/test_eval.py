@@ -133,7 +133,8 @@ def test_rerun_generates_only_what_predictions_lack(random_export, small_data_ro
     second = evaluate(processor, prompts, model, sources, tmp_path, max_samples=5, batch_size=2, max_new_tokens=3)
     assert second["samples"] == 5 and sum(generated) == 2
     after = read_rows(path)
-    assert [r["id"] for r in after] == [r["id"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
+    assert [r["key"] for r in after] == [r["key"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
+    assert [r["id"] for r in after] == [f"multi_image_val_00000{i}" for i in range(5)]  # the samples' own ids
     assert [r["prediction"] for r in after[:3]] == [r["prediction"] for r in before]
     # Batches are left-padded: a sample's greedy reply does not depend on what it was batched with.
     evaluate(processor, prompts, model, sources, tmp_path / "alone", max_samples=3, batch_size=1, max_new_tokens=3)
@@ -481,3 +482,21 @@ def test_a_stock_transformers_5_directory_loads_and_answers_as_the_export(random
         ov_chat([str(stock), "hi"])
     err = capsys.readouterr().err
     assert "no image processor settings" in err and "ov-export" not in err and "save_pretrained" in err
+
+
+def test_predictions_keep_the_samples_own_ids(random_export, tmp_path):
+    """convert stores each sample under a sequence key (000000004) and keeps the user's id in its json: ov-eval's
+    rows carry that id (`mine_004`), and the shard key only as `key`."""
+    import webdataset as wds
+
+    shards = tmp_path / "mine"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "val-000000.tar")) as tar:
+        for n in (4, 7):
+            turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]
+            tar.write({"__key__": f"{n:09d}", "json": json.dumps({"id": f"mine_{n:03d}", "conversations": turns}).encode(),
+                       "img0.png": noise_png(40, 48, n)})
+    processor, prompts, model = load_export(random_export, "test")
+    evaluate(processor, prompts, model, eval_sources(str(shards), None), tmp_path / "out", max_new_tokens=2)
+    rows = read_rows(tmp_path / "out" / "predictions.jsonl")
+    assert [(r["id"], r["key"]) for r in rows] == [("mine_004", "mine/000000004"), ("mine_007", "mine/000000007")]
