@@ -30,7 +30,7 @@ from ov_train.model.model_card import card_facts
 from ov_train.model.parts import apply_stage
 from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.logging import get_logger
-from ov_train.utils.paths import cache_dir
+from ov_train.utils.paths import cache_dir, permissions_as_umask_allows
 from ov_train.utils.safe_load import CheckpointError
 from ov_train.vision.settings import CONFIG_KEY
 
@@ -128,6 +128,7 @@ def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, b
         peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir, tokenizer_dir=given_dir)
         if adapter_only:
             peft_model.save_pretrained(out)
+            permissions_as_umask_allows(out)
             return out
         peft_model.save_pretrained(out / "adapter")
         model = merged(peft_model)

@@ -24,6 +24,7 @@ from ov_train.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from ov_train.model.model_card import model_card
 from ov_train.text.chat_template import chat_template, stop_token_ids
 from ov_train.utils.logging import get_logger, settle_deepspeed_accelerator
+from ov_train.utils.paths import permissions_as_umask_allows
 from ov_train.utils.safe_load import (
     TRUST_HINT,
     CheckpointError,
@@ -64,6 +65,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     if refusal:  # no processor files; the card says what the export is for
         log.warning("%s: %s", out, refusal)
         (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out, refusal=refusal))
+        permissions_as_umask_allows(out)
         return out
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
@@ -92,6 +94,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
     (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
+    permissions_as_umask_allows(out)
     return out
 
 

@@ -7,7 +7,9 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import signal
+import stat
 import time
 
 import pytest
@@ -500,3 +502,11 @@ def test_predictions_keep_the_samples_own_ids(random_export, tmp_path):
     evaluate(processor, prompts, model, eval_sources(str(shards), None), tmp_path / "out", max_new_tokens=2)
     rows = read_rows(tmp_path / "out" / "predictions.jsonl")
     assert [(r["id"], r["key"]) for r in rows] == [("mine_004", "mine/000000004"), ("mine_007", "mine/000000007")]
+
+
+def test_export_files_share_one_mode(random_export):
+    """model.safetensors was written 0600 (safetensors' private temporary file) beside 0644 files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in random_export.iterdir() if f.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~mask}, modes
