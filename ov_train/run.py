@@ -144,6 +144,8 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     summary = {
         "stage": plan.stage,
         "model": plan.model.name,
+        # What the weights came from (its geometry is model's: config checks refuse another one).
+        "model_from": f"{plan.model.route} {plan.model.source}" if plan.model.source else plan.model.route,
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - start, 1),
         "val_accuracy": metrics.get("val/accuracy"),
@@ -161,9 +163,10 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     if not summary["val_samples"]:
         log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], paths.run_dir)
     else:
+        chance = summary["chance_accuracy"]
         log.info(
-            "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
-            summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
-            summary["val_loss"] or 0, paths.run_dir,
+            "done in %.0f s: held-out accuracy %.3f (chance %s), val loss %.3f -> %s",
+            summary["wall_time_s"], summary["val_accuracy"] or 0,
+            "n/a: no answer options" if chance is None else f"{chance:.3f}", summary["val_loss"] or 0, paths.run_dir,
         )
     return summary
