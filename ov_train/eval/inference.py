@@ -32,14 +32,6 @@ class ExportError(ValueError):
     """An export directory that is not one, or media that cannot be read; the message names the culprit."""
 
 
-def require_torchvision(tool: str) -> None:
-    if importlib.util.find_spec("torchvision") is None:
-        raise ExportError(
-            f"{tool} needs torchvision: the stock LLaVA-OneVision processor requires it. Install it beside your "
-            'torch, e.g. pip install torch==2.14.1 torchvision==0.29.1 (or pip install -e ".[dev]")'
-        )
-
-
 def check_export(path: str | Path) -> Path:
     """`path` if it is a LLaVA-OneVision export (config.json of model_type llava_onevision, processor files)."""
     path = Path(path)
@@ -80,7 +72,12 @@ def has_image_processor(path: Path) -> bool:
 
 def load_processor(path: str | Path):
     """The stock processor of an export, its image processor on the PIL backend: training resized with PIL,
-    and the default torchvision backend lands a few pixel levels off it."""
+    and the default torchvision backend lands a few pixel levels off it. Without torchvision (a plain `pip install
+    .`), the same processor with a PIL video processor (eval/pil_processor.py)."""
+    if importlib.util.find_spec("torchvision") is None:
+        from ov_train.eval.pil_processor import pil_processor
+
+        return pil_processor(path)
     from transformers import AutoImageProcessor, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
@@ -178,12 +175,11 @@ class ChatPrompts:
 
 
 def load_export(path: str | Path, tool: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(processor, its ChatPrompts, model in eval mode) of an export, after checking it is one and that torchvision
-    is there; its chat template is tried (ChatPrompts) before the model loads."""
+    """(processor, its ChatPrompts, model in eval mode) of an export, after checking it is one; its chat template is
+    tried (ChatPrompts) before the model loads."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     path = check_export(path)
-    require_torchvision(tool)
     processor = load_processor(path)
     prompts = ChatPrompts(processor, path)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)

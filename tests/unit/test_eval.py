@@ -154,15 +154,6 @@ def test_ov_eval_names_bad_input_before_loading(random_export, small_data_root, 
         assert message in capsys.readouterr().err
 
 
-def test_tools_say_they_need_torchvision(random_export, small_data_root, monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
-    for tool, argv in ((ov_eval, [str(random_export), str(small_data_root / "video")]), (ov_chat, [str(random_export), "hi"])):
-        with pytest.raises(SystemExit):
-            tool(argv)
-        assert "needs torchvision: the stock LLaVA-OneVision processor requires it" in capsys.readouterr().err
-
-
 def test_ov_chat_conversation_keeps_the_first_turns_media(random_export, tmp_path, monkeypatch, capsys):
     image = tmp_path / "image.png"
     image.write_bytes(noise_png(48, 40, 0))
