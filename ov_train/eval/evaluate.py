@@ -176,7 +176,8 @@ class Evaluator:
         # `id` is the sample's own id (the user's, which convert keeps); `key` is where it is in the shards, unique
         # across sources: what reruns and metrics select rows by.
         row = {
-            "id": str(meta.get("id") or raw.get("__key__")), "key": sample_id, "source": source.name, "modality": _modality(meta, source, images, frames),
+            "id": str(meta.get("id") or raw.get("__key__")), "key": sample_id,
+            "source": source.name, "modality": _modality(meta, source, images, frames),
             "prompt": prompt, "reference": reference, "options": meta.get("options") or [], "metric": source.metric,
         }
         frames = None if frames is None else training_frames(frames, self.model)

@@ -4,7 +4,6 @@ keeps its first turn's media. The trained default run's export: tests/integratio
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
