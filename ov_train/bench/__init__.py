@@ -48,6 +48,7 @@ from ov_train.config.compose import compose
 from ov_train.config.run_plan import model_plan
 from ov_train.constants import CHECKPOINTABLE
 from ov_train.model.build import build_model
+from ov_train.utils.cpus import usable_cpus
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
@@ -97,6 +98,9 @@ def main(argv=None) -> list:
     if args.goals:
         return report(args.goals)
     torch.manual_seed(args.seed)
+    # Intra-op threads from the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's count.
+    torch.set_num_threads(usable_cpus())
+    print(f"torch threads: {torch.get_num_threads()} (the CPUs this process may use)")
     cfg = compose([f"model={args.model}", "model.random_init=true"]).model
     with_model = args.both or not args.loader
     # The loader alone needs only the tokenizer and the geometry: the model is built without weights.
