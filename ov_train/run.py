@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
+from ov_train.data.compute_batches import SampleCost
 from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
 from ov_train.model.checkpoint_io import resume_problems
 from ov_train.planner.report import preflight
-from ov_train.strategies import adopt_launcher_tasks, build_strategy
+from ov_train.strategies import adopt_launcher_tasks, build_strategy, strategy_callbacks
 from ov_train.training.callbacks import build_callbacks, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
@@ -71,7 +72,7 @@ def hydra_files() -> list[Path]:
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:
-    callbacks = build_callbacks(plan)
+    callbacks = build_callbacks(plan) + strategy_callbacks(plan.strategy)
     if plan.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     return L.Trainer(
@@ -114,7 +115,9 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     model, tokenizer, adapter = build_for_training(plan, source)
     # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
     apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)
-    data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
+    trainable = {part for part, lr in plan.optim.part_lrs.items() if lr > 0}
+    data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config),
+                         SampleCost.of_model(model.config, trainable))
     tokenizer.save_pretrained(paths.tokenizer)
     module = OneVisionModule(
         model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity,

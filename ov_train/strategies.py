@@ -23,10 +23,14 @@ import os
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from ov_train.config.run_plan import StrategyPlan
 from ov_train.model import layout
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -164,6 +168,35 @@ def adopt_launcher_tasks() -> None:
 
         # Every task sees every GPU; Lightning picks its own by local rank.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+class SequenceParallelSetup(Callback):
+    """strategy.sequence_parallel=N (config/parallel.py): the groups of N consecutive ranks, and the model's LLM
+    attention through the Ulysses exchange (parallel/sequence.py), set up once the world's process group exists
+    (Lightning's setup hook) and before the engine wraps or shards the model (configure_model, then the strategy's
+    setup). The LightningModule gets the group as `sequence_parallel`: its forward then splits each packed row over
+    the group, encodes the frames and crops frame-parallel (parallel/frames.py) and reduces the loss sums and token
+    counts over the group. The data module reads one stream per group (DataPlan.replicas)."""
+
+    def __init__(self, degree: int):
+        self.degree = degree
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if getattr(pl_module, "sequence_parallel", None) is not None:
+            return  # a second fit / validate on the same module: already set up
+        from ov_train.parallel.sequence import SequenceParallel
+
+        parallel = SequenceParallel.create(self.degree)
+        parallel.apply(pl_module.model)
+        pl_module.sequence_parallel = parallel
+        if trainer.is_global_zero:
+            log.info("sequence parallel: each packed row split over %d ranks (their frames and crops encoded"
+                     " frame-parallel), data parallel over %d groups", self.degree, trainer.world_size // self.degree)
+
+
+def strategy_callbacks(plan: StrategyPlan) -> list[Callback]:
+    """The callbacks the strategy needs beside the engine: sequence parallelism's setup when it is on."""
+    return [SequenceParallelSetup(plan.sequence_parallel)] if plan.sequence_parallel > 1 else []
 
 
 def build_strategy(plan: StrategyPlan):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ov_train.config import reproduce
 from ov_train.config.options import devices_per_node, world_size
-from ov_train.constants import LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
+from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
@@ -74,7 +75,7 @@ def stage_problems(stage) -> list[str]:
         problems.append(f"stage.max_length={stage.max_length!r} must be a positive integer")
     if not 0 <= stage.warmup_ratio < 1:
         problems.append(f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
-    return problems
+    return problems + reproduce.problems(stage)
 
 
 MODEL_PATHS = ("pretrained", "vision_tower", "llm", "init_from", "tokenizer")
@@ -261,15 +262,24 @@ def data_problems(data, seed: int) -> list[str]:
         problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
     if batch is not None and batch < 1:
         problems.append(f"data.batch_size={batch!r} must be a positive integer or null (with a token budget)")
+    if data.decode not in DECODES:
+        problems.append(f"data.decode={data.decode!r}; allowed: {', '.join(DECODES)}")
+    if data.batching not in BATCHINGS:
+        problems.append(f"data.batching={data.batching!r}; allowed: {', '.join(BATCHINGS)}")
+    elif data.batching == "compute" and data.samples_per_step is not None:
+        problems.append(f"data.batching=compute fills each batch to a compute budget, data.samples_per_step="
+                        f"{data.samples_per_step} fixes a step's samples: set one of them (data.batching=tokens or"
+                        " data.samples_per_step=null)")
     return problems
 
 
-def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> list[str]:
-    """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read)."""
+def step_problems(data, trainer, unit: str | None, strategy: str = "auto", sequence_parallel: int = 1) -> list[str]:
+    """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read;
+    `sequence_parallel`: ranks that share their batches, strategy.sequence_parallel)."""
     per_step, epochs = data.samples_per_step, data.epochs
     problems = []
     if per_step is not None:
-        world = world_size(trainer)
+        world = world_size(trainer) // max(1, sequence_parallel)
         if strategy == "fsdp2":
             # FSDP2 reshards the root's parameters (embeddings, projector, norms) after a step's first backward, and
             # the next micro-batch's forward reads them sharded: not supported until that is solved.
@@ -281,7 +291,10 @@ def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> li
         elif per_step % world:
             problems.append(
                 f"data.samples_per_step={per_step} does not divide over {world} processes (trainer.num_nodes x"
-                f" trainer.devices); every rank takes the same share: use a multiple of {world}"
+                f" trainer.devices); every rank takes the same share: use a multiple of {world}" if sequence_parallel <= 1
+                else f"data.samples_per_step={per_step} does not divide over {world} data-parallel groups (trainer.num_nodes"
+                f" x trainer.devices / strategy.sequence_parallel); every group takes the same share: use a multiple of"
+                f" {world}"
             )
         if trainer.accumulate_grad_batches != 1:
             problems.append(

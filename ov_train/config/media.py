@@ -13,12 +13,19 @@ Images (`stage.image_strategy`, `stage.image_grid`):
 `image_grid` lists crop grids as "RxC" (rows x columns, i.e. height x width in crops): the public scripts'
 range notation "(1x1),...,(6x6)", an explicit list "(2x2),(1x2),(1x3)" or a YAML list of "RxC" / [R, C].
 The canvases are R*S x C*S pixels (S: the tower's crop size); their order breaks ties, as in transformers.
+Under `stage.reproduce=public_code` (config/reproduce.py) `stage.public_image_grid`, the same grids in the public
+script's order, replaces it, and `stage.token_rounding` says how unpadding rounds (`round` or `truncate`).
 
 Videos (`stage.video_fps`, `stage.max_frames`, `stage.frame_sampling`, `stage.frame_size`): `fps` sampling takes
 one frame every round(video fps / video_fps) frames and, when that gives more than max_frames, max_frames
 frames spread evenly over the clip; `uniform` always takes max_frames frames spread evenly (the public code's
 `force_sample`). Frames are decoded at their own size (`frame_size: null`) or at frame_size x frame_size
-(cheaper for large videos), then squashed to the crop size.
+(cheaper for large videos), then squashed to the crop size. `stage.video_pool` (the public code's
+`mm_spatial_pool_stride`) pools each frame's feature map bilinearly by that stride (27 x 27 patches at 384 px: 2 gives
+196 tokens a frame, 3 gives 81, 4 gives 49, 1 none), and `stage.video_newline` places the newline embeddings: one
+after the video (`one_token`, transformers' layout), one per pooled row (`grid`, the public training script's), one
+per frame (`frame`) or none (`no_token`); vision/pooling.py builds and counts both. A recipe source may set any of
+these for its own videos (`video: {max_frames: 128, pool: 3}`).
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from ov_train.constants import FRAME_SAMPLINGS, SINGLE_CROP
+from ov_train.config.reproduce import Reproduction
+from ov_train.constants import FRAME_SAMPLINGS, SINGLE_CROP, VIDEO_NEWLINES
 
 ANYRES = re.compile(r"anyres_max_(\d+)")
 _CELL = re.compile(r"(\d+)\s*x\s*(\d+)")
@@ -70,6 +78,7 @@ def parse_grid(spec, key: str = "stage.image_grid") -> tuple[tuple[int, int], ..
 class ImageSettings:
     strategy: str = "anyres_max_9"  # anyres_max_N, pad or square
     grid: tuple[tuple[int, int], ...] | None = None  # crop grids (rows, cols); None: the model config's
+    rounding: str = "round"  # how anyres unpadding rounds: round (transformers) or truncate (the public code)
 
     @property
     def anyres(self) -> bool:
@@ -104,9 +113,17 @@ class ImageSettings:
                 f"stage.image_strategy={stage.get('image_strategy')!r}; allowed: anyres_max_N (N >= 1, e.g."
                 " anyres_max_9), pad (padded square crop + newline), square (squashed crop, no newline)"
             )
-        spec = stage.get("image_grid")
+        reproduction = Reproduction.from_stage(stage)
+        spec, public = stage.get("image_grid"), stage.get("public_image_grid")
         grid = parse_grid(spec) if spec is not None and strategy not in SINGLE_CROP else None
-        return cls(strategy, grid)
+        if public is not None and strategy not in SINGLE_CROP:
+            ordered = parse_grid(public, "stage.public_image_grid")
+            if grid is None or sorted(ordered) != sorted(grid):
+                raise MediaSettingError(
+                    f"stage.public_image_grid={public!r} must list the grids of stage.image_grid={spec!r}, only in"
+                    " another order (the public script's, whose ties go to the first)")
+            grid = ordered if reproduction.public_grid else grid
+        return cls(strategy, grid, reproduction.token_rounding)
 
 
 @dataclass(frozen=True)
@@ -115,9 +132,12 @@ class VideoSettings:
     max_frames: int = 32
     sampling: str = "fps"  # fps or uniform
     frame_size: int | None = None  # decode frames at this square size; None: their own size
+    pool: int = 2  # each frame's feature map pooled by this stride (the public mm_spatial_pool_stride; 1: none)
+    newline: str = "one_token"  # where the newline embeddings go (constants.VIDEO_NEWLINES)
 
     # The stage's key for each field (a recipe source's `video:` mapping uses the field names).
-    STAGE_KEYS = {"fps": "video_fps", "max_frames": "max_frames", "sampling": "frame_sampling", "frame_size": "frame_size"}
+    STAGE_KEYS = {"fps": "video_fps", "max_frames": "max_frames", "sampling": "frame_sampling", "frame_size": "frame_size",
+                  "pool": "video_pool", "newline": "video_newline"}
 
     @classmethod
     def from_values(cls, values: dict, where: str, base: VideoSettings | None = None,
@@ -137,6 +157,11 @@ class VideoSettings:
                 problems.append(f"{key}={value!r} must be an integer >= 1 (decoded frame side) or null (their own size)")
             elif field == "sampling" and value not in FRAME_SAMPLINGS:
                 problems.append(f"{key}={value!r}; allowed: {list(FRAME_SAMPLINGS)}")
+            elif field == "pool" and not (_integer(value) and value >= 1):
+                problems.append(f"{key}={value!r} must be an integer >= 1 (the pooling stride of each frame's feature"
+                                " map: 2 gives 196 tokens a 384 px frame, 3 gives 81, 4 gives 49, 1 no pooling)")
+            elif field == "newline" and value not in VIDEO_NEWLINES:
+                problems.append(f"{key}={value!r}; allowed: {list(VIDEO_NEWLINES)}")
             else:
                 out[field] = value
         if problems:
@@ -171,6 +196,7 @@ class MediaSettings:
         return {
             "image_strategy": self.image.strategy,
             "image_grid": None if self.image.grid is None else [list(g) for g in self.image.grid],
+            "token_rounding": self.image.rounding,
             "video": dataclasses.asdict(self.video),
         }
 

@@ -31,7 +31,9 @@ from ov_train.config.options import (
     devices_per_node,
     world_size,
 )
+from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
+from ov_train.config.reproduce import Reproduction
 from ov_train.constants import PARTS, SYNTHETIC
 from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact_text, redact_tree
@@ -128,6 +130,9 @@ class SamplePlan:
     media: MediaSettings  # image strategy and grid, video sampling (per recipe source where it says)
     max_length: int
     placement: str = "front"  # stage.media_placement
+    labels: str = "replies"  # stage.labels, as stage.reproduce resolves it (config/reproduce.py)
+    plain_newline: str = "apart"  # stage.plain_newline, likewise
+    decode: str = "exact"  # data.decode
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,10 @@ class DataPlan:
     seed: int
     io: IOSettings = IOSettings()
     index_dir: str | None = None  # where parquet sources' indexes are built on first read
-    samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
+    samples_per_rank: int | None = None  # data.samples_per_step / data-parallel size: each train item is a step's bundle
+    # Consecutive ranks that read the same batches (strategy.sequence_parallel: a group splits each row between them).
+    replicas: int = 1
+    batching: str = "tokens"  # data.batching: what fills a training batch (constants.BATCHINGS)
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,7 @@ class OptimPlan:
     total_steps: int
     step: StepPlan = StepPlan()
     adapted: tuple[str, ...] = ()  # parts in which only PEFT's tensors train (config/adapter.py), their own frozen
+    warmup_schedule: str = "ov_train"  # stage.warmup_schedule, as stage.reproduce resolves it (training/schedule.py)
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,7 @@ class StrategyPlan:
     micro_batch_size: int = 1  # what DeepSpeed reports per GPU (batches are built in the loader)
     gradient_clipping: float | None = None  # DeepSpeed's own clipping, under manual optimization (step bundles)
     trainable_only: bool = False  # checkpoints hold the trainable tensors only (adapters: the base comes from model.*)
+    sequence_parallel: int = 1  # ranks sharing a packed row (config/parallel.py); set up by strategies.py
 
 
 @dataclass(frozen=True)
@@ -349,13 +359,17 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: Cpu
         synthetic = SyntheticPlan(**OmegaConf.to_container(data.synthetic), seed=cfg.seed)
     # The data config's budget wins over the recipe's.
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
-    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement)
-    per_rank = data.samples_per_step // world_size(cfg.trainer) if data.samples_per_step else None
+    fidelity = Reproduction.from_stage(stage)
+    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement, fidelity.labels,
+                         fidelity.plain_newline, data.decode)
+    parallel = data_parallel_size(cfg.strategy, world_size(cfg.trainer))
+    per_rank = data.samples_per_step // parallel if data.samples_per_step else None
     return DataPlan(
         recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=cpus.workers,
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
+        batching=data.batching, replicas=cfg.strategy.sequence_parallel,
     )
 
 
@@ -404,15 +418,16 @@ def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPl
     """The stage's learning rates and schedule; parts the adapters freeze get 0."""
     part_lrs = adapter.part_lrs(stage_lrs(cfg)) if adapter else stage_lrs(cfg)
     return OptimPlan(part_lrs, cfg.stage.weight_decay, cfg.stage.warmup_ratio, max_steps(cfg, step), step,
-                     adapter.adapted if adapter else ())
+                     adapter.adapted if adapter else (), Reproduction.from_stage(cfg.stage).warmup_schedule)
 
 
 def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> StrategyPlan:
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     # Step bundles step by hand: DeepSpeed clips by its config (0: off), the Trainer's gradient_clip_val is dropped.
     clipping = (cfg.trainer.gradient_clip_val or 0.0) if step.manual and cfg.strategy.name == "deepspeed" else None
+    settings.pop("sequence_parallel", None)
     return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, clipping,
-                        trainable_only=adapter is not None)
+                        trainable_only=adapter is not None, sequence_parallel=cfg.strategy.sequence_parallel)
 
 
 def _multirun():
@@ -474,7 +489,10 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
         + checks.model_problems(cfg.model)
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
-        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name) + checks.io_problems(cfg.data.io)
+        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name,
+                               cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
+        + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
+        + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))

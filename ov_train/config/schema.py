@@ -36,6 +36,10 @@ class StageConfig:
     max_frames: int = MISSING
     frame_sampling: str = "fps"
     frame_size: Optional[int] = None
+    # Video token compression (config/media.py): each frame's features pooled by this stride (2: 196 tokens a 384 px
+    # frame, 3: 81, 4: 49), newlines one_token (after the video), grid (per pooled row), frame or no_token.
+    video_pool: int = MISSING
+    video_newline: str = MISSING
     # A turn's single <image>/<video>: moved to its start + "\n" (front, as the public code) or left (as_is).
     media_placement: str = "front"
     # The step's loss: token (mean over supervised tokens) or sample (each sample's mean, weighted equally).
@@ -43,6 +47,15 @@ class StageConfig:
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
     recipe: str = MISSING
+    # ov_train's defaults or the public LLaVA-NeXT code's (config/reproduce.py): ov_train or public_code. The keys
+    # below, null by default, each turn one difference alone (null: as stage.reproduce says).
+    reproduce: str = "ov_train"
+    labels: Optional[str] = None  # replies | reference (the public preprocess_qwen masks)
+    plain_newline: Optional[str] = None  # apart | joined (caption + "\n" tokenized together)
+    token_rounding: Optional[str] = None  # round (transformers) | truncate (the public unpad_image)
+    warmup_schedule: Optional[str] = None  # ov_train | transformers (the public trainer's)
+    # The crop grids in the public script's order, used under stage.reproduce=public_code; null: image_grid.
+    public_image_grid: Any = None
 
 
 @dataclass
@@ -116,6 +129,13 @@ class DataConfig:
     allow_pipe: bool = False
     batch_size: Optional[int] = None
     max_tokens_per_batch: Optional[int] = None
+    # What fills a batch (constants.BATCHINGS): `tokens`, padded LLM tokens up to the token budget; `compute`, training
+    # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
+    # data-parallel ranks' steps cost the same; real tokens count there, not padding.
+    batching: str = "tokens"
+    # How images are decoded (constants.DECODES): `exact`, in full; `fast`, a JPEG at the smallest DCT scale that
+    # still covers what its crops are resized to (vision/preprocess.py open_image; pixels differ, tokens do not).
+    decode: str = "exact"
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.
     samples_per_step: Optional[int] = None
     # Passes over the recipe's sample counts; sets trainer.max_steps (needs samples_per_step).
@@ -147,6 +167,9 @@ class SyntheticDataConfig(DataConfig):
 @dataclass
 class StrategyConfig:
     name: str = MISSING
+    # Ranks sharing one packed row (Ulysses sequence parallelism, config/parallel.py): data parallel over world / N
+    # groups; N divides the world and the LLM's heads; ddp or fsdp2. 1: none.
+    sequence_parallel: int = 1
 
 
 @dataclass

@@ -9,9 +9,11 @@ import logging
 import os
 import sys
 
+from ov_train.config.reproduce import REPRODUCE
 from ov_train.constants import PARQUET
 from ov_train.data.convert import convert
 from ov_train.data.formats import FORMATS, InputError
+from ov_train.data.frame_extraction import FrameExtraction
 from ov_train.data.inspect import format_report, inspect_dir
 from ov_train.data.remote import redact, redact_text
 
@@ -40,11 +42,18 @@ def _holdout(text: str) -> int | float:
     return value
 
 
+def _frames(text: str) -> FrameExtraction:
+    try:
+        return FrameExtraction.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
         totals = convert(args.input, args.out, args.media_root, args.format, args.samples_per_shard,
                          args.max_shard_bytes, args.workers, args.seed, args.tokenizer, args.allow_outside_root,
-                         args.holdout)
+                         args.holdout, reproduce=args.reproduce, video_frames=args.video_frames)
     except InputError as err:
         print(f"ov-data convert: error: {err}", file=sys.stderr)
         return 1
@@ -116,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--tokenizer", help="tokenizer folder for text token counts (default: the tiny built-in one)")
     cmd.add_argument("--holdout", type=_holdout, help="also write a held-out split (val-*.tar) of N items or a "
                                                       "FRACTION of the input, drawn with --seed")
+    cmd.add_argument("--reproduce", choices=REPRODUCE, default="ov_train",
+                     help="count the index's visual tokens as training with stage.reproduce=this does (public_code: "
+                          "the public code's truncating anyres unpadding)")
+    cmd.add_argument("--video-frames", type=_frames, metavar="fps=1,max=32,size=384",
+                     help="store each video as its sampled frames (JPEG, size x size) instead of the file: decoded once"
+                          " here rather than every epoch (data/frame_extraction.py)")
     cmd.set_defaults(run=_convert)
 
     summary = "samples per modality, token totals and percentiles, rejects by reason of a converted folder"

@@ -32,7 +32,9 @@ from ov_train.model.packing import (
     pack_into_rows,
     set_attention,
 )
+from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL, arrange_video, pool_frames
+from ov_train.vision.tokens import anyres_layout
 
 
 def tower_hidden(model, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -63,8 +65,11 @@ def image_features(model, feats, crops_per_image, image_sizes, anyres, ends_row=
     newline = layout.image_newline(model)
     out = []
     ends_row = [True] * len(anyres) if ends_row is None else ends_row
+    geom = VisionGeometry.from_model_config(model.config)
     for crops, size, is_anyres, ends in zip(feats.split(list(crops_per_image)), image_sizes, anyres, ends_row):
-        if is_anyres:
+        if is_anyres and geom.rounding != "round":
+            out.append(_pack_anyres(crops, [int(v) for v in size], newline, geom))
+        elif is_anyres:
             packed, _ = layout.core(model).pack_image_features(
                 [crops], size[None], image_newline=newline, vision_aspect_ratio=model.config.vision_aspect_ratio
             )
@@ -76,15 +81,35 @@ def image_features(model, feats, crops_per_image, image_sizes, anyres, ends_row=
     return out
 
 
-def video_features(model, feats, frames_per_video, ends_row=None, pool: int = DEFAULT_POOL,
-                   newline_layout: str = DEFAULT_NEWLINE) -> list[torch.Tensor]:
+def _pack_anyres(crops: torch.Tensor, size: list[int], newline: torch.Tensor, geom: VisionGeometry) -> torch.Tensor:
+    """The stock anyres packing (grid map, unpad, shrink, newline per row, base crop first) at vision/tokens.py's
+    layout, for a rounding transformers lacks (stage.token_rounding=truncate, the public code's)."""
+    side, plan = geom.side, anyres_layout(size[0], size[1], geom)
+    grid = crops[1:].view(plan.rows, plan.cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+    grid = grid[:, plan.top: plan.top + plan.kept_h, plan.left: plan.left + plan.kept_w]
+    if (plan.out_h, plan.out_w) != (plan.kept_h, plan.kept_w):
+        grid = F.interpolate(grid[None], [plan.out_h, plan.out_w], mode="bilinear")[0]
+    grid = torch.cat((grid, newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)), dim=-1)
+    return torch.cat((crops[0], grid.flatten(1, 2).transpose(0, 1)), dim=0)
+
+
+def video_features(model, feats, frames_per_video, ends_row=None, pool=DEFAULT_POOL,
+                   newline_layout=DEFAULT_NEWLINE) -> list[torch.Tensor]:
     """One [tokens, d] tensor per video from its frames' projected features: pooled by `pool`, newlines placed as
-    `newline_layout` (vision/pooling.py, which vision/tokens.py counts by), none where its `ends_row` flag says not."""
-    pooled = pool_frames(feats, model.config.vision_config.image_size // model.config.vision_config.patch_size, pool)
+    `newline_layout` (vision/pooling.py, which vision/tokens.py counts by), none where its `ends_row` flag says not.
+    `pool` and `newline_layout` are one value for all videos or one per video (a recipe source's own settings)."""
+    count = len(frames_per_video)
+    pools = list(pool) if isinstance(pool, (list, tuple)) else [pool] * count
+    layouts = list(newline_layout) if isinstance(newline_layout, (list, tuple)) else [newline_layout] * count
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    per_video = feats.split(list(frames_per_video))
+    if len(set(pools)) <= 1:  # one call for the whole batch when the videos share a stride
+        pooled = pool_frames(feats, side, pools[0]).split(list(frames_per_video)) if count else []
+    else:
+        pooled = [pool_frames(v, side, p) for v, p in zip(per_video, pools)]
     newline = layout.image_newline(model)
-    ends_row = [True] * len(frames_per_video) if ends_row is None else ends_row
-    return [arrange_video(v, newline, newline_layout if ends else "no_token")
-            for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)]
+    ends_row = [True] * count if ends_row is None else ends_row
+    return [arrange_video(v, newline, kind if ends else "no_token") for v, ends, kind in zip(pooled, ends_row, layouts)]
 
 
 def _for_sequences(feats: list[torch.Tensor], batch: dict, per_owner: str) -> list[torch.Tensor]:
@@ -140,7 +165,8 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None, encode=_
         per_image = _for_sequences(per_image, batch, "images_per_sample")
         embeds = _scatter(embeds, batch, packed, model.config.image_token_id, per_image, "images")
     if frames is not None:
-        per_video = video_features(model, feats, batch["frames_per_video"], batch.get("video_newline"))
+        per_video = video_features(model, feats, batch["frames_per_video"], batch.get("video_newline"),
+                                   batch.get("video_pool", DEFAULT_POOL), batch.get("video_layout", DEFAULT_NEWLINE))
         per_video = _for_sequences(per_video, batch, "videos_per_sample")
         embeds = _scatter(embeds, batch, packed, model.config.video_token_id, per_video, "videos")
     return embeds

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
 
 import lightning as L
 import torch
@@ -17,7 +16,7 @@ from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training.accumulate import accumulated_step
 from ov_train.training.optim import build_adamw
-from ov_train.training.schedule import warmup_cosine
+from ov_train.training.schedule import lr_schedule
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -62,10 +61,13 @@ class OneVisionModule(L.LightningModule):
         self.nonfinite_batches = 0
         self._nonfinite_in_a_row = 0
         self._drop_gradients = False
+        # This rank's sequence-parallel group (parallel/sequence.py), set by strategies.SequenceParallelSetup; None
+        # without sequence parallelism. The group's losses come back reduced (the group's sums and counts).
+        self.sequence_parallel = None
 
     def _losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
-        return sample_losses(self.model, batch, self.forward_options, predict)
+        return sample_losses(self.model, batch, self.forward_options, predict, parallel=self.sequence_parallel)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.adapter and self.adapter.dropout > 0:
@@ -144,7 +146,9 @@ class OneVisionModule(L.LightningModule):
         sums, counts, predictions = self._losses(batch, predict=True)
         correct = (predictions == batch["labels"][:, 1:]).all(1)  # both IGNORE_INDEX where unsupervised
         hits = correct.double()
-        for i, modality in enumerate(batch["modality"]):
+        # A sequence-parallel group's ranks hold the same batch and the same (reduced) results: its first counts them.
+        counted = self.sequence_parallel is None or self.sequence_parallel.rank == 0
+        for i, modality in enumerate(batch["modality"] if counted else []):
             self._val[modality] += torch.stack(
                 [sums[i].double(), counts[i].double(), hits[i], hits.new_tensor(batch["chance"][i]), hits.new_ones(())]
             ).cpu()
@@ -224,8 +228,7 @@ class OneVisionModule(L.LightningModule):
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
         optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
-        lam = partial(warmup_cosine, total_steps=self.optim.total_steps, warmup_ratio=self.optim.warmup_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+        scheduler = lr_schedule(optimizer, self.optim.total_steps, self.optim.warmup_ratio, self.optim.warmup_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

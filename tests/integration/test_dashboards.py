@@ -24,7 +24,9 @@ from tests.conftest import CONF, SMALL_DATA, compose_config
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device")  # perf/mfu: GPUs (or metrics.peak_tflops)
+# perf/mfu: GPUs (or metrics.peak_tflops)
+PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device", "perf/rank_imbalance",
+        "perf/rank_imbalance_max", "perf/rank_idle")
 PARTS = ("vision_tower", "projector", "llm")
 
 
@@ -62,6 +64,7 @@ def test_csv_has_throughput_mfu_and_gradient_norms(csv_run):
         assert keys <= row.keys()
         assert all(math.isfinite(row[k]) for k in keys)
         assert row["perf/tokens_per_s"] > 0 and row["perf/samples_per_s"] > 0
+        assert row["perf/rank_imbalance"] == 1.0 and row["perf/rank_idle"] == 0.0  # one process waits for no other
         assert row["grad_norm/total"] > 0 and row["train/nonfinite_batches"] == 0
         # The total is the norm of the parts' norms.
         parts = math.sqrt(sum(row[f"grad_norm/{p}"] ** 2 for p in PARTS))

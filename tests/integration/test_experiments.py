@@ -18,7 +18,9 @@ RECIPE_SAMPLES = {"pretrain": 558_000, "mid": 4_835_000, "final_image": 3_200_00
 
 
 def test_the_experiments_ship():
-    assert sorted(f"{size}/{stage}" for size in [*SIZES, "tiny_stages"] for stage in CHAIN) == EXPERIMENTS
+    chain = [f"{size}/{stage}" for size in [*SIZES, "tiny_stages"] for stage in CHAIN]
+    # Long video (README): 7B on 8 GPUs and its tiny twin, tests/integration/test_long_video.py.
+    assert sorted([*chain, "ov_qwen2_7b/long_video", "tiny_long_video"]) == EXPERIMENTS
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -52,6 +54,8 @@ def test_the_experiments_state_the_papers_recipe_and_ask_only_for_weights_and_da
         (tmp_path / cfg.model.init_from / "config.json").write_text("{}")
     plan = resolve_plan(compose_config([f"experiment={size}/{stage}", *given]))
     assert plan.strategy.name == "deepspeed" and plan.model.route == ("compose" if stage == "pretrain" else "export")
+    # Every public script runs ZeRO-3 (LLaVA-NeXT scripts/train/*.sh: --deepspeed scripts/zero3.json), 0.5B stage 1 too.
+    assert plan.strategy.settings["stage"] == 3
     assert plan.trainer["max_steps"] == plan.optim.total_steps == -(-RECIPE_SAMPLES[stage] // per_step)
     assert plan.data.samples_per_rank == per_step // 8  # one node of 8 GPUs (trainer/gpu_node.yaml)
 

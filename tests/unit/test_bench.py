@@ -108,6 +108,15 @@ def test_goals_report_reads_the_json_results(tmp_path, capsys):
     (tmp_path / "loader.json").write_text(json.dumps({"results": [{"name": "loader", "tokens_per_s": 84_000}]}))
     goals = {g.name: g for g in main(["--goals", str(tmp_path)])}
     assert goals["loader tokens/s / GPU tokens/s"].measured == 1.2 and goals["loader tokens/s / GPU tokens/s"].met is False
+    assert goals["CPU cores per H100, OV-0.5B mix"].met is None and goals["simulated rank idle, 8 ranks"].met is None
+
+    feed = [{"name": "extraction_ov_train_exact", "cores_per_gpu": 3.8, "device": "h100", "model": "ov_qwen2_0_5b"},
+            {"name": "extraction_ov_train_exact", "cores_per_gpu": 1.0, "device": "h100", "model": "ov_qwen2_7b"},
+            {"name": "balance_ov_qwen2_0_5b_tokens", "idle": 0.29}, {"name": "balance_ov_qwen2_0_5b_compute", "idle": 0.035}]
+    (tmp_path / "feed.json").write_text(json.dumps({"results": feed}))
+    goals = {g.name: g for g in main(["--goals", str(tmp_path)])}
+    assert goals["CPU cores per H100, OV-0.5B mix"].measured == 3.8 and goals["CPU cores per H100, OV-0.5B mix"].met
+    assert goals["simulated rank idle, 8 ranks"].measured == 0.035 and goals["simulated rank idle, 8 ranks"].met
 
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
