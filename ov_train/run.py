@@ -16,17 +16,20 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ov_train.checkpoints.adapters import build_for_training, init_from_adapters
+from ov_train.checkpoints.export import export_checkpoint
+from ov_train.checkpoints.reading import resume_problems
+from ov_train.checkpoints.saving import AtomicCheckpoints, PeriodicCheckpoint, SaveOnSigterm, save_whole
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.data.compute_batches import SampleCost
-from ov_train.data.prepare import data_problems, prepare_data
-from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
-from ov_train.model.checkpoint_io import resume_problems
+from ov_train.data.prepare import locate_shards, prepare_data
+from ov_train.data.recipe import Recipe
 from ov_train.planner.report import preflight
-from ov_train.strategies import adopt_launcher_tasks, build_strategy, strategy_callbacks
-from ov_train.training.callbacks import build_callbacks, save_whole
+from ov_train.strategies import StopRanksOnError, adopt_launcher_tasks, build_strategy, strategy_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
+from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.module import OneVisionModule
 from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
@@ -42,12 +45,11 @@ NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
-def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None]:
-    """What the plan alone cannot see: the data's shards (or the synthetic data's directory), the checkpoint to
-    resume and a model.init_from adapter checkpoint, whose adapters it returns with the plan. The plan's ckpt_path
-    becomes the newest of its checkpoints that reads (`ckpt_path=auto` / `last` fall back past one that does not).
-    Reads no sample and no tensor."""
-    problems = data_problems(plan.data)
+def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None, Recipe | None]:
+    """What the plan alone cannot see: the data's shards (listed once: the recipe comes back with the plan), the
+    checkpoint to resume (ckpt_path becomes the newest that reads) and a model.init_from adapter checkpoint (its
+    adapters come back too). Reads no sample and no tensor."""
+    recipe, problems = locate_shards(plan.data)
     if plan.ckpt_path:
         ckpt_path, resume = resume_problems((plan.ckpt_path, *plan.ckpt_fallbacks), plan.identity, plan.checkpoint.trust)
         plan = replace(plan, ckpt_path=ckpt_path, ckpt_fallbacks=())
@@ -56,7 +58,7 @@ def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None]:
     problems += init_problems
     if problems:
         raise ConfigError.of(problems)
-    return plan, source
+    return plan, source, recipe
 
 
 def hydra_files() -> list[Path]:
@@ -69,6 +71,21 @@ def hydra_files() -> list[Path]:
     files = list((Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")) if hydra.output_subdir else []
     sweep = OmegaConf.select(hydra, "sweep.dir", throw_on_missing=False)
     return files + ([Path(sweep) / "multirun.yaml"] if sweep else [])
+
+
+def build_callbacks(plan: RunPlan) -> list:
+    ckpt, paths = plan.checkpoint, plan.paths
+    checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
+    return [
+        checkpoints,
+        AtomicCheckpoints(ckpt.trust),
+        SaveOnSigterm(paths.last_checkpoint),
+        StopRanksOnError(),
+        TrainingMetrics(plan.peak_tflops),
+        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
+                              plan.predictions.max_new_tokens),
+        StreamState(paths.consumed_keys if plan.data.record_keys else None),
+    ]
 
 
 def build_trainer(plan: RunPlan) -> L.Trainer:
@@ -91,17 +108,17 @@ def train(cfg: DictConfig) -> dict:
     adopt_launcher_tasks()
     if rank() == 0:  # Hydra's files hold the command line as typed, whatever follows (a refusal, a config error)
         redact_files(hydra_files())
-    plan, source = check(resolve_plan(cfg))
+    plan, source, recipe = check(resolve_plan(cfg))
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
     preflight(cfg)
     # The job holds its run directory through rank 0 (its ranks share it) from its first write to its end; a second
     # run there stops here.
     with hold_run_dir(plan.paths.lock) if rank() == 0 else nullcontext():
-        return _run(cfg, plan, source)
+        return _run(cfg, plan, source, recipe)
 
 
-def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
+def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Recipe | None) -> dict:
     if plan.optim.step.max_steps_from:
         log.info("%s", plan.optim.step.max_steps_from)
     start = time.time()
@@ -111,7 +128,7 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(plan.seed, workers=True)
-    recipe = prepare_data(plan.data)
+    recipe = prepare_data(plan.data, located)
     model, tokenizer, adapter = build_for_training(plan, source)
     # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
     apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)

@@ -20,6 +20,7 @@ through the LightningModule's on_save_checkpoint, DeepSpeed with exclude_frozen_
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -226,3 +227,20 @@ def build_strategy(plan: StrategyPlan):
         save_distributed_checkpoint=bool(s["save_distributed_checkpoint"]),
         process_group_backend=s["process_group_backend"],
     )
+
+
+class StopRanksOnError(Callback):
+    """An error on a rank ends the ranks this process started (`trainer.devices` > 1 with no scheduler starting
+    them): one stuck in a collective would otherwise wait for the failed rank until the process group's timeout
+    (NCCL does not notice a dead peer). Lightning does so itself on Ctrl-C only. Ranks a scheduler started (srun,
+    torchrun) are the scheduler's to stop: the launcher has none of them.
+
+    The error is logged first: once a rank it started has died, Lightning's watch over them kills this process
+    too, maybe before the error reaches the console."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        launcher = trainer.strategy.launcher
+        if trainer.world_size == 1 or launcher is None or not isinstance(exception, Exception):
+            return  # SIGTERMException (every rank saves and exits) and KeyboardInterrupt (Lightning's) stop by themselves
+        log.error("rank %d: %s: %s", trainer.global_rank, type(exception).__name__, exception)
+        launcher.kill(signal.SIGKILL)

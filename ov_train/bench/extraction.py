@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionVideoProcessor
 
 from ov_train import devices
-from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
+from ov_train.config.media import MediaSettings
 from ov_train.constants import PARTS
 from ov_train.data.compute_batches import example_counts
 from ov_train.data.samples import VIDEO_FIELDS, SampleProcessor, image_fields
@@ -91,11 +91,10 @@ def _cpu(fn, raw):
 def extraction_bench(args, tokenizer, geometry, model_config) -> list[dict]:
     root = Path(args.loader)
     raws = read_raw(root, args.loader_samples)
-    media = MediaSettings(ImageSettings.from_stage({"image_strategy": "anyres_max_9"}), VideoSettings(max_frames=32))
+    media = MediaSettings.of("anyres_max_9", 32)
     paths = {
-        "ov_train exact": SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 32768, media),
-        "ov_train fast": SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 32768, media,
-                                         decode="fast"),
+        "ov_train exact": SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 32768),
+        "ov_train fast": SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 32768, decode="fast"),
         "reference": Reference(geometry),
     }
     flops = ModelFlops.from_config(model_config)

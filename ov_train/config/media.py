@@ -105,8 +105,6 @@ class ImageSettings:
     @classmethod
     def from_stage(cls, stage) -> ImageSettings:
         strategy = str(stage.get("image_strategy"))
-        if strategy == "single_crop":  # the earlier name of `pad`
-            strategy = "pad"
         anyres = ANYRES.fullmatch(strategy)
         if strategy not in SINGLE_CROP and not (anyres and int(anyres[1]) >= 1):
             raise MediaSettingError(
@@ -187,6 +185,11 @@ class MediaSettings:
     image: ImageSettings = ImageSettings()
     video: VideoSettings = VideoSettings()
     per_source: tuple[tuple[str, VideoSettings], ...] = ()  # a recipe source's own video settings
+
+    @classmethod
+    def of(cls, image_strategy: str, max_frames: int = VideoSettings.max_frames) -> MediaSettings:
+        """The settings of a stage that sets only its image strategy and its videos' frame cap."""
+        return cls(ImageSettings.from_stage({"image_strategy": image_strategy}), VideoSettings(max_frames=max_frames))
 
     def video_for(self, source: str | None) -> VideoSettings:
         return dict(self.per_source).get(source, self.video)

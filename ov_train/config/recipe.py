@@ -235,11 +235,3 @@ def root_problems(spec: RecipeSpec, root: str | None, key: str = "data.root") ->
             return [f"{key} is required: {s.where} ({s.name}) has the relative {field}={redact(value)!r}; set {key}="
                     "DIR or URL (where relative source paths start), or make every source path absolute or a URL"]
     return []
-
-
-def parse_recipe(name_or_path: str) -> RecipeSpec:
-    """read_recipe, raising RecipeError with every problem when there is any."""
-    spec, problems = read_recipe(name_or_path)
-    if problems:
-        raise RecipeError(problems)
-    return spec

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ov_train.checkpoints.paths import last_checkpoint, resume_targets
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
@@ -55,11 +56,11 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.last_checkpoint.parent
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
+        return last_checkpoint(self.run_dir)
 
     @property
     def export(self) -> Path:
@@ -91,11 +92,6 @@ class RunPaths:
         return self.run_dir / ".ov_train.lock"
 
 
-def previous_of(path: Path) -> Path:
-    """Where a sharded checkpoint's previous version waits while the new one is renamed into place."""
-    return path.with_name(f".{path.name}.previous")
-
-
 @dataclass(frozen=True)
 class ModelPlan:
     """How to build the model: `route` is export | checkpoint | pretrained | compose | random."""
@@ -111,7 +107,7 @@ class ModelPlan:
     vision_aspect_ratio: str
     trust_checkpoint: bool = False
     # model.pretrained beside a model.init_from adapter checkpoint: the base its adapters go on, instead of the one
-    # the checkpoint records (model/adapter_io.py); not part of what a resume compares (base_record).
+    # the checkpoint records (checkpoints/adapters.py); not part of what a resume compares (base_record).
     base_dir: str | None = None
 
     def paths(self) -> dict[str, str | None]:
@@ -260,42 +256,6 @@ class RunPlan:
     config: dict  # the resolved config, for the dashboards
 
 
-def resume_candidates(run_dir: Path) -> list[Path]:
-    """What `ckpt_path=auto` / `last` may resume in `run_dir`, newest first, those that exist: checkpoints/last.ckpt;
-    its .previous (a sharded save killed between its renames leaves it as the last whole one); the step=N.ckpt
-    that checkpoint.keep kept, highest N first. The newest that reads is resumed (run.check)."""
-    paths = RunPaths(run_dir)
-    kept = [(int(step), p) for p in paths.checkpoints.glob("step=*.ckpt")
-            if (step := p.name.removeprefix("step=").removesuffix(".ckpt")).isdigit()]
-    newest_kept = [p for _, p in sorted(kept, reverse=True)]
-    return [p for p in (paths.last_checkpoint, previous_of(paths.last_checkpoint), *newest_kept) if p.exists()]
-
-
-def resume_targets(ckpt_path: str | None, run_dir: Path | None) -> tuple[str, ...]:
-    """The checkpoints to resume, newest first (run.check resumes the first that reads; none: a fresh start).
-    A path: itself. `last`: this run directory's resume_candidates, of which there must be one; `auto`: those, or
-    none (what a requeued SLURM job wants). Both mean resuming in the first run's hydra.run.dir."""
-    if ckpt_path not in ("last", "auto"):
-        return (ckpt_path,) if ckpt_path else ()
-    if run_dir is None:
-        raise ConfigError(f"ckpt_path={ckpt_path} needs a run directory")
-    candidates = tuple(map(str, resume_candidates(run_dir)))
-    if candidates:
-        return candidates
-    last = RunPaths(run_dir).last_checkpoint
-    if ckpt_path == "auto":
-        # Said, since a run directory other than the first run's (the default one is timestamped) finds nothing.
-        log.info("ckpt_path=auto: no checkpoint at %s, starting fresh (a resume runs in the first run's hydra.run.dir)",
-                 last)
-        return ()
-    raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None:
-    """The checkpoint `ckpt_path` resumes first (resume_targets), or None."""
-    return next(iter(resume_targets(ckpt_path, run_dir)), None)
-
-
 def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
     """What a resume must share with the run that wrote the checkpoint (kept in its `ov_train` metadata);
     `max_steps`: the plan's, when data.epochs derived it; with adapters, their settings and the base they sit on."""
@@ -398,7 +358,7 @@ def stage_lrs(cfg: DictConfig) -> dict[str, float]:
 
 
 def base_record(model: ModelPlan, seed: int) -> dict:
-    """What an adapter run's frozen base is, for resumes and ov-export to rebuild it (model/adapter_io.py): the
+    """What an adapter run's frozen base is, for resumes and ov-export to rebuild it (checkpoints/adapters.py): the
     model plan with its paths made absolute (trusting a checkpoint is the reader's choice), and the seed."""
     node = asdict(model)
     node.pop("trust_checkpoint")
@@ -500,7 +460,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     targets = ()
     try:
         targets = resume_targets(cfg.ckpt_path, run_dir)
-    except ConfigError as err:
+    except ValueError as err:
         problems.append(str(err))
     ckpt_path, *fallbacks = targets or (None,)
     if ckpt_path and not Path(ckpt_path).exists():

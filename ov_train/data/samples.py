@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
+from ov_train.config.media import MediaSettings
 from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS
 from ov_train.data.frame_extraction import frame_fields, read_frames
 from ov_train.data.video import VIDEO_FIELD, decode_video
@@ -64,11 +64,8 @@ class SampleProcessor:
     tokenizer: object
     geometry: object
     template: str
-    image_strategy: str  # anyres_max_N, pad or square (config/media.py); `media` wins when given
-    max_frames: int
+    media: MediaSettings  # the stage's image and video settings (the plan's SamplePlan.media; MediaSettings.of)
     max_length: int
-    # The stage's image and video settings (the plan's SamplePlan.media); None: from image_strategy and max_frames.
-    media: MediaSettings | None = None
     # Where a turn's single <image>/<video> goes (constants.PLACEMENTS): `front` (moved to the start, then a
     # newline, as the public LLaVA-NeXT code does) or `as_is`.
     placement: str = "front"
@@ -78,11 +75,6 @@ class SampleProcessor:
     # data.decode (constants.DECODES): `exact` decodes every image in full; `fast` decodes a JPEG at the reduced
     # size its crops need (vision/preprocess.py open_image): faster, pixels not equal.
     decode: str = "exact"
-
-    def __post_init__(self):
-        if self.media is None:
-            image = ImageSettings.from_stage({"image_strategy": self.image_strategy})
-            object.__setattr__(self, "media", MediaSettings(image, VideoSettings(max_frames=self.max_frames)))
 
     @cached_property
     def token_chars(self) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ov_train.config.options import ForwardOptions
 from ov_train.constants import CHECKPOINTABLE, IGNORE_INDEX
 from ov_train.model import layout
-from ov_train.model.checkpointing import apply_activation_checkpointing
+from ov_train.model.activation_checkpointing import apply_activation_checkpointing
 from ov_train.model.loss import (
     chunked_cross_entropy,
     fused_available,

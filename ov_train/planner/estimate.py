@@ -45,7 +45,7 @@ GIB = 2**30
 PATHS = ("ov_train", "stock")
 CODE = Path(__file__).resolve().parents[1]
 # Source the trace depends on: a change there invalidates cached traces.
-TRACED_SOURCES = ("model/forward.py", "model/loss.py", "model/packing.py", "model/checkpointing.py", "model/build.py",
+TRACED_SOURCES = ("model/forward.py", "model/loss.py", "model/packing.py", "model/activation_checkpointing.py", "model/build.py",
                   "planner/trace.py", "planner/workload.py")
 
 

@@ -7,7 +7,7 @@ the recipe's weights, each modality's share filled with its largest samples (the
   stage.video_newline), the most tower work per token;
 - multi_image: up to 12 images of one crop each (729 + 1 tokens);
 - single_image: the largest of the recipe's example images whose anyres tokens fit (3000x800 -> 8,019 at
-  384 px), or one crop under `single_crop`;
+  384 px), or one crop under `pad` or `square`;
 - text: text only.
 Every sample also carries a prompt (PROMPT_TOKENS, no loss) and a reply (REPLY_TOKENS, supervised).
 Visual token counts come from ov_train.vision.tokens, the model's own arithmetic.
@@ -31,8 +31,8 @@ from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_t
 PROMPT_TOKENS = 64  # system prompt, turn markers and the question
 REPLY_TOKENS = 192  # supervised answer tokens per sample
 MAX_IMAGES = 12  # the recipe's multi-image samples hold up to 12 images
-# Height x width of the recipe's anyres examples at 384 px, most tokens first (shared/spec/llava_ov_recipe.md):
-# 8,019, 7,269, 4,744, 2,929 and 1,485 tokens.
+# Height x width of example images at 384 px, most tokens first: 8,019, 7,269, 4,744, 2,929 and 1,485 tokens under
+# anyres_max_9, as the public LLaVA-NeXT code counts them (vision/tokens.py reproduces those counts).
 IMAGE_SIZES = ((3000, 800), (1080, 1920), (1024, 768), (480, 640), (384, 384))
 ONEVISION_MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
 # The modalities in the order a step's budget is filled: most tower work per token first.

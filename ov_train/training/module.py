@@ -45,7 +45,7 @@ class OneVisionModule(L.LightningModule):
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
         prepare_model(model, self.forward_options)
-        # With adapters (placed before, model/adapter_io.py): in adapted parts only PEFT's tensors train, and
+        # With adapters (placed before, checkpoints/adapters.py): in adapted parts only PEFT's tensors train, and
         # checkpoints hold the trainable tensors only (the base comes from the record), so loading them is not strict
         # (on_load_checkpoint checks them).
         self.adapter, self.seed = adapter, seed

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ov_train.cli.chat import main as ov_chat
+from ov_train.cli.eval import main as ov_eval
+from ov_train.cli.export import main as ov_export
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.stream import read_tar
 from ov_train.eval.evaluate import read_rows
 from ov_train.run import train
-from ov_train.tools.chat import main as ov_chat
-from ov_train.tools.eval import main as ov_eval
-from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_dashboards import wandb_records
 

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
+from ov_train.cli.data import main as ov_data
 from ov_train.data import convert as convert_module
-from ov_train.data.cli import main as ov_data
 from ov_train.run import train
 from tests.conftest import compose_config
 from tests.fixtures_data import conversation, image_bytes, write_jsonl, write_parquet

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
+from ov_train.config.media import MediaSettings
 from ov_train.data.convert import convert
 from ov_train.data.formats import parquet_items
 from ov_train.data.pairs import PairProcessor
@@ -38,7 +39,7 @@ def _rejects(out: Path) -> dict:
 def _pair(out_samples: dict, tokenizer) -> dict:
     """Each converted sample read back as training reads a pair: {id: (chosen text, rejected text, example)}."""
     process = PairProcessor(SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5",
-                                            "anyres_max_9", max_frames=8, max_length=8192))
+                                            MediaSettings.of("anyres_max_9", 8), max_length=8192))
     pairs = {}
     for key, raw in out_samples.items():
         example = process(raw)
@@ -222,7 +223,7 @@ def test_training_reads_a_preference_parquet_directly(tmp_path, tokenizer):
     assert sorted(index["files"][str(path)]["rejected"].values()) == [
         "corrupt_image", "identical_replies", "missing_reply", "placeholder_mismatch"]
     process = PairProcessor(SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5",
-                                            "anyres_max_9", max_frames=8, max_length=8192))
+                                            MediaSettings.of("anyres_max_9", 8), max_length=8192))
     read, skipped = {}, {}
     for row, item in parquet_items(pq.ParquetFile(path), path.name):
         try:

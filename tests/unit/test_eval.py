@@ -15,14 +15,14 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from ov_train.checkpoints.export import export_pretrained
+from ov_train.cli import chat as chat_module
+from ov_train.cli.chat import main as ov_chat
+from ov_train.cli.eval import main as ov_eval
 from ov_train.eval import evaluate as evaluate_module
 from ov_train.eval.evaluate import EvalSource, eval_sources, evaluate, read_rows, write_metrics
 from ov_train.eval.inference import load_export
 from ov_train.eval.metrics import score
-from ov_train.model.checkpoint_io import export_pretrained
-from ov_train.tools import chat as chat_module
-from ov_train.tools.chat import main as ov_chat
-from ov_train.tools.eval import main as ov_eval
 from tests.helpers import noise_png
 
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -192,8 +192,8 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     (its synthetic settings, or its data.root), else those of the default run's settings."""
     from dataclasses import asdict
 
+    from ov_train.cli.eval import default_root
     from ov_train.data.synthetic import synthetic_root
-    from ov_train.tools.eval import default_root
     from tests.conftest import plan_of
 
     default = plan_of([]).data
@@ -207,8 +207,8 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     (run / ".hydra" / "config.yaml").write_text(config.replace("root: null", f"root: {small_data_root}"))
     assert default_root(run / "export") == small_data_root
     seen = {}
-    monkeypatch.setattr("ov_train.tools.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
-    monkeypatch.setattr("ov_train.tools.eval.eval_sources", lambda data, root, metric, allow_pipe: seen.setdefault("root", root))
+    monkeypatch.setattr("ov_train.cli.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    monkeypatch.setattr("ov_train.cli.eval.eval_sources", lambda data, root, metric, allow_pipe: seen.setdefault("root", root))
     with pytest.raises(SystemExit):
         ov_eval([str(run / "export"), "synthetic_onevision"])
     assert seen["root"] == small_data_root
@@ -250,10 +250,10 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
     import numpy as np
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
+    from ov_train.cli.chat import read_video
     from ov_train.data.samples import SampleProcessor
     from ov_train.data.video import encode_mp4
     from ov_train.eval.inference import export_video, sample_media
-    from ov_train.tools.chat import read_video
     from ov_train.vision.geometry import VisionGeometry
     from ov_train.vision.preprocess import preprocess_frames
     from ov_train.vision.settings import apply_to_model_config
@@ -269,7 +269,7 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
     clip = encode_mp4(np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8), fps=2)
     raw = raw_sample("v", "<video>\nWhich way?", "left", video=clip)
     geometry = VisionGeometry.from_model_config(config)
-    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)(raw)["frames"]
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 4096)(raw)["frames"]
     _, frames = sample_media(raw, video)
     assert frames.shape == (4, 16, 16, 3) and torch.equal(preprocess_frames(frames, geometry), trained)
     # ov-eval: the export's settings, a recipe source's own laid over them, --max-frames over both.
@@ -353,7 +353,7 @@ def test_ov_eval_places_a_turns_image_as_the_exports_stage_did(tiny_model_and_to
     export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
     raw = raw_sample("s", "What colour is the shape? <image>", "red", images=[noise_png(40, 30, 1)])
     geometry = VisionGeometry.from_model_config(config)
-    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=samples.media,
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", samples.media, 4096,
                               placement=placement)(raw)
     labels = trained["labels"].tolist()
     prompt_ids = trained["input_ids"].tolist()[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]

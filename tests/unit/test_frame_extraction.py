@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
+from ov_train.config.media import MediaSettings
 from ov_train.data.frame_extraction import FrameExtraction, frame_fields, read_frames
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.stream import read_tar
@@ -58,7 +59,7 @@ def test_training_reads_the_frames_as_the_video(extracted, _offline_cache):
     tokenizer = build_tiny_tokenizer(Path(_offline_cache) / "tokenizer")
     geometry = VisionGeometry(32, 8, default_pinpoints(32))
     for max_frames, expected in ((32, 8), (4, 4)):  # the stage's cap samples the stored frames again
-        process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=max_frames,
+        process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of("anyres_max_9", max_frames),
                                   max_length=8192)
         example = process(samples["video_40s"])
         assert example["frames"].shape[0] == expected

@@ -93,7 +93,7 @@ def test_sample_processor_decode_switch(tiny_model_and_tokenizer):
                                                  {"from": "gpt", "value": "Shapes."}]}).encode()}
     out = {}
     for decode in ("exact", "fast"):
-        process = SampleProcessor(tokenizer, GEOM, "qwen_1_5", "anyres_max_9", 4, 8192, media, decode=decode)
+        process = SampleProcessor(tokenizer, GEOM, "qwen_1_5", media, 8192, decode=decode)
         out[decode] = process(raw)
     assert torch.equal(out["exact"]["input_ids"], out["fast"]["input_ids"])
     exact = torch.cat([i.pixel_values for i in out["exact"]["images"]])

@@ -2,8 +2,8 @@
 per GPU they imply, and the fast decode's pixel difference."""
 import pytest
 
-from ov_train.bench import main
 from ov_train.bench.media import write_media_shards
+from ov_train.cli.bench import main
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
+from ov_train.checkpoints.export import export_pretrained
+from ov_train.cli.chat import main as ov_chat
 from ov_train.eval.inference import load_processor, training_frames
 from ov_train.eval.pil_processor import PilVideoProcessor, pil_processor
-from ov_train.model.checkpoint_io import export_pretrained
-from ov_train.tools.chat import main as ov_chat
 from tests.conftest import REPO
 from tests.fixtures_data import video_bytes
 from tests.helpers import noise_png
@@ -65,7 +65,7 @@ def test_ov_chat_answers_the_same_without_torchvision(exports, tmp_path, capsys)
         argv = [str(ours), *media, "--max-new-tokens", "4", "What is it?"]
         assert ov_chat(argv) == 0
         expected = capsys.readouterr().out
-        code = HIDE_TORCHVISION + f"from ov_train.tools.chat import main; sys.exit(main({argv!r}))"
+        code = HIDE_TORCHVISION + f"from ov_train.cli.chat import main; sys.exit(main({argv!r}))"
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout == expected and expected.strip()

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import TokenBudget
 from ov_train.data import stream as stream_module
 from ov_train.data.batching import TrainBatches, fill_batches
@@ -197,8 +198,8 @@ def test_skips_in_a_row_restart_after_a_usable_sample(two_sources):
 
 def test_the_real_processor_with_max_length_8_stops_the_synthetic_stream(small_data_root, tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=8)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", MediaSettings.of("anyres_max_9", 8),
+                              max_length=8)
     recipe = load_recipe("synthetic_onevision", small_data_root)
     with pytest.raises(StreamError, match=r"^30 training samples in a row skipped: too_long 30 \(stage.max_length=8\); last: "):
         next(iter(MixedStream(recipe.sources, process, seed=0, shuffle_buffer=8, max_skips_in_a_row=30)))

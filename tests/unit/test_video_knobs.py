@@ -66,7 +66,7 @@ def test_convert_processor_and_model_count_the_same_per_stage_and_per_source(tin
     source = SimpleNamespace(name="short", video=(("pool", 1), ("newline", "one_token"), ("max_frames", 4)))
     media, problems = read_media(stage, [source])
     assert not problems
-    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", 128, 8192, media=media)
+    process = SampleProcessor(tokenizer, geom, "qwen_1_5", media, 8192)
     clips = [_clip(7, 0), _clip(9, 1)]
     raws = [raw_sample("a", "<video>\nWhat happens?", "a lot", video=clips[0]),
             {**raw_sample("b", "<video>\nAnd here?", "less", video=clips[1]), "__source__": "short"}]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ov_train.cli.eval import device_and_dtype
 from ov_train.config.media import VideoSettings
 from ov_train.data.video import VideoDecodeError
 from ov_train.eval.inference import (
@@ -27,7 +28,6 @@ from ov_train.eval.inference import (
     sampling_kwargs,
     training_frames,
 )
-from ov_train.tools.eval import device_and_dtype
 
 
 class Chat:
