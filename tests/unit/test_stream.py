@@ -256,8 +256,8 @@ def test_a_source_holding_another_modality_is_skipped_and_counted(small_data_roo
     from dataclasses import replace
 
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=4, max_length=4096)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5",
+                              MediaSettings.of("anyres_max_9", 4), max_length=4096)
     sources = {s.name: s for s in load_recipe("synthetic_onevision", small_data_root).sources}
     mislabelled = replace(sources["video"], name="clips", modality="single_image")
     examples = list(itertools.islice(MixedStream([sources["single_image"], mislabelled], process, seed=0,
