@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ov_train.checkpoints.adapters import build_for_training, init_from_adapters
@@ -121,6 +122,9 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
     if plan.optim.step.max_steps_from:
         log.info("%s", plan.optim.step.max_steps_from)
     start = time.time()
+    # Threads and workers from the CPUs this process may use, not the machine's count (ov_train.config.options).
+    torch.set_num_threads(plan.cpus.threads)
+    log.info("%s", plan.cpus.describe())
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(plan.seed, workers=True)
@@ -160,6 +164,8 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
     summary = {
         "stage": plan.stage,
         "model": plan.model.name,
+        # What the weights came from (its geometry is model's: config checks refuse another one).
+        "model_from": f"{plan.model.route} {plan.model.source}" if plan.model.source else plan.model.route,
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - start, 1),
         "val_accuracy": metrics.get("val/accuracy"),
@@ -177,9 +183,10 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
     if not summary["val_samples"]:
         log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], paths.run_dir)
     else:
+        chance = summary["chance_accuracy"]
         log.info(
-            "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
-            summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
-            summary["val_loss"] or 0, paths.run_dir,
+            "done in %.0f s: held-out accuracy %.3f (chance %s), val loss %.3f -> %s",
+            summary["wall_time_s"], summary["val_accuracy"] or 0,
+            "n/a: no answer options" if chance is None else f"{chance:.3f}", summary["val_loss"] or 0, paths.run_dir,
         )
     return summary

@@ -19,6 +19,7 @@ from ov_train.model.model_card import card_facts, model_card
 from ov_train.text.chat_template import chat_template, stop_token_ids
 from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.logging import get_logger, settle_deepspeed_accelerator
+from ov_train.utils.paths import permissions_as_umask_allows
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import inference_refusal
 
@@ -52,6 +53,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     if refusal:  # no processor files; the card says what the export is for
         log.warning("%s: %s", out, refusal)
         (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out, refusal=refusal))
+        permissions_as_umask_allows(out)
         return out
     geometry = VisionGeometry.from_model_config(model.config)
     settings = processor_settings(geometry)
@@ -80,6 +82,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qw
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
     (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
+    permissions_as_umask_allows(out)
     return out
 
 
@@ -132,6 +135,7 @@ def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, b
         peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir, tokenizer_dir=given_dir)
         if adapter_only:
             peft_model.save_pretrained(out)
+            permissions_as_umask_allows(out)
             return out
         peft_model.save_pretrained(out / "adapter")
         model = merged(peft_model)

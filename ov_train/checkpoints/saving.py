@@ -123,7 +123,9 @@ def save_whole(trainer, path, save=None) -> None:
     renames the new one over it and deletes the previous one. A kill between those renames leaves only the
     previous checkpoint, which ckpt_path=auto (checkpoints/paths.py) then resumes from.
     """
-    save = save or trainer.save_checkpoint
+    # weights_only=False said outright: a whole checkpoint (optimizer, loops, stream state) is what resumes need,
+    # and Lightning logs "`weights_only` was not set" at every save that leaves it to its default.
+    save = save or (lambda target: trainer.save_checkpoint(target, weights_only=False))
     path = Path(path)
     if not isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
         save(path)

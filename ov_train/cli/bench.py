@@ -36,6 +36,7 @@ from ov_train.config.run_plan import model_plan
 from ov_train.constants import CHECKPOINTABLE
 from ov_train.devices import DEVICES
 from ov_train.model.build import build_model
+from ov_train.utils.cpus import usable_cpus
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
@@ -99,6 +100,9 @@ def main(argv=None) -> list:
             args.json.write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "results": results}, indent=2))
         return results
     torch.manual_seed(args.seed)
+    # Intra-op threads from the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's count.
+    torch.set_num_threads(usable_cpus())
+    print(f"torch threads: {torch.get_num_threads()} (the CPUs this process may use)")
     cfg = compose([f"model={args.model}", "model.random_init=true"]).model
     with_model = args.both or not args.loader
     # The loader alone needs only the tokenizer and the geometry: the model is built without weights.

@@ -25,7 +25,6 @@ from ov_train.eval.inference import (
     open_image,
     processor_inputs,
     read_frames,
-    require_torchvision,
     sampling_kwargs,
     training_frames,
 )
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((check_export(args.export) / "config.json").read_text())
         images = [open_image(Path(p), p) for p in args.image]
         frames = read_video(args.video, export_video(config, args.max_frames)) if args.video else None
-        require_torchvision("ov-chat")
     except ExportError as err:
         parser.error(str(err))
     device, dtype = device_and_dtype(args.device)

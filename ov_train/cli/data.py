@@ -61,9 +61,8 @@ def _convert(args: argparse.Namespace) -> int:
         print("ov-data convert: interrupted; finished shards are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
-    held = totals["splits"]["val"]
     print(f"{redact(args.out)}: {totals['chunks']} chunk(s), {totals['resumed_chunks']} already done by an earlier run; "
-          "wrote index.json and rejects.jsonl" + (f"; {held} held-out sample(s) in val-*.tar" if held else ""))
+          "wrote index.json and rejects.jsonl")
     print(format_report(totals))
     return 0
 

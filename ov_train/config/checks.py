@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -98,9 +99,45 @@ def model_problems(model) -> list[str]:
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
     problems += geometry_problems(model)
+    if not missing:
+        problems += checkpoint_geometry_problems(model)
     if not model.lr_scale > 0:
         problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
     return problems
+
+
+# What makes a checkpoint another model than the `model=` config's geometry: the tower's and the LLM's shapes. (Not
+# the vocabulary, which grows by the media tokens, nor the tower's layer count: OneVision drops SigLIP's last layer.)
+GEOMETRY_KEYS = {
+    "vision": ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size"),
+    "text": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+}
+
+
+def checkpoint_geometry_problems(model) -> list[str]:
+    """A OneVision directory (model.pretrained, or an export as model.init_from) whose config.json is another
+    geometry than `model=`'s: the run would train the checkpoint's model under the config's name. Reads config.json
+    only; a directory without one is left to the build to name."""
+    key = "init_from" if model.get("init_from") else "pretrained"
+    directory = model.get(key)
+    config_file = Path(directory) / "config.json" if directory else None
+    if config_file is None or not config_file.is_file():
+        return []
+    try:
+        found = json.loads(config_file.read_text())
+    except ValueError:
+        return []
+    differs = []
+    for part in ("vision", "text"):
+        held = found.get(f"{part}_config") or {}
+        for name in GEOMETRY_KEYS[part]:
+            want = model[part].get(name)
+            if want is not None and name in held and held[name] != want:
+                differs.append(f"{part} {name} {held[name]} (model={model.name}: {want})")
+    if not differs:
+        return []
+    return [f"model.{key}={str(directory)!r} is another geometry than model={model.name}: {', '.join(differs)};"
+            " choose the model= config of that checkpoint (e.g. model=tiny for a tiny one)"]
 
 
 def geometry_problems(model) -> list[str]:
@@ -207,7 +244,8 @@ def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = Fals
 def data_problems(data, seed: int) -> list[str]:
     """The data node's own values (the recipe and its shards are checked where they are read)."""
     problems = (
-        _at_least("data.num_workers", data.num_workers, 0, "loader processes per rank; 0 loads in the main one")
+        _at_least("data.num_workers", data.num_workers, 0,
+                    "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
         + _at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
         + _at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
         + _at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,

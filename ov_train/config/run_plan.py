@@ -22,7 +22,16 @@ from ov_train.checkpoints.paths import last_checkpoint, resume_targets
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
-from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
+from ov_train.config.options import (
+    CpuShare,
+    ForwardOptions,
+    IOSettings,
+    TokenBudget,
+    cpu_share,
+    default_precision,
+    devices_per_node,
+    world_size,
+)
 from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.config.reproduce import Reproduction
@@ -137,7 +146,7 @@ class DataPlan:
     synthetic: SyntheticPlan | None  # None: the user's shards
     budget: TokenBudget
     samples: SamplePlan
-    num_workers: int
+    num_workers: int  # data.num_workers, or the CpuShare's choice when it is null
     shuffle_buffer: int
     val_samples: int | None
     max_skips_in_a_row: int
@@ -222,6 +231,7 @@ class RunPlan:
     stage: str
     model: ModelPlan
     data: DataPlan
+    cpus: CpuShare  # loader workers and torch threads of each process
     forward: ForwardOptions
     optim: OptimPlan
     adapter: AdapterPlan | None  # None: adapter=none
@@ -293,7 +303,12 @@ def _recipe(data) -> tuple[RecipeSpec | None, list[str]]:
     return spec, problems
 
 
-def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPlan:
+def run_cpu_share(cfg: DictConfig) -> CpuShare:
+    """Each process's share of the node's usable CPUs: the run starts trainer.devices processes per node."""
+    return cpu_share(cfg.data.num_workers, devices_per_node(cfg.trainer.devices, str(cfg.trainer.accelerator)))
+
+
+def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: CpuShare) -> DataPlan:
     data, stage = cfg.data, cfg.stage
     synthetic = None
     if data.name == SYNTHETIC:
@@ -306,7 +321,7 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
     parallel = data_parallel_size(cfg.strategy, world_size(cfg.trainer))
     per_rank = data.samples_per_step // parallel if data.samples_per_step else None
     return DataPlan(
-        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,
+        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=cpus.workers,
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
@@ -458,10 +473,12 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         # is None, run.py), and every batch is one optimizer step (training/step.py), so this is the last step.
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
+    cpus = run_cpu_share(cfg)
     return RunPlan(
         stage=cfg.stage.name,
         model=model_plan(cfg.model, cfg.checkpoint.trust),
-        data=data_plan(cfg, spec, media),
+        data=data_plan(cfg, spec, media, cpus),
+        cpus=cpus,
         forward=forward,
         optim=optim_plan(cfg, adapter, step),
         adapter=adapter,

@@ -140,7 +140,8 @@ class DataConfig:
     samples_per_step: Optional[int] = None
     # Passes over the recipe's sample counts; sets trainer.max_steps (needs samples_per_step).
     epochs: Optional[float] = None
-    num_workers: int = 0
+    # Loader processes per rank (0: the main process loads); null: sized from the CPUs the process may use.
+    num_workers: Optional[int] = None
     shuffle_buffer: int = 256
     max_skips_in_a_row: int = 1000
     io: IOConfig = field(default_factory=IOConfig)

@@ -46,6 +46,20 @@ REASON_KEYS = {"too_long": "max_length", "no_supervised_tokens": "max_length", "
                "oversized_json": "max_length"}
 
 
+# What each source modality may hold besides text only (image data sets hold some text-only conversations).
+MEDIA_OF_MODALITY = {"single_image": "image", "multi_image": "image", "video": "video", "text": "text"}
+
+
+def check_modality(source: Source, example: dict) -> None:
+    """A sample whose media contradict its source's `modality` (videos in a single_image source) would be trained
+    under another share of the mix than the recipe says: it is skipped and counted as modality_mismatch."""
+    expected = MEDIA_OF_MODALITY.get(source.modality or "")
+    held = "video" if example.get("frames") is not None else "image" if example.get("images") else "text"
+    if expected and held != "text" and held != expected:
+        raise SampleError("modality_mismatch", f"sample {example.get('key', '?')}: holds a {held} but source"
+                                               f" {source.name} is labelled {source.modality} in the recipe")
+
+
 class StreamError(RuntimeError):
     """A stream that cannot deliver: every sample in a long run of them was skipped."""
 
@@ -304,6 +318,7 @@ class MixedStream:
                     self._unreadable.popleft()
                     skipped[UNREADABLE] += 1
                 example = self.process({**raw, "__source__": name})  # the source's own settings (samples.py)
+                check_modality(self.sources[i], example)
             except SampleError as err:
                 skipped[err.reason] += 1
                 skips.skipped(name, err)
@@ -341,6 +356,7 @@ class ValStream(IterableDataset):
                     break
                 try:
                     example = self.process({**raw, "__source__": source.name})
+                    check_modality(source, example)
                 except SampleError as err:
                     skips.skipped(source.name, err)
                     continue

@@ -85,14 +85,15 @@ class TrainingMetrics(Callback):
 
     def setup(self, trainer, pl_module, stage):
         peak = self.peak_tflops
-        if peak is None:
-            on_gpu = pl_module.device.type == "cuda"
-            name = torch.cuda.get_device_name(pl_module.device) if on_gpu else None
-            memory = torch.cuda.get_device_properties(pl_module.device).total_memory / 2**30 if on_gpu else None
+        if peak is None and pl_module.device.type != "cuda":
+            # The peak table holds GPUs: a CPU's MFU against an H100's peak means nothing, so there is none.
+            log.info("MFU: n/a off GPU (metrics.peak_tflops=<this CPU's TFLOP/s> gives one)")
+        elif peak is None:
+            name = torch.cuda.get_device_name(pl_module.device)
+            memory = torch.cuda.get_device_properties(pl_module.device).total_memory / 2**30
             peak, kind = devices.peak_tflops(name, memory)
-            log.info("MFU against %s: %.0f TFLOP/s per device (%s peak; metrics.peak_tflops overrides)",
-                     name or "this CPU", peak, kind)
-        self.peak_flops = peak * 1e12
+            log.info("MFU against %s: %.0f TFLOP/s per device (%s peak; metrics.peak_tflops overrides)", name, peak, kind)
+        self.peak_flops = peak * 1e12 if peak else None
         model = pl_module.model
         self.flops = ModelFlops.from_config(model.config)
         self.trainable = {part_of(name) for name, p in model.named_parameters() if p.requires_grad}
@@ -159,9 +160,10 @@ class TrainingMetrics(Callback):
             "perf/tokens_per_s": tokens / seconds,
             "perf/samples_per_s": samples / seconds,
             "perf/tflops_per_device": flops / seconds / trainer.world_size / 1e12,
-            "perf/mfu": flops / seconds / trainer.world_size / self.peak_flops,
             **{k: float(v) for k, v in self._grad_norms.items()},
         }
+        if self.peak_flops:
+            metrics["perf/mfu"] = flops / seconds / trainer.world_size / self.peak_flops
         if pl_module.device.type == "cuda":
             metrics["perf/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         metrics.update(self._balance(pl_module))

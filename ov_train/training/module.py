@@ -89,6 +89,9 @@ class OneVisionModule(L.LightningModule):
         # its gradients. Its losses are logged as they are, non-finite: Lightning re-sends a key's last value on
         # steps that do not log it, so logging nothing would show the previous step's loss.
         self._skip_nonfinite(loss, by_modality, batch_idx)
+        # Dashboards plot this optimizer step's number, as the console counts it (`step 10/750`): Lightning's own
+        # x-axis is the count of steps before it (9).
+        self.log("step", float(self.global_step + 1), batch_size=bs)
         self.log("train/nonfinite_batches", float(self.nonfinite_batches), batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for modality, (value, n) in by_modality.items():
@@ -163,9 +166,10 @@ class OneVisionModule(L.LightningModule):
         self.val_metrics = {
             "val/loss": float(total[0] / total[1].clamp_min(1)),
             "val/accuracy": float(total[2] / total[4]),
-            "val/chance_accuracy": float(total[3] / total[4]),
             "val/samples": int(total[4]),
         }
+        if total[3] > 0:  # some sample has answer options; without any, chance is not 0 but unknown (n/a)
+            self.val_metrics["val/chance_accuracy"] = float(total[3] / total[4])
         for m, s in zip(MODALITIES, stats):
             if s[4] > 0:
                 self.val_metrics[f"val/loss_{m}"] = float(s[0] / s[1].clamp_min(1))
@@ -173,6 +177,7 @@ class OneVisionModule(L.LightningModule):
         # Every rank holds the same summed totals: sync_dist averages equal values (and is what Lightning
         # expects of epoch-level metrics under several processes).
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, sync_dist=True)
+        self.log("step", float(self.global_step), sync_dist=True)  # validation follows the step it is counted at
 
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat

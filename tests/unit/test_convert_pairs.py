@@ -181,7 +181,7 @@ def test_hugging_face_preference_parquet_converts_with_holdout(tmp_path, tokeniz
     path = _write_hf_parquet(tmp_path / "prefs.parquet")
     out = tmp_path / "out"
     assert main(["convert", str(path), "--out", str(out), "--workers", "1", "--holdout", "1", "--seed", "3"]) == 0
-    capsys.readouterr()
+    assert "held out: 1 in val-*.tar, 2 for training in train-*.tar" in capsys.readouterr().out
     assert _rejects(out) == {"h_same": "identical_replies", "h_no_rejected": "missing_reply",
                              "h_count": "placeholder_mismatch", "h_corrupt": "corrupt_image"}
     train, held = _by_id(out, "train"), _by_id(out, "val")
@@ -197,8 +197,11 @@ def test_hugging_face_preference_parquet_converts_with_holdout(tmp_path, tokeniz
     assert {(c.split("<")[0], r.split("<")[0]) for c, r, _ in pairs.values()} == {
         ("A block.", "A dog."), ("No.", "Yes."), ("Hello.", "Go away.")}
     # inspect shows them: pairs counted, text tokens of the prompt and both replies
+    assert main(["inspect", str(out)]) == 0
+    assert "held out: 1 in val-*.tar, 2 for training in train-*.tar" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
+    assert stats["held_out"] == 1
     assert stats["samples"] == stats["pairs"] == 3 and stats["rejects"]["identical_replies"] == 1
     assert main(["inspect", str(out)]) == 0
     assert "of which 3 preference pairs" in capsys.readouterr().out

@@ -225,3 +225,14 @@ def test_a_full_disk_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_
     monkeypatch.undo()
     assert torch.load(last, weights_only=True)["global_step"] == 1
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_the_final_save_says_weights_only_so_lightning_logs_no_default(tmp_path, caplog):
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(BoringModel())
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        saving.save_whole(trainer, tmp_path / "last.ckpt")  # run.py's save at the end of every run
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1 and saved["optimizer_states"]  # still a whole checkpoint, resumable
