@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
+from ov_train.constants import MODALITIES
 from ov_train.data.prepare import data_problems, prepare_data
 from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
 from ov_train.model.checkpoint_io import resume_problems
@@ -26,6 +27,8 @@ from ov_train.training.callbacks import build_callbacks, save_whole
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
+from ov_train.training.preference import PreferenceModule
+from ov_train.training.reference_store import reference_store
 from ov_train.training.progress import StepProgressBar
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
@@ -35,6 +38,8 @@ from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import apply_to_model_config
 
 log = get_logger(__name__)
+# How a per-modality metric's key ends (val/rewards/accuracy_video).
+MODALITY_SUFFIXES = tuple(f"_{m}" for m in MODALITIES)
 NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe source has held-out samples"
                " (val-*.tar beside its train shards, as `ov-data convert --holdout N` writes, or a source's `val:`)")
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
@@ -112,10 +117,12 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)
     data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
     tokenizer.save_pretrained(paths.tokenizer)
-    module = OneVisionModule(
-        model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity,
-        template=plan.data.samples.template, adapter=adapter, seed=plan.seed,
-    )
+    settings = dict(forward_options=plan.forward, tokenizer_dir=str(paths.tokenizer), nonfinite=plan.nonfinite,
+                    identity=plan.identity, template=plan.data.samples.template, adapter=adapter, seed=plan.seed)
+    if plan.preference:
+        module = PreferenceModule(model, plan.optim, plan.preference, reference_store(plan, model, data), **settings)
+    else:
+        module = OneVisionModule(model, plan.optim, **settings)
     if rank() == 0:
         paths.parameters.write_text(module.parameter_table + "\n")
     trainer = build_trainer(plan)
@@ -137,6 +144,8 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
                  plan.ckpt_path, trainer.global_step, plan.trainer["max_steps"], paths.summary)
         return json.loads(paths.summary.read_text())
     metrics = getattr(module, "val_metrics", {})
+    if plan.preference:
+        return _preference_summary(plan, trainer, metrics, recipe, start)
     summary = {
         "stage": plan.stage,
         "model": plan.model.name,
@@ -162,4 +171,34 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
             summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
             summary["val_loss"] or 0, paths.run_dir,
         )
+    return summary
+
+
+def _preference_summary(plan: RunPlan, trainer, metrics: dict, recipe, start: float) -> dict:
+    """summary.json of a preference run: held-out preference accuracy (pairs whose chosen reply gains the greater
+    reward) and reward margin, overall and per modality, and the pair loss."""
+    summary = {
+        "stage": plan.stage,
+        "model": plan.model.name,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - start, 1),
+        "preference_loss": plan.preference.settings.loss,
+        "reference": plan.preference.reference,
+        "val_preference_accuracy": metrics.get("val/preference_accuracy"),
+        "val_reward_margin": metrics.get("val/reward_margin"),
+        "val_loss": metrics.get("val/loss"),
+        "val_pairs": metrics.get("val/samples"),
+        "val_by_modality": {k[len("val/"):]: v for k, v in metrics.items()
+                            if k.startswith("val/") and k.endswith(MODALITY_SUFFIXES)},
+        "skipped_samples": next((dict(c.skipped) for c in trainer.callbacks if isinstance(c, StreamState)), {}),
+    }
+    if not summary["val_pairs"]:
+        summary["held_out"] = NO_VALIDATION if any(s.val_shards for s in recipe.sources) else NO_HELD_OUT
+    plan.paths.summary.write_text(json.dumps(summary, indent=2))
+    if not summary["val_pairs"]:
+        log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], plan.paths.run_dir)
+    else:
+        log.info("done in %.0f s: held-out preference accuracy %.3f, reward margin %.3f, val loss %.3f (%d pairs) -> %s",
+                 summary["wall_time_s"], summary["val_preference_accuracy"], summary["val_reward_margin"],
+                 summary["val_loss"], summary["val_pairs"], plan.paths.run_dir)
     return summary

@@ -22,8 +22,9 @@ from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
+from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
-from ov_train.constants import PARTS, SYNTHETIC
+from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
 from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact_text, redact_tree
 
@@ -73,6 +74,16 @@ class RunPaths:
     @property
     def consumed_keys(self) -> Path:
         return self.run_dir / "consumed_keys.jsonl"
+
+    @property
+    def reference(self) -> Path:
+        """Precomputed reference log-probabilities (stage.preference.reference=precomputed)."""
+        return self.run_dir / "reference"
+
+    @property
+    def warm_start(self) -> Path:
+        """The SFT warm start a preference run from random weights trains first (run.py: warm_start)."""
+        return self.run_dir / "warm_start"
 
     @property
     def lock(self) -> Path:
@@ -145,6 +156,7 @@ class DataPlan:
     io: IOSettings = IOSettings()
     index_dir: str | None = None  # where parquet sources' indexes are built on first read
     samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
+    pairs: bool = False  # stage.preference: samples are preference pairs (ov_train.data.pairs)
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,15 @@ class CheckpointPlan:
 
 
 @dataclass(frozen=True)
+class PreferencePlan:
+    """stage.preference resolved: the loss settings and the reference this run uses (adapters_off, frozen or
+    precomputed)."""
+
+    settings: PreferenceSettings
+    reference: str
+
+
+@dataclass(frozen=True)
 class RunPlan:
     stage: str
     model: ModelPlan
@@ -238,6 +259,7 @@ class RunPlan:
     seed: int
     export: bool
     config: dict  # the resolved config, for the dashboards
+    preference: PreferencePlan | None = None  # None: the stage trains on conversations
 
 
 def resume_candidates(run_dir: Path) -> list[Path]:
@@ -341,6 +363,7 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
+        pairs=stage.preference is not None,
     )
 
 
@@ -445,6 +468,26 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
     )
 
 
+def preference_settings(stage) -> PreferenceSettings | None:
+    """stage.preference as PreferenceSettings (None: a conversation stage)."""
+    node = stage.get("preference")
+    return None if node is None else PreferenceSettings(**OmegaConf.to_container(node, resolve=True))
+
+
+def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[PreferencePlan | None, list[str]]:
+    """The stage's preference objective against the run's adapters, and what is wrong with it."""
+    settings = preference_settings(cfg.stage)
+    if settings is None:
+        return None, []
+    # Switching the adapters off gives the starting weights only when nothing trains beside them.
+    adapted_only = None if adapter is None else all(m in (ADAPTED, FROZEN) for m in adapter.modes.values())
+    problems = reference_problems(settings, adapted_only)
+    if cfg.data.samples_per_step and cfg.stage.loss_weighting != "sample":
+        problems.append(f"stage.loss_weighting={cfg.stage.loss_weighting!r} with stage.preference and "
+                        "data.samples_per_step: a step averages its pairs' losses, so use sample")
+    return PreferencePlan(settings, settings.resolved_reference(adapted_only)), problems
+
+
 def resolve_plan(cfg: DictConfig) -> RunPlan:
     """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key."""
     missing = checks.missing_problems(cfg) or checks.world_problems(cfg.trainer)
@@ -463,6 +506,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
+        + (preference_settings(cfg.stage) or PreferenceSettings()).problems()
     )
     targets = ()
     try:
@@ -484,6 +528,9 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     if trainer.get("val_check_interval") is None:
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
+    preference, preference_problems = preference_plan(cfg, adapter)
+    if preference_problems:
+        raise ConfigError.of(preference_problems)
     return RunPlan(
         stage=cfg.stage.name,
         model=model_plan(cfg.model, cfg.checkpoint.trust),
@@ -507,4 +554,5 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         export=cfg.export,
         # What dashboards get: URLs without their credentials (the data reads use cfg's own values).
         config=redact_tree(OmegaConf.to_container(cfg, resolve=True)),
+        preference=preference,
     )

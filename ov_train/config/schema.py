@@ -20,6 +20,19 @@ from omegaconf import MISSING
 
 
 @dataclass
+class PreferenceConfig:
+    """`stage.preference`: the stage trains on preference pairs (config/preference.py checks the values)."""
+
+    # sigmoid (DPO), ipo, hinge, or sigmoid_sft (DPO plus sft_weight x the chosen replies' NLL: the MPO-style mix).
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_weight: float = 1.0
+    # auto (adapters_off with adapters, else frozen), adapters_off, frozen or precomputed.
+    reference: str = "auto"
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     # Learning rate per part; a part absent or at 0 is frozen.
@@ -43,6 +56,8 @@ class StageConfig:
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
     recipe: str = MISSING
+    # Preference training (stage=dpo); null: the stage trains on conversations.
+    preference: Optional[PreferenceConfig] = None
 
 
 @dataclass

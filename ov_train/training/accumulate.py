@@ -17,12 +17,11 @@ from contextlib import nullcontext
 import torch
 
 from ov_train.constants import IGNORE_INDEX
-from ov_train.model.loss import weighted_loss
 
 
 def _own_counts(micro_batches: list[dict], device) -> torch.Tensor:
     tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    samples = sum(len(mb["modality"]) for mb in micro_batches)
+    samples = sum(mb.get("pairs") or len(mb["modality"]) for mb in micro_batches)  # a preference pair is one
     return torch.tensor([len(micro_batches), tokens, samples], dtype=torch.float64, device=device)
 
 
@@ -58,13 +57,12 @@ def accumulated_step(module, bundle: dict, batch_idx: int) -> torch.Tensor:
                 # the accumulated gradient partitions instead of adding to them).
                 getattr(deepspeed.optimizer, "clear_backward_seen_flag", lambda: None)()
         with nullcontext() if deepspeed is not None else optimizer.toggle_model(sync_grad=k == runs - 1):
-            sums, counts, _ = module._losses(batch)
-            loss = weighted_loss(sums, counts, module.loss_weighting, denominator)
+            loss, per, mods = module._batch_loss(batch, denominator)
             module.manual_backward(loss if real else loss * 0)
         if real:
             loss_total += loss.detach()
-            per_sample.append((sums / counts.clamp_min(1)).detach())
-            modalities += batch["modality"]
+            per_sample.append(per.detach())
+            modalities += mods
     module._log_training(loss_total, torch.cat(per_sample), modalities, batch_idx)
     # Lightning runs the gradient-norm callbacks and the module's on_before_optimizer_step (skips, clipping) here.
     optimizer.step()

@@ -191,6 +191,8 @@ class ValidationPredictions(Callback):
         self.rows, self.images = [], []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if outputs is None:  # held-out preference pairs: scored by their rewards, not by predictions
+            return
         chosen = []
         for i, modality in enumerate(batch["modality"]):
             if sum(row["modality"] == modality for row in self.rows) < self.per_modality:

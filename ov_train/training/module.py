@@ -73,12 +73,18 @@ class OneVisionModule(L.LightningModule):
             # the masks an uninterrupted one draws.
             torch.manual_seed(dropout_seed(self.seed, self.global_step, self.global_rank))
 
+    def _batch_loss(self, batch, denominator=None):
+        """(the loss to backpropagate, per-sample losses for the log, their modalities) of one batch; `denominator`:
+        the whole step's (training/accumulate.py). The hook the preference stage's module replaces
+        (training/preference.py)."""
+        sums, counts, _ = self._losses(batch)
+        return weighted_loss(sums, counts, self.loss_weighting, denominator), sums / counts.clamp_min(1), batch["modality"]
+
     def training_step(self, batch, batch_idx):
         if "micro_batches" in batch:
             return accumulated_step(self, batch, batch_idx)
-        sums, counts, _ = self._losses(batch)
-        loss = weighted_loss(sums, counts, self.loss_weighting)
-        self._log_training(loss, sums / counts.clamp_min(1), batch["modality"], batch_idx)
+        loss, per_sample, modalities = self._batch_loss(batch)
+        self._log_training(loss, per_sample, modalities, batch_idx)
         return loss
 
     def _log_training(self, loss, per_sample, modalities: list[str], batch_idx: int) -> None:
