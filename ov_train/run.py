@@ -13,9 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ov_train.config.adapter import AdapterPlan
+from ov_train.config.compose import compose
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.constants import MODALITIES
 from ov_train.data.prepare import data_problems, prepare_data
@@ -101,7 +102,37 @@ def train(cfg: DictConfig) -> dict:
     # The job holds its run directory through rank 0 (its ranks share it) from its first write to its end; a second
     # run there stops here.
     with hold_run_dir(plan.paths.lock) if rank() == 0 else nullcontext():
+        started = warm_start(cfg, plan)
+        if started is not None:
+            cfg = started
+            plan, source = check(resolve_plan(cfg))
         return _run(cfg, plan, source)
+
+
+def warm_start(cfg: DictConfig, plan: RunPlan) -> DictConfig | None:
+    """A preference run from random weights (the embedded tiny model) starts from an SFT warm start of its own:
+    stage.preference.warm_start_steps steps of warm_start_stage on the same data (the chosen replies), trained in
+    RUN/warm_start (resumed there when it was stopped, reused once it has its export). Returns the run's config with
+    model.init_from at that export; None when the run has no warm start."""
+    preference = plan.preference
+    if preference is None or not preference.warm_start_steps:
+        return None
+    export = plan.paths.warm_start / "export"
+    if not (export / "config.json").is_file():
+        log.info("stage.preference.warm_start_steps=%d: training the warm start (stage=%s) in %s first",
+                 preference.warm_start_steps, preference.warm_start_stage, plan.paths.warm_start)
+        sft = cfg.copy()
+        shipped = compose([f"stage={preference.warm_start_stage}", "logger=csv"])
+        with open_dict(sft):
+            sft.stage, sft.logger = shipped.stage, shipped.logger
+            sft.trainer.max_steps = preference.warm_start_steps
+            sft.trainer.val_check_interval = None
+            sft.run_dir, sft.ckpt_path, sft.export = str(plan.paths.warm_start), "auto", True
+        train(sft)
+    started = cfg.copy()
+    with open_dict(started):
+        started.model.init_from = str(export)
+    return started
 
 
 def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:

@@ -13,7 +13,7 @@ imports nothing above ov_train.config.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +25,7 @@ from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, def
 from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
+from ov_train.resources import CONF_DIR
 from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact_text, redact_tree
 
@@ -234,6 +235,9 @@ class PreferencePlan:
 
     settings: PreferenceSettings
     reference: str
+    # An SFT warm start first (run.py: warm_start): steps (0: none; only a run from random weights has one) and stage.
+    warm_start_steps: int = 0
+    warm_start_stage: str = "onevision"
 
 
 @dataclass(frozen=True)
@@ -471,7 +475,9 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
 def preference_settings(stage) -> PreferenceSettings | None:
     """stage.preference as PreferenceSettings (None: a conversation stage)."""
     node = stage.get("preference")
-    return None if node is None else PreferenceSettings(**OmegaConf.to_container(node, resolve=True))
+    if node is None:
+        return None
+    return PreferenceSettings(**{f.name: node[f.name] for f in fields(PreferenceSettings) if f.name in node})
 
 
 def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[PreferencePlan | None, list[str]]:
@@ -485,7 +491,23 @@ def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[Prefe
     if cfg.data.samples_per_step and cfg.stage.loss_weighting != "sample":
         problems.append(f"stage.loss_weighting={cfg.stage.loss_weighting!r} with stage.preference and "
                         "data.samples_per_step: a step averages its pairs' losses, so use sample")
-    return PreferencePlan(settings, settings.resolved_reference(adapted_only)), problems
+    node = cfg.stage.preference
+    steps = node.warm_start_steps if model_plan(cfg.model).route == "random" else 0
+    if node.warm_start_steps < 0:
+        problems.append(f"stage.preference.warm_start_steps={node.warm_start_steps!r} must be >= 0")
+    if node.warm_start_stage not in stage_names() or node.warm_start_stage == cfg.stage.name:
+        problems.append(f"stage.preference.warm_start_stage={node.warm_start_stage!r}; allowed: "
+                        f"{[n for n in stage_names() if n != cfg.stage.name]}")
+    if steps > 0 and world_size(cfg.trainer) > 1:
+        problems.append(f"stage.preference.warm_start_steps={steps} runs in one process: train the warm start first "
+                        f"(stage={node.warm_start_stage}) and give its export as model.init_from")
+    plan = PreferencePlan(settings, settings.resolved_reference(adapted_only), max(steps, 0), node.warm_start_stage)
+    return plan, problems
+
+
+def stage_names() -> list[str]:
+    """The shipped stage configs."""
+    return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
 
 
 def resolve_plan(cfg: DictConfig) -> RunPlan:

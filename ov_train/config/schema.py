@@ -30,6 +30,10 @@ class PreferenceConfig:
     sft_weight: float = 1.0
     # auto (adapters_off with adapters, else frozen), adapters_off, frozen or precomputed.
     reference: str = "auto"
+    # A run from random weights (the embedded tiny model) first trains this many steps of warm_start_stage on the
+    # same data's chosen replies, in RUN/warm_start, and starts from that export; 0: none.
+    warm_start_steps: int = 0
+    warm_start_stage: str = "onevision"
 
 
 @dataclass
