@@ -27,11 +27,19 @@ from ov_train.config.adapter import AdapterPlan, adapter_problems
 from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
-from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, run_adapter_plan, stage_lrs, strategy_plan
+from ov_train.config.run_plan import (
+    ModelPlan,
+    model_plan,
+    optim_plan,
+    preference_plan,
+    run_adapter_plan,
+    stage_lrs,
+    strategy_plan,
+)
 from ov_train.constants import ADAPTED, VARLEN
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
-from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state
+from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state, reference_state
 from ov_train.planner.trace import Trace, trace_step
 from ov_train.planner.workload import ONEVISION_MIX, Sample, fill
 from ov_train.utils.flops import ModelFlops, TokenCounts
@@ -137,6 +145,7 @@ class Setup:
     mfu: float
     reserve_gib: float
     image: ImageSettings = ImageSettings()  # the stage's image strategy and grid
+    reference: str | None = None  # a preference stage's reference (config/preference.py), resolved; None: no stage.preference
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Setup:
@@ -172,6 +181,9 @@ class Setup:
         if problems:
             raise PlanError("invalid config:\n  " + "\n  ".join(problems))
         adapter = run_adapter_plan(cfg)
+        preference, preference_problems = preference_plan(cfg, adapter)
+        if preference_problems:
+            raise PlanError("invalid config:\n  " + "\n  ".join(preference_problems))
         return cls(
             model=model_plan(cfg.model), parts=optim_plan(cfg, adapter).part_lrs, device=device,
             engine=engine, options=replace(options, compile=False), path=path,
@@ -179,7 +191,7 @@ class Setup:
             tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=media.image.anyres,
             max_frames=media.video.max_frames, adapter=adapter,
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
-            image=media.image,
+            image=media.image, reference=preference.reference if preference else None,
         )
 
 
@@ -243,6 +255,9 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
     """The plan's numbers (see the module docstring), as the JSON the CLI prints."""
     e = setup.engine
     state = model_state(counts, e)
+    ref_bytes, _, ref_note = reference_state(counts, e, setup.reference)
+    if ref_note:
+        state = replace(state, reference=ref_bytes, notes=(*state.notes, ref_note))
     # Full gradients already held when the step starts: accumulation, the stock path's batch-1 accumulation, and
     # adapters (the trace's gradients are the full model's, its own are the adapters').
     held = e.accumulate > 1 or setup.path == "stock" or counts.adapters > 0
@@ -282,6 +297,8 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "forward_backward_peak_gib": _gib(forward_backward),
         "optimizer_step_peak_gib": _gib(step),
         "host_gib": _gib(state.host),
+        "reference": setup.reference,
+        "reference_gib": _gib(state.reference),
         "tokens": int(work.tokens),
         "tokens_from": setup.tokens_from,
         "crops_and_frames": int(work.images),
@@ -318,7 +335,11 @@ def plan_setup(setup: Setup) -> dict:
     )
     # Adapted parts compute no gradients of their own weights (a trained copy does).
     trains = {p for p in counts.trainable_parts if not (setup.adapter and setup.adapter.modes[p] == ADAPTED)}
-    flops = ModelFlops.from_config(model.config).train_step(work, trains)
+    model_flops = ModelFlops.from_config(model.config)
+    flops = model_flops.train_step(work, trains)
+    # A preference stage's reference: forwards without gradients beside the training step.
+    flops += reference_state(counts, setup.engine, setup.reference)[1] * sum(
+        m + a for m, a in model_flops.forward(work).values())
     trace, cached = cached_trace(setup, model, step_samples(setup, geometry))
     out = evaluate(setup, trace, counts, work, flops)
     out["samples"] = {m: sum(s.modality == m for s in all_samples) for m in ("video", "multi_image", "single_image", "text")}

@@ -55,7 +55,8 @@ class PreferenceModule(OneVisionModule):
 
     def on_fit_start(self):
         if self._frozen is not None:
-            self._frozen.to(self.device)
+            # The policy's device and dtype as the strategy left them (DeepSpeed casts the module to bf16).
+            self._frozen.to(device=self.device, dtype=next(self.model.parameters()).dtype)
         if self._store is not None:
             data = self.trainer.datamodule
             with self.trainer.precision_plugin.forward_context():
