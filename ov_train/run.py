@@ -29,8 +29,8 @@ from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.module import OneVisionModule
 from ov_train.training.preference import PreferenceModule
-from ov_train.training.reference_store import reference_store
 from ov_train.training.progress import StepProgressBar
+from ov_train.training.reference_store import reference_store
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
 from ov_train.utils.redact import redact_files
@@ -148,8 +148,8 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)
     data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
     tokenizer.save_pretrained(paths.tokenizer)
-    settings = dict(forward_options=plan.forward, tokenizer_dir=str(paths.tokenizer), nonfinite=plan.nonfinite,
-                    identity=plan.identity, template=plan.data.samples.template, adapter=adapter, seed=plan.seed)
+    settings = {"forward_options": plan.forward, "tokenizer_dir": str(paths.tokenizer), "nonfinite": plan.nonfinite,
+                "identity": plan.identity, "template": plan.data.samples.template, "adapter": adapter, "seed": plan.seed}
     if plan.preference:
         module = PreferenceModule(model, plan.optim, plan.preference, reference_store(plan, model, data), **settings)
     else:

@@ -118,3 +118,64 @@ def test_a_run_from_random_weights_trains_its_warm_start_once(tmp_path, small_da
     # The same command again (a requeue): the warm start is reused, the finished run kept.
     again = train(compose_config(overrides, run_dir=tmp_path))
     assert export.stat().st_mtime_ns == made and again == summary
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+def test_dpo_trains_on_two_processes_under_each_engine(tmp_path, small_data_root, strategy):
+    """2 CPU processes, Lightning's launcher: every rank steps twice on its own pairs with the frozen reference beside
+    the engine's model, the held-out pairs are scored over both ranks."""
+    from tests.integration.test_strategies import ZERO3_ALL, probe_records, run_train, train_overrides
+
+    run_dir, probe = tmp_path / "run", tmp_path / "probe"
+    overrides = [*train_overrides(small_data_root, "dpo", 2, run_dir), "stage.preference.warm_start_steps=0",
+                 f"strategy={strategy}", "trainer.devices=2", "trainer.limit_val_batches=2", "export=false",
+                 *([ZERO3_ALL] if strategy == "deepspeed_zero3" else [])]
+    run_train(overrides, run_dir, probe)
+    starts, ends = probe_records(probe, "start"), probe_records(probe, "end")
+    assert [r["step"] for r in ends] == [2, 2]
+    for start, end in zip(starts, ends):
+        assert end["fingerprint"]["weights"] != start["fingerprint"]["weights"]  # this rank's weights or shard moved
+    if strategy != "fsdp2":  # every rank holds the same whole weights
+        assert ends[0]["fingerprint"]["weights"] == ends[1]["fingerprint"]["weights"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["val_pairs"] > 0 and 0 <= summary["val_preference_accuracy"] <= 1
+
+
+def test_a_step_of_accumulated_pairs_equals_one_batch_of_them(tmp_path, small_data_root):
+    """data.samples_per_step=8 in micro-batches of at most 4 pairs (as the 7B experiment steps) trains as one batch of
+    the same 8 pairs: each micro-batch's pair losses are divided by the step's pair count."""
+    base = [*dpo_overrides(small_data_root), "trainer.max_steps=2", "trainer.limit_val_batches=0"]
+    one, accumulated = tmp_path / "one", tmp_path / "accumulated"
+    train(compose_config([*base, "data.batch_size=8"], run_dir=one))
+    train(compose_config([*base, "data.batch_size=4", "data.samples_per_step=8", "stage.loss_weighting=sample"],
+                         run_dir=accumulated))
+    assert sorted(map(sorted, consumed(one))) == sorted(map(sorted, consumed(accumulated)))  # the same pairs a step
+    a, b = checkpoint(one)["state_dict"], checkpoint(accumulated)["state_dict"]
+    moved = checkpoint(one)
+    assert a.keys() == b.keys() and moved["global_step"] == 2
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_recipe_mixes_preference_sources(tmp_path):
+    """LLaVA-NeXT DPO JSON converted to shards (with a held-out split) and Hugging Face's conversational preference
+    parquet read as it is, mixed by weight in one recipe: both feed the pairs a dpo run trains on."""
+    from ov_train.data.cli import main
+    from tests.unit.test_convert_pairs import _llava_next_dpo, _write_hf_parquet
+
+    source = _llava_next_dpo(tmp_path / "next")
+    shards = tmp_path / "shards"
+    assert main(["convert", str(source), "--out", str(shards / "next"), "--media-root", str(tmp_path / "next" / "media"),
+                 "--workers", "1", "--holdout", "1"]) == 0
+    _write_hf_parquet(shards / "hf" / "train-00000-of-00001.parquet")
+    recipe = tmp_path / "pairs.yaml"
+    recipe.write_text("sources:\n  - {name: next, path: next, modality: single_image, weight: 1}\n"
+                      "  - {name: hf, path: hf, format: parquet, modality: single_image, weight: 1}\n")
+    overrides = ["stage=dpo", "data=recipe", f"data.recipe={recipe}", f"data.root={shards}", "data.num_workers=0",
+                 "data.batch_size=2", "data.shuffle_buffer=4", "logger=csv", "trainer.enable_progress_bar=false",
+                 "trainer.log_every_n_steps=1", "trainer.max_steps=4", "export=false"]
+    summary = train(compose_config(overrides, run_dir=tmp_path / "run"))
+    assert summary["steps"] == 4 and summary["val_pairs"] == 1  # convert's --holdout 1
+    last = [r for r in metric_rows(tmp_path / "run") if r.get("data/mix_next")][-1]
+    assert float(last["data/mix_next"]) > 0 and float(last["data/mix_hf"]) > 0
+    assert float(last["data/mix_next"]) + float(last["data/mix_hf"]) == pytest.approx(1.0)
