@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ov_train.config import reproduce
 from ov_train.config.options import devices_per_node, world_size
 from ov_train.constants import LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
 
@@ -73,7 +74,7 @@ def stage_problems(stage) -> list[str]:
         problems.append(f"stage.max_length={stage.max_length!r} must be a positive integer")
     if not 0 <= stage.warmup_ratio < 1:
         problems.append(f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
-    return problems
+    return problems + reproduce.problems(stage)
 
 
 MODEL_PATHS = ("pretrained", "vision_tower", "llm", "init_from", "tokenizer")

@@ -13,6 +13,8 @@ Images (`stage.image_strategy`, `stage.image_grid`):
 `image_grid` lists crop grids as "RxC" (rows x columns, i.e. height x width in crops): the public scripts'
 range notation "(1x1),...,(6x6)", an explicit list "(2x2),(1x2),(1x3)" or a YAML list of "RxC" / [R, C].
 The canvases are R*S x C*S pixels (S: the tower's crop size); their order breaks ties, as in transformers.
+Under `stage.reproduce=public_code` (config/reproduce.py) `stage.public_image_grid`, the same grids in the public
+script's order, replaces it, and `stage.token_rounding` says how unpadding rounds (`round` or `truncate`).
 
 Videos (`stage.video_fps`, `stage.max_frames`, `stage.frame_sampling`, `stage.frame_size`): `fps` sampling takes
 one frame every round(video fps / video_fps) frames and, when that gives more than max_frames, max_frames
@@ -26,6 +28,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from ov_train.config.reproduce import Reproduction
 from ov_train.constants import FRAME_SAMPLINGS, SINGLE_CROP
 
 ANYRES = re.compile(r"anyres_max_(\d+)")
@@ -70,6 +73,7 @@ def parse_grid(spec, key: str = "stage.image_grid") -> tuple[tuple[int, int], ..
 class ImageSettings:
     strategy: str = "anyres_max_9"  # anyres_max_N, pad or square
     grid: tuple[tuple[int, int], ...] | None = None  # crop grids (rows, cols); None: the model config's
+    rounding: str = "round"  # how anyres unpadding rounds: round (transformers) or truncate (the public code)
 
     @property
     def anyres(self) -> bool:
@@ -104,9 +108,17 @@ class ImageSettings:
                 f"stage.image_strategy={stage.get('image_strategy')!r}; allowed: anyres_max_N (N >= 1, e.g."
                 " anyres_max_9), pad (padded square crop + newline), square (squashed crop, no newline)"
             )
-        spec = stage.get("image_grid")
+        reproduction = Reproduction.from_stage(stage)
+        spec, public = stage.get("image_grid"), stage.get("public_image_grid")
         grid = parse_grid(spec) if spec is not None and strategy not in SINGLE_CROP else None
-        return cls(strategy, grid)
+        if public is not None and strategy not in SINGLE_CROP:
+            ordered = parse_grid(public, "stage.public_image_grid")
+            if grid is None or sorted(ordered) != sorted(grid):
+                raise MediaSettingError(
+                    f"stage.public_image_grid={public!r} must list the grids of stage.image_grid={spec!r}, only in"
+                    " another order (the public script's, whose ties go to the first)")
+            grid = ordered if reproduction.public_grid else grid
+        return cls(strategy, grid, reproduction.token_rounding)
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,7 @@ class MediaSettings:
         return {
             "image_strategy": self.image.strategy,
             "image_grid": None if self.image.grid is None else [list(g) for g in self.image.grid],
+            "token_rounding": self.image.rounding,
             "video": dataclasses.asdict(self.video),
         }
 

@@ -24,6 +24,7 @@ from ov_train.config.media import MediaSettings, read_media
 from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
 from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
+from ov_train.config.reproduce import Reproduction
 from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
 from ov_train.resources import CONF_DIR
 from ov_train.utils.logging import get_logger
@@ -131,6 +132,8 @@ class SamplePlan:
     media: MediaSettings  # image strategy and grid, video sampling (per recipe source where it says)
     max_length: int
     placement: str = "front"  # stage.media_placement
+    labels: str = "replies"  # stage.labels, as stage.reproduce resolves it (config/reproduce.py)
+    plain_newline: str = "apart"  # stage.plain_newline, likewise
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ class OptimPlan:
     total_steps: int
     step: StepPlan = StepPlan()
     adapted: tuple[str, ...] = ()  # parts in which only PEFT's tensors train (config/adapter.py), their own frozen
+    warmup_schedule: str = "ov_train"  # stage.warmup_schedule, as stage.reproduce resolves it (training/schedule.py)
 
 
 @dataclass(frozen=True)
@@ -360,7 +364,9 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
         synthetic = SyntheticPlan(**OmegaConf.to_container(data.synthetic), seed=cfg.seed)
     # The data config's budget wins over the recipe's.
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
-    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement)
+    fidelity = Reproduction.from_stage(stage)
+    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement, fidelity.labels,
+                         fidelity.plain_newline)
     per_rank = data.samples_per_step // world_size(cfg.trainer) if data.samples_per_step else None
     return DataPlan(
         recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,
@@ -416,7 +422,7 @@ def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPl
     """The stage's learning rates and schedule; parts the adapters freeze get 0."""
     part_lrs = adapter.part_lrs(stage_lrs(cfg)) if adapter else stage_lrs(cfg)
     return OptimPlan(part_lrs, cfg.stage.weight_decay, cfg.stage.warmup_ratio, max_steps(cfg, step), step,
-                     adapter.adapted if adapter else ())
+                     adapter.adapted if adapter else (), Reproduction.from_stage(cfg.stage).warmup_schedule)
 
 
 def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> StrategyPlan:

@@ -60,6 +60,15 @@ class StageConfig:
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
     recipe: str = MISSING
+    # ov_train's defaults or the public LLaVA-NeXT code's (config/reproduce.py): ov_train or public_code. The keys
+    # below, null by default, each turn one difference alone (null: as stage.reproduce says).
+    reproduce: str = "ov_train"
+    labels: Optional[str] = None  # replies | reference (the public preprocess_qwen masks)
+    plain_newline: Optional[str] = None  # apart | joined (caption + "\n" tokenized together)
+    token_rounding: Optional[str] = None  # round (transformers) | truncate (the public unpad_image)
+    warmup_schedule: Optional[str] = None  # ov_train | transformers (the public trainer's)
+    # The crop grids in the public script's order, used under stage.reproduce=public_code; null: image_grid.
+    public_image_grid: Any = None
     # Preference training (stage=dpo); null: the stage trains on conversations.
     preference: Optional[PreferenceConfig] = None
 

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from ov_train.config.reproduce import REPRODUCE
 from ov_train.constants import PARQUET
 from ov_train.data.convert import convert
 from ov_train.data.formats import FORMATS, InputError
@@ -44,7 +45,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         totals = convert(args.input, args.out, args.media_root, args.format, args.samples_per_shard,
                          args.max_shard_bytes, args.workers, args.seed, args.tokenizer, args.allow_outside_root,
-                         args.holdout)
+                         args.holdout, reproduce=args.reproduce)
     except InputError as err:
         print(f"ov-data convert: error: {err}", file=sys.stderr)
         return 1
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--tokenizer", help="tokenizer folder for text token counts (default: the tiny built-in one)")
     cmd.add_argument("--holdout", type=_holdout, help="also write a held-out split (val-*.tar) of N items or a "
                                                       "FRACTION of the input, drawn with --seed")
+    cmd.add_argument("--reproduce", choices=REPRODUCE, default="ov_train",
+                     help="count the index's visual tokens as training with stage.reproduce=this does (public_code: "
+                          "the public code's truncating anyres unpadding)")
     cmd.set_defaults(run=_convert)
 
     summary = "samples per modality, token totals and percentiles, rejects by reason of a converted folder"

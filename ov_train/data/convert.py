@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ov_train.config.compose import compose
+from ov_train.config.media import ImageSettings
 from ov_train.config.options import IOSettings
 from ov_train.constants import IMAGE_TOKEN, MEDIA_TOKENS, VIDEO_TOKEN
 from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path
@@ -68,22 +69,26 @@ class TokenGeometry:
     max_frames: int
 
     @classmethod
-    def of_configs(cls, model: str = TOKEN_MODEL, stage: str = TOKEN_STAGE) -> TokenGeometry:
-        cfg = compose([f"model={model}", f"stage={stage}"])
+    def of_configs(cls, model: str = TOKEN_MODEL, stage: str = TOKEN_STAGE, reproduce: str = "ov_train") -> TokenGeometry:
+        """The shipped model and stage configs' geometry; `reproduce` (stage.reproduce) picks how anyres unpadding
+        rounds (config/reproduce.py), as training under that setting counts."""
+        cfg = compose([f"model={model}", f"stage={stage}", f"stage.reproduce={reproduce}"])
         vision = cfg.model.vision
-        geometry = VisionGeometry.of(vision.image_size, vision.patch_size, cfg.model.vision_aspect_ratio)
+        geometry = VisionGeometry.of(vision.image_size, vision.patch_size, cfg.model.vision_aspect_ratio,
+                                     ImageSettings.from_stage(cfg.stage).rounding)
         return cls(geometry, cfg.stage.max_frames)
 
     def index_fields(self) -> dict:
         """The `geometry` an index records its token counts at."""
         return {"image_size": self.vision.image_size, "patch_size": self.vision.patch_size,
-                "max_crops": self.vision.max_crops, "max_frames": self.max_frames}
+                "max_crops": self.vision.max_crops, "max_frames": self.max_frames,
+                "token_rounding": self.vision.rounding}
 
 
 @functools.cache
-def shipped_token_geometry() -> TokenGeometry:
-    """TokenGeometry.of_configs(), read once per process."""
-    return TokenGeometry.of_configs()
+def shipped_token_geometry(reproduce: str = "ov_train") -> TokenGeometry:
+    """TokenGeometry.of_configs(reproduce=...), read once per process and setting."""
+    return TokenGeometry.of_configs(reproduce=reproduce)
 
 
 # ---------------------------------------------------------------- media references
@@ -461,7 +466,7 @@ def _readable(path: Path, what: str, is_dir: bool) -> Path:
 def convert(input_path, out_dir, media_root=None, fmt: str | None = None, samples_per_shard: int = 1000,
             max_shard_bytes: int = 1 << 30, workers: int = 1, seed: int = 0, tokenizer: str | None = None,
             allow_outside_root: bool = False, holdout: int | float | None = None,
-            io: IOSettings = IOSettings()) -> dict:
+            io: IOSettings = IOSettings(), reproduce: str = "ov_train") -> dict:
     """Convert INPUT into shards + index under out_dir (a folder, or a remote location the finished files are
     uploaded to whole); returns the totals, chunk counts and why an earlier run's chunks were dropped
     (`restarted`, None when they were not)."""
@@ -476,9 +481,11 @@ def convert(input_path, out_dir, media_root=None, fmt: str | None = None, sample
                 "allow_outside_root": allow_outside_root}
     if holdout:
         settings["holdout"] = holdout
+    if reproduce != "ov_train":  # the token counts follow the public code's rounding (config/reproduce.py)
+        settings["reproduce"] = reproduce
     held_out = held_out_positions(holdout, source.total, seed)
     restarted = claim(out, settings, source.files)
-    tokens = shipped_token_geometry()
+    tokens = shipped_token_geometry(reproduce)
     plan = ConvertSettings(str(out), MediaRoot(media_root, not allow_outside_root), samples_per_shard, max_shard_bytes,
                            tokens, held_out)
     stats = {"chunks": 0, "resumed": 0}

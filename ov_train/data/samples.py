@@ -72,6 +72,9 @@ class SampleProcessor:
     # Where a turn's single <image>/<video> goes (constants.PLACEMENTS): `front` (moved to the start, then a
     # newline, as the public LLaVA-NeXT code does) or `as_is`.
     placement: str = "front"
+    # Labels and the plain template's newline (config/reproduce.py): ov_train's, or the public code's.
+    labels: str = "replies"
+    plain_newline: str = "apart"
 
     def __post_init__(self):
         if self.media is None:
@@ -158,7 +161,8 @@ class SampleProcessor:
         """Token ids and labels of a conversation whose media take `visual` tokens each, cut to max_length."""
         self.check_text(key, conversations)
         try:
-            enc = encode_conversation(self.tokenizer, conversations, self.template, visual, self.placement)
+            enc = encode_conversation(self.tokenizer, conversations, self.template, visual, self.placement,
+                                      self.labels, self.plain_newline)
         except (KeyError, ValueError, TypeError, AttributeError) as err:  # not a list of {from, value} turns
             raise SampleError("bad_conversation", f"sample {key}: {err}") from err
         return self._truncate(key, enc.input_ids, enc.labels)

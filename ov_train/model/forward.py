@@ -32,7 +32,9 @@ from ov_train.model.packing import (
     pack_into_rows,
     set_attention,
 )
+from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL, arrange_video, pool_frames
+from ov_train.vision.tokens import anyres_layout
 
 
 def tower_hidden(model, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -63,8 +65,11 @@ def image_features(model, feats, crops_per_image, image_sizes, anyres, ends_row=
     newline = layout.image_newline(model)
     out = []
     ends_row = [True] * len(anyres) if ends_row is None else ends_row
+    geom = VisionGeometry.from_model_config(model.config)
     for crops, size, is_anyres, ends in zip(feats.split(list(crops_per_image)), image_sizes, anyres, ends_row):
-        if is_anyres:
+        if is_anyres and geom.rounding != "round":
+            out.append(_pack_anyres(crops, [int(v) for v in size], newline, geom))
+        elif is_anyres:
             packed, _ = layout.core(model).pack_image_features(
                 [crops], size[None], image_newline=newline, vision_aspect_ratio=model.config.vision_aspect_ratio
             )
@@ -74,6 +79,18 @@ def image_features(model, feats, crops_per_image, image_sizes, anyres, ends_row=
         else:
             out.append(crops[0] + 0 * newline.sum().to(crops))  # newline kept in the graph (DDP)
     return out
+
+
+def _pack_anyres(crops: torch.Tensor, size: list[int], newline: torch.Tensor, geom: VisionGeometry) -> torch.Tensor:
+    """The stock anyres packing (grid map, unpad, shrink, newline per row, base crop first) at vision/tokens.py's
+    layout, for a rounding transformers lacks (stage.token_rounding=truncate, the public code's)."""
+    side, plan = geom.side, anyres_layout(size[0], size[1], geom)
+    grid = crops[1:].view(plan.rows, plan.cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+    grid = grid[:, plan.top: plan.top + plan.kept_h, plan.left: plan.left + plan.kept_w]
+    if (plan.out_h, plan.out_w) != (plan.kept_h, plan.kept_w):
+        grid = F.interpolate(grid[None], [plan.out_h, plan.out_w], mode="bilinear")[0]
+    grid = torch.cat((grid, newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)), dim=-1)
+    return torch.cat((crops[0], grid.flatten(1, 2).transpose(0, 1)), dim=0)
 
 
 def video_features(model, feats, frames_per_video, ends_row=None, pool: int = DEFAULT_POOL,

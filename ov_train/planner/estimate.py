@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig
 
+from ov_train.config import reproduce
 from ov_train.config.adapter import AdapterPlan, adapter_problems
 from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
@@ -176,7 +177,7 @@ class Setup:
         tokens, tokens_from = _step_tokens(cfg, recipe)
         media, media_problems = read_media(cfg.stage)
         # The run's own checks of these nodes (resolve_plan), less what depends on this machine.
-        problems = media_problems + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy,
+        problems = media_problems + reproduce.problems(cfg.stage) + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy,
                                                      str(cfg.trainer.accelerator), machine=False)
         if problems:
             raise PlanError("invalid config:\n  " + "\n  ".join(problems))

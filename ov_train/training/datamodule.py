@@ -40,6 +40,8 @@ class OneVisionData(L.LightningDataModule):
             max_length=samples.max_length,
             media=samples.media,
             placement=samples.placement,
+            labels=samples.labels,
+            plain_newline=samples.plain_newline,
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
         if plan.pairs:  # stage.preference: each sample a pair, its media once in the batch

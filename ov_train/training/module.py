@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
 
 import lightning as L
 import torch
@@ -17,7 +16,7 @@ from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training.accumulate import accumulated_step
 from ov_train.training.optim import build_adamw
-from ov_train.training.schedule import warmup_cosine
+from ov_train.training.schedule import lr_schedule
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -225,8 +224,7 @@ class OneVisionModule(L.LightningModule):
         # The strategy decides who keeps fp32 masters (None when called outside a Trainer, as the DeepSpeed tests do).
         optimizer = build_adamw(groups, getattr(self._trainer, "strategy", None))
         log.info("optimizer: %s", type(optimizer).__name__)
-        lam = partial(warmup_cosine, total_steps=self.optim.total_steps, warmup_ratio=self.optim.warmup_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+        scheduler = lr_schedule(optimizer, self.optim.total_steps, self.optim.warmup_ratio, self.optim.warmup_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

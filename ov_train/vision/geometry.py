@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from ov_train.vision.settings import recorded_media
+
 _ANYRES_PREFIX = "anyres_max_"
 
 
@@ -13,6 +15,9 @@ class VisionGeometry:
     max_crops: int = 9  # the N of anyres_max_N
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # How anyres unpadding rounds the kept side (stage.token_rounding): round as transformers, or truncate as the
+    # public LLaVA-NeXT code; counts (vision/tokens.py) and the model's packing (model/forward.py) both follow it.
+    rounding: str = "round"
 
     @property
     def side(self) -> int:
@@ -21,19 +26,22 @@ class VisionGeometry:
 
     @classmethod
     def from_model_config(cls, config) -> "VisionGeometry":
-        """Read the geometry the model itself uses from a LlavaOnevisionConfig."""
+        """Read the geometry the model itself uses from a LlavaOnevisionConfig (with the rounding its recorded
+        stage media settings name, vision/settings.py; transformers' otherwise)."""
         return cls(
             image_size=config.vision_config.image_size,
             patch_size=config.vision_config.patch_size,
             grid_pinpoints=tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints),
             max_crops=max_crops(config.vision_aspect_ratio),
+            rounding=recorded_media(config).get("token_rounding") or "round",
         )
 
     @classmethod
-    def of(cls, image_size: int, patch_size: int, vision_aspect_ratio: str) -> "VisionGeometry":
+    def of(cls, image_size: int, patch_size: int, vision_aspect_ratio: str, rounding: str = "round") -> "VisionGeometry":
         """The geometry a model config's keys describe (model.vision, model.vision_aspect_ratio), with the
         default anyres grid model/build.py gives the model."""
-        return cls(image_size, patch_size, default_pinpoints(image_size), max_crops(vision_aspect_ratio))
+        return cls(image_size, patch_size, default_pinpoints(image_size), max_crops(vision_aspect_ratio),
+                   rounding=rounding)
 
 
 def max_crops(vision_aspect_ratio: str) -> int:

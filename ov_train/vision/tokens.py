@@ -5,6 +5,7 @@ text side can reserve exactly as many placeholder tokens as the model will fill.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,31 +26,50 @@ def best_resolution(height: int, width: int, geom: VisionGeometry) -> tuple[int,
     return max(geom.grid_pinpoints, key=fit)
 
 
-def _unpadded_size(feat_h: int, feat_w: int, height: int, width: int) -> tuple[int, int]:
-    """Feature-map size left after cutting away the letterbox padding of the anyres canvas.
+@dataclass(frozen=True)
+class AnyresLayout:
+    """Where an anyres image's grid features go: its crop grid, the rows and columns unpadding keeps, and the size
+    the anyres_max_N shrink leaves (out_h x out_w, each row then ending with a newline)."""
 
-    The same float expressions as the model are used so rounding matches; an odd
-    padding total keeps one extra row/column, as the model's symmetric slice does.
-    """
+    rows: int
+    cols: int
+    top: int  # first kept feature row of the rows*side x cols*side grid map
+    left: int  # first kept feature column
+    kept_h: int
+    kept_w: int
+    out_h: int
+    out_w: int
+
+
+def _kept(value: float, rounding: str) -> int:
+    """The unpadded side: transformers rounds (int(round(x, 7))), the public LLaVA-NeXT unpad_image truncates."""
+    return int(value) if rounding == "truncate" else int(round(value, 7))
+
+
+def anyres_layout(height: int, width: int, geom: VisionGeometry) -> AnyresLayout:
+    """The layout the model packs one anyres image's grid features by (model/forward.py), computed with the same
+    float expressions as the model, so counts match; an odd padding total keeps one extra row/column, as the
+    model's symmetric slice does."""
+    side = geom.side
+    canvas_h, canvas_w = best_resolution(height, width, geom)
+    rows, cols = canvas_h // geom.image_size, canvas_w // geom.image_size
+    feat_h, feat_w = rows * side, cols * side
+    top = left = 0
     if width / height > feat_w / feat_h:
-        kept_h = int(round(height * (feat_w / width), 7))
-        return feat_h - 2 * ((feat_h - kept_h) // 2), feat_w
-    kept_w = int(round(width * (feat_h / height), 7))
-    return feat_h, feat_w - 2 * ((feat_w - kept_w) // 2)
+        top = (feat_h - _kept(height * (feat_w / width), geom.rounding)) // 2
+    else:
+        left = (feat_w - _kept(width * (feat_h / height), geom.rounding)) // 2
+    kept_h, kept_w = feat_h - 2 * top, feat_w - 2 * left
+    # The model bilinearly shrinks grids holding clearly more than max_crops crops' worth of features.
+    ratio = math.sqrt(kept_h * kept_w / (geom.max_crops * side**2))
+    out_h, out_w = (int(kept_h // ratio), int(kept_w // ratio)) if ratio > 1.1 else (kept_h, kept_w)
+    return AnyresLayout(rows, cols, top, left, kept_h, kept_w, out_h, out_w)
 
 
 def anyres_tokens(height: int, width: int, geom: VisionGeometry) -> int:
     """Tokens for one anyres image: base crop + unpadded (maybe shrunk) grid with a newline per row."""
-    side = geom.side
-    canvas_h, canvas_w = best_resolution(height, width, geom)
-    feat_h = canvas_h // geom.image_size * side
-    feat_w = canvas_w // geom.image_size * side
-    feat_h, feat_w = _unpadded_size(feat_h, feat_w, height, width)
-    # The model bilinearly shrinks grids holding clearly more than max_crops crops' worth of features.
-    ratio = math.sqrt(feat_h * feat_w / (geom.max_crops * side**2))
-    if ratio > 1.1:
-        feat_h, feat_w = int(feat_h // ratio), int(feat_w // ratio)
-    return side * side + feat_h * (feat_w + 1)
+    layout = anyres_layout(height, width, geom)
+    return geom.side * geom.side + layout.out_h * (layout.out_w + 1)
 
 
 def single_crop_tokens(geom: VisionGeometry, newline: bool = True) -> int:

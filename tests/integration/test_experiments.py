@@ -75,6 +75,8 @@ def test_the_experiments_state_the_papers_recipe_and_ask_only_for_weights_and_da
         (tmp_path / cfg.model.init_from / "config.json").write_text("{}")
     plan = resolve_plan(compose_config([f"experiment={size}/{stage}", *given]))
     assert plan.strategy.name == "deepspeed" and plan.model.route == ("compose" if stage == "pretrain" else "export")
+    # Every public script runs ZeRO-3 (LLaVA-NeXT scripts/train/*.sh: --deepspeed scripts/zero3.json), 0.5B stage 1 too.
+    assert plan.strategy.settings["stage"] == 3
     assert plan.trainer["max_steps"] == plan.optim.total_steps == -(-RECIPE_SAMPLES[stage] // per_step)
     assert plan.data.samples_per_rank == per_step // 8  # one node of 8 GPUs (trainer/gpu_node.yaml)
 
