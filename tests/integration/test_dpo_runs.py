@@ -166,6 +166,7 @@ def test_a_recipe_mixes_preference_sources(tmp_path):
     shards = tmp_path / "shards"
     assert main(["convert", str(source), "--out", str(shards / "next"), "--media-root", str(tmp_path / "next" / "media"),
                  "--workers", "1", "--holdout", "1"]) == 0
+    (shards / "hf").mkdir()
     _write_hf_parquet(shards / "hf" / "train-00000-of-00001.parquet")
     recipe = tmp_path / "pairs.yaml"
     recipe.write_text("sources:\n  - {name: next, path: next, modality: single_image, weight: 1}\n"
