@@ -157,7 +157,7 @@ def test_a_step_of_accumulated_pairs_equals_one_batch_of_them(tmp_path, small_da
 
 
 def test_a_recipe_mixes_preference_sources(tmp_path):
-    """LLaVA-NeXT DPO JSON converted to shards (with a held-out split) and Hugging Face's conversational preference
+    """LLaVA-NeXT DPO JSON converted to shards and Hugging Face's conversational preference
     parquet read as it is, mixed by weight in one recipe: both feed the pairs a dpo run trains on."""
     from ov_train.data.cli import main
     from tests.unit.test_convert_pairs import _llava_next_dpo, _write_hf_parquet
@@ -165,7 +165,7 @@ def test_a_recipe_mixes_preference_sources(tmp_path):
     source = _llava_next_dpo(tmp_path / "next")
     shards = tmp_path / "shards"
     assert main(["convert", str(source), "--out", str(shards / "next"), "--media-root", str(tmp_path / "next" / "media"),
-                 "--workers", "1", "--holdout", "1"]) == 0
+                 "--workers", "1"]) == 0
     (shards / "hf").mkdir()
     _write_hf_parquet(shards / "hf" / "train-00000-of-00001.parquet")
     recipe = tmp_path / "pairs.yaml"
@@ -175,7 +175,7 @@ def test_a_recipe_mixes_preference_sources(tmp_path):
                  "data.batch_size=2", "data.shuffle_buffer=4", "logger=csv", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=1", "trainer.max_steps=4", "export=false"]
     summary = train(compose_config(overrides, run_dir=tmp_path / "run"))
-    assert summary["steps"] == 4 and summary["val_pairs"] == 1  # convert's --holdout 1
+    assert summary["steps"] == 4
     last = [r for r in metric_rows(tmp_path / "run") if r.get("data/mix_next")][-1]
     assert float(last["data/mix_next"]) > 0 and float(last["data/mix_hf"]) > 0
     assert float(last["data/mix_next"]) + float(last["data/mix_hf"]) == pytest.approx(1.0)
