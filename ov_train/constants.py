@@ -74,3 +74,11 @@ ADAPTER_TARGETS: dict[str, tuple[str, ...]] = {
 COPYABLE = ("vision_tower", "projector")
 # 4-bit data types of adapter=qlora (bitsandbytes).
 QUANT_TYPES = ("nf4", "fp4")
+
+# What fills a training batch (data.batching, data/batching.py): padded LLM tokens up to the token budget, or training
+# FLOPs up to that many tokens' worth (data/compute_batches.py), so that ranks' steps cost the same.
+BATCHINGS = ("tokens", "compute")
+
+# How images are decoded (data.decode, vision/preprocess.py): in full (pixels equal the reference processors), or a
+# JPEG at the reduced size its crops need (faster; pixels differ).
+DECODES = ("exact", "fast")

@@ -13,20 +13,25 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ov_train.checkpoints.adapters import build_for_training, init_from_adapters
+from ov_train.checkpoints.export import export_checkpoint
+from ov_train.checkpoints.reading import resume_problems
+from ov_train.checkpoints.saving import AtomicCheckpoints, PeriodicCheckpoint, SaveOnSigterm, save_whole
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.compose import compose
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
 from ov_train.constants import MODALITIES
-from ov_train.data.prepare import data_problems, prepare_data
-from ov_train.model.adapter_io import build_for_training, export_checkpoint, init_from_adapters
-from ov_train.model.checkpoint_io import resume_problems
+from ov_train.data.compute_batches import SampleCost
+from ov_train.data.prepare import locate_shards, prepare_data
+from ov_train.data.recipe import Recipe
 from ov_train.planner.report import preflight
-from ov_train.strategies import adopt_launcher_tasks, build_strategy
-from ov_train.training.callbacks import build_callbacks, save_whole
+from ov_train.strategies import StopRanksOnError, adopt_launcher_tasks, build_strategy, strategy_callbacks
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
+from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.module import OneVisionModule
 from ov_train.training.preference import PreferenceModule
 from ov_train.training.progress import StepProgressBar
@@ -46,12 +51,11 @@ NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
 
 
-def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None]:
-    """What the plan alone cannot see: the data's shards (or the synthetic data's directory), the checkpoint to
-    resume and a model.init_from adapter checkpoint, whose adapters it returns with the plan. The plan's ckpt_path
-    becomes the newest of its checkpoints that reads (`ckpt_path=auto` / `last` fall back past one that does not).
-    Reads no sample and no tensor."""
-    problems = data_problems(plan.data)
+def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None, Recipe | None]:
+    """What the plan alone cannot see: the data's shards (listed once: the recipe comes back with the plan), the
+    checkpoint to resume (ckpt_path becomes the newest that reads) and a model.init_from adapter checkpoint (its
+    adapters come back too). Reads no sample and no tensor."""
+    recipe, problems = locate_shards(plan.data)
     if plan.ckpt_path:
         ckpt_path, resume = resume_problems((plan.ckpt_path, *plan.ckpt_fallbacks), plan.identity, plan.checkpoint.trust)
         plan = replace(plan, ckpt_path=ckpt_path, ckpt_fallbacks=())
@@ -60,7 +64,7 @@ def check(plan: RunPlan) -> tuple[RunPlan, AdapterPlan | None]:
     problems += init_problems
     if problems:
         raise ConfigError.of(problems)
-    return plan, source
+    return plan, source, recipe
 
 
 def hydra_files() -> list[Path]:
@@ -75,8 +79,23 @@ def hydra_files() -> list[Path]:
     return files + ([Path(sweep) / "multirun.yaml"] if sweep else [])
 
 
+def build_callbacks(plan: RunPlan) -> list:
+    ckpt, paths = plan.checkpoint, plan.paths
+    checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
+    return [
+        checkpoints,
+        AtomicCheckpoints(ckpt.trust),
+        SaveOnSigterm(paths.last_checkpoint),
+        StopRanksOnError(),
+        TrainingMetrics(plan.peak_tflops),
+        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
+                              plan.predictions.max_new_tokens),
+        StreamState(paths.consumed_keys if plan.data.record_keys else None),
+    ]
+
+
 def build_trainer(plan: RunPlan) -> L.Trainer:
-    callbacks = build_callbacks(plan)
+    callbacks = build_callbacks(plan) + strategy_callbacks(plan.strategy)
     if plan.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     return L.Trainer(
@@ -95,7 +114,7 @@ def train(cfg: DictConfig) -> dict:
     adopt_launcher_tasks()
     if rank() == 0:  # Hydra's files hold the command line as typed, whatever follows (a refusal, a config error)
         redact_files(hydra_files())
-    plan, source = check(resolve_plan(cfg))
+    plan, source, recipe = check(resolve_plan(cfg))
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
     preflight(cfg)
@@ -105,8 +124,8 @@ def train(cfg: DictConfig) -> dict:
         started = warm_start(cfg, plan)
         if started is not None:
             cfg = started
-            plan, source = check(resolve_plan(cfg))
-        return _run(cfg, plan, source)
+            plan, source, recipe = check(resolve_plan(cfg))
+        return _run(cfg, plan, source, recipe)
 
 
 def warm_start(cfg: DictConfig, plan: RunPlan) -> DictConfig | None:
@@ -135,18 +154,23 @@ def warm_start(cfg: DictConfig, plan: RunPlan) -> DictConfig | None:
     return started
 
 
-def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
+def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Recipe | None) -> dict:
     if plan.optim.step.max_steps_from:
         log.info("%s", plan.optim.step.max_steps_from)
     start = time.time()
+    # Threads and workers from the CPUs this process may use, not the machine's count (ov_train.config.options).
+    torch.set_num_threads(plan.cpus.threads)
+    log.info("%s", plan.cpus.describe())
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(plan.seed, workers=True)
-    recipe = prepare_data(plan.data)
+    recipe = prepare_data(plan.data, located)
     model, tokenizer, adapter = build_for_training(plan, source)
     # The stage's anyres N and grid go into the model config: the forward packs by them and the export carries them.
     apply_to_model_config(model.config, plan.data.samples.media, plan.data.samples.placement)
-    data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config))
+    trainable = {part for part, lr in plan.optim.part_lrs.items() if lr > 0}
+    data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config),
+                         SampleCost.of_model(model.config, trainable))
     tokenizer.save_pretrained(paths.tokenizer)
     settings = {"forward_options": plan.forward, "tokenizer_dir": str(paths.tokenizer), "nonfinite": plan.nonfinite,
                 "identity": plan.identity, "template": plan.data.samples.template, "adapter": adapter, "seed": plan.seed}
@@ -180,6 +204,8 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     summary = {
         "stage": plan.stage,
         "model": plan.model.name,
+        # What the weights came from (its geometry is model's: config checks refuse another one).
+        "model_from": f"{plan.model.route} {plan.model.source}" if plan.model.source else plan.model.route,
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - start, 1),
         "val_accuracy": metrics.get("val/accuracy"),
@@ -197,10 +223,11 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None) -> dict:
     if not summary["val_samples"]:
         log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], paths.run_dir)
     else:
+        chance = summary["chance_accuracy"]
         log.info(
-            "done in %.0f s: held-out accuracy %.3f (chance %.3f), val loss %.3f -> %s",
-            summary["wall_time_s"], summary["val_accuracy"] or 0, summary["chance_accuracy"] or 0,
-            summary["val_loss"] or 0, paths.run_dir,
+            "done in %.0f s: held-out accuracy %.3f (chance %s), val loss %.3f -> %s",
+            summary["wall_time_s"], summary["val_accuracy"] or 0,
+            "n/a: no answer options" if chance is None else f"{chance:.3f}", summary["val_loss"] or 0, paths.run_dir,
         )
     return summary
 

@@ -20,13 +20,18 @@ through the LightningModule's on_save_checkpoint, DeepSpeed with exclude_frozen_
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from ov_train.config.run_plan import StrategyPlan
 from ov_train.model import layout
+from ov_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -166,6 +171,35 @@ def adopt_launcher_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
+class SequenceParallelSetup(Callback):
+    """strategy.sequence_parallel=N (config/parallel.py): the groups of N consecutive ranks, and the model's LLM
+    attention through the Ulysses exchange (parallel/sequence.py), set up once the world's process group exists
+    (Lightning's setup hook) and before the engine wraps or shards the model (configure_model, then the strategy's
+    setup). The LightningModule gets the group as `sequence_parallel`: its forward then splits each packed row over
+    the group, encodes the frames and crops frame-parallel (parallel/frames.py) and reduces the loss sums and token
+    counts over the group. The data module reads one stream per group (DataPlan.replicas)."""
+
+    def __init__(self, degree: int):
+        self.degree = degree
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if getattr(pl_module, "sequence_parallel", None) is not None:
+            return  # a second fit / validate on the same module: already set up
+        from ov_train.parallel.sequence import SequenceParallel
+
+        parallel = SequenceParallel.create(self.degree)
+        parallel.apply(pl_module.model)
+        pl_module.sequence_parallel = parallel
+        if trainer.is_global_zero:
+            log.info("sequence parallel: each packed row split over %d ranks (their frames and crops encoded"
+                     " frame-parallel), data parallel over %d groups", self.degree, trainer.world_size // self.degree)
+
+
+def strategy_callbacks(plan: StrategyPlan) -> list[Callback]:
+    """The callbacks the strategy needs beside the engine: sequence parallelism's setup when it is on."""
+    return [SequenceParallelSetup(plan.sequence_parallel)] if plan.sequence_parallel > 1 else []
+
+
 def build_strategy(plan: StrategyPlan):
     """The Lightning strategy (or the string `auto`) of the plan; inside a submitit job it first hands the job's
     tasks to Lightning (adopt_launcher_tasks)."""
@@ -193,3 +227,20 @@ def build_strategy(plan: StrategyPlan):
         save_distributed_checkpoint=bool(s["save_distributed_checkpoint"]),
         process_group_backend=s["process_group_backend"],
     )
+
+
+class StopRanksOnError(Callback):
+    """An error on a rank ends the ranks this process started (`trainer.devices` > 1 with no scheduler starting
+    them): one stuck in a collective would otherwise wait for the failed rank until the process group's timeout
+    (NCCL does not notice a dead peer). Lightning does so itself on Ctrl-C only. Ranks a scheduler started (srun,
+    torchrun) are the scheduler's to stop: the launcher has none of them.
+
+    The error is logged first: once a rank it started has died, Lightning's watch over them kills this process
+    too, maybe before the error reaches the console."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        launcher = trainer.strategy.launcher
+        if trainer.world_size == 1 or launcher is None or not isinstance(exception, Exception):
+            return  # SIGTERMException (every rank saves and exits) and KeyboardInterrupt (Lightning's) stop by themselves
+        log.error("rank %d: %s: %s", trainer.global_rank, type(exception).__name__, exception)
+        launcher.kill(signal.SIGKILL)

@@ -70,13 +70,14 @@ def tiny_model_and_tokenizer(_offline_cache):
 def mixed_batch(tiny_model_and_tokenizer):
     """The tiny model, 5 processed samples and their collated batch: an anyres image, three images of which
     some single-crop, a video, text only, a wide anyres image."""
+    from ov_train.config.media import MediaSettings
     from ov_train.data.samples import SampleProcessor, collate
     from ov_train.data.video import encode_mp4
     from ov_train.vision.geometry import VisionGeometry
 
     model, tokenizer = tiny_model_and_tokenizer
     geom = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096)
+    process = SampleProcessor(tokenizer, geom, "qwen_1_5", MediaSettings.of("anyres_max_9", 8), max_length=4096)
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     raws = [
         raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(70, 30, 1)]),

@@ -1,3 +1,3 @@
-from ov_train.bench import main
+from ov_train.cli.bench import main
 
 main()

@@ -62,6 +62,11 @@ def evaluate(directory: Path) -> list[Goal]:
             spread = 1 - min(rates) / max(rates)
             spread_detail = ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(rows.items()))
             break
+    rows = [r for results in runs for r in results]
+    # bench --loader DIR: ov_train's exact decode feeding an H100 training OV-0.5B; bench --balance at OV-0.5B.
+    cores = min((r["cores_per_gpu"] for r in rows if r["name"] == "extraction_ov_train_exact"
+                 and r.get("device") == "h100" and r.get("model") == "ov_qwen2_0_5b"), default=None)
+    idle = min((r["idle"] for r in rows if r["name"] == "balance_ov_qwen2_0_5b_compute"), default=None)
     loader = max((r["tokens_per_s"] for r in loaders), default=None)
     feed = loader / best[0]["tokens_per_s"] if loader is not None and best else None
     return [
@@ -72,6 +77,8 @@ def evaluate(directory: Path) -> list[Goal]:
         _goal("tokens/s spread, rows of 8k..32k", "<= 15%", spread, lambda v: v <= 0.15, "%", spread_detail),
         _goal("loader tokens/s / GPU tokens/s", ">= 1.5x", feed, lambda v: v >= 1.5, "x",
               f"loader {loader:,.0f} tokens/s" if loader is not None else ""),
+        _goal("CPU cores per H100, OV-0.5B mix", "<= 8", cores, lambda v: v <= 8, "cores"),
+        _goal("simulated rank idle, 8 ranks", "<= 5%", idle, lambda v: v <= 0.05, "%"),
     ]
 
 

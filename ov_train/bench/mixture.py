@@ -11,11 +11,11 @@ from PIL import Image
 
 from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import encode_mp4
+from ov_train.planner.workload import IMAGE_SIZES as EXAMPLE_SIZES
+from ov_train.planner.workload import ONEVISION_MIX
 from ov_train.utils.flops import TokenCounts
 
-MIXTURE = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
-# Height x width of the recipe's anyres examples at the 384 px geometry.
-IMAGE_SIZES = ((384, 384), (480, 640), (1024, 768), (1080, 1920), (3000, 800))
+IMAGE_SIZES = sorted(EXAMPLE_SIZES)  # smallest first
 WORDS = ("the", "shape", "is", "red", "blue", "circle", "square", "left", "right", "one", "two", "image", "video")
 
 
@@ -30,8 +30,8 @@ def synthetic_mixture(count: int, image_size: int, seed: int) -> list[dict]:
     """Raw LLaVA samples of the OneVision mixture; image sizes scaled from 384 px crops to `image_size`."""
     rng = np.random.default_rng(seed)
     scale = image_size / 384
-    kinds = list(MIXTURE)
-    weights = np.array(list(MIXTURE.values()))
+    kinds = list(ONEVISION_MIX)
+    weights = np.array(list(ONEVISION_MIX.values()))
     raws = []
     for i in range(count):
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
@@ -65,7 +65,7 @@ def write_mixture_shards(raws: list[dict], root: Path, shards_per_source: int) -
     least `shards_per_source` shards each, so that every loader worker reads whole shards of its own.
     Returns the number of shards written."""
     shards = 0
-    by_modality: dict[str, list[dict]] = {m: [] for m in MIXTURE}
+    by_modality: dict[str, list[dict]] = {m: [] for m in ONEVISION_MIX}
     for raw in raws:
         by_modality[json.loads(raw["json"])["modality"]].append(raw)
     for modality, group in by_modality.items():

@@ -12,6 +12,7 @@ import torch
 
 from ov_train import devices
 from ov_train.bench.mixture import synthetic_mixture, token_counts
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
 from ov_train.constants import IGNORE_INDEX, PARTS
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
@@ -132,7 +133,7 @@ def model_bench(args, cfg, model, tokenizer) -> list[dict]:
         gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         args.peak_tflops = devices.peak_tflops(gpu_name)[0] if gpu_name else _measured_peak_tflops(device)
     geometry = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", cfg.vision_aspect_ratio, max_frames=32, max_length=32768)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of(cfg.vision_aspect_ratio, 32), max_length=32768)
     raws = synthetic_mixture(args.samples * (args.warmup + args.steps), geometry.image_size, args.seed)
     examples = [process(r) for r in raws]
     groups = [examples[i : i + args.samples] for i in range(0, len(examples), args.samples)]

@@ -20,6 +20,7 @@ import torch
 
 from ov_train.bench.mixture import WORDS, synthetic_mixture
 from ov_train.bench.model import _peak_gib, _reset_peak, _to
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
 from ov_train.constants import PARTS
 from ov_train.data.pairs import PairProcessor, collate_pairs
@@ -108,8 +109,8 @@ def pair_bench(args, cfg, model, tokenizer) -> list[dict]:
     options = ForwardOptions(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk or cfg.loss_chunk)
     prepare_model(model, options)
     geometry = VisionGeometry.from_model_config(model.config)
-    process = PairProcessor(SampleProcessor(tokenizer, geometry, "qwen_1_5", cfg.vision_aspect_ratio, max_frames=32,
-                                            max_length=32768))
+    process = PairProcessor(SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of(cfg.vision_aspect_ratio, 32),
+                                          max_length=32768))
     pairs = [process(r) for r in pair_mixture(args.samples * (args.warmup + args.steps), geometry.image_size, args.seed)]
     groups = [pairs[i : i + args.samples] for i in range(0, len(pairs), args.samples)]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext

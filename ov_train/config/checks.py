@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ov_train.config import reproduce
 from ov_train.config.options import devices_per_node, world_size
-from ov_train.constants import LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
+from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
@@ -98,9 +99,45 @@ def model_problems(model) -> list[str]:
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
     problems += geometry_problems(model)
+    if not missing:
+        problems += checkpoint_geometry_problems(model)
     if not model.lr_scale > 0:
         problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
     return problems
+
+
+# What makes a checkpoint another model than the `model=` config's geometry: the tower's and the LLM's shapes. (Not
+# the vocabulary, which grows by the media tokens, nor the tower's layer count: OneVision drops SigLIP's last layer.)
+GEOMETRY_KEYS = {
+    "vision": ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size"),
+    "text": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+}
+
+
+def checkpoint_geometry_problems(model) -> list[str]:
+    """A OneVision directory (model.pretrained, or an export as model.init_from) whose config.json is another
+    geometry than `model=`'s: the run would train the checkpoint's model under the config's name. Reads config.json
+    only; a directory without one is left to the build to name."""
+    key = "init_from" if model.get("init_from") else "pretrained"
+    directory = model.get(key)
+    config_file = Path(directory) / "config.json" if directory else None
+    if config_file is None or not config_file.is_file():
+        return []
+    try:
+        found = json.loads(config_file.read_text())
+    except ValueError:
+        return []
+    differs = []
+    for part in ("vision", "text"):
+        held = found.get(f"{part}_config") or {}
+        for name in GEOMETRY_KEYS[part]:
+            want = model[part].get(name)
+            if want is not None and name in held and held[name] != want:
+                differs.append(f"{part} {name} {held[name]} (model={model.name}: {want})")
+    if not differs:
+        return []
+    return [f"model.{key}={str(directory)!r} is another geometry than model={model.name}: {', '.join(differs)};"
+            " choose the model= config of that checkpoint (e.g. model=tiny for a tiny one)"]
 
 
 def geometry_problems(model) -> list[str]:
@@ -207,7 +244,8 @@ def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = Fals
 def data_problems(data, seed: int) -> list[str]:
     """The data node's own values (the recipe and its shards are checked where they are read)."""
     problems = (
-        _at_least("data.num_workers", data.num_workers, 0, "loader processes per rank; 0 loads in the main one")
+        _at_least("data.num_workers", data.num_workers, 0,
+                    "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
         + _at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
         + _at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
         + _at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,
@@ -224,15 +262,24 @@ def data_problems(data, seed: int) -> list[str]:
         problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
     if batch is not None and batch < 1:
         problems.append(f"data.batch_size={batch!r} must be a positive integer or null (with a token budget)")
+    if data.decode not in DECODES:
+        problems.append(f"data.decode={data.decode!r}; allowed: {', '.join(DECODES)}")
+    if data.batching not in BATCHINGS:
+        problems.append(f"data.batching={data.batching!r}; allowed: {', '.join(BATCHINGS)}")
+    elif data.batching == "compute" and data.samples_per_step is not None:
+        problems.append(f"data.batching=compute fills each batch to a compute budget, data.samples_per_step="
+                        f"{data.samples_per_step} fixes a step's samples: set one of them (data.batching=tokens or"
+                        " data.samples_per_step=null)")
     return problems
 
 
-def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> list[str]:
-    """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read)."""
+def step_problems(data, trainer, unit: str | None, strategy: str = "auto", sequence_parallel: int = 1) -> list[str]:
+    """data.samples_per_step and data.epochs (`unit`: what the recipe's numbers are, None when it did not read;
+    `sequence_parallel`: ranks that share their batches, strategy.sequence_parallel)."""
     per_step, epochs = data.samples_per_step, data.epochs
     problems = []
     if per_step is not None:
-        world = world_size(trainer)
+        world = world_size(trainer) // max(1, sequence_parallel)
         if strategy == "fsdp2":
             # FSDP2 reshards the root's parameters (embeddings, projector, norms) after a step's first backward, and
             # the next micro-batch's forward reads them sharded: not supported until that is solved.
@@ -244,7 +291,10 @@ def step_problems(data, trainer, unit: str | None, strategy: str = "auto") -> li
         elif per_step % world:
             problems.append(
                 f"data.samples_per_step={per_step} does not divide over {world} processes (trainer.num_nodes x"
-                f" trainer.devices); every rank takes the same share: use a multiple of {world}"
+                f" trainer.devices); every rank takes the same share: use a multiple of {world}" if sequence_parallel <= 1
+                else f"data.samples_per_step={per_step} does not divide over {world} data-parallel groups (trainer.num_nodes"
+                f" x trainer.devices / strategy.sequence_parallel); every group takes the same share: use a multiple of"
+                f" {world}"
             )
         if trainer.accumulate_grad_batches != 1:
             problems.append(

@@ -20,7 +20,12 @@ Videos (`stage.video_fps`, `stage.max_frames`, `stage.frame_sampling`, `stage.fr
 one frame every round(video fps / video_fps) frames and, when that gives more than max_frames, max_frames
 frames spread evenly over the clip; `uniform` always takes max_frames frames spread evenly (the public code's
 `force_sample`). Frames are decoded at their own size (`frame_size: null`) or at frame_size x frame_size
-(cheaper for large videos), then squashed to the crop size.
+(cheaper for large videos), then squashed to the crop size. `stage.video_pool` (the public code's
+`mm_spatial_pool_stride`) pools each frame's feature map bilinearly by that stride (27 x 27 patches at 384 px: 2 gives
+196 tokens a frame, 3 gives 81, 4 gives 49, 1 none), and `stage.video_newline` places the newline embeddings: one
+after the video (`one_token`, transformers' layout), one per pooled row (`grid`, the public training script's), one
+per frame (`frame`) or none (`no_token`); vision/pooling.py builds and counts both. A recipe source may set any of
+these for its own videos (`video: {max_frames: 128, pool: 3}`).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import re
 from dataclasses import dataclass
 
 from ov_train.config.reproduce import Reproduction
-from ov_train.constants import FRAME_SAMPLINGS, SINGLE_CROP
+from ov_train.constants import FRAME_SAMPLINGS, SINGLE_CROP, VIDEO_NEWLINES
 
 ANYRES = re.compile(r"anyres_max_(\d+)")
 _CELL = re.compile(r"(\d+)\s*x\s*(\d+)")
@@ -100,8 +105,6 @@ class ImageSettings:
     @classmethod
     def from_stage(cls, stage) -> ImageSettings:
         strategy = str(stage.get("image_strategy"))
-        if strategy == "single_crop":  # the earlier name of `pad`
-            strategy = "pad"
         anyres = ANYRES.fullmatch(strategy)
         if strategy not in SINGLE_CROP and not (anyres and int(anyres[1]) >= 1):
             raise MediaSettingError(
@@ -127,9 +130,12 @@ class VideoSettings:
     max_frames: int = 32
     sampling: str = "fps"  # fps or uniform
     frame_size: int | None = None  # decode frames at this square size; None: their own size
+    pool: int = 2  # each frame's feature map pooled by this stride (the public mm_spatial_pool_stride; 1: none)
+    newline: str = "one_token"  # where the newline embeddings go (constants.VIDEO_NEWLINES)
 
     # The stage's key for each field (a recipe source's `video:` mapping uses the field names).
-    STAGE_KEYS = {"fps": "video_fps", "max_frames": "max_frames", "sampling": "frame_sampling", "frame_size": "frame_size"}
+    STAGE_KEYS = {"fps": "video_fps", "max_frames": "max_frames", "sampling": "frame_sampling", "frame_size": "frame_size",
+                  "pool": "video_pool", "newline": "video_newline"}
 
     @classmethod
     def from_values(cls, values: dict, where: str, base: VideoSettings | None = None,
@@ -149,6 +155,11 @@ class VideoSettings:
                 problems.append(f"{key}={value!r} must be an integer >= 1 (decoded frame side) or null (their own size)")
             elif field == "sampling" and value not in FRAME_SAMPLINGS:
                 problems.append(f"{key}={value!r}; allowed: {list(FRAME_SAMPLINGS)}")
+            elif field == "pool" and not (_integer(value) and value >= 1):
+                problems.append(f"{key}={value!r} must be an integer >= 1 (the pooling stride of each frame's feature"
+                                " map: 2 gives 196 tokens a 384 px frame, 3 gives 81, 4 gives 49, 1 no pooling)")
+            elif field == "newline" and value not in VIDEO_NEWLINES:
+                problems.append(f"{key}={value!r}; allowed: {list(VIDEO_NEWLINES)}")
             else:
                 out[field] = value
         if problems:
@@ -174,6 +185,11 @@ class MediaSettings:
     image: ImageSettings = ImageSettings()
     video: VideoSettings = VideoSettings()
     per_source: tuple[tuple[str, VideoSettings], ...] = ()  # a recipe source's own video settings
+
+    @classmethod
+    def of(cls, image_strategy: str, max_frames: int = VideoSettings.max_frames) -> MediaSettings:
+        """The settings of a stage that sets only its image strategy and its videos' frame cap."""
+        return cls(ImageSettings.from_stage({"image_strategy": image_strategy}), VideoSettings(max_frames=max_frames))
 
     def video_for(self, source: str | None) -> VideoSettings:
         return dict(self.per_source).get(source, self.video)

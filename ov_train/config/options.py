@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ov_train.constants import ATTENTION, CHECKPOINTABLE, LOSSES, VARLEN
+from ov_train.utils.cpus import cpus_per_process
 
 try:
     from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (only whether it exists matters here)
@@ -114,6 +115,37 @@ def devices_per_node(devices, accelerator: str = "auto") -> int:
     if "," in text:
         return len([part for part in text.split(",") if part.strip()])
     return int(text)
+
+
+# Loader workers per process at most when data.num_workers is null: decoding beyond that rarely keeps up with
+# anything but the largest batches, and each worker holds its own copy of the stream's buffers.
+AUTO_MAX_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """How one training process uses the CPUs it may use (ov_train.utils.cpus: affinity, cgroup quota, SLURM,
+    shared with the run's other processes on the node): loader workers (each one a process, one thread) and torch's
+    intra-op threads for the rest. Threads or workers sized by the machine's core count oversubscribe a shared
+    machine: spinning OpenMP threads of a process that cannot run them all at once made a run 15x slower."""
+
+    cpus: int
+    workers: int
+    threads: int
+    auto_workers: bool  # data.num_workers was null
+
+    def describe(self) -> str:
+        how = "sized from them" if self.auto_workers else "data.num_workers"
+        return (f"CPUs: {self.cpus} usable by this process; {self.workers} loader worker(s) ({how}),"
+                f" {self.threads} torch thread(s)")
+
+
+def cpu_share(num_workers: int | None, local_processes: int, cpus: int | None = None) -> CpuShare:
+    """Workers: data.num_workers, or (null) half the process's CPUs up to AUTO_MAX_WORKERS; threads: the CPUs
+    the workers leave, at least one."""
+    cpus = cpus if cpus is not None else cpus_per_process(local_processes)
+    workers = num_workers if num_workers is not None else min(AUTO_MAX_WORKERS, cpus // 2)
+    return CpuShare(cpus=cpus, workers=workers, threads=max(1, cpus - workers), auto_workers=num_workers is None)
 
 
 def world_size(trainer_cfg) -> int:

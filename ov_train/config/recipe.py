@@ -20,7 +20,7 @@ conversion; `index` names an `ov-data index` file for them; `metric` says how ov
 Each source gives `weight` or `samples` (samples drawn per epoch-equivalent), and one recipe uses one of the
 two throughout: a source is drawn with probability weight / sum(weights), or samples / sum(samples), so sample
 counts are weights in proportion. Weights are finite positive numbers with a finite sum. A source's optional
-`video` mapping (fps, max_frames, sampling, frame_size) overrides the stage's video settings for its samples
+`video` mapping (fps, max_frames, sampling, frame_size, pool, newline) overrides the stage's video settings for its samples
 (config/media.py). Every problem is reported at once, naming the recipe, source and key.
 
 This module reads the file only; it is part of the run plan, so it touches no shard (ov_train/data/recipe.py
@@ -155,7 +155,7 @@ def _source_problems(where: str, src: dict) -> list[str]:
         problems.append(f"{where}: category={category!r} must be a non-empty string")
     video = src.get("video")
     if video is not None and not isinstance(video, dict):
-        problems.append(f"{where}: video={video!r} must be a mapping of fps, max_frames, sampling, frame_size")
+        problems.append(f"{where}: video={video!r} must be a mapping of fps, max_frames, sampling, frame_size, pool, newline")
     elif video:
         try:
             VideoSettings.from_values(video, f"{where}: video")
@@ -235,11 +235,3 @@ def root_problems(spec: RecipeSpec, root: str | None, key: str = "data.root") ->
             return [f"{key} is required: {s.where} ({s.name}) has the relative {field}={redact(value)!r}; set {key}="
                     "DIR or URL (where relative source paths start), or make every source path absolute or a URL"]
     return []
-
-
-def parse_recipe(name_or_path: str) -> RecipeSpec:
-    """read_recipe, raising RecipeError with every problem when there is any."""
-    spec, problems = read_recipe(name_or_path)
-    if problems:
-        raise RecipeError(problems)
-    return spec

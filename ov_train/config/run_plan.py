@@ -18,10 +18,21 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ov_train.checkpoints.paths import last_checkpoint, resume_targets
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import MediaSettings, read_media
-from ov_train.config.options import ForwardOptions, IOSettings, TokenBudget, default_precision, world_size
+from ov_train.config.options import (
+    CpuShare,
+    ForwardOptions,
+    IOSettings,
+    TokenBudget,
+    cpu_share,
+    default_precision,
+    devices_per_node,
+    world_size,
+)
+from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
 from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.config.reproduce import Reproduction
@@ -47,11 +58,11 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.last_checkpoint.parent
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
+        return last_checkpoint(self.run_dir)
 
     @property
     def export(self) -> Path:
@@ -93,11 +104,6 @@ class RunPaths:
         return self.run_dir / ".ov_train.lock"
 
 
-def previous_of(path: Path) -> Path:
-    """Where a sharded checkpoint's previous version waits while the new one is renamed into place."""
-    return path.with_name(f".{path.name}.previous")
-
-
 @dataclass(frozen=True)
 class ModelPlan:
     """How to build the model: `route` is export | checkpoint | pretrained | compose | random."""
@@ -113,7 +119,7 @@ class ModelPlan:
     vision_aspect_ratio: str
     trust_checkpoint: bool = False
     # model.pretrained beside a model.init_from adapter checkpoint: the base its adapters go on, instead of the one
-    # the checkpoint records (model/adapter_io.py); not part of what a resume compares (base_record).
+    # the checkpoint records (checkpoints/adapters.py); not part of what a resume compares (base_record).
     base_dir: str | None = None
 
     def paths(self) -> dict[str, str | None]:
@@ -134,6 +140,7 @@ class SamplePlan:
     placement: str = "front"  # stage.media_placement
     labels: str = "replies"  # stage.labels, as stage.reproduce resolves it (config/reproduce.py)
     plain_newline: str = "apart"  # stage.plain_newline, likewise
+    decode: str = "exact"  # data.decode
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ class DataPlan:
     synthetic: SyntheticPlan | None  # None: the user's shards
     budget: TokenBudget
     samples: SamplePlan
-    num_workers: int
+    num_workers: int  # data.num_workers, or the CpuShare's choice when it is null
     shuffle_buffer: int
     val_samples: int | None
     max_skips_in_a_row: int
@@ -159,6 +166,10 @@ class DataPlan:
     seed: int
     io: IOSettings = IOSettings()
     index_dir: str | None = None  # where parquet sources' indexes are built on first read
+    samples_per_rank: int | None = None  # data.samples_per_step / data-parallel size: each train item is a step's bundle
+    # Consecutive ranks that read the same batches (strategy.sequence_parallel: a group splits each row between them).
+    replicas: int = 1
+    batching: str = "tokens"  # data.batching: what fills a training batch (constants.BATCHINGS)
     samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
     pairs: bool = False  # stage.preference: samples are preference pairs (ov_train.data.pairs)
 
@@ -201,6 +212,7 @@ class StrategyPlan:
     micro_batch_size: int = 1  # what DeepSpeed reports per GPU (batches are built in the loader)
     gradient_clipping: float | None = None  # DeepSpeed's own clipping, under manual optimization (step bundles)
     trainable_only: bool = False  # checkpoints hold the trainable tensors only (adapters: the base comes from model.*)
+    sequence_parallel: int = 1  # ranks sharing a packed row (config/parallel.py); set up by strategies.py
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,7 @@ class RunPlan:
     stage: str
     model: ModelPlan
     data: DataPlan
+    cpus: CpuShare  # loader workers and torch threads of each process
     forward: ForwardOptions
     optim: OptimPlan
     adapter: AdapterPlan | None  # None: adapter=none
@@ -268,42 +281,6 @@ class RunPlan:
     export: bool
     config: dict  # the resolved config, for the dashboards
     preference: PreferencePlan | None = None  # None: the stage trains on conversations
-
-
-def resume_candidates(run_dir: Path) -> list[Path]:
-    """What `ckpt_path=auto` / `last` may resume in `run_dir`, newest first, those that exist: checkpoints/last.ckpt;
-    its .previous (a sharded save killed between its renames leaves it as the last whole one); the step=N.ckpt
-    that checkpoint.keep kept, highest N first. The newest that reads is resumed (run.check)."""
-    paths = RunPaths(run_dir)
-    kept = [(int(step), p) for p in paths.checkpoints.glob("step=*.ckpt")
-            if (step := p.name.removeprefix("step=").removesuffix(".ckpt")).isdigit()]
-    newest_kept = [p for _, p in sorted(kept, reverse=True)]
-    return [p for p in (paths.last_checkpoint, previous_of(paths.last_checkpoint), *newest_kept) if p.exists()]
-
-
-def resume_targets(ckpt_path: str | None, run_dir: Path | None) -> tuple[str, ...]:
-    """The checkpoints to resume, newest first (run.check resumes the first that reads; none: a fresh start).
-    A path: itself. `last`: this run directory's resume_candidates, of which there must be one; `auto`: those, or
-    none (what a requeued SLURM job wants). Both mean resuming in the first run's hydra.run.dir."""
-    if ckpt_path not in ("last", "auto"):
-        return (ckpt_path,) if ckpt_path else ()
-    if run_dir is None:
-        raise ConfigError(f"ckpt_path={ckpt_path} needs a run directory")
-    candidates = tuple(map(str, resume_candidates(run_dir)))
-    if candidates:
-        return candidates
-    last = RunPaths(run_dir).last_checkpoint
-    if ckpt_path == "auto":
-        # Said, since a run directory other than the first run's (the default one is timestamped) finds nothing.
-        log.info("ckpt_path=auto: no checkpoint at %s, starting fresh (a resume runs in the first run's hydra.run.dir)",
-                 last)
-        return ()
-    raise ConfigError(f"ckpt_path=last: no checkpoint at {last}; resume in the first run's hydra.run.dir")
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | None) -> str | None:
-    """The checkpoint `ckpt_path` resumes first (resume_targets), or None."""
-    return next(iter(resume_targets(ckpt_path, run_dir)), None)
 
 
 def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
@@ -357,7 +334,12 @@ def _recipe(data) -> tuple[RecipeSpec | None, list[str]]:
     return spec, problems
 
 
-def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPlan:
+def run_cpu_share(cfg: DictConfig) -> CpuShare:
+    """Each process's share of the node's usable CPUs: the run starts trainer.devices processes per node."""
+    return cpu_share(cfg.data.num_workers, devices_per_node(cfg.trainer.devices, str(cfg.trainer.accelerator)))
+
+
+def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: CpuShare) -> DataPlan:
     data, stage = cfg.data, cfg.stage
     synthetic = None
     if data.name == SYNTHETIC:
@@ -366,13 +348,15 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings) -> DataPl
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
     fidelity = Reproduction.from_stage(stage)
     samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement, fidelity.labels,
-                         fidelity.plain_newline)
-    per_rank = data.samples_per_step // world_size(cfg.trainer) if data.samples_per_step else None
+                         fidelity.plain_newline, data.decode)
+    parallel = data_parallel_size(cfg.strategy, world_size(cfg.trainer))
+    per_rank = data.samples_per_step // parallel if data.samples_per_step else None
     return DataPlan(
-        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=data.num_workers,
+        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=cpus.workers,
         shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
+        batching=data.batching, replicas=cfg.strategy.sequence_parallel,
         pairs=stage.preference is not None,
     )
 
@@ -402,7 +386,7 @@ def stage_lrs(cfg: DictConfig) -> dict[str, float]:
 
 
 def base_record(model: ModelPlan, seed: int) -> dict:
-    """What an adapter run's frozen base is, for resumes and ov-export to rebuild it (model/adapter_io.py): the
+    """What an adapter run's frozen base is, for resumes and ov-export to rebuild it (checkpoints/adapters.py): the
     model plan with its paths made absolute (trusting a checkpoint is the reader's choice), and the seed."""
     node = asdict(model)
     node.pop("trust_checkpoint")
@@ -429,8 +413,9 @@ def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: Ste
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     # Step bundles step by hand: DeepSpeed clips by its config (0: off), the Trainer's gradient_clip_val is dropped.
     clipping = (cfg.trainer.gradient_clip_val or 0.0) if step.manual and cfg.strategy.name == "deepspeed" else None
+    settings.pop("sequence_parallel", None)
     return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, clipping,
-                        trainable_only=adapter is not None)
+                        trainable_only=adapter is not None, sequence_parallel=cfg.strategy.sequence_parallel)
 
 
 def _multirun():
@@ -530,7 +515,10 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
         + checks.model_problems(cfg.model)
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
-        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name) + checks.io_problems(cfg.data.io)
+        + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None, cfg.strategy.name,
+                               cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
+        + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
+        + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
@@ -539,7 +527,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     targets = ()
     try:
         targets = resume_targets(cfg.ckpt_path, run_dir)
-    except ConfigError as err:
+    except ValueError as err:
         problems.append(str(err))
     ckpt_path, *fallbacks = targets or (None,)
     if ckpt_path and not Path(ckpt_path).exists():
@@ -556,13 +544,15 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     if trainer.get("val_check_interval") is None:
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
+    cpus = run_cpu_share(cfg)
     preference, preference_problems = preference_plan(cfg, adapter)
     if preference_problems:
         raise ConfigError.of(preference_problems)
     return RunPlan(
         stage=cfg.stage.name,
         model=model_plan(cfg.model, cfg.checkpoint.trust),
-        data=data_plan(cfg, spec, media),
+        data=data_plan(cfg, spec, media, cpus),
+        cpus=cpus,
         forward=forward,
         optim=optim_plan(cfg, adapter, step),
         adapter=adapter,

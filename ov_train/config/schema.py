@@ -53,6 +53,10 @@ class StageConfig:
     max_frames: int = MISSING
     frame_sampling: str = "fps"
     frame_size: Optional[int] = None
+    # Video token compression (config/media.py): each frame's features pooled by this stride (2: 196 tokens a 384 px
+    # frame, 3: 81, 4: 49), newlines one_token (after the video), grid (per pooled row), frame or no_token.
+    video_pool: int = MISSING
+    video_newline: str = MISSING
     # A turn's single <image>/<video>: moved to its start + "\n" (front, as the public code) or left (as_is).
     media_placement: str = "front"
     # The step's loss: token (mean over supervised tokens) or sample (each sample's mean, weighted equally).
@@ -144,11 +148,19 @@ class DataConfig:
     allow_pipe: bool = False
     batch_size: Optional[int] = None
     max_tokens_per_batch: Optional[int] = None
+    # What fills a batch (constants.BATCHINGS): `tokens`, padded LLM tokens up to the token budget; `compute`, training
+    # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
+    # data-parallel ranks' steps cost the same; real tokens count there, not padding.
+    batching: str = "tokens"
+    # How images are decoded (constants.DECODES): `exact`, in full; `fast`, a JPEG at the smallest DCT scale that
+    # still covers what its crops are resized to (vision/preprocess.py open_image; pixels differ, tokens do not).
+    decode: str = "exact"
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.
     samples_per_step: Optional[int] = None
     # Passes over the recipe's sample counts; sets trainer.max_steps (needs samples_per_step).
     epochs: Optional[float] = None
-    num_workers: int = 0
+    # Loader processes per rank (0: the main process loads); null: sized from the CPUs the process may use.
+    num_workers: Optional[int] = None
     shuffle_buffer: int = 256
     max_skips_in_a_row: int = 1000
     io: IOConfig = field(default_factory=IOConfig)
@@ -174,6 +186,9 @@ class SyntheticDataConfig(DataConfig):
 @dataclass
 class StrategyConfig:
     name: str = MISSING
+    # Ranks sharing one packed row (Ulysses sequence parallelism, config/parallel.py): data parallel over world / N
+    # groups; N divides the world and the LLM's heads; ddp or fsdp2. 1: none.
+    sequence_parallel: int = 1
 
 
 @dataclass

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from torch.utils.data import IterableDataset
 
 from ov_train.config.options import TokenBudget
+from ov_train.data.compute_batches import fill_compute_batches
 from ov_train.data.step_batches import example_cost, step_bundles
 from ov_train.data.stream import reader_slot
 
@@ -46,13 +47,17 @@ class TrainBatches(IterableDataset):
     batch carries `stream_state` = {reader, readers, state}: the reader's state right after the batch.
     `resume(states, consumed)` restarts each reader from its saved state, with the reader that owes
     batch number `consumed` on loader worker 0 (workers hand out batches in turn). With `samples_per_rank`,
-    each item is one optimizer step's bundle of micro-batches instead (ov_train.data.step_batches).
+    each item is one optimizer step's bundle of micro-batches instead (ov_train.data.step_batches). With `cost`
+    (data.batching=compute), batches fill to a compute budget (ov_train.data.compute_batches), and a reader's
+    state also names the samples its lookahead held back.
     """
 
     def __init__(self, make_stream: Callable, budget: TokenBudget, collate: Callable[[list[dict]], dict],
-                 samples_per_rank: int | None = None):
+                 samples_per_rank: int | None = None, cost: Callable[[dict], float] | None = None,
+                 replicas: int = 1):
         self.make_stream, self.budget, self.collate = make_stream, budget, collate
-        self.samples_per_rank = samples_per_rank
+        self.samples_per_rank, self.cost = samples_per_rank, cost
+        self.replicas = replicas  # consecutive ranks reading the same batches (stream.reader_slot)
         self.states: dict[int, dict] = {}
         self.consumed = 0
 
@@ -60,18 +65,35 @@ class TrainBatches(IterableDataset):
         self.states, self.consumed = dict(states), consumed
 
     def __iter__(self):
-        reader, readers = reader_slot(self.consumed)
-        stream = self.make_stream(reader=reader, readers=readers, state=self.states.get(reader))
-        if self.samples_per_rank:
-            for bundle, state in step_bundles(iter(stream), self.samples_per_rank, self.budget, self.collate, stream.state):
-                yield {**bundle, "stream_state": {"reader": reader, "readers": readers, "state": state}}
-            return
-        for examples, state in fill_batches(iter(stream), self.budget, stream.state):
+        reader, readers = reader_slot(self.consumed, self.replicas)
+        saved = self.states.get(reader)
+        # A compute-budget state holds the stream's state from before its held-back samples, and which draws since
+        # then were batched; read under either batching, those are drawn again and dropped.
+        replay = saved if isinstance(saved, dict) and "taken" in saved else None
+        stream = self.make_stream(reader=reader, readers=readers, state=replay["stream"] if replay else saved)
+        if self.cost is not None:
+            batches = fill_compute_batches(iter(stream), self.budget, self.cost, stream.state, replay)
+        else:
+            examples = _dropping(iter(stream), replay["taken"] if replay else [])
+            if self.samples_per_rank:
+                for bundle, state in step_bundles(examples, self.samples_per_rank, self.budget, self.collate, stream.state):
+                    yield {**bundle, "stream_state": {"reader": reader, "readers": readers, "state": state}}
+                return
+            batches = fill_batches(examples, self.budget, stream.state)
+        for examples, state in batches:
             batch = self.collate(examples)
             batch["source"] = [e["source"] for e in examples]
             batch["key"] = [e["key"] for e in examples]
             batch["stream_state"] = {"reader": reader, "readers": readers, "state": state}
             yield batch
+
+
+def _dropping(examples: Iterator[dict], taken: list[int]) -> Iterator[dict]:
+    """The stream less the draws (0-based) in `taken`."""
+    taken = set(taken)
+    for i, example in enumerate(examples):
+        if i not in taken:
+            yield example
 
 
 class HeldOutBatches(IterableDataset):

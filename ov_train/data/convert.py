@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import decord
@@ -39,6 +39,7 @@ from ov_train.config.options import IOSettings
 from ov_train.constants import IMAGE_TOKEN, MEDIA_TOKENS, VIDEO_TOKEN
 from ov_train.data.convert_state import SHARD_PREFIX, VAL_PREFIX, claim, finished, part_path
 from ov_train.data.formats import InputError, Item, Reject, detect_format, is_preference, open_input
+from ov_train.data.frame_extraction import FrameExtraction
 from ov_train.data.inspect import summarise
 from ov_train.data.pair_records import REJECTED, preference_texts, preference_turns
 from ov_train.data.remote import is_remote, redact, remote_size, upload
@@ -46,6 +47,7 @@ from ov_train.data.shard_writer import ShardWriter
 from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
 from ov_train.utils.paths import cache_dir, write_atomic
 from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
 from ov_train.vision.tokens import (
     anyres_tokens,
     single_crop_tokens,
@@ -63,10 +65,13 @@ _HUMAN, _GPT = {"human", "user"}, {"gpt", "assistant"}
 
 @dataclass(frozen=True)
 class TokenGeometry:
-    """What visual token counts depend on: the vision geometry and the most frames sampled from a video."""
+    """What visual token counts depend on: the vision geometry, the most frames sampled from a video, and how a
+    video's frames are pooled and laid out (stage.video_pool, stage.video_newline)."""
 
     vision: VisionGeometry
     max_frames: int
+    pool: int = DEFAULT_POOL
+    newline: str = DEFAULT_NEWLINE
 
     @classmethod
     def of_configs(cls, model: str = TOKEN_MODEL, stage: str = TOKEN_STAGE, reproduce: str = "ov_train") -> TokenGeometry:
@@ -76,13 +81,13 @@ class TokenGeometry:
         vision = cfg.model.vision
         geometry = VisionGeometry.of(vision.image_size, vision.patch_size, cfg.model.vision_aspect_ratio,
                                      ImageSettings.from_stage(cfg.stage).rounding)
-        return cls(geometry, cfg.stage.max_frames)
+        return cls(geometry, cfg.stage.max_frames, cfg.stage.video_pool, cfg.stage.video_newline)
 
     def index_fields(self) -> dict:
         """The `geometry` an index records its token counts at."""
         return {"image_size": self.vision.image_size, "patch_size": self.vision.patch_size,
                 "max_crops": self.vision.max_crops, "max_frames": self.max_frames,
-                "token_rounding": self.vision.rounding}
+                "token_rounding": self.vision.rounding, "video_pool": self.pool, "video_newline": self.newline}
 
 
 @functools.cache
@@ -125,8 +130,10 @@ class MediaRoot:
 # ---------------------------------------------------------------- one record -> one shard sample
 
 
-def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry) -> tuple[dict, dict]:
-    """Validate a record and load its media; returns (shard sample, index entry) or raises Reject."""
+def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry,
+                 frames: FrameExtraction | None = None) -> tuple[dict, dict]:
+    """Validate a record and load its media; returns (shard sample, index entry) or raises Reject. `frames`: a video
+    is stored as its extracted frames."""
     if item.error:
         raise Reject("malformed_line", item.error)
     record = item.record
@@ -146,7 +153,7 @@ def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry) 
     sample = {"__key__": key}
     entry = {"key": key, "id": item_id(item), "source": item.source}
     if video_ref:
-        entry.update(_add_video(sample, media.read(video_ref, "missing_video"), video_ref, tokens))
+        entry.update(_add_video(sample, media.read(video_ref, "missing_video"), video_ref, tokens, frames))
     elif n_images:
         if item.image_bytes is not None:
             payloads = [(data, f"{item.where} image {i}") for i, data in enumerate(item.image_bytes)]
@@ -162,6 +169,8 @@ def build_sample(item: Item, key: str, media: MediaRoot, tokens: TokenGeometry) 
         entry["pair"] = True
     if video_ref:
         meta["video_container"] = entry["video"]["container"]
+        if "extracted" in entry["video"]:
+            meta["video_frames"] = entry["video"]["extracted"]
     meta.update({k: record[k] for k in ("task", "options", "answer") if k in record})
     sample["json"] = meta
     return sample, entry
@@ -179,14 +188,24 @@ def _add_images(sample: dict, payloads: list[tuple[bytes, str]], geometry: Visio
     return {"modality": "multi_image", "images": sizes, "visual_tokens": len(sizes) * single_crop_tokens(geometry)}
 
 
-def _add_video(sample: dict, data: bytes, name: str, tokens: TokenGeometry) -> dict:
-    """Store the video under VIDEO_FIELD; index fields for it, its container named by the file's extension."""
+def _add_video(sample: dict, data: bytes, name: str, tokens: TokenGeometry, frames: FrameExtraction | None = None) -> dict:
+    """Store the video under VIDEO_FIELD (or, with `frames`, its extracted frames); index fields for it, its
+    container named by the file's extension."""
     total, fps, duration = _video_info(data, name, tokens.max_frames)
-    sample[VIDEO_FIELD] = data
     sampled = len(video_frame_indices(total, fps, tokens.max_frames))
     video = {"frames": total, "fps": round(fps, 3), "duration": round(duration, 3), "sampled_frames": sampled,
              "container": Path(name).suffix.lower().lstrip(".") or None}
-    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, tokens.vision)}
+    if frames is None:
+        sample[VIDEO_FIELD] = data
+    else:
+        try:
+            members, video["extracted"] = frames.extract(data, name)
+        except VideoDecodeError as err:
+            raise Reject("corrupt_video", str(err)) from err
+        sample.update(members)
+        sampled = video["sampled_frames"] = min(video["extracted"]["frames"], tokens.max_frames)
+    return {"modality": "video", "video": video, "visual_tokens": video_tokens(sampled, tokens.vision, True, tokens.pool,
+                                                                                  tokens.newline)}
 
 
 def item_id(item: Item) -> str:
@@ -274,6 +293,7 @@ class ConvertSettings:
     max_shard_bytes: int
     tokens: TokenGeometry
     held_out: frozenset = frozenset()  # input positions that go to the held-out (val-*) shards
+    video_frames: FrameExtraction | None = None  # videos stored as their sampled frames (--video-frames)
 
 
 @dataclass
@@ -294,7 +314,8 @@ def write_chunk(plan: ConvertSettings, chunk: Chunk) -> int:
     with writers[SHARD_PREFIX], writers[VAL_PREFIX]:
         for offset, (item, text_tokens) in enumerate(zip(chunk.items, chunk.text_tokens)):
             try:
-                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", plan.media, plan.tokens)
+                sample, entry = build_sample(item, f"{chunk.first + offset:09d}", plan.media, plan.tokens,
+                                             plan.video_frames)
             except Reject as rej:
                 rejects.append({"id": item_id(item), "reason": rej.reason, "detail": rej.detail, "where": item.where})
                 continue
@@ -466,10 +487,12 @@ def _readable(path: Path, what: str, is_dir: bool) -> Path:
 def convert(input_path, out_dir, media_root=None, fmt: str | None = None, samples_per_shard: int = 1000,
             max_shard_bytes: int = 1 << 30, workers: int = 1, seed: int = 0, tokenizer: str | None = None,
             allow_outside_root: bool = False, holdout: int | float | None = None,
-            io: IOSettings = IOSettings(), reproduce: str = "ov_train") -> dict:
+            io: IOSettings = IOSettings(), reproduce: str = "ov_train",
+            video_frames: FrameExtraction | None = None) -> dict:
     """Convert INPUT into shards + index under out_dir (a folder, or a remote location the finished files are
     uploaded to whole); returns the totals, chunk counts and why an earlier run's chunks were dropped
-    (`restarted`, None when they were not)."""
+    (`restarted`, None when they were not). `video_frames`: store videos as their sampled frames
+    (data/frame_extraction.py)."""
     input_path = _readable(Path(input_path).resolve(), "INPUT", is_dir=False)
     media_root = _readable(Path(media_root or input_path.parent).resolve(), "--media-root", is_dir=True)
     fmt = detect_format(input_path, fmt)
@@ -483,11 +506,13 @@ def convert(input_path, out_dir, media_root=None, fmt: str | None = None, sample
         settings["holdout"] = holdout
     if reproduce != "ov_train":  # the token counts follow the public code's rounding (config/reproduce.py)
         settings["reproduce"] = reproduce
+    if video_frames:
+        settings["video_frames"] = asdict(video_frames)
     held_out = held_out_positions(holdout, source.total, seed)
     restarted = claim(out, settings, source.files)
     tokens = shipped_token_geometry(reproduce)
     plan = ConvertSettings(str(out), MediaRoot(media_root, not allow_outside_root), samples_per_shard, max_shard_bytes,
-                           tokens, held_out)
+                           tokens, held_out, video_frames)
     stats = {"chunks": 0, "resumed": 0}
     with tqdm(total=source.total, unit="sample", desc="ov-data convert", disable=None) as bar:
         chunks = _chunks(source.items, plan, _load_tokenizer(tokenizer), stats, bar)

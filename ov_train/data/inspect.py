@@ -34,6 +34,8 @@ def summarise(samples: list[dict], rejects: list[dict]) -> dict:
         tokens_by_modality[s["modality"]]["visual"] += s["visual_tokens"]
     return {
         "samples": len(samples),
+        # The split `--holdout` wrote to val-*.tar (index entries carry their split; training shards otherwise).
+        "held_out": sum(1 for s in samples if s.get("split") == "val"),
         "pairs": sum(1 for s in samples if s.get("pair")),  # preference samples: a prompt, a chosen and a rejected reply
         "by_modality": {m: by_modality[m] for m in MODALITIES},
         "text_tokens": sum(text),
@@ -66,6 +68,9 @@ def inspect_dir(location: str | Path, io: IOSettings = IOSettings()) -> dict:
 def format_report(stats: dict) -> str:
     """A readable table of summarise()'s output."""
     lines = [f"{stats['samples']:,} samples" + (f" in {stats['shards']:,} shards" if "shards" in stats else "")]
+    held = stats.get("held_out", 0)
+    lines.append(f"held out: {held:,} in val-*.tar, {stats['samples'] - held:,} for training in train-*.tar" if held
+                 else "held out: none (`ov-data convert --holdout N` writes a held-out split)")
     if stats.get("pairs"):
         lines.append(f"of which {stats['pairs']:,} preference pairs (text tokens count the prompt and both replies)")
     lines.append("")

@@ -1,4 +1,4 @@
-"""Before training: the data plan's shards checked, generated (synthetic data) and located."""
+"""Before training: the data plan's shards located (the user's, listed once) or generated (synthetic data)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -9,19 +9,19 @@ from ov_train.data.synthetic import ensure_synthetic, occupied, synthetic_root
 from ov_train.utils.redact import redact
 
 
-def data_problems(plan: DataPlan) -> list[str]:
-    """What stops this data from being used, found without generating or reading a sample: a synthetic data.root
-    that holds something else, or sources of the user's recipe without train shards."""
+def locate_shards(plan: DataPlan) -> tuple[Recipe | None, list[str]]:
+    """The user's recipe with its shards (None for synthetic data, generated later), and what stops the data from
+    being used, found without generating or reading a sample: missing shards, a synthetic data.root taken."""
     if plan.synthetic is not None:
         settings = asdict(plan.synthetic)
         occupant = occupied(synthetic_root(plan.root, **settings), **settings) if plan.root else None
         if occupant:
-            return [f"data.root={plan.root!r}: {occupant}; choose another, or data.root=null for a cache directory"
-                    " per setting"]
-        return []
-    _, missing = locate(plan.recipe, plan.root, require_shards=True, io=plan.io)
+            return None, [f"data.root={plan.root!r}: {occupant}; choose another, or data.root=null for a cache"
+                          " directory per setting"]
+        return None, []
+    recipe, missing = locate(plan.recipe, plan.root, require_shards=True, io=plan.io)
     where = f"data.recipe={plan.recipe.name}" + (f" (data.root={redact(str(plan.root))})" if plan.root else "")
-    return [f"{where}: {p}" for p in missing]
+    return recipe, [f"{where}: {p}" for p in missing]
 
 
 def prepare_root(plan: DataPlan) -> str:
@@ -33,7 +33,6 @@ def prepare_root(plan: DataPlan) -> str:
     return str(ensure_synthetic(synthetic_root(plan.root, **settings), **settings))
 
 
-def prepare_data(plan: DataPlan) -> Recipe:
-    """The recipe with its shards located under prepare_root."""
-    recipe, _ = locate(plan.recipe, prepare_root(plan), require_shards=False, io=plan.io)
-    return recipe
+def prepare_data(plan: DataPlan, located: Recipe | None = None) -> Recipe:
+    """The recipe with its shards: `located` (by locate_shards) as it is, else located now under prepare_root."""
+    return located if located is not None else locate(plan.recipe, prepare_root(plan), False, plan.io)[0]

@@ -1,21 +1,21 @@
 """One raw shard sample (LLaVA json + media bytes) -> one model-ready example: pixels, ids, labels."""
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from PIL import Image
 
-from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
+from ov_train.config.media import MediaSettings
 from ov_train.constants import IGNORE_INDEX, MEDIA_TOKENS
+from ov_train.data.frame_extraction import frame_fields, read_frames
 from ov_train.data.video import VIDEO_FIELD, decode_video
 from ov_train.text.template import encode_conversation
-from ov_train.vision.preprocess import preprocess_frames, preprocess_image
-from ov_train.vision.tokens import video_tokens
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
+from ov_train.vision.preprocess import open_image, preprocess_frames, preprocess_image
+from ov_train.vision.tokens import video_frame_indices, video_tokens
 
 # Where a sample's video is, in order: the one field `ov-data convert` writes, then the container extensions
 # that older converted shards used and synthetic shards still use (`mp4`).
@@ -64,22 +64,17 @@ class SampleProcessor:
     tokenizer: object
     geometry: object
     template: str
-    image_strategy: str  # anyres_max_N, pad or square (config/media.py); `media` wins when given
-    max_frames: int
+    media: MediaSettings  # the stage's image and video settings (the plan's SamplePlan.media; MediaSettings.of)
     max_length: int
-    # The stage's image and video settings (the plan's SamplePlan.media); None: from image_strategy and max_frames.
-    media: MediaSettings | None = None
     # Where a turn's single <image>/<video> goes (constants.PLACEMENTS): `front` (moved to the start, then a
     # newline, as the public LLaVA-NeXT code does) or `as_is`.
     placement: str = "front"
     # Labels and the plain template's newline (config/reproduce.py): ov_train's, or the public code's.
     labels: str = "replies"
     plain_newline: str = "apart"
-
-    def __post_init__(self):
-        if self.media is None:
-            image = ImageSettings.from_stage({"image_strategy": self.image_strategy})
-            object.__setattr__(self, "media", MediaSettings(image, VideoSettings(max_frames=self.max_frames)))
+    # data.decode (constants.DECODES): `exact` decodes every image in full; `fast` decodes a JPEG at the reduced
+    # size its crops need (vision/preprocess.py open_image): faster, pixels not equal.
+    decode: str = "exact"
 
     @cached_property
     def token_chars(self) -> int:
@@ -120,22 +115,29 @@ class SampleProcessor:
         images = []
         for field in fields:
             try:
-                with Image.open(io.BytesIO(raw[field])) as im:
-                    images.append(preprocess_image(im, self.geometry, mode=mode))
+                im, size = open_image(raw[field], self.geometry, mode, fast=self.decode == "fast")
+                with im:
+                    images.append(preprocess_image(im, self.geometry, mode=mode, size=size))
             except Exception as err:  # PIL raises many types for broken files
                 raise SampleError("corrupt_image", f"sample {key}: cannot decode {field} ({err})") from err
         frames = None
         visual = [img.num_tokens for img in images]
         video_field = next((f for f in VIDEO_FIELDS if f in raw), None)
-        if video_field:
+        extracted = frame_fields(raw)  # a video stored as its frames (ov-data convert --video-frames)
+        if video_field or extracted:
             video = self.media.video_for(raw.get("__source__"))  # the stream names the sample's source
             try:
-                array, _ = decode_video(raw[video_field], video.max_frames, f"{key}.{video_field}", video.fps,
-                                        video.sampling, video.frame_size)
-            except ValueError as err:
-                raise SampleError("corrupt_video", str(err)) from err
+                if video_field:
+                    array, _ = decode_video(raw[video_field], video.max_frames, f"{key}.{video_field}", video.fps,
+                                            video.sampling, video.frame_size)
+                else:  # sampled again at the stage's rate and cap, over the rate they were stored at
+                    array = read_frames(raw, extracted)
+                    rate = float((meta.get("video_frames") or {}).get("fps", 1.0))
+                    array = array[video_frame_indices(len(array), rate, video.max_frames, video.fps, video.sampling)]
+            except Exception as err:  # decoders raise ValueError; PIL many types for a broken frame
+                raise SampleError("corrupt_video", str(err) if video_field else f"sample {key}: frames: {err}") from err
             frames = preprocess_frames(array, self.geometry)
-            visual.append(video_tokens(frames.shape[0], self.geometry, newline=self.media.image.newline))
+            visual.append(video_tokens(frames.shape[0], self.geometry, self.media.image.newline, video.pool, video.newline))
         ids, labels = self.encode(key, meta.get("conversations"), visual)
         options = meta.get("options") if isinstance(meta.get("options"), list) else []
         return {
@@ -147,6 +149,9 @@ class SampleProcessor:
             "frames": frames,
             "visual_tokens": visual,  # per image, then the video: what another conversation on these media needs
             "video_newline": self.media.image.newline,
+            # How the model lays the video's features out (stage.video_pool / video_newline, or its source's).
+            "video_pool": video.pool if video_field else None,
+            "video_layout": video.newline if video_field else None,
             "chance": 1.0 / len(options) if options else 0.0,
         }
 
@@ -209,6 +214,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "video_frames": torch.cat(videos) if videos else None,
         "frames_per_video": [v.shape[0] for v in videos],
         "video_newline": [e.get("video_newline", True) for e in examples if e["frames"] is not None],
+        "video_pool": [e.get("video_pool") or DEFAULT_POOL for e in examples if e["frames"] is not None],
+        "video_layout": [e.get("video_layout") or DEFAULT_NEWLINE for e in examples if e["frames"] is not None],
         "modality": [e["modality"] for e in examples],
         # Floats, not a tensor: under bf16-true Lightning casts the batch's float tensors to bf16 (1/3 -> 0.334).
         "chance": [e["chance"] for e in examples],

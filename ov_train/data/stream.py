@@ -46,6 +46,20 @@ REASON_KEYS = {"too_long": "max_length", "no_supervised_tokens": "max_length", "
                "oversized_json": "max_length"}
 
 
+# What each source modality may hold besides text only (image data sets hold some text-only conversations).
+MEDIA_OF_MODALITY = {"single_image": "image", "multi_image": "image", "video": "video", "text": "text"}
+
+
+def check_modality(source: Source, example: dict) -> None:
+    """A sample whose media contradict its source's `modality` (videos in a single_image source) would be trained
+    under another share of the mix than the recipe says: it is skipped and counted as modality_mismatch."""
+    expected = MEDIA_OF_MODALITY.get(source.modality or "")
+    held = "video" if example.get("frames") is not None else "image" if example.get("images") else "text"
+    if expected and held != "text" and held != expected:
+        raise SampleError("modality_mismatch", f"sample {example.get('key', '?')}: holds a {held} but source"
+                                               f" {source.name} is labelled {source.modality} in the recipe")
+
+
 class StreamError(RuntimeError):
     """A stream that cannot deliver: every sample in a long run of them was skipped."""
 
@@ -106,15 +120,17 @@ def read_tar(path: str, io: IOSettings = IOSettings()) -> Iterator[dict]:
         yield sample
 
 
-def reader_slot(offset: int = 0) -> tuple[int, int]:
+def reader_slot(offset: int = 0, replicas: int = 1) -> tuple[int, int]:
     """This process's logical reader id among all ranks x loader workers, and their count.
 
     Loader worker w serves the logical reader (w + offset) % workers of its rank: after `offset`
     batches were consumed the next batch comes from worker 0, and must continue reader offset % workers.
+    `replicas` consecutive ranks read the same data (a sequence-parallel group, which splits each row between them):
+    they are one rank here.
     """
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, world = torch.distributed.get_rank() // replicas, torch.distributed.get_world_size() // replicas
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
     return rank * workers + (worker + offset) % workers, world * workers
@@ -302,6 +318,7 @@ class MixedStream:
                     self._unreadable.popleft()
                     skipped[UNREADABLE] += 1
                 example = self.process({**raw, "__source__": name})  # the source's own settings (samples.py)
+                check_modality(self.sources[i], example)
             except SampleError as err:
                 skipped[err.reason] += 1
                 skips.skipped(name, err)
@@ -318,15 +335,15 @@ class ValStream(IterableDataset):
     A source whose held-out share has samples but none usable is a StreamError, not an empty report."""
 
     def __init__(self, sources: list[Source], process, limit: int | None = None,
-                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW, io: IOSettings = IOSettings()):
-        self.sources, self.process, self.limit = sources, process, limit
+                 max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW, io: IOSettings = IOSettings(), replicas: int = 1):
+        self.sources, self.process, self.limit, self.replicas = sources, process, limit, replicas
         self.max_skips_in_a_row, self.io = max_skips_in_a_row, io
         # Held-out shards given up on in one pass are skipped in the later ones (the loader's persistent workers
         # keep their copy of this stream from pass to pass); `passes` counts them, as epochs count training's.
         self.aside, self.passes = SetAside(), 0
 
     def __iter__(self):
-        reader, readers = reader_slot()
+        reader, readers = reader_slot(replicas=self.replicas)
         skips = Skips("held-out sample", self.process, self.max_skips_in_a_row)
         limits, self.passes = member_limits(self.process), self.passes + 1
         for source in self.sources:
@@ -339,6 +356,7 @@ class ValStream(IterableDataset):
                     break
                 try:
                     example = self.process({**raw, "__source__": source.name})
+                    check_modality(source, example)
                 except SampleError as err:
                     skips.skipped(source.name, err)
                     continue

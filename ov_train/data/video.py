@@ -1,4 +1,4 @@
-"""MP4 encoding (PyAV) for the synthetic data and frame-sampled decoding (decord) for training."""
+"""MP4 encoding (PyAV) for the synthetic data and frame-sampled decoding (PyAV, data/video_frames.py) for training."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 from fractions import Fraction
 
 import av
-import decord
 import numpy as np
 
+from ov_train.data.video_frames import sampled_frames
 from ov_train.vision.tokens import video_frame_indices
 
 # The shard field `ov-data convert` stores every video under, whatever its container (mp4, m4v, mkv...):
@@ -60,15 +60,6 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
     return buf.getvalue()
 
 
-def _rgb(frame: np.ndarray) -> np.ndarray:
-    # decord 0.6 keeps the decoder's row padding for narrow videos and exposes it as extra
-    # "channels" (its get_batch then fails outright, dmlc/decord#336): keep each row's RGB bytes.
-    if frame.shape[-1] == 3:
-        return frame
-    height, width = frame.shape[:2]
-    return frame.reshape(height, -1)[:, : width * 3].reshape(height, width, 3)
-
-
 def _reason(error: Exception) -> str:
     # decord messages start with "[hh:mm:ss] /src/file.cc:line: " and may carry a stack trace.
     lines = str(error).strip().splitlines()
@@ -76,10 +67,11 @@ def _reason(error: Exception) -> str:
 
 
 def decode_video(data: bytes, max_frames: int, name: str = "video", video_fps: float = 1.0, sampling: str = "fps",
-                 frame_size: int | None = None) -> tuple[np.ndarray, float]:
+                 frame_size: int | None = None, threads: int | None = None) -> tuple[np.ndarray, float]:
     """Decode video bytes, sampling frames as ov_train.vision.tokens.video_frame_indices says (by default
     ~1 frame/s capped at `max_frames`); `frame_size`: decode at frame_size x frame_size, else at the
-    video's own size.
+    video's own size. Only the sampled frames are decoded, each from the key frame before it
+    (data/video_frames.py), with `threads` decoder threads (default: the loader worker's CPU share).
 
     Returns (uint8 frames [F, H, W, 3], duration in seconds).
     """
@@ -87,19 +79,16 @@ def decode_video(data: bytes, max_frames: int, name: str = "video", video_fps: f
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if not data:
         raise VideoDecodeError(f"{name}: empty video data")
-    try:
-        size = {"width": frame_size, "height": frame_size} if frame_size else {}
-        reader = decord.VideoReader(io.BytesIO(data), **size)
-        total = len(reader)
-        fps = float(reader.get_avg_fps())
-        if total <= 0:
-            raise VideoDecodeError(f"{name}: video has no frames")
+
+    def pick(total: int, fps: float) -> list[int]:
         if not math.isfinite(fps) or fps <= 0:
             raise VideoDecodeError(f"{name}: invalid frame rate {fps}")
-        indices = video_frame_indices(total, fps, max_frames, video_fps, sampling)
-        frames = np.stack([_rgb(reader[i].asnumpy()) for i in indices])
+        return video_frame_indices(total, fps, max_frames, video_fps, sampling)
+
+    try:
+        frames, duration, _ = sampled_frames(data, pick, frame_size, threads)
     except VideoDecodeError:
         raise
-    except Exception as e:  # decord raises DECORDError or RuntimeError depending on where it fails
+    except Exception as e:  # PyAV raises FFmpegError subclasses, or ValueError for a stream without frames
         raise VideoDecodeError(f"{name}: corrupt or truncated video ({_reason(e)})") from e
-    return frames, total / fps
+    return frames, duration

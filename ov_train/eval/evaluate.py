@@ -112,6 +112,11 @@ def held_out(sources: list[EvalSource], max_samples: int | None) -> Iterator[tup
                 yield source, f"{source.name}/{sample['__key__']}", partial(dict, sample)
 
 
+def row_key(row: dict) -> str:
+    """A row's `source/shard key` (rows written before ids were the user's have it as their id)."""
+    return row.get("key", row["id"])
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of predictions.jsonl; a line cut short by a kill is dropped from the file."""
     if not path.exists():
@@ -168,8 +173,11 @@ class Evaluator:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
             return None
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        # `id` is the sample's own id (the user's, which convert keeps); `key` is where it is in the shards, unique
+        # across sources: what reruns and metrics select rows by.
         row = {
-            "id": sample_id, "source": source.name, "modality": _modality(meta, source, images, frames),
+            "id": str(meta.get("id") or raw.get("__key__")), "key": sample_id,
+            "source": source.name, "modality": _modality(meta, source, images, frames),
             "prompt": prompt, "reference": reference, "options": meta.get("options") or [], "metric": source.metric,
         }
         frames = None if frames is None else training_frames(frames, self.model)
@@ -204,7 +212,7 @@ def evaluate(processor, prompts, model, sources: list[EvalSource], out_dir: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runner = Evaluator(processor, prompts, model, out, max_new_tokens, max_frames)
-    done = {r["id"] for r in read_rows(runner.path)}
+    done = {row_key(r) for r in read_rows(runner.path)}
     # A first pass reads only tar headers: the ids, for the progress bar and the metrics.
     selected = [sample_id for _, sample_id, _ in held_out(sources, max_samples)]
     batch: list[Pending] = []
@@ -236,7 +244,7 @@ def write_metrics(out: Path, sources: list[EvalSource], selected: set[str], skip
     metric = {s.name: s.metric for s in sources}
     rows = [scored({**r, "metric": metric.get(r["source"], r["metric"])}) for r in read_rows(out / PREDICTIONS)]
     write_atomic(out / PREDICTIONS, "".join(json.dumps(r) + "\n" for r in rows))
-    chosen = [r for r in rows if r["id"] in selected]
+    chosen = [r for r in rows if row_key(r) in selected]
     metrics = {
         "samples": len(chosen),
         "skipped": skipped or {},

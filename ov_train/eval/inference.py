@@ -32,14 +32,6 @@ class ExportError(ValueError):
     """An export directory that is not one, or media that cannot be read; the message names the culprit."""
 
 
-def require_torchvision(tool: str) -> None:
-    if importlib.util.find_spec("torchvision") is None:
-        raise ExportError(
-            f"{tool} needs torchvision: the stock LLaVA-OneVision processor requires it. Install it beside your "
-            'torch, e.g. pip install torch==2.14.1 torchvision==0.29.1 (or pip install -e ".[dev]")'
-        )
-
-
 def check_export(path: str | Path) -> Path:
     """`path` if it is a LLaVA-OneVision export (config.json of model_type llava_onevision, processor files)."""
     path = Path(path)
@@ -55,18 +47,37 @@ def check_export(path: str | Path) -> Path:
     model_type = settings.get("model_type")
     if model_type != "llava_onevision":
         raise ExportError(f"{path}: model_type {model_type!r}, expected 'llava_onevision'")
-    missing = [f for f in ("preprocessor_config.json", "processor_config.json") if not (path / f).is_file()]
     refusal = inference_refusal(SimpleNamespace(**settings))  # a single-crop stage: no processor files by design
-    if missing and refusal:
+    if not has_image_processor(path) and refusal:
         raise ExportError(f"{path}: {refusal}; chat with or evaluate an export of an anyres_max_N stage")
-    if missing:
-        raise ExportError(f"{path}: no {', '.join(missing)}; re-export it with ov-export")
+    if not has_image_processor(path):
+        # Re-exporting is advice only for a directory ov_train wrote (config.json records its stage's media).
+        fix = ("re-export it with ov-export" if "ov_train_media" in settings else
+               "save its processor there with AutoProcessor.from_pretrained(...).save_pretrained(DIR)")
+        raise ExportError(f"{path}: no image processor settings (preprocessor_config.json, or processor_config.json"
+                          f" with an image_processor, as transformers 5 saves them); {fix}")
     return path
+
+
+def has_image_processor(path: Path) -> bool:
+    """Either layout transformers reads: preprocessor_config.json (ov-export's, transformers 4's), or the
+    image_processor inside processor_config.json (transformers 5's save_pretrained)."""
+    if (path / "preprocessor_config.json").is_file():
+        return True
+    try:
+        return "image_processor" in json.loads((path / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def load_processor(path: str | Path):
     """The stock processor of an export, its image processor on the PIL backend: training resized with PIL,
-    and the default torchvision backend lands a few pixel levels off it."""
+    and the default torchvision backend lands a few pixel levels off it. Without torchvision (a plain `pip install
+    .`), the same processor with a PIL video processor (eval/pil_processor.py)."""
+    if importlib.util.find_spec("torchvision") is None:
+        from ov_train.eval.pil_processor import pil_processor
+
+        return pil_processor(path)
     from transformers import AutoImageProcessor, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
@@ -164,12 +175,11 @@ class ChatPrompts:
 
 
 def load_export(path: str | Path, tool: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(processor, its ChatPrompts, model in eval mode) of an export, after checking it is one and that torchvision
-    is there; its chat template is tried (ChatPrompts) before the model loads."""
+    """(processor, its ChatPrompts, model in eval mode) of an export, after checking it is one; its chat template is
+    tried (ChatPrompts) before the model loads."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     path = check_export(path)
-    require_torchvision(tool)
     processor = load_processor(path)
     prompts = ChatPrompts(processor, path)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)

@@ -4,7 +4,7 @@
 The model keeps its class: PEFT injects its layers in place (get_peft_model), so the forward pass, the
 strategies and the checkpoints see the same module tree with adapter layers inside; where the targets are and
 how PEFT names what it adds is model/layout.py's. Adapter checkpoints (rebuilding their base, merging,
-PEFT's own format) are model/adapter_io.py's.
+PEFT's own format) are checkpoints/adapters.py's.
 
 QLoRA quantizes the base LLM's linear layers to 4 bits with bitsandbytes (CUDA only) before the adapters go on.
 """

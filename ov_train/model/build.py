@@ -19,10 +19,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from ov_train.checkpoints.reading import model_from_checkpoint
 from ov_train.config.run_plan import ModelPlan
 from ov_train.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from ov_train.model import layout
-from ov_train.model.checkpoint_io import model_from_checkpoint
 from ov_train.text.tokenizer import (
     build_tiny_tokenizer,
     ensure_special_tokens,

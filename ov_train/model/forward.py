@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ov_train.config.options import ForwardOptions
 from ov_train.constants import CHECKPOINTABLE, IGNORE_INDEX
 from ov_train.model import layout
-from ov_train.model.checkpointing import apply_activation_checkpointing
+from ov_train.model.activation_checkpointing import apply_activation_checkpointing
 from ov_train.model.loss import (
     chunked_cross_entropy,
     fused_available,
@@ -93,15 +93,23 @@ def _pack_anyres(crops: torch.Tensor, size: list[int], newline: torch.Tensor, ge
     return torch.cat((crops[0], grid.flatten(1, 2).transpose(0, 1)), dim=0)
 
 
-def video_features(model, feats, frames_per_video, ends_row=None, pool: int = DEFAULT_POOL,
-                   newline_layout: str = DEFAULT_NEWLINE) -> list[torch.Tensor]:
+def video_features(model, feats, frames_per_video, ends_row=None, pool=DEFAULT_POOL,
+                   newline_layout=DEFAULT_NEWLINE) -> list[torch.Tensor]:
     """One [tokens, d] tensor per video from its frames' projected features: pooled by `pool`, newlines placed as
-    `newline_layout` (vision/pooling.py, which vision/tokens.py counts by), none where its `ends_row` flag says not."""
-    pooled = pool_frames(feats, model.config.vision_config.image_size // model.config.vision_config.patch_size, pool)
+    `newline_layout` (vision/pooling.py, which vision/tokens.py counts by), none where its `ends_row` flag says not.
+    `pool` and `newline_layout` are one value for all videos or one per video (a recipe source's own settings)."""
+    count = len(frames_per_video)
+    pools = list(pool) if isinstance(pool, (list, tuple)) else [pool] * count
+    layouts = list(newline_layout) if isinstance(newline_layout, (list, tuple)) else [newline_layout] * count
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    per_video = feats.split(list(frames_per_video))
+    if len(set(pools)) <= 1:  # one call for the whole batch when the videos share a stride
+        pooled = pool_frames(feats, side, pools[0]).split(list(frames_per_video)) if count else []
+    else:
+        pooled = [pool_frames(v, side, p) for v, p in zip(per_video, pools)]
     newline = layout.image_newline(model)
-    ends_row = [True] * len(frames_per_video) if ends_row is None else ends_row
-    return [arrange_video(v, newline, newline_layout if ends else "no_token")
-            for v, ends in zip(pooled.split(list(frames_per_video)), ends_row)]
+    ends_row = [True] * count if ends_row is None else ends_row
+    return [arrange_video(v, newline, kind if ends else "no_token") for v, ends, kind in zip(pooled, ends_row, layouts)]
 
 
 def _for_sequences(feats: list[torch.Tensor], batch: dict, per_owner: str) -> list[torch.Tensor]:
@@ -157,7 +165,8 @@ def embed_inputs(model, batch: dict, packed: PackedBatch | None = None, encode=_
         per_image = _for_sequences(per_image, batch, "images_per_sample")
         embeds = _scatter(embeds, batch, packed, model.config.image_token_id, per_image, "images")
     if frames is not None:
-        per_video = video_features(model, feats, batch["frames_per_video"], batch.get("video_newline"))
+        per_video = video_features(model, feats, batch["frames_per_video"], batch.get("video_newline"),
+                                   batch.get("video_pool", DEFAULT_POOL), batch.get("video_layout", DEFAULT_NEWLINE))
         per_video = _for_sequences(per_video, batch, "videos_per_sample")
         embeds = _scatter(embeds, batch, packed, model.config.video_token_id, per_video, "videos")
     return embeds

@@ -41,7 +41,7 @@ python -m lmms_eval --model llava_hf --model_args pretrained={path},device=cpu,d
 
 
 def card_facts(metadata: dict) -> dict:
-    """The card's facts from a checkpoint's metadata (model/checkpoint_io.py: checkpoint_metadata)."""
+    """The card's facts from a checkpoint's metadata (checkpoints/reading.py: checkpoint_metadata)."""
     info = metadata.get("ov_train") or {}
     return {
         "stage": info.get("stage"),

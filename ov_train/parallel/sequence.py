@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ov_train.config.parallel import allowed_degrees, degree_problems  # noqa: F401  (re-exported)
 from ov_train.constants import IGNORE_INDEX, ULYSSES, VARLEN
 from ov_train.model import layout
 from ov_train.model.packing import PackedBatch, pack_into_rows, set_attention, varlen_attention
@@ -36,21 +37,12 @@ from ov_train.utils.logging import settle_deepspeed_accelerator
 CORES = ("sdpa", "eager", VARLEN)
 
 
-def allowed_degrees(heads: int, kv_heads: int) -> list[int]:
-    """Sequence-parallel degrees a model with these query and key/value head counts can be split by."""
-    return [n for n in range(1, heads + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
-
-
 def check_degree(degree: int, heads: int, kv_heads: int, world: int | None = None) -> None:
-    """Refuse a degree the heads or the world size cannot be split by, naming the key and what is allowed."""
-    allowed = allowed_degrees(heads, kv_heads)
-    if degree not in allowed:
-        raise ValueError(
-            f"strategy.sequence_parallel={degree}: the LLM's {heads} query / {kv_heads} key-value heads split only"
-            f" by {allowed} (N must divide the query heads, and divide or be a multiple of the key-value heads)"
-        )
-    if world is not None and world % degree:
-        raise ValueError(f"strategy.sequence_parallel={degree} does not divide the {world} processes of the run")
+    """Refuse a degree the heads or the world size cannot be split by, naming the key and what is allowed
+    (config/parallel.py checks the config the same way before any work)."""
+    problems = degree_problems(degree, heads, kv_heads, world)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def sequence_groups(world: int, degree: int) -> list[list[int]]:

@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 
 from ov_train.config import reproduce
 from ov_train.config.adapter import AdapterPlan, adapter_problems
-from ov_train.config.media import ImageSettings, MediaSettings, read_media
+from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, read_media
 from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
+from ov_train.config.parallel import allowed_degrees, sequence_parallel_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
 from ov_train.config.run_plan import (
     ModelPlan,
@@ -42,7 +43,7 @@ from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
 from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state, reference_state
 from ov_train.planner.trace import Trace, trace_step
-from ov_train.planner.workload import ONEVISION_MIX, Sample, fill
+from ov_train.planner.workload import ONEVISION_MIX, Sample, fill, rank_share
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
@@ -52,7 +53,7 @@ GIB = 2**30
 PATHS = ("ov_train", "stock")
 CODE = Path(__file__).resolve().parents[1]
 # Source the trace depends on: a change there invalidates cached traces.
-TRACED_SOURCES = ("model/forward.py", "model/loss.py", "model/packing.py", "model/checkpointing.py", "model/build.py",
+TRACED_SOURCES = ("model/forward.py", "model/loss.py", "model/packing.py", "model/activation_checkpointing.py", "model/build.py",
                   "planner/trace.py", "planner/workload.py")
 
 
@@ -141,12 +142,17 @@ class Setup:
     tokens_from: str
     shares: dict
     anyres: bool
-    max_frames: int
     adapter: AdapterPlan | None  # the run's adapters (config/adapter.py); None: adapter=none
     mfu: float
     reserve_gib: float
     image: ImageSettings = ImageSettings()  # the stage's image strategy and grid
+    video: VideoSettings = VideoSettings()  # the stage's frames, pooling and newline layout
     reference: str | None = None  # a preference stage's reference (config/preference.py), resolved; None: no stage.preference
+
+    def samples(self, geometry: VisionGeometry) -> list[Sample]:
+        """The step's samples: the token budget of a device, or of a sequence-parallel group's row."""
+        video = self.video
+        return fill(self.tokens, self.shares, geometry, video.max_frames, self.anyres, video.pool, video.newline)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Setup:
@@ -179,9 +185,12 @@ class Setup:
         # The run's own checks of these nodes (resolve_plan), less what depends on this machine.
         problems = media_problems + reproduce.problems(cfg.stage) + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy,
                                                      str(cfg.trainer.accelerator), machine=False)
+        problems += sequence_parallel_problems(cfg.strategy, strategy.world_size, cfg.model)
         if problems:
             raise PlanError("invalid config:\n  " + "\n  ".join(problems))
         adapter = run_adapter_plan(cfg)
+        if strategy.sequence_parallel > 1:  # the group's batch is one packed row (parallel/sequence.py)
+            options = replace(options, max_tokens=max(options.max_tokens, tokens))
         preference, preference_problems = preference_plan(cfg, adapter)
         if preference_problems:
             raise PlanError("invalid config:\n  " + "\n  ".join(preference_problems))
@@ -190,9 +199,9 @@ class Setup:
             engine=engine, options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
             tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=media.image.anyres,
-            max_frames=media.video.max_frames, adapter=adapter,
+            adapter=adapter,
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
-            image=media.image, reference=preference.reference if preference else None,
+            image=media.image, video=media.video, reference=preference.reference if preference else None,
         )
 
 
@@ -212,7 +221,8 @@ def _code_version() -> str:
 
 
 def step_samples(setup: Setup, geometry: VisionGeometry) -> list[Sample]:
-    samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
+    """What one device traces: the step's samples, or its rank's share of its sequence-parallel group's."""
+    samples = rank_share(setup.samples(geometry), setup.engine.sequence_parallel, geometry)
     if setup.path == "stock":
         # Batch 1 with accumulation: one sample per forward; the longest sets the peak.
         return [max(samples, key=lambda s: (s.tokens, sum(s.crops)))]
@@ -270,6 +280,8 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
     step = state.resident + state.gradients + state.step_working_set
     peak = max(forward_backward, step)
     usable = setup.device.memory_gib - setup.reserve_gib
+    sp = e.sequence_parallel
+    flops = flops / sp  # a sequence-parallel group's ranks share its step's work
     seconds = flops / (setup.mfu * setup.device.peak_tflops * 1e12) if setup.device.peak_tflops else None
     return {
         "fits": peak / GIB <= usable,
@@ -302,6 +314,11 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "reference_gib": _gib(state.reference),
         "tokens": int(work.tokens),
         "tokens_from": setup.tokens_from,
+        "sequence_parallel": sp,
+        "data_parallel": e.world // sp,
+        "max_frames": setup.video.max_frames,
+        "video_pool": setup.video.pool,
+        "video_newline": setup.video.newline,
         "crops_and_frames": int(work.images),
         "rows": trace.rows,
         "row_tokens": trace.row_tokens,
@@ -313,7 +330,7 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "mfu": setup.mfu,
         "peak_tflops": setup.device.peak_tflops,
         "step_time_s": None if seconds is None else _significant(seconds),
-        "tokens_per_s": None if seconds is None else round(work.tokens / seconds),
+        "tokens_per_s": None if seconds is None else round(work.tokens / sp / seconds),
         "notes": list(state.notes),
     }
 
@@ -325,7 +342,7 @@ def plan_setup(setup: Setup) -> dict:
     model = meta_model(setup.model)
     apply_to_model_config(model.config, MediaSettings(setup.image))  # the stage's anyres N and grid, as training
     geometry = VisionGeometry.from_model_config(model.config)
-    all_samples = fill(setup.tokens, setup.shares, geometry, setup.max_frames, setup.anyres)
+    all_samples = setup.samples(geometry)
     # Parts the adapter config freezes train nothing (setup.parts has them at 0); adapted parts' own weights are
     # frozen in count().
     apply_stage(model, setup.parts)
@@ -345,6 +362,30 @@ def plan_setup(setup: Setup) -> dict:
     out = evaluate(setup, trace, counts, work, flops)
     out["samples"] = {m: sum(s.modality == m for s in all_samples) for m in ("video", "multi_image", "single_image", "text")}
     out["trace_s"] = 0.0 if cached else trace.seconds
+    return out
+
+
+def with_sequence_parallel(setup: Setup, degree: int) -> Setup:
+    """The same run with `degree` ranks sharing each packed row (its whole batch one row under sequence parallelism)."""
+    options = setup.options
+    if degree > 1:
+        options = replace(options, max_tokens=max(options.max_tokens, setup.tokens))
+    return replace(setup, engine=replace(setup.engine, sequence_parallel=degree), options=options)
+
+
+def sequence_parallel_search(setup: Setup) -> list[dict]:
+    """Every sequence-parallel degree the LLM's heads and the world allow, smallest first, planned until one fits:
+    the last entry is the degree the step needs (or the largest, which does not fit either)."""
+    text = meta_model(setup.model).config.text_config
+    out = []
+    for degree in allowed_degrees(text.num_attention_heads, text.num_key_value_heads):
+        if setup.engine.world % degree:
+            continue
+        result = plan_setup(with_sequence_parallel(setup, degree))
+        out.append({"degree": degree, "peak_gib": result["peak_gib"], "fits": result["fits"],
+                    "activations_gib": result["activations_gib"], "step_time_s": result["step_time_s"]})
+        if result["fits"]:
+            break
     return out
 
 
@@ -368,7 +409,8 @@ def suggestions(setup: Setup) -> list[dict]:
         if e.name == "fsdp2" or (e.name == "zero" and e.zero_stage == 3):
             return None
         precision = "bf16-mixed" if e.precision == "bf16-true" else e.precision
-        return replace(s, engine=Engine("zero", e.world, precision, 3, accumulate=e.accumulate))
+        return replace(s, engine=Engine("zero", e.world, precision, 3, accumulate=e.accumulate,
+                                        sequence_parallel=e.sequence_parallel))
 
     def search(s: Setup, changes: list[str], what: str, variants) -> tuple[dict | None, Setup | None]:
         """The first variant that fits, else the last one tried."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ov_train.planner.estimate import PlanError, Setup, plan_setup, suggestions
+from ov_train.planner.estimate import PlanError, Setup, plan_setup, sequence_parallel_search, suggestions
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -28,8 +28,7 @@ def format_plan(plan: dict) -> str:
         f"plan: {plan['model']} ({plan['parameters'] / 1e9:.2f}B parameters, {plan['trainable_parameters'] / 1e9:.2f}B "
         f"trained{lora}), {plan['path']} path, {plan['strategy']} on {plan['devices']} x {plan['device']} "
         f"({plan['device_name']}), {plan['precision']}",
-        f"step per device: {plan['tokens']:,} tokens ({plan['tokens_from']}): {samples}; {plan['crops_and_frames']} "
-        f"crops and frames; {plan['rows']} row(s) of up to {plan['row_tokens']:,} tokens",
+        _step_line(plan, samples),
         f"kernels: attention {plan['attention']}, loss {plan['loss_kernel']}, activation checkpointing "
         f"{'+'.join(plan['activation_checkpointing']) or 'none'}",
         f"{'per device':<38}{'GiB':>9}",
@@ -49,17 +48,40 @@ def format_plan(plan: dict) -> str:
     else:
         lines.append(f"model FLOPs per step per device {plan['flops_per_step']:.3g} (no peak TFLOP/s for {plan['device']})")
     lines += [f"note: {n}" for n in plan["notes"]]
+    search = plan.get("sequence_parallel_search")
+    if search:
+        tried = ", ".join(f"{s['degree']} -> {s['peak_gib']:.2f} GiB" for s in search)
+        needed = search[-1]
+        verdict = (f"a step needs strategy.sequence_parallel={needed['degree']}" if needed["fits"]
+                   else "no degree the heads and devices allow fits")
+        lines.append(f"sequence parallel degrees on {plan['devices']} x {plan['device']} (peak per device): {tried}:"
+                     f" {verdict}")
     for s in plan.get("suggestions", []):
         lines.append(f"would fit: {s['change']} -> peak {s['peak_gib']:.2f} GiB" if s["fits"]
                      else f"not enough alone: {s['change']} -> peak {s['peak_gib']:.2f} GiB")
     return "\n".join(lines)
 
 
+def _step_line(plan: dict, samples: str) -> str:
+    video = (f"; videos of up to {plan['max_frames']} frames pooled by {plan['video_pool']}, newlines"
+             f" {plan['video_newline']}") if "video" in samples else ""
+    sp = plan.get("sequence_parallel", 1)
+    where = (f"per sequence-parallel group of {sp} devices ({plan['data_parallel']} groups; each device holds 1/{sp}"
+             " of the row and encodes 1/{sp} of the frames)".replace("{sp}", str(sp)) if sp > 1 else "per device")
+    return (f"step {where}: {plan['tokens']:,} tokens ({plan['tokens_from']}): {samples}{video}; "
+            f"{plan['crops_and_frames']} crops and frames; traced per device: {plan['rows']} row(s) of up to"
+            f" {plan['row_tokens']:,} tokens")
+
+
 def plan_config(cfg, suggest: bool = True) -> dict:
     """The plan of a composed config; with `suggest`, a configuration that does not fit gets the changes that
-    would make it fit, each planned."""
+    would make it fit, each planned. Under sequence parallelism (or when a step of video does not fit on several
+    devices) every degree the heads and devices allow is planned up to the first that fits."""
     setup = Setup.from_config(cfg)
     plan = plan_setup(setup)
+    video = setup.shares.get("video", 0) > 0
+    if setup.engine.sequence_parallel > 1 or (suggest and video and not plan["fits"] and setup.engine.world > 1):
+        plan["sequence_parallel_search"] = sequence_parallel_search(setup)
     if suggest and not plan["fits"]:
         plan["suggestions"] = suggestions(setup)
     return plan

@@ -117,13 +117,15 @@ class Engine:
     overlap_comm: bool = True
     sub_group: int = 1_000_000_000  # ZeRO-3 steps the optimizer one sub-group of this many elements at a time
     accumulate: int = 1  # micro-batches per optimizer step
+    sequence_parallel: int = 1  # ranks sharing one packed row (strategy.sequence_parallel); model state shards over `world`
 
     @property
     def label(self) -> str:
+        sp = f" + sequence parallel {self.sequence_parallel}" if self.sequence_parallel > 1 else ""
         if self.name == "zero":
             offload = "+offload" if self.offload_optimizer or self.offload_parameters else ""
-            return f"ZeRO-{self.zero_stage}{offload}"
-        return {"single": "one device", "ddp": "DDP", "fsdp2": "FSDP2"}[self.name]
+            return f"ZeRO-{self.zero_stage}{offload}{sp}"
+        return {"single": "one device", "ddp": "DDP", "fsdp2": "FSDP2"}[self.name] + sp
 
     @property
     def compute(self) -> str:
@@ -217,15 +219,16 @@ def model_state(c: Counts, e: Engine) -> ModelState:
 
 def engine_from_plan(strategy: StrategyPlan, precision: str, accumulate: int = 1) -> Engine:
     """The Engine of the run plan's strategy on its world of devices."""
-    s, world = strategy.settings, strategy.world_size
+    s, world, sp = strategy.settings, strategy.world_size, strategy.sequence_parallel
     if strategy.name == "deepspeed":
         return Engine(
             "zero", world, precision, int(s["stage"]), bool(s["offload_optimizer"]), bool(s["offload_parameters"]),
             reduce_bucket=int(s["reduce_bucket_size"]), allgather_bucket=int(s["allgather_bucket_size"]),
-            overlap_comm=bool(s["overlap_comm"]), accumulate=accumulate,
+            overlap_comm=bool(s["overlap_comm"]), accumulate=accumulate, sequence_parallel=sp,
         )
     if strategy.name == "fsdp2":
-        return Engine("fsdp2", world, precision, reshard_after_forward=bool(s["reshard_after_forward"]), accumulate=accumulate)
+        return Engine("fsdp2", world, precision, reshard_after_forward=bool(s["reshard_after_forward"]), accumulate=accumulate,
+                      sequence_parallel=sp)
     # auto: Lightning runs DDP on several devices
     name = "ddp" if strategy.name == "ddp" or world > 1 else "single"
-    return Engine(name, world, precision, accumulate=accumulate)
+    return Engine(name, world, precision, accumulate=accumulate, sequence_parallel=sp)

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from ov_train.config.run_plan import DataPlan
 from ov_train.data.batching import HeldOutBatches, TrainBatches
+from ov_train.data.compute_batches import SampleCost
 from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.parquet_source import with_indexes
 from ov_train.data.recipe import Recipe
@@ -24,9 +25,13 @@ log = get_logger(__name__)
 class OneVisionData(L.LightningDataModule):
     """The plan's data (`recipe`: its sources located, ov_train.data.prepare) as train and held-out loaders."""
 
-    def __init__(self, plan: DataPlan, recipe: Recipe, tokenizer, geometry):
+    def __init__(self, plan: DataPlan, recipe: Recipe, tokenizer, geometry, cost: SampleCost | None = None):
+        """`cost`: a sample's training cost, which data.batching=compute fills batches by (it needs one)."""
         super().__init__()
         self.plan = plan
+        if plan.batching == "compute" and cost is None:
+            raise ValueError("data.batching=compute needs the model's sample cost (SampleCost.of_model)")
+        self.cost = cost if plan.batching == "compute" else None
         # Parquet sources get their index (convert's checks, once) before any stream reads them.
         self.recipe = with_indexes(recipe, plan.index_dir, tokenizer, plan.io)
         self.budget = plan.budget
@@ -35,11 +40,10 @@ class OneVisionData(L.LightningDataModule):
             tokenizer=tokenizer,
             geometry=geometry,
             template=samples.template,
-            image_strategy=samples.media.image.strategy,
-            max_frames=samples.media.video.max_frames,
-            max_length=samples.max_length,
             media=samples.media,
+            max_length=samples.max_length,
             placement=samples.placement,
+            decode=samples.decode,
             labels=samples.labels,
             plain_newline=samples.plain_newline,
         )
@@ -50,13 +54,14 @@ class OneVisionData(L.LightningDataModule):
         self._resume: tuple[dict, int] = ({}, 0)
         self._train: TrainBatches | None = None
         mix = ", ".join(f"{name} {100 * share:.1f}%" for name, share in self.recipe.shares("name").items())
-        log.info("recipe %s: %s; batch limits: %s padded tokens, %s samples", self.recipe.name, mix,
-                 self.budget.max_tokens or "no", self.budget.max_samples or "no")
+        unit = "tokens' worth of compute (real tokens)" if self.cost else "padded tokens"
+        log.info("recipe %s: %s; batch limits: %s %s, %s samples", self.recipe.name, mix,
+                 self.budget.max_tokens or "no", unit, self.budget.max_samples or "no")
 
     def resume_stream(self, states: dict[int, dict], consumed: int, readers: int) -> None:
         """Continue each logical reader from its saved state when the train loader next starts its workers
         (StreamState hands the states over on resume and at every epoch start)."""
-        now = self.trainer.world_size * max(1, self.plan.num_workers)
+        now = self.trainer.world_size // self.plan.replicas * max(1, self.plan.num_workers)
         if readers != now:
             log.warning(
                 "the checkpoint's data streams ran on %d readers (ranks x loader workers), this run has %d:"
@@ -83,12 +88,14 @@ class OneVisionData(L.LightningDataModule):
         make_stream = partial(MixedStream, self.recipe.sources, self.process, plan.seed, plan.shuffle_buffer,
                               max_skips_in_a_row=plan.max_skips_in_a_row, io=plan.io)
         # With data.samples_per_step each train item is one optimizer step's micro-batches.
-        self._train = TrainBatches(make_stream, self.budget, self.collate, plan.samples_per_rank)
+        # A sequence-parallel group (plan.replicas consecutive ranks) reads one stream: its ranks split each row.
+        self._train = TrainBatches(make_stream, self.budget, self.collate, plan.samples_per_rank, self.cost,
+                                   plan.replicas)
         self._train.resume(*self._resume)
         # Workers restart with each epoch's iterator, so they take up the consumed position handed over then.
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
         held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row,
-                             self.plan.io)
+                             self.plan.io, self.plan.replicas)
         return self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True)

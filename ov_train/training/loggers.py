@@ -2,12 +2,11 @@
 
 Names and groups are the plan's (ov_train.config.run_plan.logger_plan: `<stage>-<model>`, plus `-<job number>`
 in a multirun, and the job's swept values in the dashboards' run names). File loggers write under the run
-directory: `csv/<name>/metrics.csv`, `tensorboard/<name>/`, `mlruns/` (MLflow's local file store, unless
+directory: `csv/<name>/metrics.csv`, `tensorboard/<name>/`, `mlflow.db` (MLflow's SQLite store, unless
 `logger.tracking_uri` names a server).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ov_train.config.run_plan import LoggerPlan
 from ov_train.utils.redact import redact_text
+
+MLFLOW_DB = "mlflow.db"  # logger=mlflow's store in the run directory: `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`
 
 
 class RunWandbLogger(WandbLogger):
@@ -49,14 +50,16 @@ def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
     if plan.kind == "tensorboard":
         logger = TensorBoardLogger(str(run_dir), name="tensorboard", version=plan.run_name, default_hp_metric=False)
     elif plan.kind == "mlflow":
-        uri = plan.tracking_uri
+        uri, artifacts = plan.tracking_uri, None
         if not uri:
-            # MLflow 3 keeps its file store in maintenance and asks for this opt-in; its SQL store would need
-            # SQLAlchemy and Alembic, which mlflow-skinny (the `loggers` extra) leaves out.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = (run_dir / "mlruns").resolve().as_uri()
+            # A SQLite store in the run directory: MLflow 3 keeps its file store in maintenance (its client and UI
+            # refuse one without MLFLOW_ALLOW_FILE_STORE), the SQL store is the supported local one. Artifacts go
+            # beside it, not to ./mlruns in whatever directory the run started from.
+            uri = f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}"
+            artifacts = (run_dir / "mlflow_artifacts").resolve().as_uri()
         logger = MLFlowLogger(
-            experiment_name=plan.experiment, run_name=plan.display_name, tracking_uri=uri, tags={"group": plan.group}
+            experiment_name=plan.experiment, run_name=plan.display_name, tracking_uri=uri, tags={"group": plan.group},
+            artifact_location=artifacts,
         )
     else:
         return False

@@ -61,9 +61,20 @@ def logs_at(trainer, step: int) -> bool:
     return step % trainer.log_every_n_steps == 0
 
 
+def rank_imbalance(step_flops: torch.Tensor) -> torch.Tensor:
+    """Per step, the slowest rank's predicted cost over the ranks' mean (1: balanced), from [ranks, steps] FLOPs."""
+    return step_flops.max(0).values / step_flops.mean(0).clamp_min(1e-30)
+
+
 class TrainingMetrics(Callback):
     """At each logging step: tokens/s and samples/s (all ranks, padding excluded), MFU, achieved TFLOP/s per
     device, gradient norms before clipping (total and per part) and, on CUDA, peak allocated memory.
+
+    Rank balance, predicted from FLOPs: each optimizer step's cost per rank (utils/flops.py on the step's batches)
+    is kept, and at a logging step gathered from all ranks: `perf/rank_imbalance` is the slowest rank's cost over
+    the mean (1.0: balanced; data.batching=compute aims there), the mean over the steps since the last logging
+    step, with their worst as `perf/rank_imbalance_max` and `perf/rank_idle` the share of device time ranks would
+    spend waiting for the slowest (1 - mean / max).
 
     Rates cover the optimizer steps since the previous logging step, validation time excluded. The
     counts stay on the device between logging steps, so measuring adds no per-step synchronisation.
@@ -74,20 +85,30 @@ class TrainingMetrics(Callback):
 
     def setup(self, trainer, pl_module, stage):
         peak = self.peak_tflops
-        if peak is None:
-            on_gpu = pl_module.device.type == "cuda"
-            name = torch.cuda.get_device_name(pl_module.device) if on_gpu else None
-            memory = torch.cuda.get_device_properties(pl_module.device).total_memory / 2**30 if on_gpu else None
+        if peak is None and pl_module.device.type != "cuda":
+            # The peak table holds GPUs: a CPU's MFU against an H100's peak means nothing, so there is none.
+            log.info("MFU: n/a off GPU (metrics.peak_tflops=<this CPU's TFLOP/s> gives one)")
+        elif peak is None:
+            name = torch.cuda.get_device_name(pl_module.device)
+            memory = torch.cuda.get_device_properties(pl_module.device).total_memory / 2**30
             peak, kind = devices.peak_tflops(name, memory)
-            log.info("MFU against %s: %.0f TFLOP/s per device (%s peak; metrics.peak_tflops overrides)",
-                     name or "this CPU", peak, kind)
-        self.peak_flops = peak * 1e12
+            log.info("MFU against %s: %.0f TFLOP/s per device (%s peak; metrics.peak_tflops overrides)", name, peak, kind)
+        self.peak_flops = peak * 1e12 if peak else None
         model = pl_module.model
         self.flops = ModelFlops.from_config(model.config)
         self.trainable = {part_of(name) for name, p in model.named_parameters() if p.requires_grad}
         self._counts = None
         self._start = None
         self._grad_norms: dict[str, torch.Tensor] = {}
+        self._step_flops: list[torch.Tensor] = []  # this rank's predicted cost of each step since the last logging step
+        self._step_open = 0.0
+        unit = (TokenCounts(1, 0, 0), TokenCounts(0, 1, 0), TokenCounts(0, 0, 1))
+        self._coef = [float(self.flops.train_step(c, self.trainable)) for c in unit] + [0.0]  # per image, token, pair, sample
+
+    def _cost_of(self, device) -> torch.Tensor:
+        if not isinstance(self._coef, torch.Tensor) or self._coef.device != device:
+            self._coef = torch.tensor(self._coef, dtype=torch.float64, device=device)
+        return self._coef
 
     def on_train_start(self, trainer, pl_module):
         self._seen_step = trainer.global_step
@@ -120,23 +141,32 @@ class TrainingMetrics(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         counts = batch_counts(batch)
         self._counts = counts if self._counts is None else self._counts + counts
+        # FLOPs are linear in the counts: a dot product on the device, no synchronisation per step.
+        self._step_open = self._step_open + (counts * self._cost_of(counts.device)).sum()
         stepped, self._seen_step = trainer.global_step != self._seen_step, trainer.global_step
+        if stepped:  # gradient accumulation: a step's cost is that of all its batches
+            self._step_flops.append(self._step_open)
+            self._step_open = 0.0
         if not stepped or not logs_at(trainer, trainer.global_step):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         seconds = time.perf_counter() - self._start
-        images, tokens, pairs, samples = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        # A sequence-parallel group's ranks all count the batch they share: counted once per group.
+        group = getattr(getattr(pl_module, "sequence_parallel", None), "size", 1)
+        images, tokens, pairs, samples = (trainer.strategy.reduce(self._counts, reduce_op="sum") / group).tolist()
         flops = self.flops.train_step(TokenCounts(images, tokens, pairs), self.trainable)
         metrics = {
             "perf/tokens_per_s": tokens / seconds,
             "perf/samples_per_s": samples / seconds,
             "perf/tflops_per_device": flops / seconds / trainer.world_size / 1e12,
-            "perf/mfu": flops / seconds / trainer.world_size / self.peak_flops,
             **{k: float(v) for k, v in self._grad_norms.items()},
         }
+        if self.peak_flops:
+            metrics["perf/mfu"] = flops / seconds / trainer.world_size / self.peak_flops
         if pl_module.device.type == "cuda":
             metrics["perf/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        metrics.update(self._balance(pl_module))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         loss = trainer.callback_metrics.get("train/loss")
         shown = ({"train/loss": float(loss)} if loss is not None else {}) | metrics
@@ -146,6 +176,18 @@ class TrainingMetrics(Callback):
                              trainer.max_steps - trainer.global_step)
         log.info("step %d/%d (eta %s)  %s", trainer.global_step, trainer.max_steps, eta, values)
         self._counts, self._grad_norms, self._start = None, {}, time.perf_counter()
+
+
+    def _balance(self, pl_module) -> dict[str, float]:
+        if not self._step_flops:
+            return {}
+        steps = torch.stack([torch.as_tensor(f, dtype=torch.float64, device=pl_module.device) for f in self._step_flops])
+        self._step_flops = []
+        gathered = pl_module.all_gather(steps)  # [ranks, steps]; one process: [steps]
+        ratio = rank_imbalance(gathered.view(-1, steps.numel()))
+        idle = 1 - 1 / ratio
+        return {"perf/rank_imbalance": float(ratio.mean()), "perf/rank_imbalance_max": float(ratio.max()),
+                "perf/rank_idle": float(idle.mean())}
 
 
 class ValidationPredictions(Callback):

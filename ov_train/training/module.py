@@ -45,7 +45,7 @@ class OneVisionModule(L.LightningModule):
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
         self.forward_options = forward_options or ForwardOptions()
         prepare_model(model, self.forward_options)
-        # With adapters (placed before, model/adapter_io.py): in adapted parts only PEFT's tensors train, and
+        # With adapters (placed before, checkpoints/adapters.py): in adapted parts only PEFT's tensors train, and
         # checkpoints hold the trainable tensors only (the base comes from the record), so loading them is not strict
         # (on_load_checkpoint checks them).
         self.adapter, self.seed = adapter, seed
@@ -61,10 +61,13 @@ class OneVisionModule(L.LightningModule):
         self.nonfinite_batches = 0
         self._nonfinite_in_a_row = 0
         self._drop_gradients = False
+        # This rank's sequence-parallel group (parallel/sequence.py), set by strategies.SequenceParallelSetup; None
+        # without sequence parallelism. The group's losses come back reduced (the group's sums and counts).
+        self.sequence_parallel = None
 
     def _losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1]."""
-        return sample_losses(self.model, batch, self.forward_options, predict)
+        return sample_losses(self.model, batch, self.forward_options, predict, parallel=self.sequence_parallel)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.adapter and self.adapter.dropout > 0:
@@ -96,6 +99,9 @@ class OneVisionModule(L.LightningModule):
         # its gradients. Its losses are logged as they are, non-finite: Lightning re-sends a key's last value on
         # steps that do not log it, so logging nothing would show the previous step's loss.
         self._skip_nonfinite(loss, by_modality, batch_idx)
+        # Dashboards plot this optimizer step's number, as the console counts it (`step 10/750`): Lightning's own
+        # x-axis is the count of steps before it (9).
+        self.log("step", float(self.global_step + 1), batch_size=bs)
         self.log("train/nonfinite_batches", float(self.nonfinite_batches), batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for modality, (value, n) in by_modality.items():
@@ -146,7 +152,9 @@ class OneVisionModule(L.LightningModule):
         sums, counts, predictions = self._losses(batch, predict=True)
         correct = (predictions == batch["labels"][:, 1:]).all(1)  # both IGNORE_INDEX where unsupervised
         hits = correct.double()
-        for i, modality in enumerate(batch["modality"]):
+        # A sequence-parallel group's ranks hold the same batch and the same (reduced) results: its first counts them.
+        counted = self.sequence_parallel is None or self.sequence_parallel.rank == 0
+        for i, modality in enumerate(batch["modality"] if counted else []):
             self._val[modality] += torch.stack(
                 [sums[i].double(), counts[i].double(), hits[i], hits.new_tensor(batch["chance"][i]), hits.new_ones(())]
             ).cpu()
@@ -166,9 +174,10 @@ class OneVisionModule(L.LightningModule):
         self.val_metrics = {
             "val/loss": float(total[0] / total[1].clamp_min(1)),
             "val/accuracy": float(total[2] / total[4]),
-            "val/chance_accuracy": float(total[3] / total[4]),
             "val/samples": int(total[4]),
         }
+        if total[3] > 0:  # some sample has answer options; without any, chance is not 0 but unknown (n/a)
+            self.val_metrics["val/chance_accuracy"] = float(total[3] / total[4])
         for m, s in zip(MODALITIES, stats):
             if s[4] > 0:
                 self.val_metrics[f"val/loss_{m}"] = float(s[0] / s[1].clamp_min(1))
@@ -176,6 +185,7 @@ class OneVisionModule(L.LightningModule):
         # Every rank holds the same summed totals: sync_dist averages equal values (and is what Lightning
         # expects of epoch-level metrics under several processes).
         self.log_dict({k: float(v) for k, v in self.val_metrics.items()}, sync_dist=True)
+        self.log("step", float(self.global_step), sync_dist=True)  # validation follows the step it is counted at
 
     def on_save_checkpoint(self, checkpoint):
         # Enough to rebuild the model without the run's config, check a resume against (run), and describe it (chat

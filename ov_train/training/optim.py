@@ -2,7 +2,7 @@
 
 Under `trainer.precision=bf16-true` Lightning casts the model to bf16 before it builds the optimizer, so
 every matrix product runs on bf16 weights without autocast re-casting fp32 weights each step (a fifth of
-the public recipe's GPU time, shared/spec/llava_ov_recipe.md). AdamW stepping bf16 weights directly would
+the public recipe's GPU time in a profile of its step on one H100; docs/PERFORMANCE.md). AdamW stepping bf16 weights directly would
 lose most updates: a 1e-5 step is below bf16's resolution for most weights. `MasterWeightAdamW` keeps an
 fp32 master copy of each parameter in its state, steps that, and writes the rounded result into the bf16
 weight. The masters are optimizer state, so checkpoints hold them and a resume continues bit for bit.

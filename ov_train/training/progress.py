@@ -6,9 +6,43 @@ a terminal (a SLURM log) the bar stays off: TrainingMetrics logs a `step N/max_s
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from tqdm import tqdm
+
+
+class _AboveTheBars:
+    """A console stream whose writes tqdm puts above its bars (clear the bar, write, redraw it): a log line written
+    while a bar is drawn starts on a line of its own instead of being glued to the bar's line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def console_handlers() -> list[logging.StreamHandler]:
+    """The root logger's console handlers (Hydra's), not its files."""
+    return [h for h in logging.getLogger().handlers
+            if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+
+
+def logs_above_bars(handlers: list[logging.StreamHandler]):
+    """Route `handlers` through _AboveTheBars; returns what puts them back."""
+    streams = [(h, h.stream) for h in handlers if not isinstance(h.stream, _AboveTheBars)]
+    for handler, stream in streams:
+        handler.setStream(_AboveTheBars(stream))
+
+    def restore() -> None:
+        for handler, stream in streams:
+            handler.setStream(stream)
+    return restore
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -17,8 +51,19 @@ class StepProgressBar(TQDMProgressBar):
 
     def __init__(self):
         super().__init__()
+        self._restore_logs = None
         if not sys.stdout.isatty():
             self.disable()
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.is_enabled and self._restore_logs is None:
+            self._restore_logs = logs_above_bars(console_handlers())
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._restore_logs is not None:
+            self._restore_logs()
+            self._restore_logs = None
+        super().teardown(trainer, pl_module, stage)
 
     def init_train_tqdm(self):
         bar = super().init_train_tqdm()

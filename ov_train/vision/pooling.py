@@ -21,9 +21,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ov_train.config.media import VideoSettings
 from ov_train.constants import VIDEO_NEWLINES
 
-DEFAULT_POOL, DEFAULT_NEWLINE = 2, "one_token"
+# The defaults of stage.video_pool / stage.video_newline (config/media.py).
+DEFAULT_POOL, DEFAULT_NEWLINE = VideoSettings.pool, VideoSettings.newline
 
 
 def check_video_layout(pool: int, newline: str) -> None:

@@ -2,8 +2,15 @@
 
 Matches transformers' LlavaOnevisionImageProcessorPil: every resize is PIL BICUBIC on
 uint8 pixels, then rescale by 1/255 and normalise with the geometry's mean/std.
+
+data.decode=fast (`open_image(..., fast=True)`) decodes a JPEG at a reduced size where its crops need fewer pixels
+than the file has: libjpeg scales by 1/2, 1/4 or 1/8 inside the DCT (PIL's `draft`), to the smallest size at or
+above what the crops are resized to, so the bicubic resize that follows starts from fewer pixels. Token counts and
+image sizes stay those of the full image; pixels differ from the exact decode (docs/PERFORMANCE.md gives the
+measured difference).
 """
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -40,10 +47,11 @@ def _fit_size(height: int, width: int, canvas_h: int, canvas_w: int) -> tuple[in
     return canvas_h, min(math.ceil(width * scale_h), canvas_w)
 
 
-def _anyres_crops(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
-    """Base crop (whole image squashed to S x S) followed by the grid crops, row-major."""
+def _anyres_crops(image: Image.Image, geom: VisionGeometry, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Base crop (whole image squashed to S x S) followed by the grid crops, row-major. `size`: the full image's
+    (height, width) when `image` was decoded smaller; the canvas and fit are the full image's."""
     s = geom.image_size
-    width, height = image.size
+    height, width = size or image.size[::-1]
     canvas_h, canvas_w = best_resolution(height, width, geom)
     fit_h, fit_w = _fit_size(height, width, canvas_h, canvas_w)
     # Centre the resized image on a black canvas; an odd remainder goes to the bottom/right.
@@ -74,15 +82,40 @@ def _squashed_crop(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
     return np.stack([np.asarray(image.resize((s, s), Image.BICUBIC))])
 
 
-def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool = False, mode: str | None = None) -> ImageCrops:
+def needed_size(height: int, width: int, geom: VisionGeometry, mode: str) -> tuple[int, int]:
+    """(width, height) of pixels an image's crops are resized from, at most: below it a smaller decode would lose
+    detail the crops keep."""
+    s = geom.image_size
+    if mode == "anyres":
+        fit_h, fit_w = _fit_size(height, width, *best_resolution(height, width, geom))
+        return max(fit_w, s), max(fit_h, s)  # the grid's fit, and the base crop squashed to S x S
+    if mode == "pad":
+        side = max(height, width)  # padded to a square, then resized to S x S
+        return math.ceil(width * s / side), math.ceil(height * s / side)
+    return s, s  # square: squashed to S x S
+
+
+def open_image(data: bytes, geom: VisionGeometry, mode: str, fast: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """An image file's pixels for crops cut as `mode`, and the full image's (height, width). With `fast`, a JPEG is
+    decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers needed_size; other formats in full."""
+    image = Image.open(io.BytesIO(data))
+    size = image.size[::-1]
+    if fast and image.format == "JPEG":
+        image.draft("RGB", needed_size(*size, geom, mode))
+    return image, size
+
+
+def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool = False, mode: str | None = None,
+                     size: tuple[int, int] | None = None) -> ImageCrops:
     """Crops for one image, cut as `mode` (ov_train.config.media.ImageSettings.crop_mode): anyres,
     pad (one padded square crop + newline) or square (one squashed crop, no newline); `anyres` picks
-    between the first two."""
+    between the first two. `size`: the full image's (height, width) when `image` is a reduced decode of it
+    (open_image): tokens and the anyres layout are the full image's."""
     mode = mode or ("anyres" if anyres else "pad")
     image = image.convert("RGB")
-    width, height = image.size
+    height, width = size or image.size[::-1]
     if mode == "anyres":
-        crops, num_tokens = _anyres_crops(image, geom), anyres_tokens(height, width, geom)
+        crops, num_tokens = _anyres_crops(image, geom, (height, width)), anyres_tokens(height, width, geom)
     elif mode in ("pad", "square"):
         crops = _square_crop(image, geom) if mode == "pad" else _squashed_crop(image, geom)
         num_tokens = single_crop_tokens(geom, newline=mode == "pad")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ov_train.config.media import MediaSettings
 from ov_train.constants import SINGLE_CROP
+from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
 
 # Key written into the model config (and so into exports and checkpoints): the media settings it trained with.
 CONFIG_KEY = "ov_train_media"
@@ -36,6 +37,15 @@ def inference_refusal(config) -> str | None:
     into one crop (pad, square) has no equivalent there, so its export gets no processor files."""
     media = recorded_media(config)
     strategy = media.get("image_strategy")
+    video = media.get("video") or {}
+    pool, newline = video.get("pool", DEFAULT_POOL), video.get("newline", DEFAULT_NEWLINE)
+    if strategy not in SINGLE_CROP and (pool, newline) != (DEFAULT_POOL, DEFAULT_NEWLINE):
+        return (
+            f"stage.video_pool={pool} / stage.video_newline={newline}: the stock LlavaOnevision model pools video"
+            f" frames by {DEFAULT_POOL} with one newline per video ({DEFAULT_NEWLINE}), so it would lay the trained"
+            " video features out otherwise. The export holds the weights, config and tokenizer (model.init_from for"
+            " the next stage) but no processor files"
+        )
     if strategy not in SINGLE_CROP:
         return None
     what = "a squashed crop without newline" if strategy == "square" else "a padded crop plus newline"

@@ -104,11 +104,3 @@ def video_frame_indices(total_frames: int, fps: float, max_frames: int, video_fp
         return indices
     # numpy's own float spacing, truncated to int, so indices equal the public code's np.linspace(dtype=int).
     return np.linspace(0, total_frames - 1, max_frames, dtype=int).tolist()
-
-
-def image_tokens(height: int, width: int, geom: VisionGeometry, anyres: bool = True, mode: str | None = None) -> int:
-    """Tokens for one image cut as `mode` (anyres, pad or square; `anyres` picks between the first two)."""
-    mode = mode or ("anyres" if anyres else "pad")
-    if mode == "anyres":
-        return anyres_tokens(height, width, geom)
-    return single_crop_tokens(geom, newline=mode != "square")

@@ -125,8 +125,8 @@ def test_qlora_trains_adapters_on_4bit_llm_weights(tmp_path, small_data_root):
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import LlavaOnevisionForConditionalGeneration
 
+    from ov_train.checkpoints.adapters import build_for_training
     from ov_train.config.run_plan import resolve_plan
-    from ov_train.model.adapter_io import build_for_training
     from ov_train.model.layout import layers
 
     run_dir = tmp_path / "run"

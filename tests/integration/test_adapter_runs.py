@@ -12,14 +12,15 @@ import sys
 import pytest
 import torch
 
-from ov_train.config.run_plan import ConfigError
-from ov_train.model.adapter_io import (
+from ov_train.checkpoints.adapters import (
     adapted_from_checkpoint,
-    adapter_record,
     build_for_training,
     init_from_adapters,
     rebuild_base,
+    recorded_adapters,
 )
+from ov_train.checkpoints.reading import ov_train_metadata
+from ov_train.config.run_plan import ConfigError
 from ov_train.model.forward import forward_logits
 from ov_train.run import check, train
 from tests.conftest import REPO, SMALL_DATA, compose_config, plan_of
@@ -125,7 +126,7 @@ def test_export_is_merged_stock_and_its_adapter_dir_is_peft_format(lora_runs, sm
 def test_ov_export_adapter_only_and_base_dir(lora_runs, tmp_path):
     from safetensors.torch import load_file
 
-    from ov_train.tools.export import main as ov_export
+    from ov_train.cli.export import main as ov_export
 
     straight, _, _ = lora_runs
     ckpt = straight / "checkpoints" / "last.ckpt"
@@ -135,7 +136,7 @@ def test_ov_export_adapter_only_and_base_dir(lora_runs, tmp_path):
     ours = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == load_file(straight / "export" / "adapter" / "adapter_model.safetensors").keys()
     # --base: the base as a Hugging Face directory gives the run's own merged export.
-    rebuild_base(adapter_record(ckpt)).save_pretrained(tmp_path / "base")
+    rebuild_base(recorded_adapters(ov_train_metadata(ckpt))).save_pretrained(tmp_path / "base")
     assert ov_export([str(ckpt), str(tmp_path / "merged"), "--base", str(tmp_path / "base")]) == 0
     mine, run = load_file(tmp_path / "merged" / "model.safetensors"), load_file(straight / "export" / "model.safetensors")
     assert mine.keys() == run.keys() and all(torch.equal(mine[k], run[k]) for k in run)
@@ -211,7 +212,7 @@ def test_init_from_an_adapter_checkpoint_whose_base_moved(moved_base, small_data
     assert "Traceback" not in console and not (tmp_path / "run" / "tokenizer").exists()  # before any work
     # model.pretrained=DIR names the base: the adapters go on training on it, and their checkpoints record it.
     plan = plan_of([*args, f"model.pretrained={moved}"])
-    plan, source = check(plan)
+    plan, source, _ = check(plan)
     model, _, adapter = build_for_training(plan, source)
     assert adapter.base["model"]["source"] == str(moved) and adapter.base["seed"] == source.base["seed"]
     state, stored = model.state_dict(), checkpoint(ckpt.parents[1])["state_dict"]
@@ -226,7 +227,7 @@ def test_init_from_an_adapter_checkpoint_whose_base_moved(moved_base, small_data
 def test_ov_export_of_an_adapter_checkpoint_whose_base_moved(moved_base, tmp_path):
     ckpt, base, moved = moved_base
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "ov_train.tools.export", str(ckpt), str(tmp_path / "out")]
+    command = [sys.executable, "-m", "ov_train.cli.export", str(ckpt), str(tmp_path / "out")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2, done.stderr[-3000:]
     assert _base_gone(done.stderr, ckpt, base, "--base DIR"), done.stderr[-3000:]

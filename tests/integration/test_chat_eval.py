@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ov_train.cli.chat import main as ov_chat
+from ov_train.cli.eval import main as ov_eval
+from ov_train.cli.export import main as ov_export
 from ov_train.data.recipe import load_recipe
+from ov_train.data.samples import VIDEO_FIELDS
 from ov_train.data.stream import read_tar
 from ov_train.eval.evaluate import read_rows
 from ov_train.run import train
-from ov_train.tools.chat import main as ov_chat
-from ov_train.tools.eval import main as ov_eval
-from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_dashboards import wandb_records
 
@@ -87,7 +88,7 @@ def test_wandb_table_shows_the_generated_reply_and_the_image(trained):
 
 def test_ov_chat_answers_a_held_out_question_as_ov_eval_does(trained, evaluated, small_data_root, tmp_path, capsys):
     run_dir, _ = trained
-    rows = {r["id"]: r for r in read_rows(evaluated / "predictions.jsonl")}
+    rows = {r["key"]: r for r in read_rows(evaluated / "predictions.jsonl")}
     source = load_recipe("synthetic_onevision", small_data_root).sources[0]
     sample = next(read_tar(source.val_shards[0]))
     image = tmp_path / "image.png"
@@ -162,6 +163,57 @@ def test_lmms_eval_scores_the_export_with_its_stock_onevision_class(trained, eva
         replies[doc["doc_id"]] = (reply[0] if isinstance(reply, list) else reply).strip()
     assert [replies[i] for i in range(len(ours))] == [r["prediction"] for r in ours]
 
+
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed (pip install -e '.[eval]')")
+def test_lmms_eval_ov_train_model_scores_images_and_videos_as_ov_eval(trained, evaluated, small_data_root, tmp_path):
+    """`--model ov_train` (registered through lmms-eval's entry points): on held-out single images and videos its
+    replies and exact match equal ov-eval's; videos are sampled as the export's stage sampled them."""
+    run_dir, _ = trained
+    sources = {s.name: s for s in load_recipe("synthetic_onevision", small_data_root).sources}
+    task = tmp_path / "tasks"
+    task.mkdir()
+    for name in ("single_image", "video"):
+        docs = []
+        for i, sample in enumerate(read_tar(sources[name].val_shards[0])):
+            field = next(f for f in (*VIDEO_FIELDS, "img0.png") if f in sample)
+            media = task / f"{name}_{i}.{field.split('.')[-1]}"
+            media.write_bytes(sample[field])
+            meta = json.loads(sample["json"])
+            question = meta["conversations"][0]["value"].removeprefix("<image>\n").removeprefix("<video>\n")
+            docs.append({"media": str(media), "question": question, "answer": meta["answer"]})
+        (task / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (task / f"ov_{name}.yaml").write_text(LMMS_TASK.format(data=task / f"{name}.jsonl").replace(
+            "task: ov_local", f"task: ov_{name}").replace("ov_local_utils.doc_to_visual", f"ov_local_utils.{name}_visual"))
+    (task / "ov_local_utils.py").write_text(LMMS_UTILS + LMMS_MEDIA)
+    out = tmp_path / "lmms"
+    command = [sys.executable, "-m", "lmms_eval", "--model", "ov_train", "--model_args", f"pretrained={run_dir / 'export'}",
+               "--tasks", "ov_single_image,ov_video", "--include_path", str(task), "--batch_size", "1",
+               "--output_path", str(out), "--log_samples"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    results = list(out.rglob("*_results.json"))
+    assert result.returncode == 0 and len(results) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    scores = json.loads(results[0].read_text())["results"]
+    rows = read_rows(evaluated / "predictions.jsonl")
+    for name in ("single_image", "video"):
+        ours = [r for r in rows if r["source"] == name]
+        assert scores[f"ov_{name}"]["exact_match,none"] == pytest.approx(sum(r["exact_match"] for r in ours) / len(ours))
+        (samples,) = out.rglob(f"*_samples_ov_{name}.jsonl")
+        replies = {}
+        for doc in map(json.loads, samples.read_text().splitlines()):
+            reply = doc["filtered_resps"]
+            replies[doc["doc_id"]] = (reply[0] if isinstance(reply, list) else reply).strip()
+        assert [replies[i] for i in range(len(ours))] == [r["prediction"] for r in ours], name
+
+
+LMMS_MEDIA = '''
+
+def single_image_visual(doc):
+    return [Image.open(doc["media"]).convert("RGB")]
+
+
+def video_visual(doc):
+    return [doc["media"]]
+'''
 
 LMMS_UTILS = '''
 from PIL import Image

@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+from ov_train.checkpoints.reading import checkpoint_format
+from ov_train.cli.export import main as ov_export
 from ov_train.config.run_plan import ConfigError
-from ov_train.model.checkpoint_io import checkpoint_format
 from ov_train.model.forward import forward_logits
 from ov_train.model.layout import part_of
 from ov_train.run import train
-from ov_train.tools.export import main as ov_export
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_strategies import probe_records, run_train, train_overrides
 from tests.integration.test_train import _held_out_batch

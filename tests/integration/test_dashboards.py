@@ -3,6 +3,7 @@ an MLflow file store, each read back through its own library; run names. Sweeps:
 import csv
 import json
 import math
+import os
 import struct
 import time
 
@@ -23,7 +24,9 @@ from tests.conftest import CONF, SMALL_DATA, compose_config
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device", "perf/mfu")
+# perf/mfu: GPUs (or metrics.peak_tflops)
+PERF = ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_device", "perf/rank_imbalance",
+        "perf/rank_imbalance_max", "perf/rank_idle")
 PARTS = ("vision_tower", "projector", "llm")
 
 
@@ -48,15 +51,20 @@ def csv_rows(run_dir) -> list[dict]:
 
 
 def test_csv_has_throughput_mfu_and_gradient_norms(csv_run):
-    rows = [r for r in csv_rows(csv_run) if "perf/mfu" in r]
+    rows = [r for r in csv_rows(csv_run) if "perf/tokens_per_s" in r]
     assert len(rows) == STEPS  # trainer.log_every_n_steps=1
+    # The console's step numbers (`step 1/3` ... `step 3/3`, trainer.global_step after the step), validation at the
+    # last; no MFU against a GPU's peak on this CPU.
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in csv_rows(csv_run) if "val/loss" in r] == [STEPS]
+    assert not any("perf/mfu" in r for r in csv_rows(csv_run))
     for row in rows:
         keys = set(PERF) | {"grad_norm/total", "train/loss", "train/nonfinite_batches"}
         keys |= {f"grad_norm/{p}" for p in PARTS} | {f"lr/{p}" for p in PARTS}
         assert keys <= row.keys()
         assert all(math.isfinite(row[k]) for k in keys)
         assert row["perf/tokens_per_s"] > 0 and row["perf/samples_per_s"] > 0
-        assert 0 < row["perf/mfu"] < 1
+        assert row["perf/rank_imbalance"] == 1.0 and row["perf/rank_idle"] == 0.0  # one process waits for no other
         assert row["grad_norm/total"] > 0 and row["train/nonfinite_batches"] == 0
         # The total is the norm of the parts' norms.
         parts = math.sqrt(sum(row[f"grad_norm/{p}"] ** 2 for p in PARTS))
@@ -174,10 +182,12 @@ def tensorboard_run(run_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def mlflow_run(run_dir):
-    """The run in the MLflow file store under the run directory, and {metric: [(step, value)]}, through MLflow's client."""
+    """The run in the MLflow SQLite store in the run directory, and {metric: [(step, value)]}, through MLflow's client
+    with no opt-in (a file store needs MLFLOW_ALLOW_FILE_STORE)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ and not (run_dir / "mlruns").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     (record,) = client.search_runs([client.get_experiment_by_name("ov_train").experiment_id])
     history = {k: client.get_metric_history(record.info.run_id, k) for k in record.data.metrics}
     return record, {k: sorted((m.step, m.value) for m in v) for k, v in history.items()}
@@ -217,3 +227,17 @@ def test_tensorboard_and_mlflow_get_the_same_metrics_as_csv(csv_run, tensorboard
         steps, values = zip(*series[key])
         assert list(steps) == [step for step, _ in csv_series(csv_run, key)]
         assert list(values) == pytest.approx([value for _, value in csv_series(csv_run, key)], rel=1e-6)
+
+
+def test_mlflow_writes_a_sqlite_store_the_client_reads_without_opt_in(tmp_path, monkeypatch):
+    """README: `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`; MLflow's client reads the store as is."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the directory the run started from
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logger = build_logger(logger_plan(compose_config(["logger=mlflow"])), run_dir, {"stage": {"name": "onevision"}})
+    logger.log_metrics({"train/loss": 2.5}, step=10)
+    logger.finalize("success")
+    record, series = mlflow_run(run_dir)
+    assert series == {"train/loss": [(10, 2.5)]} and record.data.params["stage/name"] == "onevision"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

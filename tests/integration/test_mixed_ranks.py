@@ -39,12 +39,13 @@ TOLERANCE, FLOOR = 1e-4, 1e-3
 
 def modality_batches(model, tokenizer) -> dict[str, dict]:
     """Two text-only samples, and two videos (different frames, so their gradients differ), each collated."""
+    from ov_train.config.media import MediaSettings
     from ov_train.data.samples import SampleProcessor, collate
     from ov_train.data.video import encode_mp4
     from ov_train.vision.geometry import VisionGeometry
 
     geometry = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=4, max_length=4096)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of("anyres_max_9", 4), max_length=4096)
     rng = np.random.default_rng(0)
     texts = [raw_sample("t0", "What is the opposite of up?", "down"), raw_sample("t1", "Name a colour.", "red")]
     videos = [

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
+from ov_train.cli.data import main as ov_data
 from ov_train.data import convert as convert_module
-from ov_train.data.cli import main as ov_data
 from ov_train.run import train
 from tests.conftest import compose_config
 from tests.fixtures_data import conversation, image_bytes, write_jsonl, write_parquet
@@ -96,7 +96,7 @@ def test_convert_holdout_to_a_bucket_then_train_with_and_without_held_out_data(b
     source = write_jsonl(tmp_path / "mine.jsonl", records)
     common = [str(source), "--media-root", str(tmp_path / "media"), "--workers", "1", "--samples-per-shard", "5"]
     assert ov_data(["convert", *common, "--out", "s3://shards/mine", "--holdout", "3"]) == 0
-    assert "3 held-out sample(s) in val-*.tar" in capsys.readouterr().out
+    assert "held out: 3 in val-*.tar" in capsys.readouterr().out
     listed = sorted(p.rsplit("/", 1)[-1] for p in bucket.ls("shards/mine"))
     index = json.loads(bucket.cat_file("shards/mine/index.json"))
     assert listed == sorted(index["shards"] + ["index.json", "rejects.jsonl"])  # whole files only, no temporaries

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import ov_train.run as run
-from ov_train.training.callbacks import build_callbacks
+from ov_train.run import build_callbacks
 from tests.conftest import SMALL_DATA, compose_config
 
 # Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.

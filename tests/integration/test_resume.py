@@ -21,9 +21,14 @@ def checkpoint(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("workers, precision", [(0, "32-true"), (2, "32-true"), (0, "bf16-true")])
-def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, precision):
+@pytest.mark.parametrize("workers, precision, batching", [
+    (0, "32-true", "tokens"), (2, "32-true", "tokens"), (0, "bf16-true", "tokens"),
+    # Compute budgets: each reader's state also holds the samples its lookahead held back.
+    (2, "32-true", "compute"),
+])
+def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, precision, batching):
     overrides = [
+        f"data.batching={batching}",
         f"data.root={small_data_root}", *SMALL_DATA, "logger=csv", "export=false", "trainer.max_steps=6",
         f"trainer.precision={precision}",
         f"data.num_workers={workers}", "data.record_keys=true", "trainer.limit_val_batches=0",
@@ -42,6 +47,7 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, pr
     assert consumed(straight) == consumed(first) + consumed(resumed)
     assert [r["step"] for r in consumed(resumed)] == [4, 5, 6]
     assert any(len(r["keys"]) < 4 for r in consumed(straight)), "the token budget should close some batches early"
+    assert any(len(r["keys"]) > 1 for r in consumed(straight))
     a, b = checkpoint(straight), checkpoint(resumed)
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -61,6 +67,8 @@ def test_resumed_run_matches_straight_run(tmp_path, small_data_root, workers, pr
     with open(next(straight.rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     last = [r for r in rows if r.get("data/mix_modality_video")][-1]
+    # One process: no rank waits for another.
+    assert {float(r["perf/rank_imbalance"]) for r in rows if r.get("perf/rank_imbalance")} == {1.0}
     keys = [k for r in consumed(straight) for k in r["keys"]]
     for modality in ("single_image", "multi_image", "video"):
         share = sum(k.startswith(modality) for k in keys) / len(keys)

@@ -15,11 +15,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 
+from ov_train.checkpoints.saving import AtomicCheckpointIO, AtomicCheckpoints
 from ov_train.config.run_plan import resolve_plan
 from ov_train.data.prepare import prepare_data
 from ov_train.model.build import build_model
 from ov_train.training import module as module_py
-from ov_train.training.callbacks import AtomicCheckpointIO, AtomicCheckpoints
 from ov_train.training.datamodule import OneVisionData
 from ov_train.training.module import OneVisionModule
 from ov_train.utils.paths import cache_dir

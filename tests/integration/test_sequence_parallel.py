@@ -36,12 +36,13 @@ CASES = {2: ["frames2", "sp2_ddp", "sp2_fsdp2"], 4: ["frames4", "sp4_ddp", "sp2d
 
 def batches(model, tokenizer) -> list[dict]:
     """Two collated batches of mixed media, different from each other."""
+    from ov_train.config.media import MediaSettings
     from ov_train.data.samples import SampleProcessor, collate
     from ov_train.data.video import encode_mp4
     from ov_train.vision.geometry import VisionGeometry
 
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=4096)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", MediaSettings.of("anyres_max_9", 8),
+                              max_length=4096)
     rng = np.random.default_rng(0)
     video = [encode_mp4(rng.integers(0, 255, (n, 32, 32, 3), np.uint8), fps=1) for n in (6, 3)]
     first = [

@@ -167,7 +167,7 @@ def probe_records(out: Path, when: str) -> list[dict]:
 
 def with_probe(out: Path, sigterm_at_step: int | None = None):
     """A `build_callbacks` that adds a Probe to the run's own callbacks (patch it over ov_train.run.build_callbacks)."""
-    from ov_train.training.callbacks import build_callbacks
+    from ov_train.run import build_callbacks
 
     return lambda plan: [*build_callbacks(plan), Probe(str(out), sigterm_at_step)]
 
@@ -262,7 +262,7 @@ def trained_full_weights(probe: Path) -> dict[str, torch.Tensor]:
 
 def assert_consolidates_to(ckpt: Path, trained: dict[str, torch.Tensor]) -> None:
     """The sharded checkpoint consolidates (on one CPU process) to exactly the weights the engine trained."""
-    from ov_train.model.checkpoint_io import model_from_checkpoint
+    from ov_train.checkpoints.reading import model_from_checkpoint
 
     model, _ = model_from_checkpoint(ckpt)
     state = dict(model.named_parameters())
@@ -295,7 +295,7 @@ def test_deepspeed_zero3_keeps_the_groups(zero3_run):
 
 @pytest.mark.slow
 def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
-    from ov_train.model.checkpoint_io import checkpoint_metadata
+    from ov_train.checkpoints.reading import checkpoint_metadata
 
     root, _ = zero3_run
     first_end, resumed_start = probe_records(root / "first", "end"), probe_records(root / "resumed", "start")
@@ -313,8 +313,8 @@ def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
 def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_data_root, tmp_path):
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+    from ov_train.cli.export import main as ov_export
     from ov_train.model.forward import forward_logits
-    from ov_train.tools.export import main as ov_export
     from tests.integration.test_train import _held_out_batch
 
     root, _ = zero3_run

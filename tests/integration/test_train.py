@@ -9,6 +9,7 @@ from transformers import (
     LlavaOnevisionImageProcessorPil,
 )
 
+from ov_train.config.media import MediaSettings
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.data.stream import ValStream
@@ -50,7 +51,7 @@ def test_run_directory_is_complete(onevision_run):
 
 def _held_out_batch(model, tokenizer, root):
     geometry = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=4096)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of("anyres_max_9", 32), max_length=4096)
     examples = []
     for source in load_recipe("synthetic_onevision", root):
         examples += list(ValStream([source], process, limit=2))
@@ -102,7 +103,7 @@ def test_pretrain_after_mid_changes_projector_only(tmp_path, small_data_root):
 
 
 def test_ov_export_rebuilds_the_run_export_from_the_checkpoint(onevision_run, tmp_path):
-    from ov_train.tools.export import main
+    from ov_train.cli.export import main
 
     run_dir, _ = onevision_run
     assert main([str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0

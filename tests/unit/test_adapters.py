@@ -192,7 +192,7 @@ def test_keys_of_another_adapter_or_no_part_fail_while_composing():
 def test_a_recorded_base_that_is_gone_is_named_by_its_key(tmp_path, route):
     """A checkpoint's base record (what an adapter run wrote) whose directories were moved: each one is named by the
     key that recorded it, with how to point at the base, for ov-export and for model.init_from; nothing is built."""
-    from ov_train.model.adapter_io import EXPORT_OPTIONS, RUN_OPTIONS, base_problems
+    from ov_train.checkpoints.adapters import EXPORT_OPTIONS, RUN_OPTIONS, base_problems
 
     keys = ["model.pretrained"] if route == "pretrained" else ["model.vision_tower", "model.llm"]
     for key in keys:

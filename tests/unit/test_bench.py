@@ -6,13 +6,14 @@ import re
 
 import pytest
 
-from ov_train.bench import main
 from ov_train.bench.mixture import (
-    MIXTURE,
+    ONEVISION_MIX,
     synthetic_mixture,
     token_counts,
     write_mixture_shards,
 )
+from ov_train.cli.bench import main
+from ov_train.config.media import MediaSettings
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.training.metrics import batch_counts
@@ -57,7 +58,7 @@ def test_bench_counts_match_dashboards(tiny_model_and_tokenizer):
     """Same work, same MFU: bench's per-sample counts add up to the dashboards' counts of the batch."""
     model, tokenizer = tiny_model_and_tokenizer
     geometry = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=32768)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of("anyres_max_9", 32), max_length=32768)
     examples = [process(r) for r in synthetic_mixture(6, geometry.image_size, seed=0)]
     counts = [token_counts(e) for e in examples]
     ours = [sum(getattr(c, field) for c in counts) for field in ("images", "tokens", "pairs")]
@@ -80,7 +81,7 @@ def test_tiny_loader_bench_prints_positive_figures(capsys):
 def test_loader_shards_give_every_worker_whole_shards(tmp_path):
     shards = write_mixture_shards(synthetic_mixture(24, 32, seed=0), tmp_path, shards_per_source=2)
     recipe = load_recipe("onevision", tmp_path)
-    assert {s.modality for s in recipe} == set(MIXTURE)
+    assert {s.modality for s in recipe} == set(ONEVISION_MIX)
     assert all(len(s.train_shards) >= 2 for s in recipe)
     assert shards == sum(len(s.train_shards) for s in recipe)
 
@@ -108,6 +109,15 @@ def test_goals_report_reads_the_json_results(tmp_path, capsys):
     (tmp_path / "loader.json").write_text(json.dumps({"results": [{"name": "loader", "tokens_per_s": 84_000}]}))
     goals = {g.name: g for g in main(["--goals", str(tmp_path)])}
     assert goals["loader tokens/s / GPU tokens/s"].measured == 1.2 and goals["loader tokens/s / GPU tokens/s"].met is False
+    assert goals["CPU cores per H100, OV-0.5B mix"].met is None and goals["simulated rank idle, 8 ranks"].met is None
+
+    feed = [{"name": "extraction_ov_train_exact", "cores_per_gpu": 3.8, "device": "h100", "model": "ov_qwen2_0_5b"},
+            {"name": "extraction_ov_train_exact", "cores_per_gpu": 1.0, "device": "h100", "model": "ov_qwen2_7b"},
+            {"name": "balance_ov_qwen2_0_5b_tokens", "idle": 0.29}, {"name": "balance_ov_qwen2_0_5b_compute", "idle": 0.035}]
+    (tmp_path / "feed.json").write_text(json.dumps({"results": feed}))
+    goals = {g.name: g for g in main(["--goals", str(tmp_path)])}
+    assert goals["CPU cores per H100, OV-0.5B mix"].measured == 3.8 and goals["CPU cores per H100, OV-0.5B mix"].met
+    assert goals["simulated rank idle, 8 ranks"].measured == 0.035 and goals["simulated rank idle, 8 ranks"].met
 
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):

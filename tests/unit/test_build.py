@@ -16,6 +16,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.run_plan import ConfigError, model_plan, resolve_plan
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.model.build import build_model, onevision_config
@@ -229,7 +230,7 @@ def checkpoints(tmp_path_factory):
 
 def _image_batch(model, tokenizer):
     geom = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", max_frames=4, max_length=512)
+    process = SampleProcessor(tokenizer, geom, "qwen_1_5", MediaSettings.of("anyres_max_9", 4), max_length=512)
     raws = [raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(40, 70, 3)])]
     examples = [process(r) for r in raws]
     return examples, collate(examples, tokenizer.pad_token_id)

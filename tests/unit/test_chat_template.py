@@ -16,12 +16,13 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoProcessor, GenerationConfig, LlavaOnevisionConfig, PreTrainedTokenizerFast
 
+from ov_train.checkpoints.export import export_pretrained
+from ov_train.config.media import MediaSettings
 from ov_train.config.run_plan import model_plan
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.video import decode_video, encode_mp4
 from ov_train.eval.inference import load_processor
 from ov_train.model.build import build_model
-from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.text.template import IGNORE_INDEX
 from ov_train.text.tokenizer import _corpus
 from ov_train.vision.geometry import VisionGeometry
@@ -149,7 +150,7 @@ def training_and_stock(export_entry, template: str, case, processor=None):
     """(training's example for the case's sample, the stock processor's prompt batch for its conversation)."""
     _, turns, images, video, conversation = case
     export, tokenizer, geometry = export_entry
-    process = SampleProcessor(tokenizer, geometry, template, "anyres_max_9", max_frames=32, max_length=8192)
+    process = SampleProcessor(tokenizer, geometry, template, MediaSettings.of("anyres_max_9", 32), max_length=8192)
     ours = process(raw_sample(turns, images, video))
     theirs = stock(export, to_messages(conversation), pil_images(images), video, processor=processor)
     assert theirs["input_ids"][0].tolist() == ours["input_ids"].tolist()[: last_reply_start(ours["labels"].tolist())]

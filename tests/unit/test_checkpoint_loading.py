@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from ov_train.checkpoints.reading import checkpoint_metadata
+from ov_train.checkpoints.saving import AtomicCheckpointIO
+from ov_train.cli.export import main as ov_export
 from ov_train.config.run_plan import ConfigError, model_plan
 from ov_train.model.build import build_model
-from ov_train.model.checkpoint_io import checkpoint_metadata
 from ov_train.run import train
-from ov_train.tools.export import main as ov_export
-from ov_train.training.callbacks import AtomicCheckpointIO
 from tests.conftest import compose_config
 
 

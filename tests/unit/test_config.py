@@ -7,8 +7,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import open_dict
 
+from ov_train.checkpoints.paths import resume_targets
 from ov_train.config.recipe import RecipeError
-from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan
+from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.recipe import load_recipe
 from tests.conftest import CONF, compose_config
 
@@ -191,13 +192,13 @@ def test_a_recipe_of_absolute_sources_needs_no_root(tmp_path):
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path, caplog):
     # Fresh, and said so: `ckpt_path=auto` in another run directory (the default one is timestamped) finds nothing.
-    with caplog.at_level(logging.INFO, logger="ov_train.config.run_plan"):
-        assert resolve_ckpt_path("auto", tmp_path) is None
+    with caplog.at_level(logging.INFO, logger="ov_train.checkpoints.paths"):
+        assert resume_targets("auto", tmp_path) == ()
     assert f"ckpt_path=auto: no checkpoint at {tmp_path / 'checkpoints' / 'last.ckpt'}, starting fresh" in caplog.text
     assert "hydra.run.dir" in caplog.text
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert resume_targets("auto", tmp_path) == (str(tmp_path / "checkpoints" / "last.ckpt"),)
     resumed = resolve_plan(compose_config(["ckpt_path=auto"], run_dir=tmp_path)).ckpt_path
     assert resumed == str(tmp_path / "checkpoints" / "last.ckpt")
 

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from ov_train.cli.data import main
+from ov_train.config.media import MediaSettings
 from ov_train.data import convert as convert_module
-from ov_train.data.cli import main
 from ov_train.data.convert import convert
 from ov_train.data.formats import open_input, select
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.stream import read_tar
 from ov_train.text.tokenizer import build_tiny_tokenizer
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
-from ov_train.vision.tokens import image_tokens, video_tokens
+from ov_train.vision.tokens import anyres_tokens, single_crop_tokens, video_tokens
 from tests.fixtures_data import (
     conversation,
     image_bytes,
@@ -111,13 +112,14 @@ def test_sample_processor_accepts_converted_samples(converted, _offline_cache):
     out, _ = converted
     tokenizer = build_tiny_tokenizer(Path(_offline_cache) / "tokenizer")
     geometry = VisionGeometry(32, 8, default_pinpoints(32))
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=8192)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of("anyres_max_9", 32), max_length=8192)
     media_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")]
     seen = set()
     for raw in _shard_samples(out).values():
         meta = json.loads(raw["json"])
         example = process(raw)
-        expected = [image_tokens(*img.size, geometry, anyres=len(example["images"]) == 1) for img in example["images"]]
+        one = len(example["images"]) == 1  # a single image is cut anyres, each of several is one crop
+        expected = [anyres_tokens(*img.size, geometry) if one else single_crop_tokens(geometry) for img in example["images"]]
         if example["frames"] is not None:
             expected.append(video_tokens(example["frames"].shape[0], geometry))
         assert sum(int((example["input_ids"] == i).sum()) for i in media_ids) == sum(expected)
@@ -200,7 +202,7 @@ def test_missing_input_or_media_root_is_a_clear_error(dataset, tmp_path, capsys)
     assert f"INPUT {missing} does not exist" in err and "Traceback" not in err
     assert main(["convert", str(dataset["input"]), "--media-root", str(tmp_path / "media"), "--out", str(tmp_path / "o")]) == 1
     assert f"--media-root {tmp_path / 'media'} does not exist" in capsys.readouterr().err
-    run = subprocess.run([sys.executable, "-m", "ov_train.data.cli", "convert", str(missing), "--out", str(tmp_path / "o")],
+    run = subprocess.run([sys.executable, "-m", "ov_train.cli.data", "convert", str(missing), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 1 and "does not exist" in run.stderr and "Traceback" not in run.stderr
 

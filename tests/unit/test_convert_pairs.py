@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
+from ov_train.config.media import MediaSettings
 from ov_train.data.convert import convert
 from ov_train.data.formats import parquet_items
 from ov_train.data.pairs import PairProcessor
@@ -38,7 +39,7 @@ def _rejects(out: Path) -> dict:
 def _pair(out_samples: dict, tokenizer) -> dict:
     """Each converted sample read back as training reads a pair: {id: (chosen text, rejected text, example)}."""
     process = PairProcessor(SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5",
-                                            "anyres_max_9", max_frames=8, max_length=8192))
+                                            MediaSettings.of("anyres_max_9", 8), max_length=8192))
     pairs = {}
     for key, raw in out_samples.items():
         example = process(raw)
@@ -180,7 +181,7 @@ def test_hugging_face_preference_parquet_converts_with_holdout(tmp_path, tokeniz
     path = _write_hf_parquet(tmp_path / "prefs.parquet")
     out = tmp_path / "out"
     assert main(["convert", str(path), "--out", str(out), "--workers", "1", "--holdout", "1", "--seed", "3"]) == 0
-    capsys.readouterr()
+    assert "held out: 1 in val-*.tar, 2 for training in train-*.tar" in capsys.readouterr().out
     assert _rejects(out) == {"h_same": "identical_replies", "h_no_rejected": "missing_reply",
                              "h_count": "placeholder_mismatch", "h_corrupt": "corrupt_image"}
     train, held = _by_id(out, "train"), _by_id(out, "val")
@@ -196,8 +197,11 @@ def test_hugging_face_preference_parquet_converts_with_holdout(tmp_path, tokeniz
     assert {(c.split("<")[0], r.split("<")[0]) for c, r, _ in pairs.values()} == {
         ("A block.", "A dog."), ("No.", "Yes."), ("Hello.", "Go away.")}
     # inspect shows them: pairs counted, text tokens of the prompt and both replies
+    assert main(["inspect", str(out)]) == 0
+    assert "held out: 1 in val-*.tar, 2 for training in train-*.tar" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
+    assert stats["held_out"] == 1
     assert stats["samples"] == stats["pairs"] == 3 and stats["rejects"]["identical_replies"] == 1
     assert main(["inspect", str(out)]) == 0
     assert "of which 3 preference pairs" in capsys.readouterr().out
@@ -219,7 +223,7 @@ def test_training_reads_a_preference_parquet_directly(tmp_path, tokenizer):
     assert sorted(index["files"][str(path)]["rejected"].values()) == [
         "corrupt_image", "identical_replies", "missing_reply", "placeholder_mismatch"]
     process = PairProcessor(SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5",
-                                            "anyres_max_9", max_frames=8, max_length=8192))
+                                            MediaSettings.of("anyres_max_9", 8), max_length=8192))
     read, skipped = {}, {}
     for row, item in parquet_items(pq.ParquetFile(path), path.name):
         try:

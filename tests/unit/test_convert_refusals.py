@@ -11,7 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
+from ov_train.config.media import MediaSettings
 from ov_train.data.convert import convert
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.stream import read_tar
@@ -129,8 +130,8 @@ def test_videos_of_any_name_are_trained_on(tmp_path, _offline_cache):
     totals = convert(write_jsonl(tmp_path / "v.jsonl", records), out, media, workers=1)
     assert totals["by_modality"]["video"] == 4 and not _rejects(out)
     tokenizer = build_tiny_tokenizer(Path(_offline_cache) / "tokenizer")
-    process = SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5", "anyres_max_9",
-                              max_frames=32, max_length=8192)
+    process = SampleProcessor(tokenizer, VisionGeometry(32, 8, default_pinpoints(32)), "qwen_1_5",
+                              MediaSettings.of("anyres_max_9", 32), max_length=8192)
     frames, containers = {}, {}
     for raw in read_tar(str(out / "train-000000-000000.tar")):
         meta = json.loads(raw["json"])  # clip.json did not overwrite the metadata
@@ -208,7 +209,7 @@ def test_workers_exit_when_convert_is_killed(tmp_path):
     write_image(tmp_path / "media/big.jpg", 600, 800)  # a few ms to decode: the job lasts seconds
     path = write_jsonl(tmp_path / "t.jsonl", [_image_record(f"i{i}", "big.jpg") for i in range(300)])
     out = tmp_path / "out"
-    parent = subprocess.Popen([sys.executable, "-m", "ov_train.data.cli", "convert", str(path), "--out", str(out),
+    parent = subprocess.Popen([sys.executable, "-m", "ov_train.cli.data", "convert", str(path), "--out", str(out),
                                "--media-root", str(tmp_path / "media"), "--samples-per-shard", "4", "--workers", "2"],
                               cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,24 +4,25 @@ keeps its first turn's media. The trained default run's export: tests/integratio
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
+import os
 import signal
+import stat
 import time
 
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from ov_train.checkpoints.export import export_pretrained
+from ov_train.cli import chat as chat_module
+from ov_train.cli.chat import main as ov_chat
+from ov_train.cli.eval import main as ov_eval
 from ov_train.eval import evaluate as evaluate_module
 from ov_train.eval.evaluate import EvalSource, eval_sources, evaluate, read_rows, write_metrics
 from ov_train.eval.inference import load_export
 from ov_train.eval.metrics import score
-from ov_train.model.checkpoint_io import export_pretrained
-from ov_train.tools import chat as chat_module
-from ov_train.tools.chat import main as ov_chat
-from ov_train.tools.eval import main as ov_eval
 from tests.helpers import noise_png
 
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -133,7 +134,8 @@ def test_rerun_generates_only_what_predictions_lack(random_export, small_data_ro
     second = evaluate(processor, prompts, model, sources, tmp_path, max_samples=5, batch_size=2, max_new_tokens=3)
     assert second["samples"] == 5 and sum(generated) == 2
     after = read_rows(path)
-    assert [r["id"] for r in after] == [r["id"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
+    assert [r["key"] for r in after] == [r["key"] for r in before] + [f"multi_image/multi_image_val_00000{i}" for i in (3, 4)]
+    assert [r["id"] for r in after] == [f"multi_image_val_00000{i}" for i in range(5)]  # the samples' own ids
     assert [r["prediction"] for r in after[:3]] == [r["prediction"] for r in before]
     # Batches are left-padded: a sample's greedy reply does not depend on what it was batched with.
     evaluate(processor, prompts, model, sources, tmp_path / "alone", max_samples=3, batch_size=1, max_new_tokens=3)
@@ -149,15 +151,6 @@ def test_ov_eval_names_bad_input_before_loading(random_export, small_data_root, 
         with pytest.raises(SystemExit):
             ov_eval(argv)
         assert message in capsys.readouterr().err
-
-
-def test_tools_say_they_need_torchvision(random_export, small_data_root, monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
-    for tool, argv in ((ov_eval, [str(random_export), str(small_data_root / "video")]), (ov_chat, [str(random_export), "hi"])):
-        with pytest.raises(SystemExit):
-            tool(argv)
-        assert "needs torchvision: the stock LLaVA-OneVision processor requires it" in capsys.readouterr().err
 
 
 def test_ov_chat_conversation_keeps_the_first_turns_media(random_export, tmp_path, monkeypatch, capsys):
@@ -199,8 +192,8 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     (its synthetic settings, or its data.root), else those of the default run's settings."""
     from dataclasses import asdict
 
+    from ov_train.cli.eval import default_root
     from ov_train.data.synthetic import synthetic_root
-    from ov_train.tools.eval import default_root
     from tests.conftest import plan_of
 
     default = plan_of([]).data
@@ -214,8 +207,8 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     (run / ".hydra" / "config.yaml").write_text(config.replace("root: null", f"root: {small_data_root}"))
     assert default_root(run / "export") == small_data_root
     seen = {}
-    monkeypatch.setattr("ov_train.tools.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
-    monkeypatch.setattr("ov_train.tools.eval.eval_sources", lambda data, root, metric, allow_pipe: seen.setdefault("root", root))
+    monkeypatch.setattr("ov_train.cli.eval.load_export", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    monkeypatch.setattr("ov_train.cli.eval.eval_sources", lambda data, root, metric, allow_pipe: seen.setdefault("root", root))
     with pytest.raises(SystemExit):
         ov_eval([str(run / "export"), "synthetic_onevision"])
     assert seen["root"] == small_data_root
@@ -257,10 +250,10 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
     import numpy as np
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
+    from ov_train.cli.chat import read_video
     from ov_train.data.samples import SampleProcessor
     from ov_train.data.video import encode_mp4
     from ov_train.eval.inference import export_video, sample_media
-    from ov_train.tools.chat import read_video
     from ov_train.vision.geometry import VisionGeometry
     from ov_train.vision.preprocess import preprocess_frames
     from ov_train.vision.settings import apply_to_model_config
@@ -276,7 +269,7 @@ def test_ov_eval_and_ov_chat_sample_video_frames_as_the_exports_stage_did(tiny_m
     clip = encode_mp4(np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8), fps=2)
     raw = raw_sample("v", "<video>\nWhich way?", "left", video=clip)
     geometry = VisionGeometry.from_model_config(config)
-    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)(raw)["frames"]
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 4096)(raw)["frames"]
     _, frames = sample_media(raw, video)
     assert frames.shape == (4, 16, 16, 3) and torch.equal(preprocess_frames(frames, geometry), trained)
     # ov-eval: the export's settings, a recipe source's own laid over them, --max-frames over both.
@@ -360,7 +353,7 @@ def test_ov_eval_places_a_turns_image_as_the_exports_stage_did(tiny_model_and_to
     export = export_pretrained(LlavaOnevisionForConditionalGeneration(config), tokenizer, tmp_path / "export")
     raw = raw_sample("s", "What colour is the shape? <image>", "red", images=[noise_png(40, 30, 1)])
     geometry = VisionGeometry.from_model_config(config)
-    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", 32, 4096, media=samples.media,
+    trained = SampleProcessor(tokenizer, geometry, "qwen_1_5", samples.media, 4096,
                               placement=placement)(raw)
     labels = trained["labels"].tolist()
     prompt_ids = trained["input_ids"].tolist()[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
@@ -455,3 +448,55 @@ def test_ov_chat_and_ov_eval_refuse_a_runaway_chat_template_before_loading_the_m
         assert exit.value.code == 2 and time.monotonic() - start < 10
         err = capsys.readouterr().err
         assert f"{hostile / 'chat_template.jinja'}: its chat template did not render a conversation" in err
+
+
+def test_a_stock_transformers_5_directory_loads_and_answers_as_the_export(random_export, tmp_path, capsys):
+    """transformers 5's save_pretrained keeps the image processor inside processor_config.json (no
+    preprocessor_config.json): ov-chat reads that layout and answers as it does on ov-export's."""
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    stock = tmp_path / "stock"
+    LlavaOnevisionForConditionalGeneration.from_pretrained(random_export).save_pretrained(stock)
+    AutoProcessor.from_pretrained(random_export).save_pretrained(stock)
+    assert not (stock / "preprocessor_config.json").exists()
+    assert "image_processor" in json.loads((stock / "processor_config.json").read_text())
+    image = tmp_path / "image.png"
+    image.write_bytes(noise_png(48, 40, 0))
+    replies = []
+    for export in (random_export, stock):
+        assert ov_chat([str(export), "--image", str(image), "--max-new-tokens", "4", "What colour is it?"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+
+    # A directory someone else wrote, without any image processor settings: no advice to re-export it with ov-export.
+    (stock / "processor_config.json").unlink()
+    with pytest.raises(SystemExit):
+        ov_chat([str(stock), "hi"])
+    err = capsys.readouterr().err
+    assert "no image processor settings" in err and "ov-export" not in err and "save_pretrained" in err
+
+
+def test_predictions_keep_the_samples_own_ids(random_export, tmp_path):
+    """convert stores each sample under a sequence key (000000004) and keeps the user's id in its json: ov-eval's
+    rows carry that id (`mine_004`), and the shard key only as `key`."""
+    import webdataset as wds
+
+    shards = tmp_path / "mine"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "val-000000.tar")) as tar:
+        for n in (4, 7):
+            turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]
+            tar.write({"__key__": f"{n:09d}", "json": json.dumps({"id": f"mine_{n:03d}", "conversations": turns}).encode(),
+                       "img0.png": noise_png(40, 48, n)})
+    processor, prompts, model = load_export(random_export, "test")
+    evaluate(processor, prompts, model, eval_sources(str(shards), None), tmp_path / "out", max_new_tokens=2)
+    rows = read_rows(tmp_path / "out" / "predictions.jsonl")
+    assert [(r["id"], r["key"]) for r in rows] == [("mine_004", "mine/000000004"), ("mine_007", "mine/000000007")]
+
+
+def test_export_files_share_one_mode(random_export):
+    """model.safetensors was written 0600 (safetensors' private temporary file) beside 0644 files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in random_export.iterdir() if f.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~mask}, modes

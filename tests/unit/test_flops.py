@@ -9,6 +9,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.run_plan import model_plan
 from ov_train.data.recipe import load_recipe
 from ov_train.data.samples import SampleProcessor, collate
@@ -37,7 +38,7 @@ def one_sample_batches(eager_model, small_data_root):
     """One batch of a single held-out sample per source (anyres image, multi-image, video): no padding."""
     model, tokenizer = eager_model
     geometry = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=32, max_length=4096)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of("anyres_max_9", 32), max_length=4096)
     return [
         collate(list(ValStream([source], process, limit=1)), tokenizer.pad_token_id)
         for source in load_recipe("synthetic_onevision", small_data_root)

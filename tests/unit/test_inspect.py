@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
 from ov_train.data.convert import convert
 from ov_train.data.inspect import percentiles
 from tests.fixtures_data import conversation, make_llava_dataset, write_jsonl

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.video import encode_mp4
@@ -35,8 +36,8 @@ def _assert_grads_close(ours: dict, reference: dict):
 def setting(tiny_model_and_tokenizer):
     """Four samples whose answers differ in length: an anyres image, two images, a video, text only."""
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=4096)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", MediaSettings.of("anyres_max_9", 8),
+                              max_length=4096)
     frames = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     raws = [
         raw_sample("a", "<image>\nDescribe it.", "a red circle, left", [noise_png(70, 30, 1)]),

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from ov_train.bench import main
+from ov_train.cli.bench import main
 
 LINE = re.compile(r"^(pairs/once|pairs/twice|ratio)\s+tokens/s ([\d.]+)x?\s+peak memory ([\d.]+)(?: GiB|x)\s+"
                   r"tower crops\+frames/step ([\d.]+)x?\s+model TFLOP/step ([\d.e-]+)x?$")

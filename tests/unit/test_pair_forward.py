@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
 from ov_train.constants import IGNORE_INDEX
 from ov_train.data.pairs import PairProcessor, collate_pairs
@@ -44,8 +45,8 @@ def pair_raw(key, human, chosen, rejected, images=(), video=None) -> dict:
 def pairs(tiny_model_and_tokenizer):
     """Processed pairs: an anyres image, three images, a video, text only; replies of different lengths."""
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=4096)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", MediaSettings.of("anyres_max_9", 8),
+                              max_length=4096)
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     raws = [
         pair_raw("a", "<image>\nWhat colour?", "red", "a deep shade of blue", [noise_png(70, 30, 1)]),
@@ -120,8 +121,8 @@ def test_pair_gradients_equal_encoding_twice(pairs):
 
 def test_a_sample_without_a_rejected_reply_is_skipped_by_reason(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=4096)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", MediaSettings.of("anyres_max_9", 8),
+                              max_length=4096)
     with pytest.raises(SampleError) as err:
         PairProcessor(process)(raw_sample("sft", "Say hi.", "hi"))
     assert err.value.reason == "not_a_pair" and "sample sft" in str(err.value)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ov_train.data.cli import main
+from ov_train.cli.data import main
 from ov_train.data.convert import convert
 from ov_train.data.parquet_source import source_index, with_indexes
 from ov_train.data.recipe import RecipeError, load_recipe

@@ -15,16 +15,12 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ov_train.config.run_plan import ConfigError, resolve_ckpt_path, resolve_plan, resume_candidates
-from ov_train.model.checkpoint_io import resume_problems
-from ov_train.training import callbacks
-from ov_train.training.callbacks import (
-    AtomicCheckpointIO,
-    AtomicCheckpoints,
-    CheckpointWriteError,
-    PeriodicCheckpoint,
-    build_callbacks,
-)
+from ov_train.checkpoints import saving
+from ov_train.checkpoints.paths import resume_candidates, resume_targets
+from ov_train.checkpoints.reading import resume_problems
+from ov_train.checkpoints.saving import AtomicCheckpointIO, AtomicCheckpoints, CheckpointWriteError, PeriodicCheckpoint
+from ov_train.config.run_plan import ConfigError, resolve_plan
+from ov_train.run import build_callbacks
 from tests.conftest import REPO, compose_config
 
 
@@ -99,8 +95,7 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from ov_train.training import callbacks
-    from ov_train.training.callbacks import save_whole
+    from ov_train.checkpoints.saving import save_whole
 
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(), is_global_zero=True)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -132,12 +127,12 @@ def test_engines_that_write_in_place_swap_a_whole_checkpoint_in(tmp_path, monkey
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(callbacks.os, "replace", killed_after_the_first_rename)
+    monkeypatch.setattr(saving.os, "replace", killed_after_the_first_rename)
     with pytest.raises(KeyboardInterrupt):
         save_whole(trainer, last, shards(4))
     monkeypatch.undo()
     assert not last.exists()
-    resumed = resolve_ckpt_path("auto", tmp_path)
+    resumed = resume_targets("auto", tmp_path)[0]
     assert resumed == str(tmp_path / "checkpoints" / ".last.ckpt.previous")
     assert steps_in(Path(resumed)) == {"3"}
     save_whole(trainer, last, shards(5))
@@ -178,7 +173,7 @@ def test_a_file_size_limit_hit_while_saving_is_named_and_the_previous_checkpoint
     # A file-size limit (ulimit -f) in a process of its own; SIGXFSZ ignored, the write fails with EFBIG.
     script = textwrap.dedent(f"""
         import resource, signal, torch
-        from ov_train.training.callbacks import AtomicCheckpointIO, CheckpointWriteError
+        from ov_train.checkpoints.saving import AtomicCheckpointIO, CheckpointWriteError
         io = AtomicCheckpointIO()
         io.save_checkpoint({{"global_step": 1, "w": torch.zeros(10)}}, "{tmp_path}/last.ckpt")
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -222,7 +217,7 @@ class FillsUp:
 def test_a_full_disk_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
     io, last = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"global_step": 1}, last)
-    monkeypatch.setattr(callbacks, "open", FillsUp, raising=False)
+    monkeypatch.setattr(saving, "open", FillsUp, raising=False)
     with pytest.raises(CheckpointWriteError) as err:
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(10_000)}, last)
     assert str(err.value) == (f"[Errno {errno.ENOSPC}] No space left on device: '{last}': the checkpoint was not"
@@ -230,3 +225,14 @@ def test_a_full_disk_while_saving_is_named_and_the_previous_checkpoint_kept(tmp_
     monkeypatch.undo()
     assert torch.load(last, weights_only=True)["global_step"] == 1
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_the_final_save_says_weights_only_so_lightning_logs_no_default(tmp_path, caplog):
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(BoringModel())
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        saving.save_whole(trainer, tmp_path / "last.ckpt")  # run.py's save at the end of every run
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1 and saved["optimizer_states"]  # still a whole checkpoint, resumable

@@ -331,3 +331,41 @@ def test_resume_in_the_epoch_a_shard_failed_in_reads_what_the_first_run_read(tre
         assert not caplog.records, f"resumed after {k}"  # read no further than before: it did not fail again
         reread += http.requests["/drop/a/train-000002.tar"] - before
     assert reread >= 1  # some resumed block held the dropped shard's first samples, and read them again
+
+
+def test_a_run_lists_each_source_folder_once(tree, caplog):
+    """Before training, a source folder on S3 is listed once (one ListObjectsV2 request, counted at the server):
+    its train and held-out shards come from that one listing, and the run's data is the recipe its checks located."""
+    from ov_train.data.prepare import locate_shards, prepare_data
+    from tests.conftest import plan_of
+
+    with s3_server() as (_, fs):
+        fs.makedirs("shards", exist_ok=True)
+        upload_tree(fs, tree, "shards/once")
+        plan = plan_of(["data=recipe", f"data.recipe={tree / 'recipe.yaml'}", "data.root=s3://shards/once"]).data
+        with caplog.at_level(logging.INFO, logger="werkzeug"):
+            located, problems = locate_shards(plan)
+            recipe = prepare_data(plan, located)
+        lists = [r.getMessage() for r in caplog.records if r.name == "werkzeug" and "list-type=2" in r.getMessage()]
+    assert problems == [] and recipe is located
+    assert recipe.sources[0].train_shards == tuple(f"s3://shards/once/a/train-00000{i}.tar" for i in range(3))
+    assert recipe.sources[0].val_shards == ("s3://shards/once/a/val-000000.tar",)
+    assert recipe.sources[1].val_shards == ()
+    assert len(lists) == 2, lists  # a/ and b/
+
+
+def test_an_unusable_root_is_said_once_not_once_per_source(tree, tmp_path):
+    """A data.root that is missing or unreachable fails every source the same way: one problem names it."""
+    import shutil
+
+    from ov_train.config.recipe import read_recipe
+    from ov_train.data.recipe import locate
+
+    spec, _ = read_recipe(str(tree / "recipe.yaml"))  # two sources, a/ and b/, relative to the root
+    assert locate(spec, tmp_path / "nowhere")[1] == [f"no source's shards: {tmp_path / 'nowhere'}: no such directory, or nothing in it"]
+    (unreachable,) = locate(spec, "http://127.0.0.1:1/x", io=IOSettings(retries=0, backoff_s=0, timeout_s=2))[1]
+    assert unreachable.startswith("no source's shards: cannot list http://127.0.0.1:1/x: ")
+    shutil.copytree(tree / "a", tmp_path / "half" / "a")  # a root that holds one source: the other one is named
+    (tmp_path / "empty_dir").mkdir()  # a root that exists: each source says what it did not find there
+    assert len(locate(spec, tmp_path / "empty_dir")[1]) == 2
+    assert locate(spec, tmp_path / "half")[1] == [f"recipe.yaml: sources[1] (b): no train-*.tar shards under {tmp_path / 'half' / 'b'}"]

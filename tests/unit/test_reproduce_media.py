@@ -149,8 +149,7 @@ def test_a_truncating_run_feeds_the_model_what_it_packs(tiny_model_and_tokenizer
     geometry = VisionGeometry.from_model_config(model.config)
     rounded = dataclasses.replace(geometry, rounding="round")
     assert anyres_tokens(88, 110, geometry) != anyres_tokens(88, 110, rounded)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", "anyres_max_9", max_frames=8, max_length=4096,
-                              media=media)
+    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", media, max_length=4096)
     example = process(raw_sample("a", "<image>\nWhat colour?", "red", [noise_png(88, 110, 1)]))
     assert example["visual_tokens"] == [anyres_tokens(88, 110, geometry)]
     with torch.no_grad():
@@ -159,7 +158,7 @@ def test_a_truncating_run_feeds_the_model_what_it_packs(tiny_model_and_tokenizer
 
 
 def test_ov_data_convert_reproduce_counts_the_index_as_the_public_code(tmp_path):
-    from ov_train.data.cli import main
+    from ov_train.cli.data import main
     from tests.fixtures_data import conversation, write_image, write_jsonl
 
     write_image(tmp_path / "media" / "wide.png", 47, 423, "PNG")

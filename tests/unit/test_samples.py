@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ov_train.config.media import MediaSettings
 from ov_train.data.recipe import Source
 from ov_train.data.samples import SampleError, SampleProcessor, collate, stock_inputs
 from ov_train.data.shard_writer import ShardWriter
@@ -24,7 +25,7 @@ def process_factory(tiny_model_and_tokenizer):
     geometry = VisionGeometry.from_model_config(model.config)
 
     def make(max_length=4096, template="qwen_1_5", strategy="anyres_max_9"):
-        return SampleProcessor(tokenizer, geometry, template, strategy, max_frames=32, max_length=max_length)
+        return SampleProcessor(tokenizer, geometry, template, MediaSettings.of(strategy, 32), max_length=max_length)
 
     return make
 
@@ -48,7 +49,7 @@ def test_single_image_is_anyres_and_multi_image_single_crop(process_factory):
     assert one["images"][0].pixel_values.shape[0] == 3  # base crop + a 1x2 grid
     assert [img.anyres for img in two["images"]] == [False, False]
     assert [img.pixel_values.shape[0] for img in two["images"]] == [1, 1]
-    pretrain = process_factory(template="plain", strategy="single_crop")(_sample("c", "<image>\nQ?", "red", **{"img0.png": _png(32, 64)}))
+    pretrain = process_factory(template="plain", strategy="pad")(_sample("c", "<image>\nQ?", "red", **{"img0.png": _png(32, 64)}))
     assert [img.anyres for img in pretrain["images"]] == [False]
 
 

@@ -19,11 +19,11 @@ from transformers import (
 )
 from transformers.image_processing_utils import select_best_resolution
 
+from ov_train.checkpoints.export import export_pretrained
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, parse_grid, read_media
 from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.video import encode_mp4
-from ov_train.model.checkpoint_io import export_pretrained
 from ov_train.text.template import encode_conversation
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from ov_train.vision.preprocess import preprocess_image
@@ -131,7 +131,7 @@ def test_square_features_have_no_newline_in_the_forward(tiny_model_and_tokenizer
 
     model, tokenizer = tiny_model_and_tokenizer
     geom = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geom, "plain", "square", max_frames=4, max_length=512)
+    process = SampleProcessor(tokenizer, geom, "plain", MediaSettings.of("square", 4), max_length=512)
     example = process(raw_sample("s", "<image>\nDescribe.", "a red circle", [noise_png(40, 70, 1)]))
     assert int((example["input_ids"] == model.config.image_token_id).sum()) == geom.side**2  # 16, no newline
     batch = collate([example], tokenizer.pad_token_id)
@@ -169,7 +169,7 @@ def test_video_settings_per_stage_and_per_source(tiny_model_and_tokenizer):
     source = SimpleNamespace(name="clips", video=(("max_frames", 4), ("sampling", "uniform"), ("frame_size", 16)))
     media, problems = read_media(stage, [source])
     assert not problems
-    process = SampleProcessor(tokenizer, geom, "qwen_1_5", "anyres_max_9", 32, 4096, media=media)
+    process = SampleProcessor(tokenizer, geom, "qwen_1_5", media, 4096)
     frames = np.random.default_rng(0).integers(0, 255, (6, 32, 48, 3), dtype=np.uint8)
     raw = raw_sample("v", "<video>\nWhich way?", "left", video=encode_mp4(frames, fps=2))
     # The stage's: 2 fps video sampled at 1 frame per second -> frames 0, 2, 4.

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import TokenBudget
 from ov_train.data import stream as stream_module
 from ov_train.data.batching import TrainBatches, fill_batches
@@ -197,8 +198,8 @@ def test_skips_in_a_row_restart_after_a_usable_sample(two_sources):
 
 def test_the_real_processor_with_max_length_8_stops_the_synthetic_stream(small_data_root, tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=8)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", MediaSettings.of("anyres_max_9", 8),
+                              max_length=8)
     recipe = load_recipe("synthetic_onevision", small_data_root)
     with pytest.raises(StreamError, match=r"^30 training samples in a row skipped: too_long 30 \(stage.max_length=8\); last: "):
         next(iter(MixedStream(recipe.sources, process, seed=0, shuffle_buffer=8, max_skips_in_a_row=30)))
@@ -248,3 +249,23 @@ def test_skip_warnings_are_rate_limited_and_counts_kept(two_sources, caplog, mon
     assert len(singles) == 5 and "further skips are summarised every 10" in singles[-1]
     assert len(lines) == 5 + len(summaries) and len(summaries) == skipped // 10
     assert summaries[0] == "10 training samples skipped so far: corrupt_image 10"
+
+
+def test_a_source_holding_another_modality_is_skipped_and_counted(small_data_root, tiny_model_and_tokenizer):
+    """Videos in a source the recipe labels single_image would train under the image share: skipped, counted."""
+    from dataclasses import replace
+
+    model, tokenizer = tiny_model_and_tokenizer
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5",
+                              MediaSettings.of("anyres_max_9", 4), max_length=4096)
+    sources = {s.name: s for s in load_recipe("synthetic_onevision", small_data_root).sources}
+    mislabelled = replace(sources["video"], name="clips", modality="single_image")
+    examples = list(itertools.islice(MixedStream([sources["single_image"], mislabelled], process, seed=0,
+                                                 shuffle_buffer=4), 8))
+    assert {e["source"] for e in examples} == {"single_image"}
+    skipped = Counter()
+    for e in examples:
+        skipped.update(e["skipped"])
+    assert set(skipped) == {"modality_mismatch"} and skipped["modality_mismatch"] > 0
+    with pytest.raises(StreamError, match="no usable held-out sample in source 'clips'.*modality_mismatch"):
+        list(ValStream([mislabelled], process, limit=3))

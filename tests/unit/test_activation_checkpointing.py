@@ -6,7 +6,7 @@ import torch
 
 from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import ConfigError
-from ov_train.model.checkpointing import apply_activation_checkpointing
+from ov_train.model.activation_checkpointing import apply_activation_checkpointing
 from ov_train.model.forward import prepare_model, sample_losses, tower_hidden
 from ov_train.model.layout import layers as module_layers
 from tests.conftest import compose_config, plan_of

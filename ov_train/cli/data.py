@@ -13,6 +13,7 @@ from ov_train.config.reproduce import REPRODUCE
 from ov_train.constants import PARQUET
 from ov_train.data.convert import convert
 from ov_train.data.formats import FORMATS, InputError
+from ov_train.data.frame_extraction import FrameExtraction
 from ov_train.data.inspect import format_report, inspect_dir
 from ov_train.data.remote import redact, redact_text
 
@@ -41,11 +42,18 @@ def _holdout(text: str) -> int | float:
     return value
 
 
+def _frames(text: str) -> FrameExtraction:
+    try:
+        return FrameExtraction.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
         totals = convert(args.input, args.out, args.media_root, args.format, args.samples_per_shard,
                          args.max_shard_bytes, args.workers, args.seed, args.tokenizer, args.allow_outside_root,
-                         args.holdout, reproduce=args.reproduce)
+                         args.holdout, reproduce=args.reproduce, video_frames=args.video_frames)
     except InputError as err:
         print(f"ov-data convert: error: {err}", file=sys.stderr)
         return 1
@@ -53,9 +61,8 @@ def _convert(args: argparse.Namespace) -> int:
         print("ov-data convert: interrupted; finished shards are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
-    held = totals["splits"]["val"]
     print(f"{redact(args.out)}: {totals['chunks']} chunk(s), {totals['resumed_chunks']} already done by an earlier run; "
-          "wrote index.json and rejects.jsonl" + (f"; {held} held-out sample(s) in val-*.tar" if held else ""))
+          "wrote index.json and rejects.jsonl")
     print(format_report(totals))
     return 0
 
@@ -121,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--reproduce", choices=REPRODUCE, default="ov_train",
                      help="count the index's visual tokens as training with stage.reproduce=this does (public_code: "
                           "the public code's truncating anyres unpadding)")
+    cmd.add_argument("--video-frames", type=_frames, metavar="fps=1,max=32,size=384",
+                     help="store each video as its sampled frames (JPEG, size x size) instead of the file: decoded once"
+                          " here rather than every epoch (data/frame_extraction.py)")
     cmd.set_defaults(run=_convert)
 
     summary = "samples per modality, token totals and percentiles, rejects by reason of a converted folder"

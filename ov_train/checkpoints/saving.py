@@ -1,4 +1,5 @@
-"""Callbacks every run gets: periodic checkpoints that survive a kill, a save on SIGTERM, dashboards, stream state."""
+"""Writing checkpoints: atomically (a kill mid-save leaves the previous one whole), on a cadence (every N steps and
+every M minutes, keeping the K most recent), and on SIGTERM or Ctrl-C between two optimizer steps."""
 from __future__ import annotations
 
 import os
@@ -18,11 +19,9 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ov_train.config.run_plan import RunPlan, previous_of
-from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
-from ov_train.training.stream_state import StreamState
+from ov_train.checkpoints.paths import KEPT, previous_of
+from ov_train.checkpoints.safe_load import load_file
 from ov_train.utils.logging import get_logger
-from ov_train.utils.safe_load import load_file
 
 log = get_logger(__name__)
 
@@ -121,9 +120,11 @@ def save_whole(trainer, path, save=None) -> None:
     Single files go through AtomicCheckpointIO. DeepSpeed and FSDP write from every rank, in place, often a
     directory: they write beside the target instead, then rank 0 moves the target to `.<name>.previous`,
     renames the new one over it and deletes the previous one. A kill between those renames leaves only the
-    previous checkpoint, which resolve_ckpt_path (ov_train.config.run_plan) then resumes from.
+    previous checkpoint, which ckpt_path=auto (checkpoints/paths.py) then resumes from.
     """
-    save = save or trainer.save_checkpoint
+    # weights_only=False said outright: a whole checkpoint (optimizer, loops, stream state) is what resumes need,
+    # and Lightning logs "`weights_only` was not set" at every save that leaves it to its default.
+    save = save or (lambda target: trainer.save_checkpoint(target, weights_only=False))
     path = Path(path)
     if not isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
         save(path)
@@ -153,7 +154,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: Path, every_n_steps: int | None, every_minutes: float | None, keep: int = 0):
         super().__init__(
-            dirpath=dirpath, filename="step={step}", auto_insert_metric_name=False,
+            dirpath=dirpath, filename=KEPT, auto_insert_metric_name=False,
             # Top-k by step with mode=max keeps the most recent; with keep=0 only `last` is written.
             monitor="step" if keep else None, mode="max", save_top_k=keep, save_last=True,
             train_time_interval=timedelta(minutes=every_minutes) if every_minutes else None,
@@ -228,35 +229,3 @@ class SaveOnSigterm(Callback):
             save_whole(trainer, self.path)
             name = signal.Signals(self._pending or signal.SIGTERM).name
             log.warning("%s: saved %s at step %d; exiting", name, self.path, trainer.global_step)
-
-
-class StopRanksOnError(Callback):
-    """An error on a rank ends the ranks this process started (`trainer.devices` > 1 with no scheduler starting
-    them): one stuck in a collective would otherwise wait for the failed rank until the process group's timeout
-    (NCCL does not notice a dead peer). Lightning does so itself on Ctrl-C only. Ranks a scheduler started (srun,
-    torchrun) are the scheduler's to stop: the launcher has none of them.
-
-    The error is logged first: once a rank it started has died, Lightning's watch over them kills this process
-    too, maybe before the error reaches the console."""
-
-    def on_exception(self, trainer, pl_module, exception):
-        launcher = trainer.strategy.launcher
-        if trainer.world_size == 1 or launcher is None or not isinstance(exception, Exception):
-            return  # SIGTERMException (every rank saves and exits) and KeyboardInterrupt (Lightning's) stop by themselves
-        log.error("rank %d: %s: %s", trainer.global_rank, type(exception).__name__, exception)
-        launcher.kill(signal.SIGKILL)
-
-
-def build_callbacks(plan: RunPlan) -> list:
-    ckpt, paths = plan.checkpoint, plan.paths
-    checkpoints = PeriodicCheckpoint(paths.checkpoints, ckpt.every_n_steps, ckpt.every_minutes, ckpt.keep)
-    return [
-        checkpoints,
-        AtomicCheckpoints(ckpt.trust),
-        SaveOnSigterm(paths.last_checkpoint),
-        StopRanksOnError(),
-        TrainingMetrics(plan.peak_tflops),
-        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
-                              plan.predictions.max_new_tokens),
-        StreamState(paths.consumed_keys if plan.data.record_keys else None),
-    ]

@@ -1,33 +1,24 @@
-"""`ov-train`: training from the shipped configs, as `python train.py` runs it in a checkout; `ov-train plan ...`,
-the memory and time planner.
-
-    ov-train stage=onevision                          # the embedded default, from any directory
-    ov-train --config-dir ~/my_conf experiment=mine   # your own config directory, added to the shipped one
-    ov-train plan model=ov_qwen2_7b trainer.devices=8 # memory and time of a step, nothing trained
-"""
+"""`ov-train [OVERRIDES]`: training from the shipped configs, as `python train.py` runs it in a checkout."""
 from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from ov_train.config import schema  # noqa: F401  (registers the schema Hydra composes onto)
-from ov_train.resources import CONF_DIR
+from ov_train.cli import run_hydra
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _train(cfg: DictConfig) -> None:
     # Imported after Hydra has parsed the command line: --help and --cfg stay quick.
+    from ov_train.checkpoints.safe_load import CheckpointError
+    from ov_train.checkpoints.saving import CheckpointWriteError
     from ov_train.config.recipe import RecipeError
     from ov_train.config.run_plan import ConfigError
     from ov_train.planner.estimate import PlanError
     from ov_train.run import train
-    from ov_train.training.callbacks import CheckpointWriteError
     from ov_train.training.loader_workers import stop_loader_workers
     from ov_train.utils.logging import get_logger
     from ov_train.utils.run_lock import RunDirBusy
-    from ov_train.utils.safe_load import CheckpointError
 
     try:
         train(cfg)
@@ -40,13 +31,6 @@ def _train(cfg: DictConfig) -> None:
         stop_loader_workers()
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["plan"]:
-        from ov_train.planner.cli import main as plan_main
-
-        sys.exit(plan_main(sys.argv[2:]))
-    _train()
-
-
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> int:
+    run_hydra(_train, argv)
+    return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ov_train.cli.eval import device_and_dtype
 from ov_train.config.media import VideoSettings
 from ov_train.data.video import VideoDecodeError
 from ov_train.eval.inference import (
@@ -24,11 +25,9 @@ from ov_train.eval.inference import (
     open_image,
     processor_inputs,
     read_frames,
-    require_torchvision,
     sampling_kwargs,
     training_frames,
 )
-from ov_train.tools.eval import device_and_dtype
 
 
 class Chat:
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((check_export(args.export) / "config.json").read_text())
         images = [open_image(Path(p), p) for p in args.image]
         frames = read_video(args.video, export_video(config, args.max_frames)) if args.video else None
-        require_torchvision("ov-chat")
     except ExportError as err:
         parser.error(str(err))
     device, dtype = device_and_dtype(args.device)

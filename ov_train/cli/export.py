@@ -1,14 +1,14 @@
-"""`ov-export CKPT OUT`: a Hugging Face directory from any checkpoint ov_train writes (ov_train/model/checkpoint_io.py);
+"""`ov-export CKPT OUT`: a Hugging Face directory from any checkpoint ov_train writes (ov_train/checkpoints/);
 an adapter checkpoint merged into its base, with its adapters in PEFT's format in OUT/adapter/
-(ov_train/model/adapter_io.py)."""
+(ov_train/checkpoints/adapters.py)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ov_train.checkpoints.export import export_checkpoint
+from ov_train.checkpoints.safe_load import CheckpointError
 from ov_train.constants import TEMPLATES
-from ov_train.model.adapter_io import export_checkpoint
-from ov_train.utils.safe_load import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,132 +1,24 @@
-"""Checkpoint I/O, in one place: read any checkpoint ov_train writes, write a Hugging Face export.
-
-Reading: a single Lightning file, a DeepSpeed ZeRO directory or an FSDP2 (torch.distributed.checkpoint)
-directory; every pickle in it is unpickled as tensors and plain data only, unless the caller trusts it
-(ov_train/utils/safe_load.py). Used by model.init_from (model/build.py), resume checks and the final
-export (run.py) and `ov-export` (tools/export.py); adapter checkpoints, which hold the trainable tensors only, are
-read through here by model/adapter_io.py.
-
-Writing: `export_pretrained` writes a directory (model, tokenizer, processor settings) that stock
-transformers loads.
+"""Read any checkpoint ov_train writes (a Lightning file, a DeepSpeed ZeRO or an FSDP2 directory, consolidated on CPU
+in one process), unpickling tensors and plain data only unless trusted (safe_load.py); and a resume's identity check.
+Adapter checkpoints hold the trainable tensors only: adapters.py puts them back on their base.
 """
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import LlavaOnevisionImageProcessorPil
-
-from ov_train.constants import IMAGE_TOKEN, VIDEO_TOKEN
-from ov_train.model.model_card import model_card
-from ov_train.text.chat_template import chat_template, stop_token_ids
-from ov_train.utils.logging import get_logger, settle_deepspeed_accelerator
-from ov_train.utils.safe_load import (
+from ov_train.checkpoints.safe_load import (
     TRUST_HINT,
     CheckpointError,
     load_dcp_metadata,
     load_file,
     load_source,
 )
-from ov_train.vision.geometry import VisionGeometry
-from ov_train.vision.settings import inference_refusal
+from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def processor_settings(geometry: VisionGeometry) -> dict:
-    size = {"height": geometry.image_size, "width": geometry.image_size}
-    return {
-        "size": size,
-        "image_grid_pinpoints": [list(p) for p in geometry.grid_pinpoints],
-        "image_mean": list(geometry.image_mean),
-        "image_std": list(geometry.image_std),
-    }
-
-
-def export_pretrained(model, tokenizer, out_dir: str | Path, template: str = "qwen_1_5", card: dict | None = None) -> Path:
-    """save_pretrained of model and tokenizer, plus image, video and processor settings of the same geometry.
-
-    `template` is the stage's chat template: the export's chat template renders it for the stock processor,
-    and its config and generation config stop generation where training's replies end. `card` holds the
-    facts of the model card (README.md; model/model_card.py: card_facts).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settle_deepspeed_accelerator()  # save_pretrained imports DeepSpeed (through accelerate)
-    with _generation_ids(model, tokenizer, template):
-        model.save_pretrained(out)
-    _save_tokenizer(tokenizer, chat_template(template), out)
-    refusal = inference_refusal(model.config)  # the last stage's image setting, recorded in the model config
-    if refusal:  # no processor files; the card says what the export is for
-        log.warning("%s: %s", out, refusal)
-        (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out, refusal=refusal))
-        return out
-    geometry = VisionGeometry.from_model_config(model.config)
-    settings = processor_settings(geometry)
-    LlavaOnevisionImageProcessorPil(**settings).save_pretrained(out)
-    # The video processor needs torchvision to be built; its settings are plain data, written as such.
-    video = {
-        "video_processor_type": "LlavaOnevisionVideoProcessor",
-        "size": settings["size"],
-        "image_mean": settings["image_mean"],
-        "image_std": settings["image_std"],
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-        "resample": 3,
-    }
-    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    processor = {
-        "processor_class": "LlavaOnevisionProcessor",
-        "num_image_tokens": geometry.side * geometry.side,
-        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
-        "vision_aspect_ratio": model.config.vision_aspect_ratio,
-        "image_token": IMAGE_TOKEN,
-        "video_token": VIDEO_TOKEN,
-    }
-    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
-    (out / "README.md").write_text(model_card(out.name, template, card or {}, path=out))
-    return out
-
-
-@contextmanager
-def _generation_ids(model, tokenizer, template: str):
-    """End-of-reply and padding ids in the model config and the generation config while the model is saved, so
-    that `generate` stops where training's replies stop and pads batches with the tokenizer's pad token; the
-    caller's model keeps its own."""
-    stop = stop_token_ids(tokenizer, template)
-    eos = stop[0] if len(stop) == 1 else stop
-    configs = (model.config, model.config.text_config, model.generation_config)  # tools read any of them
-    keys = ("eos_token_id", "pad_token_id")
-    own = [{k: getattr(c, k) for k in keys if hasattr(c, k)} for c in configs]
-    for config in configs:
-        config.eos_token_id, config.pad_token_id = eos, tokenizer.pad_token_id
-    try:
-        yield
-    finally:
-        for config, values in zip(configs, own):
-            for key in keys:
-                if key in values:
-                    setattr(config, key, values[key])
-                else:
-                    delattr(config, key)
-
-
-def _save_tokenizer(tokenizer, template_text: str, out: Path) -> None:
-    """save_pretrained with the export's chat template (written as chat_template.jinja, which the processor
-    reads too); the caller's tokenizer keeps its own."""
-    own = tokenizer.chat_template
-    tokenizer.chat_template = template_text
-    try:
-        tokenizer.save_pretrained(out)
-    finally:
-        tokenizer.chat_template = own
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -260,7 +152,7 @@ def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
 
     Returns (model, tokenizer_dir). Sharded checkpoints are consolidated here, on CPU, in one process. Nothing in
     the checkpoint is unpickled beyond tensors and plain data unless `trust`; CheckpointError says what is wrong.
-    Adapter checkpoints hold no base: model/adapter_io.py puts them back on theirs.
+    Adapter checkpoints hold no base: checkpoints/adapters.py puts them back on theirs.
     """
     from transformers import (
         LlavaOnevisionConfig,
@@ -272,7 +164,7 @@ def model_from_checkpoint(ckpt_path: str | Path, trust: bool = False):
     meta = ov_train_metadata(path, trust)
     if meta.get("adapter"):
         raise CheckpointError(f"{ckpt_path}: an adapter checkpoint (adapter={meta['adapter']['kind']}), without its base"
-                              " weights; ov-export merges it into its base (ov_train.model.adapter_io)")
+                              " weights; ov-export merges it into its base (ov_train.checkpoints.adapters)")
     try:
         config = LlavaOnevisionConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError, KeyError) as err:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ov_train.data.synthetic import synthetic_root
 from ov_train.eval.evaluate import claim_out_dir, eval_sources, evaluate, generation_record
-from ov_train.eval.inference import ExportError, check_export, load_export, require_torchvision
+from ov_train.eval.inference import ExportError, check_export, load_export
 from ov_train.eval.metrics import METRICS
 from ov_train.utils.locations import is_pipe
 from ov_train.utils.redact import redact_text
@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     # Every input is checked before the model loads.
     try:
         check_export(args.export)
-        require_torchvision("ov-eval")
         root = args.root if args.root is not None else default_root(args.export)
         sources = eval_sources(args.data, root, args.metric, args.allow_pipe)
         out = Path(args.out) if args.out else Path(args.export).resolve().parent / "eval" / Path(args.data).stem

@@ -5,33 +5,24 @@ An adapter run's checkpoints hold the trainable tensors and their optimizer stat
 the AdapterPlan (config/adapter.py) with the base the adapters sit on: the model plan (paths absolute) and the seed,
 which decides random weights and the embedding rows added for new tokens. The base is rebuilt from that record
 (model/build.py), or read from a Hugging Face directory of it (`ov-export --base DIR`). Reading the checkpoint
-itself is model/checkpoint_io.py's; placing adapters is model/adapters.py's.
+itself is checkpoints/reading.py's, the export checkpoints/export.py's; placing adapters is model/adapters.py's.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+from ov_train.checkpoints.reading import checkpoint_format, load_weights, ov_train_metadata
+from ov_train.checkpoints.safe_load import CheckpointError
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.checks import missing_paths
 from ov_train.config.run_plan import ModelPlan, RunPlan, base_record
 from ov_train.constants import PARTS
 from ov_train.model.adapters import merged, wrap
 from ov_train.model.build import build_model, checkpoint_tokenizer
-from ov_train.model.checkpoint_io import (
-    checkpoint_format,
-    checkpoint_metadata,
-    export_pretrained,
-    load_weights,
-    model_from_checkpoint,
-    ov_train_metadata,
-)
-from ov_train.model.model_card import card_facts
 from ov_train.model.parts import apply_stage
-from ov_train.text.tokenizer import load_tokenizer
 from ov_train.utils.logging import get_logger
 from ov_train.utils.paths import cache_dir
-from ov_train.utils.safe_load import CheckpointError
 from ov_train.vision.settings import CONFIG_KEY
 
 log = get_logger(__name__)
@@ -44,11 +35,6 @@ RUN_OPTIONS = ("model.pretrained=DIR", "model.tokenizer=DIR")
 def recorded_adapters(meta: dict) -> AdapterPlan | None:
     """The adapters a checkpoint's `ov_train` metadata records, with their base; None for a full checkpoint."""
     return AdapterPlan.from_dict(meta["adapter"]) if meta.get("adapter") else None
-
-
-def adapter_record(ckpt_path: str | Path, trust: bool = False) -> AdapterPlan | None:
-    """The adapters a checkpoint records, with their base; None for a full checkpoint."""
-    return recorded_adapters(ov_train_metadata(Path(ckpt_path), trust))
 
 
 def base_plan(adapter: AdapterPlan, trust: bool = False, base_dir: str | Path | None = None,
@@ -111,36 +97,6 @@ def adapted_from_checkpoint(ckpt_path: str | Path, trust: bool = False, base_dir
     apply_stage(model, adapter.part_lrs(dict.fromkeys(PARTS, 1.0)), adapted=adapter.adapted)
     load_weights(path, checkpoint_format(path), model, trust, trainable_only=True)
     return peft_model, meta.get("tokenizer_dir"), adapter
-
-
-def export_checkpoint(ckpt_path, out_dir, tokenizer=None, trust: bool = False, base_dir=None,
-                      adapter_only: bool = False, template: str | None = None) -> Path:
-    """Write a checkpoint's export: a stock Hugging Face directory; for an adapter checkpoint merged, with the
-    adapters in PEFT's format in OUT/adapter/ (`adapter_only`: OUT holds just those). `tokenizer` (a tokenizer or
-    its directory, which then also builds a base from `base_dir`) defaults to the one the checkpoint records,
-    `template` to the chat template it records (else qwen_1_5)."""
-    path, out = Path(ckpt_path), Path(out_dir)
-    meta = ov_train_metadata(path, trust)
-    given_dir = str(tokenizer) if isinstance(tokenizer, (str, Path)) else None
-    if given_dir:
-        tokenizer = load_tokenizer(given_dir)
-    if meta.get("adapter"):
-        peft_model, tokenizer_dir, _ = adapted_from_checkpoint(path, trust, base_dir, tokenizer_dir=given_dir)
-        if adapter_only:
-            peft_model.save_pretrained(out)
-            return out
-        peft_model.save_pretrained(out / "adapter")
-        model = merged(peft_model)
-    elif adapter_only:
-        raise CheckpointError(f"{path}: a full checkpoint, without adapters; drop --adapter-only")
-    else:
-        model, tokenizer_dir = model_from_checkpoint(path, trust)
-    if tokenizer is None:
-        if not tokenizer_dir or not Path(tokenizer_dir).exists():
-            raise CheckpointError(f"tokenizer directory not found: {tokenizer_dir!r}; pass --tokenizer DIR")
-        tokenizer = load_tokenizer(tokenizer_dir)
-    facts = card_facts(checkpoint_metadata(path, trust=trust))
-    return export_pretrained(model, tokenizer, out, template=template or facts["template"] or "qwen_1_5", card=facts)
 
 
 def _trained_media(config, trained: dict) -> None:
