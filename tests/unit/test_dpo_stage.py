@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import TokenBudget
 from ov_train.config.run_plan import ConfigError
 from ov_train.data.batching import fill_batches
@@ -84,8 +85,8 @@ def _raw(sample: dict) -> dict:
 
 def test_synthetic_samples_become_pairs_and_batches_count_both_rows(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5", "anyres_max_9",
-                              max_frames=8, max_length=4096)
+    process = SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5",
+                              MediaSettings.of("anyres_max_9", 8), max_length=4096)
     pairs = PairProcessor(process, synthetic_rejected)
     examples = [pairs({**_raw(make_sample("single_image", "train", i)), "__source__": "s"}) for i in range(4)]
     for e, i in zip(examples, range(4)):

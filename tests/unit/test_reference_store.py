@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ov_train.training.reference_store as store_module
+from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
 from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.samples import SampleProcessor
@@ -25,7 +26,7 @@ def batches(tiny_model_and_tokenizer):
     """Three train batches of two synthetic pairs each, one held-out batch."""
     model, tokenizer = tiny_model_and_tokenizer
     process = PairProcessor(SampleProcessor(tokenizer, VisionGeometry.from_model_config(model.config), "qwen_1_5",
-                                            "anyres_max_9", max_frames=8, max_length=4096), synthetic_rejected)
+                                            MediaSettings.of("anyres_max_9", 8), max_length=4096), synthetic_rejected)
 
     def batch(subset, split, indices):
         examples = [process({**make_sample(subset, split, i), "json": json.dumps(make_sample(subset, split, i)["json"])})
