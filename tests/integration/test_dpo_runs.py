@@ -164,7 +164,7 @@ def test_a_step_of_accumulated_pairs_equals_one_batch_of_them(tmp_path, small_da
 def test_a_recipe_mixes_preference_sources(tmp_path):
     """LLaVA-NeXT DPO JSON converted to shards and Hugging Face's conversational preference
     parquet read as it is, mixed by weight in one recipe: both feed the pairs a dpo run trains on."""
-    from ov_train.data.cli import main
+    from ov_train.cli.data import main
     from tests.unit.test_convert_pairs import _llava_next_dpo, _write_hf_parquet
 
     source = _llava_next_dpo(tmp_path / "next")
