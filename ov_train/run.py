@@ -14,14 +14,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ov_train.checkpoints.adapters import build_for_training, init_from_adapters
 from ov_train.checkpoints.export import export_checkpoint
 from ov_train.checkpoints.reading import resume_problems
 from ov_train.checkpoints.saving import AtomicCheckpoints, PeriodicCheckpoint, SaveOnSigterm, save_whole
 from ov_train.config.adapter import AdapterPlan
+from ov_train.config.compose import compose
 from ov_train.config.run_plan import ConfigError, RunPlan, resolve_plan
+from ov_train.constants import MODALITIES
 from ov_train.data.compute_batches import SampleCost
 from ov_train.data.prepare import locate_shards, prepare_data
 from ov_train.data.recipe import Recipe
@@ -31,7 +33,9 @@ from ov_train.training.datamodule import OneVisionData
 from ov_train.training.loggers import build_logger
 from ov_train.training.metrics import TrainingMetrics, ValidationPredictions
 from ov_train.training.module import OneVisionModule
+from ov_train.training.preference import PreferenceModule
 from ov_train.training.progress import StepProgressBar
+from ov_train.training.reference_store import reference_store
 from ov_train.training.stream_state import StreamState
 from ov_train.utils.logging import get_logger, rank, tidy_library_output
 from ov_train.utils.redact import redact_files
@@ -40,6 +44,8 @@ from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.settings import apply_to_model_config
 
 log = get_logger(__name__)
+# How a per-modality metric's key ends (val/rewards/accuracy_video).
+MODALITY_SUFFIXES = tuple(f"_{m}" for m in MODALITIES)
 NO_HELD_OUT = ("no held-out data, so no held-out accuracy or val loss: no recipe source has held-out samples"
                " (val-*.tar beside its train shards, as `ov-data convert --holdout N` writes, or a source's `val:`)")
 NO_VALIDATION = "no validation ran (trainer.limit_val_batches=0?), so no held-out accuracy or val loss"
@@ -115,7 +121,37 @@ def train(cfg: DictConfig) -> dict:
     # The job holds its run directory through rank 0 (its ranks share it) from its first write to its end; a second
     # run there stops here.
     with hold_run_dir(plan.paths.lock) if rank() == 0 else nullcontext():
+        started = warm_start(cfg, plan)
+        if started is not None:
+            cfg = started
+            plan, source, recipe = check(resolve_plan(cfg))
         return _run(cfg, plan, source, recipe)
+
+
+def warm_start(cfg: DictConfig, plan: RunPlan) -> DictConfig | None:
+    """A preference run from random weights (the embedded tiny model) starts from an SFT warm start of its own:
+    stage.preference.warm_start_steps steps of warm_start_stage on the same data (the chosen replies), trained in
+    RUN/warm_start (resumed there when it was stopped, reused once it has its export). Returns the run's config with
+    model.init_from at that export; None when the run has no warm start."""
+    preference = plan.preference
+    if preference is None or not preference.warm_start_steps:
+        return None
+    export = plan.paths.warm_start / "export"
+    if not (export / "config.json").is_file():
+        log.info("stage.preference.warm_start_steps=%d: training the warm start (stage=%s) in %s first",
+                 preference.warm_start_steps, preference.warm_start_stage, plan.paths.warm_start)
+        sft = cfg.copy()
+        shipped = compose([f"stage={preference.warm_start_stage}", "logger=csv"])
+        with open_dict(sft):
+            sft.stage, sft.logger = shipped.stage, shipped.logger
+            sft.trainer.max_steps = preference.warm_start_steps
+            sft.trainer.val_check_interval = None
+            sft.run_dir, sft.ckpt_path, sft.export = str(plan.paths.warm_start), "auto", True
+        train(sft)
+    started = cfg.copy()
+    with open_dict(started):
+        started.model.init_from = str(export)
+    return started
 
 
 def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Recipe | None) -> dict:
@@ -136,10 +172,12 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
     data = OneVisionData(plan.data, recipe, tokenizer, VisionGeometry.from_model_config(model.config),
                          SampleCost.of_model(model.config, trainable))
     tokenizer.save_pretrained(paths.tokenizer)
-    module = OneVisionModule(
-        model, plan.optim, plan.forward, str(paths.tokenizer), nonfinite=plan.nonfinite, identity=plan.identity,
-        template=plan.data.samples.template, adapter=adapter, seed=plan.seed,
-    )
+    settings = {"forward_options": plan.forward, "tokenizer_dir": str(paths.tokenizer), "nonfinite": plan.nonfinite,
+                "identity": plan.identity, "template": plan.data.samples.template, "adapter": adapter, "seed": plan.seed}
+    if plan.preference:
+        module = PreferenceModule(model, plan.optim, plan.preference, reference_store(plan, model, data), **settings)
+    else:
+        module = OneVisionModule(model, plan.optim, **settings)
     if rank() == 0:
         paths.parameters.write_text(module.parameter_table + "\n")
     trainer = build_trainer(plan)
@@ -161,6 +199,8 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
                  plan.ckpt_path, trainer.global_step, plan.trainer["max_steps"], paths.summary)
         return json.loads(paths.summary.read_text())
     metrics = getattr(module, "val_metrics", {})
+    if plan.preference:
+        return _preference_summary(plan, trainer, metrics, recipe, start)
     summary = {
         "stage": plan.stage,
         "model": plan.model.name,
@@ -189,4 +229,34 @@ def _run(cfg: DictConfig, plan: RunPlan, source: AdapterPlan | None, located: Re
             summary["wall_time_s"], summary["val_accuracy"] or 0,
             "n/a: no answer options" if chance is None else f"{chance:.3f}", summary["val_loss"] or 0, paths.run_dir,
         )
+    return summary
+
+
+def _preference_summary(plan: RunPlan, trainer, metrics: dict, recipe, start: float) -> dict:
+    """summary.json of a preference run: held-out preference accuracy (pairs whose chosen reply gains the greater
+    reward) and reward margin, overall and per modality, and the pair loss."""
+    summary = {
+        "stage": plan.stage,
+        "model": plan.model.name,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - start, 1),
+        "preference_loss": plan.preference.settings.loss,
+        "reference": plan.preference.reference,
+        "val_preference_accuracy": metrics.get("val/preference_accuracy"),
+        "val_reward_margin": metrics.get("val/reward_margin"),
+        "val_loss": metrics.get("val/loss"),
+        "val_pairs": metrics.get("val/samples"),
+        "val_by_modality": {k[len("val/"):]: v for k, v in metrics.items()
+                            if k.startswith("val/") and k.endswith(MODALITY_SUFFIXES)},
+        "skipped_samples": next((dict(c.skipped) for c in trainer.callbacks if isinstance(c, StreamState)), {}),
+    }
+    if not summary["val_pairs"]:
+        summary["held_out"] = NO_VALIDATION if any(s.val_shards for s in recipe.sources) else NO_HELD_OUT
+    plan.paths.summary.write_text(json.dumps(summary, indent=2))
+    if not summary["val_pairs"]:
+        log.warning("done in %.0f s: %s -> %s", summary["wall_time_s"], summary["held_out"], plan.paths.run_dir)
+    else:
+        log.info("done in %.0f s: held-out preference accuracy %.3f, reward margin %.3f, val loss %.3f (%d pairs) -> %s",
+                 summary["wall_time_s"], summary["val_preference_accuracy"], summary["val_reward_margin"],
+                 summary["val_loss"], summary["val_pairs"], plan.paths.run_dir)
     return summary

@@ -104,9 +104,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         for layer in layout.shard_units(module.model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(module, mesh=mesh, mp_policy=policy)
-        # The module's forward is `losses` (every micro-batch of a step, each validation batch): the root's weights
-        # are gathered around each call, the backward runs after it, as FSDP2's gradient accumulation expects.
-        register_fsdp_forward_method(module, "losses")
+        # The module's forward (`fsdp_forward`: every micro-batch of a step, each validation batch): the root's
+        # weights are gathered around each call, the backward runs after it, as FSDP2's gradient accumulation expects.
+        register_fsdp_forward_method(module, module.fsdp_forward)
 
 
 class DeepSpeedCPUStrategy(DeepSpeedStrategy):

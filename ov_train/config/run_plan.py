@@ -13,7 +13,7 @@ imports nothing above ov_train.config.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,9 +33,11 @@ from ov_train.config.options import (
     world_size,
 )
 from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
+from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.config.reproduce import Reproduction
-from ov_train.constants import PARTS, SYNTHETIC
+from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
+from ov_train.resources import CONF_DIR
 from ov_train.utils.logging import get_logger
 from ov_train.utils.redact import redact_text, redact_tree
 
@@ -85,6 +87,16 @@ class RunPaths:
     @property
     def consumed_keys(self) -> Path:
         return self.run_dir / "consumed_keys.jsonl"
+
+    @property
+    def reference(self) -> Path:
+        """Precomputed reference log-probabilities (stage.preference.reference=precomputed)."""
+        return self.run_dir / "reference"
+
+    @property
+    def warm_start(self) -> Path:
+        """The SFT warm start a preference run from random weights trains first (run.py: warm_start)."""
+        return self.run_dir / "warm_start"
 
     @property
     def lock(self) -> Path:
@@ -158,6 +170,8 @@ class DataPlan:
     # Consecutive ranks that read the same batches (strategy.sequence_parallel: a group splits each row between them).
     replicas: int = 1
     batching: str = "tokens"  # data.batching: what fills a training batch (constants.BATCHINGS)
+    samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
+    pairs: bool = False  # stage.preference: samples are preference pairs (ov_train.data.pairs)
 
 
 @dataclass(frozen=True)
@@ -227,6 +241,18 @@ class CheckpointPlan:
 
 
 @dataclass(frozen=True)
+class PreferencePlan:
+    """stage.preference resolved: the loss settings and the reference this run uses (adapters_off, frozen or
+    precomputed)."""
+
+    settings: PreferenceSettings
+    reference: str
+    # An SFT warm start first (run.py: warm_start): steps (0: none; only a run from random weights has one) and stage.
+    warm_start_steps: int = 0
+    warm_start_stage: str = "onevision"
+
+
+@dataclass(frozen=True)
 class RunPlan:
     stage: str
     model: ModelPlan
@@ -250,6 +276,7 @@ class RunPlan:
     seed: int
     export: bool
     config: dict  # the resolved config, for the dashboards
+    preference: PreferencePlan | None = None  # None: the stage trains on conversations
 
 
 def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
@@ -326,6 +353,7 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: Cpu
         max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
         io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
         batching=data.batching, replicas=cfg.strategy.sequence_parallel,
+        pairs=stage.preference is not None,
     )
 
 
@@ -428,6 +456,44 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
     )
 
 
+def preference_settings(stage) -> PreferenceSettings | None:
+    """stage.preference as PreferenceSettings (None: a conversation stage)."""
+    node = stage.get("preference")
+    if node is None:
+        return None
+    return PreferenceSettings(**{f.name: node[f.name] for f in fields(PreferenceSettings) if f.name in node})
+
+
+def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[PreferencePlan | None, list[str]]:
+    """The stage's preference objective against the run's adapters, and what is wrong with it."""
+    settings = preference_settings(cfg.stage)
+    if settings is None:
+        return None, []
+    # Switching the adapters off gives the starting weights only when nothing trains beside them.
+    adapted_only = None if adapter is None else all(m in (ADAPTED, FROZEN) for m in adapter.modes.values())
+    problems = reference_problems(settings, adapted_only)
+    if cfg.data.samples_per_step and cfg.stage.loss_weighting != "sample":
+        problems.append(f"stage.loss_weighting={cfg.stage.loss_weighting!r} with stage.preference and "
+                        "data.samples_per_step: a step averages its pairs' losses, so use sample")
+    node = cfg.stage.preference
+    steps = node.warm_start_steps if model_plan(cfg.model).route == "random" else 0
+    if node.warm_start_steps < 0:
+        problems.append(f"stage.preference.warm_start_steps={node.warm_start_steps!r} must be >= 0")
+    if node.warm_start_stage not in stage_names() or node.warm_start_stage == cfg.stage.name:
+        problems.append(f"stage.preference.warm_start_stage={node.warm_start_stage!r}; allowed: "
+                        f"{[n for n in stage_names() if n != cfg.stage.name]}")
+    if steps > 0 and world_size(cfg.trainer) > 1:
+        problems.append(f"stage.preference.warm_start_steps={steps} runs in one process: train the warm start first "
+                        f"(stage={node.warm_start_stage}) and give its export as model.init_from")
+    plan = PreferencePlan(settings, settings.resolved_reference(adapted_only), max(steps, 0), node.warm_start_stage)
+    return plan, problems
+
+
+def stage_names() -> list[str]:
+    """The shipped stage configs."""
+    return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
+
+
 def resolve_plan(cfg: DictConfig) -> RunPlan:
     """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key."""
     missing = checks.missing_problems(cfg) or checks.world_problems(cfg.trainer)
@@ -449,6 +515,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
+        + (preference_settings(cfg.stage) or PreferenceSettings()).problems()
     )
     targets = ()
     try:
@@ -474,6 +541,9 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
     cpus = run_cpu_share(cfg)
+    preference, preference_problems = preference_plan(cfg, adapter)
+    if preference_problems:
+        raise ConfigError.of(preference_problems)
     return RunPlan(
         stage=cfg.stage.name,
         model=model_plan(cfg.model, cfg.checkpoint.trust),
@@ -498,4 +568,5 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         export=cfg.export,
         # What dashboards get: URLs without their credentials (the data reads use cfg's own values).
         config=redact_tree(OmegaConf.to_container(cfg, resolve=True)),
+        preference=preference,
     )

@@ -20,6 +20,23 @@ from omegaconf import MISSING
 
 
 @dataclass
+class PreferenceConfig:
+    """`stage.preference`: the stage trains on preference pairs (config/preference.py checks the values)."""
+
+    # sigmoid (DPO), ipo, hinge, or sigmoid_sft (DPO plus sft_weight x the chosen replies' NLL: the MPO-style mix).
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_weight: float = 1.0
+    # auto (adapters_off with adapters, else frozen), adapters_off, frozen or precomputed.
+    reference: str = "auto"
+    # A run from random weights (the embedded tiny model) first trains this many steps of warm_start_stage on the
+    # same data's chosen replies, in RUN/warm_start, and starts from that export; 0: none.
+    warm_start_steps: int = 0
+    warm_start_stage: str = "onevision"
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     # Learning rate per part; a part absent or at 0 is frozen.
@@ -56,6 +73,8 @@ class StageConfig:
     warmup_schedule: Optional[str] = None  # ov_train | transformers (the public trainer's)
     # The crop grids in the public script's order, used under stage.reproduce=public_code; null: image_grid.
     public_image_grid: Any = None
+    # Preference training (stage=dpo); null: the stage trains on conversations.
+    preference: Optional[PreferenceConfig] = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch.utils.data import IterableDataset
 
 from ov_train.config.options import TokenBudget
 from ov_train.data.compute_batches import fill_compute_batches
-from ov_train.data.step_batches import step_bundles
+from ov_train.data.step_batches import example_cost, step_bundles
 from ov_train.data.stream import reader_slot
 
 
@@ -27,7 +27,7 @@ def fill_batches(examples: Iterator[dict], budget: TokenBudget, state: Callable[
         example = next(examples, None)
         if example is None:
             break
-        length = len(example["input_ids"])
+        length = example_cost(example)
         if not budget.admits(len(batch), longest, length):
             yield batch, before
             batch, longest = [], 0
@@ -104,4 +104,4 @@ class HeldOutBatches(IterableDataset):
 
     def __iter__(self):
         for examples, _ in fill_batches(iter(self.examples), self.budget):
-            yield self.collate(examples)
+            yield {**self.collate(examples), "source": [e["source"] for e in examples], "key": [e["key"] for e in examples]}

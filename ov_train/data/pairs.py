@@ -9,6 +9,7 @@ forward (its `media_owner`, ov_train.model.forward).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,19 +24,25 @@ class PairProcessor:
     with `rejected_input_ids` and `rejected_labels` beside."""
 
     process: SampleProcessor
+    # The rejected reply of a sample that has none (the synthetic data's: ov_train.data.synthetic.synthetic_rejected).
+    rejected_of: Callable[[dict], str | None] | None = None
 
     def __call__(self, raw: dict) -> dict:
         example = self.process(raw)  # skips, media and the chosen conversation, checked as for SFT samples
         meta = json.loads(raw["json"])
         key = example["key"]
         rejected = meta.get(REJECTED)
+        if rejected is None and self.rejected_of is not None:
+            rejected = self.rejected_of(meta)
         if not isinstance(rejected, str) or not rejected.strip():
             raise SampleError("not_a_pair", f"sample {key}: no rejected reply (a preference stage reads samples that "
                                             "`ov-data convert` made from prompt/chosen/rejected data)")
         turns = meta["conversations"]
         ids, labels = self.process.encode(key, [*turns[:-1], {**turns[-1], "value": rejected}], example["visual_tokens"])
+        # A pair costs its two rows in a batch (data/batching.py reads `cost`).
         return {**example, "rejected_input_ids": torch.tensor(ids, dtype=torch.long),
-                "rejected_labels": torch.tensor(labels, dtype=torch.long)}
+                "rejected_labels": torch.tensor(labels, dtype=torch.long),
+                "cost": 2 * max(len(example["input_ids"]), len(ids))}
 
 
 def collate_pairs(pairs: list[dict], pad_id: int, share_media: bool = True) -> dict:
@@ -44,8 +51,9 @@ def collate_pairs(pairs: list[dict], pad_id: int, share_media: bool = True) -> d
     else a plain batch with every pair's media twice (what encoding them twice means)."""
     rejected = [{**p, "input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"], "skipped": {}} for p in pairs]
     if not share_media:
-        return collate([*pairs, *rejected], pad_id)
+        return {**collate([*pairs, *rejected], pad_id), "pairs": len(pairs)}
     batch = collate([*pairs, *({**r, "images": [], "frames": None} for r in rejected)], pad_id)
     batch["media_owner"] = [*range(len(pairs)), *range(len(pairs))]
     batch["videos_per_sample"] = [int(p["frames"] is not None) for p in pairs] + [0] * len(pairs)
+    batch["pairs"] = len(pairs)
     return batch

@@ -14,6 +14,11 @@ from itertools import islice
 from ov_train.config.options import TokenBudget
 
 
+def example_cost(example: dict) -> int:
+    """Tokens an example adds to a batch's rows: its own, or a preference pair's two rows (data/pairs.py)."""
+    return example.get("cost") or len(example["input_ids"])
+
+
 def split_step(lengths: list[int], budget: TokenBudget) -> list[list[int]]:
     """Indices of the step's samples grouped into micro-batches that each fit the budget (a sample over the
     budget alone); every sample lands in exactly one."""
@@ -35,13 +40,14 @@ def step_bundles(examples: Iterator[dict], per_rank: int, budget: TokenBudget, c
         step = list(islice(examples, per_rank))
         if len(step) < per_rank:
             return
-        groups = split_step([len(e["input_ids"]) for e in step], budget)
+        groups = split_step([example_cost(e) for e in step], budget)
         skipped: Counter = Counter()
         for e in step:
             skipped.update(e.get("skipped", {}))
         ordered = [step[i] for g in groups for i in g]
         bundle = {
-            "micro_batches": [collate([step[i] for i in g]) for g in groups],
+            "micro_batches": [{**collate([step[i] for i in g]), "source": [step[i]["source"] for i in g],
+                               "key": [step[i]["key"] for i in g]} for g in groups],
             "source": [e["source"] for e in ordered],
             "key": [e["key"] for e in ordered],
             "modality": [e["modality"] for e in ordered],

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,14 @@ def _text(key, i, rng, px, seed, split):
     word, answer = _balanced(questions, i, seed, split, "text")
     options = sorted({w for pair in OPPOSITES for w in pair})
     return _record(key, "text", "opposite", options, answer, f"What is the opposite of {word}?")
+
+
+def synthetic_rejected(meta: dict) -> str | None:
+    """A plausible wrong reply to a synthetic sample: another of its task's options (a colour for a colour, an
+    ordinal for an ordinal), picked by a hash of the sample's key, so every read of the sample gets the same one.
+    What makes the synthetic samples preference pairs (stage.preference); None when the task has no other option."""
+    wrong = [o for o in meta.get("options") or () if o != meta.get("answer")]
+    return wrong[zlib.crc32(str(meta.get("id")).encode()) % len(wrong)] if wrong else None
 
 
 _GENERATORS = {

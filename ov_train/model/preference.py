@@ -27,36 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ov_train.config.options import ForwardOptions
+from ov_train.config.preference import PREFERENCE_LOSSES, SMOOTHED, PreferenceSettings  # noqa: F401 (re-exported)
 from ov_train.model.forward import sample_losses
-
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_sft")
-SMOOTHED = ("sigmoid", "sigmoid_sft")  # the losses label smoothing applies to
-
-
-@dataclass(frozen=True)
-class PreferenceSettings:
-    """`stage.preference.*`. Defaults: LLaVA-NeXT's OneVision DPO script (scripts/train/dpo_ov7b.sh: sigmoid loss,
-    beta 0.1, no label smoothing)."""
-
-    loss: str = "sigmoid"  # one of PREFERENCE_LOSSES
-    beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
-    label_smoothing: float = 0.0  # cDPO: the probability that a pair's preference is flipped, in [0, 0.5)
-    sft_weight: float = 1.0  # sigmoid_sft: weight of the chosen replies' NLL (TRL's MPO example and LLaVA-NeXT's default)
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.loss not in PREFERENCE_LOSSES:
-            out.append(f"stage.preference.loss={self.loss!r}; allowed: {list(PREFERENCE_LOSSES)}")
-        if not self.beta > 0:
-            out.append(f"stage.preference.beta={self.beta!r} must be positive")
-        if not 0 <= self.label_smoothing < 0.5:
-            out.append(f"stage.preference.label_smoothing={self.label_smoothing!r} must be in [0, 0.5)")
-        elif self.label_smoothing and self.loss not in SMOOTHED:
-            out.append(f"stage.preference.label_smoothing={self.label_smoothing!r} applies to loss {list(SMOOTHED)} only, "
-                       f"not {self.loss!r}: set it to 0")
-        if self.loss == "sigmoid_sft" and not self.sft_weight > 0:
-            out.append(f"stage.preference.sft_weight={self.sft_weight!r} must be positive with loss=sigmoid_sft")
-        return out
 
 
 @dataclass(frozen=True)
@@ -79,8 +51,11 @@ class PreferenceOutput:
 
 
 def preference_loss(settings: PreferenceSettings, policy: PairLogps, reference: PairLogps,
-                    chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> PreferenceOutput:
-    """The loss of a batch of N pairs and its reward metrics; `*_tokens` [N]: the replies' supervised tokens."""
+                    chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+                    denominator: float | None = None) -> PreferenceOutput:
+    """The loss of a batch of N pairs and its reward metrics; `*_tokens` [N]: the replies' supervised tokens.
+    `denominator`: the pairs of the whole optimizer step (its micro-batches, ov_train.training.step), which the
+    pair losses are summed over instead of this batch's N; the SFT term then weighs in by N / denominator."""
     problems = settings.problems()
     if problems:
         raise ValueError("; ".join(problems))
@@ -95,11 +70,12 @@ def preference_loss(settings: PreferenceSettings, policy: PairLogps, reference: 
     else:
         logits = beta * (chosen_ratio - rejected_ratio)
         pair_losses = -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
-    loss = pair_losses.mean()
+    share = 1.0 if denominator is None else len(pair_losses) / denominator
+    loss = pair_losses.mean() * share
     sft = None
     if settings.loss == "sigmoid_sft":
         sft = -policy.chosen.sum() / chosen_tokens.sum().clamp_min(1)
-        loss = loss + settings.sft_weight * sft
+        loss = loss + settings.sft_weight * sft * share
     chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     return PreferenceOutput(
         loss=loss, pair_losses=pair_losses, sft=sft, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,

@@ -29,11 +29,19 @@ from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, r
 from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
 from ov_train.config.parallel import allowed_degrees, sequence_parallel_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
-from ov_train.config.run_plan import ModelPlan, model_plan, optim_plan, run_adapter_plan, stage_lrs, strategy_plan
+from ov_train.config.run_plan import (
+    ModelPlan,
+    model_plan,
+    optim_plan,
+    preference_plan,
+    run_adapter_plan,
+    stage_lrs,
+    strategy_plan,
+)
 from ov_train.constants import ADAPTED, VARLEN
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
-from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state
+from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state, reference_state
 from ov_train.planner.trace import Trace, trace_step
 from ov_train.planner.workload import ONEVISION_MIX, Sample, fill, rank_share
 from ov_train.utils.flops import ModelFlops, TokenCounts
@@ -139,6 +147,7 @@ class Setup:
     reserve_gib: float
     image: ImageSettings = ImageSettings()  # the stage's image strategy and grid
     video: VideoSettings = VideoSettings()  # the stage's frames, pooling and newline layout
+    reference: str | None = None  # a preference stage's reference (config/preference.py), resolved; None: no stage.preference
 
     def samples(self, geometry: VisionGeometry) -> list[Sample]:
         """The step's samples: the token budget of a device, or of a sequence-parallel group's row."""
@@ -182,6 +191,9 @@ class Setup:
         adapter = run_adapter_plan(cfg)
         if strategy.sequence_parallel > 1:  # the group's batch is one packed row (parallel/sequence.py)
             options = replace(options, max_tokens=max(options.max_tokens, tokens))
+        preference, preference_problems = preference_plan(cfg, adapter)
+        if preference_problems:
+            raise PlanError("invalid config:\n  " + "\n  ".join(preference_problems))
         return cls(
             model=model_plan(cfg.model), parts=optim_plan(cfg, adapter).part_lrs, device=device,
             engine=engine, options=replace(options, compile=False), path=path,
@@ -189,7 +201,7 @@ class Setup:
             tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=media.image.anyres,
             adapter=adapter,
             mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
-            image=media.image, video=media.video,
+            image=media.image, video=media.video, reference=preference.reference if preference else None,
         )
 
 
@@ -254,6 +266,9 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
     """The plan's numbers (see the module docstring), as the JSON the CLI prints."""
     e = setup.engine
     state = model_state(counts, e)
+    ref_bytes, _, ref_note = reference_state(counts, e, setup.reference)
+    if ref_note:
+        state = replace(state, reference=ref_bytes, notes=(*state.notes, ref_note))
     # Full gradients already held when the step starts: accumulation, the stock path's batch-1 accumulation, and
     # adapters (the trace's gradients are the full model's, its own are the adapters').
     held = e.accumulate > 1 or setup.path == "stock" or counts.adapters > 0
@@ -295,6 +310,8 @@ def evaluate(setup: Setup, trace: Trace, counts: Counts, work: TokenCounts, flop
         "forward_backward_peak_gib": _gib(forward_backward),
         "optimizer_step_peak_gib": _gib(step),
         "host_gib": _gib(state.host),
+        "reference": setup.reference,
+        "reference_gib": _gib(state.reference),
         "tokens": int(work.tokens),
         "tokens_from": setup.tokens_from,
         "sequence_parallel": sp,
@@ -336,7 +353,11 @@ def plan_setup(setup: Setup) -> dict:
     )
     # Adapted parts compute no gradients of their own weights (a trained copy does).
     trains = {p for p in counts.trainable_parts if not (setup.adapter and setup.adapter.modes[p] == ADAPTED)}
-    flops = ModelFlops.from_config(model.config).train_step(work, trains)
+    model_flops = ModelFlops.from_config(model.config)
+    flops = model_flops.train_step(work, trains)
+    # A preference stage's reference: forwards without gradients beside the training step.
+    flops += reference_state(counts, setup.engine, setup.reference)[1] * sum(
+        m + a for m, a in model_flops.forward(work).values())
     trace, cached = cached_trace(setup, model, step_samples(setup, geometry))
     out = evaluate(setup, trace, counts, work, flops)
     out["samples"] = {m: sum(s.modality == m for s in all_samples) for m in ("video", "multi_image", "single_image", "text")}

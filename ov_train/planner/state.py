@@ -152,11 +152,27 @@ class ModelState:
     step_working_set: int  # what the optimizer step adds
     host: int  # offloaded to host memory
     notes: tuple[str, ...] = field(default=())
+    reference: int = 0  # a preference stage's frozen reference copy (reference_state)
 
     @property
     def resident(self) -> int:
         """Held through the whole step (gradients apart)."""
-        return self.weights + self.masters + self.optimizer + self.buffers
+        return self.weights + self.masters + self.optimizer + self.buffers + self.reference
+
+
+def reference_state(c: Counts, e: Engine, reference: str | None) -> tuple[int, float, str | None]:
+    """What a preference stage's reference model (stage.preference.reference, resolved) costs: (bytes per device,
+    forward passes added per step, a note). `frozen` is a whole copy of the weights on every device (no engine
+    shards it), in the weights' dtype; `adapters_off` runs the policy once more without gradients and with its
+    adapters off; `precomputed` costs one forward pass over the training pairs before training, nothing per step."""
+    if reference == "frozen":
+        w = 2 if e.precision == "bf16-true" or (e.name in ("zero",) and not e.precision.startswith("32")) else 4
+        return w * c.total, 1.0, "the frozen reference: a whole copy of the weights on every device, one forward a step"
+    if reference == "adapters_off":
+        return 0, 1.0, "the reference is the policy with its adapters off: one more forward a step, no second copy"
+    if reference == "precomputed":
+        return 0, 0.0, "precomputed reference log-probabilities: one forward pass over the training pairs first"
+    return 0, 0.0, None
 
 
 def model_state(c: Counts, e: Engine) -> ModelState:

@@ -10,10 +10,12 @@ from torch.utils.data import DataLoader
 from ov_train.config.run_plan import DataPlan
 from ov_train.data.batching import HeldOutBatches, TrainBatches
 from ov_train.data.compute_batches import SampleCost
+from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.parquet_source import with_indexes
 from ov_train.data.recipe import Recipe
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.stream import MixedStream, ValStream
+from ov_train.data.synthetic import synthetic_rejected
 from ov_train.training.held_out import EvenHeldOut
 from ov_train.training.loader_workers import init_worker, main_exiting
 from ov_train.utils.logging import get_logger
@@ -47,6 +49,9 @@ class OneVisionData(L.LightningDataModule):
             plain_newline=samples.plain_newline,
         )
         self.collate = partial(collate, pad_id=tokenizer.pad_token_id)
+        if plan.pairs:  # stage.preference: each sample a pair, its media once in the batch
+            self.process = PairProcessor(self.process, synthetic_rejected if plan.synthetic else None)
+            self.collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
         self._resume: tuple[dict, int] = ({}, 0)
         self._train: TrainBatches | None = None
         mix = ", ".join(f"{name} {100 * share:.1f}%" for name, share in self.recipe.shares("name").items())

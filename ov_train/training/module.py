@@ -12,6 +12,7 @@ from ov_train.config.run_plan import OptimPlan
 from ov_train.constants import MODALITIES
 from ov_train.model.adapters import dropout_seed
 from ov_train.model.forward import prepare_model, sample_losses
+from ov_train.model.loss import weighted_loss
 from ov_train.model.parts import apply_stage, format_table
 from ov_train.training import step
 from ov_train.training.optim import build_adamw
@@ -64,6 +65,9 @@ class OneVisionModule(L.LightningModule):
         # without sequence parallelism. The group's losses come back reduced (the group's sums and counts).
         self.sequence_parallel = None
 
+    # The method FSDP2 gathers the root's weights around (ov_train.strategies): every forward of a step goes through it.
+    fsdp_forward = "losses"
+
     def losses(self, batch, predict: bool = False):
         """Per sample: loss sum, supervised tokens and (with `predict`) the greedy next-token predictions [B, L-1].
 
@@ -75,6 +79,13 @@ class OneVisionModule(L.LightningModule):
             # Adapter dropout draws from the global generator: seeding it per step and rank makes a resumed run draw
             # the masks an uninterrupted one draws.
             torch.manual_seed(dropout_seed(self.seed, self.global_step, self.global_rank))
+
+    def batch_loss(self, batch, denominator=None):
+        """(the loss to backpropagate, per-sample losses for the log, their modalities) of one batch; `denominator`:
+        the whole step's (training/step.py). The hook the preference stage's module replaces
+        (training/preference.py)."""
+        sums, counts, _ = self.losses(batch)
+        return weighted_loss(sums, counts, self.loss_weighting, denominator), sums / counts.clamp_min(1), batch["modality"]
 
     def training_step(self, batch, batch_idx):
         return step.training_step(self, batch, batch_idx)

@@ -24,12 +24,11 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from ov_train.constants import IGNORE_INDEX
-from ov_train.model.loss import weighted_loss
 
 
 def _own_counts(micro_batches: list[dict], device) -> torch.Tensor:
     tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    samples = sum(len(mb["modality"]) for mb in micro_batches)
+    samples = sum(mb.get("pairs") or len(mb["modality"]) for mb in micro_batches)  # a preference pair is one
     return torch.tensor([len(micro_batches), tokens, samples], dtype=torch.float64, device=device)
 
 
@@ -75,13 +74,12 @@ def training_step(module, batch: dict, batch_idx: int) -> torch.Tensor:
             # accumulated gradient partitions instead of adding to them).
             getattr(deepspeed.optimizer, "clear_backward_seen_flag", lambda: None)()
         with _gradient_sync(module, optimizer, last=k == runs - 1):
-            sums, counts, _ = module.losses(micro_batch)
-            loss = weighted_loss(sums, counts, module.loss_weighting, denominator)
+            loss, per, mods = module.batch_loss(micro_batch, denominator)
             module.manual_backward(loss if real else loss * 0)
         if real:
             loss_total += loss.detach()
-            per_sample.append((sums / counts.clamp_min(1)).detach())
-            modalities += micro_batch["modality"]
+            per_sample.append(per.detach())
+            modalities += mods
     module.log_training(loss_total, torch.cat(per_sample), modalities, batch_idx)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -19,8 +19,31 @@ RECIPE_SAMPLES = {"pretrain": 558_000, "mid": 4_835_000, "final_image": 3_200_00
 
 def test_the_experiments_ship():
     chain = [f"{size}/{stage}" for size in [*SIZES, "tiny_stages"] for stage in CHAIN]
-    # Long video (README): 7B on 8 GPUs and its tiny twin, tests/integration/test_long_video.py.
-    assert sorted([*chain, "ov_qwen2_7b/long_video", "tiny_long_video"]) == EXPERIMENTS
+    # Long video (README): 7B on 8 GPUs and its tiny twin, tests/integration/test_long_video.py; preference (DPO).
+    extra = ["ov_qwen2_7b/long_video", "tiny_long_video", "ov_qwen2_7b/dpo", "tiny_stages/dpo"]
+    assert sorted([*chain, *extra]) == EXPERIMENTS
+
+
+def test_the_7b_dpo_experiment_states_the_public_script_and_asks_for_steps_and_data(tmp_path, monkeypatch):
+    """LLaVA-NeXT scripts/train/dpo_ov7b.sh: from the OneVision model, ZeRO-3, 1 pair x 8 accumulation x 8 GPUs, the
+    stage's rates and beta; the data and so the length of one epoch are the user's."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["experiment=ov_qwen2_7b/dpo"])
+    assert (cfg.stage.name, cfg.model.name, cfg.data.name, cfg.strategy.name) == ("dpo", "ov_qwen2_7b", "recipe", "deepspeed")
+    assert (cfg.data.samples_per_step, cfg.model.init_from) == (64, "runs/ov_qwen2_7b/onevision/export")
+    with pytest.raises(ConfigError, match="data.epochs needs sample counts: recipe 'dpo' gives weights"):
+        resolve_plan(compose_config(["experiment=ov_qwen2_7b/dpo", f"data.root={tmp_path}"]))
+    (tmp_path / cfg.model.init_from).mkdir(parents=True)
+    (tmp_path / cfg.model.init_from / "config.json").write_text("{}")
+    recipe = tmp_path / "pairs.yaml"  # two preference sources mixed by their pair counts
+    recipe.write_text("sources:\n  - {name: a, path: a, modality: single_image, samples: 4000}\n"
+                      "  - {name: b, path: b, modality: video, samples: 1760}\n")
+    plan = resolve_plan(compose_config(["experiment=ov_qwen2_7b/dpo", f"data.root={tmp_path}", f"data.recipe={recipe}"]))
+    assert plan.trainer["max_steps"] == 90  # one epoch: ceil(5760 / 64)
+    assert plan.model.route == "export" and plan.strategy.settings["stage"] == 3
+    assert plan.optim.part_lrs == {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7}
+    assert (plan.optim.warmup_ratio, plan.preference.settings.beta, plan.preference.settings.loss) == (0.1, 0.1, "sigmoid")
+    assert plan.preference.warm_start_steps == 0 and plan.data.samples_per_rank == 8
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -72,7 +95,7 @@ def test_debug_overlays_resolve(debug):
 def test_the_tiny_stage_chain_runs_one_step_per_stage(tmp_path, small_data_root, monkeypatch):
     """Each stage starts from the one before's export, as the files say (paths relative to where the run starts)."""
     monkeypatch.chdir(tmp_path)
-    for stage in CHAIN:
+    for stage in [*CHAIN, "dpo"]:
         overrides = [f"experiment=tiny_stages/{stage}", "trainer.max_steps=1", f"data.root={small_data_root}", *SMALL_DATA,
                      "trainer.limit_val_batches=1"]
         summary = train(compose_config(overrides, run_dir=f"runs/tiny_stages/{stage}"))

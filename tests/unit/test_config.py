@@ -22,11 +22,12 @@ EXPECTED_PARTS = {
     "mid": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
     "final_image": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
     "onevision": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
+    "dpo": {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7},  # LLaVA-NeXT scripts/train/dpo_ov7b.sh
 }
 
 
-def test_the_four_stages_ship():
-    assert STAGES == ["final_image", "mid", "onevision", "pretrain"]
+def test_the_five_stages_ship():
+    assert STAGES == ["dpo", "final_image", "mid", "onevision", "pretrain"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

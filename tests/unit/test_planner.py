@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,21 @@ def test_cli_plans_an_experiment_of_the_users_config_directory(tmp_path, capsys)
         assert json.loads(capsys.readouterr().out)["devices"] == 2
     assert main(["--config-dir", str(tmp_path / "nope"), "plan.device=h200"]) == 1
     assert f"Additional config directory '{tmp_path / 'nope'}' not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, reference, engine, copy_bytes, forwards", [
+    ([], "frozen", Engine("single", 1, "bf16-true"), 2 * C.total, 1.0),  # a whole copy, in the weights' dtype
+    ([], "frozen", Engine("zero", 4, "bf16-mixed", 3), 2 * C.total, 1.0),  # no engine shards it
+    ([], "frozen", Engine("ddp", 2, "32-true"), 4 * C.total, 1.0),
+    (["adapter=lora", "adapter.targets.projector=frozen"], "adapters_off", Engine("single", 1, "bf16-true"), 0, 1.0),
+    (["stage.preference.reference=precomputed"], "precomputed", Engine("single", 1, "bf16-true"), 0, 0.0),
+])
+def test_the_planner_counts_each_preference_reference(overrides, reference, engine, copy_bytes, forwards):
+    from ov_train.planner.state import reference_state
+
+    assert Setup.from_config(compose_config(["stage=dpo", "plan.device=h100", *overrides])).reference == reference
+    assert reference_state(C, engine, reference)[:2] == (copy_bytes, forwards)
+    state = replace(model_state(C, engine), reference=copy_bytes)
+    assert state.resident == model_state(C, engine).resident + copy_bytes  # held through the step
+    assert reference_state(C, engine, None) == (0, 0.0, None)  # conversation stages: none
+    assert Setup.from_config(compose_config(["plan.device=h100"])).reference is None
