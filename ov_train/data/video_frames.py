@@ -24,6 +24,12 @@ from torch.utils.data import get_worker_info
 from ov_train.utils.cpus import cpus_per_process
 
 
+# FFmpeg's scaler keeps a thread pool in a context PyAV caches per process: a loader worker forked after the parent
+# converted a frame inherits the pool without its threads and waits forever (reproduced: tests/unit/test_video_frames.py).
+# One scaler thread has no pool; the conversion is a small part of a frame's cost beside decoding.
+SCALER_THREADS = 1
+
+
 def decode_threads() -> int:
     """Decoder threads for this process: its share of the node's usable CPUs among the run's local ranks
     (LOCAL_WORLD_SIZE) times their loader workers."""
@@ -61,7 +67,7 @@ class Clip:
     def frames(self, indices: list[int], convert: Callable | None = None) -> list[np.ndarray]:
         """uint8 RGB frames [H, W, 3] at `indices` (presentation order), in the order asked for; `convert` turns a
         decoded av.VideoFrame into the array (default: rgb24 at its own size)."""
-        convert = convert or (lambda frame: frame.to_ndarray(format="rgb24"))
+        convert = convert or (lambda frame: frame.to_ndarray(format="rgb24", threads=SCALER_THREADS))
         wanted = {self.pts[i]: i for i in indices}
         # Packets of wanted frames decode in full; the others only if later frames refer to them (the codec's own
         # skip of non-reference frames, FFmpeg's skip_frame=NONREF).
@@ -110,7 +116,8 @@ def sampled_frames(data: bytes, pick: Callable[[int, float], list[int]], frame_s
         convert = None
         if frame_size:
             def convert(frame):
-                return frame.to_ndarray(format="rgb24", width=frame_size, height=frame_size, interpolation="BILINEAR")
+                return frame.to_ndarray(format="rgb24", width=frame_size, height=frame_size, interpolation="BILINEAR",
+                                        threads=SCALER_THREADS)
         frames = np.stack(clip.frames(list(indices), convert))
         return frames, clip.duration, list(indices)
     finally:

@@ -70,3 +70,34 @@ def test_decode_threads_follow_the_cpu_share(monkeypatch):
     monkeypatch.setattr(vf, "cpus_per_process", lambda n: max(1, 16 // n))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert decode_threads() == 2  # 16 CPUs over 8 ranks with one (main-process) loader
+
+
+
+def _every_third(n, fps):
+    return list(range(0, n, 3))
+
+
+def _decode_in_child(data, frame_size, queue):
+    frames, _, _ = sampled_frames(data, _every_third, frame_size, threads=1)
+    queue.put(frames.shape)
+
+
+@pytest.mark.parametrize("frame_size", [None, 64])
+def test_a_worker_forked_after_the_parent_decoded_still_decodes(h264, frame_size):
+    """Loader workers are forked from a process that may have decoded video already (validation, checks): FFmpeg's
+    scaler pool cached in the parent once left forked workers waiting forever."""
+    import multiprocessing
+
+    parent, _, _ = sampled_frames(h264, _every_third, frame_size, threads=1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_decode_in_child, args=(h264, frame_size, queue), daemon=True) for _ in range(2)]
+    for child in children:
+        child.start()
+    try:
+        shapes = [queue.get(timeout=60) for _ in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.join()
+    assert shapes == [parent.shape, parent.shape] and parent.shape[0] == 60
