@@ -23,7 +23,6 @@ from torch.utils.data import get_worker_info
 
 from ov_train.utils.cpus import cpus_per_process
 
-
 # FFmpeg's scaler keeps a thread pool in a context PyAV caches per process: a loader worker forked after the parent
 # converted a frame inherits the pool without its threads and waits forever (reproduced: tests/unit/test_video_frames.py).
 # One scaler thread has no pool; the conversion is a small part of a frame's cost beside decoding.
