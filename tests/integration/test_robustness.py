@@ -213,10 +213,11 @@ def test_skip_drops_the_update_of_a_nan_batch_and_counts_it(small_data_root):
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # The skipped step shows its own, non-finite loss, never the step before's (Lightning re-sends a key's last
     # value to loggers and the progress bar on steps that do not log it).
+    # Dashboards number steps as the console does: batch k is logged as step k + 1.
     rows = recorded.rows
-    assert [rows[step]["train/nonfinite_batches"] for step in (0, 1, 2)] == [0, 1, 1]
-    assert math.isnan(rows[1]["train/loss"]) and math.isnan(watch.progress_bar[1])
-    assert all(math.isfinite(rows[step]["train/loss"]) for step in (0, 2))
+    assert [rows[step]["train/nonfinite_batches"] for step in (1, 2, 3)] == [0, 1, 1]
+    assert math.isnan(rows[2]["train/loss"]) and math.isnan(watch.progress_bar[1])
+    assert all(math.isfinite(rows[step]["train/loss"]) for step in (1, 3))
     assert all(math.isfinite(watch.progress_bar[step]) for step in (0, 2))
 
 
