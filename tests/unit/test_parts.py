@@ -44,8 +44,8 @@ def batch(mixed_batch):
     return mixed_batch[2]
 
 
-def test_stage_configs_are_the_four_stages():
-    assert STAGES == ["final_image", "mid", "onevision", "pretrain"]
+def test_stage_configs_are_the_four_stages_and_dpo():
+    assert STAGES == ["dpo", "final_image", "mid", "onevision", "pretrain"]
     assert set(PARTS) == {"vision_tower", "projector", "llm"}
 
 
@@ -77,6 +77,9 @@ def test_apply_stage_per_stage_config(stage, model):
         assert trainable == {n for n in names.values() if n.startswith(("model.multi_modal_projector.", "model.image_newline"))}
         assert "model.image_newline" in trainable
         assert {n.split(".")[-1] for n in trainable if "multi_modal_projector" in n} == {"weight", "bias"}
+    elif stage == "dpo":  # dpo_ov7b.sh: one rate for every part
+        expected_lrs = {part: 5e-7 * lr_scale for part in ("vision_tower", "projector", "llm")}
+        assert trainable == {n for n in names.values() if not _unused(n)}
     else:
         expected_lrs = {"vision_tower": 2e-6 * lr_scale, "projector": 1e-5 * lr_scale, "llm": 1e-5 * lr_scale}
         assert trainable == {n for n in names.values() if not _unused(n)}
