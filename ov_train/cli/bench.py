@@ -32,11 +32,11 @@ from ov_train.bench.loader import loader_bench
 from ov_train.bench.model import model_bench
 from ov_train.bench.pairs import pair_bench
 from ov_train.config.compose import compose
+from ov_train.config.options import cpu_share
 from ov_train.config.run_plan import model_plan
 from ov_train.constants import CHECKPOINTABLE
 from ov_train.devices import DEVICES
 from ov_train.model.build import build_model
-from ov_train.utils.cpus import usable_cpus
 from ov_train.utils.paths import cache_dir
 from ov_train.vision.geometry import VisionGeometry
 
@@ -100,9 +100,12 @@ def main(argv=None) -> list:
             args.json.write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:], "results": results}, indent=2))
         return results
     torch.manual_seed(args.seed)
-    # Intra-op threads from the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's count.
-    torch.set_num_threads(usable_cpus())
-    print(f"torch threads: {torch.get_num_threads()} (the CPUs this process may use)")
+    # Torch threads as a training run of this process sizes them (config/options.py cpu_share: the CPUs it may use,
+    # less its loader workers), so the bench's figures are the run's: threads on every usable CPU spin while
+    # another process holds one (8x slower beside one busy process on 2 cores).
+    share = cpu_share(None, local_processes=1)
+    torch.set_num_threads(share.threads)
+    print(share.describe())
     cfg = compose([f"model={args.model}", "model.random_init=true"]).model
     with_model = args.both or not args.loader
     # The loader alone needs only the tokenizer and the geometry: the model is built without weights.

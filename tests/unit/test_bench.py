@@ -34,6 +34,12 @@ def test_tiny_bench_prints_positive_figures(capsys, tmp_path):
     args = ["--tiny", "--samples", "3", "--steps", "1", "--warmup", "1", "--max-tokens", "128,512", "--adapter", "lora"]
     results = main([*args, "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out.splitlines()
+    # Torch threads as a training run sizes them (the usable CPUs less its loader workers), set and said.
+    import torch
+
+    from ov_train.config.options import cpu_share
+    share = cpu_share(None, local_processes=1)
+    assert share.describe() in out and torch.get_num_threads() == share.threads
     lines = [m.groups() for m in map(FIGURES.match, out) if m]
     assert [(name, rows) for name, *_, rows in lines] == [
         ("stock", None), ("ov_train", "128"), ("ratio", "128"), ("ov_train", "512"), ("ratio", "512"),
