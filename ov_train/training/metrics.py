@@ -233,9 +233,9 @@ class ValidationPredictions(Callback):
         self.rows, self.images = [], []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        # Padding repeats only keep the ranks in step (training/held_out.py); held-out preference pairs return
-        # nothing: they are scored by their rewards, not by predictions.
-        if batch.get("padding") or outputs is None:
+        # Nothing comes back for padding repeats, which only keep the ranks in step (training/held_out.py), nor for
+        # held-out preference pairs, scored by their rewards, not by predictions.
+        if outputs is None:
             return
         chosen = []
         for i, modality in enumerate(batch["modality"]):

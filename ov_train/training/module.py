@@ -167,10 +167,15 @@ class OneVisionModule(L.LightningModule):
     def on_validation_epoch_start(self):
         self._val.clear()
 
-    def on_validation_epoch_end(self):
-        stats = torch.stack([self._val[m] for m in MODALITIES])
+    def summed_over_ranks(self, per_modality: dict) -> torch.Tensor:
+        """The held-out statistics of each modality (rows in MODALITIES order), summed over the ranks."""
+        stats = torch.stack([per_modality[m] for m in MODALITIES])
         if self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats.to(self.device), reduce_op="sum").cpu()
+        return stats
+
+    def on_validation_epoch_end(self):
+        stats = self.summed_over_ranks(self._val)
         total = stats.sum(0)
         if total[4] == 0:
             return

@@ -123,9 +123,7 @@ class PreferenceModule(OneVisionModule):
         self._val_pairs.clear()
 
     def on_validation_epoch_end(self):
-        stats = torch.stack([self._val_pairs[m] for m in MODALITIES])
-        if self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats.to(self.device), reduce_op="sum").cpu()
+        stats = self.summed_over_ranks(self._val_pairs)
         total = stats.sum(0)
         if total[-1] == 0:
             return
