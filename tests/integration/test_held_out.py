@@ -49,6 +49,8 @@ def main(out: Path, padded: bool) -> None:
                 seen.append([float(batch["x"][0, 0]), bool(batch.get("padding"))])
         result[case] = seen
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    # Neither rank tears gloo down while the other still talks to it (a peer gone mid-teardown aborts the process).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -24,6 +24,7 @@ def validation_end(chances: list[float]) -> dict:
     module = SimpleNamespace(_val=val, trainer=SimpleNamespace(world_size=1), global_step=7,
                              log_dict=lambda values, **kw: logged.update(values),
                              log=lambda key, value, **kw: logged.update({key: value}))
+    module.summed_over_ranks = OneVisionModule.summed_over_ranks.__get__(module)
     OneVisionModule.on_validation_epoch_end(module)
     assert set(val) <= set(MODALITIES)
     return {**module.val_metrics, "logged": logged}
