@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ov_train.config.run_plan import model_plan, optim_plan
-from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples
+from ov_train.config.run_plan import model_plan, optim_plan, resolve_plan
+from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples, what_if
 from ov_train.planner.report import preflight
 from ov_train.planner.state import Counts, Engine, count, model_state
 from ov_train.planner.trace import trace_step
@@ -76,11 +76,9 @@ def test_counts_follow_the_adapter_config():
 
 def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
     # The planner decides the GPU precision off the GPU; it must be what the run plan picks on one.
-    from ov_train.config.run_plan import resolve_plan
-
     for overrides in ([], ["trainer.devices=2"], ["strategy=ddp"], ["strategy=fsdp2", "trainer.devices=2"]):
         cfg = compose_config(["trainer.accelerator=gpu", "plan.device=h100", *overrides])
-        planned = Setup.from_config(cfg).engine.precision
+        planned = Setup.of(what_if(cfg)).engine.precision
         with monkeypatch.context() as gpus:
             gpus.setattr(torch.cuda, "is_available", lambda: True)
             gpus.setattr(torch.cuda, "device_count", lambda: 8)
@@ -118,7 +116,7 @@ def test_fused_loss_stand_in_keeps_a_head_gradient_per_sample():
     # Liger's kernel, called once per sample by ov_train.model.loss, keeps grad_input and a [vocab, d] weight
     # gradient until backward: the plan's loss working set holds one per sample.
     cfg = compose_config(["plan.device=h100", "plan.tokens=1024", "model.max_tokens=1024"])
-    setup = Setup.from_config(cfg)
+    setup = Setup.of(what_if(cfg))
     assert setup.fused_loss and setup.options.attention() == "ov_varlen" and setup.engine.compute == "bf16"
     model = meta_model(setup.model)
     vocab, width = model.lm_head.weight.shape
@@ -148,15 +146,15 @@ def test_preflight_refuses_a_peak_over_the_device_and_says_what_fits(tmp_path):
     # On CPU with plan.device unset there is no GPU run to plan.
     with open_dict(cfg):
         cfg.plan.device = None
-    assert preflight(cfg) is None
+    assert preflight(resolve_plan(cfg)) is None
 
 
 def test_preflight_override_goes_ahead(tmp_path, caplog):
     cfg = _refusing(tmp_path, "plan.enforce=false")
-    plan = preflight(cfg)
+    plan = preflight(resolve_plan(cfg))
     assert plan["fits"] is False and plan["peak_gib"] > plan["usable_gib"]
     assert "training anyway" in caplog.text
-    fits = preflight(compose_config([*SMALL_DATA, "plan.device=h100"], tmp_path / "run"))
+    fits = preflight(resolve_plan(compose_config([*SMALL_DATA, "plan.device=h100"], tmp_path / "run")))
     assert fits["fits"] is True and fits["device_gib"] == 79.1
 
 
@@ -196,7 +194,7 @@ def test_stock_path_holds_full_logits():
     # plan.path=stock: the public recipe's step (batch 1, fp32 weights under bf16 autocast, the stock forward's
     # full logits and loss) on the longest sample of the same batch.
     cfg = compose_config(["plan.device=h100", "plan.path=stock", "plan.tokens=1024", "model.max_tokens=1024"])
-    setup = Setup.from_config(cfg)
+    setup = Setup.of(what_if(cfg))
     assert setup.engine.compute == "mixed" and not setup.options.packing and setup.options.loss == "full"
     model = meta_model(setup.model)
     vocab = model.lm_head.weight.shape[0]
@@ -213,8 +211,8 @@ def test_plans_check_the_adapter_and_media_nodes_as_a_run_does_but_plan_qlora_of
     for bad, key in (["adapter=lora", "adapter.targets.llm=[foo]"], "adapter.targets.llm"), (
             ["stage.image_strategy=anyres_max_0"], "stage.image_strategy"):
         with pytest.raises(PlanError, match=key):
-            Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", *bad]))
-    setup = Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"]))
+            Setup.of(what_if(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", *bad])))
+    setup = Setup.of(what_if(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"])))
     assert setup.adapter.kind == "qlora"
 
 
@@ -241,9 +239,9 @@ def test_cli_plans_an_experiment_of_the_users_config_directory(tmp_path, capsys)
 def test_the_planner_counts_each_preference_reference(overrides, reference, engine, copy_bytes, forwards):
     from ov_train.planner.state import reference_state
 
-    assert Setup.from_config(compose_config(["stage=dpo", "plan.device=h100", *overrides])).reference == reference
+    assert Setup.of(what_if(compose_config(["stage=dpo", "plan.device=h100", *overrides]))).reference == reference
     assert reference_state(C, engine, reference)[:2] == (copy_bytes, forwards)
     state = replace(model_state(C, engine), reference=copy_bytes)
     assert state.resident == model_state(C, engine).resident + copy_bytes  # held through the step
     assert reference_state(C, engine, None) == (0, 0.0, None)  # conversation stages: none
-    assert Setup.from_config(compose_config(["plan.device=h100"])).reference is None
+    assert Setup.of(what_if(compose_config(["plan.device=h100"]))).reference is None
