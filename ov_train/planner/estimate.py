@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
 from ov_train.config.options import ForwardOptions
+from ov_train.config.parallel import allowed_degrees
 from ov_train.config.recipe import RecipeSpec
 from ov_train.config.run_plan import ConfigError, ModelPlan, RunPlan, resolve_plan
 from ov_train.constants import ADAPTED

@@ -90,8 +90,9 @@ def plan_run(run: RunPlan, suggest: bool = True) -> dict:
 
 
 def preflight(run: RunPlan) -> dict | None:
-    """Before training: plan the run when it trains on GPUs, or whenever plan.device names a device. A peak over the device's usable memory stops the run (PlanError) with the numbers and what
-    would fit, unless plan.enforce=false, which only warns."""
+    """Before training: plan the run when it trains on GPUs, or whenever plan.device names a device. A peak over the
+    device's usable memory stops the run (PlanError) with the numbers and what would fit, unless plan.enforce=false,
+    which only warns."""
     settings = run.planner
     on_gpu = run.trainer["accelerator"] != "cpu" and torch.cuda.is_available()
     if not (on_gpu or settings.get("device")):

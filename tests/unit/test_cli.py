@@ -10,8 +10,8 @@ import pytest
 
 from ov_train.cli import COMMANDS, main
 from ov_train.cli.data import main as ov_data
-from ov_train.config.compose import compose
 from ov_train.cli.plan import plan_of
+from ov_train.config.compose import compose
 from tests.conftest import REPO
 from tests.fixtures_data import conversation, write_jsonl
 
