@@ -18,15 +18,6 @@ NO_RUN = ["run_dir=null", "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/
           "hydra/hydra_logging=none"]
 
 
-def plan_of(cfg: DictConfig) -> dict:
-    """What `ov-train plan` prints for a composed config: the plan of the run plan training would resolve from it
-    (on the planned device, without this machine's files: planner/estimate.py what_if)."""
-    from ov_train.planner.estimate import what_if
-    from ov_train.planner.report import plan_run
-
-    return plan_run(what_if(cfg))
-
-
 def main(argv: list[str] | None = None) -> int:
     """0: planned; 1: Hydra refused the command line (as it does training's); 2: the planner refused the config."""
     argv = sys.argv[1:] if argv is None else argv
@@ -36,15 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
 
     def plan(cfg: DictConfig) -> None:
+        from ov_train.config.run_plan import ConfigError, resolve_plan
         from ov_train.planner.estimate import PlanError
+        from ov_train.planner.report import format_plan, plan_run
 
-        try:
-            planned = plan_of(cfg)
-        except PlanError as err:
+        try:  # the run plan training would resolve, less the checks of this machine's files
+            planned = plan_run(resolve_plan(cfg, machine=False))
+        except (ConfigError, PlanError) as err:
             print(f"ov-train plan: {err}", file=sys.stderr)
             sys.exit(2)
-        from ov_train.planner.report import format_plan
-
         print(json.dumps(planned, indent=2) if as_json else format_plan(planned))
 
     try:

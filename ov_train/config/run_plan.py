@@ -270,6 +270,7 @@ class RunPlan:
     ckpt_path: str | None  # the checkpoint to resume, `last` / `auto` resolved
     ckpt_fallbacks: tuple[str, ...]  # `last` / `auto`: the older ones to resume if ckpt_path does not read
     identity: dict  # what a resume must share with the run that wrote the checkpoint
+    planner: dict  # the `plan` node: the memory planner's settings (ov_train/planner)
     nonfinite: str
     peak_tflops: float | None  # None: the device's own (ov_train/devices.py)
     predictions: PredictionsPlan
@@ -277,17 +278,17 @@ class RunPlan:
     export: bool
     config: dict  # the resolved config, for the dashboards
     preference: PreferencePlan | None = None  # None: the stage trains on conversations
-    planner: dict = field(default_factory=dict)  # the `plan` node: the memory planner's settings (ov_train/planner)
 
-    def for_device(self, on_gpu: bool) -> RunPlan:
-        """The same run on a machine with GPUs (`on_gpu`) or without: what resolve_plan decides from the machine
-        (the default precision, the forward's half precision, what attention `auto` stands for) decided for that
-        one by the functions the run uses. The planner's what-if: `ov-train plan plan.device=h100` on a laptop."""
-        precision = self.config["trainer"]["precision"] or default_precision(
-            OmegaConf.create(self.trainer), self.strategy.name, on_gpu)
-        forward, _ = ForwardOptions.from_config(self.config["model"], precision)
-        forward = replace(forward, attn_implementation=forward.attention(on_gpu))
-        return replace(self, precision=precision, forward=forward, trainer={**self.trainer, "precision": precision})
+
+def for_device(plan: RunPlan, on_gpu: bool) -> RunPlan:
+    """The same run on a machine with GPUs (`on_gpu`) or without: what resolve_plan decides from the machine (the
+    default precision, the forward's half precision, what attention `auto` stands for) decided for that one by the
+    functions the run uses. The planner's what-if: `ov-train plan plan.device=h100` on a laptop."""
+    precision = plan.config["trainer"]["precision"] or default_precision(
+        OmegaConf.create(plan.trainer), plan.strategy.name, on_gpu)
+    forward, _ = ForwardOptions.from_config(plan.config["model"], precision)
+    forward = replace(forward, attn_implementation=forward.attention(on_gpu))
+    return replace(plan, precision=precision, forward=forward, trainer={**plan.trainer, "precision": precision})
 
 
 def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
@@ -508,7 +509,7 @@ def stage_names() -> list[str]:
 
 def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
     """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key.
-    `machine=False`: the plan of a run on another machine (`ov-train plan`; RunPlan.for_device then decides what
+    `machine=False`: the plan of a run on another machine (`ov-train plan`; for_device then decides what
     depends on its device), so what only the run's machine can answer is not checked: that the paths the config
     names exist (and hold weights), where relative recipe paths start (data.root), the checkpoint to resume, and
     qlora's CUDA and bitsandbytes."""
@@ -577,6 +578,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         ckpt_path=ckpt_path,
         ckpt_fallbacks=tuple(fallbacks),
         identity=run_identity(cfg, trainer["max_steps"], adapter),
+        planner=OmegaConf.to_container(cfg.plan, resolve=True),
         nonfinite=cfg.nonfinite,
         peak_tflops=cfg.metrics.peak_tflops,
         predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
@@ -585,5 +587,4 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         # What dashboards get: URLs without their credentials (the data reads use cfg's own values).
         config=redact_tree(OmegaConf.to_container(cfg, resolve=True)),
         preference=preference,
-        planner=OmegaConf.to_container(cfg.plan, resolve=True),
     )

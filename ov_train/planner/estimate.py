@@ -1,8 +1,8 @@
 """The plan of a run: what one device holds at the peak of a training step, and how long the step takes.
 
 `Setup.of` takes the run plan (config/run_plan.py: resolve_plan, as training resolves it) and what it decides on the
-planned device (RunPlan.for_device: precision, attention), and adds the planner's own choices (loss kernel, engine,
-the step's samples); `cached_trace` traces the step (cached on disk: activation memory depends on the
+planned device (for_device: precision, attention), and adds the planner's own choices (loss kernel, engine, the
+step's samples); `cached_trace` traces the step (cached on disk: activation memory depends on the
 geometry, the samples and the forward options, not on the engine or the device count); `evaluate` adds the
 engine's model state and the FLOPs; `plan_setup` does all three. Peaks, per device:
 
@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
 from ov_train.config.options import ForwardOptions
 from ov_train.config.parallel import allowed_degrees
 from ov_train.config.recipe import RecipeSpec
-from ov_train.config.run_plan import ConfigError, ModelPlan, RunPlan, resolve_plan
+from ov_train.config.run_plan import ModelPlan, RunPlan, for_device
 from ov_train.constants import ADAPTED
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
@@ -103,15 +102,6 @@ def planned_device(settings, accelerator: str) -> Device:
         raise PlanError(str(err)) from err
 
 
-def what_if(cfg: DictConfig) -> RunPlan:
-    """The run plan of a composed config for a machine other than this one (`ov-train plan`, the planner's tools):
-    resolve_plan's, less the checks of this machine's files, with the config's problems as a PlanError."""
-    try:
-        return resolve_plan(cfg, machine=False)
-    except ConfigError as err:
-        raise PlanError(str(err)) from err
-
-
 def meta_model(model: ModelPlan):
     """The plan's model on the meta device: no weights are read or allocated (an export's or checkpoint's config
     when the route has one, else the configured geometry)."""
@@ -128,7 +118,7 @@ def meta_model(model: ModelPlan):
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything the plan depends on, resolved from a composed config for one device kind."""
+    """Everything the plan depends on: a run plan on one device kind, with the planner's own choices."""
 
     model: ModelPlan
     parts: dict  # learning rate per part (the run plan's); > 0: trains
@@ -140,7 +130,6 @@ class Setup:
     tokens: int
     tokens_from: str
     shares: dict
-    anyres: bool
     adapter: AdapterPlan | None  # the run's adapters (config/adapter.py); None: adapter=none
     mfu: float
     reserve_gib: float
@@ -151,16 +140,16 @@ class Setup:
     def samples(self, geometry: VisionGeometry) -> list[Sample]:
         """The step's samples: the token budget of a device, or of a sequence-parallel group's row."""
         video = self.video
-        return fill(self.tokens, self.shares, geometry, video.max_frames, self.anyres, video.pool, video.newline)
+        return fill(self.tokens, self.shares, geometry, video.max_frames, self.image.anyres, video.pool, video.newline)
 
     @classmethod
     def of(cls, run: RunPlan) -> Setup:
         """The plan of `run` (resolve_plan's) on the device its planner settings name: the run's own decisions,
-        those that depend on the device taken for that one (RunPlan.for_device)."""
+        those that depend on the device taken for that one (for_device)."""
         settings = run.planner
         device = planned_device(settings, str(run.trainer["accelerator"]))
         on_cpu = device.kind == "cpu"
-        run = run.for_device(on_gpu=not on_cpu)
+        run = for_device(run, on_gpu=not on_cpu)
         path = settings.get("path") or "ov_train"
         precision, options = run.precision, run.forward
         if path == "stock":
@@ -176,8 +165,7 @@ class Setup:
             model=run.model, parts=run.optim.part_lrs, device=device, engine=engine_from_plan(run.strategy, precision),
             options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
-            tokens_from=tokens_from, shares=_shares(settings.get("modality"), run.data.recipe),
-            anyres=media.image.anyres, adapter=run.adapter,
+            tokens_from=tokens_from, shares=_shares(settings.get("modality"), run.data.recipe), adapter=run.adapter,
             mfu=float(settings.get("mfu") or 0.4), reserve_gib=float(settings.get("reserve_gib") or 0.0),
             image=media.image, video=media.video, reference=run.preference.reference if run.preference else None,
         )

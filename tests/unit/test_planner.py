@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ov_train.config.run_plan import model_plan, optim_plan, resolve_plan
-from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples, what_if
+from ov_train.config.run_plan import ConfigError, model_plan, optim_plan, resolve_plan
+from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples
 from ov_train.planner.report import preflight
 from ov_train.planner.state import Counts, Engine, count, model_state
 from ov_train.planner.trace import trace_step
@@ -25,6 +25,11 @@ from tests.conftest import REPO, SMALL_DATA, compose_config
 # module is 150; 4 devices.
 C = Counts(total=1000, trainable=600, largest_group=400, largest_layer=100, root=200, largest_other=150)
 SMALL_BUCKETS = {"reduce_bucket": 50, "allgather_bucket": 30}
+
+
+def _setup(overrides: list[str]) -> Setup:
+    """What `ov-train plan` plans for these overrides (cli/plan.py)."""
+    return Setup.of(resolve_plan(compose_config(overrides), machine=False))
 
 
 @pytest.mark.parametrize("engine, expected", [
@@ -78,7 +83,7 @@ def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
     # The planner decides the GPU precision off the GPU; it must be what the run plan picks on one.
     for overrides in ([], ["trainer.devices=2"], ["strategy=ddp"], ["strategy=fsdp2", "trainer.devices=2"]):
         cfg = compose_config(["trainer.accelerator=gpu", "plan.device=h100", *overrides])
-        planned = Setup.of(what_if(cfg)).engine.precision
+        planned = Setup.of(resolve_plan(cfg, machine=False)).engine.precision
         with monkeypatch.context() as gpus:
             gpus.setattr(torch.cuda, "is_available", lambda: True)
             gpus.setattr(torch.cuda, "device_count", lambda: 8)
@@ -116,7 +121,7 @@ def test_fused_loss_stand_in_keeps_a_head_gradient_per_sample():
     # Liger's kernel, called once per sample by ov_train.model.loss, keeps grad_input and a [vocab, d] weight
     # gradient until backward: the plan's loss working set holds one per sample.
     cfg = compose_config(["plan.device=h100", "plan.tokens=1024", "model.max_tokens=1024"])
-    setup = Setup.of(what_if(cfg))
+    setup = Setup.of(resolve_plan(cfg, machine=False))
     assert setup.fused_loss and setup.options.attention() == "ov_varlen" and setup.engine.compute == "bf16"
     model = meta_model(setup.model)
     vocab, width = model.lm_head.weight.shape
@@ -194,7 +199,7 @@ def test_stock_path_holds_full_logits():
     # plan.path=stock: the public recipe's step (batch 1, fp32 weights under bf16 autocast, the stock forward's
     # full logits and loss) on the longest sample of the same batch.
     cfg = compose_config(["plan.device=h100", "plan.path=stock", "plan.tokens=1024", "model.max_tokens=1024"])
-    setup = Setup.of(what_if(cfg))
+    setup = Setup.of(resolve_plan(cfg, machine=False))
     assert setup.engine.compute == "mixed" and not setup.options.packing and setup.options.loss == "full"
     model = meta_model(setup.model)
     vocab = model.lm_head.weight.shape[0]
@@ -210,9 +215,9 @@ def test_plans_check_the_adapter_and_media_nodes_as_a_run_does_but_plan_qlora_of
     # bitsandbytes is the target machine's, not this one's.
     for bad, key in (["adapter=lora", "adapter.targets.llm=[foo]"], "adapter.targets.llm"), (
             ["stage.image_strategy=anyres_max_0"], "stage.image_strategy"):
-        with pytest.raises(PlanError, match=key):
-            Setup.of(what_if(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", *bad])))
-    setup = Setup.of(what_if(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"])))
+        with pytest.raises(ConfigError, match=key):  # what a run on that machine says
+            _setup(["model=ov_qwen2_0_5b", "plan.device=h100", *bad])
+    setup = _setup(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"])
     assert setup.adapter.kind == "qlora"
 
 
@@ -239,9 +244,9 @@ def test_cli_plans_an_experiment_of_the_users_config_directory(tmp_path, capsys)
 def test_the_planner_counts_each_preference_reference(overrides, reference, engine, copy_bytes, forwards):
     from ov_train.planner.state import reference_state
 
-    assert Setup.of(what_if(compose_config(["stage=dpo", "plan.device=h100", *overrides]))).reference == reference
+    assert _setup(["stage=dpo", "plan.device=h100", *overrides]).reference == reference
     assert reference_state(C, engine, reference)[:2] == (copy_bytes, forwards)
     state = replace(model_state(C, engine), reference=copy_bytes)
     assert state.resident == model_state(C, engine).resident + copy_bytes  # held through the step
     assert reference_state(C, engine, None) == (0, 0.0, None)  # conversation stages: none
-    assert Setup.of(what_if(compose_config(["plan.device=h100"]))).reference is None
+    assert _setup(["plan.device=h100"]).reference is None
