@@ -19,7 +19,7 @@ from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
 from ov_train.config.compose import compose
 from ov_train.config.options import TokenBudget
-from ov_train.config.run_plan import model_plan
+from ov_train.config.run_plan import resolve_plan
 from ov_train.constants import PARTS
 from ov_train.data.batching import fill_batches
 from ov_train.data.compute_batches import SampleCost, fill_compute_batches
@@ -35,7 +35,7 @@ IMAGE_SIZES = (*sorted(EXAMPLE_SIZES), (3000, 4000), (3508, 2480))
 
 def model_config(name: str) -> LlavaOnevisionConfig:
     """A shipped model config's LlavaOnevisionConfig, without weights or a tokenizer."""
-    plan = model_plan(compose([f"model={name}"]).model)
+    plan = resolve_plan(compose([f"model={name}"]), machine=False).model  # a geometry: no weights needed
     return LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(vision_use_head=False, **plan.vision).to_dict(),
         text_config=Qwen2Config(**plan.text).to_dict(), vision_feature_layer=-1, vision_feature_select_strategy="full",

@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionVideoProcessor
 
 from ov_train import devices
-from ov_train.config.media import MediaSettings
+from ov_train.config.run_plan import RunPlan
 from ov_train.constants import PARTS
 from ov_train.data.compute_batches import example_counts
 from ov_train.data.samples import VIDEO_FIELDS, SampleProcessor, image_fields
@@ -88,13 +88,13 @@ def _cpu(fn, raw):
     return time.process_time() - start, out
 
 
-def extraction_bench(args, tokenizer, geometry, model_config) -> list[dict]:
+def extraction_bench(args, plan: RunPlan, tokenizer, geometry, model_config) -> list[dict]:
     root = Path(args.loader)
     raws = read_raw(root, args.loader_samples)
-    media = MediaSettings.of("anyres_max_9", 32)
+    template, media = plan.data.samples.template, plan.data.samples.media  # the onevision stage's, as a run's
     paths = {
-        "ov_train exact": SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 32768),
-        "ov_train fast": SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 32768, decode="fast"),
+        "ov_train exact": SampleProcessor(tokenizer, geometry, template, media, 32768),
+        "ov_train fast": SampleProcessor(tokenizer, geometry, template, media, 32768, decode="fast"),
         "reference": Reference(geometry),
     }
     flops = ModelFlops.from_config(model_config)

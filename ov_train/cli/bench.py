@@ -115,7 +115,7 @@ def main(argv=None) -> list:
     results = []
     # The loader runs first, so its workers fork before the model moves to the GPU.
     if isinstance(args.loader, str):
-        results += extraction_bench(args, tokenizer, VisionGeometry.from_model_config(model.config), model.config)
+        results += extraction_bench(args, plan, tokenizer, VisionGeometry.from_model_config(model.config), model.config)
     elif args.loader:
         results += loader_bench(args, tokenizer, VisionGeometry.from_model_config(model.config))
     if with_model:
