@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ov_train.cli.plan import main as ov_train_plan
-from ov_train.config.run_plan import resolve_plan
+from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.planner.state import engine_from_plan
 from tests.conftest import compose_config
 
@@ -68,3 +69,17 @@ def test_ov_train_plan_stage_dpo_prints_its_reference(tmp_path, monkeypatch, cap
     text = capsys.readouterr().out
     assert "note: the frozen reference: a whole copy of the weights on every device" in text and ": fits" in text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_for_another_machine_leaves_out_only_this_machines_files():
+    """`ov-train plan` plans a run for the machine it will run on: the export to start from and the shards are there,
+    not here. A run here refuses the same config, naming them; both refuse a bad value."""
+    overrides = ["model=ov_qwen2_0_5b", "model.init_from=/nowhere/export", "data=recipe", "plan.device=h100"]
+    with pytest.raises(ConfigError) as err:
+        resolve_plan(compose_config(overrides))
+    assert "model.init_from='/nowhere/export': path does not exist" in str(err.value)
+    assert "data.root is required" in str(err.value)
+    plan = resolve_plan(compose_config(overrides), machine=False)
+    assert (plan.model.route, plan.model.source, plan.data.recipe.name) == ("checkpoint", "/nowhere/export", "onevision")
+    with pytest.raises(ConfigError, match="model.text.num_key_value_heads=3 must divide"):
+        resolve_plan(compose_config([*overrides, "model.text.num_key_value_heads=3"]), machine=False)

@@ -91,6 +91,8 @@ def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
 
 
 def test_workload_fills_the_budget_in_the_recipes_proportions():
+    # The shipped onevision recipe's mix (the paper's Figure 5: 31.2 / 43.0 / 25.9%), as fractions.
+    assert pytest.approx({"single_image": 0.3117, "multi_image": 0.4296, "video": 0.2587}, abs=1e-4) == ONEVISION_MIX
     cfg = compose_config(["model=ov_qwen2_0_5b"])
     geometry = VisionGeometry.from_model_config(meta_model(model_plan(cfg.model)).config)
     samples = fill(32768, ONEVISION_MIX, geometry, max_frames=32, anyres=True)
