@@ -75,10 +75,9 @@ def _step_line(plan: dict, samples: str) -> str:
 
 
 def plan_run(run: RunPlan, suggest: bool = True) -> dict:
-    """The plan of a run plan on the device its `plan` settings name; with `suggest`, a
-    configuration that does not fit gets the changes that would make it fit, each planned. Under sequence
-    parallelism (or when a step of video does not fit on several devices) every degree the heads and devices allow
-    is planned up to the first that fits."""
+    """The plan of a run plan on the device its `plan` settings name; with `suggest`, a configuration that does not
+    fit gets the changes that would make it fit, each planned. Under sequence parallelism (or when a step of video
+    does not fit on several devices) every degree the heads and devices allow is planned up to the first that fits."""
     setup = Setup.of(run)
     plan = plan_setup(setup)
     video = setup.shares.get("video", 0) > 0
