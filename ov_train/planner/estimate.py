@@ -150,7 +150,7 @@ class Setup:
         device = planned_device(settings, str(run.trainer["accelerator"]))
         on_cpu = device.kind == "cpu"
         run = for_device(run, on_gpu=not on_cpu)
-        path = settings.get("path") or "ov_train"
+        path = settings["path"]  # plan_problems: one of PATHS
         precision, options = run.precision, run.forward
         if path == "stock":
             # The public recipe: fp32 weights under bf16 autocast; the stock forward: padded (one sample), sdpa, full
@@ -166,7 +166,7 @@ class Setup:
             options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
             tokens_from=tokens_from, shares=_shares(settings.get("modality"), run.data.recipe), adapter=run.adapter,
-            mfu=float(settings.get("mfu") or 0.4), reserve_gib=float(settings.get("reserve_gib") or 0.0),
+            mfu=float(settings["mfu"]), reserve_gib=float(settings["reserve_gib"] or 0.0),
             image=media.image, video=media.video, reference=run.preference.reference if run.preference else None,
         )
 

@@ -103,7 +103,7 @@ def preflight(run: RunPlan) -> dict | None:
         return plan
     message = (f"the planned peak of {plan['peak_gib']:.2f} GiB per device exceeds the {plan['usable_gib']:.2f} GiB usable on "
                f"{plan['device']} (plan.device; plan.reserve_gib={settings.get('reserve_gib')} kept free):\n{text}")
-    if settings.get("enforce", True):
+    if settings["enforce"]:
         raise PlanError(message + "\nplan.enforce=false trains anyway")
     log.warning("%s\nplan.enforce=false: training anyway", message)
     return plan
