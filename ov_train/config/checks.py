@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ov_train.config import reproduce
 from ov_train.config.options import devices_per_node, world_size
-from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
+from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, TEMPLATES
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
@@ -146,7 +146,7 @@ def geometry_problems(model) -> list[str]:
     for part in ("vision", "text"):
         for key, value in model[part].items():
             if isinstance(value, int) and not isinstance(value, bool):
-                problems += _at_least(f"model.{part}.{key}", value, 1, "a size of the model's geometry")
+                problems += at_least(f"model.{part}.{key}", value, 1, "a size of the model's geometry")
     if problems:
         return problems
     splits = [("vision", "num_attention_heads", "hidden_size"), ("text", "num_attention_heads", "hidden_size"),
@@ -191,17 +191,18 @@ def launcher_tasks() -> int | None:
     return None
 
 
-def _in_multirun() -> bool:
+def multirun():
+    """This job's Hydra config inside a multirun (-m), else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
 def launcher_problems(trainer_cfg) -> list[str]:
     """What keeps Lightning from adopting this job's processes (reported before any work)."""
     tasks, processes = launcher_tasks(), world_size(trainer_cfg)
-    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
+    if tasks is None and processes > 1 and multirun() is not None and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
         return [
             f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
             " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
@@ -234,7 +235,7 @@ def precision_problems(precision: str, cfg) -> list[str]:
     return problems
 
 
-def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = False) -> list[str]:
+def at_least(key: str, value, minimum: int, meaning: str, nullable: bool = False) -> list[str]:
     if (nullable and value is None) or (value is not None and value >= minimum):
         return []
     allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
@@ -244,18 +245,14 @@ def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = Fals
 def data_problems(data, seed: int) -> list[str]:
     """The data node's own values (the recipe and its shards are checked where they are read)."""
     problems = (
-        _at_least("data.num_workers", data.num_workers, 0,
+        at_least("data.num_workers", data.num_workers, 0,
                     "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
-        + _at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
-        + _at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
-        + _at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,
+        + at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
+        + at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
+        + at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,
                     "unusable samples in a row that stop the stream")
-        + _at_least("seed", seed, 0, "it seeds the model, the data streams and the synthetic data")
+        + at_least("seed", seed, 0, "it seeds the model, the data streams and the synthetic data")
     )
-    if data.name == SYNTHETIC:
-        minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": SYNTHETIC_MIN_PX}
-        for key, minimum in minimums.items():
-            problems += _at_least(f"data.synthetic.{key}", data.synthetic[key], minimum, "synthetic data settings")
     # data.root: config/recipe.py (root_problems), which knows whether the recipe has relative paths.
     budget, batch = data.max_tokens_per_batch, data.batch_size
     if budget is not None and budget < 1:
@@ -303,31 +300,6 @@ def step_problems(data, trainer, unit: str | None, sequence_parallel: int = 1) -
     return problems
 
 
-def io_problems(io) -> list[str]:
-    """Values of data.io (its keys and types are the schema's)."""
-    problems = []
-    if io.retries < 0:
-        problems.append(f"data.io.retries={io.retries!r} must be an integer >= 0 (attempts after a failed read)")
-    for key in ("backoff_s", "timeout_s"):
-        value = io[key]
-        if not 0 <= value < math.inf:
-            problems.append(f"data.io.{key}={value!r} must be a finite number >= 0 (seconds)")
-    if io.timeout_s == 0:
-        problems.append("data.io.timeout_s=0 would fail every request; give seconds > 0")
-    return problems
-
-
-def checkpoint_problems(ckpt) -> list[str]:
-    problems = []
-    if ckpt.every_n_steps is not None and ckpt.every_n_steps < 1:
-        problems.append(f"checkpoint.every_n_steps={ckpt.every_n_steps!r} must be a positive integer or null (off)")
-    if ckpt.every_minutes is not None and ckpt.every_minutes <= 0:
-        problems.append(f"checkpoint.every_minutes={ckpt.every_minutes!r} must be a positive number or null (off)")
-    if ckpt.keep < 0:
-        problems.append(f"checkpoint.keep={ckpt.keep!r} must be an integer >= 0 (earlier checkpoints kept besides last.ckpt)")
-    return problems
-
-
 def world_problems(trainer) -> list[str]:
     """trainer.devices and trainer.num_nodes, which the other checks count the world from, so these come alone."""
     try:
@@ -338,7 +310,7 @@ def world_problems(trainer) -> list[str]:
         f"trainer.devices={trainer.devices!r} must be a positive count, -1 or auto (every visible GPU), or a list"
         " of device indices"
     ]
-    return problems + _at_least("trainer.num_nodes", trainer.num_nodes, 1, "machines of the run")
+    return problems + at_least("trainer.num_nodes", trainer.num_nodes, 1, "machines of the run")
 
 
 def _val_check_problems(interval) -> list[str]:
@@ -372,7 +344,7 @@ def trainer_problems(trainer, precision: str) -> list[str]:
         problems.append(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches!r}: must be 1; a larger"
                         " optimizer step is data.samples_per_step (a global batch in samples, accumulated over"
                         " token-budget micro-batches)")
-    problems += _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, "steps between metrics lines")
+    problems += at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, "steps between metrics lines")
     problems += _val_check_problems(trainer.val_check_interval)
     clip = trainer.gradient_clip_val
     if clip is not None and not clip >= 0:  # a negative norm would flip every gradient's sign
@@ -389,18 +361,4 @@ def trainer_problems(trainer, precision: str) -> list[str]:
 
 
 def run_problems(cfg) -> list[str]:
-    problems = []
-    if cfg.nonfinite not in NONFINITE:
-        problems.append(f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}")
-    problems += _at_least("metrics.predictions", cfg.metrics.predictions, 0, "held-out samples shown per modality")
-    problems += _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1, "tokens generated per reply")
-    peak = cfg.metrics.peak_tflops
-    if peak is not None and peak <= 0:
-        problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null")
-    if cfg.logger.name not in LOGGERS:
-        problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
-    elif package := missing_package(cfg.logger.name):
-        problems.append(f"logger={cfg.logger.name} needs the {package} package: pip install 'ov_train[loggers]'")
-    if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
-        problems.append(f"logger.mode={cfg.logger.mode!r}; allowed: {list(WANDB_MODES)}")
-    return problems
+    return [] if cfg.nonfinite in NONFINITE else [f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}"]

@@ -17,16 +17,28 @@ SMOOTHED = ("sigmoid", "sigmoid_sft")  # the losses label smoothing applies to
 REFERENCES = ("auto", "adapters_off", "frozen", "precomputed")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreferenceSettings:
-    """`stage.preference.*`. Defaults: LLaVA-NeXT's OneVision DPO script (scripts/train/dpo_ov7b.sh: sigmoid loss,
-    --beta 0.1, --gamma 0 so no SFT term, no label smoothing)."""
+    """`stage.preference.*` (Hydra's schema for it, config/schema.py, and the run plan's piece: the plan resolves
+    `reference` and `warm_start_steps` for the run). Defaults: LLaVA-NeXT's OneVision DPO script
+    (scripts/train/dpo_ov7b.sh: sigmoid loss, --beta 0.1, --gamma 0 so no SFT term, no label smoothing)."""
 
-    loss: str = "sigmoid"  # one of PREFERENCE_LOSSES
+    # sigmoid (DPO), ipo, hinge, or sigmoid_sft (DPO + sft_weight x the chosen replies' NLL: the MPO-style mix;
+    # dpo_ov7b.sh's --gamma is that weight, 0 there).
+    loss: str = "sigmoid"
     beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
     label_smoothing: float = 0.0  # cDPO: the probability that a pair's preference is flipped, in [0, 0.5)
     sft_weight: float = 1.0  # sigmoid_sft: weight of the chosen replies' NLL (TRL's MPO example and LLaVA-NeXT's default)
-    reference: str = "auto"  # one of REFERENCES
+    # The reference model: auto (with adapters, the policy with its adapters switched off; without, a frozen copy),
+    # adapters_off, frozen, or precomputed (one pass of the starting weights over the training pairs before
+    # training, stored in RUN/reference/ and reused by a resume or a rerun: no second copy in memory). The plan
+    # holds the one the run uses (auto made concrete).
+    reference: str = "auto"
+    # A run from random weights (the embedded tiny model, no model.init_from) first trains this many SFT steps of
+    # warm_start_stage on the same data (the chosen replies) in RUN/warm_start, and starts from that export; a run
+    # from an export or a checkpoint has none (the plan holds 0 then).
+    warm_start_steps: int = 0
+    warm_start_stage: str = "onevision"
 
     def problems(self) -> list[str]:
         out = []
@@ -43,6 +55,8 @@ class PreferenceSettings:
             out.append(f"stage.preference.sft_weight={self.sft_weight!r} must be positive with loss=sigmoid_sft")
         if self.reference not in REFERENCES:
             out.append(f"stage.preference.reference={self.reference!r}; allowed: {list(REFERENCES)}")
+        if self.warm_start_steps < 0:
+            out.append(f"stage.preference.warm_start_steps={self.warm_start_steps!r} must be >= 0")
         return out
 
     def resolved_reference(self, adapted_only: bool | None) -> str:

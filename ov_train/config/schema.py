@@ -16,24 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-
-@dataclass
-class PreferenceConfig:
-    """`stage.preference`: the stage trains on preference pairs (config/preference.py checks the values)."""
-
-    # sigmoid (DPO), ipo, hinge, or sigmoid_sft (DPO plus sft_weight x the chosen replies' NLL: the MPO-style mix).
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 1.0
-    # auto (adapters_off with adapters, else frozen), adapters_off, frozen or precomputed.
-    reference: str = "auto"
-    # A run from random weights (the embedded tiny model) first trains this many steps of warm_start_stage on the
-    # same data's chosen replies, in RUN/warm_start, and starts from that export; 0: none.
-    warm_start_steps: int = 0
-    warm_start_stage: str = "onevision"
+from ov_train.config.checks import LOGGERS, WANDB_MODES, at_least, missing_package
+from ov_train.config.options import IOSettings
+from ov_train.config.preference import PreferenceSettings
+from ov_train.constants import SYNTHETIC_MIN_PX
 
 
 @dataclass
@@ -74,7 +62,7 @@ class StageConfig:
     # The crop grids in the public script's order, used under stage.reproduce=public_code; null: image_grid.
     public_image_grid: Any = None
     # Preference training (stage=dpo); null: the stage trains on conversations.
-    preference: Optional[PreferenceConfig] = None
+    preference: Optional[PreferenceSettings] = None
 
 
 @dataclass
@@ -129,15 +117,6 @@ class ModelConfig:
 
 
 @dataclass
-class IOConfig:
-    """Reads of shards and parquet files: attempts after a failed one, the first backoff, a request's timeout."""
-
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
-
-
-@dataclass
 class DataConfig:
     name: str = MISSING
     recipe: str = MISSING
@@ -163,7 +142,7 @@ class DataConfig:
     num_workers: Optional[int] = None
     shuffle_buffer: int = 256
     max_skips_in_a_row: int = 1000
-    io: IOConfig = field(default_factory=IOConfig)
+    io: IOSettings = field(default_factory=IOSettings)
     # Where parquet sources' indexes are built on first read (null: nowhere; they must have one).
     index_dir: Optional[str] = None
     val_samples: Optional[int] = None
@@ -172,14 +151,24 @@ class DataConfig:
 
 @dataclass
 class SyntheticSettings:
+    """`data.synthetic.*`: the embedded synthetic data set (ov_train/data/synthetic.py), generated on first use. With
+    data.root null the shards live in one directory per setting (seed, these, format version) under
+    $OV_TRAIN_CACHE (~/.cache/ov_train)/synthetic/, generated once under a lock and shared by the runs with that
+    setting; with a path they live there (made when it is empty or absent; a directory holding other settings is
+    refused, never overwritten)."""
+
     train_per_subset: int = 2000
     val_per_subset: int = 200
     image_px: int = 32
 
+    def problems(self) -> list[str]:
+        minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": SYNTHETIC_MIN_PX}
+        return [p for key, least in minimums.items()
+                for p in at_least(f"data.synthetic.{key}", getattr(self, key), least, "synthetic data settings")]
+
 
 @dataclass
 class SyntheticDataConfig(DataConfig):
-    root: Optional[str] = None  # a cache directory per setting
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
 
 
@@ -247,14 +236,30 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    """`logger=`: wandb, csv, tensorboard, mlflow or none (training/loggers.py builds it from the plan's LoggerPlan)."""
+
     name: str = MISSING
+
+    def problems(self) -> list[str]:
+        if self.name not in LOGGERS:
+            return [f"logger.name={self.name!r}; allowed: {list(LOGGERS)}"]
+        if package := missing_package(self.name):
+            return [f"logger={self.name} needs the {package} package: pip install 'ov_train[loggers]'"]
+        return []
 
 
 @dataclass
 class WandbLoggerConfig(LoggerConfig):
+    """Weights & Biases; offline by default (no account needed), `logger.mode=online` to sync."""
+
     mode: str = "offline"
     project: str = "ov_train"
+    # null: the sweep directory in a multirun (jobs of one sweep side by side), else the stage.
     group: Optional[str] = None
+
+    def problems(self) -> list[str]:
+        wrong = [] if self.mode in WANDB_MODES else [f"logger.mode={self.mode!r}; allowed: {list(WANDB_MODES)}"]
+        return super().problems() + wrong
 
 
 @dataclass
@@ -301,38 +306,80 @@ class QLoraConfig(LoraConfig):
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint.*` (checkpoints/saving.py writes them, checkpoints/reading.py reads them)."""
+
+    # Write checkpoints/last.ckpt every N optimizer steps and/or every M minutes (null turns either off); the end
+    # of training and SIGTERM always write it. Single files are written beside the target and renamed over it.
     every_n_steps: Optional[int] = 500
     every_minutes: Optional[float] = 60.0
+    # Also keep the N most recent periodic checkpoints as checkpoints/step=<step>.ckpt (a full extra write each).
     keep: int = 0
+    # Checkpoints (ckpt_path, model.init_from, ov-export) are unpickled as tensors and plain data only; true
+    # unpickles anything in them, which can run code: only for files you trust.
     trust: bool = False
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            problems.append(f"checkpoint.every_n_steps={self.every_n_steps!r} must be a positive integer or null (off)")
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            problems.append(f"checkpoint.every_minutes={self.every_minutes!r} must be a positive number or null (off)")
+        return problems + at_least("checkpoint.keep", self.keep, 0, "earlier checkpoints kept besides last.ckpt")
 
 
 @dataclass
 class MetricsConfig:
-    # null: the peak of the device the run finds (ov_train/devices.py).
+    """`metrics.*` (training/metrics.py)."""
+
+    # Peak dense bf16 TFLOP/s of one device, the MFU denominator. null: the datasheet figure of the GPU found
+    # (H100 989, H200 989, A100 312, ...: ov_train/devices.py); devices the table lacks (CPUs) use the H100's.
     peak_tflops: Optional[float] = None
+    # Held-out samples per modality in the prediction table of each validation (run_dir/predictions/step_<N>.jsonl).
     predictions: int = 8
+
+    def problems(self) -> list[str]:
+        peak = self.peak_tflops
+        wrong = [] if peak is None or peak > 0 else [
+            f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null"]
+        return wrong + at_least("metrics.predictions", self.predictions, 0, "held-out samples shown per modality")
 
 
 @dataclass
 class EvalConfig:
-    """Greedy generation for the validation table (ov_train/training/metrics.py)."""
+    """`eval.*`: at each validation, also generate the greedy reply of each prediction-table sample (the stock
+    generate, as ov-eval runs it), shown in W&B with its image (training/metrics.py). Off by default: one generate
+    call per sample."""
 
     generate: bool = False
     max_new_tokens: int = 32
 
+    def problems(self) -> list[str]:
+        return at_least("eval.max_new_tokens", self.max_new_tokens, 1, "tokens generated per reply")
+
 
 @dataclass
 class PlanConfig:
-    """The memory and time planner (`ov-train plan`, the preflight); ov_train/planner checks the values."""
+    """The memory and time planner: `ov-train plan [overrides] [--json]`, and a preflight before training on GPUs (or
+    whenever plan.device is named); ov_train/planner checks the values. docs/PERFORMANCE.md ("Planning memory and
+    time") says how it counts."""
 
+    # h100, h100_pcie, h200, b200, a100_80g, a100_40g, l40s, cpu; null: this machine's GPU (or its CPU on a CPU run).
     device: Optional[str] = None
+    # Refuse to train when the planned peak exceeds the device's memory less plan.reserve_gib; false: warn and go on.
     enforce: bool = True
+    # ov_train, or stock: the public recipe's step (batch 1 with accumulation, fp32 weights under bf16 autocast, full
+    # logits), on the same samples.
     path: str = "ov_train"
+    # The model FLOPs utilisation the step time is stated at.
     mfu: float = 0.4
+    # Tokens in one step's batch per device; null: data.max_tokens_per_batch, else the recipe's budget.
     tokens: Optional[int] = None
+    # The batch's samples: null, the recipe's modalities in its proportions; or all video / multi_image / single_image /
+    # text. Each modality comes at its largest (32-frame videos, 12-image samples, 1080x1920 anyres images).
     modality: Optional[str] = None
+    # Left out of the device's memory: CUDA context, NCCL buffers, allocator fragmentation.
     reserve_gib: float = 2.0
+    # The device's memory in GiB, replacing the planner's table (ov_train/planner/devices.py).
     memory_gib: Optional[float] = None
 
 
@@ -345,11 +392,19 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     adapter: AdapterConfig = MISSING
+    # Seeds the model, the data streams and the synthetic data.
     seed: int = 0
+    # Resume: a checkpoint path; `last` (this run dir's checkpoints/last.ckpt, which must exist); `auto` (that one
+    # if it exists, else start fresh: what a requeued job wants). The checkpoint must come from the same stage,
+    # model (name and geometry) and trainer.max_steps (the schedule spans it); anything else is refused up front.
     ckpt_path: Optional[str] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Where the run writes checkpoints/, export/ and summary.json (conf/config.yaml: Hydra's run directory).
     run_dir: Optional[str] = None
+    # Write a save_pretrained export at the end of training.
     export: bool = True
+    # A non-finite training loss: `skip` the step's update (counted as train/nonfinite_batches; 10 in a row stop
+    # the run) or `stop` at once; either way the error names the step and the modality whose loss went non-finite.
     nonfinite: str = "skip"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -364,6 +419,11 @@ GROUP_SCHEMAS = {
     "logger": {"schema_logger": LoggerConfig, "schema_wandb": WandbLoggerConfig, "schema_mlflow": MLflowLoggerConfig},
     "adapter": {"schema_adapter": AdapterConfig, "schema_lora": LoraConfig, "schema_qlora": QLoraConfig},
 }
+
+
+def typed(node):
+    """A composed node as the instance of its dataclass above: the run plan holds these instances."""
+    return OmegaConf.to_object(node)
 
 
 def register() -> None:

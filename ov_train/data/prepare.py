@@ -13,7 +13,7 @@ def locate_shards(plan: DataPlan) -> tuple[Recipe | None, list[str]]:
     """The user's recipe with its shards (None for synthetic data, generated later), and what stops the data from
     being used, found without generating or reading a sample: missing shards, a synthetic data.root taken."""
     if plan.synthetic is not None:
-        settings = asdict(plan.synthetic)
+        settings = {**asdict(plan.synthetic), "seed": plan.seed}
         occupant = occupied(synthetic_root(plan.root, **settings), **settings) if plan.root else None
         if occupant:
             return None, [f"data.root={plan.root!r}: {occupant}; choose another, or data.root=null for a cache"
@@ -29,7 +29,7 @@ def prepare_root(plan: DataPlan) -> str:
     found or generated (once per setting: concurrent ranks and runs queue on a file lock)."""
     if plan.synthetic is None:
         return plan.root
-    settings = asdict(plan.synthetic)
+    settings = {**asdict(plan.synthetic), "seed": plan.seed}
     return str(ensure_synthetic(synthetic_root(plan.root, **settings), **settings))
 
 
