@@ -4,7 +4,12 @@ Hydra merges every YAML of `ov_train/conf` (and every command-line override) ont
 composes, so an unknown key (`trainer.max_step=2`), a wrong type (`data.batch_size=many`) or a key of
 another option (`strategy.stage=3` under `strategy=ddp`) stops the run at composition, with the full key
 named, before anything is built. Values (a learning rate below 0, a template that does not exist) are
-checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`.
+checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`: a class checks its own values
+(`problems()`, each by full key), config/checks.py what spans several nodes.
+
+Each key's type and default are written here once (the shipped YAMLs set only what differs from them:
+tests/unit/test_config_schema.py), and a concern's class is also its piece of the run plan: the plan holds the
+`OmegaConf.to_object` instance (`typed`), not a copy of its values.
 
 Groups whose options carry different keys (strategy, data, logger, adapter) have one class per option, each a
 subclass of the group's base; an option's YAML names its class in its defaults list (`schema_ddp`).
@@ -95,22 +100,36 @@ class LanguageModelConfig:
 
 @dataclass
 class ModelConfig:
+    """`model=`: the geometry and where its weights come from (model/build.py), and the forward's performance keys
+    (config/options.py ForwardOptions; docs/PERFORMANCE.md)."""
+
     name: str = MISSING
+    # Checkpoint routes (local directories): a OneVision checkpoint, or a SigLIP tower + a Qwen2 LLM.
     pretrained: Optional[str] = None
     vision_tower: Optional[str] = None
     llm: Optional[str] = None
+    # Start from an earlier stage's export (save_pretrained directory) or Lightning checkpoint.
     init_from: Optional[str] = None
+    # Built locally and cached when null.
     tokenizer: Optional[str] = None
+    # Random init is allowed only for geometry configs that say so (the tiny model, benchmarks).
     random_init: bool = False
+    # Multiplies the stage's learning rates (a random-init model learns from scratch).
     lr_scale: float = 1.0
+    # The anyres_max_N a model built here starts with; a stage's anyres_max_N replaces it (the run plan decides).
     vision_aspect_ratio: str = "anyres_max_9"
+    # Samples packed without padding into rows of up to max_tokens (auto attention: torch varlen on CUDA,
+    # block-diagonal sdpa elsewhere); loss over supervised positions without full logits (chunked: Liger fused on
+    # CUDA, else chunks of loss_chunk rows; full: one logits tensor).
     packing: bool = True
     max_tokens: int = 16384
     loss: str = "chunked"
     loss_chunk: int = 2048
     attn_implementation: str = "auto"
+    # Any of [vision, llm], every checkpoint_every-th layer.
     activation_checkpointing: list[str] = field(default_factory=list)
     checkpoint_every: int = 1
+    # torch.compile each tower and LLM layer (dynamic shapes: packed rows change length every step).
     compile: bool = False
     vision: VisionTowerConfig = MISSING
     text: LanguageModelConfig = MISSING
@@ -120,12 +139,15 @@ class ModelConfig:
 class DataConfig:
     name: str = MISSING
     recipe: str = MISSING
-    # Where the recipe's relative source paths start (a folder or URL); needed only when some path is relative.
+    # Where the recipe's relative source paths start (a folder or URL, e.g. data.root=/data/onevision); needed only
+    # when some path is relative. Synthetic data: data.synthetic says where null puts it.
     root: Optional[str] = None
     # Let the recipe file's `pipe:` paths run: they are shell commands, so a recipe from elsewhere (or a run
     # directory's config) runs none unless the user says so here. A `pipe:` data.root is the user's own.
     allow_pipe: bool = False
+    # Most samples per batch (per device); batches also stop at the token budget when there is one.
     batch_size: Optional[int] = None
+    # Padded tokens per batch (samples x longest, visual + text); null: the recipe's, if it sets one.
     max_tokens_per_batch: Optional[int] = None
     # What fills a batch (constants.BATCHINGS): `tokens`, padded LLM tokens up to the token budget; `compute`, training
     # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
@@ -140,12 +162,17 @@ class DataConfig:
     epochs: Optional[float] = None
     # Loader processes per rank (0: the main process loads); null: sized from the CPUs the process may use.
     num_workers: Optional[int] = None
+    # Raw samples read into each shuffled block, per source and loader worker.
     shuffle_buffer: int = 256
+    # Unusable samples (too long, undecodable...) are skipped and counted; this many in a row, from the stream or one
+    # source, stop the run with the reasons counted, rather than skip forever.
     max_skips_in_a_row: int = 1000
     io: IOSettings = field(default_factory=IOSettings)
     # Where parquet sources' indexes are built on first read (null: nowhere; they must have one).
     index_dir: Optional[str] = None
+    # Held-out samples per source at validation (null: all).
     val_samples: Optional[int] = None
+    # Write the sample keys of every consumed batch to RUN/consumed_keys.jsonl (data-order debugging).
     record_keys: bool = False
 
 
@@ -182,31 +209,45 @@ class StrategyConfig:
 
 @dataclass
 class DistributedStrategyConfig(StrategyConfig):
+    # null: nccl on GPU, gloo on CPU (DeepSpeed: nccl).
     process_group_backend: Optional[str] = None
 
 
 @dataclass
 class DDPConfig(DistributedStrategyConfig):
+    # Every trainable parameter gets a gradient each step (text-only batches run the tower on a zero-weighted dummy
+    # crop), so DDP need not search the graph for unused ones.
     find_unused_parameters: bool = False
+    # Gradient all-reduce bucket size in MiB (null: PyTorch's default, 25).
     bucket_cap_mb: Optional[int] = None
 
 
 @dataclass
 class DeepSpeedConfig(DistributedStrategyConfig):
-    stage: int = 2
+    stage: int = 2  # ZeRO stage: 1, 2 or 3
+    # Keep the fp32 master weights and optimizer state in CPU memory and step the optimizer there.
     offload_optimizer: bool = False
+    # Keep the (stage 3) weight shards in CPU memory between uses.
     offload_parameters: bool = False
+    # Pinned CPU buffers for the offloaded tensors (faster copies, more locked host memory).
     pin_memory: bool = True
+    # Communication bucket sizes, in elements.
     allgather_bucket_size: int = 200_000_000
     reduce_bucket_size: int = 200_000_000
+    # Overlap gradient reduction with the backward pass, and copy gradients into one contiguous buffer.
     overlap_comm: bool = True
     contiguous_gradients: bool = True
+    # ZeRO-3: parameters with fewer elements than this stay whole on every rank (no gather for them).
     param_persistence_threshold: int = 100_000
 
 
 @dataclass
 class FSDP2Config(DistributedStrategyConfig):
+    # Free the gathered weights after each unit's forward and gather again for backward (ZeRO-3 style); false keeps
+    # them until backward (ZeRO-2 style: more memory, less communication).
     reshard_after_forward: bool = True
+    # true: checkpoints are directories with one shard per process (torch.distributed.checkpoint); false: rank 0
+    # gathers full weights and optimizer state into one file.
     save_distributed_checkpoint: bool = True
 
 
@@ -218,12 +259,15 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
+    # null: bf16-true on one GPU (fp32 master weights in the optimizer), bf16-mixed on several (DDP reduces fp32
+    # gradients; DeepSpeed and FSDP2 keep fp32 weights), 32-true on CPU (config/options.py default_precision).
     precision: Optional[str] = None
     # Not handed to the Trainer: steps are taken by hand (training/step.py), which clips to this norm (null or 0: off).
     gradient_clip_val: Optional[float] = 1.0
     # Refused unless 1 (config/checks.py): data.samples_per_step makes a larger optimizer step.
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
+    # Validate every N optimizer steps (or a 'DD:HH:MM:SS' duration); null validates once at the end.
     val_check_interval: Any = None
     limit_val_batches: Any = None
     num_sanity_val_steps: int = 0
@@ -264,8 +308,11 @@ class WandbLoggerConfig(LoggerConfig):
 
 @dataclass
 class MLflowLoggerConfig(LoggerConfig):
+    # null: a SQLite store, <run_dir>/mlflow.db (`mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`); or a
+    # server's URL.
     tracking_uri: Optional[str] = None
     experiment: str = "ov_train"
+    # null: the sweep directory in a multirun, else the stage; MLflow has no groups: it is the run's `group` tag.
     group: Optional[str] = None
 
 
@@ -291,7 +338,7 @@ class LoraConfig(AdapterConfig):
     """`adapter=lora` / `adapter=dora` (PEFT)."""
 
     r: int = 16
-    alpha: float = 32.0
+    alpha: float = 32.0  # adapters are scaled by alpha / r
     dropout: float = 0.05
     targets: AdapterTargets = field(default_factory=AdapterTargets)
 
@@ -300,7 +347,9 @@ class LoraConfig(AdapterConfig):
 class QLoraConfig(LoraConfig):
     """`adapter=qlora`: LoRA on an LLM whose linear layers are 4-bit (bitsandbytes)."""
 
+    # 4-bit data type: nf4 (NormalFloat, the QLoRA paper's) or fp4.
     quant_type: str = "nf4"
+    # Quantize the quantization constants too (about 0.4 bit per weight less).
     double_quant: bool = True
 
 

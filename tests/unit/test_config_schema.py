@@ -105,9 +105,9 @@ SHARED = {"stage_media": schema.StageConfig, "stage_full_model": schema.StageCon
           "model_onevision": schema.ModelConfig, "adapter_lora": schema.LoraConfig}
 
 
-def _option_class(path: Path, node) -> type | None:
+def _option_class(path: Path, node, conf_dir: Path) -> type | None:
     group = path.parent.name
-    if path.parent == CONF_DIR:
+    if path.parent == conf_dir:
         return schema.Config
     if group == "shared":
         return SHARED.get(path.stem)
@@ -140,7 +140,7 @@ def yaml_repeats(conf_dir: Path = CONF_DIR) -> list[str]:
     found = []
     for path in sorted(conf_dir.rglob("*.yaml")):
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        kind = _option_class(path, node) if isinstance(node, dict) else None
+        kind = _option_class(path, node, conf_dir) if isinstance(node, dict) else None
         if kind is not None:
             found += _repeats(node, kind, f"{path.relative_to(conf_dir)}: ")
     return found
