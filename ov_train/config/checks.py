@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ov_train.config import reproduce
+from ov_train.config.media import anyres_max
 from ov_train.config.options import devices_per_node, world_size
 from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, TEMPLATES
 
@@ -98,6 +99,8 @@ def model_problems(model) -> list[str]:
             f"model={model.name}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
+    if anyres_max(model.vision_aspect_ratio) is None:
+        problems.append(f"model.vision_aspect_ratio={model.vision_aspect_ratio!r}; allowed: anyres_max_N (N >= 1)")
     problems += geometry_problems(model)
     if not missing:
         problems += checkpoint_geometry_problems(model)

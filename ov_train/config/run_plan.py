@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ov_train.checkpoints.paths import last_checkpoint, resume_targets
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
-from ov_train.config.media import MediaSettings, read_media
+from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import (
     CpuShare,
     ForwardOptions,
@@ -283,9 +283,10 @@ def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: Adapter
     return identity
 
 
-def model_plan(model, trust: bool = False) -> ModelPlan:
+def model_plan(model, trust: bool = False, image: ImageSettings | None = None) -> ModelPlan:
     """The build route of a `model` node, in the order a user would expect: an earlier stage's export or checkpoint,
-    a OneVision checkpoint, a SigLIP tower + a Qwen2 LLM, random weights."""
+    a OneVision checkpoint, a SigLIP tower + a Qwen2 LLM, random weights. With the stage's `image` settings, the
+    model is built with the anyres_max_N it trains with (its own model.vision_aspect_ratio otherwise)."""
     if model.init_from:
         route = "export" if (Path(model.init_from) / "config.json").is_file() else "checkpoint"
     elif model.pretrained:
@@ -298,7 +299,8 @@ def model_plan(model, trust: bool = False) -> ModelPlan:
     return ModelPlan(
         name=model.name, route=route, source=model.init_from or model.pretrained, vision_tower=model.vision_tower,
         llm=model.llm, tokenizer=model.tokenizer, vision=OmegaConf.to_container(model.vision, resolve=True),
-        text=text, vision_aspect_ratio=model.vision_aspect_ratio, trust_checkpoint=trust,
+        text=text, trust_checkpoint=trust,
+        vision_aspect_ratio=image.vision_aspect_ratio(model.vision_aspect_ratio) if image else model.vision_aspect_ratio,
         base_dir=model.pretrained if model.init_from else None,
     )
 
@@ -519,7 +521,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         raise ConfigError.of(preference_problems)
     return RunPlan(
         stage=cfg.stage.name,
-        model=model_plan(cfg.model, cfg.checkpoint.trust),
+        model=model_plan(cfg.model, cfg.checkpoint.trust, media.image),
         data=data_plan(cfg, spec, media, cpus),
         cpus=cpus,
         forward=forward,

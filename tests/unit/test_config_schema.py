@@ -146,8 +146,24 @@ def yaml_repeats(conf_dir: Path = CONF_DIR) -> list[str]:
     return found
 
 
+# Plan classes still mirroring config keys, each with why it is not collapsed yet; the test fails once one stops
+# mirroring (take it off) and on any other class.
+REMAINING = {
+    # model.*'s performance keys with the stock forward's defaults (packing off, full logits), which tests and the
+    # benchmarks construct; the trainer's precision rides along. Collapsing it into ModelConfig needs the planner's
+    # attention decision moved first (issue 22, the planner half).
+    "ForwardOptions",
+    # The adapters' record in every adapter checkpoint: a lora record without quant_type reads back as nf4, so its
+    # defaults are the record format's, which resumes of existing checkpoints compare.
+    "AdapterPlan",
+}
+
+
 def test_no_plan_class_mirrors_a_config_class():
-    assert not mirrors(PLAN, CONFIG), "\n".join(mirrors(PLAN, CONFIG))
+    found = mirrors(PLAN, CONFIG)
+    unexpected = [line for line in found if line.split(".")[0].split()[0] not in REMAINING]
+    assert not unexpected, "\n".join(unexpected)
+    assert {line.split(".")[0].split()[0] for line in found} == REMAINING, "a class no longer mirrors: drop it from REMAINING"
 
 
 def test_no_key_is_defined_twice_in_the_schema():
