@@ -89,7 +89,7 @@ def build_callbacks(plan: RunPlan) -> list:
         StopRanksOnError(),
         TrainingMetrics(plan.metrics.peak_tflops),
         ValidationPredictions(paths.predictions, plan.metrics.predictions, plan.eval.generate, plan.eval.max_new_tokens),
-        StreamState(paths.consumed_keys if plan.data.record_keys else None),
+        StreamState(paths.consumed_keys if plan.data.config.record_keys else None),
     ]
 
 

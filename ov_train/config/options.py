@@ -85,16 +85,11 @@ class IOSettings:
     timeout_s: float = 60.0
 
     def problems(self) -> list[str]:
-        problems = []
-        if self.retries < 0:
-            problems.append(f"data.io.retries={self.retries!r} must be an integer >= 0 (attempts after a failed read)")
-        for key in ("backoff_s", "timeout_s"):
-            value = getattr(self, key)
-            if not 0 <= value < math.inf:
-                problems.append(f"data.io.{key}={value!r} must be a finite number >= 0 (seconds)")
-        if self.timeout_s == 0:
-            problems.append("data.io.timeout_s=0 would fail every request; give seconds > 0")
-        return problems
+        problems = [] if self.retries >= 0 else [
+            f"data.io.retries={self.retries!r} must be an integer >= 0 (attempts after a failed read)"]
+        problems += [f"data.io.{key}={getattr(self, key)!r} must be a finite number >= 0 (seconds)"
+                     for key in ("backoff_s", "timeout_s") if not 0 <= getattr(self, key) < math.inf]
+        return problems + (["data.io.timeout_s=0 would fail every request; give seconds > 0"] if self.timeout_s == 0 else [])
 
 
 @dataclass(frozen=True)

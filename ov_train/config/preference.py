@@ -29,14 +29,9 @@ class PreferenceSettings:
     beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
     label_smoothing: float = 0.0  # cDPO: the probability that a pair's preference is flipped, in [0, 0.5)
     sft_weight: float = 1.0  # sigmoid_sft: weight of the chosen replies' NLL (TRL's MPO example and LLaVA-NeXT's default)
-    # The reference model: auto (with adapters, the policy with its adapters switched off; without, a frozen copy),
-    # adapters_off, frozen, or precomputed (one pass of the starting weights over the training pairs before
-    # training, stored in RUN/reference/ and reused by a resume or a rerun: no second copy in memory). The plan
-    # holds the one the run uses (auto made concrete).
-    reference: str = "auto"
-    # A run from random weights (the embedded tiny model, no model.init_from) first trains this many SFT steps of
-    # warm_start_stage on the same data (the chosen replies) in RUN/warm_start, and starts from that export; a run
-    # from an export or a checkpoint has none (the plan holds 0 then).
+    reference: str = "auto"  # one of REFERENCES (the plan holds the one the run uses: auto made concrete)
+    # A run from random weights (the embedded tiny model) first trains this many SFT steps of warm_start_stage on the
+    # same data's chosen replies in RUN/warm_start and starts from that export; other runs have none (the plan: 0).
     warm_start_steps: int = 0
     warm_start_stage: str = "onevision"
 

@@ -25,7 +25,6 @@ from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import (
     CpuShare,
     ForwardOptions,
-    IOSettings,
     TokenBudget,
     cpu_share,
     default_precision,
@@ -36,15 +35,7 @@ from ov_train.config.parallel import data_parallel_size, sequence_parallel_probl
 from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.config.reproduce import Reproduction
-from ov_train.config.schema import (
-    CheckpointConfig,
-    EvalConfig,
-    LoggerConfig,
-    MetricsConfig,
-    StrategyConfig,
-    SyntheticSettings,
-    typed,
-)
+from ov_train.config.schema import CheckpointConfig, DataConfig, EvalConfig, LoggerConfig, MetricsConfig, StrategyConfig
 from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
 from ov_train.resources import CONF_DIR
 from ov_train.utils.logging import get_logger
@@ -154,24 +145,24 @@ class SamplePlan:
 
 @dataclass(frozen=True)
 class DataPlan:
+    """The data node (config/schema.py DataConfig, or SyntheticDataConfig) and what the run works out from it."""
+
+    config: DataConfig
     recipe: RecipeSpec
-    root: str | None  # data.root; None with synthetic data: a cache directory per setting
-    synthetic: SyntheticSettings | None  # None: the user's shards
     budget: TokenBudget
     samples: SamplePlan
-    batching: str  # data.batching: what fills a training batch (constants.BATCHINGS)
     num_workers: int  # data.num_workers, or the CpuShare's choice when it is null
-    shuffle_buffer: int
-    val_samples: int | None
-    max_skips_in_a_row: int
-    record_keys: bool
     seed: int
-    io: IOSettings
-    index_dir: str | None = None  # where parquet sources' indexes are built on first read
     samples_per_rank: int | None = None  # data.samples_per_step / data-parallel size: each train item is a step's bundle
     # Consecutive ranks that read the same batches (strategy.sequence_parallel: a group splits each row between them).
     replicas: int = 1
     pairs: bool = False  # stage.preference: samples are preference pairs (ov_train.data.pairs)
+
+    @property
+    def synthetic(self):
+        """None: the user's shards (under config.root); else SyntheticSettings (generated, under config.root or a
+        cache directory)."""
+        return getattr(self.config, "synthetic", None)
 
 
 @dataclass(frozen=True)
@@ -328,7 +319,6 @@ def run_cpu_share(cfg: DictConfig) -> CpuShare:
 
 def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: CpuShare) -> DataPlan:
     data, stage = cfg.data, cfg.stage
-    synthetic = typed(data.synthetic) if data.name == SYNTHETIC else None
     # The data config's budget wins over the recipe's.
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
     fidelity = Reproduction.from_stage(stage)
@@ -337,12 +327,8 @@ def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: Cpu
     parallel = data_parallel_size(cfg.strategy, world_size(cfg.trainer))
     per_rank = data.samples_per_step // parallel if data.samples_per_step else None
     return DataPlan(
-        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=cpus.workers,
-        shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
-        max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
-        io=typed(data.io), index_dir=data.index_dir, samples_per_rank=per_rank,
-        batching=data.batching, replicas=cfg.strategy.sequence_parallel,
-        pairs=stage.preference is not None,
+        config=OmegaConf.to_object(data), recipe=spec, budget=budget, samples=samples, num_workers=cpus.workers, seed=cfg.seed,
+        samples_per_rank=per_rank, replicas=cfg.strategy.sequence_parallel, pairs=stage.preference is not None,
     )
 
 
@@ -396,7 +382,7 @@ def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPl
 
 def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan | None = None) -> StrategyPlan:
     step = step or step_plan(cfg, None)
-    return StrategyPlan(typed(cfg.strategy), world_size(cfg.trainer), cfg.data.batch_size or 1,
+    return StrategyPlan(OmegaConf.to_object(cfg.strategy), world_size(cfg.trainer), cfg.data.batch_size or 1,
                         step.clip_val, trainable_only=adapter is not None)
 
 
@@ -430,7 +416,7 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
         num = OmegaConf.select(hydra, "job.num", throw_on_missing=False)
         name, group = (f"{name}-{num}" if num is not None else name), str(hydra.sweep.dir)
         swept = swept_overrides(hydra)
-    return LoggerPlan(typed(cfg.logger), name, cfg.logger.get("group") or group,
+    return LoggerPlan(OmegaConf.to_object(cfg.logger), name, cfg.logger.get("group") or group,
                       redact_text(f"{name} {','.join(swept)}") if swept else name)
 
 
@@ -439,21 +425,20 @@ def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[Prefe
     uses, and what is wrong with it (its own values are checked by PreferenceSettings.problems)."""
     if cfg.stage.get("preference") is None:
         return None, []
-    settings = typed(cfg.stage.preference)
+    settings = OmegaConf.to_object(cfg.stage.preference)
     # Switching the adapters off gives the starting weights only when nothing trains beside them.
     adapted_only = None if adapter is None else all(m in (ADAPTED, FROZEN) for m in adapter.modes.values())
     problems = reference_problems(settings, adapted_only)
     if cfg.data.samples_per_step and cfg.stage.loss_weighting != "sample":
         problems.append(f"stage.loss_weighting={cfg.stage.loss_weighting!r} with stage.preference and "
                         "data.samples_per_step: a step averages its pairs' losses, so use sample")
-    node = settings
-    steps = node.warm_start_steps if model_plan(cfg.model).route == "random" else 0
-    if node.warm_start_stage not in stage_names() or node.warm_start_stage == cfg.stage.name:
-        problems.append(f"stage.preference.warm_start_stage={node.warm_start_stage!r}; allowed: "
+    steps = settings.warm_start_steps if model_plan(cfg.model).route == "random" else 0
+    if settings.warm_start_stage not in stage_names() or settings.warm_start_stage == cfg.stage.name:
+        problems.append(f"stage.preference.warm_start_stage={settings.warm_start_stage!r}; allowed: "
                         f"{[n for n in stage_names() if n != cfg.stage.name]}")
     if steps > 0 and world_size(cfg.trainer) > 1:
         problems.append(f"stage.preference.warm_start_steps={steps} runs in one process: train the warm start first "
-                        f"(stage={node.warm_start_stage}) and give its export as model.init_from")
+                        f"(stage={settings.warm_start_stage}) and give its export as model.init_from")
     plan = replace(settings, reference=settings.resolved_reference(adapted_only), warm_start_steps=max(steps, 0))
     return plan, problems
 
@@ -461,13 +446,6 @@ def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[Prefe
 def stage_names() -> list[str]:
     """The shipped stage configs."""
     return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
-
-
-def concerns(cfg: DictConfig) -> list:
-    """The nodes whose dataclass checks its own values (problems()), as this config has them."""
-    nodes = [cfg.data.io, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger]
-    nodes += [cfg.data.synthetic] if cfg.data.name == SYNTHETIC else []
-    return nodes + ([cfg.stage.preference] if cfg.stage.get("preference") is not None else [])
 
 
 def resolve_plan(cfg: DictConfig) -> RunPlan:
@@ -481,14 +459,16 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     spec, recipe_problems = _recipe(cfg.data)
     media, media_problems = read_media(cfg.stage, spec.sources if spec else ())
     problems = (
-        checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
+        checks.added_key_problems(cfg) + media_problems
         + checks.model_problems(cfg.model)
-        + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
+        + checks.strategy_problems(cfg.strategy, cfg.trainer)
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None,
                                cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
         + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
         + recipe_problems + checks.run_problems(cfg)
-        + [p for node in concerns(cfg) for p in typed(node).problems()]
+        # Each node's dataclass checks its own values, and those of the nodes it holds.
+        + [p for node in (cfg.stage, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
+           for p in OmegaConf.to_object(node).problems()]
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
     )
@@ -531,14 +511,14 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         strategy=strategy_plan(cfg, adapter, step),
         trainer=trainer,
         logger=logger_plan(cfg),
-        checkpoint=typed(cfg.checkpoint),
+        checkpoint=OmegaConf.to_object(cfg.checkpoint),
         paths=RunPaths(run_dir) if run_dir else None,
         ckpt_path=ckpt_path,
         ckpt_fallbacks=tuple(fallbacks),
         identity=run_identity(cfg, trainer["max_steps"], adapter),
         nonfinite=cfg.nonfinite,
-        metrics=typed(cfg.metrics),
-        eval=typed(cfg.eval),
+        metrics=OmegaConf.to_object(cfg.metrics),
+        eval=OmegaConf.to_object(cfg.eval),
         seed=cfg.seed,
         export=cfg.export,
         # What dashboards get: URLs without their credentials (the data reads use cfg's own values).

@@ -9,7 +9,7 @@ checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`: a c
 
 Each key's type and default are written here once (the shipped YAMLs set only what differs from them:
 tests/unit/test_config_schema.py), and a concern's class is also its piece of the run plan: the plan holds the
-`OmegaConf.to_object` instance (`typed`), not a copy of its values.
+`OmegaConf.to_object` instance, not a copy of its values.
 
 Groups whose options carry different keys (strategy, data, logger, adapter) have one class per option, each a
 subclass of the group's base; an option's YAML names its class in its defaults list (`schema_ddp`).
@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
-from ov_train.config.checks import LOGGERS, WANDB_MODES, at_least, missing_package
+from ov_train.config import reproduce
+from ov_train.config.checks import LOGGERS, STRATEGIES, WANDB_MODES, at_least, missing_package
 from ov_train.config.options import IOSettings
 from ov_train.config.preference import PreferenceSettings
-from ov_train.constants import SYNTHETIC_MIN_PX
+from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, PARTS, PLACEMENTS, SYNTHETIC_MIN_PX, TEMPLATES
 
 
 @dataclass
@@ -68,6 +69,22 @@ class StageConfig:
     public_image_grid: Any = None
     # Preference training (stage=dpo); null: the stage trains on conversations.
     preference: Optional[PreferenceSettings] = None
+
+    def problems(self) -> list[str]:
+        """The stage's own values; image_strategy, image_grid and the video keys: config/media.py (read_media)."""
+        problems = [f"stage.parts.{part}: no such part; allowed: {sorted(PARTS)}" if part not in PARTS else
+                    f"stage.parts.{part}={lr!r}: learning rate must be a number >= 0 (0 freezes the part)"
+                    for part, lr in self.parts.items() if part not in PARTS or lr < 0]
+        if not any(lr > 0 for lr in self.parts.values()):
+            problems.append("stage.parts: no part has a learning rate > 0, so nothing would train")
+        for key, allowed in (("template", TEMPLATES), ("media_placement", PLACEMENTS), ("loss_weighting", LOSS_WEIGHTINGS)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"stage.{key}={getattr(self, key)!r}; allowed: {list(allowed)}")
+        if self.max_length < 1:
+            problems.append(f"stage.max_length={self.max_length!r} must be a positive integer")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"stage.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        return problems + reproduce.problems(self) + (self.preference.problems() if self.preference else [])
 
 
 @dataclass
@@ -175,6 +192,27 @@ class DataConfig:
     # Write the sample keys of every consumed batch to RUN/consumed_keys.jsonl (data-order debugging).
     record_keys: bool = False
 
+    def problems(self) -> list[str]:
+        """The node's own values (data.root and the recipe: config/recipe.py, which reads it; the step: checks.py)."""
+        problems = (
+            at_least("data.num_workers", self.num_workers, 0,
+                     "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
+            + at_least("data.shuffle_buffer", self.shuffle_buffer, 1, "raw samples per shuffled block")
+            + at_least("data.val_samples", self.val_samples, 1, "held-out samples per source; null: all", True)
+            + at_least("data.max_skips_in_a_row", self.max_skips_in_a_row, 1, "unusable samples in a row that stop the stream")
+            + at_least("data.max_tokens_per_batch", self.max_tokens_per_batch, 1, "padded tokens per batch", True)
+            + at_least("data.batch_size", self.batch_size, 1, "samples per batch, with a token budget", True)
+        )
+        if self.decode not in DECODES:
+            problems.append(f"data.decode={self.decode!r}; allowed: {', '.join(DECODES)}")
+        if self.batching not in BATCHINGS:
+            problems.append(f"data.batching={self.batching!r}; allowed: {', '.join(BATCHINGS)}")
+        elif self.batching == "compute" and self.samples_per_step is not None:
+            problems.append(f"data.batching=compute fills each batch to a compute budget, data.samples_per_step="
+                            f"{self.samples_per_step} fixes a step's samples: set one of them (data.batching=tokens or"
+                            " data.samples_per_step=null)")
+        return problems + self.io.problems()
+
 
 @dataclass
 class SyntheticSettings:
@@ -198,6 +236,9 @@ class SyntheticSettings:
 class SyntheticDataConfig(DataConfig):
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
 
+    def problems(self) -> list[str]:
+        return super().problems() + self.synthetic.problems()
+
 
 @dataclass
 class StrategyConfig:
@@ -205,6 +246,13 @@ class StrategyConfig:
     # Ranks sharing one packed row (Ulysses sequence parallelism, config/parallel.py): data parallel over world / N
     # groups; N divides the world and the LLM's heads; ddp or fsdp2. 1: none.
     sequence_parallel: int = 1
+
+    def problems(self) -> list[str]:
+        """The name (a strategy's own keys: its subclass); strategy.sequence_parallel: config/parallel.py."""
+        if self.name in STRATEGIES:
+            return []
+        configs = "auto, ddp, deepspeed_zero2[_offload], deepspeed_zero3[_offload], fsdp2"
+        return [f"strategy.name={self.name!r}; allowed: {list(STRATEGIES)} (strategy={configs})"]
 
 
 @dataclass
@@ -239,6 +287,13 @@ class DeepSpeedConfig(DistributedStrategyConfig):
     contiguous_gradients: bool = True
     # ZeRO-3: parameters with fewer elements than this stay whole on every rank (no gather for them).
     param_persistence_threshold: int = 100_000
+
+    def problems(self) -> list[str]:
+        if self.stage not in (1, 2, 3):
+            return super().problems() + [f"strategy.stage={self.stage!r}; allowed: 1, 2, 3 (ZeRO stages)"]
+        wrong = [] if self.stage == 3 or not self.offload_parameters else [
+            f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{self.stage} does not shard weights)"]
+        return super().problems() + wrong
 
 
 @dataclass
@@ -468,11 +523,6 @@ GROUP_SCHEMAS = {
     "logger": {"schema_logger": LoggerConfig, "schema_wandb": WandbLoggerConfig, "schema_mlflow": MLflowLoggerConfig},
     "adapter": {"schema_adapter": AdapterConfig, "schema_lora": LoraConfig, "schema_qlora": QLoraConfig},
 }
-
-
-def typed(node):
-    """A composed node as the instance of its dataclass above: the run plan holds these instances."""
-    return OmegaConf.to_object(node)
 
 
 def register() -> None:
