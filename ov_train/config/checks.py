@@ -14,7 +14,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ov_train.config.media import anyres_max
 from ov_train.config.options import devices_per_node, world_size
 from ov_train.constants import NONFINITE
 
@@ -72,14 +71,8 @@ def model_problems(model) -> list[str]:
             f"model={model.name}: needs weights: model.pretrained=DIR, or model.vision_tower=DIR model.llm=DIR,"
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
-    if anyres_max(model.vision_aspect_ratio) is None:
-        problems.append(f"model.vision_aspect_ratio={model.vision_aspect_ratio!r}; allowed: anyres_max_N (N >= 1)")
     problems += geometry_problems(model)
-    if not missing:
-        problems += checkpoint_geometry_problems(model)
-    if not model.lr_scale > 0:
-        problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
-    return problems
+    return problems + ([] if missing else checkpoint_geometry_problems(model))
 
 
 # What makes a checkpoint another model than the `model=` config's geometry: the tower's and the LLM's shapes. (Not

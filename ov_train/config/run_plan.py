@@ -484,7 +484,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
         + recipe_problems + checks.run_problems(cfg)
         # Each node's dataclass checks its own values, and those of the nodes it holds.
-        + [p for node in (cfg.stage, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
+        + [p for node in (cfg.stage, cfg.model, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
            for p in OmegaConf.to_object(node).problems()]
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator), machine)

@@ -4,12 +4,9 @@ Hydra merges every YAML of `ov_train/conf` (and every command-line override) ont
 composes, so an unknown key (`trainer.max_step=2`), a wrong type (`data.batch_size=many`) or a key of
 another option (`strategy.stage=3` under `strategy=ddp`) stops the run at composition, with the full key
 named, before anything is built. Values (a learning rate below 0, a template that does not exist) are
-checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`: a class checks its own values
-(`problems()`, each by full key), config/checks.py what spans several nodes.
-
-Each key's type and default are written here once (the shipped YAMLs set only what differs from them:
-tests/unit/test_config_schema.py), and a concern's class is also its piece of the run plan: the plan holds the
-`OmegaConf.to_object` instance, not a copy of its values.
+checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`: each class its own (`problems()`, by
+full key), config/checks.py what spans nodes. Each default is written here once (the YAMLs set what differs), and
+the run plan holds each node's `OmegaConf.to_object` instance, not a copy of its values.
 
 Groups whose options carry different keys (strategy, data, logger, adapter) have one class per option, each a
 subclass of the group's base; an option's YAML names its class in its defaults list (`schema_ddp`).
@@ -25,6 +22,7 @@ from omegaconf import MISSING
 
 from ov_train.config import reproduce
 from ov_train.config.checks import LOGGERS, STRATEGIES, WANDB_MODES, at_least, missing_package
+from ov_train.config.media import anyres_max
 from ov_train.config.options import IOSettings
 from ov_train.config.preference import PreferenceSettings
 from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, PARTS, PLACEMENTS, SYNTHETIC_MIN_PX, TEMPLATES
@@ -117,8 +115,7 @@ class LanguageModelConfig:
 
 @dataclass
 class ModelConfig:
-    """`model=`: the geometry and where its weights come from (model/build.py), and the forward's performance keys
-    (config/options.py ForwardOptions; docs/PERFORMANCE.md)."""
+    """`model=`: weights, geometry (model/build.py) and the forward's performance keys (docs/PERFORMANCE.md)."""
 
     name: str = MISSING
     # Checkpoint routes (local directories): a OneVision checkpoint, or a SigLIP tower + a Qwen2 LLM.
@@ -148,6 +145,13 @@ class ModelConfig:
     checkpoint_every: int = 1
     # torch.compile each tower and LLM layer (dynamic shapes: packed rows change length every step).
     compile: bool = False
+
+    def problems(self) -> list[str]:
+        """What any machine can check (the paths, the weights and the geometry: checks.model_problems)."""
+        wrong = [] if anyres_max(self.vision_aspect_ratio) else [
+            f"model.vision_aspect_ratio={self.vision_aspect_ratio!r}; allowed: anyres_max_N (N >= 1)"]
+        return wrong + ([] if self.lr_scale > 0 else [
+            f"model.lr_scale={self.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)"])
     vision: VisionTowerConfig = MISSING
     text: LanguageModelConfig = MISSING
 
@@ -193,7 +197,7 @@ class DataConfig:
     record_keys: bool = False
 
     def problems(self) -> list[str]:
-        """The node's own values (data.root and the recipe: config/recipe.py, which reads it; the step: checks.py)."""
+        """data.root and the recipe: config/recipe.py (which reads it); the step: checks.step_problems."""
         problems = (
             at_least("data.num_workers", self.num_workers, 0,
                      "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
@@ -216,11 +220,9 @@ class DataConfig:
 
 @dataclass
 class SyntheticSettings:
-    """`data.synthetic.*`: the embedded synthetic data set (ov_train/data/synthetic.py), generated on first use. With
-    data.root null the shards live in one directory per setting (seed, these, format version) under
-    $OV_TRAIN_CACHE (~/.cache/ov_train)/synthetic/, generated once under a lock and shared by the runs with that
-    setting; with a path they live there (made when it is empty or absent; a directory holding other settings is
-    refused, never overwritten)."""
+    """`data.synthetic.*` (ov_train/data/synthetic.py). data.root null: one directory per setting (seed, these, format
+    version) under $OV_TRAIN_CACHE (~/.cache/ov_train)/synthetic/, generated once under a lock, shared by the runs
+    with that setting; a path: the shards live there (made when empty or absent; one holding others is refused)."""
 
     train_per_subset: int = 2000
     val_per_subset: int = 200
@@ -291,9 +293,8 @@ class DeepSpeedConfig(DistributedStrategyConfig):
     def problems(self) -> list[str]:
         if self.stage not in (1, 2, 3):
             return super().problems() + [f"strategy.stage={self.stage!r}; allowed: 1, 2, 3 (ZeRO stages)"]
-        wrong = [] if self.stage == 3 or not self.offload_parameters else [
-            f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{self.stage} does not shard weights)"]
-        return super().problems() + wrong
+        return super().problems() + ([] if self.stage == 3 or not self.offload_parameters else [
+            f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{self.stage} does not shard weights)"])
 
 
 @dataclass
@@ -450,9 +451,8 @@ class MetricsConfig:
 
 @dataclass
 class EvalConfig:
-    """`eval.*`: at each validation, also generate the greedy reply of each prediction-table sample (the stock
-    generate, as ov-eval runs it), shown in W&B with its image (training/metrics.py). Off by default: one generate
-    call per sample."""
+    """`eval.*`: at each validation, also generate the greedy reply of each prediction-table sample (as ov-eval does),
+    shown in W&B with its image (training/metrics.py). Off by default: one generate call per sample."""
 
     generate: bool = False
     max_new_tokens: int = 32
