@@ -22,9 +22,9 @@ from ov_train.checkpoints.paths import last_checkpoint, resume_targets
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import ImageSettings, MediaSettings, read_media
+from ov_train.config.forward import ForwardOptions, in_half
 from ov_train.config.options import (
     CpuShare,
-    ForwardOptions,
     TokenBudget,
     cpu_share,
     default_precision,
@@ -266,7 +266,7 @@ def for_device(plan: RunPlan, on_gpu: bool) -> RunPlan:
     functions the run uses. The planner's what-if: `ov-train plan plan.device=h100` on a laptop."""
     precision = plan.config["trainer"]["precision"] or default_precision(
         OmegaConf.create(plan.trainer), plan.strategy.name, on_gpu)
-    forward, _ = ForwardOptions.from_config(plan.config["model"], precision)
+    forward = replace(plan.forward, half_precision=in_half(precision))
     forward = replace(forward, attn_implementation=forward.attention(on_gpu))
     return replace(plan, precision=precision, forward=forward, trainer={**plan.trainer, "precision": precision})
 
@@ -472,7 +472,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         raise ConfigError.of(missing)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     precision = cfg.trainer.precision or default_precision(cfg.trainer, cfg.strategy.name)
-    forward, forward_problems = ForwardOptions.from_config(cfg.model, precision)
+    forward = ForwardOptions.from_config(cfg.model, precision)
     spec, recipe_problems = _recipe(cfg.data, machine)
     media, media_problems = read_media(cfg.stage, spec.sources if spec else ())
     problems = (
@@ -486,7 +486,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         # Each node's dataclass checks its own values, and those of the nodes it holds.
         + [p for node in (cfg.stage, cfg.model, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
            for p in OmegaConf.to_object(node).problems()]
-        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
+        + checks.precision_problems(precision, cfg) + forward.problems() + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator), machine)
     )
     targets = ()

@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from ov_train.config.options import ForwardOptions
+from ov_train.config.forward import ForwardOptions
 from ov_train.constants import CHECKPOINTABLE, IGNORE_INDEX
 from ov_train.model import layout
 from ov_train.model.activation_checkpointing import apply_activation_checkpointing

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ov_train.config.options import ForwardOptions
+from ov_train.config.forward import ForwardOptions
 from ov_train.config.preference import PREFERENCE_LOSSES, SMOOTHED, PreferenceSettings  # noqa: F401 (re-exported)
 from ov_train.model.forward import sample_losses
 

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ov_train.model.forward as forward_module
-from ov_train.config.options import ForwardOptions
+from ov_train.config.forward import ForwardOptions
 from ov_train.model import layout
 from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.parts import apply_stage
