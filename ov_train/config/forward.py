@@ -1,6 +1,5 @@
-"""The forward pass's performance options: the `model` node's performance keys (config/schema.py ModelConfig, where
-each is described and has its one default) with the trainer's precision, as model/forward.py runs them
-(docs/PERFORMANCE.md)."""
+"""The forward's performance options (model/forward.py, docs/PERFORMANCE.md): the `model` node's performance keys,
+described and defaulted in config/schema.py ModelConfig, with the trainer's precision."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -20,8 +19,8 @@ except ImportError:
 
 @dataclass(frozen=True)
 class ForwardOptions:
-    """ModelConfig's keys of these names, and whether the model computes in bf16/fp16 (trainer.precision), which
-    varlen attention needs. No defaults of its own: `from_config` a model config, or the `stock` forward."""
+    """ModelConfig's keys of these names, and whether the model computes in bf16/fp16 (varlen attention needs it).
+    No defaults of its own: `from_config` a model config, or the `stock` forward."""
 
     packing: bool
     max_tokens: int
@@ -35,8 +34,7 @@ class ForwardOptions:
 
     @classmethod
     def from_config(cls, model=None, precision: str | None = None) -> ForwardOptions:
-        """From a `model` node or ModelConfig (None: ModelConfig's defaults) and the trainer's precision (None: assume
-        bf16 or fp16)."""
+        """From a `model` node or ModelConfig (None: its defaults) and trainer.precision (None: assume bf16/fp16)."""
         model = ModelConfig() if model is None else model
         values = {k: getattr(model, k) for k in cls.__dataclass_fields__ if k != "half_precision"}
         values["activation_checkpointing"] = tuple(values["activation_checkpointing"])

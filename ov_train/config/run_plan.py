@@ -2,8 +2,7 @@
 
 `resolve_plan(cfg)` checks every value (config/checks.py, config/adapter.py), converts each setting once (precision,
 forward options, recipe and token budget, part learning rates, adapters, strategy, run paths, resume target) and
-returns a
-frozen RunPlan. Everything downstream takes its piece of the plan: model/build.py the ModelPlan, the data
+returns a frozen RunPlan. Everything downstream takes its piece of the plan: model/build.py the ModelPlan, the data
 module the DataPlan, the LightningModule the OptimPlan and ForwardOptions, strategies.py the StrategyPlan.
 A config with problems raises ConfigError listing all of them, each by key, before any work.
 
