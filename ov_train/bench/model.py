@@ -12,7 +12,6 @@ import torch
 
 from ov_train import devices
 from ov_train.bench.mixture import synthetic_mixture, token_counts
-from ov_train.config.forward import ForwardOptions
 from ov_train.config.run_plan import RunPlan
 from ov_train.config.schema import ModelConfig
 from ov_train.constants import IGNORE_INDEX, PARTS
@@ -104,12 +103,12 @@ def _run(name, step, optimizer, groups, args, device, flops, tokens) -> dict:
     }
 
 
-def _ours(args, max_tokens: int) -> ForwardOptions:
-    options = ForwardOptions.from_config(ModelConfig(
+def _ours(args, max_tokens: int) -> ModelConfig:
+    options = ModelConfig(
         packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk,
         activation_checkpointing=[m for m in args.checkpoint.split(",") if m],
         checkpoint_every=args.checkpoint_every, compile=args.compile,
-    ))
+    )
     problems = options.problems()
     if problems:
         raise SystemExit("bench: " + "; ".join(problems))

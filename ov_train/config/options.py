@@ -114,3 +114,8 @@ def default_precision(trainer_cfg, strategy_name: str, on_gpu: bool | None = Non
         return "32-true"
     one_gpu = world_size(trainer_cfg) == 1
     return "bf16-true" if one_gpu and strategy_name == "auto" else "bf16-mixed"
+
+
+def in_half(precision: str | None) -> bool:
+    """Whether trainer.precision computes in bf16/fp16 (None: assume so)."""
+    return precision is None or str(precision).startswith(("bf16", "16"))

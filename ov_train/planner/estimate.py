@@ -25,10 +25,10 @@ from filelock import FileLock
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
-from ov_train.config.forward import ForwardOptions
 from ov_train.config.parallel import allowed_degrees
 from ov_train.config.recipe import RecipeSpec
 from ov_train.config.run_plan import ModelPlan, RunPlan, for_device
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import ADAPTED
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
@@ -124,7 +124,7 @@ class Setup:
     parts: dict  # learning rate per part (the run plan's); > 0: trains
     device: Device
     engine: Engine
-    options: ForwardOptions
+    options: ModelConfig
     path: str
     fused_loss: bool
     tokens: int
