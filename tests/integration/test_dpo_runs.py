@@ -176,7 +176,8 @@ def test_a_recipe_mixes_preference_sources(tmp_path):
     recipe = tmp_path / "pairs.yaml"
     recipe.write_text("sources:\n  - {name: next, path: next, modality: single_image, weight: 1}\n"
                       "  - {name: hf, path: hf, format: parquet, modality: single_image, weight: 1}\n")
-    overrides = ["stage=dpo", "data=recipe", f"data.recipe={recipe}", f"data.root={shards}", "data.num_workers=0",
+    overrides = ["stage=dpo", "stage.preference.warm_start_steps=0", "data=recipe", f"data.recipe={recipe}",
+                 f"data.root={shards}", "data.num_workers=0",
                  "data.batch_size=2", "data.shuffle_buffer=4", "logger=csv", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=1", "trainer.max_steps=4", "export=false"]
     summary = train(compose_config(overrides, run_dir=tmp_path / "run"))
