@@ -255,8 +255,8 @@ def test_the_planner_counts_each_preference_reference(overrides, reference, engi
 
 
 def test_cli_plans_the_dpo_stage_end_to_end(capsys):
-    """`ov-train plan stage=dpo` (the embedded default's composition): the frozen reference's copy is counted in the
-    model state and named; a precomputed reference costs no memory."""
+    """`ov-train plan stage=dpo` (the embedded default's composition, model_stage/tiny_dpo.yaml included): the frozen
+    reference's copy is counted in the model state and its forward in the FLOPs; a precomputed reference costs neither."""
     from ov_train.cli.plan import main
 
     plans = {}
@@ -269,5 +269,3 @@ def test_cli_plans_the_dpo_stage_end_to_end(capsys):
     assert frozen["reference_gib"] == pytest.approx(frozen["weights_gib"], abs=0.01) and precomputed["reference_gib"] == 0
     assert frozen["fits"] and frozen["peak_gib"] > precomputed["peak_gib"]
     assert frozen["flops_per_step"] > precomputed["flops_per_step"]  # the reference's forward each step
-    assert main(["stage=dpo", "plan.device=h100"]) == 0
-    assert "the frozen reference: a whole copy of the weights" in capsys.readouterr().out
