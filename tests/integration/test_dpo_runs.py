@@ -84,6 +84,7 @@ def test_sigterm_then_auto_resume_is_bit_identical(tmp_path, small_data_root, st
 @pytest.mark.parametrize("adapter, reference", [
     ([], "frozen"),
     (["adapter=lora", "adapter.targets.projector=frozen"], "adapters_off"),
+    (["adapter=dora", "adapter.targets.projector=frozen"], "adapters_off"),
 ])
 def test_the_reference_is_the_starting_model_and_the_export_is_stock(tmp_path, small_data_root, adapter, reference):
     """At the first step the policy is the reference (a copy, or the model with its fresh LoRA adapters off, whose B
