@@ -27,7 +27,7 @@ def test_dpo_stage_states_llava_nexts_dpo_script():
     assert (cfg.stage.warmup_ratio, cfg.stage.weight_decay, cfg.stage.preference.warm_start_steps) == (0.1, 0.0, 0)
     assert cfg.trainer.max_steps == compose_config(["stage=onevision", "model=ov_qwen2_7b"]).trainer.max_steps
     plan = plan_of(["stage=dpo"], run_dir="/tmp/x")
-    settings = plan.preference.settings
+    settings = plan.preference
     assert (settings.loss, settings.beta, settings.label_smoothing) == ("sigmoid", 0.1, 0.0)
     assert plan.data.pairs and plan.data.recipe.name == "synthetic_dpo"
     assert (plan.data.samples.media.image.strategy, plan.data.samples.max_length) == ("anyres_max_9", 32768)
