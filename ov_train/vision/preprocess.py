@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision import pixels
+from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.pixels import dims, open_pixels, padded_square, resized
 from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_tokens
 

@@ -41,7 +41,7 @@ def test_fast_full_size_jpeg_is_torchvisions_decode_equal_to_pils():
     image, size = open_image(data, GEOM, "pad", fast=True)
     assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and size == (100, 90)
     # Both run libjpeg-turbo's default (islow) IDCT and fancy upsampling: the same pixels.
-    assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
+    assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))))
 
 
 @needs_torchvision
