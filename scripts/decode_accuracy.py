@@ -50,6 +50,31 @@ def jpeg_copy(source: Path, out: Path, scale: int) -> int:
     return count
 
 
+def pixel_difference(root: Path, export: Path) -> dict:
+    """Mean and max |exact - fast| over the held-out images' crops (normalised pixels; 2 = the full range), each cut
+    as the onevision stage cuts it: anyres alone, a padded crop among several."""
+    from transformers import AutoConfig
+
+    from ov_train.data.sources import tar_samples
+    from ov_train.vision.geometry import VisionGeometry
+    from ov_train.vision.preprocess import open_image, preprocess_image
+
+    geometry = VisionGeometry.from_model_config(AutoConfig.from_pretrained(export))
+    diffs = []
+    for shard in sorted(root.glob("*/val-*.tar")):
+        for _, raw in tar_samples(str(shard)):
+            images = [raw[k] for k in sorted(raw) if k.endswith(".jpg")]
+            mode = "anyres" if len(images) == 1 else "pad"
+            for data in images:
+                crops = []
+                for fast in (False, True):
+                    image, size = open_image(data, geometry, mode, fast=fast)
+                    crops.append(preprocess_image(image, geometry, mode=mode, size=size).pixel_values)
+                diffs.append((crops[0] - crops[1]).abs().flatten())
+    flat = torch.cat(diffs)
+    return {"mean": float(flat.mean()), "max": float(flat.max())}
+
+
 def validate(run: Path, root: Path, decode: str, run_dir: Path) -> dict:
     """RUN's export validated on `root` by the training module's own validation step."""
     from ov_train.checkpoints.adapters import build_for_training
@@ -96,7 +121,9 @@ def main() -> None:
     source = synthetic_root(config.data.root, **OmegaConf.to_container(config.data.synthetic), seed=config.seed)
     root = out / "jpeg_data"
     images = jpeg_copy(source, root, args.scale) if not root.exists() else None
-    results = {"run": str(args.run), "scale": args.scale, "images": images}
+    results = {"run": str(args.run), "scale": args.scale, "images": images,
+               "pixel_difference": pixel_difference(root, args.run / "export")}
+    print("pixels, fast against exact:", json.dumps(results["pixel_difference"]))
     for decode in ("exact", "fast"):
         results[decode] = validate(args.run, root, decode, out / decode)
         print(decode, json.dumps(results[decode]))
