@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> dict:
     plan, source, recipe = check(resolve_plan(cfg))
     # Memory plan before any heavy work: on GPU runs (or when plan.device names a device) a configuration whose
     # planned peak exceeds the device's memory stops here, unless plan.enforce=false.
-    preflight(cfg)
+    preflight(plan)
     # The job holds its run directory through rank 0 (its ranks share it) from its first write to its end; a second
     # run there stops here.
     with hold_run_dir(plan.paths.lock) if rank() == 0 else nullcontext():

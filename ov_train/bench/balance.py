@@ -19,22 +19,23 @@ from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
 from ov_train.config.compose import compose
 from ov_train.config.options import TokenBudget
-from ov_train.config.run_plan import model_plan
+from ov_train.config.run_plan import resolve_plan
 from ov_train.constants import PARTS
 from ov_train.data.batching import fill_batches
 from ov_train.data.compute_batches import SampleCost, fill_compute_batches
+from ov_train.planner.workload import IMAGE_SIZES as EXAMPLE_SIZES
+from ov_train.planner.workload import ONEVISION_MIX
 from ov_train.utils.flops import ModelFlops, TokenCounts
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
 from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_tokens, video_tokens
 
-MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
-# Height x width of single images: the recipe's examples, a phone photo and an A4 scan at 300 dpi.
-IMAGE_SIZES = ((384, 384), (480, 640), (1024, 768), (1080, 1920), (3000, 800), (3000, 4000), (3508, 2480))
+# Height x width of single images: the planner's examples (smallest first), a phone photo and an A4 scan at 300 dpi.
+IMAGE_SIZES = (*sorted(EXAMPLE_SIZES), (3000, 4000), (3508, 2480))
 
 
 def model_config(name: str) -> LlavaOnevisionConfig:
     """A shipped model config's LlavaOnevisionConfig, without weights or a tokenizer."""
-    plan = model_plan(compose([f"model={name}"]).model)
+    plan = resolve_plan(compose([f"model={name}"]), machine=False).model  # a geometry: no weights needed
     return LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(vision_use_head=False, **plan.vision).to_dict(),
         text_config=Qwen2Config(**plan.text).to_dict(), vision_feature_layer=-1, vision_feature_select_strategy="full",
@@ -44,7 +45,7 @@ def model_config(name: str) -> LlavaOnevisionConfig:
 def mix_samples(geometry: VisionGeometry, seed: int):
     """Endless (crops and frames, tokens) of the OneVision mix, as dicts the batchers read."""
     rng = np.random.default_rng(seed)
-    kinds, weights = list(MIX), np.array(list(MIX.values()))
+    kinds, weights = list(ONEVISION_MIX), np.array(list(ONEVISION_MIX.values()))
     while True:
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
         text = int(rng.integers(40, 601))

@@ -25,16 +25,16 @@ from PIL import Image
 from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionVideoProcessor
 
 from ov_train import devices
-from ov_train.config.media import MediaSettings
+from ov_train.config.run_plan import RunPlan
 from ov_train.constants import PARTS
 from ov_train.data.compute_batches import example_counts
 from ov_train.data.samples import VIDEO_FIELDS, SampleProcessor, image_fields
 from ov_train.data.sources import tar_samples
+from ov_train.planner.workload import ONEVISION_MIX
 from ov_train.utils.flops import ModelFlops
 from ov_train.vision import pixels
 from ov_train.vision.tokens import video_frame_indices
 
-MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
 MARGIN = 1.5
 
 
@@ -83,7 +83,7 @@ class Reference:
 def read_raw(root: Path, per_source: int) -> dict[str, list[dict]]:
     """The first `per_source` raw samples of each modality's shards under ROOT/onevision/."""
     raws = {}
-    for modality in MIX:
+    for modality in ONEVISION_MIX:
         got = []
         for shard in sorted(glob.glob(str(root / "onevision" / modality / "*.tar"))):
             for _, raw in tar_samples(shard):
@@ -104,20 +104,21 @@ def _cpu(fn, raw):
     return time.process_time() - start, out
 
 
-def extraction_bench(args, tokenizer, geometry, model_config) -> list[dict]:
+def extraction_bench(args, plan: RunPlan, tokenizer, geometry, model_config) -> list[dict]:
     root = Path(args.loader)
     raws = read_raw(root, args.loader_samples)
-    media = MediaSettings.of("anyres_max_9", 32)
+    template, media = plan.data.samples.template, plan.data.samples.media  # the onevision stage's, as a run's
     paths = {
-        "ov_train exact": SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 32768),
-        "ov_train fast": SampleProcessor(tokenizer, geometry, "qwen_1_5", media, 32768, decode="fast"),
+        "ov_train exact": SampleProcessor(tokenizer, geometry, template, media, 32768),
+        "ov_train fast": SampleProcessor(tokenizer, geometry, template, media, 32768, decode="fast"),
         "reference": Reference(geometry),
     }
     if pixels.TORCHVISION:  # `fast` above takes torchvision's decoder and resizes; this one, PIL's alone
         paths["ov_train fast PIL"] = WithoutTorchvision(paths["ov_train fast"])
     flops = ModelFlops.from_config(model_config)
-    cpu = {name: {m: [] for m in MIX} for name in paths}
-    tokens, cost, diffs = {m: [] for m in MIX}, {m: [] for m in MIX}, {"images": [], "frames": []}
+    cpu = {name: {m: [] for m in ONEVISION_MIX} for name in paths}
+    tokens, cost = {m: [] for m in ONEVISION_MIX}, {m: [] for m in ONEVISION_MIX}
+    diffs = {"images": [], "frames": []}
     torch.set_num_threads(1)  # one loader worker's view: its own thread (decoders size their own)
     for modality, group in raws.items():
         for raw in group:
@@ -133,9 +134,9 @@ def extraction_bench(args, tokenizer, geometry, model_config) -> list[dict]:
             if exact["frames"] is not None:
                 diffs["frames"].append((exact["frames"] - fast["frames"]).abs().flatten())
     device = devices.DEVICES[args.device]
-    sample_flops = sum(share * np.mean(cost[m]) for m, share in MIX.items())
+    sample_flops = sum(share * np.mean(cost[m]) for m, share in ONEVISION_MIX.items())
     gpu_samples = device.peak_tflops * 1e12 * args.mfu / sample_flops
-    visual = sum(share * np.mean(tokens[m]) for m, share in MIX.items())
+    visual = sum(share * np.mean(tokens[m]) for m, share in ONEVISION_MIX.items())
     counts = {m: len(g) for m, g in raws.items()}
     print(f"loader CPU cost on {root}: {counts} samples; {args.model} on {device.name} at {args.mfu:.0%} MFU trains "
           f"{gpu_samples:.1f} samples/s of the 31/43/26 mix ({visual:.0f} visual tokens a sample)")
@@ -143,8 +144,8 @@ def extraction_bench(args, tokenizer, geometry, model_config) -> list[dict]:
           f"{'cores/GPU':>11}{'x1.5':>7}")
     results = []
     for name in paths:
-        per = {m: float(np.mean(cpu[name][m])) for m in MIX}
-        seconds = sum(share * per[m] for m, share in MIX.items())
+        per = {m: float(np.mean(cpu[name][m])) for m in ONEVISION_MIX}
+        seconds = sum(share * per[m] for m, share in ONEVISION_MIX.items())
         cores = gpu_samples * seconds
         print(f"{name:<18}{per['single_image']:>10.3f}{per['multi_image']:>10.3f}{per['video']:>10.3f}"
               f"{1 / seconds:>16.2f}{visual / seconds:>16.0f}{cores:>11.1f}{cores * MARGIN:>7.1f}")

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ov_train.data.shard_writer import ShardWriter
+from ov_train.planner.workload import ONEVISION_MIX
 
 PHOTO_SIZES = ((480, 640), (768, 1024), (1080, 1440), (1536, 2048), (2448, 3264), (3000, 4000))
 SCAN_SIZE = (3508, 2480)  # A4 at 300 dpi, portrait
@@ -102,8 +103,9 @@ def write_media_shards(root: Path, photos: int = 150, scans_share: float = 0.1, 
     videos = [clip(clip_seconds, *clip_size, seed=seed + k) for k in range(clips)]
     # Samples in the mix: videos limit the count (each clip once), images fill their shares.
     n_video = clips
-    total = round(n_video / 0.259)
-    n_single, n_multi = round(total * 0.312), total - n_video - round(total * 0.312)
+    total = round(n_video / ONEVISION_MIX["video"])
+    n_single = round(total * ONEVISION_MIX["single_image"])
+    n_multi = total - n_video - n_single
     order = iter(rng.permutation(len(images)).tolist() * 8)
     samples = {"single_image": [], "multi_image": [], "video": []}
     for _ in range(n_single):

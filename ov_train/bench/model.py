@@ -12,8 +12,8 @@ import torch
 
 from ov_train import devices
 from ov_train.bench.mixture import synthetic_mixture, token_counts
-from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
+from ov_train.config.run_plan import RunPlan
 from ov_train.constants import IGNORE_INDEX, PARTS
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.model.forward import prepare_model, sample_losses
@@ -123,17 +123,17 @@ def _print(r: dict, stock: dict | None = None) -> None:
               f"peak memory {r['peak_gib'] / stock['peak_gib']:.2f}x{rows}")
 
 
-def model_bench(args, cfg, model, tokenizer) -> list[dict]:
+def model_bench(args, plan: RunPlan, model, tokenizer) -> list[dict]:
     """The stock recipe, then ov_train's path once per row size, training the same samples; prints and returns them."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    row_sizes = [int(t) for t in str(args.max_tokens or cfg.max_tokens).split(",")]
-    args.loss_chunk = args.loss_chunk or cfg.loss_chunk
+    row_sizes = [int(t) for t in str(args.max_tokens or plan.forward.max_tokens).split(",")]
+    args.loss_chunk = args.loss_chunk or plan.forward.loss_chunk
     model.to(device).train()
     if args.peak_tflops is None:
         gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         args.peak_tflops = devices.peak_tflops(gpu_name)[0] if gpu_name else _measured_peak_tflops(device)
     geometry = VisionGeometry.from_model_config(model.config)
-    process = SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of(cfg.vision_aspect_ratio, 32), max_length=32768)
+    process = SampleProcessor(tokenizer, geometry, plan.data.samples.template, plan.data.samples.media, max_length=32768)
     raws = synthetic_mixture(args.samples * (args.warmup + args.steps), geometry.image_size, args.seed)
     examples = [process(r) for r in raws]
     groups = [examples[i : i + args.samples] for i in range(0, len(examples), args.samples)]

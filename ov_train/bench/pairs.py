@@ -20,8 +20,8 @@ import torch
 
 from ov_train.bench.mixture import WORDS, synthetic_mixture
 from ov_train.bench.model import _peak_gib, _reset_peak, _to
-from ov_train.config.media import MediaSettings
 from ov_train.config.options import ForwardOptions
+from ov_train.config.run_plan import RunPlan
 from ov_train.constants import PARTS
 from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.samples import SampleProcessor
@@ -97,7 +97,7 @@ def _measure(model, groups, references, options, args, device, autocast) -> list
     return results
 
 
-def pair_bench(args, cfg, model, tokenizer) -> list[dict]:
+def pair_bench(args, plan: RunPlan, model, tokenizer) -> list[dict]:
     """Both paths on the same pairs; prints and returns their figures."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     gpu = device.type == "cuda"
@@ -105,11 +105,11 @@ def pair_bench(args, cfg, model, tokenizer) -> list[dict]:
     if gpu:
         model.to(torch.bfloat16)  # bf16 weights, fp32 masters in build_adamw (trainer.precision=bf16-true)
     args.pad_id = tokenizer.pad_token_id
-    max_tokens = int(str(args.max_tokens or cfg.max_tokens).split(",")[0])
-    options = ForwardOptions(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk or cfg.loss_chunk)
+    max_tokens = int(str(args.max_tokens or plan.forward.max_tokens).split(",")[0])
+    options = ForwardOptions(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk or plan.forward.loss_chunk)
     prepare_model(model, options)
     geometry = VisionGeometry.from_model_config(model.config)
-    process = PairProcessor(SampleProcessor(tokenizer, geometry, "qwen_1_5", MediaSettings.of(cfg.vision_aspect_ratio, 32),
+    process = PairProcessor(SampleProcessor(tokenizer, geometry, plan.data.samples.template, plan.data.samples.media,
                                           max_length=32768))
     pairs = [process(r) for r in pair_mixture(args.samples * (args.warmup + args.steps), geometry.image_size, args.seed)]
     groups = [pairs[i : i + args.samples] for i in range(0, len(pairs), args.samples)]

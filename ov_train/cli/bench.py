@@ -33,7 +33,7 @@ from ov_train.bench.model import model_bench
 from ov_train.bench.pairs import pair_bench
 from ov_train.config.compose import compose
 from ov_train.config.options import cpu_share
-from ov_train.config.run_plan import model_plan
+from ov_train.config.run_plan import resolve_plan
 from ov_train.constants import CHECKPOINTABLE
 from ov_train.devices import DEVICES
 from ov_train.model.build import build_model
@@ -106,19 +106,20 @@ def main(argv=None) -> list:
     share = cpu_share(None, local_processes=1)
     torch.set_num_threads(share.threads)
     print(share.describe())
-    cfg = compose([f"model={args.model}", "model.random_init=true"]).model
+    # The run plan training resolves for this model (the onevision stage's media and template, the model's forward).
+    plan = resolve_plan(compose([f"model={args.model}", "model.random_init=true"]))
     with_model = args.both or not args.loader
     # The loader alone needs only the tokenizer and the geometry: the model is built without weights.
     with nullcontext() if with_model else torch.device("meta"):
-        model, tokenizer = build_model(model_plan(cfg), cache_dir())
+        model, tokenizer = build_model(plan.model, cache_dir())
     results = []
     # The loader runs first, so its workers fork before the model moves to the GPU.
     if isinstance(args.loader, str):
-        results += extraction_bench(args, tokenizer, VisionGeometry.from_model_config(model.config), model.config)
+        results += extraction_bench(args, plan, tokenizer, VisionGeometry.from_model_config(model.config), model.config)
     elif args.loader:
         results += loader_bench(args, tokenizer, VisionGeometry.from_model_config(model.config))
     if with_model:
-        results += (pair_bench if args.pairs else model_bench)(args, cfg, model, tokenizer)
+        results += (pair_bench if args.pairs else model_bench)(args, plan, model, tokenizer)
     if args.both:
         loader, ours = results[0], [r for r in results if r["name"] == "ov_train"][-1]
         print(f"loader / ov_train tokens/s {loader['tokens_per_s'] / ours['tokens_per_s']:.2f}x (goal: at least 1.5x)")

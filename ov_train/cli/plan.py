@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
 
     def plan(cfg: DictConfig) -> None:
+        from ov_train.config.run_plan import ConfigError, resolve_plan
         from ov_train.planner.estimate import PlanError
-        from ov_train.planner.report import format_plan, plan_config
+        from ov_train.planner.report import format_plan, plan_run
 
-        try:
-            planned = plan_config(cfg)
-        except PlanError as err:
+        try:  # the run plan training would resolve, less the checks of this machine's files
+            planned = plan_run(resolve_plan(cfg, machine=False))
+        except (ConfigError, PlanError) as err:
             print(f"ov-train plan: {err}", file=sys.stderr)
             sys.exit(2)
         print(json.dumps(planned, indent=2) if as_json else format_plan(planned))

@@ -64,11 +64,12 @@ class ForwardOptions:
                 out.append(f"model.{key}={getattr(self, key)!r} must be a positive integer")
         return out
 
-    def attention(self) -> str:
-        """The attention implementation `auto` stands for on this machine."""
+    def attention(self, on_gpu: bool | None = None) -> str:
+        """The attention implementation `auto` stands for on a machine with GPUs or without (None: this one)."""
         if self.attn_implementation != "auto":
             return self.attn_implementation
-        usable = self.packing and self.half_precision and torch.cuda.is_available() and HAS_VARLEN
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        usable = self.packing and self.half_precision and on_gpu and HAS_VARLEN
         return VARLEN if usable else "sdpa"
 
 

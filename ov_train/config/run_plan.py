@@ -13,7 +13,7 @@ imports nothing above ov_train.config.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -270,6 +270,7 @@ class RunPlan:
     ckpt_path: str | None  # the checkpoint to resume, `last` / `auto` resolved
     ckpt_fallbacks: tuple[str, ...]  # `last` / `auto`: the older ones to resume if ckpt_path does not read
     identity: dict  # what a resume must share with the run that wrote the checkpoint
+    planner: dict  # the `plan` node: the memory planner's settings (ov_train/planner)
     nonfinite: str
     peak_tflops: float | None  # None: the device's own (ov_train/devices.py)
     predictions: PredictionsPlan
@@ -277,6 +278,17 @@ class RunPlan:
     export: bool
     config: dict  # the resolved config, for the dashboards
     preference: PreferencePlan | None = None  # None: the stage trains on conversations
+
+
+def for_device(plan: RunPlan, on_gpu: bool) -> RunPlan:
+    """The same run on a machine with GPUs (`on_gpu`) or without: what resolve_plan decides from the machine (the
+    default precision, the forward's half precision, what attention `auto` stands for) decided for that one by the
+    functions the run uses. The planner's what-if: `ov-train plan plan.device=h100` on a laptop."""
+    precision = plan.config["trainer"]["precision"] or default_precision(
+        OmegaConf.create(plan.trainer), plan.strategy.name, on_gpu)
+    forward, _ = ForwardOptions.from_config(plan.config["model"], precision)
+    forward = replace(forward, attn_implementation=forward.attention(on_gpu))
+    return replace(plan, precision=precision, forward=forward, trainer={**plan.trainer, "precision": precision})
 
 
 def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: AdapterPlan | None = None) -> dict:
@@ -314,7 +326,7 @@ def model_plan(model, trust: bool = False) -> ModelPlan:
     )
 
 
-def _recipe(data) -> tuple[RecipeSpec | None, list[str]]:
+def _recipe(data, machine: bool = True) -> tuple[RecipeSpec | None, list[str]]:
     try:
         spec, problems = read_recipe(str(data.recipe))
     except RecipeError as err:
@@ -323,7 +335,8 @@ def _recipe(data) -> tuple[RecipeSpec | None, list[str]]:
         problems += pipe_problems(spec)
     where = f"data.recipe={data.recipe}"
     problems = [p if p.startswith("data.recipe") else f"{where}: {p}" for p in problems]
-    if spec and data.name != SYNTHETIC:  # synthetic sources start in the generated data set
+    # Synthetic sources start in the generated data set; where the user's shards are is the run machine's question.
+    if spec and machine and data.name != SYNTHETIC:
         problems += root_problems(spec, data.root)
     if spec and data.batch_size is None and data.max_tokens_per_batch is None and spec.max_tokens_per_batch is None:
         problems.append("data.batch_size and data.max_tokens_per_batch are both null (nor does the recipe set a budget)")
@@ -494,19 +507,23 @@ def stage_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
 
 
-def resolve_plan(cfg: DictConfig) -> RunPlan:
-    """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key."""
+def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
+    """Check every value of `cfg` and resolve it into a RunPlan; ConfigError lists every problem, by key.
+    `machine=False`: the plan of a run on another machine (`ov-train plan`; for_device then decides what
+    depends on its device), so what only the run's machine can answer is not checked: that the paths the config
+    names exist (and hold weights), where relative recipe paths start (data.root), the checkpoint to resume, and
+    qlora's CUDA and bitsandbytes."""
     missing = checks.missing_problems(cfg) or checks.world_problems(cfg.trainer)
     if missing:
         raise ConfigError.of(missing)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     precision = cfg.trainer.precision or default_precision(cfg.trainer, cfg.strategy.name)
     forward, forward_problems = ForwardOptions.from_config(cfg.model, precision)
-    spec, recipe_problems = _recipe(cfg.data)
+    spec, recipe_problems = _recipe(cfg.data, machine)
     media, media_problems = read_media(cfg.stage, spec.sources if spec else ())
     problems = (
         checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
-        + checks.model_problems(cfg.model)
+        + (checks.model_problems(cfg.model) if machine else checks.geometry_problems(cfg.model))
         + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None,
                                cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
@@ -514,7 +531,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         + checks.io_problems(cfg.data.io)
         + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
-        + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator))
+        + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator), machine)
         + (preference_settings(cfg.stage) or PreferenceSettings()).problems()
     )
     targets = ()
@@ -523,7 +540,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
     except ValueError as err:
         problems.append(str(err))
     ckpt_path, *fallbacks = targets or (None,)
-    if ckpt_path and not Path(ckpt_path).exists():
+    if machine and ckpt_path and not Path(ckpt_path).exists():
         problems.append(f"ckpt_path={ckpt_path!r}: checkpoint does not exist")
     if problems:
         raise ConfigError.of(problems)
@@ -561,6 +578,7 @@ def resolve_plan(cfg: DictConfig) -> RunPlan:
         ckpt_path=ckpt_path,
         ckpt_fallbacks=tuple(fallbacks),
         identity=run_identity(cfg, trainer["max_steps"], adapter),
+        planner=OmegaConf.to_container(cfg.plan, resolve=True),
         nonfinite=cfg.nonfinite,
         peak_tflops=cfg.metrics.peak_tflops,
         predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),

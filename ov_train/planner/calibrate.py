@@ -105,12 +105,12 @@ def measure(model_plan, parts: dict, samples, options, device: torch.device, dty
 
 def calibrate(model: str, tokens: int, checkpoint: str | None = None, device: str = "cpu") -> dict:
     from ov_train.config.compose import compose
+    from ov_train.config.run_plan import resolve_plan
     from ov_train.planner.estimate import Setup, meta_model, step_samples
     from ov_train.planner.trace import COMPUTE, trace_step
     from ov_train.vision.geometry import VisionGeometry
 
-    cfg = compose(overrides(model, tokens, checkpoint, device))
-    setup = Setup.from_config(cfg)
+    setup = Setup.of(resolve_plan(compose(overrides(model, tokens, checkpoint, device)), machine=False))
     meta = meta_model(setup.model)
     samples = step_samples(setup, VisionGeometry.from_model_config(meta.config))
     trace = trace_step(meta, setup.parts, samples, setup.options, setup.engine.compute, setup.path, setup.fused_loss)

@@ -1,7 +1,8 @@
-"""The plan of a composed config: what one device holds at the peak of a training step, and how long the step takes.
+"""The plan of a run: what one device holds at the peak of a training step, and how long the step takes.
 
-`Setup.from_config` resolves what the run would do on the planned device (precision, attention, loss kernel,
-engine, the step's samples); `cached_trace` traces the step (cached on disk: activation memory depends on the
+`Setup.of` takes the run plan (config/run_plan.py: resolve_plan, as training resolves it) and what it decides on the
+planned device (for_device: precision, attention), and adds the planner's own choices (loss kernel, engine, the
+step's samples); `cached_trace` traces the step (cached on disk: activation memory depends on the
 geometry, the samples and the forward options, not on the engine or the device count); `evaluate` adds the
 engine's model state and the FLOPs; `plan_setup` does all three. Peaks, per device:
 
@@ -21,24 +22,14 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig
 
-from ov_train.config import reproduce
-from ov_train.config.adapter import AdapterPlan, adapter_problems
-from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings, read_media
-from ov_train.config.options import HAS_VARLEN, ForwardOptions, default_precision
-from ov_train.config.parallel import allowed_degrees, sequence_parallel_problems
-from ov_train.config.recipe import RecipeError, RecipeSpec, read_recipe
-from ov_train.config.run_plan import (
-    ModelPlan,
-    model_plan,
-    optim_plan,
-    preference_plan,
-    run_adapter_plan,
-    stage_lrs,
-    strategy_plan,
-)
-from ov_train.constants import ADAPTED, VARLEN
+from ov_train.config.adapter import AdapterPlan
+from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
+from ov_train.config.options import ForwardOptions
+from ov_train.config.parallel import allowed_degrees
+from ov_train.config.recipe import RecipeSpec
+from ov_train.config.run_plan import ModelPlan, RunPlan, for_device
+from ov_train.constants import ADAPTED
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
 from ov_train.planner.state import Counts, Engine, count, engine_from_plan, model_state, reference_state
@@ -82,35 +73,33 @@ def plan_problems(plan) -> list[str]:
     return out
 
 
-def _step_tokens(cfg, recipe: RecipeSpec | None) -> tuple[int, str]:
-    """Tokens of one step's batch per device, and where the figure comes from."""
-    if cfg.plan.tokens:
-        return int(cfg.plan.tokens), "plan.tokens"
-    if cfg.data.max_tokens_per_batch:
-        return int(cfg.data.max_tokens_per_batch), "data.max_tokens_per_batch"
-    if recipe is not None and recipe.max_tokens_per_batch:
-        return int(recipe.max_tokens_per_batch), f"recipe {recipe.name}'s max_tokens_per_batch"
-    if cfg.model.packing:
-        return int(cfg.model.max_tokens), "model.max_tokens (no token budget: one packed row; plan.tokens sets it)"
-    return int(cfg.stage.max_length), "stage.max_length (no token budget: one sample)"
+def _step_tokens(run: RunPlan, tokens: int | None) -> tuple[int, str]:
+    """Tokens of one step's batch per device, and where the figure comes from: plan.tokens, else the run's token
+    budget (the data config's, else the recipe's: config/run_plan.py), else one packed row or one sample."""
+    if tokens:
+        return int(tokens), "plan.tokens"
+    budget, recipe = run.data.budget.max_tokens, run.data.recipe
+    if budget:
+        return budget, (f"recipe {recipe.name}'s max_tokens_per_batch" if budget == recipe.max_tokens_per_batch
+                        else "data.max_tokens_per_batch")
+    if run.forward.packing:
+        return run.forward.max_tokens, "model.max_tokens (no token budget: one packed row; plan.tokens sets it)"
+    return run.data.samples.max_length, "stage.max_length (no token budget: one sample)"
 
 
-def _recipe(cfg) -> RecipeSpec | None:
-    """The recipe file's mix and budget (its shards need not exist)."""
+def _shares(modality: str | None, recipe: RecipeSpec) -> dict[str, float]:
+    return {modality: 1.0} if modality else recipe.shares("modality") or dict(ONEVISION_MIX)
+
+
+def planned_device(settings, accelerator: str) -> Device:
+    """The device the `plan` config node names (None: this machine's), its keys checked first."""
+    problems = plan_problems(settings)
+    if problems:
+        raise PlanError("invalid plan config:\n  " + "\n  ".join(problems))
     try:
-        return read_recipe(str(cfg.data.recipe))[0]
-    except (RecipeError, OSError):
-        return None
-
-
-def _shares(cfg, recipe: RecipeSpec | None) -> dict[str, float]:
-    if cfg.plan.modality:
-        return {cfg.plan.modality: 1.0}
-    try:
-        shares = recipe.shares("modality") if recipe is not None else {}
-    except ValueError:  # weights the run plan refuses
-        shares = {}
-    return shares or dict(ONEVISION_MIX)
+        return resolve(settings.get("device"), accelerator, settings.get("memory_gib"))
+    except DeviceError as err:
+        raise PlanError(str(err)) from err
 
 
 def meta_model(model: ModelPlan):
@@ -129,7 +118,7 @@ def meta_model(model: ModelPlan):
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything the plan depends on, resolved from a composed config for one device kind."""
+    """Everything the plan depends on: a run plan on one device kind, with the planner's own choices."""
 
     model: ModelPlan
     parts: dict  # learning rate per part (the run plan's); > 0: trains
@@ -141,7 +130,6 @@ class Setup:
     tokens: int
     tokens_from: str
     shares: dict
-    anyres: bool
     adapter: AdapterPlan | None  # the run's adapters (config/adapter.py); None: adapter=none
     mfu: float
     reserve_gib: float
@@ -152,56 +140,34 @@ class Setup:
     def samples(self, geometry: VisionGeometry) -> list[Sample]:
         """The step's samples: the token budget of a device, or of a sequence-parallel group's row."""
         video = self.video
-        return fill(self.tokens, self.shares, geometry, video.max_frames, self.anyres, video.pool, video.newline)
+        return fill(self.tokens, self.shares, geometry, video.max_frames, self.image.anyres, video.pool, video.newline)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> Setup:
-        problems = plan_problems(cfg.plan)
-        if problems:
-            raise PlanError("invalid plan config:\n  " + "\n  ".join(problems))
-        plan = cfg.plan
-        try:
-            device = resolve(plan.get("device"), str(cfg.trainer.accelerator), plan.get("memory_gib"))
-        except DeviceError as err:
-            raise PlanError(str(err)) from err
-        strategy = strategy_plan(cfg)
-        path = plan.get("path") or "ov_train"
+    def of(cls, run: RunPlan) -> Setup:
+        """The plan of `run` (resolve_plan's) on the device its planner settings name: the run's own decisions,
+        those that depend on the device taken for that one (for_device)."""
+        settings = run.planner
+        device = planned_device(settings, str(run.trainer["accelerator"]))
         on_cpu = device.kind == "cpu"
-        # The precision the run would take on the planned device (the run plan's rule, asked about that device).
-        precision = str(cfg.trainer.precision or default_precision(cfg.trainer, strategy.name, on_gpu=not on_cpu))
+        run = for_device(run, on_gpu=not on_cpu)
+        path = settings["path"]  # plan_problems: one of PATHS
+        precision, options = run.precision, run.forward
         if path == "stock":
-            precision = "bf16-mixed"  # the public recipe: fp32 weights under bf16 autocast
-        engine = engine_from_plan(strategy, precision, int(cfg.trainer.accumulate_grad_batches or 1))
-        options, _ = ForwardOptions.from_config(cfg.model, precision)
-        if path == "stock":
-            # The stock forward: padded (one sample), sdpa, full logits; checkpointing as the model config says.
+            # The public recipe: fp32 weights under bf16 autocast; the stock forward: padded (one sample), sdpa, full
+            # logits; checkpointing as the model config says.
+            precision = "bf16-mixed"
             options = replace(options, packing=False, loss="full", attn_implementation="sdpa")
-        if options.attn_implementation == "auto":
-            usable = not on_cpu and options.packing and options.half_precision and HAS_VARLEN
-            options = replace(options, attn_implementation=VARLEN if usable else "sdpa")
-        recipe = _recipe(cfg)
-        tokens, tokens_from = _step_tokens(cfg, recipe)
-        media, media_problems = read_media(cfg.stage)
-        # The run's own checks of these nodes (resolve_plan), less what depends on this machine.
-        problems = media_problems + reproduce.problems(cfg.stage) + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy,
-                                                     str(cfg.trainer.accelerator), machine=False)
-        problems += sequence_parallel_problems(cfg.strategy, strategy.world_size, cfg.model)
-        if problems:
-            raise PlanError("invalid config:\n  " + "\n  ".join(problems))
-        adapter = run_adapter_plan(cfg)
-        if strategy.sequence_parallel > 1:  # the group's batch is one packed row (parallel/sequence.py)
+        tokens, tokens_from = _step_tokens(run, settings.get("tokens"))
+        if run.strategy.sequence_parallel > 1:  # the group's batch is one packed row (parallel/sequence.py)
             options = replace(options, max_tokens=max(options.max_tokens, tokens))
-        preference, preference_problems = preference_plan(cfg, adapter)
-        if preference_problems:
-            raise PlanError("invalid config:\n  " + "\n  ".join(preference_problems))
+        media = run.data.samples.media
         return cls(
-            model=model_plan(cfg.model), parts=optim_plan(cfg, adapter).part_lrs, device=device,
-            engine=engine, options=replace(options, compile=False), path=path,
+            model=run.model, parts=run.optim.part_lrs, device=device, engine=engine_from_plan(run.strategy, precision),
+            options=replace(options, compile=False), path=path,
             fused_loss=not on_cpu and options.loss == "chunked" and _liger_expected(), tokens=tokens,
-            tokens_from=tokens_from, shares=_shares(cfg, recipe), anyres=media.image.anyres,
-            adapter=adapter,
-            mfu=float(plan.get("mfu") or 0.4), reserve_gib=float(plan.get("reserve_gib") or 0.0),
-            image=media.image, video=media.video, reference=preference.reference if preference else None,
+            tokens_from=tokens_from, shares=_shares(settings.get("modality"), run.data.recipe), adapter=run.adapter,
+            mfu=float(settings["mfu"]), reserve_gib=float(settings["reserve_gib"] or 0.0),
+            image=media.image, video=media.video, reference=run.preference.reference if run.preference else None,
         )
 
 

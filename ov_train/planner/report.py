@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ov_train.config.run_plan import RunPlan
 from ov_train.planner.estimate import PlanError, Setup, plan_setup, sequence_parallel_search, suggestions
 from ov_train.utils.logging import get_logger
 
@@ -73,11 +74,11 @@ def _step_line(plan: dict, samples: str) -> str:
             f" {plan['row_tokens']:,} tokens")
 
 
-def plan_config(cfg, suggest: bool = True) -> dict:
-    """The plan of a composed config; with `suggest`, a configuration that does not fit gets the changes that
-    would make it fit, each planned. Under sequence parallelism (or when a step of video does not fit on several
-    devices) every degree the heads and devices allow is planned up to the first that fits."""
-    setup = Setup.from_config(cfg)
+def plan_run(run: RunPlan, suggest: bool = True) -> dict:
+    """The plan of a run plan on the device its `plan` settings name; with `suggest`, a configuration that does not
+    fit gets the changes that would make it fit, each planned. Under sequence parallelism (or when a step of video
+    does not fit on several devices) every degree the heads and devices allow is planned up to the first that fits."""
+    setup = Setup.of(run)
     plan = plan_setup(setup)
     video = setup.shares.get("video", 0) > 0
     if setup.engine.sequence_parallel > 1 or (suggest and video and not plan["fits"] and setup.engine.world > 1):
@@ -87,22 +88,22 @@ def plan_config(cfg, suggest: bool = True) -> dict:
     return plan
 
 
-def preflight(cfg) -> dict | None:
-    """Before training: plan the run when it trains on GPUs, or whenever plan.device names a device. A peak over
-    the device's usable memory stops the run (PlanError) with the numbers and what would fit, unless
-    plan.enforce=false, which only warns."""
-    plan_cfg = cfg.get("plan")
-    on_gpu = cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
-    if plan_cfg is None or not (on_gpu or plan_cfg.get("device")):
+def preflight(run: RunPlan) -> dict | None:
+    """Before training: plan the run when it trains on GPUs, or whenever plan.device names a device. A peak over the
+    device's usable memory stops the run (PlanError) with the numbers and what would fit, unless plan.enforce=false,
+    which only warns."""
+    settings = run.planner
+    on_gpu = run.trainer["accelerator"] != "cpu" and torch.cuda.is_available()
+    if not (on_gpu or settings.get("device")):
         return None
-    plan = plan_config(cfg)
+    plan = plan_run(run)
     text = format_plan(plan)
     if plan["fits"]:
         log.info("memory plan:\n%s", text)
         return plan
     message = (f"the planned peak of {plan['peak_gib']:.2f} GiB per device exceeds the {plan['usable_gib']:.2f} GiB usable on "
-               f"{plan['device']} (plan.device; plan.reserve_gib={cfg.plan.get('reserve_gib')} kept free):\n{text}")
-    if plan_cfg.get("enforce", True):
+               f"{plan['device']} (plan.device; plan.reserve_gib={settings.get('reserve_gib')} kept free):\n{text}")
+    if settings["enforce"]:
         raise PlanError(message + "\nplan.enforce=false trains anyway")
     log.warning("%s\nplan.enforce=false: training anyway", message)
     return plan

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.run_plan import StrategyPlan
+from ov_train.config.schema import DeepSpeedConfig
 from ov_train.constants import ADAPTED, COPY
 from ov_train.model import layout
 from ov_train.model.adapters import target_pattern
@@ -112,8 +113,9 @@ class Engine:
     offload_optimizer: bool = False
     offload_parameters: bool = False
     reshard_after_forward: bool = True
-    reduce_bucket: int = 200_000_000  # elements
-    allgather_bucket: int = 200_000_000
+    # Elements; the strategy config's (engine_from_plan), its defaults where the engine is a what-if (suggestions).
+    reduce_bucket: int = DeepSpeedConfig.reduce_bucket_size
+    allgather_bucket: int = DeepSpeedConfig.allgather_bucket_size
     overlap_comm: bool = True
     sub_group: int = 1_000_000_000  # ZeRO-3 steps the optimizer one sub-group of this many elements at a time
     accumulate: int = 1  # micro-batches per optimizer step

@@ -15,6 +15,7 @@ import time
 from tqdm import tqdm
 
 from ov_train.config.compose import compose
+from ov_train.config.run_plan import resolve_plan
 from ov_train.devices import DEVICES
 from ov_train.planner.estimate import Setup, plan_setup
 
@@ -31,7 +32,7 @@ def plan_cell(model: str, lora: bool, strategy: str, tokens: int, gpus: int) -> 
         f"model={model}", f"strategy={strategy}", "trainer.devices=8", f"trainer.num_nodes={nodes}",
         f"plan.tokens={tokens}", f"model.max_tokens={tokens}", f"adapter={'lora' if lora else 'none'}", "plan.device=h100",
     ])
-    return plan_setup(Setup.from_config(cfg))
+    return plan_setup(Setup.of(resolve_plan(cfg, machine=False)))
 
 
 def _mark(peak: float, kind: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ov_train.config.recipe import read_recipe
 from ov_train.constants import IGNORE_INDEX, MODALITIES
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
@@ -34,7 +35,8 @@ MAX_IMAGES = 12  # the recipe's multi-image samples hold up to 12 images
 # Height x width of example images at 384 px, most tokens first: 8,019, 7,269, 4,744, 2,929 and 1,485 tokens under
 # anyres_max_9, as the public LLaVA-NeXT code counts them (vision/tokens.py reproduces those counts).
 IMAGE_SIZES = ((3000, 800), (1080, 1920), (1024, 768), (480, 640), (384, 384))
-ONEVISION_MIX = {"single_image": 0.312, "multi_image": 0.430, "video": 0.259}
+# The OneVision stage's share of each modality, as its shipped recipe states it (data_recipes/onevision.yaml).
+ONEVISION_MIX = read_recipe("onevision")[0].shares("modality")
 # The modalities in the order a step's budget is filled: most tower work per token first.
 FILL_ORDER = ("video", "multi_image", "single_image", "text")
 assert sorted(FILL_ORDER) == sorted(MODALITIES)

@@ -11,7 +11,8 @@ import pytest
 from ov_train.cli import COMMANDS, main
 from ov_train.cli.data import main as ov_data
 from ov_train.config.compose import compose
-from ov_train.planner.report import plan_config
+from ov_train.config.run_plan import resolve_plan
+from ov_train.planner.report import plan_run
 from tests.conftest import REPO
 from tests.fixtures_data import conversation, write_jsonl
 
@@ -59,7 +60,7 @@ def test_plan_is_composed_by_hydra_as_training_is(tmp_path, monkeypatch, capsys)
     overrides = ["plan.device=h200", "trainer.devices=2", "strategy=ddp"]
     assert main(["plan", *overrides, "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
-    expected = plan_config(compose(overrides))
+    expected = plan_run(resolve_plan(compose(overrides), machine=False))
     for timing in ("trace_s",):
         planned.pop(timing), expected.pop(timing)
     assert planned == expected and planned["devices"] == 2

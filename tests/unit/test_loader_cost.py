@@ -4,6 +4,7 @@ import pytest
 
 from ov_train.bench.media import write_media_shards
 from ov_train.cli.bench import main
+from ov_train.planner.workload import ONEVISION_MIX
 from ov_train.vision import pixels
 
 
@@ -25,8 +26,7 @@ def test_loader_dir_prints_cores_per_gpu_against_the_reference(media, capsys):
     for name in paths:
         r = results[name]
         assert set(r["cpu_s"]) == {"single_image", "multi_image", "video"} and all(v > 0 for v in r["cpu_s"].values())
-        seconds = sum(share * r["cpu_s"][m] for m, share in {"single_image": 0.312, "multi_image": 0.430,
-                                                               "video": 0.259}.items())
+        seconds = sum(share * r["cpu_s"][m] for m, share in ONEVISION_MIX.items())
         assert r["cpu_s_per_sample"] == pytest.approx(seconds)
         assert r["cores_per_gpu_with_margin"] == pytest.approx(1.5 * r["cores_per_gpu"])
         assert r["device"] == "h100" and r["mfu"] == 0.5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ov_train.config.run_plan import model_plan, optim_plan
+from ov_train.config.run_plan import ConfigError, model_plan, optim_plan, resolve_plan
 from ov_train.planner.estimate import PlanError, Setup, meta_model, step_samples
 from ov_train.planner.report import preflight
 from ov_train.planner.state import Counts, Engine, count, model_state
@@ -25,6 +25,11 @@ from tests.conftest import REPO, SMALL_DATA, compose_config
 # module is 150; 4 devices.
 C = Counts(total=1000, trainable=600, largest_group=400, largest_layer=100, root=200, largest_other=150)
 SMALL_BUCKETS = {"reduce_bucket": 50, "allgather_bucket": 30}
+
+
+def _setup(overrides: list[str]) -> Setup:
+    """What `ov-train plan` plans for these overrides (cli/plan.py)."""
+    return Setup.of(resolve_plan(compose_config(overrides), machine=False))
 
 
 @pytest.mark.parametrize("engine, expected", [
@@ -76,11 +81,9 @@ def test_counts_follow_the_adapter_config():
 
 def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
     # The planner decides the GPU precision off the GPU; it must be what the run plan picks on one.
-    from ov_train.config.run_plan import resolve_plan
-
     for overrides in ([], ["trainer.devices=2"], ["strategy=ddp"], ["strategy=fsdp2", "trainer.devices=2"]):
         cfg = compose_config(["trainer.accelerator=gpu", "plan.device=h100", *overrides])
-        planned = Setup.from_config(cfg).engine.precision
+        planned = Setup.of(resolve_plan(cfg, machine=False)).engine.precision
         with monkeypatch.context() as gpus:
             gpus.setattr(torch.cuda, "is_available", lambda: True)
             gpus.setattr(torch.cuda, "device_count", lambda: 8)
@@ -88,6 +91,8 @@ def test_gpu_precision_is_the_run_plans_choice(monkeypatch):
 
 
 def test_workload_fills_the_budget_in_the_recipes_proportions():
+    # The shipped onevision recipe's mix (the paper's Figure 5: 31.2 / 43.0 / 25.9%), as fractions.
+    assert pytest.approx({"single_image": 0.3117, "multi_image": 0.4296, "video": 0.2587}, abs=1e-4) == ONEVISION_MIX
     cfg = compose_config(["model=ov_qwen2_0_5b"])
     geometry = VisionGeometry.from_model_config(meta_model(model_plan(cfg.model)).config)
     samples = fill(32768, ONEVISION_MIX, geometry, max_frames=32, anyres=True)
@@ -118,7 +123,7 @@ def test_fused_loss_stand_in_keeps_a_head_gradient_per_sample():
     # Liger's kernel, called once per sample by ov_train.model.loss, keeps grad_input and a [vocab, d] weight
     # gradient until backward: the plan's loss working set holds one per sample.
     cfg = compose_config(["plan.device=h100", "plan.tokens=1024", "model.max_tokens=1024"])
-    setup = Setup.from_config(cfg)
+    setup = Setup.of(resolve_plan(cfg, machine=False))
     assert setup.fused_loss and setup.options.attention() == "ov_varlen" and setup.engine.compute == "bf16"
     model = meta_model(setup.model)
     vocab, width = model.lm_head.weight.shape
@@ -148,15 +153,15 @@ def test_preflight_refuses_a_peak_over_the_device_and_says_what_fits(tmp_path):
     # On CPU with plan.device unset there is no GPU run to plan.
     with open_dict(cfg):
         cfg.plan.device = None
-    assert preflight(cfg) is None
+    assert preflight(resolve_plan(cfg)) is None
 
 
 def test_preflight_override_goes_ahead(tmp_path, caplog):
     cfg = _refusing(tmp_path, "plan.enforce=false")
-    plan = preflight(cfg)
+    plan = preflight(resolve_plan(cfg))
     assert plan["fits"] is False and plan["peak_gib"] > plan["usable_gib"]
     assert "training anyway" in caplog.text
-    fits = preflight(compose_config([*SMALL_DATA, "plan.device=h100"], tmp_path / "run"))
+    fits = preflight(resolve_plan(compose_config([*SMALL_DATA, "plan.device=h100"], tmp_path / "run")))
     assert fits["fits"] is True and fits["device_gib"] == 79.1
 
 
@@ -196,7 +201,7 @@ def test_stock_path_holds_full_logits():
     # plan.path=stock: the public recipe's step (batch 1, fp32 weights under bf16 autocast, the stock forward's
     # full logits and loss) on the longest sample of the same batch.
     cfg = compose_config(["plan.device=h100", "plan.path=stock", "plan.tokens=1024", "model.max_tokens=1024"])
-    setup = Setup.from_config(cfg)
+    setup = Setup.of(resolve_plan(cfg, machine=False))
     assert setup.engine.compute == "mixed" and not setup.options.packing and setup.options.loss == "full"
     model = meta_model(setup.model)
     vocab = model.lm_head.weight.shape[0]
@@ -212,9 +217,9 @@ def test_plans_check_the_adapter_and_media_nodes_as_a_run_does_but_plan_qlora_of
     # bitsandbytes is the target machine's, not this one's.
     for bad, key in (["adapter=lora", "adapter.targets.llm=[foo]"], "adapter.targets.llm"), (
             ["stage.image_strategy=anyres_max_0"], "stage.image_strategy"):
-        with pytest.raises(PlanError, match=key):
-            Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", *bad]))
-    setup = Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"]))
+        with pytest.raises(ConfigError, match=key):  # what a run on that machine says
+            _setup(["model=ov_qwen2_0_5b", "plan.device=h100", *bad])
+    setup = _setup(["model=ov_qwen2_0_5b", "plan.device=h100", "adapter=qlora"])
     assert setup.adapter.kind == "qlora"
 
 
@@ -241,9 +246,9 @@ def test_cli_plans_an_experiment_of_the_users_config_directory(tmp_path, capsys)
 def test_the_planner_counts_each_preference_reference(overrides, reference, engine, copy_bytes, forwards):
     from ov_train.planner.state import reference_state
 
-    assert Setup.from_config(compose_config(["stage=dpo", "plan.device=h100", *overrides])).reference == reference
+    assert _setup(["stage=dpo", "plan.device=h100", *overrides]).reference == reference
     assert reference_state(C, engine, reference)[:2] == (copy_bytes, forwards)
     state = replace(model_state(C, engine), reference=copy_bytes)
     assert state.resident == model_state(C, engine).resident + copy_bytes  # held through the step
     assert reference_state(C, engine, None) == (0, 0.0, None)  # conversation stages: none
-    assert Setup.from_config(compose_config(["plan.device=h100"])).reference is None
+    assert _setup(["plan.device=h100"]).reference is None

@@ -14,7 +14,7 @@ from transformers import LlavaOnevisionConfig
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
 from ov_train.config.media import ImageSettings, MediaSettings, read_media
-from ov_train.config.run_plan import ConfigError
+from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.convert import TokenGeometry
 from ov_train.model.forward import _pack_anyres, image_features
 from ov_train.planner.estimate import Setup, meta_model
@@ -61,7 +61,8 @@ def test_the_switch_sets_truncation_in_data_planner_and_convert():
         # Data and model read the geometry from the model config training wrote the settings into.
         assert _model_geometry(plan.data.samples.media.image).rounding == rounding
     # The planner's model gets the stage's settings as training's does.
-    setup = Setup.from_config(compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "stage.reproduce=public_code"]))
+    cfg = compose_config(["model=ov_qwen2_0_5b", "plan.device=h100", "stage.reproduce=public_code"])
+    setup = Setup.of(resolve_plan(cfg, machine=False))
     model = meta_model(setup.model)
     apply_to_model_config(model.config, MediaSettings(setup.image))
     geometry = VisionGeometry.from_model_config(model.config)
