@@ -61,8 +61,9 @@ def padded_square(image: Image.Image | torch.Tensor, fill: tuple[int, int, int])
 def open_pixels(data: bytes, needed: Callable[[int, int], tuple[int, int]],
                 fast: bool) -> tuple[Image.Image | torch.Tensor, tuple[int, int]]:
     """An image file's pixels and its full (height, width). `needed(height, width)`: the (width, height) the crops
-    are resized from at most (preprocess.needed_size). Exact: a lazily decoded PIL image. Fast: a JPEG decoded at the smallest DCT scale
-    (1/2, 1/4, 1/8) at or above `needed`, then, with torchvision, a uint8 tensor (decode_jpeg when no scale applies)."""
+    are resized from at most (preprocess.needed_size). Exact: a lazily decoded PIL image. Fast: a JPEG decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8) at or above `needed`; with torchvision, as a uint8 tensor (by
+    decode_jpeg when no scale applies)."""
     image = Image.open(io.BytesIO(data))
     size = image.size[::-1]
     if not fast:

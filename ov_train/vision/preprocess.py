@@ -101,8 +101,8 @@ def open_image(data: bytes, geom: VisionGeometry, mode: str,
     return open_pixels(data, lambda height, width: needed_size(height, width, geom, mode), fast)
 
 
-def preprocess_image(image: Image.Image | torch.Tensor, geom: VisionGeometry, anyres: bool = False, mode: str | None = None,
-                     size: tuple[int, int] | None = None) -> ImageCrops:
+def preprocess_image(image: Image.Image | torch.Tensor, geom: VisionGeometry, anyres: bool = False,
+                     mode: str | None = None, size: tuple[int, int] | None = None) -> ImageCrops:
     """Crops for one image, cut as `mode` (ov_train.config.media.ImageSettings.crop_mode): anyres,
     pad (one padded square crop + newline) or square (one squashed crop, no newline); `anyres` picks
     between the first two. `size`: the full image's (height, width) when `image` is a reduced decode of it
