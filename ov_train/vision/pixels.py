@@ -3,9 +3,9 @@
 `exact` decodes and resizes with PIL: the pixels of transformers' LlavaOnevisionImageProcessorPil, bit for bit.
 `fast` decodes a JPEG at a reduced DCT scale where the crops need fewer pixels (PIL's `draft`), and, where
 torchvision is installed, decodes full-size JPEGs with torchvision.io.decode_jpeg and resizes uint8 tensors with
-torchvision's bicubic (antialiased) kernel, 4-7x PIL's on this project's media. Its resizes differ from PIL's by at
-most 1 in 255 (a pixel level; 0.0078 after normalising by std 0.5), so `exact` never uses them. Without torchvision,
-`fast` resizes with PIL.
+torchvision's bicubic (antialiased) kernel, 4-7x as fast as PIL's on this project's media. Its resizes are not PIL's
+bit for bit (within 2 pixel levels of 255 on photos, more on hard edges: docs/PERFORMANCE.md), so `exact` never uses
+them. Without torchvision, `fast` resizes with PIL.
 
 An image is a PIL image (PIL path) or a uint8 [3, H, W] tensor (torchvision path); the helpers take either.
 """

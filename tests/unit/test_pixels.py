@@ -1,9 +1,8 @@
 """vision/pixels.py: data.decode=fast takes torchvision's decoder and resizes where installed, PIL's where not.
 
-torchvision's bicubic resize on uint8 is not PIL's bit for bit (the passes round and clip their 8-bit intermediate
-differently): within 2 pixel levels on photos (1 level = 1/255, 0.0078 normalised at std 0.5), more on hard edges
-(docs/PERFORMANCE.md), so only `fast` uses it; `exact` stays PIL's (tests/unit/test_image_decode.py: equal to the stock
-processor)."""
+torchvision's bicubic resize on uint8 is not PIL's bit for bit: within 2 pixel levels on photos (1 level = 1/255,
+0.0078 normalised at std 0.5), more on hard edges (docs/PERFORMANCE.md), so only `fast` uses it; `exact` stays PIL's
+(tests/unit/test_image_decode.py: equal to the stock processor)."""
 import io
 import math
 
