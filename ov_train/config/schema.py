@@ -225,8 +225,13 @@ class DataConfig:
     # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
     # data-parallel ranks' steps cost the same; real tokens count there, not padding.
     batching: str = "tokens"
-    # How images are decoded (constants.DECODES): `exact`, in full; `fast`, a JPEG at the smallest DCT scale that
-    # still covers what its crops are resized to (vision/preprocess.py open_image; pixels differ, tokens do not).
+    # How images are decoded (constants.DECODES): `exact`, in full, PIL's resizes (the stock PIL processor's pixels);
+    # `fast`, a JPEG at the smallest DCT scale that still covers what its crops are resized to, and with torchvision
+    # installed its JPEG decoder and resizes for images and video frames (vision/pixels.py; pixels differ, tokens do
+    # not). Measured (docs/PERFORMANCE.md, "Feeding the GPU"): 2.0 CPU cores per H100 at OV-0.5B against 3.8; crops
+    # 0.0025 normalised apart on average; a trained tiny model's held-out accuracy on its held-out images as large
+    # JPEGs 0.677 with either (scripts/decode_accuracy.py); tiny runs trained with fast scored 0.777 / 0.788 against
+    # 0.700 / 0.725 (two seeds), gaps in modalities whose pixels the setting leaves equal: no cost found.
     decode: str = "exact"
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.
     samples_per_step: Optional[int] = None
