@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import multiprocessing
+import os
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -110,18 +111,35 @@ def template_file(path: str | Path, template) -> Path:
     return Path(path)
 
 
-def _render_forever(processor, conn) -> None:
-    """The renderer process: a conversation in, (True, its prompt) or (False, the error) out, until the pipe closes."""
+# How often an idle renderer checks that the tool that started it still runs.
+TOOL_CHECK_S = 1.0
+
+
+def _render_forever(processor, conn, tool_end, tool: int) -> None:
+    """The renderer process: a conversation in, (True, its prompt) or (False, the error) out, until the tool ends.
+
+    Fork copied the tool's end of the pipe into this process: it is closed first, or this process would hold it
+    open itself and never see the pipe close. And a tool that ends without closing its end (killed, or a process it
+    forked later holding a copy) is noticed by this process being handed to another parent; left running, an idle
+    renderer would hold the tool's standard output open for ever, and whatever reads it to its end with it."""
+    tool_end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the tool's to handle; this process is killed
     while True:
         try:
+            while not conn.poll(TOOL_CHECK_S):
+                if os.getppid() != tool:
+                    return
             messages = conn.recv()
         except EOFError:  # the tool ended
             return
         try:
-            conn.send((True, processor.apply_chat_template(messages, add_generation_prompt=True)))
+            reply = (True, processor.apply_chat_template(messages, add_generation_prompt=True))
         except Exception as err:  # a template error, reported in the tool
-            conn.send((False, f"{type(err).__name__}: {err}"))
+            reply = (False, f"{type(err).__name__}: {err}")
+        try:
+            conn.send(reply)
+        except OSError:  # the tool ended while this rendered
+            return
 
 
 class ChatPrompts:
@@ -137,8 +155,8 @@ class ChatPrompts:
         self.source = template_file(export, processor.chat_template)
         context = multiprocessing.get_context("fork")  # the processor as it is, at no start-up cost
         self._conn, child = context.Pipe()
-        self._renderer = context.Process(target=_render_forever, args=(processor, child), daemon=True,
-                                         name="chat-template")
+        self._renderer = context.Process(target=_render_forever, args=(processor, child, self._conn, os.getpid()),
+                                         daemon=True, name="chat-template")
         self._renderer.start()
         child.close()
         try:

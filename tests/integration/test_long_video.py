@@ -6,10 +6,6 @@ the per-step losses of 2 DDP processes on the same batches.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,18 +15,17 @@ from tests.integration.test_strategies import probe_records, run_train, with_pro
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 # 2 DDP processes average two batches' gradients as the 4 ranks average two groups' (each group summing its 2 shards'
 # loss sums): float32 rounding only. Measured: at most 3e-7 relative on the second step's loss.
 LOSS_TOLERANCE = 1e-5
 
 
-def test_long_video_experiment_plans_on_cpu_and_names_the_degree_it_needs():
-    script = shutil.which("ov-train") or str(Path(sys.executable).parent / "ov-train")
-    out = subprocess.run([script, "plan", "experiment=ov_qwen2_7b/long_video", "plan.device=h100", "--json"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    plan = json.loads(out.stdout)
+def test_long_video_experiment_plans_on_cpu_and_names_the_degree_it_needs(capsys):
+    # In this process (`ov-train plan` as a command: tests/unit/test_planner.py), no interpreter start-up to pay.
+    from ov_train.cli import main
+
+    assert main(["plan", "experiment=ov_qwen2_7b/long_video", "plan.device=h100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert (plan["devices"], plan["sequence_parallel"], plan["data_parallel"]) == (8, 4, 2)
     assert (plan["max_frames"], plan["video_pool"], plan["video_newline"]) == (128, 3, "grid")
     assert plan["strategy"] == "FSDP2 + sequence parallel 4" and plan["fits"]

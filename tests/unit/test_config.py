@@ -191,7 +191,7 @@ def test_a_recipe_of_absolute_sources_needs_no_root(tmp_path):
                "  - {name: b, path: 'https://example.com/b', val: 's3://bucket/b-val', modality: text, weight: 1}\n")
     recipe.write_text(sources)
     plan = resolve_plan(compose_config(["data=recipe", f"data.recipe={recipe}"], run_dir=tmp_path / "run"))
-    assert plan.data.root is None and [s.path for s in plan.data.recipe.sources] == [f"{tmp_path}/a", "https://example.com/b"]
+    assert plan.data.config.root is None and [s.path for s in plan.data.recipe.sources] == [f"{tmp_path}/a", "https://example.com/b"]
     assert [s.name for s in load_recipe(str(recipe), None, require_shards=False)] == ["a", "b"]  # ov-eval's route
     recipe.write_text(sources + "  - {name: c, path: /abs/c, val: c/val, modality: text, weight: 1}\n"
                                 "  - {name: d, path: d/shards, modality: text, weight: 1}\n")
@@ -199,7 +199,7 @@ def test_a_recipe_of_absolute_sources_needs_no_root(tmp_path):
              " val='c/val'; set data.root=DIR or URL")
     with pytest.raises(RecipeError, match=r"--root is required: mine.yaml: sources\[2\] \(c\)"):
         load_recipe(str(recipe), None, root_key="--root")
-    assert resolve_plan(compose_config(["data=recipe", f"data.recipe={recipe}", "data.root=/data"])).data.root == "/data"
+    assert resolve_plan(compose_config(["data=recipe", f"data.recipe={recipe}", "data.root=/data"])).data.config.root == "/data"
 
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path, caplog):

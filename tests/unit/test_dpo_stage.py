@@ -27,7 +27,7 @@ def test_dpo_stage_states_llava_nexts_dpo_script():
     assert {p: lr / scale for p, lr in plan.optim.part_lrs.items()} == pytest.approx(
         {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7})
     assert (plan.optim.warmup_ratio, plan.optim.weight_decay) == (0.1, 0.0)
-    settings = plan.preference.settings
+    settings = plan.preference
     assert (settings.loss, settings.beta, settings.label_smoothing) == ("sigmoid", 0.1, 0.0)
     assert plan.data.pairs and plan.data.recipe.name == "synthetic_dpo"
     assert (plan.data.samples.media.image.strategy, plan.data.samples.max_length) == ("anyres_max_9", 32768)

@@ -197,7 +197,7 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     from tests.conftest import plan_of
 
     default = plan_of([]).data
-    assert default_root(random_export) == synthetic_root(default.root, **asdict(default.synthetic))
+    assert default_root(random_export) == synthetic_root(default.config.root, **asdict(default.synthetic), seed=default.seed)
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "export").symlink_to(random_export, target_is_directory=True)
@@ -385,11 +385,12 @@ def deadline(seconds: int):
         raise AssertionError(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    start, (outer, _) = time.monotonic(), signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
+        # The suite's per-test timeout (pytest-timeout) shares this timer: what was left of it is set again.
+        signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 0.001) if outer else 0)
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -430,6 +431,49 @@ def test_chat_prompts_render_as_the_processor_does_and_bound_every_render(random
     with pytest.raises(ExportError, match=r"chat_template.jinja: its chat template fails on a conversation of 3"
                                           r" messages: OverflowError: Range too big"):
         ChatPrompts(load_processor(hostile), hostile)
+
+
+class _StubProcessor:
+    chat_template = "stub"
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+        return f"{len(messages)} messages"
+
+
+def _tool_killed_after_chat_prompts(export, conn) -> None:
+    from ov_train.eval.inference import ChatPrompts
+
+    conn.send(ChatPrompts(_StubProcessor(), export)._renderer.pid)
+    os._exit(0)  # as a kill ends a tool: no exit handler closes or stops the renderer
+
+
+def test_the_chat_template_renderer_ends_with_the_tool_that_started_it(tmp_path):
+    """A tool that ends without closing its ChatPrompts (killed) leaves no renderer behind: an orphan idled for ever
+    (it held a copy of the tool's end of their pipe, so never saw it close), holding the tool's standard output
+    open, and whatever read that to its end hung with it."""
+    import multiprocessing
+
+    import psutil
+
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    tool = context.Process(target=_tool_killed_after_chat_prompts, args=(tmp_path, theirs))
+    tool.start()
+    renderer = None
+    try:
+        assert ours.poll(60), "the tool never started its renderer"
+        renderer = psutil.Process(ours.recv())
+        tool.join(60)
+        assert tool.exitcode == 0
+        deadline = time.monotonic() + 20
+        while renderer.is_running() and renderer.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not renderer.is_running() or renderer.status() == psutil.STATUS_ZOMBIE, "the renderer outlived its tool"
+    finally:
+        tool.kill()
+        if renderer is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                renderer.kill()
 
 
 def test_ov_chat_and_ov_eval_refuse_a_runaway_chat_template_before_loading_the_model(
