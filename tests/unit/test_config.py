@@ -25,6 +25,8 @@ EXPECTED_PARTS = {
     "onevision": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
     "dpo": {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7},  # LLaVA-NeXT scripts/train/dpo_ov7b.sh
 }
+# What the tiny model (the default) gets instead: model_stage/tiny_<stage>.yaml.
+TINY_PARTS = {"dpo": {"vision_tower": 2e-6, "projector": 2e-6, "llm": 2e-6}}
 
 
 def test_the_five_stages_ship():
@@ -35,7 +37,8 @@ def test_the_five_stages_ship():
 def test_stage_composes_with_recipe_values(stage):
     cfg = compose_config([f"stage={stage}"], run_dir=Path("/tmp/x"))
     resolve_plan(cfg)
-    assert dict(cfg.stage.parts) == EXPECTED_PARTS[stage]
+    assert dict(cfg.stage.parts) == TINY_PARTS.get(stage, EXPECTED_PARTS[stage])
+    assert dict(compose_config([f"stage={stage}", "model=ov_qwen2_7b"]).stage.parts) == EXPECTED_PARTS[stage]
     assert cfg.stage.template == ("plain" if stage == "pretrain" else "qwen_1_5")
     # Stage 1 as the public code runs it (squashed crop, no newline); stage 1.5 on the paper's grid and limit.
     strategy = {"pretrain": "square", "mid": "anyres_max_4"}.get(stage, "anyres_max_9")
