@@ -6,6 +6,7 @@ type cannot rule out: a negative learning rate, a template that does not exist, 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -290,9 +291,12 @@ def trainer_problems(trainer, precision: str) -> list[str]:
     # Only to read its signature: keys added with +trainer.NAME.
     from lightning.pytorch import Trainer
 
-    unknown = sorted(set(trainer) - set(inspect.signature(Trainer).parameters))
+    arguments = inspect.signature(Trainer).parameters
+    unknown = sorted(set(trainer) - set(arguments))
     if unknown:
-        problems.append(f"trainer.{unknown[0]}: not a Lightning Trainer argument" + (f" (nor {unknown[1:]})" if unknown[1:] else ""))
+        close = difflib.get_close_matches(unknown[0], arguments, n=3)
+        problems.append(f"trainer.{unknown[0]}: not a Lightning Trainer argument" + (f" (nor {unknown[1:]})" if unknown[1:] else "")
+                        + (f"; did you mean {', '.join(f'trainer.{c}' for c in close)}?" if close else ""))
     return problems
 
 

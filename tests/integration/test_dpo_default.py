@@ -10,7 +10,7 @@ import pytest
 from ov_train.run import train
 from tests.conftest import compose_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes: outside the default run
 
 
 def test_the_embedded_dpo_default_learns_the_preference(tmp_path):

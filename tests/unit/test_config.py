@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import open_dict
 
 from ov_train.checkpoints.paths import resume_targets
+from ov_train.config.key_hints import unknown_key_hint
 from ov_train.config.recipe import RecipeError
 from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.recipe import load_recipe
@@ -162,10 +163,21 @@ def test_typos_and_wrong_types_fail_at_composition(override, key, why):
     assert key in message and why in message, message
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("trainer.max_step=2", "trainer.max_step: no such key; did you mean trainer.max_steps? keys of trainer: accelerator"),
+    ("data.io.retry=2", "data.io.retry: no such key; did you mean data.io.retries? keys of data.io: backoff_s, retries,"),
+    ("seeed=1", "seeed: no such key; did you mean seed? keys of the config:"),
+])
+def test_a_mistyped_key_gets_the_keys_it_may_have_meant(override, hint):
+    assert unknown_key_hint(["stage=mid", "+trainer.deterministic=true", override]).startswith(hint)
+    # Keys the schema holds (an option's own, as strategy.stage is DeepSpeed's) and groups get none.
+    assert unknown_key_hint(["trainer.max_steps=2", "strategy.stage=3", "stage=nope", "stage.parts.llm=1"]) is None
+
+
 def test_other_lightning_trainer_arguments_pass_with_a_plus():
     plan = resolve_plan(compose_config(["+trainer.deterministic=true"], run_dir=Path("/tmp/x")))
     assert plan.trainer["deterministic"] is True
-    _invalid(["+trainer.max_step=2"], "trainer.max_step: not a Lightning Trainer argument")
+    _invalid(["+trainer.max_step=2"], "trainer.max_step: not a Lightning Trainer argument; did you mean trainer.max_steps")
     # Elsewhere `+` adds nothing the schema lacks.
     _invalid(["+data.synthetic.colour=red"], "data.synthetic.colour: no such setting; allowed: ['train_per_subset'")
 

@@ -192,6 +192,7 @@ def test_cli_names_a_bad_key(capsys):
     assert main(["plan.device=h100", "trainer.max_step=2"]) == 1
     err = capsys.readouterr().err
     assert "Key 'max_step' not in 'TrainerConfig'" in err and "Traceback" not in err
+    assert "trainer.max_step: no such key; did you mean trainer.max_steps?" in err  # ours, after Hydra's
     assert main(["plan.device=h100", "strategy=zero9"]) == 1
     err = capsys.readouterr().err
     assert "Could not find 'strategy/zero9'" in err and "Available options" in err
