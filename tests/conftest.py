@@ -91,10 +91,20 @@ def mixed_batch(tiny_model_and_tokenizer):
     return model, examples, collate(examples, tokenizer.pad_token_id)
 
 
+def pytest_collection_finish(session):
+    """DeepSpeed's CPU Adam starts building now if a selected test is marked cpu_adam (tests/prebuild.py)."""
+    from tests.prebuild import start_cpu_adam_build
+
+    start_cpu_adam_build(session.items)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Loader workers a failed test left behind ignore a group SIGTERM; multiprocessing's exit would wait on them
-    for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends."""
+    for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends. A background
+    build still running stops too."""
     from ov_train.training.loader_workers import stop_loader_workers
+    from tests.prebuild import stop_cpu_adam_build
 
     stop_loader_workers(grace_s=2.0)
+    stop_cpu_adam_build()
 

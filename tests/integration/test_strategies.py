@@ -336,6 +336,7 @@ def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_d
 # (no offload) is left to test_adapter_runs.py::test_adapters_under_each_engine (its groups, on AdamW, and its
 # checkpoint exported) and test_dpo_runs.py; its engine and checkpoint format are the offload case's below.
 @pytest.mark.slow
+@pytest.mark.cpu_adam
 @pytest.mark.parametrize(
     ("strategy", "stage"), [("deepspeed_zero2_offload", "pretrain"), ("deepspeed_zero3_offload", "onevision")],
 )
