@@ -92,10 +92,10 @@ def mixed_batch(tiny_model_and_tokenizer):
 
 
 def pytest_collection_finish(session):
-    """DeepSpeed's CPU Adam starts building now if a selected test is marked cpu_adam (tests/prebuild.py)."""
-    from tests.prebuild import start_cpu_adam_build
+    """The DeepSpeed ops the selected tests need start building now, in the background (tests/prebuild.py)."""
+    from tests.prebuild import start_deepspeed_builds
 
-    start_cpu_adam_build(session.items)
+    start_deepspeed_builds(session.items)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -103,8 +103,8 @@ def pytest_sessionfinish(session, exitstatus):
     for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends. A background
     build still running stops too."""
     from ov_train.training.loader_workers import stop_loader_workers
-    from tests.prebuild import stop_cpu_adam_build
+    from tests.prebuild import stop_deepspeed_builds
 
     stop_loader_workers(grace_s=2.0)
-    stop_cpu_adam_build()
+    stop_deepspeed_builds()
 

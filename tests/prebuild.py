@@ -1,9 +1,10 @@
-"""DeepSpeed's CPU Adam (the optimizer ZeRO-Offload steps) is C++ that DeepSpeed compiles on first use: about two
-CPU-minutes, paid in every CI run (a clean clone, empty caches). When the session will run a test that needs it, the
-build starts at collection, in a background process at the lowest priority, so it takes the CPU the suite leaves idle
-(a rank waiting for another, a server test waiting on a socket) instead of adding its time to the suite's. The test
-then loads the op as before: torch's JIT build holds an OS lock on the build directory, so it waits for this build to
-end (or builds itself, if this one failed or was killed), and a later load finds it built."""
+"""DeepSpeed on the CPU needs C++ ops it compiles on first use: its shared-memory collectives (every engine run) and,
+under ZeRO-Offload, its CPU Adam. Each build takes a CPU-minute or two, paid in every CI run (a clean clone, empty
+caches). When the session will run a test marked `deepspeed_ops(...)`, the builds of the ops it names start at
+collection, in one background process at the lowest priority, so they take the CPU the suite leaves idle (a rank
+waiting for another, collection itself) instead of adding their time to the suite's. The runs then load the ops as
+before: torch's JIT build holds an OS lock on each build directory, so a run waits for this build to end (or builds
+itself, if this one failed or was killed), and a later load finds the op built."""
 from __future__ import annotations
 
 import contextlib
@@ -14,23 +15,39 @@ import sys
 
 from tests.conftest import REPO
 
-_BUILD = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
+# Shared-memory collectives (deepspeed.comm, every engine on the CPU); CPU Adam (ZeRO-Offload's optimizer).
+SHM, CPU_ADAM = "ShareMemCommBuilder", "CPUAdamBuilder"
+
+_BUILD = """
+import sys
+from deepspeed.accelerator import get_accelerator
+for name in sys.argv[1:]:
+    try:
+        get_accelerator().create_op_builder(name).load(verbose=False)
+    except Exception:  # the run that needs it builds it (and reports why not) itself
+        pass
+"""
 _started: list[subprocess.Popen] = []
 
 
-def start_cpu_adam_build(items) -> None:
-    """Start the background build if one of the test `items` is marked `cpu_adam` (nothing to do otherwise)."""
-    if _started or not any(item.get_closest_marker("cpu_adam") for item in items):
+def start_deepspeed_builds(items) -> None:
+    """Start building the ops the `deepspeed_ops` markers of the test `items` name, in the order the tests need
+    them (nothing to do when no selected test is marked)."""
+    names: list[str] = []
+    for item in items:
+        for mark in item.iter_markers("deepspeed_ops"):
+            names += [n for n in mark.args if n not in names]
+    if _started or not names:
         return
     _started.append(subprocess.Popen(
-        [sys.executable, "-c", _BUILD], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", _BUILD, *names], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, preexec_fn=lambda: os.nice(19),
     ))
 
 
-def stop_cpu_adam_build() -> None:
-    """End a build still running when the session ends (its compiler processes too): nothing is left half-held, the
-    lock being the kernel's."""
+def stop_deepspeed_builds() -> None:
+    """End a build still running when the session ends, its compilers too (the locks being the kernel's, nothing is
+    left held; a half-built op is rebuilt by the next load)."""
     for proc in _started:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
