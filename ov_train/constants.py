@@ -79,6 +79,7 @@ QUANT_TYPES = ("nf4", "fp4")
 # FLOPs up to that many tokens' worth (data/compute_batches.py), so that ranks' steps cost the same.
 BATCHINGS = ("tokens", "compute")
 
-# How images are decoded (data.decode, vision/preprocess.py): in full (pixels equal the reference processors), or a
-# JPEG at the reduced size its crops need (faster; pixels differ).
+# How images are decoded (data.decode, vision/pixels.py): in full with PIL's resizes (pixels equal the reference
+# processors), or a JPEG at the reduced size its crops need and torchvision's resizes where installed (faster; pixels
+# differ).
 DECODES = ("exact", "fast")

@@ -87,10 +87,9 @@ def build_callbacks(plan: RunPlan) -> list:
         AtomicCheckpoints(ckpt.trust),
         SaveOnSigterm(paths.last_checkpoint),
         StopRanksOnError(),
-        TrainingMetrics(plan.peak_tflops),
-        ValidationPredictions(paths.predictions, plan.predictions.per_modality, plan.predictions.generate,
-                              plan.predictions.max_new_tokens),
-        StreamState(paths.consumed_keys if plan.data.record_keys else None),
+        TrainingMetrics(plan.metrics.peak_tflops),
+        ValidationPredictions(paths.predictions, plan.metrics.predictions, plan.eval.generate, plan.eval.max_new_tokens),
+        StreamState(paths.consumed_keys if plan.data.config.record_keys else None),
     ]
 
 
@@ -240,7 +239,7 @@ def _preference_summary(plan: RunPlan, trainer, metrics: dict, recipe, start: fl
         "model": plan.model.name,
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - start, 1),
-        "preference_loss": plan.preference.settings.loss,
+        "preference_loss": plan.preference.loss,
         "reference": plan.preference.reference,
         "val_preference_accuracy": metrics.get("val/preference_accuracy"),
         "val_reward_margin": metrics.get("val/reward_margin"),

@@ -1,6 +1,7 @@
-"""What feeding a GPU costs in CPU: ov_train's sample processing (data.decode=exact and fast) against the reference
-extraction (PIL decode + transformers' LlavaOnevisionImageProcessorPil, decord frame by frame + the stock video
-processor), sample by sample on the same raw samples, alternated in one process.
+"""What feeding a GPU costs in CPU: ov_train's sample processing (data.decode=exact and fast; with torchvision
+installed, fast also without it: `fast PIL`) against the reference extraction (PIL decode + transformers'
+LlavaOnevisionImageProcessorPil, decord frame by frame + the stock video processor), sample by sample on the same raw
+samples, alternated in one process.
 
     python -m ov_train.bench --loader DIR [--device h100] [--model ov_qwen2_0_5b] [--mfu 0.45]
 
@@ -31,9 +32,24 @@ from ov_train.data.samples import VIDEO_FIELDS, SampleProcessor, image_fields
 from ov_train.data.sources import tar_samples
 from ov_train.planner.workload import ONEVISION_MIX
 from ov_train.utils.flops import ModelFlops
+from ov_train.vision import pixels
 from ov_train.vision.tokens import video_frame_indices
 
 MARGIN = 1.5
+
+
+class WithoutTorchvision:
+    """A processor run as where torchvision is not installed: data.decode=fast with PIL's decoder and resizes."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def __call__(self, raw: dict):
+        installed, pixels.TORCHVISION = pixels.TORCHVISION, False
+        try:
+            return self.process(raw)
+        finally:
+            pixels.TORCHVISION = installed
 
 
 class Reference:
@@ -97,9 +113,12 @@ def extraction_bench(args, plan: RunPlan, tokenizer, geometry, model_config) -> 
         "ov_train fast": SampleProcessor(tokenizer, geometry, template, media, 32768, decode="fast"),
         "reference": Reference(geometry),
     }
+    if pixels.TORCHVISION:  # `fast` above takes torchvision's decoder and resizes; this one, PIL's alone
+        paths["ov_train fast PIL"] = WithoutTorchvision(paths["ov_train fast"])
     flops = ModelFlops.from_config(model_config)
     cpu = {name: {m: [] for m in ONEVISION_MIX} for name in paths}
-    tokens, cost, diffs = {m: [] for m in ONEVISION_MIX}, {m: [] for m in ONEVISION_MIX}, []
+    tokens, cost = {m: [] for m in ONEVISION_MIX}, {m: [] for m in ONEVISION_MIX}
+    diffs = {"images": [], "frames": []}
     torch.set_num_threads(1)  # one loader worker's view: its own thread (decoders size their own)
     for modality, group in raws.items():
         for raw in group:
@@ -111,7 +130,9 @@ def extraction_bench(args, plan: RunPlan, tokenizer, geometry, model_config) -> 
             tokens[modality].append(sum(exact["visual_tokens"]))
             cost[modality].append(flops.train_step(example_counts(exact), set(PARTS)))
             for a, b in zip(exact["images"], fast["images"]):
-                diffs.append((a.pixel_values - b.pixel_values).abs())
+                diffs["images"].append((a.pixel_values - b.pixel_values).abs().flatten())
+            if exact["frames"] is not None:
+                diffs["frames"].append((exact["frames"] - fast["frames"]).abs().flatten())
     device = devices.DEVICES[args.device]
     sample_flops = sum(share * np.mean(cost[m]) for m, share in ONEVISION_MIX.items())
     gpu_samples = device.peak_tflops * 1e12 * args.mfu / sample_flops
@@ -119,22 +140,24 @@ def extraction_bench(args, plan: RunPlan, tokenizer, geometry, model_config) -> 
     counts = {m: len(g) for m, g in raws.items()}
     print(f"loader CPU cost on {root}: {counts} samples; {args.model} on {device.name} at {args.mfu:.0%} MFU trains "
           f"{gpu_samples:.1f} samples/s of the 31/43/26 mix ({visual:.0f} visual tokens a sample)")
-    print(f"{'path':<16}{'single s':>10}{'multi s':>10}{'video s':>10}{'samples/s/core':>16}{'vis tok/s/core':>16}"
+    print(f"{'path':<18}{'single s':>10}{'multi s':>10}{'video s':>10}{'samples/s/core':>16}{'vis tok/s/core':>16}"
           f"{'cores/GPU':>11}{'x1.5':>7}")
     results = []
     for name in paths:
         per = {m: float(np.mean(cpu[name][m])) for m in ONEVISION_MIX}
         seconds = sum(share * per[m] for m, share in ONEVISION_MIX.items())
         cores = gpu_samples * seconds
-        print(f"{name:<16}{per['single_image']:>10.3f}{per['multi_image']:>10.3f}{per['video']:>10.3f}"
+        print(f"{name:<18}{per['single_image']:>10.3f}{per['multi_image']:>10.3f}{per['video']:>10.3f}"
               f"{1 / seconds:>16.2f}{visual / seconds:>16.0f}{cores:>11.1f}{cores * MARGIN:>7.1f}")
         results.append({"name": f"extraction_{name.replace(' ', '_')}", "cpu_s": per, "cpu_s_per_sample": seconds,
                         "samples_per_s_per_core": 1 / seconds, "visual_tokens_per_s_per_core": visual / seconds,
                         "cores_per_gpu": cores, "cores_per_gpu_with_margin": cores * MARGIN,
                         "device": args.device, "model": args.model, "mfu": args.mfu})
-    if diffs:
-        flat = torch.cat([d.flatten() for d in diffs])
-        print(f"data.decode=fast against exact: mean |diff| {flat.mean():.4f}, max {flat.max():.3f} "
-              "(normalised pixels, 2 = the full range)")
-        results.append({"name": "decode_fast_pixel_diff", "mean": float(flat.mean()), "max": float(flat.max())})
+    for what, got in diffs.items():
+        if got:
+            flat = torch.cat(got)
+            print(f"data.decode=fast against exact, {what}: mean |diff| {flat.mean():.4f}, max {flat.max():.3f} "
+                  "(normalised pixels, 2 = the full range)")
+            name = "decode_fast_pixel_diff" if what == "images" else f"decode_fast_pixel_diff_{what}"
+            results.append({"name": name, "mean": float(flat.mean()), "max": float(flat.max())})
     return results

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ov_train.checkpoints.paths import KEPT, previous_of
 from ov_train.checkpoints.safe_load import load_file
-from ov_train.utils.lightning_internals import HookedModelCheckpoint
+from ov_train.utils.lightning_internals import HookedModelCheckpoint, unfetch_pending_batch
 from ov_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -226,6 +226,7 @@ class SaveOnSigterm(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):
+            unfetch_pending_batch(trainer)  # raised before the fetched batch started: the save is between steps
             save_whole(trainer, self.path)
             name = signal.Signals(self._pending or signal.SIGTERM).name
             log.warning("%s: saved %s at step %d; exiting", name, self.path, trainer.global_step)

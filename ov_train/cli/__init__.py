@@ -33,7 +33,21 @@ def run_hydra(task: Callable, argv: list[str] | None = None) -> None:
 
     saved = sys.argv
     sys.argv = saved if argv is None else [saved[0], *argv]
+    started = []
+
+    def started_task(cfg):
+        started.append(True)
+        return task(cfg)
+
     try:
-        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)()
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(started_task)()
+    except SystemExit as stop:
+        if stop.code and not started:  # composition failed: Hydra has said why; add the keys a typo may have meant
+            from ov_train.config.key_hints import unknown_key_hint
+
+            hint = unknown_key_hint(sys.argv[1:])
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
     finally:
         sys.argv = saved

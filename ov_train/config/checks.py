@@ -6,6 +6,7 @@ type cannot rule out: a negative learning rate, a template that does not exist, 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -14,9 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ov_train.config import reproduce
 from ov_train.config.options import devices_per_node, world_size
-from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, NONFINITE, PARTS, PLACEMENTS, SYNTHETIC, SYNTHETIC_MIN_PX, TEMPLATES
+from ov_train.constants import NONFINITE
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
@@ -35,15 +35,12 @@ def missing_package(kind: str) -> str | None:
 
 def missing_problems(cfg) -> list[str]:
     """Mandatory values (`???`) nobody set; the other checks need them, so these come alone."""
-    problems = []
-    for key in sorted(OmegaConf.missing_keys(cfg)):
-        problems.append(f"{key} is required: set {key}=VALUE, or choose a config that sets it")
-    return problems
+    return [f"{key} is required: set {key}=VALUE, or choose a config that sets it" for key in sorted(OmegaConf.missing_keys(cfg))]
 
 
 def added_key_problems(node, where: str = "") -> list[str]:
     """Keys added with `+key=value` where the schema has no such setting (composition lets `+` through on purpose:
-    for Lightning Trainer arguments, which trainer_problems checks, and for stage.parts, which stage_problems does)."""
+    for Lightning Trainer arguments, which trainer_problems checks, and for stage.parts, which StageConfig does)."""
     kind = OmegaConf.get_type(node)
     if not dataclasses.is_dataclass(kind) or kind.__name__ == "TrainerConfig":
         return []
@@ -53,29 +50,6 @@ def added_key_problems(node, where: str = "") -> list[str]:
         if key in fields and OmegaConf.is_config(node._get_node(key)) and not node._get_node(key)._is_missing():
             problems += added_key_problems(node[key], f"{where}{key}.")
     return problems
-
-
-def stage_problems(stage) -> list[str]:
-    problems = []
-    for part, lr in stage.parts.items():
-        if part not in PARTS:
-            problems.append(f"stage.parts.{part}: no such part; allowed: {sorted(PARTS)}")
-        elif lr < 0:
-            problems.append(f"stage.parts.{part}={lr!r}: learning rate must be a number >= 0 (0 freezes the part)")
-    if not any(lr > 0 for lr in stage.parts.values()):
-        problems.append("stage.parts: no part has a learning rate > 0, so nothing would train")
-    if stage.template not in TEMPLATES:
-        problems.append(f"stage.template={stage.template!r}; allowed: {list(TEMPLATES)}")
-    # image_strategy, image_grid and the video keys: config/media.py (read_media).
-    if stage.media_placement not in PLACEMENTS:
-        problems.append(f"stage.media_placement={stage.media_placement!r}; allowed: {list(PLACEMENTS)}")
-    if stage.loss_weighting not in LOSS_WEIGHTINGS:
-        problems.append(f"stage.loss_weighting={stage.loss_weighting!r}; allowed: {list(LOSS_WEIGHTINGS)}")
-    if stage.max_length < 1:
-        problems.append(f"stage.max_length={stage.max_length!r} must be a positive integer")
-    if not 0 <= stage.warmup_ratio < 1:
-        problems.append(f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
-    return problems + reproduce.problems(stage)
 
 
 MODEL_PATHS = ("pretrained", "vision_tower", "llm", "init_from", "tokenizer")
@@ -99,11 +73,7 @@ def model_problems(model) -> list[str]:
             " or model.init_from=DIR (model.random_init=true trains the geometry from scratch)"
         )
     problems += geometry_problems(model)
-    if not missing:
-        problems += checkpoint_geometry_problems(model)
-    if not model.lr_scale > 0:
-        problems.append(f"model.lr_scale={model.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
-    return problems
+    return problems + ([] if missing else checkpoint_geometry_problems(model))
 
 
 # What makes a checkpoint another model than the `model=` config's geometry: the tower's and the LLM's shapes. (Not
@@ -146,7 +116,7 @@ def geometry_problems(model) -> list[str]:
     for part in ("vision", "text"):
         for key, value in model[part].items():
             if isinstance(value, int) and not isinstance(value, bool):
-                problems += _at_least(f"model.{part}.{key}", value, 1, "a size of the model's geometry")
+                problems += at_least(f"model.{part}.{key}", value, 1, "a size of the model's geometry")
     if problems:
         return problems
     splits = [("vision", "num_attention_heads", "hidden_size"), ("text", "num_attention_heads", "hidden_size"),
@@ -159,18 +129,11 @@ def geometry_problems(model) -> list[str]:
 
 
 def strategy_problems(strategy, trainer) -> list[str]:
+    """The strategy against the trainer's devices and launcher (its own values: StrategyConfig.problems)."""
     name = strategy.name
     if name not in STRATEGIES:
-        configs = "auto, ddp, deepspeed_zero2[_offload], deepspeed_zero3[_offload], fsdp2"
-        return [f"strategy.name={name!r}; allowed: {list(STRATEGIES)} (strategy={configs})"]
+        return []
     problems = []
-    if name == "deepspeed":
-        if strategy.stage not in (1, 2, 3):
-            problems.append(f"strategy.stage={strategy.stage!r}; allowed: 1, 2, 3 (ZeRO stages)")
-        if strategy.offload_parameters and strategy.stage != 3:
-            problems.append(
-                f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{strategy.stage} does not shard weights)"
-            )
     devices = trainer.devices
     counted = isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 or OmegaConf.is_list(devices) and len(devices) > 0
     if name == "fsdp2" and not counted:
@@ -191,17 +154,18 @@ def launcher_tasks() -> int | None:
     return None
 
 
-def _in_multirun() -> bool:
+def multirun():
+    """This job's Hydra config inside a multirun (-m), else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
 def launcher_problems(trainer_cfg) -> list[str]:
     """What keeps Lightning from adopting this job's processes (reported before any work)."""
     tasks, processes = launcher_tasks(), world_size(trainer_cfg)
-    if tasks is None and processes > 1 and _in_multirun() and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
+    if tasks is None and processes > 1 and multirun() is not None and not ({"LOCAL_RANK", "SLURM_NTASKS"} & os.environ.keys()):
         return [
             f"trainer.devices x trainer.num_nodes = {processes} processes per job of a multirun (-m) need a launcher"
             " that starts them: hydra/launcher=local (or slurm); Lightning's own would re-run the whole sweep"
@@ -234,43 +198,11 @@ def precision_problems(precision: str, cfg) -> list[str]:
     return problems
 
 
-def _at_least(key: str, value, minimum: int, meaning: str, nullable: bool = False) -> list[str]:
+def at_least(key: str, value, minimum: int, meaning: str, nullable: bool = False) -> list[str]:
     if (nullable and value is None) or (value is not None and value >= minimum):
         return []
     allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
     return [f"{key}={value!r} must be {allowed} ({meaning})"]
-
-
-def data_problems(data, seed: int) -> list[str]:
-    """The data node's own values (the recipe and its shards are checked where they are read)."""
-    problems = (
-        _at_least("data.num_workers", data.num_workers, 0,
-                    "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
-        + _at_least("data.shuffle_buffer", data.shuffle_buffer, 1, "raw samples per shuffled block")
-        + _at_least("data.val_samples", data.val_samples, 1, "held-out samples per source; null: all", True)
-        + _at_least("data.max_skips_in_a_row", data.max_skips_in_a_row, 1,
-                    "unusable samples in a row that stop the stream")
-        + _at_least("seed", seed, 0, "it seeds the model, the data streams and the synthetic data")
-    )
-    if data.name == SYNTHETIC:
-        minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": SYNTHETIC_MIN_PX}
-        for key, minimum in minimums.items():
-            problems += _at_least(f"data.synthetic.{key}", data.synthetic[key], minimum, "synthetic data settings")
-    # data.root: config/recipe.py (root_problems), which knows whether the recipe has relative paths.
-    budget, batch = data.max_tokens_per_batch, data.batch_size
-    if budget is not None and budget < 1:
-        problems.append(f"data.max_tokens_per_batch={budget!r} must be a positive integer or null")
-    if batch is not None and batch < 1:
-        problems.append(f"data.batch_size={batch!r} must be a positive integer or null (with a token budget)")
-    if data.decode not in DECODES:
-        problems.append(f"data.decode={data.decode!r}; allowed: {', '.join(DECODES)}")
-    if data.batching not in BATCHINGS:
-        problems.append(f"data.batching={data.batching!r}; allowed: {', '.join(BATCHINGS)}")
-    elif data.batching == "compute" and data.samples_per_step is not None:
-        problems.append(f"data.batching=compute fills each batch to a compute budget, data.samples_per_step="
-                        f"{data.samples_per_step} fixes a step's samples: set one of them (data.batching=tokens or"
-                        " data.samples_per_step=null)")
-    return problems
 
 
 def step_problems(data, trainer, unit: str | None, sequence_parallel: int = 1) -> list[str]:
@@ -303,31 +235,6 @@ def step_problems(data, trainer, unit: str | None, sequence_parallel: int = 1) -
     return problems
 
 
-def io_problems(io) -> list[str]:
-    """Values of data.io (its keys and types are the schema's)."""
-    problems = []
-    if io.retries < 0:
-        problems.append(f"data.io.retries={io.retries!r} must be an integer >= 0 (attempts after a failed read)")
-    for key in ("backoff_s", "timeout_s"):
-        value = io[key]
-        if not 0 <= value < math.inf:
-            problems.append(f"data.io.{key}={value!r} must be a finite number >= 0 (seconds)")
-    if io.timeout_s == 0:
-        problems.append("data.io.timeout_s=0 would fail every request; give seconds > 0")
-    return problems
-
-
-def checkpoint_problems(ckpt) -> list[str]:
-    problems = []
-    if ckpt.every_n_steps is not None and ckpt.every_n_steps < 1:
-        problems.append(f"checkpoint.every_n_steps={ckpt.every_n_steps!r} must be a positive integer or null (off)")
-    if ckpt.every_minutes is not None and ckpt.every_minutes <= 0:
-        problems.append(f"checkpoint.every_minutes={ckpt.every_minutes!r} must be a positive number or null (off)")
-    if ckpt.keep < 0:
-        problems.append(f"checkpoint.keep={ckpt.keep!r} must be an integer >= 0 (earlier checkpoints kept besides last.ckpt)")
-    return problems
-
-
 def world_problems(trainer) -> list[str]:
     """trainer.devices and trainer.num_nodes, which the other checks count the world from, so these come alone."""
     try:
@@ -338,7 +245,7 @@ def world_problems(trainer) -> list[str]:
         f"trainer.devices={trainer.devices!r} must be a positive count, -1 or auto (every visible GPU), or a list"
         " of device indices"
     ]
-    return problems + _at_least("trainer.num_nodes", trainer.num_nodes, 1, "machines of the run")
+    return problems + at_least("trainer.num_nodes", trainer.num_nodes, 1, "machines of the run")
 
 
 def _val_check_problems(interval) -> list[str]:
@@ -372,7 +279,7 @@ def trainer_problems(trainer, precision: str) -> list[str]:
         problems.append(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches!r}: must be 1; a larger"
                         " optimizer step is data.samples_per_step (a global batch in samples, accumulated over"
                         " token-budget micro-batches)")
-    problems += _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, "steps between metrics lines")
+    problems += at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, "steps between metrics lines")
     problems += _val_check_problems(trainer.val_check_interval)
     clip = trainer.gradient_clip_val
     if clip is not None and not clip >= 0:  # a negative norm would flip every gradient's sign
@@ -382,25 +289,15 @@ def trainer_problems(trainer, precision: str) -> list[str]:
     # Only to read its signature: keys added with +trainer.NAME.
     from lightning.pytorch import Trainer
 
-    unknown = sorted(set(trainer) - set(inspect.signature(Trainer).parameters))
+    arguments = inspect.signature(Trainer).parameters
+    unknown = sorted(set(trainer) - set(arguments))
     if unknown:
-        problems.append(f"trainer.{unknown[0]}: not a Lightning Trainer argument" + (f" (nor {unknown[1:]})" if unknown[1:] else ""))
+        close = difflib.get_close_matches(unknown[0], arguments, n=3)
+        problems.append(f"trainer.{unknown[0]}: not a Lightning Trainer argument" + (f" (nor {unknown[1:]})" if unknown[1:] else "")
+                        + (f"; did you mean {', '.join(f'trainer.{c}' for c in close)}?" if close else ""))
     return problems
 
 
 def run_problems(cfg) -> list[str]:
-    problems = []
-    if cfg.nonfinite not in NONFINITE:
-        problems.append(f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}")
-    problems += _at_least("metrics.predictions", cfg.metrics.predictions, 0, "held-out samples shown per modality")
-    problems += _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1, "tokens generated per reply")
-    peak = cfg.metrics.peak_tflops
-    if peak is not None and peak <= 0:
-        problems.append(f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null")
-    if cfg.logger.name not in LOGGERS:
-        problems.append(f"logger.name={cfg.logger.name!r}; allowed: {list(LOGGERS)}")
-    elif package := missing_package(cfg.logger.name):
-        problems.append(f"logger={cfg.logger.name} needs the {package} package: pip install 'ov_train[loggers]'")
-    if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
-        problems.append(f"logger.mode={cfg.logger.mode!r}; allowed: {list(WANDB_MODES)}")
-    return problems
+    wrong = [] if cfg.nonfinite in NONFINITE else [f"nonfinite={cfg.nonfinite!r}; allowed: {list(NONFINITE)}"]
+    return wrong + at_least("seed", cfg.seed, 0, "it seeds the model, the data streams and the synthetic data")

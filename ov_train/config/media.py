@@ -41,6 +41,12 @@ _CELL = re.compile(r"(\d+)\s*x\s*(\d+)")
 _RANGE = re.compile(r"\(?\s*(\d+)\s*x\s*(\d+)\s*\)?\s*,\s*\.\.\.\s*,\s*\(?\s*(\d+)\s*x\s*(\d+)\s*\)?")
 
 
+def anyres_max(strategy) -> int | None:
+    """The N of `anyres_max_N` (N >= 1); None for any other image strategy or vision_aspect_ratio."""
+    match = ANYRES.fullmatch(str(strategy))
+    return int(match[1]) if match and int(match[1]) >= 1 else None
+
+
 class MediaSettingError(ValueError):
     """A media setting that cannot be used; the message names the key and what is allowed."""
 
@@ -86,7 +92,11 @@ class ImageSettings:
 
     @property
     def max_crops(self) -> int | None:
-        return int(ANYRES.fullmatch(self.strategy)[1]) if self.anyres else None
+        return anyres_max(self.strategy) if self.anyres else None
+
+    def vision_aspect_ratio(self, model_default: str) -> str:
+        """The model config's vision_aspect_ratio under this stage: its anyres_max_N, else the model's own."""
+        return self.strategy if self.anyres else model_default
 
     @property
     def newline(self) -> bool:
@@ -105,8 +115,7 @@ class ImageSettings:
     @classmethod
     def from_stage(cls, stage) -> ImageSettings:
         strategy = str(stage.get("image_strategy"))
-        anyres = ANYRES.fullmatch(strategy)
-        if strategy not in SINGLE_CROP and not (anyres and int(anyres[1]) >= 1):
+        if strategy not in SINGLE_CROP and anyres_max(strategy) is None:
             raise MediaSettingError(
                 f"stage.image_strategy={stage.get('image_strategy')!r}; allowed: anyres_max_N (N >= 1, e.g."
                 " anyres_max_9), pad (padded square crop + newline), square (squashed crop, no newline)"

@@ -3,6 +3,7 @@ performance options, how data reads retry, the batches' token budget, and the pa
 trainer runs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,14 +74,23 @@ class ForwardOptions:
         return VARLEN if usable else "sdpa"
 
 
-@dataclass(frozen=True)
+@dataclass
 class IOSettings:
-    """How reads of shards and parquet files behave (`data.io.*`): attempts after the first, the first backoff
-    (doubling each attempt), and the connect / read timeout of one request."""
+    """`data.io.*`: reads of shards and parquet files (local, https://, s3://, gs://, hf://, pipe:). A failed read is
+    retried `retries` times (waiting backoff_s, then twice that, ...); a shard still unreadable is skipped and
+    counted (data/skipped_shard_unreadable). timeout_s bounds each connect and read, so a dead server cannot hang
+    the run."""
 
     retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 60.0
+
+    def problems(self) -> list[str]:
+        problems = [] if self.retries >= 0 else [
+            f"data.io.retries={self.retries!r} must be an integer >= 0 (attempts after a failed read)"]
+        problems += [f"data.io.{key}={getattr(self, key)!r} must be a finite number >= 0 (seconds)"
+                     for key in ("backoff_s", "timeout_s") if not 0 <= getattr(self, key) < math.inf]
+        return problems + (["data.io.timeout_s=0 would fail every request; give seconds > 0"] if self.timeout_s == 0 else [])
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,23 @@ SMOOTHED = ("sigmoid", "sigmoid_sft")  # the losses label smoothing applies to
 REFERENCES = ("auto", "adapters_off", "frozen", "precomputed")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreferenceSettings:
-    """`stage.preference.*`. Defaults: LLaVA-NeXT's OneVision DPO script (scripts/train/dpo_ov7b.sh: sigmoid loss,
-    --beta 0.1, --gamma 0 so no SFT term, no label smoothing)."""
+    """`stage.preference.*` (Hydra's schema for it, config/schema.py, and the run plan's piece: the plan resolves
+    `reference` and `warm_start_steps` for the run). Defaults: LLaVA-NeXT's OneVision DPO script
+    (scripts/train/dpo_ov7b.sh: sigmoid loss, --beta 0.1, --gamma 0 so no SFT term, no label smoothing)."""
 
-    loss: str = "sigmoid"  # one of PREFERENCE_LOSSES
+    # sigmoid (DPO), ipo, hinge, or sigmoid_sft (DPO + sft_weight x the chosen replies' NLL: the MPO-style mix;
+    # dpo_ov7b.sh's --gamma is that weight, 0 there).
+    loss: str = "sigmoid"
     beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
     label_smoothing: float = 0.0  # cDPO: the probability that a pair's preference is flipped, in [0, 0.5)
     sft_weight: float = 1.0  # sigmoid_sft: weight of the chosen replies' NLL (TRL's MPO example and LLaVA-NeXT's default)
-    reference: str = "auto"  # one of REFERENCES
+    reference: str = "auto"  # one of REFERENCES (the plan holds the one the run uses: auto made concrete)
+    # A run from random weights (the embedded tiny model) first trains this many SFT steps of warm_start_stage on the
+    # same data's chosen replies in RUN/warm_start and starts from that export; other runs have none (the plan: 0).
+    warm_start_steps: int = 0
+    warm_start_stage: str = "onevision"
 
     def problems(self) -> list[str]:
         out = []
@@ -43,6 +50,8 @@ class PreferenceSettings:
             out.append(f"stage.preference.sft_weight={self.sft_weight!r} must be positive with loss=sigmoid_sft")
         if self.reference not in REFERENCES:
             out.append(f"stage.preference.reference={self.reference!r}; allowed: {list(REFERENCES)}")
+        if self.warm_start_steps < 0:
+            out.append(f"stage.preference.warm_start_steps={self.warm_start_steps!r} must be >= 0")
         return out
 
     def resolved_reference(self, adapted_only: bool | None) -> str:

@@ -54,7 +54,7 @@ class Reproduction:
 
 
 def _get(stage, key):
-    return stage.get(key) if hasattr(stage, "get") else None
+    return stage.get(key) if hasattr(stage, "get") else getattr(stage, key, None)
 
 
 def problems(stage) -> list[str]:

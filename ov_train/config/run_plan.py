@@ -13,7 +13,7 @@ imports nothing above ov_train.config.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from ov_train.checkpoints.paths import last_checkpoint, resume_targets
 from ov_train.config import checks
 from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
-from ov_train.config.media import MediaSettings, read_media
+from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import (
     CpuShare,
     ForwardOptions,
-    IOSettings,
     TokenBudget,
     cpu_share,
     default_precision,
@@ -36,6 +35,7 @@ from ov_train.config.parallel import data_parallel_size, sequence_parallel_probl
 from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.config.reproduce import Reproduction
+from ov_train.config.schema import CheckpointConfig, DataConfig, EvalConfig, LoggerConfig, MetricsConfig, StrategyConfig
 from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
 from ov_train.resources import CONF_DIR
 from ov_train.utils.logging import get_logger
@@ -137,48 +137,39 @@ class SamplePlan:
     template: str
     media: MediaSettings  # image strategy and grid, video sampling (per recipe source where it says)
     max_length: int
+    decode: str  # data.decode
     placement: str = "front"  # stage.media_placement
     labels: str = "replies"  # stage.labels, as stage.reproduce resolves it (config/reproduce.py)
     plain_newline: str = "apart"  # stage.plain_newline, likewise
-    decode: str = "exact"  # data.decode
-
-
-@dataclass(frozen=True)
-class SyntheticPlan:
-    train_per_subset: int
-    val_per_subset: int
-    image_px: int
-    seed: int
 
 
 @dataclass(frozen=True)
 class DataPlan:
+    """The data node (config/schema.py DataConfig, or SyntheticDataConfig) and what the run works out from it."""
+
+    config: DataConfig
     recipe: RecipeSpec
-    root: str | None  # data.root; None with synthetic data: a cache directory per setting
-    synthetic: SyntheticPlan | None  # None: the user's shards
     budget: TokenBudget
     samples: SamplePlan
     num_workers: int  # data.num_workers, or the CpuShare's choice when it is null
-    shuffle_buffer: int
-    val_samples: int | None
-    max_skips_in_a_row: int
-    record_keys: bool
     seed: int
-    io: IOSettings = IOSettings()
-    index_dir: str | None = None  # where parquet sources' indexes are built on first read
     samples_per_rank: int | None = None  # data.samples_per_step / data-parallel size: each train item is a step's bundle
     # Consecutive ranks that read the same batches (strategy.sequence_parallel: a group splits each row between them).
     replicas: int = 1
-    batching: str = "tokens"  # data.batching: what fills a training batch (constants.BATCHINGS)
-    samples_per_rank: int | None = None  # data.samples_per_step / world size: each train item is a step's bundle
     pairs: bool = False  # stage.preference: samples are preference pairs (ov_train.data.pairs)
+
+    @property
+    def synthetic(self):
+        """None: the user's shards (under config.root); else SyntheticSettings (generated, under config.root or a
+        cache directory)."""
+        return getattr(self.config, "synthetic", None)
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """What one optimizer step holds and how its loss is weighed (stage.loss_weighting, data.samples_per_step)."""
 
-    loss_weighting: str = "token"
+    loss_weighting: str
     # A global batch in samples, a bundle of micro-batches (training/step.py); None: every token-budget batch is a step.
     samples_per_step: int | None = None
     # trainer.gradient_clip_val: the norm every step clips to (training/module.py; DeepSpeed's engine by its config);
@@ -195,61 +186,49 @@ class OptimPlan:
     weight_decay: float
     warmup_ratio: float
     total_steps: int
-    step: StepPlan = StepPlan()
+    step: StepPlan
     adapted: tuple[str, ...] = ()  # parts in which only PEFT's tensors train (config/adapter.py), their own frozen
     warmup_schedule: str = "ov_train"  # stage.warmup_schedule, as stage.reproduce resolves it (training/schedule.py)
 
 
 @dataclass(frozen=True)
 class StrategyPlan:
-    name: str
+    """The strategy node (config/schema.py: one class per option) and what the run adds to it."""
+
+    config: StrategyConfig
     world_size: int
-    settings: dict = field(default_factory=dict)  # the strategy node's other keys
     micro_batch_size: int = 1  # what DeepSpeed reports per GPU (batches are built in the loader)
     gradient_clipping: float | None = None  # StepPlan.clip_val, which DeepSpeed's engine applies inside its step
     trainable_only: bool = False  # checkpoints hold the trainable tensors only (adapters: the base comes from model.*)
-    sequence_parallel: int = 1  # ranks sharing a packed row (config/parallel.py); set up by strategies.py
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def sequence_parallel(self) -> int:
+        """Ranks sharing a packed row (config/parallel.py); set up by strategies.py."""
+        return self.config.sequence_parallel
+
+    @property
+    def settings(self) -> dict:
+        """The strategy node's engine keys (all but name and sequence_parallel)."""
+        return {k: v for k, v in asdict(self.config).items() if k not in ("name", "sequence_parallel")}
 
 
 @dataclass(frozen=True)
 class LoggerPlan:
-    kind: str  # wandb | csv | tensorboard | mlflow | none
+    """The logger node and the names this run goes by on the dashboards."""
+
+    config: LoggerConfig
     run_name: str  # `<stage>-<model>`, plus `-<job number>` in a multirun
-    group: str
-    display_name: str = ""  # the dashboards' name: run_name, plus the job's swept values in a multirun
-    mode: str | None = None  # W&B
-    project: str | None = None  # W&B
-    tracking_uri: str | None = None  # MLflow
-    experiment: str | None = None  # MLflow
+    group: str  # logger.group, else the sweep directory in a multirun, else the stage
+    display_name: str  # the dashboards' name: run_name, plus the job's swept values in a multirun
 
-
-@dataclass(frozen=True)
-class PredictionsPlan:
-    """The held-out samples shown at each validation, and whether their greedy replies are generated too."""
-
-    per_modality: int
-    generate: bool = False
-    max_new_tokens: int = 32
-
-
-@dataclass(frozen=True)
-class CheckpointPlan:
-    every_n_steps: int | None
-    every_minutes: float | None
-    keep: int
-    trust: bool
-
-
-@dataclass(frozen=True)
-class PreferencePlan:
-    """stage.preference resolved: the loss settings and the reference this run uses (adapters_off, frozen or
-    precomputed)."""
-
-    settings: PreferenceSettings
-    reference: str
-    # An SFT warm start first (run.py: warm_start): steps (0: none; only a run from random weights has one) and stage.
-    warm_start_steps: int = 0
-    warm_start_stage: str = "onevision"
+    @property
+    def kind(self) -> str:
+        """wandb | csv | tensorboard | mlflow | none"""
+        return self.config.name
 
 
 @dataclass(frozen=True)
@@ -265,19 +244,20 @@ class RunPlan:
     strategy: StrategyPlan
     trainer: dict  # Lightning Trainer arguments (precision resolved)
     logger: LoggerPlan
-    checkpoint: CheckpointPlan
+    checkpoint: CheckpointConfig
     paths: RunPaths | None  # None outside a run (no run directory)
     ckpt_path: str | None  # the checkpoint to resume, `last` / `auto` resolved
     ckpt_fallbacks: tuple[str, ...]  # `last` / `auto`: the older ones to resume if ckpt_path does not read
     identity: dict  # what a resume must share with the run that wrote the checkpoint
     planner: dict  # the `plan` node: the memory planner's settings (ov_train/planner)
     nonfinite: str
-    peak_tflops: float | None  # None: the device's own (ov_train/devices.py)
-    predictions: PredictionsPlan
+    metrics: MetricsConfig  # the MFU's peak (None: the device's own) and the prediction table's size
+    eval: EvalConfig  # whether the prediction table's replies are generated too
     seed: int
     export: bool
     config: dict  # the resolved config, for the dashboards
-    preference: PreferencePlan | None = None  # None: the stage trains on conversations
+    # None: the stage trains on conversations; the reference and the warm start are the ones this run uses.
+    preference: PreferenceSettings | None = None
 
 
 def for_device(plan: RunPlan, on_gpu: bool) -> RunPlan:
@@ -306,9 +286,10 @@ def run_identity(cfg: DictConfig, max_steps: int | None = None, adapter: Adapter
     return identity
 
 
-def model_plan(model, trust: bool = False) -> ModelPlan:
+def model_plan(model, trust: bool = False, image: ImageSettings | None = None) -> ModelPlan:
     """The build route of a `model` node, in the order a user would expect: an earlier stage's export or checkpoint,
-    a OneVision checkpoint, a SigLIP tower + a Qwen2 LLM, random weights."""
+    a OneVision checkpoint, a SigLIP tower + a Qwen2 LLM, random weights. With the stage's `image` settings, the
+    model is built with the anyres_max_N it trains with (its own model.vision_aspect_ratio otherwise)."""
     if model.init_from:
         route = "export" if (Path(model.init_from) / "config.json").is_file() else "checkpoint"
     elif model.pretrained:
@@ -321,7 +302,8 @@ def model_plan(model, trust: bool = False) -> ModelPlan:
     return ModelPlan(
         name=model.name, route=route, source=model.init_from or model.pretrained, vision_tower=model.vision_tower,
         llm=model.llm, tokenizer=model.tokenizer, vision=OmegaConf.to_container(model.vision, resolve=True),
-        text=text, vision_aspect_ratio=model.vision_aspect_ratio, trust_checkpoint=trust,
+        text=text, trust_checkpoint=trust,
+        vision_aspect_ratio=image.vision_aspect_ratio(model.vision_aspect_ratio) if image else model.vision_aspect_ratio,
         base_dir=model.pretrained if model.init_from else None,
     )
 
@@ -350,23 +332,16 @@ def run_cpu_share(cfg: DictConfig) -> CpuShare:
 
 def data_plan(cfg: DictConfig, spec: RecipeSpec, media: MediaSettings, cpus: CpuShare) -> DataPlan:
     data, stage = cfg.data, cfg.stage
-    synthetic = None
-    if data.name == SYNTHETIC:
-        synthetic = SyntheticPlan(**OmegaConf.to_container(data.synthetic), seed=cfg.seed)
     # The data config's budget wins over the recipe's.
     budget = TokenBudget(data.max_tokens_per_batch or spec.max_tokens_per_batch, data.batch_size)
     fidelity = Reproduction.from_stage(stage)
-    samples = SamplePlan(stage.template, media, stage.max_length, stage.media_placement, fidelity.labels,
-                         fidelity.plain_newline, data.decode)
+    samples = SamplePlan(stage.template, media, stage.max_length, data.decode, stage.media_placement, fidelity.labels,
+                         fidelity.plain_newline)
     parallel = data_parallel_size(cfg.strategy, world_size(cfg.trainer))
     per_rank = data.samples_per_step // parallel if data.samples_per_step else None
     return DataPlan(
-        recipe=spec, root=data.root, synthetic=synthetic, budget=budget, samples=samples, num_workers=cpus.workers,
-        shuffle_buffer=data.shuffle_buffer, val_samples=data.val_samples,
-        max_skips_in_a_row=data.max_skips_in_a_row, record_keys=data.record_keys, seed=cfg.seed,
-        io=IOSettings(**OmegaConf.to_container(data.io)), index_dir=data.index_dir, samples_per_rank=per_rank,
-        batching=data.batching, replicas=cfg.strategy.sequence_parallel,
-        pairs=stage.preference is not None,
+        config=OmegaConf.to_object(data), recipe=spec, budget=budget, samples=samples, num_workers=cpus.workers, seed=cfg.seed,
+        samples_per_rank=per_rank, replicas=cfg.strategy.sequence_parallel, pairs=stage.preference is not None,
     )
 
 
@@ -410,25 +385,18 @@ def run_adapter_plan(cfg: DictConfig) -> AdapterPlan | None:
     return adapter_plan(cfg.adapter, stage_lrs(cfg), base_record(model_plan(cfg.model), cfg.seed))
 
 
-def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> OptimPlan:
+def optim_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan | None = None) -> OptimPlan:
     """The stage's learning rates and schedule; parts the adapters freeze get 0."""
+    step = step or step_plan(cfg, None)
     part_lrs = adapter.part_lrs(stage_lrs(cfg)) if adapter else stage_lrs(cfg)
     return OptimPlan(part_lrs, cfg.stage.weight_decay, cfg.stage.warmup_ratio, max_steps(cfg, step), step,
                      adapter.adapted if adapter else (), Reproduction.from_stage(cfg.stage).warmup_schedule)
 
 
-def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan = StepPlan()) -> StrategyPlan:
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
-    settings.pop("sequence_parallel", None)
-    return StrategyPlan(cfg.strategy.name, world_size(cfg.trainer), settings, cfg.data.batch_size or 1, step.clip_val,
-                        trainable_only=adapter is not None, sequence_parallel=cfg.strategy.sequence_parallel)
-
-
-def _multirun():
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
+def strategy_plan(cfg: DictConfig, adapter: AdapterPlan | None = None, step: StepPlan | None = None) -> StrategyPlan:
+    step = step or step_plan(cfg, None)
+    return StrategyPlan(OmegaConf.to_object(cfg.strategy), world_size(cfg.trainer), cfg.data.batch_size or 1,
+                        step.clip_val, trainable_only=adapter is not None)
 
 
 def swept_overrides(hydra) -> list[str]:
@@ -456,49 +424,35 @@ def logger_plan(cfg: DictConfig) -> LoggerPlan:
     says otherwise (MLflow, which has no groups, gets it as the `group` tag)."""
     name, group = f"{cfg.stage.name}-{cfg.model.name}", cfg.stage.name
     swept = []
-    if hydra := _multirun():
+    if hydra := checks.multirun():
         # The job number is set when the launcher starts the job (a composed-only multirun config lacks it).
         num = OmegaConf.select(hydra, "job.num", throw_on_missing=False)
         name, group = (f"{name}-{num}" if num is not None else name), str(hydra.sweep.dir)
         swept = swept_overrides(hydra)
-    logger = cfg.logger
-    return LoggerPlan(
-        kind=logger.name, run_name=name, group=logger.get("group") or group,
-        display_name=redact_text(f"{name} {','.join(swept)}") if swept else name, mode=logger.get("mode"),
-        project=logger.get("project"), tracking_uri=logger.get("tracking_uri"), experiment=logger.get("experiment"),
-    )
+    return LoggerPlan(OmegaConf.to_object(cfg.logger), name, cfg.logger.get("group") or group,
+                      redact_text(f"{name} {','.join(swept)}") if swept else name)
 
 
-def preference_settings(stage) -> PreferenceSettings | None:
-    """stage.preference as PreferenceSettings (None: a conversation stage)."""
-    node = stage.get("preference")
-    if node is None:
-        return None
-    return PreferenceSettings(**{f.name: node[f.name] for f in fields(PreferenceSettings) if f.name in node})
-
-
-def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[PreferencePlan | None, list[str]]:
-    """The stage's preference objective against the run's adapters, and what is wrong with it."""
-    settings = preference_settings(cfg.stage)
-    if settings is None:
+def preference_plan(cfg: DictConfig, adapter: AdapterPlan | None) -> tuple[PreferenceSettings | None, list[str]]:
+    """The stage's preference objective against the run's adapters, with the reference and the warm start this run
+    uses, and what is wrong with it (its own values are checked by PreferenceSettings.problems)."""
+    if cfg.stage.get("preference") is None:
         return None, []
+    settings = OmegaConf.to_object(cfg.stage.preference)
     # Switching the adapters off gives the starting weights only when nothing trains beside them.
     adapted_only = None if adapter is None else all(m in (ADAPTED, FROZEN) for m in adapter.modes.values())
     problems = reference_problems(settings, adapted_only)
     if cfg.data.samples_per_step and cfg.stage.loss_weighting != "sample":
         problems.append(f"stage.loss_weighting={cfg.stage.loss_weighting!r} with stage.preference and "
                         "data.samples_per_step: a step averages its pairs' losses, so use sample")
-    node = cfg.stage.preference
-    steps = node.warm_start_steps if model_plan(cfg.model).route == "random" else 0
-    if node.warm_start_steps < 0:
-        problems.append(f"stage.preference.warm_start_steps={node.warm_start_steps!r} must be >= 0")
-    if node.warm_start_stage not in stage_names() or node.warm_start_stage == cfg.stage.name:
-        problems.append(f"stage.preference.warm_start_stage={node.warm_start_stage!r}; allowed: "
+    steps = settings.warm_start_steps if model_plan(cfg.model).route == "random" else 0
+    if settings.warm_start_stage not in stage_names() or settings.warm_start_stage == cfg.stage.name:
+        problems.append(f"stage.preference.warm_start_stage={settings.warm_start_stage!r}; allowed: "
                         f"{[n for n in stage_names() if n != cfg.stage.name]}")
     if steps > 0 and world_size(cfg.trainer) > 1:
         problems.append(f"stage.preference.warm_start_steps={steps} runs in one process: train the warm start first "
-                        f"(stage={node.warm_start_stage}) and give its export as model.init_from")
-    plan = PreferencePlan(settings, settings.resolved_reference(adapted_only), max(steps, 0), node.warm_start_stage)
+                        f"(stage={settings.warm_start_stage}) and give its export as model.init_from")
+    plan = replace(settings, reference=settings.resolved_reference(adapted_only), warm_start_steps=max(steps, 0))
     return plan, problems
 
 
@@ -522,17 +476,18 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
     spec, recipe_problems = _recipe(cfg.data, machine)
     media, media_problems = read_media(cfg.stage, spec.sources if spec else ())
     problems = (
-        checks.added_key_problems(cfg) + checks.stage_problems(cfg.stage) + media_problems
+        checks.added_key_problems(cfg) + media_problems
         + (checks.model_problems(cfg.model) if machine else checks.geometry_problems(cfg.model))
-        + checks.strategy_problems(cfg.strategy, cfg.trainer) + checks.data_problems(cfg.data, cfg.seed)
+        + checks.strategy_problems(cfg.strategy, cfg.trainer)
         + checks.step_problems(cfg.data, cfg.trainer, spec.unit if spec else None,
                                cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
         + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
-        + checks.io_problems(cfg.data.io)
-        + recipe_problems + checks.checkpoint_problems(cfg.checkpoint) + checks.run_problems(cfg)
+        + recipe_problems + checks.run_problems(cfg)
+        # Each node's dataclass checks its own values, and those of the nodes it holds.
+        + [p for node in (cfg.stage, cfg.model, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
+           for p in OmegaConf.to_object(node).problems()]
         + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator), machine)
-        + (preference_settings(cfg.stage) or PreferenceSettings()).problems()
     )
     targets = ()
     try:
@@ -563,7 +518,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         raise ConfigError.of(preference_problems)
     return RunPlan(
         stage=cfg.stage.name,
-        model=model_plan(cfg.model, cfg.checkpoint.trust),
+        model=model_plan(cfg.model, cfg.checkpoint.trust, media.image),
         data=data_plan(cfg, spec, media, cpus),
         cpus=cpus,
         forward=forward,
@@ -573,15 +528,15 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         strategy=strategy_plan(cfg, adapter, step),
         trainer=trainer,
         logger=logger_plan(cfg),
-        checkpoint=CheckpointPlan(**OmegaConf.to_container(cfg.checkpoint)),
+        checkpoint=OmegaConf.to_object(cfg.checkpoint),
         paths=RunPaths(run_dir) if run_dir else None,
         ckpt_path=ckpt_path,
         ckpt_fallbacks=tuple(fallbacks),
         identity=run_identity(cfg, trainer["max_steps"], adapter),
         planner=OmegaConf.to_container(cfg.plan, resolve=True),
         nonfinite=cfg.nonfinite,
-        peak_tflops=cfg.metrics.peak_tflops,
-        predictions=PredictionsPlan(cfg.metrics.predictions, cfg.eval.generate, cfg.eval.max_new_tokens),
+        metrics=OmegaConf.to_object(cfg.metrics),
+        eval=OmegaConf.to_object(cfg.eval),
         seed=cfg.seed,
         export=cfg.export,
         # What dashboards get: URLs without their credentials (the data reads use cfg's own values).

@@ -4,7 +4,9 @@ Hydra merges every YAML of `ov_train/conf` (and every command-line override) ont
 composes, so an unknown key (`trainer.max_step=2`), a wrong type (`data.batch_size=many`) or a key of
 another option (`strategy.stage=3` under `strategy=ddp`) stops the run at composition, with the full key
 named, before anything is built. Values (a learning rate below 0, a template that does not exist) are
-checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`.
+checked afterwards, all at once, by `ov_train.config.run_plan.resolve_plan`: each class its own (`problems()`, by
+full key), config/checks.py what spans nodes. Each default is written here once (the YAMLs set what differs), and
+the run plan holds each node's `OmegaConf.to_object` instance, not a copy of its values.
 
 Groups whose options carry different keys (strategy, data, logger, adapter) have one class per option, each a
 subclass of the group's base; an option's YAML names its class in its defaults list (`schema_ddp`).
@@ -18,22 +20,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-@dataclass
-class PreferenceConfig:
-    """`stage.preference`: the stage trains on preference pairs (config/preference.py checks the values)."""
-
-    # sigmoid (DPO), ipo, hinge, or sigmoid_sft (DPO plus sft_weight x the chosen replies' NLL: the MPO-style mix).
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 1.0
-    # auto (adapters_off with adapters, else frozen), adapters_off, frozen or precomputed.
-    reference: str = "auto"
-    # A run from random weights (the embedded tiny model) first trains this many steps of warm_start_stage on the
-    # same data's chosen replies, in RUN/warm_start, and starts from that export; 0: none.
-    warm_start_steps: int = 0
-    warm_start_stage: str = "onevision"
+from ov_train.config import reproduce
+from ov_train.config.checks import LOGGERS, STRATEGIES, WANDB_MODES, at_least, missing_package
+from ov_train.config.media import anyres_max
+from ov_train.config.options import IOSettings
+from ov_train.config.preference import PreferenceSettings
+from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, PARTS, PLACEMENTS, SYNTHETIC_MIN_PX, TEMPLATES
 
 
 @dataclass
@@ -74,7 +66,23 @@ class StageConfig:
     # The crop grids in the public script's order, used under stage.reproduce=public_code; null: image_grid.
     public_image_grid: Any = None
     # Preference training (stage=dpo); null: the stage trains on conversations.
-    preference: Optional[PreferenceConfig] = None
+    preference: Optional[PreferenceSettings] = None
+
+    def problems(self) -> list[str]:
+        """The stage's own values; image_strategy, image_grid and the video keys: config/media.py (read_media)."""
+        problems = [f"stage.parts.{part}: no such part; allowed: {sorted(PARTS)}" if part not in PARTS else
+                    f"stage.parts.{part}={lr!r}: learning rate must be a number >= 0 (0 freezes the part)"
+                    for part, lr in self.parts.items() if part not in PARTS or lr < 0]
+        if not any(lr > 0 for lr in self.parts.values()):
+            problems.append("stage.parts: no part has a learning rate > 0, so nothing would train")
+        for key, allowed in (("template", TEMPLATES), ("media_placement", PLACEMENTS), ("loss_weighting", LOSS_WEIGHTINGS)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"stage.{key}={getattr(self, key)!r}; allowed: {list(allowed)}")
+        if self.max_length < 1:
+            problems.append(f"stage.max_length={self.max_length!r} must be a positive integer")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"stage.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        return problems + reproduce.problems(self) + (self.preference.problems() if self.preference else [])
 
 
 @dataclass
@@ -107,53 +115,72 @@ class LanguageModelConfig:
 
 @dataclass
 class ModelConfig:
+    """`model=`: weights, geometry (model/build.py) and the forward's performance keys (docs/PERFORMANCE.md)."""
+
     name: str = MISSING
+    # Checkpoint routes (local directories): a OneVision checkpoint, or a SigLIP tower + a Qwen2 LLM.
     pretrained: Optional[str] = None
     vision_tower: Optional[str] = None
     llm: Optional[str] = None
+    # Start from an earlier stage's export (save_pretrained directory) or Lightning checkpoint.
     init_from: Optional[str] = None
+    # Built locally and cached when null.
     tokenizer: Optional[str] = None
+    # Random init is allowed only for geometry configs that say so (the tiny model, benchmarks).
     random_init: bool = False
+    # Multiplies the stage's learning rates (a random-init model learns from scratch).
     lr_scale: float = 1.0
+    # The anyres_max_N a model built here starts with; a stage's anyres_max_N replaces it (the run plan decides).
     vision_aspect_ratio: str = "anyres_max_9"
+    # Samples packed without padding into rows of up to max_tokens (auto attention: torch varlen on CUDA,
+    # block-diagonal sdpa elsewhere); loss over supervised positions without full logits (chunked: Liger fused on
+    # CUDA, else chunks of loss_chunk rows; full: one logits tensor).
     packing: bool = True
     max_tokens: int = 16384
     loss: str = "chunked"
     loss_chunk: int = 2048
     attn_implementation: str = "auto"
+    # Any of [vision, llm], every checkpoint_every-th layer.
     activation_checkpointing: list[str] = field(default_factory=list)
     checkpoint_every: int = 1
+    # torch.compile each tower and LLM layer (dynamic shapes: packed rows change length every step).
     compile: bool = False
+
+    def problems(self) -> list[str]:
+        """What any machine can check (the paths, the weights and the geometry: checks.model_problems)."""
+        wrong = [] if anyres_max(self.vision_aspect_ratio) else [
+            f"model.vision_aspect_ratio={self.vision_aspect_ratio!r}; allowed: anyres_max_N (N >= 1)"]
+        return wrong + ([] if self.lr_scale > 0 else [
+            f"model.lr_scale={self.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)"])
     vision: VisionTowerConfig = MISSING
     text: LanguageModelConfig = MISSING
-
-
-@dataclass
-class IOConfig:
-    """Reads of shards and parquet files: attempts after a failed one, the first backoff, a request's timeout."""
-
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
     recipe: str = MISSING
-    # Where the recipe's relative source paths start (a folder or URL); needed only when some path is relative.
+    # Where the recipe's relative source paths start (a folder or URL, e.g. data.root=/data/onevision); needed only
+    # when some path is relative. Synthetic data: data.synthetic says where null puts it.
     root: Optional[str] = None
     # Let the recipe file's `pipe:` paths run: they are shell commands, so a recipe from elsewhere (or a run
     # directory's config) runs none unless the user says so here. A `pipe:` data.root is the user's own.
     allow_pipe: bool = False
+    # Most samples per batch (per device); batches also stop at the token budget when there is one.
     batch_size: Optional[int] = None
+    # Padded tokens per batch (samples x longest, visual + text); null: the recipe's, if it sets one.
     max_tokens_per_batch: Optional[int] = None
     # What fills a batch (constants.BATCHINGS): `tokens`, padded LLM tokens up to the token budget; `compute`, training
     # FLOPs up to that many LLM tokens' worth, best fit from the next 16 samples (data/compute_batches.py), so that
     # data-parallel ranks' steps cost the same; real tokens count there, not padding.
     batching: str = "tokens"
-    # How images are decoded (constants.DECODES): `exact`, in full; `fast`, a JPEG at the smallest DCT scale that
-    # still covers what its crops are resized to (vision/preprocess.py open_image; pixels differ, tokens do not).
+    # How images are decoded (constants.DECODES): `exact`, in full, PIL's resizes (the stock PIL processor's pixels);
+    # `fast`, a JPEG at the smallest DCT scale that still covers what its crops are resized to, and with torchvision
+    # installed its JPEG decoder and resizes for images and video frames (vision/pixels.py; pixels differ, tokens do
+    # not). Measured (docs/PERFORMANCE.md, "Feeding the GPU"): 2.0 CPU cores per H100 at OV-0.5B against 3.8; crops
+    # 0.0025 normalised apart on average; a trained tiny model's held-out accuracy on its held-out images as large
+    # JPEGs 0.677 with either (scripts/decode_accuracy.py); tiny runs trained with fast scored 0.777 / 0.788 against
+    # 0.700 / 0.725 (two seeds), gaps in modalities whose pixels the setting leaves equal: no cost found.
     decode: str = "exact"
     # A global batch in samples (null: each token-budget batch is a step), split over the ranks into micro-batches.
     samples_per_step: Optional[int] = None
@@ -161,26 +188,63 @@ class DataConfig:
     epochs: Optional[float] = None
     # Loader processes per rank (0: the main process loads); null: sized from the CPUs the process may use.
     num_workers: Optional[int] = None
+    # Raw samples read into each shuffled block, per source and loader worker.
     shuffle_buffer: int = 256
+    # Unusable samples (too long, undecodable...) are skipped and counted; this many in a row, from the stream or one
+    # source, stop the run with the reasons counted, rather than skip forever.
     max_skips_in_a_row: int = 1000
-    io: IOConfig = field(default_factory=IOConfig)
+    io: IOSettings = field(default_factory=IOSettings)
     # Where parquet sources' indexes are built on first read (null: nowhere; they must have one).
     index_dir: Optional[str] = None
+    # Held-out samples per source at validation (null: all).
     val_samples: Optional[int] = None
+    # Write the sample keys of every consumed batch to RUN/consumed_keys.jsonl (data-order debugging).
     record_keys: bool = False
+
+    def problems(self) -> list[str]:
+        """data.root and the recipe: config/recipe.py (which reads it); the step: checks.step_problems."""
+        problems = (
+            at_least("data.num_workers", self.num_workers, 0,
+                     "loader processes per rank; 0 loads in the main one; null: sized from the usable CPUs", True)
+            + at_least("data.shuffle_buffer", self.shuffle_buffer, 1, "raw samples per shuffled block")
+            + at_least("data.val_samples", self.val_samples, 1, "held-out samples per source; null: all", True)
+            + at_least("data.max_skips_in_a_row", self.max_skips_in_a_row, 1, "unusable samples in a row that stop the stream")
+            + at_least("data.max_tokens_per_batch", self.max_tokens_per_batch, 1, "padded tokens per batch", True)
+            + at_least("data.batch_size", self.batch_size, 1, "samples per batch, with a token budget", True)
+        )
+        if self.decode not in DECODES:
+            problems.append(f"data.decode={self.decode!r}; allowed: {', '.join(DECODES)}")
+        if self.batching not in BATCHINGS:
+            problems.append(f"data.batching={self.batching!r}; allowed: {', '.join(BATCHINGS)}")
+        elif self.batching == "compute" and self.samples_per_step is not None:
+            problems.append(f"data.batching=compute fills each batch to a compute budget, data.samples_per_step="
+                            f"{self.samples_per_step} fixes a step's samples: set one of them (data.batching=tokens or"
+                            " data.samples_per_step=null)")
+        return problems + self.io.problems()
 
 
 @dataclass
 class SyntheticSettings:
+    """`data.synthetic.*` (ov_train/data/synthetic.py). data.root null: one directory per setting (seed, these, format
+    version) under $OV_TRAIN_CACHE (~/.cache/ov_train)/synthetic/, generated once under a lock, shared by the runs
+    with that setting; a path: the shards live there (made when empty or absent; one holding others is refused)."""
+
     train_per_subset: int = 2000
     val_per_subset: int = 200
     image_px: int = 32
 
+    def problems(self) -> list[str]:
+        minimums = {"train_per_subset": 1, "val_per_subset": 1, "image_px": SYNTHETIC_MIN_PX}
+        return [p for key, least in minimums.items()
+                for p in at_least(f"data.synthetic.{key}", getattr(self, key), least, "synthetic data settings")]
+
 
 @dataclass
 class SyntheticDataConfig(DataConfig):
-    root: Optional[str] = None  # a cache directory per setting
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+
+    def problems(self) -> list[str]:
+        return super().problems() + self.synthetic.problems()
 
 
 @dataclass
@@ -190,34 +254,61 @@ class StrategyConfig:
     # groups; N divides the world and the LLM's heads; ddp or fsdp2. 1: none.
     sequence_parallel: int = 1
 
+    def problems(self) -> list[str]:
+        """The name (a strategy's own keys: its subclass); strategy.sequence_parallel: config/parallel.py."""
+        if self.name in STRATEGIES:
+            return []
+        configs = "auto, ddp, deepspeed_zero2[_offload], deepspeed_zero3[_offload], fsdp2"
+        return [f"strategy.name={self.name!r}; allowed: {list(STRATEGIES)} (strategy={configs})"]
+
 
 @dataclass
 class DistributedStrategyConfig(StrategyConfig):
+    # null: nccl on GPU, gloo on CPU (DeepSpeed: nccl).
     process_group_backend: Optional[str] = None
 
 
 @dataclass
 class DDPConfig(DistributedStrategyConfig):
+    # Every trainable parameter gets a gradient each step (text-only batches run the tower on a zero-weighted dummy
+    # crop), so DDP need not search the graph for unused ones.
     find_unused_parameters: bool = False
+    # Gradient all-reduce bucket size in MiB (null: PyTorch's default, 25).
     bucket_cap_mb: Optional[int] = None
 
 
 @dataclass
 class DeepSpeedConfig(DistributedStrategyConfig):
-    stage: int = 2
+    stage: int = 2  # ZeRO stage: 1, 2 or 3
+    # Keep the fp32 master weights and optimizer state in CPU memory and step the optimizer there.
     offload_optimizer: bool = False
+    # Keep the (stage 3) weight shards in CPU memory between uses.
     offload_parameters: bool = False
+    # Pinned CPU buffers for the offloaded tensors (faster copies, more locked host memory).
     pin_memory: bool = True
+    # Communication bucket sizes, in elements.
     allgather_bucket_size: int = 200_000_000
     reduce_bucket_size: int = 200_000_000
+    # Overlap gradient reduction with the backward pass, and copy gradients into one contiguous buffer.
     overlap_comm: bool = True
     contiguous_gradients: bool = True
+    # ZeRO-3: parameters with fewer elements than this stay whole on every rank (no gather for them).
     param_persistence_threshold: int = 100_000
+
+    def problems(self) -> list[str]:
+        if self.stage not in (1, 2, 3):
+            return super().problems() + [f"strategy.stage={self.stage!r}; allowed: 1, 2, 3 (ZeRO stages)"]
+        return super().problems() + ([] if self.stage == 3 or not self.offload_parameters else [
+            f"strategy.offload_parameters=true needs strategy.stage=3 (ZeRO-{self.stage} does not shard weights)"])
 
 
 @dataclass
 class FSDP2Config(DistributedStrategyConfig):
+    # Free the gathered weights after each unit's forward and gather again for backward (ZeRO-3 style); false keeps
+    # them until backward (ZeRO-2 style: more memory, less communication).
     reshard_after_forward: bool = True
+    # true: checkpoints are directories with one shard per process (torch.distributed.checkpoint); false: rank 0
+    # gathers full weights and optimizer state into one file.
     save_distributed_checkpoint: bool = True
 
 
@@ -229,12 +320,15 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
+    # null: bf16-true on one GPU (fp32 master weights in the optimizer), bf16-mixed on several (DDP reduces fp32
+    # gradients; DeepSpeed and FSDP2 keep fp32 weights), 32-true on CPU (config/options.py default_precision).
     precision: Optional[str] = None
     # Not handed to the Trainer: steps are taken by hand (training/step.py), which clips to this norm (null or 0: off).
     gradient_clip_val: Optional[float] = 1.0
     # Refused unless 1 (config/checks.py): data.samples_per_step makes a larger optimizer step.
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
+    # Validate every N optimizer steps (or a 'DD:HH:MM:SS' duration); null validates once at the end.
     val_check_interval: Any = None
     limit_val_batches: Any = None
     num_sanity_val_steps: int = 0
@@ -247,20 +341,39 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    """`logger=`: wandb, csv, tensorboard, mlflow or none (training/loggers.py builds it from the plan's LoggerPlan)."""
+
     name: str = MISSING
+
+    def problems(self) -> list[str]:
+        if self.name not in LOGGERS:
+            return [f"logger.name={self.name!r}; allowed: {list(LOGGERS)}"]
+        if package := missing_package(self.name):
+            return [f"logger={self.name} needs the {package} package: pip install 'ov_train[loggers]'"]
+        return []
 
 
 @dataclass
 class WandbLoggerConfig(LoggerConfig):
+    """Weights & Biases; offline by default (no account needed), `logger.mode=online` to sync."""
+
     mode: str = "offline"
     project: str = "ov_train"
+    # null: the sweep directory in a multirun (jobs of one sweep side by side), else the stage.
     group: Optional[str] = None
+
+    def problems(self) -> list[str]:
+        wrong = [] if self.mode in WANDB_MODES else [f"logger.mode={self.mode!r}; allowed: {list(WANDB_MODES)}"]
+        return super().problems() + wrong
 
 
 @dataclass
 class MLflowLoggerConfig(LoggerConfig):
+    # null: a SQLite store, <run_dir>/mlflow.db (`mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`); or a
+    # server's URL.
     tracking_uri: Optional[str] = None
     experiment: str = "ov_train"
+    # null: the sweep directory in a multirun, else the stage; MLflow has no groups: it is the run's `group` tag.
     group: Optional[str] = None
 
 
@@ -286,7 +399,7 @@ class LoraConfig(AdapterConfig):
     """`adapter=lora` / `adapter=dora` (PEFT)."""
 
     r: int = 16
-    alpha: float = 32.0
+    alpha: float = 32.0  # adapters are scaled by alpha / r
     dropout: float = 0.05
     targets: AdapterTargets = field(default_factory=AdapterTargets)
 
@@ -295,44 +408,87 @@ class LoraConfig(AdapterConfig):
 class QLoraConfig(LoraConfig):
     """`adapter=qlora`: LoRA on an LLM whose linear layers are 4-bit (bitsandbytes)."""
 
+    # 4-bit data type: nf4 (NormalFloat, the QLoRA paper's) or fp4.
     quant_type: str = "nf4"
+    # Quantize the quantization constants too (about 0.4 bit per weight less).
     double_quant: bool = True
 
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint.*` (checkpoints/saving.py writes them, checkpoints/reading.py reads them)."""
+
+    # Write checkpoints/last.ckpt every N optimizer steps and/or every M minutes (null turns either off); the end
+    # of training and SIGTERM always write it. Single files are written beside the target and renamed over it.
     every_n_steps: Optional[int] = 500
     every_minutes: Optional[float] = 60.0
+    # Also keep the N most recent periodic checkpoints as checkpoints/step=<step>.ckpt (a full extra write each).
     keep: int = 0
+    # Checkpoints (ckpt_path, model.init_from, ov-export) are unpickled as tensors and plain data only; true
+    # unpickles anything in them, which can run code: only for files you trust.
     trust: bool = False
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            problems.append(f"checkpoint.every_n_steps={self.every_n_steps!r} must be a positive integer or null (off)")
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            problems.append(f"checkpoint.every_minutes={self.every_minutes!r} must be a positive number or null (off)")
+        return problems + at_least("checkpoint.keep", self.keep, 0, "earlier checkpoints kept besides last.ckpt")
 
 
 @dataclass
 class MetricsConfig:
-    # null: the peak of the device the run finds (ov_train/devices.py).
+    """`metrics.*` (training/metrics.py)."""
+
+    # Peak dense bf16 TFLOP/s of one device, the MFU denominator. null: the datasheet figure of the GPU found
+    # (H100 989, H200 989, A100 312, ...: ov_train/devices.py); devices the table lacks (CPUs) use the H100's.
     peak_tflops: Optional[float] = None
+    # Held-out samples per modality in the prediction table of each validation (run_dir/predictions/step_<N>.jsonl).
     predictions: int = 8
+
+    def problems(self) -> list[str]:
+        peak = self.peak_tflops
+        wrong = [] if peak is None or peak > 0 else [
+            f"metrics.peak_tflops={peak!r} must be a positive number (the device's peak TFLOP/s) or null"]
+        return wrong + at_least("metrics.predictions", self.predictions, 0, "held-out samples shown per modality")
 
 
 @dataclass
 class EvalConfig:
-    """Greedy generation for the validation table (ov_train/training/metrics.py)."""
+    """`eval.*`: at each validation, also generate the greedy reply of each prediction-table sample (as ov-eval does),
+    shown in W&B with its image (training/metrics.py). Off by default: one generate call per sample."""
 
     generate: bool = False
     max_new_tokens: int = 32
 
+    def problems(self) -> list[str]:
+        return at_least("eval.max_new_tokens", self.max_new_tokens, 1, "tokens generated per reply")
+
 
 @dataclass
 class PlanConfig:
-    """The memory and time planner (`ov-train plan`, the preflight); ov_train/planner checks the values."""
+    """The memory and time planner: `ov-train plan [overrides] [--json]`, and a preflight before training on GPUs (or
+    whenever plan.device is named); ov_train/planner checks the values. docs/PERFORMANCE.md ("Planning memory and
+    time") says how it counts."""
 
+    # h100, h100_pcie, h200, b200, a100_80g, a100_40g, l40s, cpu; null: this machine's GPU (or its CPU on a CPU run).
     device: Optional[str] = None
+    # Refuse to train when the planned peak exceeds the device's memory less plan.reserve_gib; false: warn and go on.
     enforce: bool = True
+    # ov_train, or stock: the public recipe's step (batch 1 with accumulation, fp32 weights under bf16 autocast, full
+    # logits), on the same samples.
     path: str = "ov_train"
+    # The model FLOPs utilisation the step time is stated at.
     mfu: float = 0.4
+    # Tokens in one step's batch per device; null: data.max_tokens_per_batch, else the recipe's budget.
     tokens: Optional[int] = None
+    # The batch's samples: null, the recipe's modalities in its proportions; or all video / multi_image / single_image /
+    # text. Each modality comes at its largest (32-frame videos, 12-image samples, 1080x1920 anyres images).
     modality: Optional[str] = None
+    # Left out of the device's memory: CUDA context, NCCL buffers, allocator fragmentation.
     reserve_gib: float = 2.0
+    # The device's memory in GiB, replacing the planner's table (ov_train/planner/devices.py).
     memory_gib: Optional[float] = None
 
 
@@ -345,11 +501,19 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     adapter: AdapterConfig = MISSING
+    # Seeds the model, the data streams and the synthetic data.
     seed: int = 0
+    # Resume: a checkpoint path; `last` (this run dir's checkpoints/last.ckpt, which must exist); `auto` (that one
+    # if it exists, else start fresh: what a requeued job wants). The checkpoint must come from the same stage,
+    # model (name and geometry) and trainer.max_steps (the schedule spans it); anything else is refused up front.
     ckpt_path: Optional[str] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Where the run writes checkpoints/, export/ and summary.json (conf/config.yaml: Hydra's run directory).
     run_dir: Optional[str] = None
+    # Write a save_pretrained export at the end of training.
     export: bool = True
+    # A non-finite training loss: `skip` the step's update (counted as train/nonfinite_batches; 10 in a row stop
+    # the run) or `stop` at once; either way the error names the step and the modality whose loss went non-finite.
     nonfinite: str = "skip"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

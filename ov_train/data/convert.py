@@ -29,7 +29,6 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import decord
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -44,7 +43,7 @@ from ov_train.data.inspect import summarise
 from ov_train.data.pair_records import REJECTED, preference_texts, preference_turns
 from ov_train.data.remote import is_remote, redact, remote_size, upload
 from ov_train.data.shard_writer import ShardWriter
-from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video
+from ov_train.data.video import VIDEO_FIELD, VideoDecodeError, decode_video_info
 from ov_train.utils.paths import cache_dir, write_atomic
 from ov_train.vision.geometry import VisionGeometry
 from ov_train.vision.pooling import DEFAULT_NEWLINE, DEFAULT_POOL
@@ -273,9 +272,8 @@ def _image_info(data: bytes, name: str) -> tuple[str, int, int]:
 def _video_info(data: bytes, name: str, max_frames: int) -> tuple[int, float, float]:
     """(frames, fps, duration) of a video whose sampled frames all decode; corrupt_video otherwise."""
     try:
-        _, duration = decode_video(data, max_frames, name=name)
-        reader = decord.VideoReader(io.BytesIO(data))
-        return len(reader), float(reader.get_avg_fps()), duration
+        _, duration, frames, fps = decode_video_info(data, max_frames, name=name)
+        return frames, fps, duration
     except VideoDecodeError as err:
         raise Reject("corrupt_video", str(err)) from err
 

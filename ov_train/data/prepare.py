@@ -13,14 +13,14 @@ def locate_shards(plan: DataPlan) -> tuple[Recipe | None, list[str]]:
     """The user's recipe with its shards (None for synthetic data, generated later), and what stops the data from
     being used, found without generating or reading a sample: missing shards, a synthetic data.root taken."""
     if plan.synthetic is not None:
-        settings = asdict(plan.synthetic)
-        occupant = occupied(synthetic_root(plan.root, **settings), **settings) if plan.root else None
+        settings = {**asdict(plan.synthetic), "seed": plan.seed}
+        occupant = occupied(synthetic_root(plan.config.root, **settings), **settings) if plan.config.root else None
         if occupant:
-            return None, [f"data.root={plan.root!r}: {occupant}; choose another, or data.root=null for a cache"
+            return None, [f"data.root={plan.config.root!r}: {occupant}; choose another, or data.root=null for a cache"
                           " directory per setting"]
         return None, []
-    recipe, missing = locate(plan.recipe, plan.root, require_shards=True, io=plan.io)
-    where = f"data.recipe={plan.recipe.name}" + (f" (data.root={redact(str(plan.root))})" if plan.root else "")
+    recipe, missing = locate(plan.recipe, plan.config.root, require_shards=True, io=plan.config.io)
+    where = f"data.recipe={plan.recipe.name}" + (f" (data.root={redact(str(plan.config.root))})" if plan.config.root else "")
     return recipe, [f"{where}: {p}" for p in missing]
 
 
@@ -28,11 +28,11 @@ def prepare_root(plan: DataPlan) -> str:
     """The directory the recipe's sources are relative to: data.root, or the synthetic data of the plan's setting,
     found or generated (once per setting: concurrent ranks and runs queue on a file lock)."""
     if plan.synthetic is None:
-        return plan.root
-    settings = asdict(plan.synthetic)
-    return str(ensure_synthetic(synthetic_root(plan.root, **settings), **settings))
+        return plan.config.root
+    settings = {**asdict(plan.synthetic), "seed": plan.seed}
+    return str(ensure_synthetic(synthetic_root(plan.config.root, **settings), **settings))
 
 
 def prepare_data(plan: DataPlan, located: Recipe | None = None) -> Recipe:
     """The recipe with its shards: `located` (by locate_shards) as it is, else located now under prepare_root."""
-    return located if located is not None else locate(plan.recipe, prepare_root(plan), False, plan.io)[0]
+    return located if located is not None else locate(plan.recipe, prepare_root(plan), False, plan.config.io)[0]

@@ -72,8 +72,9 @@ class SampleProcessor:
     # Labels and the plain template's newline (config/reproduce.py): ov_train's, or the public code's.
     labels: str = "replies"
     plain_newline: str = "apart"
-    # data.decode (constants.DECODES): `exact` decodes every image in full; `fast` decodes a JPEG at the reduced
-    # size its crops need (vision/preprocess.py open_image): faster, pixels not equal.
+    # data.decode (constants.DECODES): `exact` decodes and resizes with PIL, as the reference processor does; `fast`
+    # decodes a JPEG at the reduced size its crops need and, with torchvision installed, resizes images and video
+    # frames with its kernels (vision/pixels.py): faster, pixels not equal.
     decode: str = "exact"
 
     @cached_property
@@ -116,8 +117,7 @@ class SampleProcessor:
         for field in fields:
             try:
                 im, size = open_image(raw[field], self.geometry, mode, fast=self.decode == "fast")
-                with im:
-                    images.append(preprocess_image(im, self.geometry, mode=mode, size=size))
+                images.append(preprocess_image(im, self.geometry, mode=mode, size=size))
             except Exception as err:  # PIL raises many types for broken files
                 raise SampleError("corrupt_image", f"sample {key}: cannot decode {field} ({err})") from err
         frames = None
@@ -136,7 +136,7 @@ class SampleProcessor:
                     array = array[video_frame_indices(len(array), rate, video.max_frames, video.fps, video.sampling)]
             except Exception as err:  # decoders raise ValueError; PIL many types for a broken frame
                 raise SampleError("corrupt_video", str(err) if video_field else f"sample {key}: frames: {err}") from err
-            frames = preprocess_frames(array, self.geometry)
+            frames = preprocess_frames(array, self.geometry, fast=self.decode == "fast")
             visual.append(video_tokens(frames.shape[0], self.geometry, self.media.image.newline, video.pool, video.newline))
         ids, labels = self.encode(key, meta.get("conversations"), visual)
         options = meta.get("options") if isinstance(meta.get("options"), list) else []

@@ -251,11 +251,14 @@ class _SourceCursor:
                     index, offset, start = index + 1, 0, after
                     self.position = [epoch, index, 0, *start]
                 if index == 0:
-                    lost = len(self.aside.shards)
-                    lost = f"; {lost} of its shards were unreadable and set aside" if lost else ""
+                    # Name the shards given up on: the worker's log lines that said why may be far above.
+                    lost = sorted(self.aside.shards)
+                    why = (f"{len(lost)} of its {len(self.source.train_shards)} shard(s) unreadable and set aside:"
+                           f" {', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}" if lost
+                           else "fewer samples than loader workers x ranks?")
                     raise RuntimeError(
                         f"source {self.source.name!r} has no training samples for reader {self.reader} of"
-                        f" {self.readers} (fewer samples than loader workers x ranks?){lost}"
+                        f" {self.readers} ({why})"
                     )
                 epoch, index, offset, start = epoch + 1, 0, 0, [0, 0]
                 self.position = [epoch, index, offset, *start]

@@ -14,7 +14,7 @@ from ov_train.data.video_frames import sampled_frames
 from ov_train.vision.tokens import video_frame_indices
 
 # The shard field `ov-data convert` stores every video under, whatever its container (mp4, m4v, mkv...):
-# decord reads the bytes regardless of the name, and one fixed name cannot collide with `json` or `img<i>`.
+# FFmpeg (PyAV) probes the bytes regardless of the name, and one fixed name cannot collide with `json` or `img<i>`.
 VIDEO_FIELD = "video"
 
 
@@ -61,7 +61,7 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
 
 
 def _reason(error: Exception) -> str:
-    # decord messages start with "[hh:mm:ss] /src/file.cc:line: " and may carry a stack trace.
+    # Keep the first line; strip a "[hh:mm:ss] /src/file.cc:line: " prefix (decord's style) where one appears.
     lines = str(error).strip().splitlines()
     return re.sub(r"^\[[\d:]+\] \S+: ", "", lines[0]) if lines else type(error).__name__
 
@@ -75,14 +75,25 @@ def decode_video(data: bytes, max_frames: int, name: str = "video", video_fps: f
 
     Returns (uint8 frames [F, H, W, 3], duration in seconds).
     """
+    frames, duration, _, _ = decode_video_info(data, max_frames, name, video_fps, sampling, frame_size, threads)
+    return frames, duration
+
+
+def decode_video_info(data: bytes, max_frames: int, name: str = "video", video_fps: float = 1.0, sampling: str = "fps",
+                      frame_size: int | None = None,
+                      threads: int | None = None) -> tuple[np.ndarray, float, int, float]:
+    """decode_video's (frames, duration), then the video's frame count and frame rate (what `ov-data convert`
+    records): one demux, by the loader's own decoder."""
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if not data:
         raise VideoDecodeError(f"{name}: empty video data")
+    seen = {}
 
     def pick(total: int, fps: float) -> list[int]:
         if not math.isfinite(fps) or fps <= 0:
             raise VideoDecodeError(f"{name}: invalid frame rate {fps}")
+        seen.update(total=total, fps=fps)
         return video_frame_indices(total, fps, max_frames, video_fps, sampling)
 
     try:
@@ -91,4 +102,4 @@ def decode_video(data: bytes, max_frames: int, name: str = "video", video_fps: f
         raise
     except Exception as e:  # PyAV raises FFmpegError subclasses, or ValueError for a stream without frames
         raise VideoDecodeError(f"{name}: corrupt or truncated video ({_reason(e)})") from e
-    return frames, duration
+    return frames, duration, seen["total"], seen["fps"]

@@ -30,11 +30,11 @@ class OneVisionData(L.LightningDataModule):
         """`cost`: a sample's training cost, which data.batching=compute fills batches by (it needs one)."""
         super().__init__()
         self.plan = plan
-        if plan.batching == "compute" and cost is None:
+        if plan.config.batching == "compute" and cost is None:
             raise ValueError("data.batching=compute needs the model's sample cost (SampleCost.of_model)")
-        self.cost = cost if plan.batching == "compute" else None
+        self.cost = cost if plan.config.batching == "compute" else None
         # Parquet sources get their index (convert's checks, once) before any stream reads them.
-        self.recipe = with_indexes(recipe, plan.index_dir, tokenizer, plan.io)
+        self.recipe = with_indexes(recipe, plan.config.index_dir, tokenizer, plan.config.io)
         self.budget = plan.budget
         samples = plan.samples
         self.process = SampleProcessor(
@@ -86,8 +86,8 @@ class OneVisionData(L.LightningDataModule):
 
     def train_dataloader(self):
         plan = self.plan
-        make_stream = partial(MixedStream, self.recipe.sources, self.process, plan.seed, plan.shuffle_buffer,
-                              max_skips_in_a_row=plan.max_skips_in_a_row, io=plan.io)
+        make_stream = partial(MixedStream, self.recipe.sources, self.process, plan.seed, plan.config.shuffle_buffer,
+                              max_skips_in_a_row=plan.config.max_skips_in_a_row, io=plan.config.io)
         # With data.samples_per_step each train item is one optimizer step's micro-batches.
         # A sequence-parallel group (plan.replicas consecutive ranks) reads one stream: its ranks split each row.
         self._train = TrainBatches(make_stream, self.budget, self.collate, plan.samples_per_rank, self.cost,
@@ -97,7 +97,7 @@ class OneVisionData(L.LightningDataModule):
         return self._loader(self._train, persistent=False)
 
     def val_dataloader(self):
-        held_out = ValStream(self.recipe.sources, self.process, self.plan.val_samples, self.plan.max_skips_in_a_row,
-                             self.plan.io, self.plan.replicas)
+        held_out = ValStream(self.recipe.sources, self.process, self.plan.config.val_samples, self.plan.config.max_skips_in_a_row,
+                             self.plan.config.io, self.plan.replicas)
         # Every rank validates as many batches as the rank with the most (sharded engines need them all in each forward).
         return EvenHeldOut(self._loader(HeldOutBatches(held_out, self.budget, self.collate), persistent=True))

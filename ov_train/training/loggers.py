@@ -43,7 +43,7 @@ def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
         argv = " ".join(sys.argv)
         settings = {"settings": wandb.Settings(x_disable_meta=True)} if redact_text(argv) != argv else {}
         return RunWandbLogger(
-            project=plan.project, name=plan.display_name, group=plan.group, mode=plan.mode, save_dir=str(run_dir),
+            project=plan.config.project, name=plan.display_name, group=plan.group, mode=plan.config.mode, save_dir=str(run_dir),
             config=config, **settings,
         )
     if plan.kind == "csv":
@@ -51,7 +51,7 @@ def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
     if plan.kind == "tensorboard":
         logger = TensorBoardLogger(str(run_dir), name="tensorboard", version=plan.run_name, default_hp_metric=False)
     elif plan.kind == "mlflow":
-        uri, artifacts = plan.tracking_uri, None
+        uri, artifacts = plan.config.tracking_uri, None
         if not uri:
             # A SQLite store in the run directory: MLflow 3 keeps its file store in maintenance (its client and UI
             # refuse one without MLFLOW_ALLOW_FILE_STORE), the SQL store is the supported local one. Artifacts go
@@ -59,7 +59,7 @@ def build_logger(plan: LoggerPlan, run_dir: Path, config: dict):
             uri = f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}"
             artifacts = (run_dir / "mlflow_artifacts").resolve().as_uri()
         logger = MLFlowLogger(
-            experiment_name=plan.experiment, run_name=plan.display_name, tracking_uri=uri, tags={"group": plan.group},
+            experiment_name=plan.config.experiment, run_name=plan.display_name, tracking_uri=uri, tags={"group": plan.group},
             artifact_location=artifacts,
         )
     else:

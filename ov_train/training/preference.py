@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ov_train.config.run_plan import PreferencePlan
+from ov_train.config.preference import PreferenceSettings
 from ov_train.constants import MODALITIES
 from ov_train.model.preference import PairLogps, pair_logps, preference_loss
 from ov_train.training.module import OneVisionModule
@@ -42,10 +42,10 @@ def adapters_off(model):
 
 
 class PreferenceModule(OneVisionModule):
-    def __init__(self, model, optim, preference: PreferencePlan, store=None, **kwargs):
+    def __init__(self, model, optim, preference: PreferenceSettings, store=None, **kwargs):
         super().__init__(model, optim, **kwargs)
         self.preference = preference
-        self.settings = preference.settings
+        self.settings = preference
         # Not a registered submodule: no checkpoint holds it and no strategy wraps or shards it.
         self.__dict__["_frozen"] = None
         if preference.reference == "frozen":

@@ -5,6 +5,8 @@ fails on a private Lightning name anywhere else in the package).
 - ModelCheckpoint takes one trigger in its constructor (steps, time or epochs); checkpoints every N steps *and* every
   M minutes need the step trigger set after it, and a hook around each of its writes (to keep each one whole).
 - WandbLogger passes every wandb.init argument it was built with, `anonymous` included, which wandb now warns about.
+- A save from on_train_batch_start (SIGTERM) must not count the batch just fetched as started: the loop's batch
+  counters say where a resume stands, and Lightning rolls back only the epoch's ones, not the run's total.
 - The Trainer's accepted precision values and its time-based val_check_interval parsing, for checking a config
   before any work instead of failing once the model is built.
 """
@@ -34,6 +36,16 @@ class HookedModelCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         self.write(trainer, filepath, lambda target: super(HookedModelCheckpoint, self)._save_checkpoint(trainer, str(target)))
+
+
+def unfetch_pending_batch(trainer) -> None:
+    """Before a save from on_train_batch_start: un-count the batch the training loop fetched but did not start, so
+    the checkpoint says "between steps". Otherwise the run's total batch count stays one ahead after a resume (Lightning
+    resets only the epoch's counters on restart), and validation and logging, which count from it, run one step early."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    for tracker in (progress.total, progress.current):
+        if tracker.ready == tracker.started + 1:
+            tracker.ready -= 1
 
 
 def trainer_precisions() -> list[str]:

@@ -50,6 +50,9 @@ def tidy_library_output() -> None:
       change of ours can fix): ignored.
     - Under trainer.overfit_batches Lightning takes every iterable loader for a shuffled one and says it turns
       shuffling off; ours shuffle inside the stream, which restarts at the same point each epoch: ignored.
+    - Lightning's ModelCheckpoint warns, under manual optimization, that a step-triggered checkpoint holds the
+      weights after the optimizer step (with a page of example code): that is the state ov_train resumes from, a
+      checkpoint falling between steps (training/step.py): ignored.
     - DeepSpeed's accelerator notice (settle_deepspeed_accelerator): Lightning's DeepSpeed strategy imports it too.
     """
     package = logging.getLogger("lightning")
@@ -63,3 +66,4 @@ def tidy_library_output() -> None:
     settle_deepspeed_accelerator()
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"You requested to overfit but enabled \w+ dataloader shuffling")
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")

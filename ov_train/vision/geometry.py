@@ -2,9 +2,8 @@
 
 from dataclasses import dataclass
 
+from ov_train.config.media import anyres_max
 from ov_train.vision.settings import recorded_media
-
-_ANYRES_PREFIX = "anyres_max_"
 
 
 @dataclass(frozen=True)
@@ -46,9 +45,10 @@ class VisionGeometry:
 
 def max_crops(vision_aspect_ratio: str) -> int:
     """The N of anyres_max_N."""
-    if not vision_aspect_ratio.startswith(_ANYRES_PREFIX):
+    crops = anyres_max(vision_aspect_ratio)
+    if crops is None:
         raise ValueError(f"unsupported vision_aspect_ratio {vision_aspect_ratio!r}; expected 'anyres_max_N'")
-    return int(vision_aspect_ratio[len(_ANYRES_PREFIX):])
+    return crops
 
 
 def default_pinpoints(image_size: int, max_grid: int = 6) -> tuple[tuple[int, int], ...]:

@@ -5,12 +5,12 @@ uint8 pixels, then rescale by 1/255 and normalise with the geometry's mean/std.
 
 data.decode=fast (`open_image(..., fast=True)`) decodes a JPEG at a reduced size where its crops need fewer pixels
 than the file has: libjpeg scales by 1/2, 1/4 or 1/8 inside the DCT (PIL's `draft`), to the smallest size at or
-above what the crops are resized to, so the bicubic resize that follows starts from fewer pixels. Token counts and
-image sizes stay those of the full image; pixels differ from the exact decode (docs/PERFORMANCE.md gives the
-measured difference).
+above what the crops are resized to, so the resize that follows starts from fewer pixels; with torchvision
+installed, full-size JPEGs decode with its decoder and every resize is its bicubic on uint8 tensors
+(vision/pixels.py). Token counts and image sizes stay those of the full image; pixels differ from the exact decode
+(docs/PERFORMANCE.md gives the measured difference and its accuracy effect).
 """
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ov_train.vision import pixels
 from ov_train.vision.geometry import VisionGeometry
+from ov_train.vision.pixels import dims, open_pixels, padded_square, resized
 from ov_train.vision.tokens import anyres_tokens, best_resolution, single_crop_tokens
 
 
@@ -47,39 +49,34 @@ def _fit_size(height: int, width: int, canvas_h: int, canvas_w: int) -> tuple[in
     return canvas_h, min(math.ceil(width * scale_h), canvas_w)
 
 
-def _anyres_crops(image: Image.Image, geom: VisionGeometry, size: tuple[int, int] | None = None) -> np.ndarray:
+def _anyres_crops(image: Image.Image | torch.Tensor, geom: VisionGeometry,
+                  size: tuple[int, int] | None = None) -> np.ndarray:
     """Base crop (whole image squashed to S x S) followed by the grid crops, row-major. `size`: the full image's
     (height, width) when `image` was decoded smaller; the canvas and fit are the full image's."""
     s = geom.image_size
-    height, width = size or image.size[::-1]
+    height, width = size or dims(image)
     canvas_h, canvas_w = best_resolution(height, width, geom)
     fit_h, fit_w = _fit_size(height, width, canvas_h, canvas_w)
     # Centre the resized image on a black canvas; an odd remainder goes to the bottom/right.
     canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
     top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
-    canvas[top : top + fit_h, left : left + fit_w] = np.asarray(image.resize((fit_w, fit_h), Image.BICUBIC))
+    canvas[top : top + fit_h, left : left + fit_w] = resized(image, fit_w, fit_h)
     base = _squashed_crop(image, geom)[0]
     grid = [canvas[r : r + s, c : c + s] for r in range(0, canvas_h, s) for c in range(0, canvas_w, s)]
     return np.stack([base, *grid])
 
 
-def _square_crop(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
+def _square_crop(image: Image.Image | torch.Tensor, geom: VisionGeometry) -> np.ndarray:
     """Pad to a square with the mean colour (so padding normalises to ~0), then resize to S x S."""
     s = geom.image_size
-    width, height = image.size
-    if width != height:
-        side = max(width, height)
-        fill = tuple(int(m * 255) for m in geom.image_mean)
-        square = Image.new("RGB", (side, side), fill)
-        square.paste(image, ((side - width) // 2, (side - height) // 2))
-        image = square
-    return np.stack([np.asarray(image.resize((s, s), Image.BICUBIC))])
+    square = padded_square(image, tuple(int(m * 255) for m in geom.image_mean))
+    return np.stack([resized(square, s, s)])
 
 
-def _squashed_crop(image: Image.Image, geom: VisionGeometry) -> np.ndarray:
+def _squashed_crop(image: Image.Image | torch.Tensor, geom: VisionGeometry) -> np.ndarray:
     """The whole image resized to S x S, aspect ratio not kept (the public code's stage-1 `square`)."""
     s = geom.image_size
-    return np.stack([np.asarray(image.resize((s, s), Image.BICUBIC))])
+    return np.stack([resized(image, s, s)])
 
 
 def needed_size(height: int, width: int, geom: VisionGeometry, mode: str) -> tuple[int, int]:
@@ -95,25 +92,25 @@ def needed_size(height: int, width: int, geom: VisionGeometry, mode: str) -> tup
     return s, s  # square: squashed to S x S
 
 
-def open_image(data: bytes, geom: VisionGeometry, mode: str, fast: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+def open_image(data: bytes, geom: VisionGeometry, mode: str,
+               fast: bool = False) -> tuple[Image.Image | torch.Tensor, tuple[int, int]]:
     """An image file's pixels for crops cut as `mode`, and the full image's (height, width). With `fast`, a JPEG is
-    decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers needed_size; other formats in full."""
-    image = Image.open(io.BytesIO(data))
-    size = image.size[::-1]
-    if fast and image.format == "JPEG":
-        image.draft("RGB", needed_size(*size, geom, mode))
-    return image, size
+    decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers needed_size, other formats in full, and
+    with torchvision installed the pixels come as a uint8 [3, H, W] tensor that its resizes take
+    (vision/pixels.py)."""
+    return open_pixels(data, lambda height, width: needed_size(height, width, geom, mode), fast)
 
 
-def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool = False, mode: str | None = None,
-                     size: tuple[int, int] | None = None) -> ImageCrops:
+def preprocess_image(image: Image.Image | torch.Tensor, geom: VisionGeometry, anyres: bool = False,
+                     mode: str | None = None, size: tuple[int, int] | None = None) -> ImageCrops:
     """Crops for one image, cut as `mode` (ov_train.config.media.ImageSettings.crop_mode): anyres,
     pad (one padded square crop + newline) or square (one squashed crop, no newline); `anyres` picks
     between the first two. `size`: the full image's (height, width) when `image` is a reduced decode of it
     (open_image): tokens and the anyres layout are the full image's."""
     mode = mode or ("anyres" if anyres else "pad")
-    image = image.convert("RGB")
-    height, width = size or image.size[::-1]
+    if not isinstance(image, torch.Tensor):
+        image = image.convert("RGB")
+    height, width = size or dims(image)
     if mode == "anyres":
         crops, num_tokens = _anyres_crops(image, geom, (height, width)), anyres_tokens(height, width, geom)
     elif mode in ("pad", "square"):
@@ -127,12 +124,15 @@ def preprocess_image(image: Image.Image, geom: VisionGeometry, anyres: bool = Fa
     )
 
 
-def resize_frames(frames: np.ndarray, geom: VisionGeometry) -> np.ndarray:
-    """uint8 [F, H, W, 3] video frames -> uint8 [F, S, S, 3], each squashed to S x S without padding."""
+def resize_frames(frames: np.ndarray, geom: VisionGeometry, fast: bool = False) -> np.ndarray:
+    """uint8 [F, H, W, 3] video frames -> uint8 [F, S, S, 3], each squashed to S x S without padding: PIL's bicubic,
+    or with `fast` and torchvision installed its bicubic on all frames at once (vision/pixels.py)."""
     s = geom.image_size
-    return np.stack([np.asarray(Image.fromarray(frame).resize((s, s), Image.BICUBIC)) for frame in frames])
+    if fast and pixels.TORCHVISION:
+        return resized(torch.from_numpy(frames).permute(0, 3, 1, 2), s, s)
+    return np.stack([resized(Image.fromarray(frame), s, s) for frame in frames])
 
 
-def preprocess_frames(frames: np.ndarray, geom: VisionGeometry) -> torch.Tensor:
+def preprocess_frames(frames: np.ndarray, geom: VisionGeometry, fast: bool = False) -> torch.Tensor:
     """uint8 [F, H, W, 3] video frames -> float32 [F, 3, S, S], each squashed to S x S without padding."""
-    return _normalize(resize_frames(frames, geom), geom)
+    return _normalize(resize_frames(frames, geom, fast), geom)

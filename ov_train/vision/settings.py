@@ -14,8 +14,8 @@ def apply_to_model_config(config, media: MediaSettings, placement: str | None = 
     """Set the model config to the stage's anyres N and grid (the forward packs features by them, and exports
     carry them), and record the stage's media settings under CONFIG_KEY, with `placement` (stage.media_placement)
     when given, so ov-eval places a turn's <image> as training did."""
-    if media.image.anyres:
-        config.vision_aspect_ratio = media.image.strategy
+    if media.image.anyres:  # a model the plan built has it already (ModelPlan); a loaded one gets the stage's
+        config.vision_aspect_ratio = media.image.vision_aspect_ratio(config.vision_aspect_ratio)
         pinpoints = media.image.pinpoints(config.vision_config.image_size)
         if pinpoints is not None:
             config.image_grid_pinpoints = [list(p) for p in pinpoints]

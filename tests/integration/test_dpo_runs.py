@@ -84,6 +84,7 @@ def test_sigterm_then_auto_resume_is_bit_identical(tmp_path, small_data_root, st
 @pytest.mark.parametrize("adapter, reference", [
     ([], "frozen"),
     (["adapter=lora", "adapter.targets.projector=frozen"], "adapters_off"),
+    (["adapter=dora", "adapter.targets.projector=frozen"], "adapters_off"),
 ])
 def test_the_reference_is_the_starting_model_and_the_export_is_stock(tmp_path, small_data_root, adapter, reference):
     """At the first step the policy is the reference (a copy, or the model with its fresh LoRA adapters off, whose B
@@ -176,7 +177,8 @@ def test_a_recipe_mixes_preference_sources(tmp_path):
     recipe = tmp_path / "pairs.yaml"
     recipe.write_text("sources:\n  - {name: next, path: next, modality: single_image, weight: 1}\n"
                       "  - {name: hf, path: hf, format: parquet, modality: single_image, weight: 1}\n")
-    overrides = ["stage=dpo", "data=recipe", f"data.recipe={recipe}", f"data.root={shards}", "data.num_workers=0",
+    overrides = ["stage=dpo", "stage.preference.warm_start_steps=0", "data=recipe", f"data.recipe={recipe}",
+                 f"data.root={shards}", "data.num_workers=0",
                  "data.batch_size=2", "data.shuffle_buffer=4", "logger=csv", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=1", "trainer.max_steps=4", "export=false"]
     summary = train(compose_config(overrides, run_dir=tmp_path / "run"))

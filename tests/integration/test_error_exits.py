@@ -56,6 +56,8 @@ def test_a_random_bytes_shard_exits_1_naming_its_source(tmp_path):
                                   "data.num_workers=2", "data.io.retries=0", "trainer.enable_progress_bar=false")
     assert rc == 1, f"exit {rc} after {took:.0f} s (None: still running)\n{output[-3000:]}"
     assert "noise" in output and "no training samples" in output
+    # The error itself names the shard, not only a warning far above it.
+    assert f"1 of its 1 shard(s) unreadable and set aside: {root / 'noise' / 'train-000000.tar'}" in output
 
 
 def test_a_data_error_under_ddp_on_two_processes_exits_non_zero(tmp_path, small_data_root):

@@ -42,7 +42,7 @@ def test_the_7b_dpo_experiment_states_the_public_script_and_asks_for_steps_and_d
     assert plan.trainer["max_steps"] == 90  # one epoch: ceil(5760 / 64)
     assert plan.model.route == "export" and plan.strategy.settings["stage"] == 3
     assert plan.optim.part_lrs == {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7}
-    assert (plan.optim.warmup_ratio, plan.preference.settings.beta, plan.preference.settings.loss) == (0.1, 0.1, "sigmoid")
+    assert (plan.optim.warmup_ratio, plan.preference.beta, plan.preference.loss) == (0.1, 0.1, "sigmoid")
     assert plan.preference.warm_start_steps == 0 and plan.data.samples_per_rank == 8
 
 

@@ -87,7 +87,8 @@ def test_sigterm_then_the_same_command_continues_to_the_uninterrupted_weights(
     assert checkpoint(tmp_path)["global_step"] == saved_at
     assert not (tmp_path / "summary.json").exists()
 
-    assert train(cfg())["steps"] == STEPS  # requeued: ckpt_path=auto finds last.ckpt
+    summary = train(cfg())
+    assert summary["steps"] == STEPS  # requeued: ckpt_path=auto finds last.ckpt
     a, b = checkpoint(uninterrupted), checkpoint(tmp_path)
     assert a["global_step"] == b["global_step"] == STEPS
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -98,3 +99,12 @@ def test_sigterm_then_the_same_command_continues_to_the_uninterrupted_weights(
     # The same batches, none twice, and the stream where the uninterrupted one is.
     assert consumed(tmp_path) == consumed(uninterrupted)
     assert a["callbacks"]["StreamState"] == b["callbacks"]["StreamState"]
+    # Validation runs at the steps it runs at uninterrupted, so the held-out numbers are the same too (a SIGTERM save
+    # once left the run's batch count one ahead: the resumed run validated a step early, on other weights).
+    reference = json.loads((uninterrupted / "summary.json").read_text())
+    assert (summary["val_loss"], summary["val_by_modality"]) == (reference["val_loss"], reference["val_by_modality"])
+    assert predictions(tmp_path) == predictions(uninterrupted)
+
+
+def predictions(run_dir) -> list[str]:
+    return sorted(path.name for path in (run_dir / "predictions").iterdir())

@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import open_dict
 
 from ov_train.checkpoints.paths import resume_targets
+from ov_train.config.key_hints import unknown_key_hint
 from ov_train.config.recipe import RecipeError
 from ov_train.config.run_plan import ConfigError, resolve_plan
 from ov_train.data.recipe import load_recipe
@@ -24,6 +25,8 @@ EXPECTED_PARTS = {
     "onevision": {"vision_tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
     "dpo": {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7},  # LLaVA-NeXT scripts/train/dpo_ov7b.sh
 }
+# What the tiny model (the default) gets instead: model_stage/tiny_<stage>.yaml.
+TINY_PARTS = {"dpo": {"vision_tower": 2e-6, "projector": 2e-6, "llm": 2e-6}}
 
 
 def test_the_five_stages_ship():
@@ -34,7 +37,8 @@ def test_the_five_stages_ship():
 def test_stage_composes_with_recipe_values(stage):
     cfg = compose_config([f"stage={stage}"], run_dir=Path("/tmp/x"))
     resolve_plan(cfg)
-    assert dict(cfg.stage.parts) == EXPECTED_PARTS[stage]
+    assert dict(cfg.stage.parts) == TINY_PARTS.get(stage, EXPECTED_PARTS[stage])
+    assert dict(compose_config([f"stage={stage}", "model=ov_qwen2_7b"]).stage.parts) == EXPECTED_PARTS[stage]
     assert cfg.stage.template == ("plain" if stage == "pretrain" else "qwen_1_5")
     # Stage 1 as the public code runs it (squashed crop, no newline); stage 1.5 on the paper's grid and limit.
     strategy = {"pretrain": "square", "mid": "anyres_max_4"}.get(stage, "anyres_max_9")
@@ -159,10 +163,21 @@ def test_typos_and_wrong_types_fail_at_composition(override, key, why):
     assert key in message and why in message, message
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("trainer.max_step=2", "trainer.max_step: no such key; did you mean trainer.max_steps? keys of trainer: accelerator"),
+    ("data.io.retry=2", "data.io.retry: no such key; did you mean data.io.retries? keys of data.io: backoff_s, retries,"),
+    ("seeed=1", "seeed: no such key; did you mean seed? keys of the config:"),
+])
+def test_a_mistyped_key_gets_the_keys_it_may_have_meant(override, hint):
+    assert unknown_key_hint(["stage=mid", "+trainer.deterministic=true", override]).startswith(hint)
+    # Keys the schema holds (an option's own, as strategy.stage is DeepSpeed's) and groups get none.
+    assert unknown_key_hint(["trainer.max_steps=2", "strategy.stage=3", "stage=nope", "stage.parts.llm=1"]) is None
+
+
 def test_other_lightning_trainer_arguments_pass_with_a_plus():
     plan = resolve_plan(compose_config(["+trainer.deterministic=true"], run_dir=Path("/tmp/x")))
     assert plan.trainer["deterministic"] is True
-    _invalid(["+trainer.max_step=2"], "trainer.max_step: not a Lightning Trainer argument")
+    _invalid(["+trainer.max_step=2"], "trainer.max_step: not a Lightning Trainer argument; did you mean trainer.max_steps")
     # Elsewhere `+` adds nothing the schema lacks.
     _invalid(["+data.synthetic.colour=red"], "data.synthetic.colour: no such setting; allowed: ['train_per_subset'")
 
@@ -179,7 +194,7 @@ def test_a_recipe_of_absolute_sources_needs_no_root(tmp_path):
                "  - {name: b, path: 'https://example.com/b', val: 's3://bucket/b-val', modality: text, weight: 1}\n")
     recipe.write_text(sources)
     plan = resolve_plan(compose_config(["data=recipe", f"data.recipe={recipe}"], run_dir=tmp_path / "run"))
-    assert plan.data.root is None and [s.path for s in plan.data.recipe.sources] == [f"{tmp_path}/a", "https://example.com/b"]
+    assert plan.data.config.root is None and [s.path for s in plan.data.recipe.sources] == [f"{tmp_path}/a", "https://example.com/b"]
     assert [s.name for s in load_recipe(str(recipe), None, require_shards=False)] == ["a", "b"]  # ov-eval's route
     recipe.write_text(sources + "  - {name: c, path: /abs/c, val: c/val, modality: text, weight: 1}\n"
                                 "  - {name: d, path: d/shards, modality: text, weight: 1}\n")
@@ -187,7 +202,7 @@ def test_a_recipe_of_absolute_sources_needs_no_root(tmp_path):
              " val='c/val'; set data.root=DIR or URL")
     with pytest.raises(RecipeError, match=r"--root is required: mine.yaml: sources\[2\] \(c\)"):
         load_recipe(str(recipe), None, root_key="--root")
-    assert resolve_plan(compose_config(["data=recipe", f"data.recipe={recipe}", "data.root=/data"])).data.root == "/data"
+    assert resolve_plan(compose_config(["data=recipe", f"data.recipe={recipe}", "data.root=/data"])).data.config.root == "/data"
 
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path, caplog):

@@ -14,26 +14,38 @@ from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.synthetic import make_sample, synthetic_rejected
 from ov_train.vision.geometry import VisionGeometry
-from tests.conftest import plan_of
+from tests.conftest import compose_config, plan_of
 
 ADAPTERS_ONLY = ["adapter=lora", "adapter.targets.projector=frozen"]
 
 
 def test_dpo_stage_states_llava_nexts_dpo_script():
     """scripts/train/dpo_ov7b.sh: --learning_rate 5e-7 for every tunable part, --warmup_ratio 0.1, --weight_decay 0,
-    --beta 0.1, --gamma 0 (plain sigmoid), anyres_max_9, --model_max_length 32768."""
+    --beta 0.1, --gamma 0 (plain sigmoid), anyres_max_9, --model_max_length 32768: what a real model gets."""
+    cfg = compose_config(["stage=dpo", "model=ov_qwen2_7b"])
+    assert dict(cfg.stage.parts) == {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7} and cfg.model.lr_scale == 1.0
+    assert (cfg.stage.warmup_ratio, cfg.stage.weight_decay, cfg.stage.preference.warm_start_steps) == (0.1, 0.0, 0)
+    assert cfg.trainer.max_steps == compose_config(["stage=onevision", "model=ov_qwen2_7b"]).trainer.max_steps
     plan = plan_of(["stage=dpo"], run_dir="/tmp/x")
-    scale = 100.0  # model=tiny's lr_scale
-    assert {p: lr / scale for p, lr in plan.optim.part_lrs.items()} == pytest.approx(
-        {"vision_tower": 5e-7, "projector": 5e-7, "llm": 5e-7})
-    assert (plan.optim.warmup_ratio, plan.optim.weight_decay) == (0.1, 0.0)
-    settings = plan.preference.settings
+    settings = plan.preference
     assert (settings.loss, settings.beta, settings.label_smoothing) == ("sigmoid", 0.1, 0.0)
     assert plan.data.pairs and plan.data.recipe.name == "synthetic_dpo"
     assert (plan.data.samples.media.image.strategy, plan.data.samples.max_length) == ("anyres_max_9", 32768)
-    assert plan.preference.warm_start_steps > 0  # the tiny model starts from random weights: a warm start first
+    assert (plan.optim.warmup_ratio, plan.optim.weight_decay) == (0.1, 0.0)
     # Conversation stages have no preference objective.
     assert plan_of(["stage=onevision"], run_dir="/tmp/x").preference is None
+
+
+def test_the_embedded_default_gets_the_tiny_models_dpo_settings():
+    """model_stage/tiny_dpo.yaml: the tiny model from random weights warms up, then trains at 2e-4 for 100 steps;
+    the command line and experiments still override it, and no other model or stage reads it."""
+    plan = plan_of(["stage=dpo"], run_dir="/tmp/x")
+    assert plan.optim.part_lrs == pytest.approx({"vision_tower": 2e-4, "projector": 2e-4, "llm": 2e-4})
+    assert (plan.trainer["max_steps"], plan.preference.warm_start_steps) == (100, 500)
+    assert plan_of(["stage=dpo", "trainer.max_steps=7", "stage.parts.llm=1e-6"], run_dir="/tmp/x").trainer["max_steps"] == 7
+    assert compose_config(["experiment=tiny_stages/dpo"]).trainer.max_steps == 200
+    assert compose_config(["stage=dpo", "stage.parts.llm=1e-6"]).stage.parts.llm == 1e-6
+    assert compose_config(["stage=onevision"]).trainer.max_steps == 750
 
 
 @pytest.mark.parametrize("overrides, reference", [

@@ -197,7 +197,7 @@ def test_ov_eval_reads_a_recipe_where_the_run_that_made_the_export_read_its_data
     from tests.conftest import plan_of
 
     default = plan_of([]).data
-    assert default_root(random_export) == synthetic_root(default.root, **asdict(default.synthetic))
+    assert default_root(random_export) == synthetic_root(default.config.root, **asdict(default.synthetic), seed=default.seed)
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "export").symlink_to(random_export, target_is_directory=True)

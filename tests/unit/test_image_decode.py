@@ -12,6 +12,7 @@ from transformers import LlavaOnevisionImageProcessorPil
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
 from ov_train.data.samples import SampleProcessor
 from ov_train.vision.geometry import VisionGeometry, default_pinpoints
+from ov_train.vision.pixels import dims
 from ov_train.vision.preprocess import needed_size, open_image, preprocess_image
 
 GEOM = VisionGeometry(image_size=64, patch_size=8, grid_pinpoints=default_pinpoints(64))
@@ -62,10 +63,10 @@ def test_fast_decode_reduces_keeps_tokens_and_stays_close(mode, scale):
     exact_image, size = open_image(data, GEOM, mode, fast=False)
     fast_image, fast_size = open_image(data, GEOM, mode, fast=True)
     assert fast_size == size == (1200, 1600)
-    assert fast_image.size == (1600 // scale, 1200 // scale)
+    assert dims(fast_image) == (1200 // scale, 1600 // scale)
     # Never below what the crops are resized to.
     need_w, need_h = needed_size(1200, 1600, GEOM, mode)
-    assert fast_image.size[0] >= need_w and fast_image.size[1] >= need_h
+    assert dims(fast_image)[1] >= need_w and dims(fast_image)[0] >= need_h
     exact = preprocess_image(exact_image, GEOM, mode=mode, size=size)
     fast = preprocess_image(fast_image, GEOM, mode=mode, size=fast_size)
     assert fast.num_tokens == exact.num_tokens and fast.size == exact.size
@@ -79,9 +80,9 @@ def test_fast_decode_leaves_png_and_small_jpeg_whole():
     buf = io.BytesIO()
     Image.fromarray(_photo(800, 800)).save(buf, format="PNG")
     image, _ = open_image(buf.getvalue(), GEOM, "pad", fast=True)
-    assert image.size == (800, 800)
+    assert dims(image) == (800, 800)
     image, _ = open_image(_jpeg(_photo(100, 90)), GEOM, "pad", fast=True)
-    assert image.size == (90, 100)  # 1/2 would fall under the 64 px crop
+    assert dims(image) == (100, 90)  # 1/2 would fall under the 64 px crop
 
 
 def test_sample_processor_decode_switch(tiny_model_and_tokenizer):

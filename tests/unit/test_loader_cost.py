@@ -5,6 +5,7 @@ import pytest
 from ov_train.bench.media import write_media_shards
 from ov_train.cli.bench import main
 from ov_train.planner.workload import ONEVISION_MIX
+from ov_train.vision import pixels
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,8 @@ def media(tmp_path_factory):
 def test_loader_dir_prints_cores_per_gpu_against_the_reference(media, capsys):
     results = {r["name"]: r for r in main(["--loader", str(media), "--tiny", "--loader-samples", "2", "--mfu", "0.5"])}
     paths = ["extraction_ov_train_exact", "extraction_ov_train_fast", "extraction_reference"]
+    if pixels.TORCHVISION:  # fast with torchvision's decoder and resizes, and fast with PIL's alone
+        paths.append("extraction_ov_train_fast_PIL")
     assert set(paths) <= set(results)
     for name in paths:
         r = results[name]
@@ -32,5 +35,8 @@ def test_loader_dir_prints_cores_per_gpu_against_the_reference(media, capsys):
     assert exact["cores_per_gpu"] / reference["cores_per_gpu"] == pytest.approx(
         exact["cpu_s_per_sample"] / reference["cpu_s_per_sample"])
     assert 0 <= results["decode_fast_pixel_diff"]["mean"] < 0.05
+    # Frames: the same decode, only the resize differs (torchvision's; PIL's without it: no difference at all).
+    frames = results["decode_fast_pixel_diff_frames"]
+    assert frames["mean"] < 0.01 and (frames["max"] > 0) == pixels.TORCHVISION
     out = capsys.readouterr().out
     assert "cores/GPU" in out and "reference" in out

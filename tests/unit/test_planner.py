@@ -192,6 +192,7 @@ def test_cli_names_a_bad_key(capsys):
     assert main(["plan.device=h100", "trainer.max_step=2"]) == 1
     err = capsys.readouterr().err
     assert "Key 'max_step' not in 'TrainerConfig'" in err and "Traceback" not in err
+    assert "trainer.max_step: no such key; did you mean trainer.max_steps?" in err  # ours, after Hydra's
     assert main(["plan.device=h100", "strategy=zero9"]) == 1
     err = capsys.readouterr().err
     assert "Could not find 'strategy/zero9'" in err and "Available options" in err
@@ -252,3 +253,20 @@ def test_the_planner_counts_each_preference_reference(overrides, reference, engi
     assert state.resident == model_state(C, engine).resident + copy_bytes  # held through the step
     assert reference_state(C, engine, None) == (0, 0.0, None)  # conversation stages: none
     assert _setup(["plan.device=h100"]).reference is None
+
+
+def test_cli_plans_the_dpo_stage_end_to_end(capsys):
+    """`ov-train plan stage=dpo` (the embedded default's composition, model_stage/tiny_dpo.yaml included): the frozen
+    reference's copy is counted in the model state and its forward in the FLOPs; a precomputed reference costs neither."""
+    from ov_train.cli.plan import main
+
+    plans = {}
+    for reference in ("frozen", "precomputed"):
+        assert main(["stage=dpo", "plan.device=cpu", f"stage.preference.reference={reference}", "--json"]) == 0, \
+            capsys.readouterr().err
+        plans[reference] = json.loads(capsys.readouterr().out)
+    frozen, precomputed = plans["frozen"], plans["precomputed"]
+    assert (frozen["reference"], precomputed["reference"]) == ("frozen", "precomputed")
+    assert frozen["reference_gib"] == pytest.approx(frozen["weights_gib"], abs=0.01) and precomputed["reference_gib"] == 0
+    assert frozen["fits"] and frozen["peak_gib"] > precomputed["peak_gib"]
+    assert frozen["flops_per_step"] > precomputed["flops_per_step"]  # the reference's forward each step

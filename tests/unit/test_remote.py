@@ -221,7 +221,7 @@ def test_io_settings_are_checked_by_key():
 
     from tests.conftest import compose_config, plan_of
 
-    assert plan_of(["data.io.retries=3", "data.io.backoff_s=0.5", "data.io.timeout_s=10"]).data.io == IOSettings(3, 0.5, 10)
+    assert plan_of(["data.io.retries=3", "data.io.backoff_s=0.5", "data.io.timeout_s=10"]).data.config.io == IOSettings(3, 0.5, 10)
     with pytest.raises(ConfigError) as err:
         plan_of(["data.io.retries=-1", "data.io.timeout_s=0", "+data.io.retry=2"])
     problems = str(err.value)
@@ -263,7 +263,7 @@ def test_the_dashboards_config_names_urls_without_credentials_the_reads_keep_the
 
     plan = plan_of(["data.root='http://u:pw@127.0.0.1:1/x?token=pw'"])
     assert plan.config["data"]["root"] == "http://127.0.0.1:1/x"  # what W&B, TensorBoard and MLflow get
-    assert plan.data.root == "http://u:pw@127.0.0.1:1/x?token=pw"  # what the data reads use
+    assert plan.data.config.root == "http://u:pw@127.0.0.1:1/x?token=pw"  # what the data reads use
 
 
 def test_a_server_error_is_named_as_such_and_retried_a_404_stays_not_found(tree, http, caplog):

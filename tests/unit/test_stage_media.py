@@ -110,6 +110,23 @@ def test_mid_stage_follows_the_papers_stage_1_5_grid_and_limit():
     assert anyres_tokens(1080, 1920, geom) < anyres_tokens(1080, 1920, REAL)  # 7,269 under anyres_max_9 on 6x6
 
 
+def test_the_plan_builds_the_model_with_the_stages_anyres_n(tmp_path):
+    """The plan decides the model's vision_aspect_ratio once: the stage's anyres_max_N (mid: 4, under the model's 9),
+    the model's own under a single-crop stage; the model is built with it, so the stage settings change nothing."""
+    from ov_train.model.build import build_model
+
+    mid = plan_of(["stage=mid"])
+    assert mid.model.vision_aspect_ratio == "anyres_max_4" and compose_config([]).model.vision_aspect_ratio == "anyres_max_9"
+    assert plan_of(["stage=pretrain", "model.vision_aspect_ratio=anyres_max_2"]).model.vision_aspect_ratio == "anyres_max_2"
+    model, _ = build_model(mid.model, tmp_path)
+    assert model.config.vision_aspect_ratio == "anyres_max_4"
+    before = model.config.to_dict()
+    apply_to_model_config(model.config, mid.data.samples.media)
+    assert model.config.vision_aspect_ratio == before["vision_aspect_ratio"]
+    with pytest.raises(ConfigError, match="model.vision_aspect_ratio='anyres_9'"):
+        plan_of(["model.vision_aspect_ratio=anyres_9"])
+
+
 def test_pretrain_is_the_public_squashed_crop_and_pad_one_override_away():
     image = _noise(70, 30)
     stage = compose_config(["stage=pretrain"]).stage

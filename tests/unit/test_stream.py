@@ -4,12 +4,13 @@ import itertools
 import json
 import logging
 import pickle
+import re
 from collections import Counter
 
 import pytest
 
 from ov_train.config.media import MediaSettings
-from ov_train.config.options import TokenBudget
+from ov_train.config.options import IOSettings, TokenBudget
 from ov_train.data import stream as stream_module
 from ov_train.data.batching import TrainBatches, fill_batches
 from ov_train.data.recipe import Source, load_recipe
@@ -104,6 +105,16 @@ def test_a_reader_without_samples_is_an_error(tmp_path):
     source = write_source(tmp_path, "tiny", samples=2, per_shard=2)
     with pytest.raises(RuntimeError, match="'tiny' has no training samples for reader 3 of 4"):
         next(iter(stream([source], reader=3, readers=4)))
+
+
+def test_a_source_of_unreadable_shards_is_an_error_naming_them(tmp_path):
+    junk = tmp_path / "junk" / "train-000000.tar"
+    junk.parent.mkdir()
+    junk.write_bytes(bytes(range(256)) * 1000)  # not a tar
+    source = Source("junk", "single_image", 1.0, (str(junk),), ())
+    with pytest.raises(RuntimeError, match=r"'junk' has no training samples .*1 of its 1 shard\(s\) unreadable"
+                                           r" and set aside: " + re.escape(str(junk))):
+        next(iter(stream([source], io=IOSettings(retries=0))))
 
 
 def test_realized_mix_tracks_the_onevision_recipe(small_data_root):

@@ -1,7 +1,11 @@
+import io
+
+import decord
 import numpy as np
 import pytest
 
-from ov_train.data.video import VideoDecodeError, decode_video, encode_mp4
+from ov_train.bench.media import clip
+from ov_train.data.video import VideoDecodeError, decode_video, decode_video_info, encode_mp4
 
 SIDE = 8
 
@@ -71,3 +75,18 @@ def test_bad_data_raises_named_error(make_bad):
     data = encode_mp4(moving_square(8)[0], fps=1)
     with pytest.raises(VideoDecodeError, match="sample_0042"):
         decode_video(make_bad(data), max_frames=8, name="sample_0042")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: encode_mp4(np.zeros((40, 32, 32, 3), np.uint8), 1.0),
+    lambda: encode_mp4(np.zeros((25, 32, 32, 3), np.uint8), 29.97),
+    lambda: clip(1.0, 72, 128, fps=30, gop=12),  # H.264 with B-frames: decode order is not presentation order
+], ids=["1fps", "29.97fps", "h264_bframes"])
+def test_decode_video_info_counts_frames_and_rate_as_decord_does(make):
+    """`ov-data convert` records a video's frame count and rate from the loader's decoder (PyAV); decord, which it
+    used before and the reference extraction still uses, reads the same numbers."""
+    data = make()
+    reader = decord.VideoReader(io.BytesIO(data))
+    _, duration, total, rate = decode_video_info(data, max_frames=8)
+    assert (total, rate) == (len(reader), pytest.approx(float(reader.get_avg_fps())))
+    assert duration == pytest.approx(total / rate)
