@@ -98,6 +98,14 @@ def pytest_collection_finish(session):
     start_deepspeed_builds(session.items)
 
 
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures, which may run the engine
+def pytest_runtest_setup(item):
+    """A test that needs a DeepSpeed op still building in the background builds the rest itself (tests/prebuild.py)."""
+    from tests.prebuild import take_over_builds
+
+    take_over_builds(item)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Loader workers a failed test left behind ignore a group SIGTERM; multiprocessing's exit would wait on them
     for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends. A background
