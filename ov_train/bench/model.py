@@ -12,8 +12,8 @@ import torch
 
 from ov_train import devices
 from ov_train.bench.mixture import synthetic_mixture, token_counts
-from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import RunPlan
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import IGNORE_INDEX, PARTS
 from ov_train.data.samples import SampleProcessor, collate, stock_inputs
 from ov_train.model.forward import prepare_model, sample_losses
@@ -103,10 +103,10 @@ def _run(name, step, optimizer, groups, args, device, flops, tokens) -> dict:
     }
 
 
-def _ours(args, max_tokens: int) -> ForwardOptions:
-    options = ForwardOptions(
+def _ours(args, max_tokens: int) -> ModelConfig:
+    options = ModelConfig(
         packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk,
-        activation_checkpointing=tuple(m for m in args.checkpoint.split(",") if m),
+        activation_checkpointing=[m for m in args.checkpoint.split(",") if m],
         checkpoint_every=args.checkpoint_every, compile=args.compile,
     )
     problems = options.problems()

@@ -20,8 +20,8 @@ import torch
 
 from ov_train.bench.mixture import WORDS, synthetic_mixture
 from ov_train.bench.model import _peak_gib, _reset_peak, _to
-from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import RunPlan
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import PARTS
 from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.samples import SampleProcessor
@@ -106,7 +106,7 @@ def pair_bench(args, plan: RunPlan, model, tokenizer) -> list[dict]:
         model.to(torch.bfloat16)  # bf16 weights, fp32 masters in build_adamw (trainer.precision=bf16-true)
     args.pad_id = tokenizer.pad_token_id
     max_tokens = int(str(args.max_tokens or plan.forward.max_tokens).split(",")[0])
-    options = ForwardOptions(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk or plan.forward.loss_chunk)
+    options = ModelConfig(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=args.loss_chunk or plan.forward.loss_chunk)
     prepare_model(model, options)
     geometry = VisionGeometry.from_model_config(model.config)
     process = PairProcessor(SampleProcessor(tokenizer, geometry, plan.data.samples.template, plan.data.samples.media,

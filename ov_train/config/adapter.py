@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import OmegaConf
 
+from ov_train.config.schema import QLoraConfig
 from ov_train.constants import (
     ADAPTED,
     ADAPTER_TARGETS,
@@ -45,8 +46,9 @@ class AdapterPlan:
     # What the adapters sit on: {"model": the model plan's fields (paths absolute), "seed": the run's seed, which
     # decides random weights and the embedding rows added for new tokens}.
     base: dict
-    quant_type: str = "nf4"  # qlora
-    double_quant: bool = True  # qlora: quantize the quantization constants too
+    # adapter=qlora's 4-bit weights (config/schema.py QLoraConfig); other kinds record QLoraConfig's defaults.
+    quant_type: str
+    double_quant: bool
 
     @property
     def adapted(self) -> tuple[str, ...]:
@@ -80,7 +82,7 @@ class AdapterPlan:
     @classmethod
     def from_dict(cls, data: dict) -> AdapterPlan:
         targets = {p: v if isinstance(v, str) else tuple(v) for p, v in data["targets"].items()}
-        return cls(**{**data, "targets": targets})
+        return cls(**{**_quantization(QLoraConfig()), **data, "targets": targets})
 
 
 def _targets(node) -> dict:
@@ -175,7 +177,11 @@ def adapter_plan(node, part_lrs: dict[str, float], base: dict) -> AdapterPlan | 
     """The checked `adapter` node as a plan (None under adapter=none)."""
     if node.name == "none":
         return None
-    qlora = {"quant_type": node.quant_type, "double_quant": node.double_quant} if node.name == "qlora" else {}
     targets = _targets(node)
     return AdapterPlan(kind=node.name, r=node.r, alpha=float(node.alpha), dropout=float(node.dropout),
-                       targets=targets, modes=modes(targets, part_lrs), base=base, **qlora)
+                       targets=targets, modes=modes(targets, part_lrs), base=base,
+                       **_quantization(node if node.name == "qlora" else QLoraConfig()))
+
+
+def _quantization(node) -> dict:
+    return {"quant_type": node.quant_type, "double_quant": node.double_quant}

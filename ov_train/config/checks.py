@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ov_train.config.options import devices_per_node, world_size
-from ov_train.constants import NONFINITE
+from ov_train.config.options import devices_per_node, in_half, world_size
+from ov_train.constants import NONFINITE, VARLEN
 
 STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 LOGGERS = ("wandb", "csv", "tensorboard", "mlflow", "none")
@@ -193,6 +193,8 @@ def precision_problems(precision: str, cfg) -> list[str]:
             "trainer.precision=bf16-true with strategy=fsdp2 would shard bf16 weights with no fp32 copy; use"
             " bf16-mixed, under which FSDP2 computes in bf16 from fp32 shards"
         )
+    if cfg.model.attn_implementation == VARLEN and not in_half(precision):
+        problems.append(f"model.attn_implementation={VARLEN} runs in bf16/fp16 only: set trainer.precision=bf16-true or bf16-mixed")
     if cfg.model.compile and strategy == "deepspeed" and cfg.strategy.stage == 3:
         problems.append("model.compile=true with ZeRO-3: its per-module weight gathering breaks the graphs; use fsdp2 or ZeRO-2")
     return problems

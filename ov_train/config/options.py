@@ -1,6 +1,5 @@
-"""Small settings objects of the run plan that the lower layers take as they are: the forward pass's
-performance options, how data reads retry, the batches' token budget, and the parallel world and precision the
-trainer runs."""
+"""Small settings objects of the run plan that the lower layers take as they are: how data reads retry, the
+batches' token budget, and the parallel world and precision the trainer runs."""
 from __future__ import annotations
 
 import math
@@ -9,69 +8,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from ov_train.constants import ATTENTION, CHECKPOINTABLE, LOSSES, VARLEN
 from ov_train.utils.cpus import cpus_per_process
-
-try:
-    from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (only whether it exists matters here)
-
-    HAS_VARLEN = True
-except ImportError:
-    HAS_VARLEN = False
-
-
-@dataclass(frozen=True)
-class ForwardOptions:
-    """The model config's performance keys (conf/model/*.yaml); see docs/PERFORMANCE.md."""
-
-    packing: bool = False
-    max_tokens: int = 16384  # per packed row
-    loss: str = "full"  # full: one logits tensor; chunked: chunked (CPU) or Liger fused (CUDA) linear CE
-    loss_chunk: int = 1024
-    attn_implementation: str = "auto"  # auto: ov_varlen when packing on CUDA in bf16/fp16, else sdpa
-    activation_checkpointing: tuple[str, ...] = ()
-    checkpoint_every: int = 1
-    compile: bool = False  # torch.compile each tower and LLM layer
-    # Whether the model computes in bf16/fp16 (trainer.precision); varlen attention needs it.
-    half_precision: bool = True
-
-    @classmethod
-    def from_config(cls, model_cfg, precision: str | None) -> tuple[ForwardOptions, list[str]]:
-        """From a `model` config node and the trainer's precision (None: assume bf16 or fp16), with its problems."""
-        names = set(cls.__dataclass_fields__) - {"half_precision"}
-        values = {k: model_cfg[k] for k in names if model_cfg.get(k) is not None}
-        values["activation_checkpointing"] = tuple(values.get("activation_checkpointing", ()))
-        values["half_precision"] = precision is None or str(precision).startswith(("bf16", "16"))
-        options = cls(**values)
-        return options, options.problems()
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.loss not in LOSSES:
-            out.append(f"model.loss={self.loss!r}; allowed: {list(LOSSES)}")
-        if self.attn_implementation not in ATTENTION:
-            out.append(f"model.attn_implementation={self.attn_implementation!r}; allowed: {list(ATTENTION)}")
-        if self.attn_implementation == VARLEN and not self.packing:
-            out.append(f"model.attn_implementation={VARLEN} needs model.packing=true")
-        if self.attn_implementation == VARLEN and not HAS_VARLEN:
-            out.append(f"model.attn_implementation={VARLEN}: this torch has no torch.nn.attention.varlen")
-        if self.attn_implementation == VARLEN and not self.half_precision:
-            out.append(f"model.attn_implementation={VARLEN} runs in bf16/fp16 only: set trainer.precision=bf16-true or bf16-mixed")
-        unknown = sorted(set(self.activation_checkpointing) - set(CHECKPOINTABLE))
-        if unknown:
-            out.append(f"model.activation_checkpointing has {unknown}; allowed: {list(CHECKPOINTABLE)}")
-        for key in ("max_tokens", "loss_chunk", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                out.append(f"model.{key}={getattr(self, key)!r} must be a positive integer")
-        return out
-
-    def attention(self, on_gpu: bool | None = None) -> str:
-        """The attention implementation `auto` stands for on a machine with GPUs or without (None: this one)."""
-        if self.attn_implementation != "auto":
-            return self.attn_implementation
-        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-        usable = self.packing and self.half_precision and on_gpu and HAS_VARLEN
-        return VARLEN if usable else "sdpa"
 
 
 @dataclass
@@ -177,3 +114,8 @@ def default_precision(trainer_cfg, strategy_name: str, on_gpu: bool | None = Non
         return "32-true"
     one_gpu = world_size(trainer_cfg) == 1
     return "bf16-true" if one_gpu and strategy_name == "auto" else "bf16-mixed"
+
+
+def in_half(precision: str | None) -> bool:
+    """Whether trainer.precision computes in bf16/fp16 (None: assume so)."""
+    return precision is None or str(precision).startswith(("bf16", "16"))

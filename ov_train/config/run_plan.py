@@ -2,9 +2,8 @@
 
 `resolve_plan(cfg)` checks every value (config/checks.py, config/adapter.py), converts each setting once (precision,
 forward options, recipe and token budget, part learning rates, adapters, strategy, run paths, resume target) and
-returns a
-frozen RunPlan. Everything downstream takes its piece of the plan: model/build.py the ModelPlan, the data
-module the DataPlan, the LightningModule the OptimPlan and ForwardOptions, strategies.py the StrategyPlan.
+returns a frozen RunPlan. Everything downstream takes its piece of the plan: model/build.py the ModelPlan, the data
+module the DataPlan, the LightningModule the OptimPlan and the model node (`forward`), strategies.py the StrategyPlan.
 A config with problems raises ConfigError listing all of them, each by key, before any work.
 
 This module sits on the ground floor of the package: it reads files (the recipe, whether paths exist) but
@@ -24,18 +23,18 @@ from ov_train.config.adapter import AdapterPlan, adapter_plan, adapter_problems
 from ov_train.config.media import ImageSettings, MediaSettings, read_media
 from ov_train.config.options import (
     CpuShare,
-    ForwardOptions,
     TokenBudget,
     cpu_share,
     default_precision,
     devices_per_node,
+    in_half,
     world_size,
 )
 from ov_train.config.parallel import data_parallel_size, sequence_parallel_problems
 from ov_train.config.preference import PreferenceSettings, reference_problems
 from ov_train.config.recipe import RecipeError, RecipeSpec, pipe_problems, read_recipe, root_problems
 from ov_train.config.reproduce import Reproduction
-from ov_train.config.schema import CheckpointConfig, DataConfig, EvalConfig, LoggerConfig, MetricsConfig, StrategyConfig
+from ov_train.config.schema import CheckpointConfig, DataConfig, EvalConfig, LoggerConfig, MetricsConfig, ModelConfig, StrategyConfig
 from ov_train.constants import ADAPTED, FROZEN, PARTS, SYNTHETIC
 from ov_train.resources import CONF_DIR
 from ov_train.utils.logging import get_logger
@@ -237,7 +236,7 @@ class RunPlan:
     model: ModelPlan
     data: DataPlan
     cpus: CpuShare  # loader workers and torch threads of each process
-    forward: ForwardOptions
+    forward: ModelConfig  # the model node, its attention `auto` decided for this run (ModelConfig.attention)
     optim: OptimPlan
     adapter: AdapterPlan | None  # None: adapter=none
     precision: str
@@ -266,8 +265,8 @@ def for_device(plan: RunPlan, on_gpu: bool) -> RunPlan:
     functions the run uses. The planner's what-if: `ov-train plan plan.device=h100` on a laptop."""
     precision = plan.config["trainer"]["precision"] or default_precision(
         OmegaConf.create(plan.trainer), plan.strategy.name, on_gpu)
-    forward, _ = ForwardOptions.from_config(plan.config["model"], precision)
-    forward = replace(forward, attn_implementation=forward.attention(on_gpu))
+    forward = replace(plan.forward, attn_implementation=plan.config["model"]["attn_implementation"])
+    forward = replace(forward, attn_implementation=forward.attention(in_half(precision), on_gpu))
     return replace(plan, precision=precision, forward=forward, trainer={**plan.trainer, "precision": precision})
 
 
@@ -472,7 +471,6 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         raise ConfigError.of(missing)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     precision = cfg.trainer.precision or default_precision(cfg.trainer, cfg.strategy.name)
-    forward, forward_problems = ForwardOptions.from_config(cfg.model, precision)
     spec, recipe_problems = _recipe(cfg.data, machine)
     media, media_problems = read_media(cfg.stage, spec.sources if spec else ())
     problems = (
@@ -486,7 +484,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         # Each node's dataclass checks its own values, and those of the nodes it holds.
         + [p for node in (cfg.stage, cfg.model, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
            for p in OmegaConf.to_object(node).problems()]
-        + checks.precision_problems(precision, cfg) + forward_problems + checks.trainer_problems(cfg.trainer, precision)
+        + checks.precision_problems(precision, cfg) + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator), machine)
     )
     targets = ()
@@ -513,6 +511,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
     cpus = run_cpu_share(cfg)
+    model = OmegaConf.to_object(cfg.model)
     preference, preference_problems = preference_plan(cfg, adapter)
     if preference_problems:
         raise ConfigError.of(preference_problems)
@@ -521,7 +520,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         model=model_plan(cfg.model, cfg.checkpoint.trust, media.image),
         data=data_plan(cfg, spec, media, cpus),
         cpus=cpus,
-        forward=forward,
+        forward=replace(model, attn_implementation=model.attention(in_half(precision))),
         optim=optim_plan(cfg, adapter, step),
         adapter=adapter,
         precision=precision,

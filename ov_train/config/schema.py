@@ -14,9 +14,10 @@ Lightning Trainer arguments the schema does not list pass through with `+trainer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -25,7 +26,26 @@ from ov_train.config.checks import LOGGERS, STRATEGIES, WANDB_MODES, at_least, m
 from ov_train.config.media import anyres_max
 from ov_train.config.options import IOSettings
 from ov_train.config.preference import PreferenceSettings
-from ov_train.constants import BATCHINGS, DECODES, LOSS_WEIGHTINGS, PARTS, PLACEMENTS, SYNTHETIC_MIN_PX, TEMPLATES
+from ov_train.constants import (
+    ATTENTION,
+    BATCHINGS,
+    CHECKPOINTABLE,
+    DECODES,
+    LOSS_WEIGHTINGS,
+    LOSSES,
+    PARTS,
+    PLACEMENTS,
+    SYNTHETIC_MIN_PX,
+    TEMPLATES,
+    VARLEN,
+)
+
+try:
+    from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (only whether it exists matters here)
+
+    HAS_VARLEN = True
+except ImportError:
+    HAS_VARLEN = False
 
 
 @dataclass
@@ -147,11 +167,42 @@ class ModelConfig:
     compile: bool = False
 
     def problems(self) -> list[str]:
-        """What any machine can check (the paths, the weights and the geometry: checks.model_problems)."""
-        wrong = [] if anyres_max(self.vision_aspect_ratio) else [
+        """What any machine can check (the paths, the weights and the geometry: checks.model_problems; varlen
+        attention against trainer.precision: checks.precision_problems)."""
+        out = [] if anyres_max(self.vision_aspect_ratio) else [
             f"model.vision_aspect_ratio={self.vision_aspect_ratio!r}; allowed: anyres_max_N (N >= 1)"]
-        return wrong + ([] if self.lr_scale > 0 else [
-            f"model.lr_scale={self.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)"])
+        if self.lr_scale <= 0:
+            out.append(f"model.lr_scale={self.lr_scale!r} must be > 0 (it multiplies the stage's learning rates)")
+        if self.loss not in LOSSES:
+            out.append(f"model.loss={self.loss!r}; allowed: {list(LOSSES)}")
+        if self.attn_implementation not in ATTENTION:
+            out.append(f"model.attn_implementation={self.attn_implementation!r}; allowed: {list(ATTENTION)}")
+        if self.attn_implementation == VARLEN and not self.packing:
+            out.append(f"model.attn_implementation={VARLEN} needs model.packing=true")
+        if self.attn_implementation == VARLEN and not HAS_VARLEN:
+            out.append(f"model.attn_implementation={VARLEN}: this torch has no torch.nn.attention.varlen")
+        unknown = sorted(set(self.activation_checkpointing) - set(CHECKPOINTABLE))
+        if unknown:
+            out.append(f"model.activation_checkpointing has {unknown}; allowed: {list(CHECKPOINTABLE)}")
+        return out + [f"model.{key}={getattr(self, key)!r} must be a positive integer"
+                      for key in ("max_tokens", "loss_chunk", "checkpoint_every") if getattr(self, key) < 1]
+
+    def attention(self, half_precision: bool = True, on_gpu: bool | None = None) -> str:
+        """The attention implementation `auto` stands for when the model computes in bf16/fp16 or not, on a machine
+        with GPUs or without (None: this one). The run plan's forward holds it decided (run_plan.py)."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        return VARLEN if self.packing and half_precision and on_gpu and HAS_VARLEN else "sdpa"
+
+    @classmethod
+    def stock(cls, **changes) -> ModelConfig:
+        """The stock forward with this class's defaults for the rest, then `changes` (tests, benchmarks)."""
+        return replace(cls().as_stock(), **changes)
+
+    def as_stock(self) -> ModelConfig:
+        """The stock forward (transformers' own: a padded batch, sdpa, one logits tensor), the rest as here."""
+        return replace(self, packing=False, loss="full", attn_implementation="sdpa")
     vision: VisionTowerConfig = MISSING
     text: LanguageModelConfig = MISSING
 

@@ -8,7 +8,7 @@ the stock forward accepts the same batch.
 
 `sample_losses` is the training entry point: per-sample loss sums, optionally on a packed batch
 (ov_train.model.packing) and with a linear cross-entropy that never holds full logits
-(ov_train.model.loss), as the plan's `ForwardOptions` (the model config's performance keys) say.
+(ov_train.model.loss), as the model config's performance keys say (the plan's `forward`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import CHECKPOINTABLE, IGNORE_INDEX
 from ov_train.model import layout
 from ov_train.model.activation_checkpointing import apply_activation_checkpointing
@@ -193,7 +193,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss * mask, mask
 
 
-def prepare_model(model, options: ForwardOptions) -> None:
+def prepare_model(model, options: ModelConfig) -> None:
     """Set the model up once, before any strategy wraps it: attention implementation, activation
     checkpointing, then compilation (each layer compiled with its checkpointing switch in place)."""
     set_attention(model, options.attention())
@@ -204,7 +204,7 @@ def prepare_model(model, options: ForwardOptions) -> None:
                 layer.compile(dynamic=True)  # packed rows change length every step
 
 
-def _supervised_hidden(model, batch: dict, options: ForwardOptions, parallel=None):
+def _supervised_hidden(model, batch: dict, options: ModelConfig, parallel=None):
     """Final hidden states [N, d] of the supervised positions, their targets [N] and where each sits in the
     padded batch [N] (flat index b * L + t), in that order: grouped by sample in batch order. Under sequence
     parallelism (`parallel`, parallel/sequence.py) only those of this rank's shard of the row."""
@@ -234,7 +234,7 @@ def _through_head(model, fn, *args):
         del head.forward  # back to the class's forward
 
 
-def sample_losses(model, batch: dict, options: ForwardOptions, predict: bool = False, parallel=None):
+def sample_losses(model, batch: dict, options: ModelConfig, predict: bool = False, parallel=None):
     """Per sample: loss sum [B], supervised tokens [B] and, with `predict`, the greedy prediction of each
     next token [B, L-1] (IGNORE_INDEX where unsupervised, so it compares equal to labels[:, 1:]), else None.
     `parallel`: this rank's sequence-parallel group (parallel/sequence.py); what is returned is then the whole

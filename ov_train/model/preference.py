@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ov_train.config.options import ForwardOptions
 from ov_train.config.preference import PREFERENCE_LOSSES, SMOOTHED, PreferenceSettings  # noqa: F401 (re-exported)
+from ov_train.config.schema import ModelConfig
 from ov_train.model.forward import sample_losses
 
 
@@ -83,7 +83,7 @@ def preference_loss(settings: PreferenceSettings, policy: PairLogps, reference: 
     )
 
 
-def sequence_logps(model, batch: dict, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict, options: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence of the batch: the summed log-probability of its supervised (reply) tokens [B] and their count
     [B], by the training forward (packing and the chunked or fused cross-entropy as `options` say: no full logits).
     The loss sums of sample_losses are these negated."""
@@ -91,7 +91,7 @@ def sequence_logps(model, batch: dict, options: ForwardOptions) -> tuple[torch.T
     return -sums, counts
 
 
-def pair_logps(model, batch: dict, options: ForwardOptions) -> tuple[PairLogps, torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, options: ModelConfig) -> tuple[PairLogps, torch.Tensor, torch.Tensor]:
     """Log-probabilities of a pair batch (its first half the chosen sequences, its second the rejected ones, as
     ov_train.data.pairs.collate_pairs lays them out) and the chosen and rejected token counts."""
     logps, counts = sequence_logps(model, batch, options)

@@ -5,7 +5,7 @@
     python -m ov_train.planner.calibrate --device cuda --model ov_qwen2_0_5b --tokens 8192,16384,32768
 
 Builds the model with real (random) weights, runs the step the planner traces (same samples, same
-ForwardOptions, as training runs them there: fp32 and sdpa on the CPU; bf16 weights, varlen attention and
+forward options, as training runs them there: fp32 and sdpa on the CPU; bf16 weights, varlen attention and
 Liger's loss on one GPU) and measures what the step adds above the weights: the batch, activations and
 gradients. The plan's figure is the trace's peak of that same memory.
 - GPU: torch.cuda.max_memory_allocated during the step, less what was allocated before it.

@@ -25,10 +25,10 @@ from filelock import FileLock
 
 from ov_train.config.adapter import AdapterPlan
 from ov_train.config.media import ImageSettings, MediaSettings, VideoSettings
-from ov_train.config.options import ForwardOptions
 from ov_train.config.parallel import allowed_degrees
 from ov_train.config.recipe import RecipeSpec
 from ov_train.config.run_plan import ModelPlan, RunPlan, for_device
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import ADAPTED
 from ov_train.model.loss import fused_available
 from ov_train.planner.devices import Device, DeviceError, resolve
@@ -124,7 +124,7 @@ class Setup:
     parts: dict  # learning rate per part (the run plan's); > 0: trains
     device: Device
     engine: Engine
-    options: ForwardOptions
+    options: ModelConfig
     path: str
     fused_loss: bool
     tokens: int
@@ -156,7 +156,7 @@ class Setup:
             # The public recipe: fp32 weights under bf16 autocast; the stock forward: padded (one sample), sdpa, full
             # logits; checkpointing as the model config says.
             precision = "bf16-mixed"
-            options = replace(options, packing=False, loss="full", attn_implementation="sdpa")
+            options = options.as_stock()
         tokens, tokens_from = _step_tokens(run, settings.get("tokens"))
         if run.strategy.sequence_parallel > 1:  # the group's batch is one packed row (parallel/sequence.py)
             options = replace(options, max_tokens=max(options.max_tokens, tokens))

@@ -2,7 +2,7 @@
 
 The model is built on the meta device at the configured geometry and materialised with `to_empty` inside a
 `FakeTensorMode` on the CPU device, so every tensor has a shape, a dtype and a size but no storage. The step is
-ov_train's own: `sample_losses` with the run's `ForwardOptions` (packing, attention, loss, checkpointing), the
+ov_train's own: `sample_losses` with the run's model config (packing, attention, loss, checkpointing), the
 loss as training_step forms it, and its backward; or, for `path=stock`, the stock forward with full logits and
 its loss. torch's `MemTracker` follows every tensor the step creates and frees.
 
@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ov_train.model.forward as forward_module
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.model import layout
 from ov_train.model.forward import prepare_model, sample_losses
 from ov_train.model.parts import apply_stage
@@ -207,7 +207,7 @@ def _ours_step(model, batch, options):
 
 
 def trace_step(
-    meta_model, parts: dict, samples: list[Sample], options: ForwardOptions, compute: str, path: str, fused_loss: bool
+    meta_model, parts: dict, samples: list[Sample], options: ModelConfig, compute: str, path: str, fused_loss: bool
 ) -> Trace:
     """Trace one training step of `meta_model` (built on the meta device; it is materialised fake here).
 

@@ -7,8 +7,8 @@ import lightning as L
 import torch
 
 from ov_train.config.adapter import AdapterPlan
-from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import OptimPlan
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import MODALITIES
 from ov_train.model.adapters import dropout_seed
 from ov_train.model.forward import prepare_model, sample_losses
@@ -27,7 +27,7 @@ MAX_NONFINITE_IN_A_ROW = 10
 
 class OneVisionModule(L.LightningModule):
     def __init__(
-        self, model, optim: OptimPlan, forward_options: ForwardOptions | None = None, tokenizer_dir: str | None = None,
+        self, model, optim: OptimPlan, forward_options: ModelConfig | None = None, tokenizer_dir: str | None = None,
         nonfinite: str = "skip", identity: dict | None = None, template: str | None = None,
         adapter: AdapterPlan | None = None, seed: int = 0,
     ):
@@ -43,7 +43,7 @@ class OneVisionModule(L.LightningModule):
         self.loss_weighting = optim.step.loss_weighting
         self.automatic_optimization = False
         # Packing, loss, attention and activation checkpointing: the model config's performance keys.
-        self.forward_options = forward_options or ForwardOptions()
+        self.forward_options = forward_options or ModelConfig.stock()
         prepare_model(model, self.forward_options)
         # With adapters (placed before, checkpoints/adapters.py): in adapted parts only PEFT's tensors train, and
         # checkpoints hold the trainable tensors only (the base comes from the record), so loading them is not strict

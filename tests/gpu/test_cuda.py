@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ov_train.model.forward as forward
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import VARLEN
 from ov_train.data.samples import collate
 from ov_train.model.forward import (
@@ -58,7 +58,7 @@ def reference(mixed_batch):
 def test_varlen_bf16_packed_matches_each_sample_alone(mixed_batch, reference, max_tokens):
     base, _, batch = mixed_batch
     model = copy.deepcopy(base).cuda().to(torch.bfloat16).train()
-    options = ForwardOptions(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=64)
+    options = ModelConfig.stock(packing=True, max_tokens=max_tokens, loss="chunked", loss_chunk=64, attn_implementation="auto")
     assert options.attention() == VARLEN
     prepare_model(model, options)
     sums, counts, _ = sample_losses(model, _to(batch, "cuda", torch.bfloat16), options)
@@ -74,7 +74,7 @@ def test_varlen_bf16_packed_matches_each_sample_alone(mixed_batch, reference, ma
 def test_sdpa_packed_fp32_on_cuda_is_exact(mixed_batch, reference):
     base, _, batch = mixed_batch
     model = copy.deepcopy(base).cuda().train()
-    options = ForwardOptions(packing=True, max_tokens=100, loss="chunked", loss_chunk=3, attn_implementation="sdpa")
+    options = ModelConfig.stock(packing=True, max_tokens=100, loss="chunked", loss_chunk=3, attn_implementation="sdpa")
     prepare_model(model, options)
     sums, counts, _ = sample_losses(model, _to(batch, "cuda"), options)
     (sums.sum() / counts.sum()).backward()
@@ -88,7 +88,7 @@ def test_sdpa_packed_fp32_on_cuda_is_exact(mixed_batch, reference):
 def test_liger_fused_loss_matches_chunked(mixed_batch, monkeypatch):
     base, _, batch = mixed_batch
     batch = _to(batch, "cuda")
-    options = ForwardOptions(packing=True, max_tokens=100, loss="chunked", loss_chunk=3, attn_implementation="sdpa")
+    options = ModelConfig.stock(packing=True, max_tokens=100, loss="chunked", loss_chunk=3, attn_implementation="sdpa")
     results = []
     for fused in (True, False):
         monkeypatch.setattr(forward, "fused_available", lambda device, fused=fused: fused)

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import ConfigError
+from ov_train.config.schema import ModelConfig
 from ov_train.model.activation_checkpointing import apply_activation_checkpointing
 from ov_train.model.forward import prepare_model, sample_losses, tower_hidden
 from ov_train.model.layout import layers as module_layers
@@ -30,7 +30,7 @@ def _loss_and_calls(model, batch):
         for i, layer in enumerate(module_layers(model, module)):
             _count_forwards(layer, calls, f"{module}.{i}")
     model.zero_grad()
-    sums, counts, _ = sample_losses(model, batch, ForwardOptions(packing=True))
+    sums, counts, _ = sample_losses(model, batch, ModelConfig.stock(packing=True))
     (sums.sum() / counts.sum()).backward()
     for module in ("vision", "llm"):
         for layer in module_layers(model, module):
@@ -118,12 +118,12 @@ def test_compiled_layers_match_eager_under_checkpointing(mixed_batch, tiny_model
     batches = [collate(examples[:3], pad_id), collate(examples[2:], pad_id)]
     eager = copy.deepcopy(base).train()
     compiled = copy.deepcopy(base).train()
-    options = ForwardOptions(packing=True, loss="chunked", activation_checkpointing=("llm",), compile=True)
+    options = ModelConfig.stock(packing=True, loss="chunked", activation_checkpointing=("llm",), compile=True)
     prepare_model(compiled, options)
     counters.clear()
     for batch in batches:
         results = []
-        for model, opts in ((eager, ForwardOptions(packing=True, loss="chunked")), (compiled, options)):
+        for model, opts in ((eager, ModelConfig.stock(packing=True, loss="chunked")), (compiled, options)):
             model.zero_grad()
             sums, counts, _ = sample_losses(model, batch, opts)
             (sums.sum() / counts.sum()).backward()

@@ -212,3 +212,20 @@ def test_a_recorded_base_that_is_gone_is_named_by_its_key(tmp_path, route):
     assert base_problems(record, "CKPT", EXPORT_OPTIONS, tmp_path, str(tmp_path / "gone")) == [
         f"CKPT: the tokenizer its base is built with, '{tmp_path / 'gone'}', does not exist; name one with"
         " --tokenizer DIR"]
+
+
+def test_the_adapter_record_resumes_compare_keeps_its_keys_and_values():
+    """AdapterPlan.settings, which adapter checkpoints record and resumes compare: a lora run records qlora's
+    quantization defaults as every checkpoint so far has, a record without them reads back the same plan, and
+    qlora records its own."""
+    from ov_train.config.adapter import AdapterPlan
+
+    lora = plan_of(["adapter=lora"]).adapter
+    assert list(lora.settings()) == ["kind", "r", "alpha", "dropout", "targets", "modes", "quant_type", "double_quant"]
+    assert (lora.settings()["quant_type"], lora.settings()["double_quant"]) == ("nf4", True)
+    assert AdapterPlan.from_dict(lora.to_dict()) == lora
+    older = {k: v for k, v in lora.to_dict().items() if k not in ("quant_type", "double_quant")}
+    assert AdapterPlan.from_dict(older) == lora
+    qlora = resolve_plan(compose_config(["adapter=qlora", "adapter.quant_type=fp4", "adapter.double_quant=false"]),
+                         machine=False).adapter
+    assert (qlora.kind, qlora.settings()["quant_type"], qlora.settings()["double_quant"]) == ("qlora", "fp4", False)

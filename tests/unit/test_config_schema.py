@@ -52,7 +52,14 @@ def _written(value) -> bool:
     return value is not NONE and value is not None
 
 
+def _value(field: dataclasses.Field):
+    value = _default(field)
+    return list(value) if isinstance(value, tuple) else value  # a plan's tuple for a config's list
+
+
 def mirrors(plan: set[type], config: set[type]) -> list[str]:
+    """A plan class that copies a config class, repeats one of its defaults, or, sharing more than one key with it
+    (the same concern), gives a shared key a default of its own where the config has one (a second default)."""
     found = []
     for piece in sorted(plan, key=lambda c: c.__name__):
         own = {f.name: f for f in dataclasses.fields(piece)}
@@ -61,10 +68,13 @@ def mirrors(plan: set[type], config: set[type]) -> list[str]:
             if len(keys) > 1 and set(keys) <= set(own):
                 found.append(f"{piece.__name__} copies every key of {node.__name__} ({sorted(keys)})")
                 continue
-            for name in sorted(set(keys) & set(own)):
-                value = _default(own[name])
-                if _written(value) and value == _default(keys[name]):
+            shared = sorted(set(keys) & set(own))
+            for name in shared:
+                value, theirs = _value(own[name]), _value(keys[name])
+                if _written(value) and value == theirs:
                     found.append(f"{piece.__name__}.{name} repeats {node.__name__}.{name}'s default {value!r}")
+                elif _written(value) and _written(theirs) and len(shared) > 1:
+                    found.append(f"{piece.__name__}.{name} defaults to {value!r}, {node.__name__}.{name} to {theirs!r}")
     return found
 
 
@@ -146,24 +156,8 @@ def yaml_repeats(conf_dir: Path = CONF_DIR) -> list[str]:
     return found
 
 
-# Plan classes still mirroring config keys, each with why it is not collapsed yet; the test fails once one stops
-# mirroring (take it off) and on any other class.
-REMAINING = {
-    # model.*'s performance keys with the stock forward's defaults (packing off, full logits), which tests and the
-    # benchmarks construct; the trainer's precision rides along. Collapsing it into ModelConfig needs the planner's
-    # attention decision moved first (issue 22, the planner half).
-    "ForwardOptions",
-    # The adapters' record in every adapter checkpoint: a lora record without quant_type reads back as nf4, so its
-    # defaults are the record format's, which resumes of existing checkpoints compare.
-    "AdapterPlan",
-}
-
-
 def test_no_plan_class_mirrors_a_config_class():
-    found = mirrors(PLAN, CONFIG)
-    unexpected = [line for line in found if line.split(".")[0].split()[0] not in REMAINING]
-    assert not unexpected, "\n".join(unexpected)
-    assert {line.split(".")[0].split()[0] for line in found} == REMAINING, "a class no longer mirrors: drop it from REMAINING"
+    assert not mirrors(PLAN, CONFIG), "\n".join(mirrors(PLAN, CONFIG))
 
 
 def test_no_key_is_defined_twice_in_the_schema():
@@ -192,7 +186,23 @@ def test_the_walks_find_what_they_look_for(tmp_path):
     class Sub(Node):
         every: int = 5
 
+    @dataclasses.dataclass
+    class Model:
+        rows: int = 8
+        loss: str = "chunked"
+        hooks: list = dataclasses.field(default_factory=list)
+        name: str = MISSING
+
+    @dataclasses.dataclass
+    class Forward:
+        rows: int = 8
+        loss: str = "full"
+        hooks: tuple = ()
+
     assert mirrors({Copy}, {Node}) == ["Copy copies every key of Node (['every', 'keep'])"]
+    assert mirrors({Forward}, {Model}) == ["Forward.hooks repeats Model.hooks's default []",
+                                           "Forward.loss defaults to 'full', Model.loss to 'chunked'",
+                                           "Forward.rows repeats Model.rows's default 8"]
     assert "Sub.every declares Node.every again" in twice_in_config({Node, Sub})
     (tmp_path / "config.yaml").write_text("seed: 0\ncheckpoint:\n  keep: 0\n")
     assert yaml_repeats(tmp_path) == ["config.yaml: seed: 0 is Config.seed's default already",

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import IGNORE_INDEX
 from ov_train.model.forward import sample_losses
 from ov_train.model.loss import chunked_cross_entropy, fused_available
@@ -92,7 +92,7 @@ def test_head_weight_is_read_inside_the_heads_forward_only(mixed_batch):
     head.weight.data = full.new_empty(0)
     gather = head.register_forward_pre_hook(lambda m, args: setattr(m.weight, "data", full))
     release = head.register_forward_hook(lambda m, args, out: setattr(m.weight, "data", full.new_empty(0)))
-    options = ForwardOptions(packing=True, loss="chunked", loss_chunk=3)
+    options = ModelConfig.stock(packing=True, loss="chunked", loss_chunk=3)
     try:
         with torch.no_grad():
             sums, _, predictions = sample_losses(model, batch, options, predict=True)
@@ -102,6 +102,6 @@ def test_head_weight_is_read_inside_the_heads_forward_only(mixed_batch):
     with torch.no_grad():
         assert torch.allclose(sums, sample_losses(model, batch, options)[0])
         # The grid of the chunked head equals the one of full logits.
-        full = sample_losses(model, batch, ForwardOptions(), predict=True)[2]
+        full = sample_losses(model, batch, ModelConfig.stock(), predict=True)[2]
     assert torch.equal(predictions, full)
     assert torch.equal(predictions == IGNORE_INDEX, batch["labels"][:, 1:] == IGNORE_INDEX)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ov_train.config.media import MediaSettings
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.data.samples import SampleProcessor, collate
 from ov_train.data.video import encode_mp4
 from ov_train.model.forward import sample_losses
@@ -13,8 +13,8 @@ from ov_train.model.loss import weighted_loss
 from ov_train.vision.geometry import VisionGeometry
 from tests.helpers import noise_png, raw_sample
 
-PACKED = ForwardOptions(packing=True, max_tokens=4096, loss="chunked", loss_chunk=64)
-STOCK = ForwardOptions()  # padded batch, full logits: what batch 1 runs
+PACKED = ModelConfig.stock(packing=True, max_tokens=4096, loss="chunked", loss_chunk=64)
+STOCK = ModelConfig.stock()  # padded batch, full logits: what batch 1 runs
 
 
 def _loss_and_grads(model, batch, options, weighting, denominator=None):

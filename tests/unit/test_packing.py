@@ -5,10 +5,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import ov_train.model.packing as packing
-from ov_train.config.options import ForwardOptions
 from ov_train.config.run_plan import ConfigError
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import IGNORE_INDEX, VARLEN
 from ov_train.data.samples import collate
 from ov_train.model.forward import (
@@ -87,7 +88,7 @@ def test_packed_equals_each_sample_alone(mixed_batch, alone, max_tokens, loss, c
     reference_sums, reference = alone
     model.train()
     model.zero_grad()
-    options = ForwardOptions(packing=True, max_tokens=max_tokens, loss=loss, loss_chunk=chunk)
+    options = ModelConfig.stock(packing=True, max_tokens=max_tokens, loss=loss, loss_chunk=chunk)
     sums, counts, _ = sample_losses(model, batch, options)
     (sums.sum() / counts.sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -119,7 +120,7 @@ def test_equality_needs_the_isolation(mixed_batch, alone):
     assert not torch.allclose(leaked[others], alone_sums[others], atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [ForwardOptions(), ForwardOptions(packing=True, max_tokens=100, loss="chunked", loss_chunk=3)])
+@pytest.mark.parametrize("options", [ModelConfig.stock(), ModelConfig.stock(packing=True, max_tokens=100, loss="chunked", loss_chunk=3)])
 def test_validation_predictions_without_full_logits(mixed_batch, tiny_model_and_tokenizer, options):
     model, _, batch = mixed_batch
     tokenizer = tiny_model_and_tokenizer[1]
@@ -175,7 +176,7 @@ def test_varlen_attention_plumbing(mixed_batch, monkeypatch, signature):
     kernel = ReferenceVarlen()
     monkeypatch.setattr(packing, "varlen_attn", kernel)
     monkeypatch.setattr(packing, "_VARLEN_PARAMS", frozenset(signature))
-    options = ForwardOptions(packing=True, max_tokens=ROWS["several_rows"])
+    options = ModelConfig.stock(packing=True, max_tokens=ROWS["several_rows"])
     with torch.no_grad():
         sdpa, _, _ = sample_losses(model, batch, options)
         set_attention(model, VARLEN)
@@ -192,7 +193,7 @@ def test_varlen_attention_under_autocast(mixed_batch, monkeypatch):
     kernel = ReferenceVarlen()
     monkeypatch.setattr(packing, "varlen_attn", kernel)
     monkeypatch.setattr(packing, "_VARLEN_PARAMS", frozenset({"window_size", "scale", "enable_gqa"}))
-    options = ForwardOptions(packing=True, max_tokens=ROWS["several_rows"])
+    options = ModelConfig.stock(packing=True, max_tokens=ROWS["several_rows"])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         sdpa, _, _ = sample_losses(model, batch, options)
         set_attention(model, VARLEN)
@@ -203,8 +204,8 @@ def test_varlen_attention_under_autocast(mixed_batch, monkeypatch):
 
 def test_options_from_config_and_yaml():
     for path in sorted((CONF / "model").glob("*.yaml")):
-        options, problems = ForwardOptions.from_config(compose_config([f"model={path.stem}"]).model, "bf16-true")
-        assert problems == [] and options.packing, path.name
+        options = OmegaConf.to_object(compose_config([f"model={path.stem}"]).model)
+        assert options.problems() == [] and options.packing, path.name
     bad = ["model.loss=fused", f"model.attn_implementation={VARLEN}", "model.activation_checkpointing=[projector]",
            "model.loss_chunk=0", "trainer.precision=32-true"]
     with pytest.raises(ConfigError) as err:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ov_train.config.media import MediaSettings
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.constants import IGNORE_INDEX
 from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.samples import SampleError, SampleProcessor, stock_inputs
@@ -20,9 +20,9 @@ from ov_train.vision.geometry import VisionGeometry
 from tests.helpers import noise_png, raw_sample
 
 OPTIONS = {
-    "full": ForwardOptions(),
-    "chunked": ForwardOptions(loss="chunked", loss_chunk=5),
-    "packed": ForwardOptions(packing=True, max_tokens=64, loss="chunked", loss_chunk=7),
+    "full": ModelConfig.stock(),
+    "chunked": ModelConfig.stock(loss="chunked", loss_chunk=5),
+    "packed": ModelConfig.stock(packing=True, max_tokens=64, loss="chunked", loss_chunk=7),
 }
 
 

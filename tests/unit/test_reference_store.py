@@ -10,7 +10,7 @@ import torch
 
 import ov_train.training.reference_store as store_module
 from ov_train.config.media import MediaSettings
-from ov_train.config.options import ForwardOptions
+from ov_train.config.schema import ModelConfig
 from ov_train.data.pairs import PairProcessor, collate_pairs
 from ov_train.data.samples import SampleProcessor
 from ov_train.data.synthetic import make_sample, synthetic_rejected
@@ -18,7 +18,7 @@ from ov_train.model.preference import pair_logps
 from ov_train.training.reference_store import ReferenceStore
 from ov_train.vision.geometry import VisionGeometry
 
-OPTIONS = ForwardOptions(packing=True, max_tokens=256, loss="chunked", loss_chunk=64)
+OPTIONS = ModelConfig.stock(packing=True, max_tokens=256, loss="chunked", loss_chunk=64)
 
 
 @pytest.fixture(scope="module")
