@@ -91,10 +91,28 @@ def mixed_batch(tiny_model_and_tokenizer):
     return model, examples, collate(examples, tokenizer.pad_token_id)
 
 
+def pytest_collection_finish(session):
+    """The DeepSpeed ops the selected tests need start building now, in the background (tests/prebuild.py)."""
+    from tests.prebuild import start_deepspeed_builds
+
+    start_deepspeed_builds(session.items)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures, which may run the engine
+def pytest_runtest_setup(item):
+    """A test that needs a DeepSpeed op still building in the background builds the rest itself (tests/prebuild.py)."""
+    from tests.prebuild import take_over_builds
+
+    take_over_builds(item)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Loader workers a failed test left behind ignore a group SIGTERM; multiprocessing's exit would wait on them
-    for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends."""
+    for ever (a worker blocked in C even on its SIGTERM): stop them as ov-train does when it ends. A background
+    build still running stops too."""
     from ov_train.training.loader_workers import stop_loader_workers
+    from tests.prebuild import stop_deepspeed_builds
 
     stop_loader_workers(grace_s=2.0)
+    stop_deepspeed_builds()
 

@@ -25,6 +25,7 @@ from ov_train.model.forward import forward_logits
 from ov_train.run import check, train
 from tests.conftest import REPO, SMALL_DATA, compose_config, plan_of
 from tests.integration.test_train import _held_out_batch
+from tests.prebuild import SHM
 
 pytestmark = pytest.mark.slow
 
@@ -255,8 +256,10 @@ def test_resume_refuses_other_adapters_or_another_base(lora_runs, small_data_roo
 
 # FSDP2 reads trainable-only sharded checkpoints through ov_train's own code (strategies.FSDP2Strategy), so it resumes
 # here too; DDP's checkpoints are Lightning files as in one process (test_resume_is_exact), DeepSpeed's its engine's.
-@pytest.mark.parametrize(("strategy", "adapter", "resume"),
-                         [("ddp", "lora", False), ("fsdp2", "dora", True), ("deepspeed_zero2", "lora", False)])
+@pytest.mark.parametrize(("strategy", "adapter", "resume"), [
+    ("ddp", "lora", False), ("fsdp2", "dora", True),
+    pytest.param("deepspeed_zero2", "lora", False, marks=pytest.mark.deepspeed_ops(SHM)),
+])
 def test_adapters_under_each_engine(tmp_path, small_data_root, strategy, adapter, resume):
     """The engine holds the adapter groups after its set-up; the run exports merged from its trainable-only
     checkpoint. With `resume`: 1 step, then `ckpt_path=last` to 2, every rank going on where it stopped."""

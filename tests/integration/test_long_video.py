@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_multinode import consumed_by_step, losses_by_step
 from tests.integration.test_strategies import probe_records, run_train, with_probe
+from tests.prebuild import SHM
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,7 @@ def test_tiny_twin_trains_on_4_processes_with_the_losses_of_one(tmp_path, small_
     assert summary["val_samples"] == reference["val_samples"] > 0
 
 
+@pytest.mark.deepspeed_ops(SHM)
 def test_tiny_twin_under_zero3_on_2_processes_has_the_losses_of_one(tmp_path, small_data_root):
     """One group of 2 (no data parallelism) under DeepSpeed ZeRO-3, with step bundles of micro-batches and activation
     checkpointing (its recomputed forward repeats the group's all-to-alls), against one process on the same stream.

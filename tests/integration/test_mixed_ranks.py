@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 from tests.conftest import compose_config
 from tests.helpers import raw_sample
+from tests.prebuild import SHM
 from tests.processes import run_one
 
 # Training runs and subprocesses: `pytest -m 'not slow'` leaves them out.
@@ -163,6 +164,7 @@ def mixed_rank_runs(tmp_path_factory):
     return out, failure
 
 
+@pytest.mark.deepspeed_ops(SHM)  # the launch runs every engine
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_ranks_with_different_modalities_step_together_with_one_process_gradients(mixed_rank_runs, engine):
     out, failure = mixed_rank_runs

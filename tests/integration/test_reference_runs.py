@@ -10,6 +10,7 @@ import torch
 from ov_train.run import train
 from tests.conftest import SMALL_DATA, compose_config
 from tests.integration.test_strategies import run_train, train_overrides
+from tests.prebuild import SHM
 
 pytestmark = pytest.mark.slow  # training runs, two of them in 2 processes
 
@@ -64,6 +65,7 @@ def test_two_ddp_processes_split_the_global_batch_and_step_together(ddp_run):
     assert len({len(r["micro_batches"]) for r in records}) > 1
 
 
+@pytest.mark.deepspeed_ops(SHM)
 def test_deepspeed_accumulates_the_step_bundles_as_ddp_does(ddp_run, tmp_path, small_data_root):
     """ZeRO-3 (the public scripts' engine) on the same data: every micro-batch's gradient partitions add up, only
     the last backward of a step ends DeepSpeed's accumulation, so the weights after 2 steps are DDP's (to the

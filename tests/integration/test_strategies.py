@@ -28,6 +28,7 @@ from omegaconf import open_dict
 from ov_train.config.run_plan import ConfigError, model_plan, optim_plan, resolve_plan, strategy_plan
 from ov_train.strategies import DeepSpeedCPUStrategy, FSDP2Strategy, build_strategy
 from tests.conftest import CONF, SMALL_DATA, compose_config
+from tests.prebuild import CPU_ADAM, SHM
 from tests.processes import run_one
 
 STRATEGY_CONFIGS = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
@@ -284,6 +285,7 @@ def zero3_run(tmp_path_factory, small_data_root):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed_ops(SHM)
 def test_deepspeed_zero3_keeps_the_groups(zero3_run):
     root, cfg = zero3_run
     expected = expected_groups(cfg)
@@ -293,6 +295,7 @@ def test_deepspeed_zero3_keeps_the_groups(zero3_run):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed_ops(SHM)
 def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
     from ov_train.checkpoints.reading import checkpoint_metadata
 
@@ -309,6 +312,7 @@ def test_deepspeed_zero3_resumes_where_sigterm_stopped_it(zero3_run):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed_ops(SHM)
 def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_data_root, tmp_path):
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
@@ -336,6 +340,7 @@ def test_deepspeed_zero3_checkpoint_exports_the_trained_model(zero3_run, small_d
 # (no offload) is left to test_adapter_runs.py::test_adapters_under_each_engine (its groups, on AdamW, and its
 # checkpoint exported) and test_dpo_runs.py; its engine and checkpoint format are the offload case's below.
 @pytest.mark.slow
+@pytest.mark.deepspeed_ops(SHM, CPU_ADAM)
 @pytest.mark.parametrize(
     ("strategy", "stage"), [("deepspeed_zero2_offload", "pretrain"), ("deepspeed_zero3_offload", "onevision")],
 )
