@@ -158,10 +158,11 @@ class DataPlan:
     pairs: bool = False  # stage.preference: samples are preference pairs (ov_train.data.pairs)
 
     @property
-    def synthetic(self):
-        """None: the user's shards (under config.root); else SyntheticSettings (generated, under config.root or a
-        cache directory)."""
-        return getattr(self.config, "synthetic", None)
+    def synthetic(self) -> dict | None:
+        """None: the user's shards (under config.root); else the synthetic data's setting, data.synthetic's keys and
+        the run's seed (generated once per setting, under config.root or a cache directory)."""
+        settings = getattr(self.config, "synthetic", None)
+        return None if settings is None else {**asdict(settings), "seed": self.seed}
 
 
 @dataclass(frozen=True)

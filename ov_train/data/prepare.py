@@ -1,8 +1,6 @@
 """Before training: the data plan's shards located (the user's, listed once) or generated (synthetic data)."""
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from ov_train.config.run_plan import DataPlan
 from ov_train.data.recipe import Recipe, locate
 from ov_train.data.synthetic import ensure_synthetic, occupied, synthetic_root
@@ -12,8 +10,8 @@ from ov_train.utils.redact import redact
 def locate_shards(plan: DataPlan) -> tuple[Recipe | None, list[str]]:
     """The user's recipe with its shards (None for synthetic data, generated later), and what stops the data from
     being used, found without generating or reading a sample: missing shards, a synthetic data.root taken."""
-    if plan.synthetic is not None:
-        settings = {**asdict(plan.synthetic), "seed": plan.seed}
+    settings = plan.synthetic
+    if settings is not None:
         occupant = occupied(synthetic_root(plan.config.root, **settings), **settings) if plan.config.root else None
         if occupant:
             return None, [f"data.root={plan.config.root!r}: {occupant}; choose another, or data.root=null for a cache"
@@ -27,9 +25,9 @@ def locate_shards(plan: DataPlan) -> tuple[Recipe | None, list[str]]:
 def prepare_root(plan: DataPlan) -> str:
     """The directory the recipe's sources are relative to: data.root, or the synthetic data of the plan's setting,
     found or generated (once per setting: concurrent ranks and runs queue on a file lock)."""
-    if plan.synthetic is None:
+    settings = plan.synthetic
+    if settings is None:
         return plan.config.root
-    settings = {**asdict(plan.synthetic), "seed": plan.seed}
     return str(ensure_synthetic(synthetic_root(plan.config.root, **settings), **settings))
 
 
