@@ -473,6 +473,10 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     precision = cfg.trainer.precision or default_precision(cfg.trainer, cfg.strategy.name)
     spec, recipe_problems = _recipe(cfg.data, machine)
+    # Each node's dataclass, made once: it checks its own values (and those of the nodes it holds), and the plan
+    # holds the instance it checked.
+    nodes = {name: OmegaConf.to_object(cfg[name])
+             for name in ("stage", "model", "data", "strategy", "checkpoint", "metrics", "eval", "logger")}
     media, media_problems = read_media(cfg.stage, spec.sources if spec else ())
     problems = (
         checks.added_key_problems(cfg) + media_problems
@@ -482,9 +486,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
                                cfg.strategy.sequence_parallel if isinstance(cfg.strategy.sequence_parallel, int) else 1)
         + sequence_parallel_problems(cfg.strategy, world_size(cfg.trainer), cfg.model, cfg.eval.generate)
         + recipe_problems + checks.run_problems(cfg)
-        # Each node's dataclass checks its own values, and those of the nodes it holds.
-        + [p for node in (cfg.stage, cfg.model, cfg.data, cfg.strategy, cfg.checkpoint, cfg.metrics, cfg.eval, cfg.logger)
-           for p in OmegaConf.to_object(node).problems()]
+        + [p for node in nodes.values() for p in node.problems()]
         + checks.precision_problems(precision, cfg) + checks.trainer_problems(cfg.trainer, precision)
         + adapter_problems(cfg.adapter, stage_lrs(cfg), cfg.strategy, str(cfg.trainer.accelerator), machine)
     )
@@ -512,7 +514,7 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         trainer["val_check_interval"] = trainer["max_steps"]
     adapter = run_adapter_plan(cfg)
     cpus = run_cpu_share(cfg)
-    model = OmegaConf.to_object(cfg.model)
+    model = nodes["model"]
     preference, preference_problems = preference_plan(cfg, adapter)
     if preference_problems:
         raise ConfigError.of(preference_problems)
@@ -528,15 +530,15 @@ def resolve_plan(cfg: DictConfig, machine: bool = True) -> RunPlan:
         strategy=strategy_plan(cfg, adapter, step),
         trainer=trainer,
         logger=logger_plan(cfg),
-        checkpoint=OmegaConf.to_object(cfg.checkpoint),
+        checkpoint=nodes["checkpoint"],
         paths=RunPaths(run_dir) if run_dir else None,
         ckpt_path=ckpt_path,
         ckpt_fallbacks=tuple(fallbacks),
         identity=run_identity(cfg, trainer["max_steps"], adapter),
         planner=OmegaConf.to_container(cfg.plan, resolve=True),
         nonfinite=cfg.nonfinite,
-        metrics=OmegaConf.to_object(cfg.metrics),
-        eval=OmegaConf.to_object(cfg.eval),
+        metrics=nodes["metrics"],
+        eval=nodes["eval"],
         seed=cfg.seed,
         export=cfg.export,
         # What dashboards get: URLs without their credentials (the data reads use cfg's own values).
