@@ -170,7 +170,10 @@ def read_recipe(name_or_path: str) -> tuple[RecipeSpec, list[str]]:
     path = recipe_path(name_or_path)
     if not path.exists():
         raise RecipeError(f"data.recipe={str(path)!r}: file not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:  # the parser's own text says where, but of "<unicode string>": name the file
+        raise RecipeError(f"data.recipe={str(path)!r}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("sources"), list) or not spec["sources"]:
         raise RecipeError(f"{path}: needs a non-empty 'sources' list")
     problems = []

@@ -138,3 +138,11 @@ def test_shares_of_extreme_weights_are_normalised_safely(tmp_path):
     for bad in ([float("inf"), 1.0], [float("nan")], [0.0, 1.0], [-1.0], []):
         with pytest.raises(ValueError, match="finite positive"):
             normalised(bad)
+
+
+def test_a_recipe_that_is_not_yaml_is_refused_naming_the_file(tmp_path):
+    # It used to end the run with the parser's traceback, which names "<unicode string>", not the file.
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("sources:\n  - {name: a, path: shards/train-{000000..000003}.tar, weight: 1}\n")
+    with pytest.raises(RecipeError, match=rf"data.recipe='{recipe}': not valid YAML: .*line 2"):
+        load_recipe(str(recipe), tmp_path)
