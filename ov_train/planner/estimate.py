@@ -80,8 +80,9 @@ def _step_tokens(run: RunPlan, tokens: int | None) -> tuple[int, str]:
         return int(tokens), "plan.tokens"
     budget, recipe = run.data.budget.max_tokens, run.data.recipe
     if budget:
-        return budget, (f"recipe {recipe.name}'s max_tokens_per_batch" if budget == recipe.max_tokens_per_batch
-                        else "data.max_tokens_per_batch")
+        # The data config's budget wins over the recipe's (config/run_plan.py: data_plan).
+        return budget, ("data.max_tokens_per_batch" if run.data.config.max_tokens_per_batch
+                        else f"recipe {recipe.name}'s max_tokens_per_batch")
     if run.forward.packing:
         return run.forward.max_tokens, "model.max_tokens (no token budget: one packed row; plan.tokens sets it)"
     return run.data.samples.max_length, "stage.max_length (no token budget: one sample)"

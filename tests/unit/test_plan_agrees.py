@@ -83,3 +83,14 @@ def test_a_plan_for_another_machine_leaves_out_only_this_machines_files():
     assert (plan.model.route, plan.model.source, plan.data.recipe.name) == ("checkpoint", "/nowhere/export", "onevision")
     with pytest.raises(ConfigError, match="model.text.num_key_value_heads=3 must divide"):
         resolve_plan(compose_config([*overrides, "model.text.num_key_value_heads=3"]), machine=False)
+
+
+def test_the_budgets_source_is_the_key_that_set_it(tmp_path, monkeypatch, capsys):
+    """The data config's budget wins over the recipe's, also when both say the same number (the source was once
+    guessed from the number, and a data.max_tokens_per_batch equal to the recipe's was called the recipe's)."""
+    monkeypatch.chdir(tmp_path)
+    recipe = ["stage=onevision", "data=recipe", "data.recipe=onevision", "data.batch_size=null"]
+    own = _printed([*recipe, "data.max_tokens_per_batch=32768"], "h100", capsys)
+    shipped = _printed(recipe, "h100", capsys)
+    assert (own["tokens"], own["tokens_from"]) == (32768, "data.max_tokens_per_batch")
+    assert (shipped["tokens"], shipped["tokens_from"]) == (32768, "recipe onevision's max_tokens_per_batch")
